@@ -1,0 +1,69 @@
+# guardmesh — the two commands: `make up` (local mesh) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# The CPU build of PyTorch (a bare `torch` requirement pulls a multi-GB CUDA build). Users with GPUs:
+#   make install TORCH_REQ='torch==2.13.0' PIP_TORCH_ARGS='--index-url https://download.pytorch.org/whl/cu128'
+TORCH_REQ ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+BUF_AGAINST ?= .git\#branch=main
+STAMP := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+PYX := $(wildcard native/*.pyx)
+GEN_STAMP := guardmesh/v1/.generated
+NATIVE_STAMP := native/.built
+SERVICES := scheduler
+
+.PHONY: install proto native lint breaking test up status down bench $(addprefix bench-,$(SERVICES)) clean
+
+install: $(STAMP) $(GEN_STAMP) $(NATIVE_STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q "$(TORCH_REQ)" $(PIP_TORCH_ARGS)
+	$(BIN)/pip install -q "Cython>=3.0" "numpy>=1.26" "grpcio-tools>=1.62"
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	touch $@
+
+proto: $(GEN_STAMP)
+$(GEN_STAMP): $(PROTOS) tools/protogen.py | $(STAMP)
+	$(PY) tools/protogen.py
+	touch $@
+
+native: $(NATIVE_STAMP)
+$(NATIVE_STAMP): $(PYX) setup.py | $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+lint: install
+	$(BIN)/buf lint protos
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+breaking: install
+	$(BIN)/buf breaking protos --against '$(BUF_AGAINST),subdir=protos'
+
+test: install
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+up: install
+	$(BIN)/guardmesh mesh up
+
+status: install
+	$(BIN)/guardmesh mesh status
+
+down: install
+	$(BIN)/guardmesh mesh down
+
+bench: $(addprefix bench-,$(SERVICES))
+
+TRACE ?=
+NODES ?=
+bench-scheduler: install
+	$(PY) -m bench.scheduler $(if $(TRACE),--trace $(TRACE)) $(if $(NODES),--nodes $(NODES))
+
+clean:
+	rm -rf build $(VENV) .mesh native/*.c native/*.so $(NATIVE_STAMP) $(GEN_STAMP) guardmesh/v1/*_pb2*

@@ -1,0 +1,213 @@
+"""Mesh configuration: one TOML file with environment overrides, validated once at start.
+
+Order of precedence (later wins): the embedded ``mesh.toml``, the file named by ``GUARDMESH_CONFIG`` (or
+passed explicitly), then ``GUARDMESH__SECTION__KEY`` environment variables. ``CONSUL_HTTP_ADDR`` selects
+Consul discovery and ``OTEL_EXPORTER_OTLP_ENDPOINT`` the trace endpoint, as users of those tools expect.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "GUARDMESH__"
+
+
+class ConfigError(ValueError):
+    """The configuration is malformed; the message names the offending key and the rule it breaks."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MeshSettings(_Section):
+    """Where the local mesh keeps pids, logs and databases."""
+
+    state_dir: str = ".mesh"
+
+
+class ServiceEndpoint(_Section):
+    """Static address of one service."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+    enabled: bool = True
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the endpoint."""
+        return f"{self.host}:{self.port}"
+
+
+class GrpcSettings(_Section):
+    """Server and channel limits applied the same way to every service and client."""
+
+    max_message_mib: int = Field(default=64, ge=1, le=2047)
+    keepalive_time_s: float = Field(default=30.0, gt=0)
+    keepalive_timeout_s: float = Field(default=10.0, gt=0)
+    grace_s: float = Field(default=10.0, ge=0)
+    max_workers: int = Field(default=64, ge=2, le=4096)
+
+
+class ClientSettings(_Section):
+    """Deadlines and retry policy of the client factory."""
+
+    deadline_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=4, ge=1, le=5)
+    initial_backoff_s: float = Field(default=0.1, gt=0)
+    max_backoff_s: float = Field(default=2.0, gt=0)
+
+
+class DiscoverySettings(_Section):
+    """Static registry or Consul."""
+
+    mode: Literal["static", "consul"] = "static"
+    consul_addr: str = "127.0.0.1:8500"
+    check_interval: str = "5s"
+    deregister_after: str = "1m"
+
+
+class TracingSettings(_Section):
+    """OpenTelemetry export."""
+
+    otlp_endpoint: str = ""
+
+
+class LoggingSettings(_Section):
+    """Structured logs on standard error."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+
+class SchedulerSettings(_Section):
+    """The scheduler service (see ``mesh.toml`` for each key's meaning)."""
+
+    db_path: str = "scheduler.db"
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    gpu_reserve_mib: int = Field(default=512, ge=0, le=65536)
+    lease_ttl_s: int = Field(default=30, ge=1, le=86400)
+    preemption_grace_s: float = Field(default=10.0, ge=0)
+    policy: Literal["fgd", "best-fit", "first-fit"] = "fgd"
+    cluster_file: str = ""
+    node_ttl_s: float = Field(default=0.0, ge=0)
+    reap_interval_s: float = Field(default=0.5, gt=0)
+    scale_out_utilization: float = Field(default=0.9, gt=0, le=1)
+    scale_in_utilization: float = Field(default=0.2, ge=0, lt=1)
+    scale_window_s: float = Field(default=300.0, gt=0)
+    event_retention: int = Field(default=100_000, ge=100)
+
+
+class MeshConfig(_Section):
+    """The whole validated configuration."""
+
+    mesh: MeshSettings = MeshSettings()
+    services: dict[str, ServiceEndpoint] = Field(default_factory=dict)
+    grpc: GrpcSettings = GrpcSettings()
+    client: ClientSettings = ClientSettings()
+    discovery: DiscoverySettings = DiscoverySettings()
+    tracing: TracingSettings = TracingSettings()
+    logging: LoggingSettings = LoggingSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+
+    def endpoint(self, service: str) -> ServiceEndpoint:
+        """Static endpoint of ``service``; ConfigError if the mesh config does not list it."""
+        try:
+            return self.services[service]
+        except KeyError:
+            raise ConfigError(f"services.{service}: not configured (known: {sorted(self.services)})") from None
+
+    def state_path(self, path: str) -> Path:
+        """Resolve ``path`` against ``mesh.state_dir`` unless it is absolute."""
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.mesh.state_dir) / p
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> MeshConfig:
+        """Copy with dotted-key overrides applied, e.g. ``{"services.scheduler.port": 0}``."""
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            _set_path(data, dotted.split("."), value, dotted)
+        return _validate(data)
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: '{part}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _validate(data: dict[str, Any]) -> MeshConfig:
+    try:
+        return MeshConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+
+
+def default_data() -> dict[str, Any]:
+    """The embedded defaults as a plain dict."""
+    text = resources.files("guardmesh").joinpath("mesh.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> MeshConfig:
+    """Load and validate the mesh configuration; raise ConfigError naming the bad key."""
+    env = os.environ if env is None else env
+    data = default_data()
+    file = path or env.get("GUARDMESH_CONFIG")
+    if file:
+        data = _deep_merge(data, _read_toml(Path(file)))
+    for key, raw in sorted(env.items()):
+        if key.startswith(ENV_PREFIX):
+            parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+            if not all(parts):
+                raise ConfigError(f"{key}: empty path segment")
+            _set_path(data, parts, _parse_env_value(raw), key)
+    if env.get("CONSUL_HTTP_ADDR"):
+        data.setdefault("discovery", {})["mode"] = "consul"
+        data["discovery"]["consul_addr"] = env["CONSUL_HTTP_ADDR"]
+    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        data.setdefault("tracing", {})["otlp_endpoint"] = env["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    return _validate(data)

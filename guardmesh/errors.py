@@ -1,0 +1,149 @@
+"""Domain errors and their one mapping to gRPC status codes.
+
+Service cores raise these (they import no gRPC); the runtime's interceptor turns them into statuses, so a
+bad field always reaches the caller as INVALID_ARGUMENT with a message naming the field and the rule.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, message
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
+
+
+class GuardmeshError(Exception):
+    """Base of the domain errors; ``code`` is the gRPC status it maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, *, details: list[message.Message] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class InvalidArgument(GuardmeshError):
+    """A request field breaks its rule. The message is ``"<field>: <rule>"``."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, rule: str, *, details: list[message.Message] | None = None) -> None:
+        super().__init__(f"{field}: {rule}", details=details)
+        self.field = field
+        self.rule = rule
+
+
+class NotFound(GuardmeshError):
+    """The named entity does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(GuardmeshError):
+    """An entity with that id exists with a different definition."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(GuardmeshError):
+    """The system is not in a state that allows the operation."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(GuardmeshError):
+    """A concurrency conflict; the caller should re-read and retry."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class ResourceExhausted(GuardmeshError):
+    """A queue or quota is full."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(GuardmeshError):
+    """The service is starting or draining."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def to_status(err: GuardmeshError) -> grpc.Status:
+    """Build a rich ``grpc.Status`` (google.rpc.Status with packed details) from a domain error."""
+    details = []
+    for d in err.details:
+        packed = any_pb2.Any()
+        packed.Pack(d)
+        details.append(packed)
+    return rpc_status.to_status(status_pb2.Status(code=err.code.value[0], message=err.message, details=details))
+
+
+def _abort(context: grpc.ServicerContext, err: GuardmeshError) -> None:
+    context.abort_with_status(to_status(err))
+
+
+def _wrap_unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(request, context)
+        except GuardmeshError as err:
+            _abort(context, err)
+
+    return handler
+
+
+def _wrap_stream(
+    fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+    def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(request, context)
+        except GuardmeshError as err:
+            _abort(context, err)
+
+    return handler
+
+
+class DomainErrorInterceptor(grpc.ServerInterceptor):
+    """Turn GuardmeshError raised by a servicer (unary or streaming) into its gRPC status."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """Wrap the behaviour of the resolved handler."""
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))
+        return handler
+
+
+def status_details(err: grpc.RpcError, message_type: type[message.Message]) -> list[message.Message]:
+    """Client side: unpack the details of ``message_type`` carried by a rich error status."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    out: list[message.Message] = []
+    if status is None:
+        return out
+    for detail in status.details:
+        if detail.Is(message_type.DESCRIPTOR):
+            msg = message_type()
+            detail.Unpack(msg)
+            out.append(msg)
+    return out

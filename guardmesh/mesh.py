@@ -1,0 +1,193 @@
+"""The local mesh: start every enabled service as its own process, wait for SERVING, report, stop.
+
+State lives under ``mesh.state_dir`` (``.mesh/`` by default): ``mesh.json`` with pids and addresses, and
+one log file per service. ``make up``, ``make status`` and ``make down`` call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+from guardmesh.config import MeshConfig, load_config
+from guardmesh.runtime import KNOWN_SERVICES
+
+console = Console()
+JAEGER_OTLP = "http://127.0.0.1:4317"
+
+
+@dataclass
+class ProcessRecord:
+    """One process of the mesh."""
+
+    service: str
+    address: str
+    pid: int
+    log: str
+
+
+def _state_file(config: MeshConfig) -> Path:
+    return Path(config.mesh.state_dir) / "mesh.json"
+
+
+def read_records(config: MeshConfig) -> list[ProcessRecord]:
+    """Processes recorded by the last ``up``."""
+    path = _state_file(config)
+    if not path.exists():
+        return []
+    return [ProcessRecord(**r) for r in json.loads(path.read_text())]
+
+
+def _write_records(config: MeshConfig, records: list[ProcessRecord]) -> None:
+    path = _state_file(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(r) for r in records], indent=2))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running (non-zombie) process."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
+    """The gRPC health status of ``service`` at ``address`` ("SERVING", "NOT_SERVING", "UNREACHABLE"...)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as err:
+            return "UNREACHABLE" if err.code() == grpc.StatusCode.UNAVAILABLE else err.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def enabled_services(config: MeshConfig) -> list[str]:
+    """Services the mesh config enables, in start order."""
+    return [s for s in KNOWN_SERVICES if s in config.services and config.services[s].enabled]
+
+
+def _start_jaeger(config: MeshConfig, env: dict[str, str]) -> ProcessRecord | None:
+    logs = Path(config.mesh.state_dir) / "logs"
+    if shutil.which("jaeger"):
+        log = logs / "jaeger.log"
+        proc = subprocess.Popen(
+            ["jaeger"], stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = JAEGER_OTLP
+        return ProcessRecord("jaeger", "http://127.0.0.1:16686", proc.pid, str(log))
+    if os.environ.get("JAEGER") == "docker" and shutil.which("docker"):
+        if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+            subprocess.run(
+                ["docker", "run", "-d", "--rm", "--name", "guardmesh-jaeger", "-p", "16686:16686",
+                 "-p", "4317:4317", "jaegertracing/jaeger:latest"],
+                check=True, capture_output=True,
+            )
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = JAEGER_OTLP
+            return None
+    console.print(
+        "[yellow]Jaeger not started[/yellow]: put the `jaeger` all-in-one binary on PATH, or run "
+        "`JAEGER=docker make up` with a Docker engine, or `docker compose up jaeger`; then open "
+        "http://127.0.0.1:16686 (services export OTLP to OTEL_EXPORTER_OTLP_ENDPOINT)."
+    )
+    return None
+
+
+def up(config: MeshConfig | None = None, timeout: float = 90.0) -> list[ProcessRecord]:
+    """Start every enabled service not already running; wait until each is SERVING; print the table."""
+    config = config or load_config()
+    records = {r.service: r for r in read_records(config) if pid_alive(r.pid)}
+    logs = Path(config.mesh.state_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if "jaeger" not in records and not env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        jaeger = _start_jaeger(config, env)
+        if jaeger:
+            records["jaeger"] = jaeger
+    elif "jaeger" in records:
+        env.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", JAEGER_OTLP)
+    for service in enabled_services(config):
+        if service in records:
+            continue
+        log = logs / f"{service}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"],
+            stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        records[service] = ProcessRecord(service, config.services[service].address, proc.pid, str(log))
+    _write_records(config, list(records.values()))
+    deadline = time.monotonic() + timeout
+    for service in enabled_services(config):
+        rec = records[service]
+        while health_status(rec.address, service) != "SERVING":
+            if not pid_alive(rec.pid):
+                raise RuntimeError(f"{service} exited during start; see {rec.log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{service} not SERVING after {timeout:.0f}s; see {rec.log}")
+            time.sleep(0.2)
+    status(config)
+    return list(records.values())
+
+
+def status(config: MeshConfig | None = None) -> list[tuple[ProcessRecord, str]]:
+    """Print and return (process, health) for every recorded process."""
+    config = config or load_config()
+    table = Table(title="guardmesh local mesh")
+    for col in ("service", "address", "pid", "health", "log file"):
+        table.add_column(col)
+    rows = []
+    for rec in read_records(config):
+        if not pid_alive(rec.pid):
+            health = "EXITED"
+        elif rec.service == "jaeger":
+            health = "RUNNING"
+        else:
+            health = health_status(rec.address, rec.service)
+        rows.append((rec, health))
+        color = "green" if health in ("SERVING", "RUNNING") else "red"
+        table.add_row(rec.service, rec.address, str(rec.pid), f"[{color}]{health}[/{color}]", rec.log)
+    if not rows:
+        console.print("no mesh processes recorded; run `make up`")
+    else:
+        console.print(table)
+    return rows
+
+
+def down(config: MeshConfig | None = None, timeout: float | None = None) -> None:
+    """SIGTERM every recorded process, wait for each to exit (SIGKILL after the grace period)."""
+    config = config or load_config()
+    timeout = config.grpc.grace_s + 5 if timeout is None else timeout
+    records = read_records(config)
+    for rec in records:
+        if pid_alive(rec.pid):
+            os.kill(rec.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for rec in records:
+        while pid_alive(rec.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(rec.pid):
+            console.print(f"[red]{rec.service} (pid {rec.pid}) ignored SIGTERM; sending SIGKILL[/red]")
+            os.kill(rec.pid, signal.SIGKILL)
+        console.print(f"stopped {rec.service} (pid {rec.pid})")
+    _state_file(config).unlink(missing_ok=True)

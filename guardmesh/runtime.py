@@ -1,0 +1,199 @@
+"""The one service runtime: every guardmesh service starts, reports health, traces, logs and drains here.
+
+A service supplies a :class:`ServiceDefinition` (its name, its proto service names and a ``build``
+function returning a :class:`Binding` that adds its servicers); the runtime does the rest:
+
+* standard health checking (``grpc.health.v1``): NOT_SERVING while starting and draining, SERVING when
+  ready, for the empty name, the short service name and each proto service;
+* server reflection for every proto service, so grpcurl can list and call everything;
+* OpenTelemetry server spans, domain errors mapped to status codes, message limits and keepalive;
+* registration in discovery, and on SIGTERM/SIGINT a graceful drain: stop accepting, finish in-flight
+  RPCs within the grace period, flush spans, deregister.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from guardmesh.client import channel_options
+from guardmesh.config import ConfigError, MeshConfig, load_config
+from guardmesh.discovery import Registry, registry_for
+from guardmesh.errors import DomainErrorInterceptor
+from guardmesh.logs import setup_logging
+from guardmesh.tracing import flush_tracing, server_tracing_interceptor, setup_tracing, shutdown_tracing
+
+log = logging.getLogger(__name__)
+
+#: Services the runtime can start by short name; each lives in ``services/<name>/server.py``.
+KNOWN_SERVICES = ("scheduler",)
+
+
+class Binding(Protocol):
+    """A service's servicers and the resources behind them."""
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        """Add the servicers to ``server`` (before it starts; they answer UNAVAILABLE until ``start``)."""
+        ...
+
+    def start(self) -> None:
+        """Load or restore state; runs after the server listens, while health says NOT_SERVING."""
+        ...
+
+    def drain(self) -> None:
+        """Stop long-lived streams so that the grace period is not spent waiting on them."""
+        ...
+
+    def close(self) -> None:
+        """Release resources (databases, background threads) after the server stopped."""
+        ...
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    """What a service tells the runtime about itself."""
+
+    name: str
+    service_names: tuple[str, ...]
+    build: Callable[[MeshConfig], Binding]
+
+
+@dataclass
+class RunningService:
+    """A started service: its server, health servicer, bound port and discovery registration."""
+
+    definition: ServiceDefinition
+    config: MeshConfig
+    server: grpc.Server
+    health: health.HealthServicer
+    binding: Binding
+    host: str
+    port: int
+    registry: Registry
+    registration_id: str | None = None
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients dial."""
+        return f"{self.host}:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, deregister, end streams, finish in-flight RPCs within ``grace``, close."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.grpc.grace_s if grace is None else grace
+        log.info("draining", extra={"grace_s": grace})
+        self.health.enter_graceful_shutdown()
+        if self.registration_id:
+            self.registry.deregister(self.registration_id)
+        done = self.server.stop(grace)
+        self.binding.drain()
+        done.wait()
+        self.binding.close()
+        flush_tracing()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        """Block until the server terminates."""
+        self.server.wait_for_termination()
+
+
+def load_definition(name: str) -> ServiceDefinition:
+    """Import ``services.<name>.server`` and return its ``SERVICE`` definition."""
+    if name not in KNOWN_SERVICES:
+        raise ConfigError(f"service '{name}': unknown (known: {', '.join(KNOWN_SERVICES)})")
+    module = importlib.import_module(f"services.{name}.server")
+    return module.SERVICE  # type: ignore[no-any-return]
+
+
+def start_service(
+    definition: ServiceDefinition, config: MeshConfig, *, port: int | None = None, host: str | None = None
+) -> RunningService:
+    """Build and start ``definition`` on ``host:port`` (port 0 picks a free one); SERVING when ready."""
+    endpoint = config.services.get(definition.name)
+    host = host or (endpoint.host if endpoint else "127.0.0.1")
+    port = (endpoint.port if endpoint else 0) if port is None else port
+    setup_tracing(definition.name, config.tracing.otlp_endpoint)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=config.grpc.max_workers, thread_name_prefix=f"{definition.name}-rpc"
+        ),
+        interceptors=[server_tracing_interceptor(), DomainErrorInterceptor()],
+        options=[*channel_options(config), ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=None,
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = ("", definition.name, *definition.service_names)
+    for name in names:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (*definition.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    binding = definition.build(config)
+    binding.add_to_server(server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise ConfigError(f"services.{definition.name}.port: cannot bind {host}:{port}")
+    server.start()
+    try:
+        binding.start()
+    except Exception:
+        server.stop(0)
+        binding.close()
+        raise
+    registry = registry_for(config)
+    running = RunningService(definition, config, server, health_servicer, binding, host, bound, registry)
+    for name in names:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running.registration_id = registry.register(definition.name, host, bound)
+    log.info("serving", extra={"address": running.address})
+    return running
+
+
+def serve(name: str, config_path: str | None = None) -> int:
+    """Process entry point: start service ``name`` and run until SIGTERM/SIGINT; return the exit code."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        setup_logging(name)
+        log.error("configuration error: %s", exc)
+        print(f"guardmesh {name}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(name, config.logging.level, config.logging.format)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal received", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        running = start_service(load_definition(name), config)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        print(f"guardmesh {name}: {exc}", file=sys.stderr)
+        return 2
+    while not stop.wait(0.5):
+        pass
+    running.stop()
+    shutdown_tracing()
+    return 0

@@ -1,0 +1,74 @@
+"""OpenTelemetry set-up shared by every service and client.
+
+Each process gets one TracerProvider whose resource carries ``service.name``; spans go to an OTLP gRPC
+endpoint (Jaeger ingests OTLP natively) when one is configured. W3C trace context crosses every hop through
+the gRPC server and client interceptors of ``opentelemetry-instrumentation-grpc``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import client_interceptor, server_interceptor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_provider: TracerProvider | None = None
+
+
+def setup_tracing(service_name: str, otlp_endpoint: str = "") -> TracerProvider:
+    """Create (once per process) the tracer provider for ``service_name`` and make it global.
+
+    With ``otlp_endpoint`` (e.g. ``http://127.0.0.1:4317``) spans are batched to that OTLP gRPC receiver.
+    Later calls return the first provider: a process is one service.
+    """
+    global _provider
+    with _lock:
+        if _provider is not None:
+            return _provider
+        provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        if otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            insecure = not otlp_endpoint.startswith("https://")
+            provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure))
+            )
+            log.info("exporting spans", extra={"otlp_endpoint": otlp_endpoint})
+        trace.set_tracer_provider(provider)
+        _provider = provider
+        return provider
+
+
+def tracer_provider() -> TracerProvider:
+    """The process's provider; a provider without exporter if tracing was never set up."""
+    return _provider if _provider is not None else setup_tracing("guardmesh-client")
+
+
+def flush_tracing(timeout_ms: int = 5000) -> None:
+    """Export buffered spans now (SIGTERM does not run the SDK's atexit hook)."""
+    if _provider is not None:
+        _provider.force_flush(timeout_ms)
+
+
+def shutdown_tracing() -> None:
+    """Flush and stop the exporter."""
+    if _provider is not None:
+        _provider.force_flush(5000)
+        _provider.shutdown()
+
+
+def server_tracing_interceptor() -> grpc.ServerInterceptor:
+    """Server interceptor: a SERVER span per RPC, parented by the caller's traceparent."""
+    return server_interceptor(tracer_provider=tracer_provider())
+
+
+def client_tracing_interceptor() -> object:
+    """Client interceptor: a CLIENT span per call, with traceparent injected into the metadata."""
+    return client_interceptor(tracer_provider=tracer_provider())

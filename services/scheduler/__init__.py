@@ -1,0 +1,1 @@
+"""GPU scheduler: places training jobs by memory, with gang placement, QoS, preemption and leases."""

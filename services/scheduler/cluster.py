@@ -1,0 +1,285 @@
+"""The cluster's GPUs and the allocations on them, kept as flat numpy arrays for fast placement.
+
+GPUs of all nodes lie in one flat index (node by node, each node's GPUs in index order). Every figure a
+placement decision reads is an array over that index; every change goes through :meth:`allocate` and
+:meth:`free`, which keep the arrays, the per-GPU allocation lists and the change listeners consistent.
+
+The card invariant lives here: a GPU holds one allocation unless every allocation on it is shared, and the
+caps on it never add up to more than its memory minus the reserve. :meth:`violations` checks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from guardmesh.errors import FailedPrecondition, InvalidArgument
+from services.scheduler.inventory import NodeSpec
+
+UNTRACKED = np.iinfo(np.int64).max // 4
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One job replica's hold on one GPU."""
+
+    job_id: str
+    replica: int
+    cap_mib: int
+    shared: bool
+
+
+class ClusterState:
+    """Inventory and allocations. Not thread-safe: the scheduler serialises access."""
+
+    def __init__(self, reserve_mib: int) -> None:
+        self.reserve_mib = reserve_mib
+        self.nodes: list[NodeSpec] = []
+        self.node_index: dict[str, int] = {}
+        self.models: list[str] = []
+        self.model_index: dict[str, int] = {}
+        self.uuid_index: dict[str, int] = {}
+        self.allocs: list[dict[tuple[str, int], Allocation]] = []
+        self.job_gpus: dict[str, list[tuple[int, int]]] = {}
+        self.listeners: list[Callable[[np.ndarray], None]] = []
+        #: CPU and host memory charged per (job, replica): (node name, cpu milli, host MiB).
+        self.charges: dict[tuple[str, int], tuple[str, int, int]] = {}
+        self.node_labels: list[dict[str, str]] = []
+        self._build_arrays()
+
+    # -- inventory -------------------------------------------------------------------------------------
+
+    def _build_arrays(self) -> None:
+        gpus = [g for n in self.nodes for g in n.gpus]
+        count = len(gpus)
+        self.gpu_total = np.array([g.memory_mib for g in gpus], dtype=np.int64)
+        self.gpu_usable = np.maximum(self.gpu_total - self.reserve_mib, 0)
+        self.gpu_caps = np.zeros(count, dtype=np.int64)
+        self.gpu_used = np.zeros(count, dtype=np.int64)
+        self.gpu_util = np.zeros(count, dtype=np.float64)
+        self.gpu_nalloc = np.zeros(count, dtype=np.int32)
+        self.gpu_exclusive = np.zeros(count, dtype=bool)
+        self.gpu_model = np.array([self.model_index[g.model] for g in gpus], dtype=np.int32)
+        self.gpu_node = np.array(
+            [i for i, n in enumerate(self.nodes) for _ in n.gpus], dtype=np.int32
+        ).reshape(count)
+        groups: dict[tuple[int, str], int] = {}
+        gids = []
+        for i, n in enumerate(self.nodes):
+            for g in n.gpus:
+                gids.append(groups.setdefault((i, g.topology_group), len(groups)))
+        self.gpu_group = np.array(gids, dtype=np.int32).reshape(count)
+        self.group_count = len(groups)
+        self.group_node = np.zeros(len(groups), dtype=np.int32)
+        for (node, _), gid in groups.items():
+            self.group_node[gid] = node
+        self.node_ngpu = np.array([len(n.gpus) for n in self.nodes], dtype=np.int32)
+        self.node_first = (np.cumsum(self.node_ngpu) - self.node_ngpu).astype(np.int32)
+        self.node_cpu = np.array([n.cpu_milli or UNTRACKED for n in self.nodes], dtype=np.int64)
+        self.node_mem = np.array([n.host_memory_mib or UNTRACKED for n in self.nodes], dtype=np.int64)
+        self.node_cpu_used = np.zeros(len(self.nodes), dtype=np.int64)
+        self.node_mem_used = np.zeros(len(self.nodes), dtype=np.int64)
+        self.node_alive = np.ones(len(self.nodes), dtype=bool)
+        self.gpu_avail = self.gpu_usable.copy()
+        self.gpu_room = np.where(self.gpu_usable > 0, 1000.0, 0.0).astype(np.float32)
+        self.uuid_index = {g.uuid: i for i, g in enumerate(gpus)}
+        self.allocs = [{} for _ in range(count)]
+        self.node_labels = [dict(n.labels) for n in self.nodes]
+        #: Arrays derived from the inventory alone (caps per share, model masks), valid until it changes.
+        self.cache: dict[object, np.ndarray] = {}
+
+    @property
+    def gpu_count(self) -> int:
+        """GPUs in the cluster."""
+        return int(self.gpu_total.shape[0])
+
+    def set_nodes(self, specs: list[NodeSpec]) -> None:
+        """Add or update nodes (in bulk), keeping every existing allocation.
+
+        A node that holds allocations may change labels and CPU/host memory, but not lose, move or shrink
+        a GPU that holds one (FailedPrecondition). The whole batch is checked before anything changes.
+        """
+        merged = list(self.nodes)
+        index = dict(self.node_index)
+        claimed = {g.uuid: n.name for n in self.nodes for g in n.gpus}
+        for spec in specs:
+            for i, g in enumerate(spec.gpus):
+                owner = claimed.get(g.uuid)
+                if owner is not None and owner != spec.name:
+                    raise InvalidArgument(f"node.gpus[{i}].uuid", f"{g.uuid!r} is registered on node {owner}")
+                claimed[g.uuid] = spec.name
+            if spec.name in index:
+                old = merged[index[spec.name]]
+                self._check_update(old, spec)
+                merged[index[spec.name]] = spec
+            else:
+                index[spec.name] = len(merged)
+                merged.append(spec)
+        saved = [(a, self._gpu_uuid(g)) for g, gpu_allocs in enumerate(self.allocs) for a in gpu_allocs.values()]
+        used = {self._gpu_uuid(g): int(self.gpu_used[g]) for g in range(self.gpu_count)}
+        self.nodes = merged
+        self.node_index = index
+        for spec in specs:
+            for g in spec.gpus:
+                if g.model not in self.model_index:
+                    self.model_index[g.model] = len(self.models)
+                    self.models.append(g.model)
+        self._build_arrays()
+        self.job_gpus = {}
+        for alloc, uuid in saved:
+            self._apply(self.uuid_index[uuid], alloc, notify=False)
+        for uuid, value in used.items():
+            if uuid in self.uuid_index:
+                self.gpu_used[self.uuid_index[uuid]] = value
+        self._refresh(np.arange(self.gpu_count))
+        self._rebuild_node_resources()
+        self._notify(np.arange(len(self.nodes), dtype=np.int32))
+
+    def _check_update(self, old: NodeSpec, new: NodeSpec) -> None:
+        new_gpus = {g.uuid: g for g in new.gpus}
+        first = self.node_first[self.node_index[old.name]] if self.nodes else 0
+        for j, g in enumerate(old.gpus):
+            if not self.allocs[first + j]:
+                continue
+            ng = new_gpus.get(g.uuid)
+            if ng is None or ng.memory_mib < g.memory_mib or ng.model != g.model:
+                raise FailedPrecondition(
+                    f"node {old.name}: GPU {g.uuid} holds allocations and cannot be removed, "
+                    "shrunk or change model; release its jobs first"
+                )
+
+    def _gpu_uuid(self, g: int) -> str:
+        n = int(self.gpu_node[g])
+        return self.nodes[n].gpus[g - int(self.node_first[n])].uuid
+
+    def gpu_device(self, g: int) -> tuple[NodeSpec, int]:
+        """The node of flat GPU ``g`` and the GPU's position on it."""
+        n = int(self.gpu_node[g])
+        return self.nodes[n], g - int(self.node_first[n])
+
+    def _rebuild_node_resources(self) -> None:
+        self.node_cpu_used[:] = 0
+        self.node_mem_used[:] = 0
+        for node, cpu, mem in self.charges.values():
+            n = self.node_index[node]
+            self.node_cpu_used[n] += cpu
+            self.node_mem_used[n] += mem
+
+    # -- allocations -----------------------------------------------------------------------------------
+
+    def _refresh(self, gpus: np.ndarray) -> None:
+        if gpus.shape[0] <= 16:
+            for g in gpus.tolist():
+                usable = int(self.gpu_usable[g])
+                avail = 0 if self.gpu_exclusive[g] else max(usable - max(int(self.gpu_caps[g]), int(self.gpu_used[g])), 0)
+                self.gpu_avail[g] = avail
+                self.gpu_room[g] = avail * 1000.0 / usable if usable > 0 else 0.0
+            return
+        usable = self.gpu_usable[gpus]
+        held = np.maximum(self.gpu_caps[gpus], self.gpu_used[gpus])
+        avail = np.maximum(usable - held, 0)
+        avail[self.gpu_exclusive[gpus]] = 0
+        self.gpu_avail[gpus] = avail
+        room = np.where(usable > 0, avail * 1000.0 / np.maximum(usable, 1), 0.0)
+        self.gpu_room[gpus] = room.astype(np.float32)
+
+    def _apply(self, g: int, alloc: Allocation, *, notify: bool = True) -> None:
+        self.allocs[g][(alloc.job_id, alloc.replica)] = alloc
+        self.gpu_caps[g] += alloc.cap_mib
+        self.gpu_nalloc[g] += 1
+        if not alloc.shared:
+            self.gpu_exclusive[g] = True
+        self.job_gpus.setdefault(alloc.job_id, []).append((alloc.replica, g))
+        if notify:
+            self._refresh(np.array([g]))
+            self._notify(np.array([self.gpu_node[g]], dtype=np.int32))
+
+    def allocate(
+        self,
+        job_id: str,
+        replica: int,
+        gpus: list[int],
+        caps: list[int],
+        shared: bool,
+        cpu_milli: int = 0,
+        host_memory_mib: int = 0,
+    ) -> None:
+        """Give ``gpus`` (all on one node) to one replica with the given memory caps.
+
+        The caller checked feasibility; CPU and host memory are charged to the node.
+        """
+        node = int(self.gpu_node[gpus[0]])
+        self.charges[(job_id, replica)] = (self.nodes[node].name, cpu_milli, host_memory_mib)
+        self.node_cpu_used[node] += cpu_milli
+        self.node_mem_used[node] += host_memory_mib
+        for g, cap in zip(gpus, caps, strict=True):
+            self._apply(g, Allocation(job_id, replica, cap, shared), notify=False)
+        idx = np.asarray(gpus, dtype=np.int64)
+        self._refresh(idx)
+        self._notify(np.unique(self.gpu_node[idx]))
+
+    def free(self, job_id: str, replica: int | None = None) -> list[int]:
+        """Remove a job's allocations (one replica's, or all); return the GPUs touched."""
+        held = self.job_gpus.get(job_id, [])
+        keep, touched = [], []
+        for rep, g in held:
+            if replica is not None and rep != replica:
+                keep.append((rep, g))
+                continue
+            alloc = self.allocs[g].pop((job_id, rep), None)
+            if alloc is None:
+                continue
+            self.gpu_caps[g] -= alloc.cap_mib
+            self.gpu_nalloc[g] -= 1
+            if not alloc.shared:
+                self.gpu_exclusive[g] = False
+            touched.append(g)
+        for rep in {rep for rep, _ in held if replica is None or rep == replica}:
+            charge = self.charges.pop((job_id, rep), None)
+            if charge is None:
+                continue
+            node, cpu, mem = charge
+            n = self.node_index[node]
+            self.node_cpu_used[n] -= cpu
+            self.node_mem_used[n] -= mem
+        if keep:
+            self.job_gpus[job_id] = keep
+        else:
+            self.job_gpus.pop(job_id, None)
+        if touched:
+            idx = np.asarray(touched, dtype=np.int64)
+            self._refresh(idx)
+            self._notify(np.unique(self.gpu_node[idx]))
+        return touched
+
+    def observe(self, g: int, used_mib: int, utilization: float) -> None:
+        """Record a GPU's observed memory use and utilisation from a node report."""
+        self.gpu_used[g] = used_mib
+        self.gpu_util[g] = utilization
+        self._refresh(np.array([g]))
+        self._notify(np.array([self.gpu_node[g]], dtype=np.int32))
+
+    def _notify(self, nodes: np.ndarray) -> None:
+        for listener in self.listeners:
+            listener(nodes.astype(np.int32, copy=False))
+
+    # -- checks ----------------------------------------------------------------------------------------
+
+    def violations(self) -> list[str]:
+        """Every breach of the card invariant, in words; empty when it holds."""
+        out = []
+        for g, gpu_allocs in enumerate(self.allocs):
+            if not gpu_allocs:
+                continue
+            node, pos = self.gpu_device(g)
+            label = f"{node.name}/gpu{node.gpus[pos].index}"
+            values = list(gpu_allocs.values())
+            if len(values) > 1 and not all(a.shared for a in values):
+                jobs = sorted({a.job_id for a in values})
+                out.append(f"{label}: exclusive job shares the card with {jobs}")
+            total = sum(a.cap_mib for a in values)
+            if total > int(self.gpu_usable[g]):
+                out.append(f"{label}: caps {total} MiB exceed {int(self.gpu_usable[g])} MiB allocatable")
+        return out

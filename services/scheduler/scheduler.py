@@ -1,0 +1,713 @@
+"""The scheduler's core: jobs, the pending queue, preemption, leases and events over the cluster state.
+
+Every public method takes one lock, so decisions are serialised and the card invariant holds under any
+concurrency; each method stages its durable changes and commits them before it returns. The core knows
+nothing of gRPC: ``server.py`` translates protobuf to these calls and domain errors to status codes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from guardmesh.config import SchedulerSettings
+from guardmesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.scheduler.cluster import ClusterState
+from services.scheduler.inventory import NodeSpec
+from services.scheduler.jobs import (
+    HOLDS_ALLOCATION,
+    TERMINAL,
+    EventKind,
+    GpuGrant,
+    Job,
+    JobSpec,
+    JobState,
+    Qos,
+    ReplicaPlacement,
+)
+from services.scheduler.placement import (
+    Choice,
+    ReplicaShape,
+    caps_for,
+    make_policy,
+    model_mask,
+    pending_reason,
+    place_replica,
+)
+from services.scheduler.scaling import CapacityPlan, NodeShape, ScaleAdvisor, ScaleSignal, plan_capacity
+from services.scheduler.store import Store
+
+log = logging.getLogger(__name__)
+
+#: Candidate nodes examined when choosing preemption victims (ranked by reclaimable room).
+PREEMPTION_NODES_EVALUATED = 64
+
+
+@dataclass(frozen=True)
+class Event:
+    """A scheduling event."""
+
+    seq: int
+    kind: EventKind
+    job_id: str
+    at: float
+    message: str
+
+
+@dataclass(frozen=True)
+class GpuView:
+    """A GPU with its allocations, as ListNodes reports it."""
+
+    index: int
+    uuid: str
+    model: str
+    memory_mib: int
+    topology_group: str
+    allocations: tuple[tuple[str, int, int, bool], ...]
+    allocatable_mib: int
+    used_memory_mib: int
+    utilization: float
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node with its GPUs, as ListNodes reports it."""
+
+    spec: NodeSpec
+    gpus: tuple[GpuView, ...]
+    last_seen: float
+    reserve_mib: int
+
+
+class Scheduler:
+    """Places jobs on GPUs by memory; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        store: Store | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        policy: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.store = store
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.state = ClusterState(settings.gpu_reserve_mib)
+        self.policy = make_policy(policy or settings.policy)
+        self.policy.attach(self.state)
+        self.jobs: dict[str, Job] = {}
+        self.pending: dict[str, Job] = {}
+        self.events: deque[Event] = deque(maxlen=settings.event_retention)
+        self.event_seq = 0
+        self.job_seq = 0
+        self.node_seen: dict[str, float] = {}
+        self.scale = ScaleAdvisor(
+            settings.scale_out_utilization,
+            settings.scale_in_utilization,
+            settings.scale_window_s,
+            settings.gpu_reserve_mib,
+        )
+        self.scale_seq = 0
+        self._capacity_changed = False
+        if store is not None:
+            self._restore(store)
+
+    # -- restore ---------------------------------------------------------------------------------------
+
+    def _restore(self, store: Store) -> None:
+        now = self.clock()
+        nodes = store.load_nodes()
+        if nodes:
+            self.state.set_nodes(nodes)
+            for n in nodes:
+                self.node_seen[n.name] = now
+        for job in store.load_jobs():
+            self.jobs[job.job_id] = job
+            self.job_seq = max(self.job_seq, job.seq)
+            if job.state in HOLDS_ALLOCATION:
+                for rp in job.placements.values():
+                    gpus = [self.state.uuid_index[g.uuid] for g in rp.gpus]
+                    caps = [g.memory_cap_mib for g in rp.gpus]
+                    self.state.allocate(
+                        job.job_id, rp.replica, gpus, caps, job.spec.allow_sharing,
+                        job.spec.cpu_milli, job.spec.host_memory_mib,
+                    )
+                    # Workers could not renew while we were down: every lease starts a fresh TTL.
+                    job.lease_expiry[rp.replica] = now + job.lease_ttl_s
+            if job.state not in TERMINAL and job.state != JobState.PREEMPTING and len(job.placements) < job.spec.replicas:
+                self.pending[job.job_id] = job
+        for seq, kind, job_id, at, message in store.load_events(self.settings.event_retention):
+            self.events.append(Event(seq, EventKind(kind), job_id, at, message))
+        self.event_seq = store.max_event_seq()
+        log.info(
+            "restored state",
+            extra={"nodes": len(nodes), "jobs": len(self.jobs), "pending": len(self.pending)},
+        )
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _emit(self, kind: EventKind, job: Job, message: str) -> None:
+        self.event_seq += 1
+        ev = Event(self.event_seq, kind, job.job_id, self.clock(), message)
+        self.events.append(ev)
+        if self.store is not None:
+            self.store.stage_event(ev.seq, ev.kind, ev.job_id, ev.at, ev.message)
+
+    def _save(self, job: Job) -> None:
+        job.updated_at = self.clock()
+        if self.store is not None:
+            self.store.stage_job(job)
+
+    def _commit(self) -> None:
+        if self.store is not None:
+            self.store.commit()
+        self.changed.notify_all()
+
+    def _get(self, job_id: str) -> Job:
+        if not job_id:
+            raise InvalidArgument("job_id", "must not be empty")
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id!r} not found")
+        return job
+
+    @staticmethod
+    def snapshot(job: Job) -> Job:
+        """A copy of ``job`` safe to read outside the lock."""
+        return replace(
+            job,
+            placements=dict(job.placements),
+            lease_expiry=dict(job.lease_expiry),
+            awaiting_victims=set(job.awaiting_victims),
+        )
+
+    def _grants(self, choice: Choice) -> tuple[GpuGrant, ...]:
+        grants = []
+        for g, cap in zip(choice.gpus, choice.caps, strict=True):
+            node, pos = self.state.gpu_device(g)
+            dev = node.gpus[pos]
+            grants.append(
+                GpuGrant(dev.uuid, dev.index, dev.model, cap, round(cap / dev.memory_mib, 6), dev.topology_group)
+            )
+        return tuple(grants)
+
+    # -- nodes -----------------------------------------------------------------------------------------
+
+    def register_nodes(self, specs: list[NodeSpec]) -> list[NodeView]:
+        """Register or update nodes; pending jobs are retried against the new capacity."""
+        for spec in specs:
+            spec.validate()
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise InvalidArgument("node.name", "duplicate node names in one registration")
+        with self.lock:
+            self.state.set_nodes(specs)
+            now = self.clock()
+            for spec in specs:
+                self.node_seen[spec.name] = now
+                if self.store is not None:
+                    self.store.stage_node(spec)
+            self._schedule_pending()
+            self._commit()
+            return [self._node_view(self.state.node_index[s.name]) for s in specs]
+
+    def report_node_status(self, node: str, usage: list[tuple[str, int, float]]) -> float:
+        """Record per-GPU (uuid, used MiB, utilisation) for ``node``; returns the recorded time."""
+        with self.lock:
+            if node not in self.state.node_index:
+                raise NotFound(f"node {node!r} is not registered")
+            spec = self.state.nodes[self.state.node_index[node]]
+            own = {g.uuid: g for g in spec.gpus}
+            for i, (uuid, used, util) in enumerate(usage):
+                dev = own.get(uuid)
+                if dev is None:
+                    raise InvalidArgument(f"gpus[{i}].uuid", f"{uuid!r} is not a GPU of node {node}")
+                if not 0 <= used <= dev.memory_mib:
+                    raise InvalidArgument(
+                        f"gpus[{i}].used_memory_mib", f"must be 0 to the GPU's {dev.memory_mib} MiB (got {used})"
+                    )
+                if not (0.0 <= util <= 1.0):
+                    raise InvalidArgument(f"gpus[{i}].utilization", f"must be 0.0 to 1.0 (got {util})")
+            for uuid, used, util in usage:
+                self.state.observe(self.state.uuid_index[uuid], used, util)
+            now = self.clock()
+            self.node_seen[node] = now
+            self.state.node_alive[self.state.node_index[node]] = True
+            self._schedule_pending()
+            self._commit()
+            return now
+
+    def _node_view(self, n: int) -> NodeView:
+        spec = self.state.nodes[n]
+        first = int(self.state.node_first[n])
+        gpus = []
+        for j, dev in enumerate(spec.gpus):
+            g = first + j
+            allocs = tuple(
+                (a.job_id, a.replica, a.cap_mib, a.shared)
+                for a in sorted(self.state.allocs[g].values(), key=lambda a: (a.job_id, a.replica))
+            )
+            gpus.append(
+                GpuView(
+                    dev.index, dev.uuid, dev.model, dev.memory_mib, dev.topology_group, allocs,
+                    int(self.state.gpu_avail[g]), int(self.state.gpu_used[g]), float(self.state.gpu_util[g]),
+                )
+            )
+        return NodeView(spec, tuple(gpus), self.node_seen.get(spec.name, 0.0), self.state.reserve_mib)
+
+    def list_nodes(self, model: str = "") -> list[NodeView]:
+        """Nodes (optionally those with a GPU of ``model``) with their allocations, by name."""
+        with self.lock:
+            out = [
+                self._node_view(n)
+                for n, spec in enumerate(self.state.nodes)
+                if not model or any(g.model == model for g in spec.gpus)
+            ]
+        return sorted(out, key=lambda v: v.spec.name)
+
+    # -- jobs ------------------------------------------------------------------------------------------
+
+    def _check_static(self, spec: JobSpec) -> None:
+        """Reject what no state of this cluster could ever place."""
+        state = self.state
+        for i, model in enumerate(spec.allowed_models):
+            if model not in state.model_index:
+                raise InvalidArgument(
+                    f"job.allowed_models[{i}]", f"GPU model {model!r} does not exist in the cluster "
+                    f"(known: {', '.join(state.models) or 'none'})"
+                )
+        if state.gpu_count == 0:
+            raise FailedPrecondition("the cluster has no registered GPUs; register nodes first")
+        shape = ReplicaShape.of(spec)
+        allowed = model_mask(state, shape)
+        caps = caps_for(state, shape)
+        fits_card = allowed & (state.gpu_usable >= caps)
+        if not fits_card.any():
+            largest = int(state.gpu_usable[allowed].max())
+            raise InvalidArgument(
+                "job.memory_mib_per_gpu",
+                f"no card of an allowed model has {spec.memory_mib_per_gpu} MiB allocatable; "
+                f"the largest has {largest} MiB after the {state.reserve_mib} MiB reserve",
+            )
+        per_node = np.bincount(state.gpu_node[fits_card], minlength=len(state.nodes))
+        if per_node.max() < spec.gpus_per_replica:
+            raise InvalidArgument(
+                "job.gpus_per_replica",
+                f"no node has {spec.gpus_per_replica} GPUs that can hold the request (largest: {per_node.max()})",
+            )
+        if spec.gang:
+            replicas_per_node = per_node // spec.gpus_per_replica
+            if int(replicas_per_node.sum()) < spec.replicas:
+                raise InvalidArgument(
+                    "job.replicas",
+                    f"gang of {spec.replicas} x {spec.gpus_per_replica} GPUs is larger than the cluster, "
+                    f"which holds at most {int(replicas_per_node.sum())} such replicas",
+                )
+
+    def submit(self, spec: JobSpec) -> Job:
+        """Submit a job: place it now if room exists, else queue it (and preempt for guaranteed jobs)."""
+        spec.validate()
+        with self.lock:
+            existing = self.jobs.get(spec.job_id)
+            if existing is not None:
+                if existing.spec == spec:
+                    return self.snapshot(existing)
+                raise AlreadyExists(f"job {spec.job_id!r} exists with a different spec")
+            self._check_static(spec)
+            self.job_seq += 1
+            now = self.clock()
+            job = Job(
+                spec=spec, seq=self.job_seq, submitted_at=now, updated_at=now,
+                lease_ttl_s=spec.lease_ttl_s or self.settings.lease_ttl_s,
+            )
+            self.jobs[spec.job_id] = job
+            self.policy.observe(ReplicaShape.of(spec))
+            try:
+                placed = self._try_place(job)
+                if not placed:
+                    self.pending[job.job_id] = job
+                    if job.state == JobState.PENDING:
+                        self._emit(EventKind.PENDING, job, job.pending_reason)
+                    self._try_preempt(job)
+                self._save(job)
+                self._commit()
+            except Exception:
+                if self.store is not None:
+                    self.store.discard()
+                raise
+            return self.snapshot(job)
+
+    def _try_place(self, job: Job) -> bool:
+        """Place the job's missing replicas (all or none for a gang); True when every replica is placed."""
+        spec = job.spec
+        shape = ReplicaShape.of(spec)
+        missing = [r for r in range(spec.replicas) if r not in job.placements]
+        placed: list[tuple[int, Choice]] = []
+        for r in missing:
+            choice = place_replica(self.state, shape, self.policy)
+            if choice is None:
+                break
+            self.state.allocate(
+                job.job_id, r, list(choice.gpus), list(choice.caps), spec.allow_sharing,
+                spec.cpu_milli, spec.host_memory_mib,
+            )
+            placed.append((r, choice))
+        complete = len(placed) == len(missing)
+        if spec.gang and not complete:
+            self.state.free(job.job_id)  # no partial reservation is ever kept for a gang
+            job.pending_reason = (
+                f"gang of {spec.replicas} x {spec.gpus_per_replica} GPUs: only {len(placed)} of "
+                f"{spec.replicas} replicas fit at once; {pending_reason(self.state, shape)}"
+            )
+            return False
+        now = self.clock()
+        for r, choice in placed:
+            node = self.state.nodes[choice.node].name
+            job.placements[r] = ReplicaPlacement(r, node, self._grants(choice))
+            job.lease_expiry[r] = now + job.lease_ttl_s
+        if placed:
+            job.state = JobState.RUNNING
+            where = ", ".join(f"r{r}@{self.state.nodes[c.node].name}" for r, c in placed)
+            self._emit(EventKind.PLACED, job, f"placed {where}")
+        if complete:
+            job.pending_reason = ""
+            self.pending.pop(job.job_id, None)
+        else:
+            job.pending_reason = (
+                f"{len(job.placements)} of {spec.replicas} replicas placed; {pending_reason(self.state, shape)}"
+            )
+        return complete
+
+    # -- preemption ------------------------------------------------------------------------------------
+
+    def _victim_order(self, job_id: str) -> tuple[int, int, int]:
+        v = self.jobs[job_id]
+        preempting = 0 if v.state == JobState.PREEMPTING else 1
+        # Already-preempting jobs cost nothing; then best-effort before burstable, low priority, newest.
+        return (preempting, -int(v.spec.qos), v.spec.priority, -v.seq)
+
+    def _reallocate(self, job: Job) -> None:
+        for rp in job.placements.values():
+            gpus = [self.state.uuid_index[g.uuid] for g in rp.gpus]
+            self.state.allocate(
+                job.job_id, rp.replica, gpus, [g.memory_cap_mib for g in rp.gpus], job.spec.allow_sharing,
+                job.spec.cpu_milli, job.spec.host_memory_mib,
+            )
+
+    def _try_preempt(self, job: Job) -> None:
+        """For a guaranteed job that does not fit: pick the fewest victims that make room in one place."""
+        if job.spec.qos != Qos.GUARANTEED or job.awaiting_victims:
+            return
+        spec = job.spec
+        shape = ReplicaShape.of(spec)
+        missing = [r for r in range(spec.replicas) if r not in job.placements]
+        if not spec.gang:
+            # Non-gang jobs keep what they have; their free placements were already made by _try_place.
+            pass
+        freed: list[Job] = []
+        tentative: list[int] = []
+        victims: list[str] = []
+        ok = True
+        for r in missing:
+            choice = place_replica(self.state, shape, self.policy)
+            if choice is None:
+                plan = self._cheapest_room(shape)
+                if plan is None:
+                    ok = False
+                    break
+                for vid in plan:
+                    v = self.jobs[vid]
+                    self.state.free(vid)
+                    freed.append(v)
+                    if v.state != JobState.PREEMPTING:
+                        victims.append(vid)
+                choice = place_replica(self.state, shape, self.policy)
+                if choice is None:
+                    ok = False
+                    break
+            self.state.allocate(job.job_id, -1 - r, list(choice.gpus), list(choice.caps), spec.allow_sharing,
+                                spec.cpu_milli, spec.host_memory_mib)
+            tentative.append(-1 - r)
+        # Undo the simulation: the victims keep their cards until they release or the grace ends.
+        for rep in tentative:
+            self.state.free(job.job_id, rep)
+        for v in freed:
+            self._reallocate(v)
+        if not ok or not (victims or freed):
+            if not ok:
+                job.pending_reason += "; preempting every best-effort and burstable job would not make room"
+            return
+        deadline = self.clock() + self.settings.preemption_grace_s
+        job.awaiting_victims = {v.job_id for v in freed}
+        for vid in victims:
+            v = self.jobs[vid]
+            v.state = JobState.PREEMPTING
+            v.preemption_deadline = deadline
+            v.preempted_by = job.job_id
+            self.pending.pop(vid, None)
+            self._emit(
+                EventKind.PREEMPTION_NOTICE, v,
+                f"preempted for guaranteed job {job.job_id}; release by the deadline ({deadline:.3f})",
+            )
+            self._save(v)
+        job.pending_reason = (
+            f"waiting for {len(job.awaiting_victims)} preempted job(s) to vacate: "
+            f"{', '.join(sorted(job.awaiting_victims))}"
+        )
+
+    def _cheapest_room(self, shape: ReplicaShape) -> list[str] | None:
+        """Fewest victims on one node whose removal lets one replica of ``shape`` fit there."""
+        state = self.state
+        allowed = model_mask(state, shape)
+        victim_ids = {
+            jid for jid, j in self.jobs.items()
+            if j.state in HOLDS_ALLOCATION and j.spec.qos in (Qos.BEST_EFFORT, Qos.BURSTABLE)
+        }
+        if not victim_ids:
+            return None
+        per_node: dict[int, set[str]] = {}
+        for jid in victim_ids:
+            for _, g in state.job_gpus.get(jid, []):
+                if allowed[g]:
+                    per_node.setdefault(int(state.gpu_node[g]), set()).add(jid)
+        reclaim = {
+            n: sum(int(state.gpu_usable[g]) for _, g in (p for j in js for p in state.job_gpus.get(j, [])))
+            for n, js in per_node.items()
+        }
+        ranked = sorted(per_node, key=lambda n: -reclaim[n])[:PREEMPTION_NODES_EVALUATED]
+        best: tuple[tuple[int, int], list[str]] | None = None
+        for n in ranked:
+            order = sorted(per_node[n], key=self._victim_order)
+            freed: list[Job] = []
+            chosen: list[str] = []
+            fits = False
+            for vid in order:
+                self.state.free(vid)
+                freed.append(self.jobs[vid])
+                chosen.append(vid)
+                if self._fits_on_node(shape, n):
+                    fits = True
+                    break
+            for v in freed:
+                self._reallocate(v)
+            if fits:
+                cost = sum(1 for vid in chosen if self.jobs[vid].state != JobState.PREEMPTING)
+                worst = min(int(self.jobs[vid].spec.qos) for vid in chosen)
+                key = (cost, -worst)
+                if best is None or key < best[0]:
+                    best = (key, chosen)
+        return best[1] if best else None
+
+    def _fits_on_node(self, shape: ReplicaShape, node: int) -> bool:
+        saved = self.state.node_alive.copy()
+        try:
+            self.state.node_alive[:] = False
+            self.state.node_alive[node] = saved[node]
+            return place_replica(self.state, shape, self.policy) is not None
+        finally:
+            self.state.node_alive[:] = saved
+
+    # -- queue -----------------------------------------------------------------------------------------
+
+    def _schedule_pending(self) -> None:
+        """Retry pending jobs in queue order (QoS, priority, age)."""
+        for job in sorted(self.pending.values(), key=Job.queue_key):
+            if job.job_id not in self.pending:
+                continue
+            job.awaiting_victims = {
+                v for v in job.awaiting_victims if self.jobs[v].state in HOLDS_ALLOCATION
+            }
+            before = (job.state, len(job.placements), job.pending_reason)
+            placed = self._try_place(job)
+            if not placed:
+                self._try_preempt(job)
+            if (job.state, len(job.placements), job.pending_reason) != before:
+                self._save(job)
+
+    def _end(self, job: Job, state: JobState, kind: EventKind, message: str) -> None:
+        self.state.free(job.job_id)
+        job.state = state
+        job.lease_expiry.clear()
+        job.preemption_deadline = None if state != JobState.PREEMPTED else job.preemption_deadline
+        self.pending.pop(job.job_id, None)
+        self._emit(kind, job, message)
+        self._save(job)
+
+    def release(self, job_id: str) -> Job:
+        """Release a job's allocations or withdraw it; releasing an ended job changes nothing."""
+        with self.lock:
+            job = self._get(job_id)
+            if job.state in TERMINAL:
+                return self.snapshot(job)
+            self._end(job, JobState.RELEASED, EventKind.RELEASED, "released by its owner")
+            self._schedule_pending()
+            self._commit()
+            return self.snapshot(job)
+
+    def describe(self, job_id: str) -> Job:
+        """One job."""
+        with self.lock:
+            return self.snapshot(self._get(job_id))
+
+    def list_jobs(self, tenant: str = "", state: JobState | None = None) -> list[Job]:
+        """Jobs in submission order, optionally filtered."""
+        with self.lock:
+            return [
+                self.snapshot(j)
+                for j in sorted(self.jobs.values(), key=lambda j: j.seq)
+                if (not tenant or j.spec.tenant == tenant) and (state is None or j.state == state)
+            ]
+
+    # -- leases ----------------------------------------------------------------------------------------
+
+    def renew(self, job_id: str, replica: int) -> Job:
+        """Renew one replica's lease; returns the job (its state tells a worker about preemption)."""
+        with self.lock:
+            job = self._get(job_id)
+            if not 0 <= replica < job.spec.replicas:
+                raise InvalidArgument("replica", f"must be 0 to {job.spec.replicas - 1} (got {replica})")
+            if job.state not in HOLDS_ALLOCATION:
+                raise FailedPrecondition(f"job {job_id!r} holds no allocation (state {job.state.name})")
+            if replica not in job.placements:
+                raise FailedPrecondition(f"replica {replica} of job {job_id!r} is not placed")
+            job.lease_expiry[replica] = self.clock() + job.lease_ttl_s
+            return self.snapshot(job)
+
+    def tick(self) -> list[ScaleSignal]:
+        """Reclaim lapsed leases, revoke preempted jobs past their deadline, mark silent nodes, and
+        evaluate scale signals. Returns the scale signals that changed."""
+        with self.lock:
+            now = self.clock()
+            freed = False
+            for job in list(self.jobs.values()):
+                if job.state not in HOLDS_ALLOCATION:
+                    continue
+                if job.state == JobState.PREEMPTING and job.preemption_deadline is not None \
+                        and job.preemption_deadline <= now:
+                    self._end(job, JobState.PREEMPTED, EventKind.PREEMPTED,
+                              f"allocations revoked for guaranteed job {job.preempted_by}")
+                    freed = True
+                    continue
+                lapsed = sorted(r for r, t in job.lease_expiry.items() if t <= now)
+                if lapsed:
+                    self._end(job, JobState.LEASE_EXPIRED, EventKind.LEASE_EXPIRED,
+                              f"lease of replica {lapsed[0]} not renewed within {job.lease_ttl_s}s; "
+                              "allocations reclaimed")
+                    freed = True
+            if self.settings.node_ttl_s > 0:
+                for name, seen in self.node_seen.items():
+                    n = self.state.node_index[name]
+                    alive = now - seen <= self.settings.node_ttl_s
+                    if self.state.node_alive[n] != alive:
+                        self.state.node_alive[n] = alive
+                        freed = freed or alive
+            if freed:
+                self._schedule_pending()
+            self._commit()
+            if self.state.gpu_count == 0:
+                return []
+            pending = [j.spec for j in self.pending.values()]
+            changed = self.scale.evaluate(self.state, pending, now)
+            if changed:
+                self.scale_seq += 1
+                self.changed.notify_all()
+            return changed
+
+    # -- watching --------------------------------------------------------------------------------------
+
+    def events_after(self, after_seq: int, limit: int = 1000, job_id: str = "") -> list[Event]:
+        """Retained events with seq > ``after_seq``, oldest first."""
+        if after_seq < 0:
+            raise InvalidArgument("after_seq", "must be >= 0")
+        if not 0 <= limit <= 10_000:
+            raise InvalidArgument("limit", "must be 0 (default 1,000) to 10,000")
+        limit = limit or 1000
+        with self.lock:
+            out = []
+            for ev in self.events:
+                if ev.seq > after_seq and (not job_id or ev.job_id == job_id):
+                    out.append(ev)
+                    if len(out) >= limit:
+                        break
+            return out
+
+    def watch(self, job_id: str, stopped: Callable[[], bool]) -> Iterator[tuple[Event | None, Job]]:
+        """Yield a snapshot, then (event, job) for each of the job's events until it ends or ``stopped``."""
+        with self.lock:
+            job = self._get(job_id)
+            last = self.event_seq
+            yield None, self.snapshot(job)
+            if job.state in TERMINAL:
+                return
+        while not stopped():
+            with self.changed:
+                self.changed.wait_for(lambda: self.event_seq > last or stopped(), timeout=1.0)
+                if self.event_seq == last:
+                    continue
+                fresh = []
+                for ev in reversed(self.events):
+                    if ev.seq <= last:
+                        break
+                    if ev.job_id == job_id:
+                        fresh.append(ev)
+                last = self.event_seq
+                snap = self.snapshot(self.jobs[job_id])
+            for ev in reversed(fresh):
+                yield ev, snap
+            if fresh and snap.state in TERMINAL:
+                return
+
+    def wake_watchers(self) -> None:
+        """Wake every waiting watcher (used when draining)."""
+        with self.changed:
+            self.changed.notify_all()
+
+    def scale_signals(self, pool: str = "") -> list[ScaleSignal]:
+        """Current scale recommendations."""
+        with self.lock:
+            return [s for p, s in sorted(self.scale.current.items()) if not pool or p == pool]
+
+    # -- planning and checks ---------------------------------------------------------------------------
+
+    def plan(self, shape: NodeShape, jobs: list[JobSpec]) -> CapacityPlan:
+        """Capacity planning for ``jobs`` (or the pending jobs the shape's model admits)."""
+        if not shape.model:
+            raise InvalidArgument("shape.model", "must not be empty")
+        if not 1 <= shape.gpus <= 64:
+            raise InvalidArgument("shape.gpus", f"must be 1 to 64 (got {shape.gpus})")
+        if not 1 <= shape.memory_mib_per_gpu <= 1_048_576:
+            raise InvalidArgument("shape.memory_mib_per_gpu", "must be 1 to 1,048,576 MiB")
+        for i, j in enumerate(jobs):
+            try:
+                j.validate()
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"jobs[{i}].{exc.field.removeprefix('job.')}", exc.rule) from None
+        with self.lock:
+            if not jobs:
+                jobs = [
+                    j.spec for j in self.pending.values()
+                    if not j.spec.allowed_models or shape.model in j.spec.allowed_models
+                ]
+            return plan_capacity(shape, copy.copy(jobs), self.settings.gpu_reserve_mib)
+
+    def violations(self) -> list[str]:
+        """Breaches of the card invariant (expected: none)."""
+        with self.lock:
+            return self.state.violations()
+
+    def close(self) -> None:
+        """Close the store."""
+        with self.lock:
+            if self.store is not None:
+                self.store.close()
+                self.store = None

@@ -1,0 +1,345 @@
+"""gRPC shell of the scheduler: protobuf in, domain calls, protobuf out. No scheduling logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import trace
+
+from guardmesh.config import MeshConfig
+from guardmesh.errors import InvalidArgument, Unavailable
+from guardmesh.runtime import ServiceDefinition
+from guardmesh.v1 import scheduler_pb2 as pb
+from guardmesh.v1 import scheduler_pb2_grpc as pb_grpc
+from services.scheduler.inventory import GpuDevice, NodeSpec, load_cluster_file
+from services.scheduler.jobs import Job, JobSpec, JobState, Qos, Topology
+from services.scheduler.scaling import NodeShape, ScaleSignal
+from services.scheduler.scheduler import Event, NodeView, Scheduler
+from services.scheduler.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def _ts(t: float | None) -> Timestamp | None:
+    if t is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def spec_from_pb(msg: pb.JobSpec) -> JobSpec:
+    """Domain job spec from its message (field rules are checked by ``JobSpec.validate``)."""
+    which = msg.WhichOneof("gpu_memory")
+    try:
+        topology = Topology(msg.topology or Topology.PREFERRED)
+    except ValueError:
+        raise InvalidArgument("job.topology", f"unknown value {msg.topology}") from None
+    try:
+        qos = Qos(msg.qos or Qos.BURSTABLE)
+    except ValueError:
+        raise InvalidArgument("job.qos", f"unknown value {msg.qos}") from None
+    return JobSpec(
+        job_id=msg.job_id,
+        tenant=msg.tenant,
+        replicas=msg.replicas,
+        gpus_per_replica=msg.gpus_per_replica,
+        memory_mib_per_gpu=msg.memory_mib_per_gpu if which == "memory_mib_per_gpu" else None,
+        share_milli=msg.gpu_share_milli if which == "gpu_share_milli" else None,
+        qos=qos,
+        priority=msg.priority,
+        allow_sharing=msg.allow_sharing,
+        allowed_models=tuple(msg.allowed_models),
+        gang=msg.gang,
+        topology=topology,
+        node_selector=tuple(sorted(msg.node_selector.items())),
+        cpu_milli=msg.cpu_milli_per_replica,
+        host_memory_mib=msg.host_memory_mib_per_replica,
+        lease_ttl_s=msg.lease_ttl_s,
+    )
+
+
+def spec_to_pb(spec: JobSpec) -> pb.JobSpec:
+    """Message form of a job spec."""
+    msg = pb.JobSpec(
+        job_id=spec.job_id,
+        tenant=spec.tenant,
+        qos=int(spec.qos),
+        priority=spec.priority,
+        replicas=spec.replicas,
+        gpus_per_replica=spec.gpus_per_replica,
+        allow_sharing=spec.allow_sharing,
+        allowed_models=list(spec.allowed_models),
+        gang=spec.gang,
+        topology=int(spec.topology),
+        node_selector=dict(spec.node_selector),
+        cpu_milli_per_replica=spec.cpu_milli,
+        host_memory_mib_per_replica=spec.host_memory_mib,
+        lease_ttl_s=spec.lease_ttl_s,
+    )
+    if spec.memory_mib_per_gpu is not None:
+        msg.memory_mib_per_gpu = spec.memory_mib_per_gpu
+    else:
+        msg.gpu_share_milli = spec.share_milli or 0
+    return msg
+
+
+def job_to_pb(job: Job) -> pb.Job:
+    """Message form of a job."""
+    msg = pb.Job(
+        spec=spec_to_pb(job.spec),
+        state=int(job.state),
+        pending_reason=job.pending_reason,
+        submitted_at=_ts(job.submitted_at),
+        updated_at=_ts(job.updated_at),
+        preempted_by=job.preempted_by,
+        lease_ttl_s=job.lease_ttl_s,
+    )
+    if job.state == JobState.PREEMPTING and job.preemption_deadline is not None:
+        msg.preemption_deadline.CopyFrom(_ts(job.preemption_deadline))
+    for r in sorted(job.placements):
+        rp = job.placements[r]
+        placement = msg.placements.add(replica=r, node=rp.node, env=rp.env(job.spec.allow_sharing))
+        for g in rp.gpus:
+            placement.gpus.add(
+                uuid=g.uuid, index=g.index, model=g.model, memory_cap_mib=g.memory_cap_mib,
+                memory_fraction=g.memory_fraction, topology_group=g.topology_group,
+            )
+        expiry = job.lease_expiry.get(r)
+        if expiry is not None:
+            placement.lease_expires_at.CopyFrom(_ts(expiry))
+    return msg
+
+
+def node_from_pb(msg: pb.NodeSpec) -> NodeSpec:
+    """Domain node from its message."""
+    return NodeSpec(
+        name=msg.name,
+        gpus=tuple(
+            GpuDevice(g.index, g.uuid, g.model, g.memory_mib, g.topology_group) for g in msg.gpus
+        ),
+        labels=tuple(sorted(msg.labels.items())),
+        cpu_milli=msg.cpu_milli,
+        host_memory_mib=msg.host_memory_mib,
+    )
+
+
+def node_to_pb(view: NodeView) -> pb.NodeStatus:
+    """Message form of a node view."""
+    s = view.spec
+    msg = pb.NodeStatus(
+        spec=pb.NodeSpec(
+            name=s.name, labels=dict(s.labels), cpu_milli=s.cpu_milli, host_memory_mib=s.host_memory_mib,
+            gpus=[
+                pb.GpuDevice(index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib,
+                             topology_group=g.topology_group)
+                for g in s.gpus
+            ],
+        ),
+        last_seen=_ts(view.last_seen),
+        reserve_mib=view.reserve_mib,
+    )
+    for g in view.gpus:
+        msg.gpus.add(
+            device=pb.GpuDevice(index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib,
+                                topology_group=g.topology_group),
+            allocations=[
+                pb.GpuAllocation(job_id=j, replica=r, memory_cap_mib=c, shared=s) for j, r, c, s in g.allocations
+            ],
+            allocatable_mib=g.allocatable_mib,
+            used_memory_mib=g.used_memory_mib,
+            utilization=g.utilization,
+        )
+    return msg
+
+
+def event_to_pb(ev: Event) -> pb.Event:
+    """Message form of an event."""
+    return pb.Event(seq=ev.seq, kind=int(ev.kind), job_id=ev.job_id, at=_ts(ev.at), message=ev.message)
+
+
+def signal_to_pb(sig: ScaleSignal) -> pb.ScaleSignal:
+    """Message form of a scale signal."""
+    return pb.ScaleSignal(
+        pool=sig.pool,
+        direction=int(sig.direction),
+        nodes=sig.nodes,
+        shape=pb.NodeShape(model=sig.shape.model, gpus=sig.shape.gpus,
+                           memory_mib_per_gpu=sig.shape.memory_mib_per_gpu),
+        utilization=sig.utilization,
+        reason=sig.reason,
+        at=_ts(sig.at),
+    )
+
+
+class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
+    """Implements ``guardmesh.v1.SchedulerService`` over :class:`Scheduler`."""
+
+    def __init__(self) -> None:
+        self._core: Scheduler | None = None
+        self.draining = threading.Event()
+
+    @property
+    def core(self) -> Scheduler:
+        """The scheduler; UNAVAILABLE until state is restored."""
+        if self._core is None:
+            raise Unavailable("scheduler is starting")
+        return self._core
+
+    def RegisterNode(self, request: pb.RegisterNodeRequest, context: grpc.ServicerContext) -> pb.RegisterNodeResponse:
+        """See the proto."""
+        view = self.core.register_nodes([node_from_pb(request.node)])[0]
+        return pb.RegisterNodeResponse(node=node_to_pb(view))
+
+    def ReportNodeStatus(
+        self, request: pb.ReportNodeStatusRequest, context: grpc.ServicerContext
+    ) -> pb.ReportNodeStatusResponse:
+        """See the proto."""
+        at = self.core.report_node_status(
+            request.node, [(g.uuid, g.used_memory_mib, g.utilization) for g in request.gpus]
+        )
+        return pb.ReportNodeStatusResponse(recorded_at=_ts(at))
+
+    def ListNodes(self, request: pb.ListNodesRequest, context: grpc.ServicerContext) -> pb.ListNodesResponse:
+        """See the proto."""
+        return pb.ListNodesResponse(nodes=[node_to_pb(v) for v in self.core.list_nodes(request.model)])
+
+    def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.SubmitJobResponse:
+        """See the proto."""
+        job = self.core.submit(spec_from_pb(request.job))
+        span = trace.get_current_span()
+        span.set_attribute("guardmesh.job_id", job.job_id)
+        span.set_attribute("guardmesh.job_state", job.state.name)
+        return pb.SubmitJobResponse(job=job_to_pb(job))
+
+    def ReleaseJob(self, request: pb.ReleaseJobRequest, context: grpc.ServicerContext) -> pb.ReleaseJobResponse:
+        """See the proto."""
+        return pb.ReleaseJobResponse(job=job_to_pb(self.core.release(request.job_id)))
+
+    def DescribeJob(self, request: pb.DescribeJobRequest, context: grpc.ServicerContext) -> pb.DescribeJobResponse:
+        """See the proto."""
+        return pb.DescribeJobResponse(job=job_to_pb(self.core.describe(request.job_id)))
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
+        """See the proto."""
+        state = None
+        if request.state:
+            try:
+                state = JobState(request.state)
+            except ValueError:
+                raise InvalidArgument("state", f"unknown value {request.state}") from None
+        return pb.ListJobsResponse(jobs=[job_to_pb(j) for j in self.core.list_jobs(request.tenant, state)])
+
+    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchJobResponse]:
+        """See the proto."""
+        stopped = lambda: self.draining.is_set() or not context.is_active()  # noqa: E731
+        for ev, job in self.core.watch(request.job_id, stopped):
+            msg = pb.WatchJobResponse(job=job_to_pb(job))
+            if ev is not None:
+                msg.event.CopyFrom(event_to_pb(ev))
+            yield msg
+
+    def RenewLease(self, request: pb.RenewLeaseRequest, context: grpc.ServicerContext) -> pb.RenewLeaseResponse:
+        """See the proto."""
+        job = self.core.renew(request.job_id, request.replica)
+        msg = pb.RenewLeaseResponse(
+            lease_expires_at=_ts(job.lease_expiry[request.replica]), state=int(job.state)
+        )
+        if job.state == JobState.PREEMPTING and job.preemption_deadline is not None:
+            msg.preemption_deadline.CopyFrom(_ts(job.preemption_deadline))
+        return msg
+
+    def ListEvents(self, request: pb.ListEventsRequest, context: grpc.ServicerContext) -> pb.ListEventsResponse:
+        """See the proto."""
+        events = self.core.events_after(request.after_seq, request.limit, request.job_id)
+        return pb.ListEventsResponse(events=[event_to_pb(e) for e in events])
+
+    def PlanCapacity(self, request: pb.PlanCapacityRequest, context: grpc.ServicerContext) -> pb.PlanCapacityResponse:
+        """See the proto."""
+        shape = NodeShape(request.shape.model, request.shape.gpus, request.shape.memory_mib_per_gpu)
+        plan = self.core.plan(shape, [spec_from_pb(j) for j in request.jobs])
+        return pb.PlanCapacityResponse(
+            requested_memory_mib=plan.requested_memory_mib,
+            free_memory_mib_per_node=plan.free_memory_mib_per_node,
+            nodes_by_memory=plan.nodes_by_memory,
+            nodes_by_exclusive_gpus=plan.nodes_by_exclusive_gpus,
+            nodes_needed=plan.nodes_needed,
+        )
+
+    def WatchScaleSignals(
+        self, request: pb.WatchScaleSignalsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchScaleSignalsResponse]:
+        """See the proto."""
+        core = self.core
+        seen: dict[str, ScaleSignal] = {}
+        while not self.draining.is_set() and context.is_active():
+            with core.changed:
+                current = {s.pool: s for s in core.scale_signals(request.pool)}
+                last = core.scale_seq
+            for pool, sig in current.items():
+                if seen.get(pool) != sig:
+                    seen[pool] = sig
+                    yield pb.WatchScaleSignalsResponse(signal=signal_to_pb(sig))
+            with core.changed:
+                core.changed.wait_for(lambda: core.scale_seq != last or self.draining.is_set(), timeout=1.0)
+
+
+class SchedulerBinding:
+    """The scheduler's servicer, its store, and the reaper thread that runs ``Scheduler.tick``."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.servicer = SchedulerServicer()
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        """Add the servicer."""
+        pb_grpc.add_SchedulerServiceServicer_to_server(self.servicer, server)
+
+    def start(self) -> None:
+        """Open the store, restore state, load the cluster file, start the reaper."""
+        settings = self.config.scheduler
+        store = Store(self.config.state_path(settings.db_path), settings.sqlite_synchronous)
+        core = Scheduler(settings, store)
+        if settings.cluster_file:
+            core.register_nodes(load_cluster_file(Path(settings.cluster_file)))
+        self.servicer._core = core
+        self._reaper = threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True)
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        core = self.servicer.core
+        while not self._stop.wait(self.config.scheduler.reap_interval_s):
+            try:
+                for sig in core.tick():
+                    log.info("scale signal", extra={"pool": sig.pool, "direction": sig.direction.name,
+                                                    "nodes": sig.nodes, "reason": sig.reason})
+            except Exception:
+                log.exception("reaper tick failed")
+
+    def drain(self) -> None:
+        """End watch streams."""
+        self.servicer.draining.set()
+        if self.servicer._core is not None:
+            self.servicer._core.wake_watchers()
+
+    def close(self) -> None:
+        """Stop the reaper and close the store."""
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
+        if self.servicer._core is not None:
+            self.servicer._core.close()
+
+
+SERVICE = ServiceDefinition(
+    name="scheduler",
+    service_names=(pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name,),
+    build=SchedulerBinding,
+)
