@@ -40,6 +40,8 @@ class ServiceEndpoint(_Section):
     host: str = "127.0.0.1"
     port: int = Field(ge=0, le=65535)
     enabled: bool = True
+    #: Address announced to discovery when it differs from the bind host (e.g. a container name).
+    advertise_host: str = ""
 
     @property
     def address(self) -> str:
@@ -54,6 +56,7 @@ class GrpcSettings(_Section):
     keepalive_time_s: float = Field(default=30.0, gt=0)
     keepalive_timeout_s: float = Field(default=10.0, gt=0)
     grace_s: float = Field(default=10.0, ge=0)
+    drain_delay_s: float = Field(default=0.5, ge=0, le=60)
     max_workers: int = Field(default=64, ge=2, le=4096)
 
 

@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ class RunningService:
         self.health.enter_graceful_shutdown()
         if self.registration_id:
             self.registry.deregister(self.registration_id)
+        time.sleep(self.config.grpc.drain_delay_s)
         done = self.server.stop(grace)
         self.binding.drain()
         done.wait()
@@ -163,7 +165,8 @@ def start_service(
     running = RunningService(definition, config, server, health_servicer, binding, host, bound, registry)
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running.registration_id = registry.register(definition.name, host, bound)
+    advertise = (endpoint.advertise_host if endpoint else "") or host
+    running.registration_id = registry.register(definition.name, advertise, bound)
     log.info("serving", extra={"address": running.address})
     return running
 

@@ -27,6 +27,7 @@ def make_config(tmp_path: Path, **overrides: object) -> MeshConfig:
             "services.scheduler.port": 0,
             "scheduler.reap_interval_s": 0.05,
             "grpc.grace_s": 2.0,
+            "grpc.drain_delay_s": 0.0,
             **overrides,
         }
     )

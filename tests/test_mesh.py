@@ -1,0 +1,106 @@
+"""The local mesh as operators run it: `guardmesh mesh up/status/down` with real processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from guardmesh.config import load_config
+from guardmesh.mesh import enabled_services, health_status, pid_alive, read_records
+from guardmesh.runtime import KNOWN_SERVICES
+
+REPO = Path(__file__).resolve().parent.parent
+GUARDMESH = [sys.executable, "-m", "guardmesh.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from guardmesh.cli import app; app()", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_mesh_up_status_down(tmp_path: Path) -> None:
+    port = _free_port()
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text('[[nodes]]\nname = "n1"\nmodel = "T4"\ngpus = 2\nmemory_mib = 16384\n')
+    config_file = tmp_path / "mesh.toml"
+    config_file.write_text(
+        f'[mesh]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[services.scheduler]\nport = {port}\n'
+        f'[scheduler]\ncluster_file = "{cluster}"\n'
+        '[grpc]\ndrain_delay_s = 0.1\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GUARDMESH", "OTEL_", "CONSUL_"))}
+    env["GUARDMESH_CONFIG"] = str(config_file)
+    env["COLUMNS"] = "200"
+    config = load_config(env=env)
+    try:
+        up = _cli("mesh", "up", env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "scheduler" in up.stdout and "SERVING" in up.stdout and f"127.0.0.1:{port}" in up.stdout
+        records = {r.service: r for r in read_records(config)}
+        assert set(records) >= set(enabled_services(config))
+        pid = records["scheduler"].pid
+        assert pid_alive(pid)
+        assert health_status(f"127.0.0.1:{port}", "scheduler") == "SERVING"
+        assert Path(records["scheduler"].log).exists()
+
+        status = _cli("mesh", "status", env=env)
+        assert status.returncode == 0 and str(pid) in status.stdout and "SERVING" in status.stdout
+
+        # A second `up` leaves the running mesh alone.
+        again = _cli("mesh", "up", env=env)
+        assert again.returncode == 0
+        assert {r.service: r.pid for r in read_records(config)}["scheduler"] == pid
+    finally:
+        down = _cli("mesh", "down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert not pid_alive(pid)
+    assert read_records(config) == []
+    log = (tmp_path / "state" / "logs" / "scheduler.log").read_text()
+    assert '"msg": "stopped"' in log  # drained by SIGTERM, not killed
+    status = _cli("mesh", "status", env=env)
+    assert "no mesh processes" in status.stdout
+
+
+def test_python_m_entry_point_reports_config_errors(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDMESH")}
+    env["GUARDMESH__SCHEDULER__POLICY"] = "random"
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.scheduler"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "scheduler.policy" in proc.stderr
+
+
+def test_docker_compose_matches_mesh_config() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    config = load_config(env={})
+    assert {"jaeger", "consul"} <= set(compose)
+    assert compose["jaeger"]["image"].startswith("jaegertracing/jaeger")
+    assert compose["consul"]["image"].startswith("hashicorp/consul")
+    for service in enabled_services(config):
+        entry = compose[service]
+        port = config.services[service].port
+        assert entry["command"] == ["serve", service]
+        assert f"{port}:{port}" in entry["ports"]
+        env = entry["environment"]
+        assert env[f"GUARDMESH__SERVICES__{service.upper()}__HOST"] == "0.0.0.0"
+        assert env[f"GUARDMESH__SERVICES__{service.upper()}__ADVERTISE_HOST"] == service
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+        assert env["CONSUL_HTTP_ADDR"] == "consul:8500"
+    guardmesh_services = {name for name, e in compose.items() if e.get("image", "").startswith("guardmesh")}
+    assert guardmesh_services == set(enabled_services(config))
+    assert guardmesh_services <= set(KNOWN_SERVICES)

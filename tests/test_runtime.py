@@ -1,0 +1,268 @@
+"""The shared service runtime: health, reflection, drain, error mapping, retries, limits, config."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from guardmesh.client import open_channel
+from guardmesh.config import ConfigError, MeshConfig, load_config
+from guardmesh.errors import InvalidArgument, Unavailable
+from guardmesh.runtime import ServiceDefinition, load_definition, start_service
+from guardmesh.v1 import scheduler_pb2 as spb
+from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
+
+from .conftest import make_config
+
+SERVICE = "guardmesh.test.Probe"
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+class ProbeBinding:
+    """A tiny service: Slow sleeps, Fail raises a domain error, Flaky is UNAVAILABLE N times, Echo echoes."""
+
+    def __init__(self, config: MeshConfig, start_gate: threading.Event | None = None) -> None:
+        self.start_gate = start_gate
+        self.calls = {"Flaky": 0, "Fail": 0}
+        self.flaky_failures = 2
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+            time.sleep(float(request.decode() or "1"))
+            return b"done"
+
+        def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
+            self.calls["Fail"] += 1
+            raise InvalidArgument("probe.size", "must be positive")
+
+        def flaky(request: bytes, context: grpc.ServicerContext) -> bytes:
+            self.calls["Flaky"] += 1
+            if self.calls["Flaky"] <= self.flaky_failures:
+                raise Unavailable("warming up")
+            return b"ok"
+
+        def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+            return request
+
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(fn, _identity, _identity)
+            for name, fn in {"Slow": slow, "Fail": fail, "Flaky": flaky, "Echo": echo}.items()
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+    def start(self) -> None:
+        if self.start_gate is not None:
+            assert self.start_gate.wait(10)
+
+    def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _call(channel: grpc.Channel, method: str, payload: bytes = b"", timeout: float = 10) -> bytes:
+    fn = channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=_identity, response_deserializer=_identity)
+    return fn(payload, timeout=timeout)
+
+
+def _health(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+
+
+def _probe(tmp_path: Path, **overrides: object) -> tuple[MeshConfig, ServiceDefinition, dict[str, ProbeBinding]]:
+    config = make_config(tmp_path, **overrides)
+    made: dict[str, ProbeBinding] = {}
+
+    def build(cfg: MeshConfig) -> ProbeBinding:
+        made["binding"] = ProbeBinding(cfg)
+        return made["binding"]
+
+    return config, ServiceDefinition("probe", (SERVICE,), build), made
+
+
+def test_health_not_serving_while_starting_then_serving(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    gate = threading.Event()
+    definition = ServiceDefinition("probe", (SERVICE,), lambda cfg: ProbeBinding(cfg, gate))
+    port_holder: dict[str, object] = {}
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    thread = threading.Thread(
+        target=lambda: port_holder.setdefault("svc", start_service(definition, config, port=port))
+    )
+    thread.start()
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    status = None
+    while time.monotonic() < deadline:
+        try:
+            status = _health(address)
+            break
+        except grpc.RpcError:
+            time.sleep(0.05)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    gate.set()
+    thread.join(10)
+    running = port_holder["svc"]
+    for name in ("", "probe", SERVICE):
+        assert _health(address, name) == health_pb2.HealthCheckResponse.SERVING
+    running.stop(grace=0.5)  # type: ignore[attr-defined]
+
+
+def test_reflection_lists_every_scheduler_method(scheduler_service) -> None:  # type: ignore[no-untyped-def]
+    with grpc.insecure_channel(scheduler_service.address) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = set(db.get_services())
+        assert {"guardmesh.v1.SchedulerService", "grpc.health.v1.Health"} <= services
+        desc = db.FindFileContainingSymbol("guardmesh.v1.SchedulerService")
+        from google.protobuf import descriptor_pool
+
+        pool = descriptor_pool.DescriptorPool(db)
+        svc = pool.FindServiceByName("guardmesh.v1.SchedulerService")
+        methods = {m.name for m in svc.methods}
+    expected = {m.name for m in spb.DESCRIPTOR.services_by_name["SchedulerService"].methods}
+    assert desc is not None
+    assert methods == expected and len(expected) == 12
+
+
+def test_sigterm_drain_finishes_in_flight_rpc(tmp_path: Path) -> None:
+    config, definition, _ = _probe(tmp_path, **{"grpc.drain_delay_s": 0.5})
+    running = start_service(definition, config, port=0)
+    channel = open_channel("probe", config, address=running.address)
+    result: dict[str, object] = {}
+
+    def slow_call() -> None:
+        try:
+            result["value"] = _call(channel, "Slow", b"1.0")
+        except grpc.RpcError as err:  # pragma: no cover - the assertion below reports it
+            result["error"] = err.code()
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    time.sleep(0.3)  # the call is in flight
+    stopper = threading.Thread(target=running.stop, kwargs={"grace": 5.0})
+    stopper.start()
+    time.sleep(0.1)
+    assert _health(running.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+    caller.join(10)
+    stopper.join(10)
+    assert result == {"value": b"done"}
+    with pytest.raises(grpc.RpcError) as err:
+        _call(channel, "Echo", b"x", timeout=1)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    channel.close()
+
+
+def test_domain_error_maps_to_status_naming_field(tmp_path: Path) -> None:
+    config, definition, made = _probe(tmp_path)
+    running = start_service(definition, config, port=0)
+    try:
+        with open_channel("probe", config, address=running.address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                _call(channel, "Fail")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "probe.size: must be positive"
+        assert made["binding"].calls["Fail"] == 1  # INVALID_ARGUMENT is never retried
+    finally:
+        running.stop(grace=0.5)
+
+
+def test_client_retries_unavailable_only(tmp_path: Path) -> None:
+    config, definition, made = _probe(tmp_path)
+    running = start_service(definition, config, port=0)
+    try:
+        with open_channel("probe", config, address=running.address) as channel:
+            assert _call(channel, "Flaky") == b"ok"
+        assert made["binding"].calls["Flaky"] == 3
+        made["binding"].calls["Flaky"] = 0
+        made["binding"].flaky_failures = 10
+        one_try = config.with_overrides({"client.max_attempts": 1})
+        with open_channel("probe", one_try, address=running.address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                _call(channel, "Flaky")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert made["binding"].calls["Flaky"] == 1
+    finally:
+        running.stop(grace=0.5)
+
+
+def test_client_default_deadline(tmp_path: Path) -> None:
+    config, definition, _ = _probe(tmp_path, **{"client.deadline_s": 0.3})
+    running = start_service(definition, config, port=0)
+    try:
+        with open_channel("probe", config, address=running.address) as channel:
+            fn = channel.unary_unary(f"/{SERVICE}/Slow", request_serializer=_identity, response_deserializer=_identity)
+            with pytest.raises(grpc.RpcError) as err:
+                fn(b"2.0")  # no explicit timeout: the service config's deadline applies
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        running.stop(grace=3)
+
+
+def test_message_size_limit_rejects_oversized_payload(tmp_path: Path) -> None:
+    config, definition, _ = _probe(tmp_path, **{"grpc.max_message_mib": 1})
+    running = start_service(definition, config, port=0)
+    try:
+        with grpc.insecure_channel(running.address, options=[("grpc.max_send_message_length", 8 << 20)]) as ch:
+            assert _call(ch, "Echo", b"a" * 1000) == b"a" * 1000
+            with pytest.raises(grpc.RpcError) as err:
+                _call(ch, "Echo", b"a" * (2 << 20))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        running.stop(grace=0.5)
+
+
+def test_scheduler_unavailable_until_started(mesh_config: MeshConfig) -> None:
+    from services.scheduler.server import SchedulerServicer
+
+    servicer = SchedulerServicer()
+    with pytest.raises(Unavailable):
+        _ = servicer.core
+
+
+def test_config_env_overrides_and_errors(tmp_path: Path) -> None:
+    cfg = load_config(env={"GUARDMESH__SCHEDULER__LEASE_TTL_S": "7", "GUARDMESH__SERVICES__SCHEDULER__PORT": "0"})
+    assert cfg.scheduler.lease_ttl_s == 7 and cfg.services["scheduler"].port == 0
+    with pytest.raises(ConfigError, match=r"scheduler\.lease_ttl_s"):
+        load_config(env={"GUARDMESH__SCHEDULER__LEASE_TTL_S": "-1"})
+    with pytest.raises(ConfigError, match=r"scheduler\.polcy"):
+        load_config(env={"GUARDMESH__SCHEDULER__POLCY": "fgd"})
+    with pytest.raises(ConfigError, match=r"scheduler\.policy"):
+        load_config(env={"GUARDMESH__SCHEDULER__POLICY": "random"})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[scheduler\nx=1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, env={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml", env={})
+    good = tmp_path / "good.toml"
+    good.write_text("[scheduler]\ngpu_reserve_mib = 1024\n")
+    cfg = load_config(env={"GUARDMESH_CONFIG": str(good), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4317"})
+    assert cfg.scheduler.gpu_reserve_mib == 1024
+    assert cfg.scheduler.lease_ttl_s == 30  # defaults stay under a partial file
+    assert cfg.tracing.otlp_endpoint == "http://x:4317"
+
+
+def test_unknown_service_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown"):
+        load_definition("nope")
+
+
+def test_scheduler_served_through_runtime(scheduler_stub: spb_grpc.SchedulerServiceStub) -> None:
+    # The runtime serves the scheduler for real: a call crosses the wire and reaches the core.
+    resp = scheduler_stub.ListNodes(spb.ListNodesRequest())
+    assert list(resp.nodes) == []
