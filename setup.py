@@ -21,6 +21,7 @@ class BuildPyWithProtos(build_py):
     """Generate the protobuf modules before collecting Python sources."""
 
     def run(self) -> None:
+        """Generate, then build as usual."""
         runpy.run_path(str(ROOT / "tools" / "protogen.py"))["generate"](ROOT)
         super().run()
 

@@ -47,9 +47,7 @@ def service_config(config: MeshConfig) -> str:
     return json.dumps({"methodConfig": [method], "loadBalancingConfig": [{"round_robin": {}}]})
 
 
-def open_channel(
-    service: str, config: MeshConfig | None = None, *, address: str | None = None
-) -> grpc.Channel:
+def open_channel(service: str, config: MeshConfig | None = None, *, address: str | None = None) -> grpc.Channel:
     """Open a traced channel to ``service`` (resolved through discovery unless ``address`` is given)."""
     config = config or load_config()
     target = address or grpc_target(registry_for(config).resolve(service))

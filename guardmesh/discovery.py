@@ -87,9 +87,7 @@ class ConsulRegistry:
     def register(self, service: str, host: str, port: int) -> str:
         """Register ``service`` at ``host:port`` with a gRPC health check on the service's own status."""
         service_id = f"{service}-{host}-{port}-{uuid.uuid4().hex[:8]}"
-        check = consul.Check.grpc(
-            f"{host}:{port}/{service}", self.interval, deregister=self.deregister_after
-        )
+        check = consul.Check.grpc(f"{host}:{port}/{service}", self.interval, deregister=self.deregister_after)
         self.client.agent.service.register(
             service, service_id=service_id, address=host, port=port, tags=["guardmesh"], check=check
         )

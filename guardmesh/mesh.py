@@ -92,20 +92,31 @@ def _start_jaeger(config: MeshConfig, env: dict[str, str]) -> ProcessRecord | No
     logs = Path(config.mesh.state_dir) / "logs"
     if shutil.which("jaeger"):
         log = logs / "jaeger.log"
-        proc = subprocess.Popen(
-            ["jaeger"], stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = subprocess.Popen(["jaeger"], stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = JAEGER_OTLP
         return ProcessRecord("jaeger", "http://127.0.0.1:16686", proc.pid, str(log))
-    if os.environ.get("JAEGER") == "docker" and shutil.which("docker"):
-        if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
-            subprocess.run(
-                ["docker", "run", "-d", "--rm", "--name", "guardmesh-jaeger", "-p", "16686:16686",
-                 "-p", "4317:4317", "jaegertracing/jaeger:latest"],
-                check=True, capture_output=True,
-            )
-            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = JAEGER_OTLP
-            return None
+    docker = os.environ.get("JAEGER") == "docker" and shutil.which("docker")
+    if docker and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        subprocess.run(
+            [
+                "docker",
+                "run",
+                "-d",
+                "--rm",
+                "--name",
+                "guardmesh-jaeger",
+                "-p",
+                "16686:16686",
+                "-p",
+                "4317:4317",
+                "jaegertracing/jaeger:latest",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = JAEGER_OTLP
+        console.print("Jaeger started in Docker: http://127.0.0.1:16686")
+        return None
     console.print(
         "[yellow]Jaeger not started[/yellow]: put the `jaeger` all-in-one binary on PATH, or run "
         "`JAEGER=docker make up` with a Docker engine, or `docker compose up jaeger`; then open "
@@ -133,7 +144,10 @@ def up(config: MeshConfig | None = None, timeout: float = 90.0) -> list[ProcessR
         log = logs / f"{service}.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{service}"],
-            stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         records[service] = ProcessRecord(service, config.services[service].address, proc.pid, str(log))
     _write_records(config, list(records.values()))

@@ -131,9 +131,7 @@ def start_service(
     port = (endpoint.port if endpoint else 0) if port is None else port
     setup_tracing(definition.name, config.tracing.otlp_endpoint)
     server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=config.grpc.max_workers, thread_name_prefix=f"{definition.name}-rpc"
-        ),
+        futures.ThreadPoolExecutor(max_workers=config.grpc.max_workers, thread_name_prefix=f"{definition.name}-rpc"),
         interceptors=[server_tracing_interceptor(), DomainErrorInterceptor()],
         options=[*channel_options(config), ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=None,

@@ -37,9 +37,7 @@ def setup_tracing(service_name: str, otlp_endpoint: str = "") -> TracerProvider:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             insecure = not otlp_endpoint.startswith("https://")
-            provider.add_span_processor(
-                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure))
-            )
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure)))
             log.info("exporting spans", extra={"otlp_endpoint": otlp_endpoint})
         trace.set_tracer_provider(provider)
         _provider = provider

@@ -151,3 +151,100 @@ def node_fragmentation(
             frag = total
         acc = acc + p[c] * frag
     return acc
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def select_single_gpu(
+    int policy,
+    bint exclusive,
+    const long[::1] caps,
+    const long[::1] avail,
+    const int[::1] nalloc,
+    const unsigned char[::1] model_ok,
+    const unsigned char[::1] node_ok,
+    const int[::1] gpu_node,
+    const int[::1] gpu_model,
+    const long[::1] usable,
+    const float[::1] r,
+    const double[::1] node_room,
+    const float[:, ::1] d,
+    const int[::1] k,
+    const float[::1] p,
+    const int[:, ::1] count_fit,
+    const float[:, ::1] sum_frag,
+    const float[::1] sum_r,
+):
+    """Filter and score every GPU for a one-GPU replica in one pass; return (best GPU or -1, its score).
+
+    ``policy``: 0 first-fit (inventory order), 1 best-fit (least node room, then least GPU room after
+    placement), 2 FGD (least growth of expected node fragmentation). Feasible: the node is usable, the
+    model allowed, ``avail >= cap``, and for an exclusive replica no allocation on the card.
+    """
+    cdef Py_ssize_t g, c, n
+    cdef Py_ssize_t ng = caps.shape[0]
+    cdef Py_ssize_t nc = d.shape[0]
+    cdef Py_ssize_t best = -1
+    cdef double best_score = 0, score
+    cdef float rg, ra, take, dc, before, after, sr_after, delta
+    cdef int cf
+    cdef Py_ssize_t last_n = -1, last_model = -1
+    cdef float last_rg = -1, last_take = -1, last_delta = 0
+    with nogil:
+        for g in range(ng):
+            if avail[g] < caps[g] or not model_ok[g]:
+                continue
+            if exclusive and nalloc[g] != 0:
+                continue
+            n = gpu_node[g]
+            if not node_ok[n]:
+                continue
+            if policy == 0:
+                best = g
+                best_score = g
+                break
+            rg = r[g]
+            if exclusive:
+                take = rg
+            else:
+                take = caps[g] * 1000.0 / (usable[g] if usable[g] > 0 else 1)
+            ra = rg - take
+            if ra < 0:
+                ra = 0
+            if policy == 1:
+                score = (node_room[n] - take) * 100000.0 + ra
+            else:
+                if n == last_n and rg == last_rg and take == last_take and gpu_model[g] == last_model:
+                    delta = last_delta
+                else:
+                    sr_after = sum_r[n] - rg + ra
+                    delta = 0
+                    for c in range(nc):
+                        dc = d[c, gpu_model[g]]
+                        if count_fit[n, c] >= k[c]:
+                            before = sum_frag[n, c]
+                        else:
+                            before = sum_r[n]
+                        cf = count_fit[n, c]
+                        after = sum_frag[n, c]
+                        if rg >= dc:
+                            cf = cf - 1
+                        else:
+                            after = after - rg
+                        if ra >= dc:
+                            cf = cf + 1
+                        else:
+                            after = after + ra
+                        if cf < k[c]:
+                            after = sr_after
+                        delta = delta + p[c] * (after - before)
+                    last_n = n
+                    last_rg = rg
+                    last_take = take
+                    last_model = gpu_model[g]
+                    last_delta = delta
+                score = delta
+            if best < 0 or score < best_score:
+                best = g
+                best_score = score
+    return best, best_score

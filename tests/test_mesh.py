@@ -27,7 +27,11 @@ def _free_port() -> int:
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", "from guardmesh.cli import app; app()", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -38,9 +42,9 @@ def test_mesh_up_status_down(tmp_path: Path) -> None:
     config_file = tmp_path / "mesh.toml"
     config_file.write_text(
         f'[mesh]\nstate_dir = "{tmp_path / "state"}"\n'
-        f'[services.scheduler]\nport = {port}\n'
+        f"[services.scheduler]\nport = {port}\n"
         f'[scheduler]\ncluster_file = "{cluster}"\n'
-        '[grpc]\ndrain_delay_s = 0.1\n'
+        "[grpc]\ndrain_delay_s = 0.1\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GUARDMESH", "OTEL_", "CONSUL_"))}
     env["GUARDMESH_CONFIG"] = str(config_file)

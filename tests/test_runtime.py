@@ -171,9 +171,8 @@ def test_domain_error_maps_to_status_naming_field(tmp_path: Path) -> None:
     config, definition, made = _probe(tmp_path)
     running = start_service(definition, config, port=0)
     try:
-        with open_channel("probe", config, address=running.address) as channel:
-            with pytest.raises(grpc.RpcError) as err:
-                _call(channel, "Fail")
+        with open_channel("probe", config, address=running.address) as channel, pytest.raises(grpc.RpcError) as err:
+            _call(channel, "Fail")
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details() == "probe.size: must be positive"
         assert made["binding"].calls["Fail"] == 1  # INVALID_ARGUMENT is never retried
@@ -191,9 +190,8 @@ def test_client_retries_unavailable_only(tmp_path: Path) -> None:
         made["binding"].calls["Flaky"] = 0
         made["binding"].flaky_failures = 10
         one_try = config.with_overrides({"client.max_attempts": 1})
-        with open_channel("probe", one_try, address=running.address) as channel:
-            with pytest.raises(grpc.RpcError) as err:
-                _call(channel, "Flaky")
+        with open_channel("probe", one_try, address=running.address) as channel, pytest.raises(grpc.RpcError) as err:
+            _call(channel, "Flaky")
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert made["binding"].calls["Flaky"] == 1
     finally:

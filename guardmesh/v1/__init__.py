@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for the ``guardmesh.v1`` API (from ``protos/``; not committed)."""

@@ -65,7 +65,7 @@ def _nvlink_groups(pynvml: object, handles: list[object], uuids: list[str]) -> l
     for i, h in enumerate(handles):
         try:
             pci_to_index[pynvml.nvmlDeviceGetPciInfo(h).busId] = i  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - topology is best effort
+        except Exception:
             continue
     for i, h in enumerate(handles):
         for link in range(18):
@@ -73,13 +73,15 @@ def _nvlink_groups(pynvml: object, handles: list[object], uuids: list[str]) -> l
                 if not pynvml.nvmlDeviceGetNvLinkState(h, link):  # type: ignore[attr-defined]
                     continue
                 peer = pynvml.nvmlDeviceGetNvLinkRemotePciInfo(h, link).busId  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001 - no such link
+            except Exception:
                 break
             j = pci_to_index.get(peer)
             if j is not None:
                 parent[find(i)] = find(j)
-    return [f"nvlink{find(i)}" if any(find(k) == find(i) for k in range(len(handles)) if k != i) else ""
-            for i in range(len(handles))]
+    return [
+        f"nvlink{find(i)}" if any(find(k) == find(i) for k in range(len(handles)) if k != i) else ""
+        for i in range(len(handles))
+    ]
 
 
 def run_agent(
@@ -125,8 +127,9 @@ def _spec_pb(spec: NodeSpec) -> pb.NodeSpec:
     return pb.NodeSpec(
         name=spec.name,
         gpus=[
-            pb.GpuDevice(index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib,
-                         topology_group=g.topology_group)
+            pb.GpuDevice(
+                index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib, topology_group=g.topology_group
+            )
             for g in spec.gpus
         ],
         labels=dict(spec.labels),

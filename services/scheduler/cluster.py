@@ -62,9 +62,7 @@ class ClusterState:
         self.gpu_nalloc = np.zeros(count, dtype=np.int32)
         self.gpu_exclusive = np.zeros(count, dtype=bool)
         self.gpu_model = np.array([self.model_index[g.model] for g in gpus], dtype=np.int32)
-        self.gpu_node = np.array(
-            [i for i, n in enumerate(self.nodes) for _ in n.gpus], dtype=np.int32
-        ).reshape(count)
+        self.gpu_node = np.array([i for i, n in enumerate(self.nodes) for _ in n.gpus], dtype=np.int32).reshape(count)
         groups: dict[tuple[int, str], int] = {}
         gids = []
         for i, n in enumerate(self.nodes):
@@ -84,6 +82,12 @@ class ClusterState:
         self.node_alive = np.ones(len(self.nodes), dtype=bool)
         self.gpu_avail = self.gpu_usable.copy()
         self.gpu_room = np.where(self.gpu_usable > 0, 1000.0, 0.0).astype(np.float32)
+        #: Sum of gpu_room per node (best-fit's node score), kept current by _refresh.
+        self.node_room = (
+            np.add.reduceat(self.gpu_room.astype(np.float64), self.node_first)
+            if count
+            else np.zeros(0, dtype=np.float64)
+        )
         self.uuid_index = {g.uuid: i for i, g in enumerate(gpus)}
         self.allocs = [{} for _ in range(count)]
         self.node_labels = [dict(n.labels) for n in self.nodes]
@@ -173,9 +177,12 @@ class ClusterState:
         if gpus.shape[0] <= 16:
             for g in gpus.tolist():
                 usable = int(self.gpu_usable[g])
-                avail = 0 if self.gpu_exclusive[g] else max(usable - max(int(self.gpu_caps[g]), int(self.gpu_used[g])), 0)
+                held = max(int(self.gpu_caps[g]), int(self.gpu_used[g]))
+                avail = 0 if self.gpu_exclusive[g] else max(usable - held, 0)
                 self.gpu_avail[g] = avail
+                old = float(self.gpu_room[g])
                 self.gpu_room[g] = avail * 1000.0 / usable if usable > 0 else 0.0
+                self.node_room[self.gpu_node[g]] += float(self.gpu_room[g]) - old
             return
         usable = self.gpu_usable[gpus]
         held = np.maximum(self.gpu_caps[gpus], self.gpu_used[gpus])
@@ -184,6 +191,7 @@ class ClusterState:
         self.gpu_avail[gpus] = avail
         room = np.where(usable > 0, avail * 1000.0 / np.maximum(usable, 1), 0.0)
         self.gpu_room[gpus] = room.astype(np.float32)
+        self.node_room = np.add.reduceat(self.gpu_room.astype(np.float64), self.node_first)
 
     def _apply(self, g: int, alloc: Allocation, *, notify: bool = True) -> None:
         self.allocs[g][(alloc.job_id, alloc.replica)] = alloc

@@ -13,6 +13,7 @@ replica at all) and then scores the feasible candidates with a policy; the lowes
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections import Counter, deque
@@ -47,18 +48,8 @@ class ReplicaShape:
 
     @classmethod
     def of(cls, spec: JobSpec) -> ReplicaShape:
-        """The replica shape of a job."""
-        return cls(
-            gpus=spec.gpus_per_replica,
-            memory_mib=spec.memory_mib_per_gpu,
-            share_milli=spec.share_milli,
-            exclusive=spec.exclusive,
-            models=frozenset(spec.allowed_models),
-            selector=spec.node_selector,
-            cpu_milli=spec.cpu_milli,
-            host_memory_mib=spec.host_memory_mib,
-            topology=spec.topology,
-        )
+        """The replica shape of a job (memoised: specs are immutable)."""
+        return _shape_of(spec)
 
     @property
     def class_key(self) -> tuple[int, bool, int | None, int | None]:
@@ -67,10 +58,28 @@ class ReplicaShape:
 
     def describe_need(self) -> str:
         """The per-GPU need in words."""
-        need = f"{self.memory_mib} MiB" if self.memory_mib is not None else f"{self.share_milli / 10:g}% of a card"
+        if self.memory_mib is not None:
+            need = f"{self.memory_mib} MiB"
+        else:
+            need = f"{(self.share_milli or 0) / 10:g}% of a card"
         kind = "idle" if self.exclusive else "shareable"
         plural = "s" if self.gpus > 1 else ""
         return f"{self.gpus} {kind} GPU{plural} with >= {need} allocatable"
+
+
+@functools.lru_cache(maxsize=8192)
+def _shape_of(spec: JobSpec) -> ReplicaShape:
+    return ReplicaShape(
+        gpus=spec.gpus_per_replica,
+        memory_mib=spec.memory_mib_per_gpu,
+        share_milli=spec.share_milli,
+        exclusive=spec.exclusive,
+        models=frozenset(spec.allowed_models),
+        selector=spec.node_selector,
+        cpu_milli=spec.cpu_milli,
+        host_memory_mib=spec.host_memory_mib,
+        topology=spec.topology,
+    )
 
 
 @dataclass(frozen=True)
@@ -118,9 +127,7 @@ def node_mask(state: ClusterState, shape: ReplicaShape) -> np.ndarray:
     """Nodes that are alive, match the selector and have the replica's CPU and host memory free."""
     ok = state.node_alive.copy()
     if shape.selector:
-        sel = np.array(
-            [all(labels.get(k) == v for k, v in shape.selector) for labels in state.node_labels], dtype=bool
-        )
+        sel = np.array([all(labels.get(k) == v for k, v in shape.selector) for labels in state.node_labels], dtype=bool)
         ok &= sel.reshape(ok.shape)
     if shape.cpu_milli:
         ok &= state.node_cpu - state.node_cpu_used >= shape.cpu_milli
@@ -147,10 +154,26 @@ def take_milli(state: ClusterState, shape: ReplicaShape, gpus: np.ndarray, caps:
     return (caps[gpus] * 1000.0 / usable).astype(np.float32)
 
 
+_NO_TABLES = (
+    np.zeros((0, 1), dtype=np.float32),
+    np.zeros(0, dtype=np.int32),
+    np.zeros(0, dtype=np.float32),
+    np.zeros((0, 0), dtype=np.int32),
+    np.zeros((0, 0), dtype=np.float32),
+    np.zeros(0, dtype=np.float32),
+)
+
+
 class Policy(ABC):
     """A scoring policy over feasible candidates; lower scores are better."""
 
     name: str = "policy"
+    #: Policy number understood by the fused native one-GPU kernel.
+    native_code: int = -1
+
+    def native_tables(self) -> tuple[np.ndarray, ...]:
+        """Class tables and node aggregates the native kernel reads (FGD only)."""
+        return _NO_TABLES
 
     def attach(self, state: ClusterState) -> None:
         """Bind to the cluster state (policies that keep aggregates subscribe to changes)."""
@@ -177,6 +200,7 @@ class FirstFit(Policy):
     """The first feasible GPU in inventory order."""
 
     name = "first-fit"
+    native_code = 0
 
     def gpu_scores(self, state: ClusterState, cands: np.ndarray, take: np.ndarray) -> np.ndarray:
         """Inventory position."""
@@ -195,6 +219,7 @@ class BestFit(Policy):
     """The node, then the GPU, left with the least room after placement."""
 
     name = "best-fit"
+    native_code = 1
 
     def gpu_scores(self, state: ClusterState, cands: np.ndarray, take: np.ndarray) -> np.ndarray:
         """Node room after placement, then GPU room after placement."""
@@ -233,6 +258,7 @@ class FragmentationAware(Policy):
     """FGD: minimise the growth of expected fragmentation (see the module docstring)."""
 
     name = "fgd"
+    native_code = 2
 
     def __init__(self, window: int = 2000, max_classes: int = 16, refresh_every: int = 100) -> None:
         self.workload = Workload(window, max_classes)
@@ -288,11 +314,22 @@ class FragmentationAware(Policy):
         self.sum_r = np.zeros(n, dtype=np.float32)
         self._refresh(np.arange(n, dtype=np.int32))
 
+    def native_tables(self) -> tuple[np.ndarray, ...]:
+        """Class demands, sizes, popularity and the per-node aggregates."""
+        return (self.d, self.k, self.p, self.count_fit, self.sum_frag, self.sum_r)
+
     def _refresh(self, nodes: np.ndarray) -> None:
         s = self.state
         _frag.refresh_nodes(
-            s.gpu_room, s.gpu_model, s.node_first, s.node_ngpu, np.ascontiguousarray(nodes, dtype=np.int32),
-            self.d, self.count_fit, self.sum_frag, self.sum_r,
+            s.gpu_room,
+            s.gpu_model,
+            s.node_first,
+            s.node_ngpu,
+            np.ascontiguousarray(nodes, dtype=np.int32),
+            self.d,
+            self.count_fit,
+            self.sum_frag,
+            self.sum_r,
         )
 
     def _on_change(self, nodes: np.ndarray) -> None:
@@ -305,9 +342,18 @@ class FragmentationAware(Policy):
         """Growth of expected fragmentation of the candidate's node."""
         out = np.empty(cands.shape[0], dtype=np.float32)
         _frag.single_gpu_delta(
-            np.ascontiguousarray(cands, dtype=np.int64), np.ascontiguousarray(take, dtype=np.float32),
-            state.gpu_room, state.gpu_node, state.gpu_model, self.d, self.k, self.p,
-            self.count_fit, self.sum_frag, self.sum_r, out,
+            np.ascontiguousarray(cands, dtype=np.int64),
+            np.ascontiguousarray(take, dtype=np.float32),
+            state.gpu_room,
+            state.gpu_node,
+            state.gpu_model,
+            self.d,
+            self.k,
+            self.p,
+            self.count_fit,
+            self.sum_frag,
+            self.sum_r,
+            out,
         )
         return out.astype(np.float64)
 
@@ -347,6 +393,41 @@ def place_replica(state: ClusterState, shape: ReplicaShape, policy: Policy) -> C
         g = int(cands[i])
         return Choice(int(state.gpu_node[g]), (g,), (int(caps[g]),), float(scores[i]), False)
     return _place_multi(state, shape, policy, feas, cands, caps)
+
+
+def place_single_gpu(state: ClusterState, shape: ReplicaShape, policy: Policy) -> Choice | None:
+    """Fast path for one-GPU replicas: filter, score and pick in one native pass.
+
+    Chooses the same GPU as :func:`place_replica` (the numpy reference) for the built-in policies.
+    """
+    if state.gpu_count == 0:
+        return None
+    caps = caps_for(state, shape)
+    g, score = _frag.select_single_gpu(
+        policy.native_code,
+        shape.exclusive,
+        caps,
+        state.gpu_avail,
+        state.gpu_nalloc,
+        model_mask(state, shape).view(np.uint8),
+        node_mask(state, shape).view(np.uint8),
+        state.gpu_node,
+        state.gpu_model,
+        state.gpu_usable,
+        state.gpu_room,
+        state.node_room,
+        *policy.native_tables(),
+    )
+    if g < 0:
+        return None
+    return Choice(int(state.gpu_node[g]), (int(g),), (int(caps[g]),), float(score), False)
+
+
+def place(state: ClusterState, shape: ReplicaShape, policy: Policy) -> Choice | None:
+    """The placement the scheduler uses: the native fast path for one-GPU replicas, else the reference."""
+    if shape.gpus == 1 and policy.native_code >= 0:
+        return place_single_gpu(state, shape, policy)
+    return place_replica(state, shape, policy)
 
 
 def _place_multi(

@@ -70,7 +70,10 @@ def plan_capacity(shape: NodeShape, jobs: list[JobSpec], reserve_mib: int) -> Ca
     requested = 0
     exclusive_gpus = 0
     for job in jobs:
-        per_gpu = job.memory_mib_per_gpu if job.memory_mib_per_gpu is not None else usable * (job.share_milli or 0) // 1000
+        if job.memory_mib_per_gpu is not None:
+            per_gpu = job.memory_mib_per_gpu
+        else:
+            per_gpu = usable * (job.share_milli or 0) // 1000
         requested += job.total_gpus * per_gpu
         if job.exclusive:
             exclusive_gpus += job.total_gpus

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from services.scheduler.placement import (
     make_policy,
     model_mask,
     pending_reason,
-    place_replica,
+    place,
 )
 from services.scheduler.scaling import CapacityPlan, NodeShape, ScaleAdvisor, ScaleSignal, plan_capacity
 from services.scheduler.store import Store
@@ -139,12 +140,18 @@ class Scheduler:
                     gpus = [self.state.uuid_index[g.uuid] for g in rp.gpus]
                     caps = [g.memory_cap_mib for g in rp.gpus]
                     self.state.allocate(
-                        job.job_id, rp.replica, gpus, caps, job.spec.allow_sharing,
-                        job.spec.cpu_milli, job.spec.host_memory_mib,
+                        job.job_id,
+                        rp.replica,
+                        gpus,
+                        caps,
+                        job.spec.allow_sharing,
+                        job.spec.cpu_milli,
+                        job.spec.host_memory_mib,
                     )
                     # Workers could not renew while we were down: every lease starts a fresh TTL.
                     job.lease_expiry[rp.replica] = now + job.lease_ttl_s
-            if job.state not in TERMINAL and job.state != JobState.PREEMPTING and len(job.placements) < job.spec.replicas:
+            waiting = job.state not in TERMINAL and job.state != JobState.PREEMPTING
+            if waiting and len(job.placements) < job.spec.replicas:
                 self.pending[job.job_id] = job
         for seq, kind, job_id, at, message in store.load_events(self.settings.event_retention):
             self.events.append(Event(seq, EventKind(kind), job_id, at, message))
@@ -259,8 +266,15 @@ class Scheduler:
             )
             gpus.append(
                 GpuView(
-                    dev.index, dev.uuid, dev.model, dev.memory_mib, dev.topology_group, allocs,
-                    int(self.state.gpu_avail[g]), int(self.state.gpu_used[g]), float(self.state.gpu_util[g]),
+                    dev.index,
+                    dev.uuid,
+                    dev.model,
+                    dev.memory_mib,
+                    dev.topology_group,
+                    allocs,
+                    int(self.state.gpu_avail[g]),
+                    int(self.state.gpu_used[g]),
+                    float(self.state.gpu_util[g]),
                 )
             )
         return NodeView(spec, tuple(gpus), self.node_seen.get(spec.name, 0.0), self.state.reserve_mib)
@@ -283,35 +297,39 @@ class Scheduler:
         for i, model in enumerate(spec.allowed_models):
             if model not in state.model_index:
                 raise InvalidArgument(
-                    f"job.allowed_models[{i}]", f"GPU model {model!r} does not exist in the cluster "
-                    f"(known: {', '.join(state.models) or 'none'})"
+                    f"job.allowed_models[{i}]",
+                    f"GPU model {model!r} does not exist in the cluster (known: {', '.join(state.models) or 'none'})",
                 )
         if state.gpu_count == 0:
             raise FailedPrecondition("the cluster has no registered GPUs; register nodes first")
         shape = ReplicaShape.of(spec)
-        allowed = model_mask(state, shape)
-        caps = caps_for(state, shape)
-        fits_card = allowed & (state.gpu_usable >= caps)
-        if not fits_card.any():
-            largest = int(state.gpu_usable[allowed].max())
+        key = ("static", shape.models, shape.memory_mib, shape.share_milli)
+        cached = state.cache.get(key)
+        if cached is None:
+            allowed = model_mask(state, shape)
+            fits_card = allowed & (state.gpu_usable >= caps_for(state, shape))
+            largest = int(state.gpu_usable[allowed].max()) if allowed.any() else 0
+            per_node = np.bincount(state.gpu_node[fits_card], minlength=len(state.nodes))
+            cached = state.cache[key] = np.concatenate(([largest], per_node))
+        largest, per_node = int(cached[0]), cached[1:]
+        if per_node.max() == 0:
             raise InvalidArgument(
                 "job.memory_mib_per_gpu",
                 f"no card of an allowed model has {spec.memory_mib_per_gpu} MiB allocatable; "
                 f"the largest has {largest} MiB after the {state.reserve_mib} MiB reserve",
             )
-        per_node = np.bincount(state.gpu_node[fits_card], minlength=len(state.nodes))
         if per_node.max() < spec.gpus_per_replica:
             raise InvalidArgument(
                 "job.gpus_per_replica",
                 f"no node has {spec.gpus_per_replica} GPUs that can hold the request (largest: {per_node.max()})",
             )
         if spec.gang:
-            replicas_per_node = per_node // spec.gpus_per_replica
-            if int(replicas_per_node.sum()) < spec.replicas:
+            capacity = int((per_node // spec.gpus_per_replica).sum())
+            if capacity < spec.replicas:
                 raise InvalidArgument(
                     "job.replicas",
                     f"gang of {spec.replicas} x {spec.gpus_per_replica} GPUs is larger than the cluster, "
-                    f"which holds at most {int(replicas_per_node.sum())} such replicas",
+                    f"which holds at most {capacity} such replicas",
                 )
 
     def submit(self, spec: JobSpec) -> Job:
@@ -327,7 +345,10 @@ class Scheduler:
             self.job_seq += 1
             now = self.clock()
             job = Job(
-                spec=spec, seq=self.job_seq, submitted_at=now, updated_at=now,
+                spec=spec,
+                seq=self.job_seq,
+                submitted_at=now,
+                updated_at=now,
                 lease_ttl_s=spec.lease_ttl_s or self.settings.lease_ttl_s,
             )
             self.jobs[spec.job_id] = job
@@ -354,12 +375,17 @@ class Scheduler:
         missing = [r for r in range(spec.replicas) if r not in job.placements]
         placed: list[tuple[int, Choice]] = []
         for r in missing:
-            choice = place_replica(self.state, shape, self.policy)
+            choice = place(self.state, shape, self.policy)
             if choice is None:
                 break
             self.state.allocate(
-                job.job_id, r, list(choice.gpus), list(choice.caps), spec.allow_sharing,
-                spec.cpu_milli, spec.host_memory_mib,
+                job.job_id,
+                r,
+                list(choice.gpus),
+                list(choice.caps),
+                spec.allow_sharing,
+                spec.cpu_milli,
+                spec.host_memory_mib,
             )
             placed.append((r, choice))
         complete = len(placed) == len(missing)
@@ -400,8 +426,13 @@ class Scheduler:
         for rp in job.placements.values():
             gpus = [self.state.uuid_index[g.uuid] for g in rp.gpus]
             self.state.allocate(
-                job.job_id, rp.replica, gpus, [g.memory_cap_mib for g in rp.gpus], job.spec.allow_sharing,
-                job.spec.cpu_milli, job.spec.host_memory_mib,
+                job.job_id,
+                rp.replica,
+                gpus,
+                [g.memory_cap_mib for g in rp.gpus],
+                job.spec.allow_sharing,
+                job.spec.cpu_milli,
+                job.spec.host_memory_mib,
             )
 
     def _try_preempt(self, job: Job) -> None:
@@ -419,7 +450,7 @@ class Scheduler:
         victims: list[str] = []
         ok = True
         for r in missing:
-            choice = place_replica(self.state, shape, self.policy)
+            choice = place(self.state, shape, self.policy)
             if choice is None:
                 plan = self._cheapest_room(shape)
                 if plan is None:
@@ -431,12 +462,19 @@ class Scheduler:
                     freed.append(v)
                     if v.state != JobState.PREEMPTING:
                         victims.append(vid)
-                choice = place_replica(self.state, shape, self.policy)
+                choice = place(self.state, shape, self.policy)
                 if choice is None:
                     ok = False
                     break
-            self.state.allocate(job.job_id, -1 - r, list(choice.gpus), list(choice.caps), spec.allow_sharing,
-                                spec.cpu_milli, spec.host_memory_mib)
+            self.state.allocate(
+                job.job_id,
+                -1 - r,
+                list(choice.gpus),
+                list(choice.caps),
+                spec.allow_sharing,
+                spec.cpu_milli,
+                spec.host_memory_mib,
+            )
             tentative.append(-1 - r)
         # Undo the simulation: the victims keep their cards until they release or the grace ends.
         for rep in tentative:
@@ -456,7 +494,8 @@ class Scheduler:
             v.preempted_by = job.job_id
             self.pending.pop(vid, None)
             self._emit(
-                EventKind.PREEMPTION_NOTICE, v,
+                EventKind.PREEMPTION_NOTICE,
+                v,
                 f"preempted for guaranteed job {job.job_id}; release by the deadline ({deadline:.3f})",
             )
             self._save(v)
@@ -470,7 +509,8 @@ class Scheduler:
         state = self.state
         allowed = model_mask(state, shape)
         victim_ids = {
-            jid for jid, j in self.jobs.items()
+            jid
+            for jid, j in self.jobs.items()
             if j.state in HOLDS_ALLOCATION and j.spec.qos in (Qos.BEST_EFFORT, Qos.BURSTABLE)
         }
         if not victim_ids:
@@ -513,7 +553,7 @@ class Scheduler:
         try:
             self.state.node_alive[:] = False
             self.state.node_alive[node] = saved[node]
-            return place_replica(self.state, shape, self.policy) is not None
+            return place(self.state, shape, self.policy) is not None
         finally:
             self.state.node_alive[:] = saved
 
@@ -524,9 +564,7 @@ class Scheduler:
         for job in sorted(self.pending.values(), key=Job.queue_key):
             if job.job_id not in self.pending:
                 continue
-            job.awaiting_victims = {
-                v for v in job.awaiting_victims if self.jobs[v].state in HOLDS_ALLOCATION
-            }
+            job.awaiting_victims = {v for v in job.awaiting_victims if self.jobs[v].state in HOLDS_ALLOCATION}
             before = (job.state, len(job.placements), job.pending_reason)
             placed = self._try_place(job)
             if not placed:
@@ -592,17 +630,27 @@ class Scheduler:
             for job in list(self.jobs.values()):
                 if job.state not in HOLDS_ALLOCATION:
                     continue
-                if job.state == JobState.PREEMPTING and job.preemption_deadline is not None \
-                        and job.preemption_deadline <= now:
-                    self._end(job, JobState.PREEMPTED, EventKind.PREEMPTED,
-                              f"allocations revoked for guaranteed job {job.preempted_by}")
+                if (
+                    job.state == JobState.PREEMPTING
+                    and job.preemption_deadline is not None
+                    and job.preemption_deadline <= now
+                ):
+                    self._end(
+                        job,
+                        JobState.PREEMPTED,
+                        EventKind.PREEMPTED,
+                        f"allocations revoked for guaranteed job {job.preempted_by}",
+                    )
                     freed = True
                     continue
                 lapsed = sorted(r for r, t in job.lease_expiry.items() if t <= now)
                 if lapsed:
-                    self._end(job, JobState.LEASE_EXPIRED, EventKind.LEASE_EXPIRED,
-                              f"lease of replica {lapsed[0]} not renewed within {job.lease_ttl_s}s; "
-                              "allocations reclaimed")
+                    self._end(
+                        job,
+                        JobState.LEASE_EXPIRED,
+                        EventKind.LEASE_EXPIRED,
+                        f"lease of replica {lapsed[0]} not renewed within {job.lease_ttl_s}s; allocations reclaimed",
+                    )
                     freed = True
             if self.settings.node_ttl_s > 0:
                 for name, seen in self.node_seen.items():
@@ -651,7 +699,7 @@ class Scheduler:
                 return
         while not stopped():
             with self.changed:
-                self.changed.wait_for(lambda: self.event_seq > last or stopped(), timeout=1.0)
+                self.changed.wait_for(partial(self._moved_past, last, stopped), timeout=1.0)
                 if self.event_seq == last:
                     continue
                 fresh = []
@@ -666,6 +714,9 @@ class Scheduler:
                 yield ev, snap
             if fresh and snap.state in TERMINAL:
                 return
+
+    def _moved_past(self, seq: int, stopped: Callable[[], bool]) -> bool:
+        return self.event_seq > seq or stopped()
 
     def wake_watchers(self) -> None:
         """Wake every waiting watcher (used when draining)."""
@@ -695,7 +746,8 @@ class Scheduler:
         with self.lock:
             if not jobs:
                 jobs = [
-                    j.spec for j in self.pending.values()
+                    j.spec
+                    for j in self.pending.values()
                     if not j.spec.allowed_models or shape.model in j.spec.allowed_models
                 ]
             return plan_capacity(shape, copy.copy(jobs), self.settings.gpu_reserve_mib)

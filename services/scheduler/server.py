@@ -107,8 +107,12 @@ def job_to_pb(job: Job) -> pb.Job:
         placement = msg.placements.add(replica=r, node=rp.node, env=rp.env(job.spec.allow_sharing))
         for g in rp.gpus:
             placement.gpus.add(
-                uuid=g.uuid, index=g.index, model=g.model, memory_cap_mib=g.memory_cap_mib,
-                memory_fraction=g.memory_fraction, topology_group=g.topology_group,
+                uuid=g.uuid,
+                index=g.index,
+                model=g.model,
+                memory_cap_mib=g.memory_cap_mib,
+                memory_fraction=g.memory_fraction,
+                topology_group=g.topology_group,
             )
         expiry = job.lease_expiry.get(r)
         if expiry is not None:
@@ -120,9 +124,7 @@ def node_from_pb(msg: pb.NodeSpec) -> NodeSpec:
     """Domain node from its message."""
     return NodeSpec(
         name=msg.name,
-        gpus=tuple(
-            GpuDevice(g.index, g.uuid, g.model, g.memory_mib, g.topology_group) for g in msg.gpus
-        ),
+        gpus=tuple(GpuDevice(g.index, g.uuid, g.model, g.memory_mib, g.topology_group) for g in msg.gpus),
         labels=tuple(sorted(msg.labels.items())),
         cpu_milli=msg.cpu_milli,
         host_memory_mib=msg.host_memory_mib,
@@ -134,10 +136,14 @@ def node_to_pb(view: NodeView) -> pb.NodeStatus:
     s = view.spec
     msg = pb.NodeStatus(
         spec=pb.NodeSpec(
-            name=s.name, labels=dict(s.labels), cpu_milli=s.cpu_milli, host_memory_mib=s.host_memory_mib,
+            name=s.name,
+            labels=dict(s.labels),
+            cpu_milli=s.cpu_milli,
+            host_memory_mib=s.host_memory_mib,
             gpus=[
-                pb.GpuDevice(index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib,
-                             topology_group=g.topology_group)
+                pb.GpuDevice(
+                    index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib, topology_group=g.topology_group
+                )
                 for g in s.gpus
             ],
         ),
@@ -146,8 +152,9 @@ def node_to_pb(view: NodeView) -> pb.NodeStatus:
     )
     for g in view.gpus:
         msg.gpus.add(
-            device=pb.GpuDevice(index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib,
-                                topology_group=g.topology_group),
+            device=pb.GpuDevice(
+                index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib, topology_group=g.topology_group
+            ),
             allocations=[
                 pb.GpuAllocation(job_id=j, replica=r, memory_cap_mib=c, shared=s) for j, r, c, s in g.allocations
             ],
@@ -169,8 +176,7 @@ def signal_to_pb(sig: ScaleSignal) -> pb.ScaleSignal:
         pool=sig.pool,
         direction=int(sig.direction),
         nodes=sig.nodes,
-        shape=pb.NodeShape(model=sig.shape.model, gpus=sig.shape.gpus,
-                           memory_mib_per_gpu=sig.shape.memory_mib_per_gpu),
+        shape=pb.NodeShape(model=sig.shape.model, gpus=sig.shape.gpus, memory_mib_per_gpu=sig.shape.memory_mib_per_gpu),
         utilization=sig.utilization,
         reason=sig.reason,
         at=_ts(sig.at),
@@ -247,9 +253,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     def RenewLease(self, request: pb.RenewLeaseRequest, context: grpc.ServicerContext) -> pb.RenewLeaseResponse:
         """See the proto."""
         job = self.core.renew(request.job_id, request.replica)
-        msg = pb.RenewLeaseResponse(
-            lease_expires_at=_ts(job.lease_expiry[request.replica]), state=int(job.state)
-        )
+        msg = pb.RenewLeaseResponse(lease_expires_at=_ts(job.lease_expiry[request.replica]), state=int(job.state))
         if job.state == JobState.PREEMPTING and job.preemption_deadline is not None:
             msg.preemption_deadline.CopyFrom(_ts(job.preemption_deadline))
         return msg
@@ -281,12 +285,16 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             with core.changed:
                 current = {s.pool: s for s in core.scale_signals(request.pool)}
                 last = core.scale_seq
+
+            def moved(seen: int = last) -> bool:
+                return core.scale_seq != seen or self.draining.is_set()
+
             for pool, sig in current.items():
                 if seen.get(pool) != sig:
                     seen[pool] = sig
                     yield pb.WatchScaleSignalsResponse(signal=signal_to_pb(sig))
             with core.changed:
-                core.changed.wait_for(lambda: core.scale_seq != last or self.draining.is_set(), timeout=1.0)
+                core.changed.wait_for(moved, timeout=1.0)
 
 
 class SchedulerBinding:
@@ -318,8 +326,15 @@ class SchedulerBinding:
         while not self._stop.wait(self.config.scheduler.reap_interval_s):
             try:
                 for sig in core.tick():
-                    log.info("scale signal", extra={"pool": sig.pool, "direction": sig.direction.name,
-                                                    "nodes": sig.nodes, "reason": sig.reason})
+                    log.info(
+                        "scale signal",
+                        extra={
+                            "pool": sig.pool,
+                            "direction": sig.direction.name,
+                            "nodes": sig.nodes,
+                            "reason": sig.reason,
+                        },
+                    )
             except Exception:
                 log.exception("reaper tick failed")
 

@@ -105,7 +105,7 @@ class Store:
         """Every stored job, in submission order."""
         out = []
         for row in self.db.execute("SELECT * FROM jobs ORDER BY seq"):
-            (job_id, seq, spec, state, placements, reason, submitted, updated, deadline, by, ttl, awaiting) = row
+            (_job_id, seq, spec, state, placements, reason, submitted, updated, deadline, by, ttl, awaiting) = row
             job = Job(
                 spec=JobSpec.from_dict(json.loads(spec)),
                 seq=seq,
