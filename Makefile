@@ -42,6 +42,7 @@ lint: install
 	$(BIN)/buf lint protos
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy guardmesh services
 
 breaking: install
 	$(BIN)/buf breaking protos --against '$(BUF_AGAINST),subdir=protos'

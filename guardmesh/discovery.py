@@ -126,7 +126,7 @@ def grpc_target(endpoints: list[Endpoint]) -> str:
     ips = []
     for ep in endpoints:
         info = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)[0]
-        ip = info[4][0]
+        ip = str(info[4][0])
         ips.append(f"[{ip}]:{ep.port}" if ":" in ip else f"{ip}:{ep.port}")
     scheme = "ipv6" if all(a.startswith("[") for a in ips) else "ipv4"
     return f"{scheme}:{','.join(ips)}"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from native import fragmentation as _frag
+from native import fragmentation as _frag  # type: ignore[attr-defined]
 from services.scheduler.cluster import ClusterState
 from services.scheduler.jobs import JobSpec, Topology
 

@@ -87,11 +87,11 @@ def pool_shape(state: ClusterState, model: str) -> NodeShape:
     """The most common node shape among the pool's nodes."""
     shapes: Counter[tuple[int, int]] = Counter()
     for node in state.nodes:
-        gpus = [g for g in node.gpus if g.model == model]
-        if gpus:
-            shapes[(len(gpus), gpus[0].memory_mib)] += 1
-    (gpus, memory), _ = shapes.most_common(1)[0]
-    return NodeShape(model, gpus, memory)
+        devices = [g for g in node.gpus if g.model == model]
+        if devices:
+            shapes[(len(devices), devices[0].memory_mib)] += 1
+    (count, memory), _ = shapes.most_common(1)[0]
+    return NodeShape(model, count, memory)
 
 
 class ScaleAdvisor:

@@ -416,7 +416,7 @@ class Scheduler:
 
     # -- preemption ------------------------------------------------------------------------------------
 
-    def _victim_order(self, job_id: str) -> tuple[int, int, int]:
+    def _victim_order(self, job_id: str) -> tuple[int, int, int, int]:
         v = self.jobs[job_id]
         preempting = 0 if v.state == JobState.PREEMPTING else 1
         # Already-preempting jobs cost nothing; then best-effort before burstable, low priority, newest.

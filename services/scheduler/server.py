@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -23,6 +24,11 @@ from services.scheduler.scheduler import Event, NodeView, Scheduler
 from services.scheduler.store import Store
 
 log = logging.getLogger(__name__)
+
+
+def _enum(value: int) -> Any:
+    """A domain enum's number as the generated enum type (the numbers match by design)."""
+    return int(value)
 
 
 def _ts(t: float | None) -> Timestamp | None:
@@ -69,14 +75,14 @@ def spec_to_pb(spec: JobSpec) -> pb.JobSpec:
     msg = pb.JobSpec(
         job_id=spec.job_id,
         tenant=spec.tenant,
-        qos=int(spec.qos),
+        qos=_enum(spec.qos),
         priority=spec.priority,
         replicas=spec.replicas,
         gpus_per_replica=spec.gpus_per_replica,
         allow_sharing=spec.allow_sharing,
         allowed_models=list(spec.allowed_models),
         gang=spec.gang,
-        topology=int(spec.topology),
+        topology=_enum(spec.topology),
         node_selector=dict(spec.node_selector),
         cpu_milli_per_replica=spec.cpu_milli,
         host_memory_mib_per_replica=spec.host_memory_mib,
@@ -93,7 +99,7 @@ def job_to_pb(job: Job) -> pb.Job:
     """Message form of a job."""
     msg = pb.Job(
         spec=spec_to_pb(job.spec),
-        state=int(job.state),
+        state=_enum(job.state),
         pending_reason=job.pending_reason,
         submitted_at=_ts(job.submitted_at),
         updated_at=_ts(job.updated_at),
@@ -167,14 +173,14 @@ def node_to_pb(view: NodeView) -> pb.NodeStatus:
 
 def event_to_pb(ev: Event) -> pb.Event:
     """Message form of an event."""
-    return pb.Event(seq=ev.seq, kind=int(ev.kind), job_id=ev.job_id, at=_ts(ev.at), message=ev.message)
+    return pb.Event(seq=ev.seq, kind=_enum(ev.kind), job_id=ev.job_id, at=_ts(ev.at), message=ev.message)
 
 
 def signal_to_pb(sig: ScaleSignal) -> pb.ScaleSignal:
     """Message form of a scale signal."""
     return pb.ScaleSignal(
         pool=sig.pool,
-        direction=int(sig.direction),
+        direction=_enum(sig.direction),
         nodes=sig.nodes,
         shape=pb.NodeShape(model=sig.shape.model, gpus=sig.shape.gpus, memory_mib_per_gpu=sig.shape.memory_mib_per_gpu),
         utilization=sig.utilization,
@@ -253,7 +259,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     def RenewLease(self, request: pb.RenewLeaseRequest, context: grpc.ServicerContext) -> pb.RenewLeaseResponse:
         """See the proto."""
         job = self.core.renew(request.job_id, request.replica)
-        msg = pb.RenewLeaseResponse(lease_expires_at=_ts(job.lease_expiry[request.replica]), state=int(job.state))
+        msg = pb.RenewLeaseResponse(lease_expires_at=_ts(job.lease_expiry[request.replica]), state=_enum(job.state))
         if job.state == JobState.PREEMPTING and job.preemption_deadline is not None:
             msg.preemption_deadline.CopyFrom(_ts(job.preemption_deadline))
         return msg
