@@ -262,12 +262,15 @@ class ClusterState:
             self._notify(np.unique(self.gpu_node[idx]))
         return touched
 
-    def observe(self, g: int, used_mib: int, utilization: float) -> None:
-        """Record a GPU's observed memory use and utilisation from a node report."""
+    def observe(self, g: int, used_mib: int, utilization: float) -> bool:
+        """Record a GPU's observed memory use and utilisation; True if the GPU gained room."""
+        before = int(self.gpu_avail[g])
         self.gpu_used[g] = used_mib
         self.gpu_util[g] = utilization
         self._refresh(np.array([g]))
-        self._notify(np.array([self.gpu_node[g]], dtype=np.int32))
+        if int(self.gpu_avail[g]) != before:
+            self._notify(np.array([self.gpu_node[g]], dtype=np.int32))
+        return int(self.gpu_avail[g]) > before
 
     def _notify(self, nodes: np.ndarray) -> None:
         for listener in self.listeners:

@@ -245,12 +245,16 @@ class Scheduler:
                     )
                 if not (0.0 <= util <= 1.0):
                     raise InvalidArgument(f"gpus[{i}].utilization", f"must be 0.0 to 1.0 (got {util})")
+            gained = False
             for uuid, used, util in usage:
-                self.state.observe(self.state.uuid_index[uuid], used, util)
+                gained |= self.state.observe(self.state.uuid_index[uuid], used, util)
             now = self.clock()
             self.node_seen[node] = now
-            self.state.node_alive[self.state.node_index[node]] = True
-            self._schedule_pending()
+            n = self.state.node_index[node]
+            revived = not self.state.node_alive[n]
+            self.state.node_alive[n] = True
+            if gained or revived:  # heartbeats are frequent: retry the queue only when room appeared
+                self._schedule_pending()
             self._commit()
             return now
 
