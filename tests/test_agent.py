@@ -25,7 +25,8 @@ def test_agent_registers_cluster_file_nodes(
     )
     port = scheduler_service.port
     proc = subprocess.run(
-        [sys.executable, "-c", "from guardmesh.cli import app; app()", "agent", "--cluster-file", str(cluster), "--once"],
+        [sys.executable, "-c", "from guardmesh.cli import app; app()"]
+        + ["agent", "--cluster-file", str(cluster), "--once"],
         cwd=REPO,
         env={"PATH": "/usr/bin:/bin", "GUARDMESH__SERVICES__SCHEDULER__PORT": str(port)},
         capture_output=True,
