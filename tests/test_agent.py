@@ -12,6 +12,7 @@ from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 from services.scheduler.agent import nvml_node
 
 REPO = Path(__file__).resolve().parent.parent
+AGENT = [sys.executable, "-c", "from guardmesh.cli import app; app()", "agent"]
 
 
 def test_agent_registers_cluster_file_nodes(
@@ -25,8 +26,7 @@ def test_agent_registers_cluster_file_nodes(
     )
     port = scheduler_service.port
     proc = subprocess.run(
-        [sys.executable, "-c", "from guardmesh.cli import app; app()"]
-        + ["agent", "--cluster-file", str(cluster), "--once"],
+        [*AGENT, "--cluster-file", str(cluster), "--once"],
         cwd=REPO,
         env={"PATH": "/usr/bin:/bin", "GUARDMESH__SERVICES__SCHEDULER__PORT": str(port)},
         capture_output=True,
@@ -46,9 +46,7 @@ def test_agent_registers_cluster_file_nodes(
 
 
 def test_reported_leak_shrinks_allocatable_memory(scheduler_stub: spb_grpc.SchedulerServiceStub) -> None:
-    node = spb.NodeSpec(
-        name="n1", gpus=[spb.GpuDevice(index=0, uuid="GPU-n1-0", model="V100", memory_mib=16384)]
-    )
+    node = spb.NodeSpec(name="n1", gpus=[spb.GpuDevice(index=0, uuid="GPU-n1-0", model="V100", memory_mib=16384)])
     scheduler_stub.RegisterNode(spb.RegisterNodeRequest(node=node))
     # A dead job leaked 10 GiB on the card: nothing asks for more than what is really free.
     scheduler_stub.ReportNodeStatus(
