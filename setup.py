@@ -32,7 +32,9 @@ extensions = [
         [str(pyx.relative_to(ROOT))],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3"],
+        # OpenMP lets kernels split work across cores with cython.parallel.prange (nogil).
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
     )
     for pyx in sorted((ROOT / "native").glob("*.pyx"))
 ]
