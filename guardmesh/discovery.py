@@ -123,10 +123,17 @@ def grpc_target(endpoints: list[Endpoint]) -> str:
     """A gRPC target for the endpoints: the address itself for one, an ``ipv4:``/``ipv6:`` list for many."""
     if len(endpoints) == 1:
         return endpoints[0].address
-    ips = []
+    v4, v6 = [], []
     for ep in endpoints:
         info = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)[0]
         ip = str(info[4][0])
-        ips.append(f"[{ip}]:{ep.port}" if ":" in ip else f"{ip}:{ep.port}")
-    scheme = "ipv6" if all(a.startswith("[") for a in ips) else "ipv4"
-    return f"{scheme}:{','.join(ips)}"
+        (v6 if ":" in ip else v4).append((ip, ep.port))
+    # One target URI holds one address family: keep the larger family and say what was dropped.
+    if v4 and v6:
+        keep, drop = (v4, v6) if len(v4) >= len(v6) else (v6, v4)
+        log.warning("mixed address families; dropping %s", [f"{ip}:{port}" for ip, port in drop])
+    else:
+        keep = v4 or v6
+    if keep is v6:
+        return "ipv6:" + ",".join(f"[{ip}]:{port}" for ip, port in keep)
+    return "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in keep)

@@ -62,6 +62,10 @@ class Binding(Protocol):
         ...
 
 
+class DiscoveryError(RuntimeError):
+    """The service could not announce itself to discovery; it was stopped again."""
+
+
 @dataclass(frozen=True)
 class ServiceDefinition:
     """What a service tells the runtime about itself."""
@@ -161,10 +165,18 @@ def start_service(
         raise
     registry = registry_for(config)
     running = RunningService(definition, config, server, health_servicer, binding, host, bound, registry)
+    advertise = (endpoint.advertise_host if endpoint else "") or host
+    try:
+        running.registration_id = registry.register(definition.name, advertise, bound)
+    except Exception as exc:
+        server.stop(0)
+        binding.close()
+        raise DiscoveryError(
+            f"discovery.consul_addr: cannot register {definition.name} at {advertise}:{bound} "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    advertise = (endpoint.advertise_host if endpoint else "") or host
-    running.registration_id = registry.register(definition.name, advertise, bound)
     log.info("serving", extra={"address": running.address})
     return running
 
@@ -193,6 +205,10 @@ def serve(name: str, config_path: str | None = None) -> int:
         log.error("configuration error: %s", exc)
         print(f"guardmesh {name}: {exc}", file=sys.stderr)
         return 2
+    except DiscoveryError as exc:
+        log.error("discovery error: %s", exc)
+        print(f"guardmesh {name}: {exc}", file=sys.stderr)
+        return 3
     while not stop.wait(0.5):
         pass
     running.stop()

@@ -50,7 +50,8 @@ def tracer_provider() -> TracerProvider:
 
 
 def flush_tracing(timeout_ms: int = 5000) -> None:
-    """Export buffered spans now (SIGTERM does not run the SDK's atexit hook)."""
+    """Export buffered spans now, as part of the drain, rather than relying on interpreter-exit hooks
+    (which a SIGTERM without our handler, or os._exit in a worker, never runs)."""
     if _provider is not None:
         _provider.force_flush(timeout_ms)
 
