@@ -126,9 +126,10 @@ class ScaleAdvisor:
         for pool, u in util.items():
             samples = self.samples.setdefault(pool, deque())
             samples.append((now, u))
-            while samples and samples[0][0] < now - self.window_s:
+            # Keep the newest sample at or before the window's start: it says what held from then on.
+            while len(samples) >= 2 and samples[1][0] <= now - self.window_s:
                 samples.popleft()
-            full_window = samples[0][0] <= now - self.window_s + 1e-9 if samples else False
+            full_window = samples[0][0] <= now - self.window_s
             signal = self._decide(state, pool, u, samples, full_window, demand.get(pool, []), now)
             old = self.current.get(pool)
             if signal is None:

@@ -311,11 +311,17 @@ class Scheduler:
         cached = state.cache.get(key)
         if cached is None:
             allowed = model_mask(state, shape)
-            fits_card = allowed & (state.gpu_usable >= caps_for(state, shape))
+            caps = caps_for(state, shape)
+            fits_card = allowed & (state.gpu_usable >= caps)
             largest = int(state.gpu_usable[allowed].max()) if allowed.any() else 0
-            per_node = np.bincount(state.gpu_node[fits_card], minlength=len(state.nodes))
-            cached = state.cache[key] = np.concatenate(([largest], per_node))
-        largest, per_node = int(cached[0]), cached[1:]
+            n = len(state.nodes)
+            per_node = np.bincount(state.gpu_node[fits_card], minlength=n)
+            # Shared replicas can stack on one card: count the slots each fitting card offers.
+            slots = np.where(fits_card, state.gpu_usable // np.maximum(caps, 1), 0)
+            per_node_slots = np.bincount(state.gpu_node, weights=slots, minlength=n).astype(np.int64)
+            cached = state.cache[key] = np.concatenate(([largest], per_node, per_node_slots))
+        n = len(state.nodes)
+        largest, per_node, per_node_slots = int(cached[0]), cached[1 : 1 + n], cached[1 + n :]
         if per_node.max() == 0:
             raise InvalidArgument(
                 "job.memory_mib_per_gpu",
@@ -328,7 +334,9 @@ class Scheduler:
                 f"no node has {spec.gpus_per_replica} GPUs that can hold the request (largest: {per_node.max()})",
             )
         if spec.gang:
-            capacity = int((per_node // spec.gpus_per_replica).sum())
+            # An upper bound on how many replicas the empty cluster could hold at once.
+            per = per_node_slots if spec.allow_sharing else per_node
+            capacity = int((per // spec.gpus_per_replica).sum())
             if capacity < spec.replicas:
                 raise InvalidArgument(
                     "job.replicas",
@@ -668,8 +676,7 @@ class Scheduler:
             self._commit()
             if self.state.gpu_count == 0:
                 return []
-            pending = [j.spec for j in self.pending.values()]
-            changed = self.scale.evaluate(self.state, pending, now)
+            changed = self.scale.evaluate(self.state, self._unplaced_demand(), now)
             if changed:
                 self.scale_seq += 1
                 self.changed.notify_all()
@@ -698,9 +705,11 @@ class Scheduler:
         with self.lock:
             job = self._get(job_id)
             last = self.event_seq
-            yield None, self.snapshot(job)
-            if job.state in TERMINAL:
-                return
+            first = self.snapshot(job)
+        # Yield outside the lock: the consumer may take its time, and nobody else must wait for it.
+        yield None, first
+        if first.state in TERMINAL:
+            return
         while not stopped():
             with self.changed:
                 self.changed.wait_for(partial(self._moved_past, last, stopped), timeout=1.0)
@@ -721,6 +730,17 @@ class Scheduler:
 
     def _moved_past(self, seq: int, stopped: Callable[[], bool]) -> bool:
         return self.event_seq > seq or stopped()
+
+    def _unplaced_demand(self, model: str = "") -> list[JobSpec]:
+        """Pending jobs as specs of their replicas not yet placed (optionally those ``model`` admits)."""
+        out = []
+        for j in self.pending.values():
+            if model and j.spec.allowed_models and model not in j.spec.allowed_models:
+                continue
+            missing = j.spec.replicas - len(j.placements)
+            if missing > 0:
+                out.append(replace(j.spec, replicas=missing))
+        return out
 
     def wake_watchers(self) -> None:
         """Wake every waiting watcher (used when draining)."""
@@ -749,11 +769,7 @@ class Scheduler:
                 raise InvalidArgument(f"jobs[{i}].{exc.field.removeprefix('job.')}", exc.rule) from None
         with self.lock:
             if not jobs:
-                jobs = [
-                    j.spec
-                    for j in self.pending.values()
-                    if not j.spec.allowed_models or shape.model in j.spec.allowed_models
-                ]
+                jobs = self._unplaced_demand(shape.model)
             return plan_capacity(shape, copy.copy(jobs), self.settings.gpu_reserve_mib)
 
     def violations(self) -> list[str]:
