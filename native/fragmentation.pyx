@@ -2,12 +2,15 @@
 """Fragmentation kernels for the scheduler's FGD policy (Weng et al., USENIX ATC 2023).
 
 A GPU's remaining room ``r`` is measured in thousandths of its allocatable memory (0..1000). For a task
-class ``c`` asking ``k[c]`` GPUs with ``d[c, model]`` thousandths each, a node's fragmentation is the sum of
-``r`` over its GPUs that cannot serve the class (``r < d``), or over all of its GPUs when fewer than
-``k[c]`` of them can serve it. The expected fragmentation weighs classes by their popularity ``p[c]``.
+class ``c`` asking ``k[c]`` GPUs with ``d[c, model]`` thousandths each (and, optionally, ``cls_cpu[c]`` CPU
+and ``cls_mem[c]`` host memory), a node's fragmentation is the sum of ``r`` over its GPUs that cannot serve
+the class (``r < d``), or over all of its GPUs when the class cannot run on the node at all: fewer than
+``k[c]`` GPUs can serve it, or the node lacks the CPU or host memory. The expected fragmentation weighs
+classes by their popularity ``p[c]``.
 
 The scheduler keeps three per-node aggregates up to date (``refresh_nodes``) so that the change of
-expected fragmentation for placing on one GPU costs O(classes) (``single_gpu_delta``).
+expected fragmentation for placing on one GPU costs O(classes) (``single_gpu_delta``). Host resources are
+optional everywhere: without them only GPUs decide whether a class can run.
 """
 
 import numpy as np
@@ -53,6 +56,46 @@ def refresh_nodes(
             sum_r[n] = total
 
 
+cdef inline float _delta(
+    Py_ssize_t n, Py_ssize_t model, float rg, float take, Py_ssize_t nc, Py_ssize_t nmodels,
+    const float* d, const int* k, const float* p, const int* count_fit, const float* sum_frag, float sum_r_n,
+    bint host, double cpu_free, double mem_free, double task_cpu, double task_mem,
+    const double* cls_cpu, const double* cls_mem,
+) noexcept nogil:
+    """Change of node n's expected fragmentation when ``take`` thousandths leave GPU room ``rg``."""
+    cdef float ra = rg - take
+    cdef float dc, before, after, sr_after, delta = 0
+    cdef int cf
+    cdef Py_ssize_t c
+    cdef bint host_before = True, host_after = True
+    if ra < 0:
+        ra = 0
+    sr_after = sum_r_n - rg + ra
+    for c in range(nc):
+        dc = d[c * nmodels + model]
+        if host:
+            host_before = cpu_free >= cls_cpu[c] and mem_free >= cls_mem[c]
+            host_after = cpu_free - task_cpu >= cls_cpu[c] and mem_free - task_mem >= cls_mem[c]
+        cf = count_fit[n * nc + c]
+        if cf >= k[c] and host_before:
+            before = sum_frag[n * nc + c]
+        else:
+            before = sum_r_n
+        after = sum_frag[n * nc + c]
+        if rg >= dc:
+            cf = cf - 1
+        else:
+            after = after - rg
+        if ra >= dc:
+            cf = cf + 1
+        else:
+            after = after + ra
+        if cf < k[c] or not host_after:
+            after = sr_after
+        delta = delta + p[c] * (after - before)
+    return delta
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def single_gpu_delta(
@@ -68,19 +111,34 @@ def single_gpu_delta(
     const float[:, ::1] sum_frag,
     const float[::1] sum_r,
     float[::1] out,
+    const double[::1] cpu_free=None,
+    const double[::1] mem_free=None,
+    double task_cpu=0,
+    double task_mem=0,
+    const double[::1] cls_cpu=None,
+    const double[::1] cls_mem=None,
 ):
     """Change of expected node fragmentation if ``take[i]`` thousandths are placed on GPU ``cand[i]``.
 
-    ``out[i]`` receives the delta; lower is better (FGD places where fragmentation grows least).
+    ``out[i]`` receives the delta; lower is better (FGD places where fragmentation grows least). With
+    ``cpu_free``/``mem_free`` per node and the classes' ``cls_cpu``/``cls_mem``, a class the node cannot
+    host for lack of CPU or memory counts all of the node's room as fragments, before and after the task
+    takes ``task_cpu``/``task_mem``.
     """
-    cdef Py_ssize_t i, c, g, n
-    cdef Py_ssize_t nc = d.shape[0]
-    cdef float rg, ra, dc, before, after, delta, sr_after
-    cdef int cf
-    # Candidates come in inventory order, so GPUs of one node are adjacent; one with the same node,
-    # model, room and take as its predecessor has the same delta.
+    cdef Py_ssize_t i, g, n
+    cdef Py_ssize_t nc = d.shape[0], nmodels = d.shape[1]
+    cdef bint host = cpu_free is not None and cls_cpu is not None
+    cdef const double* cpu_p = &cpu_free[0] if host and cpu_free.shape[0] > 0 else NULL
+    cdef const double* mem_p = &mem_free[0] if host and mem_free.shape[0] > 0 else NULL
+    cdef const double* ccpu_p = &cls_cpu[0] if host and nc > 0 else NULL
+    cdef const double* cmem_p = &cls_mem[0] if host and nc > 0 else NULL
+    cdef const float* d_p = &d[0, 0] if nc > 0 else NULL
+    cdef const int* cf_p = &count_fit[0, 0] if count_fit.shape[0] > 0 and nc > 0 else NULL
+    cdef const float* sf_p = &sum_frag[0, 0] if sum_frag.shape[0] > 0 and nc > 0 else NULL
     cdef Py_ssize_t last_n = -1, last_model = -1
-    cdef float last_rg = -1, last_take = -1, last_delta = 0
+    cdef float last_rg = -1, last_take = -1, last_delta = 0, rg
+    if host and (cpu_p == NULL or mem_p == NULL):
+        host = False
     with nogil:
         for i in range(cand.shape[0]):
             g = cand[i]
@@ -89,36 +147,16 @@ def single_gpu_delta(
             if n == last_n and rg == last_rg and take[i] == last_take and gpu_model[g] == last_model:
                 out[i] = last_delta
                 continue
-            ra = rg - take[i]
-            if ra < 0:
-                ra = 0
-            sr_after = sum_r[n] - rg + ra
-            delta = 0
-            for c in range(nc):
-                dc = d[c, gpu_model[g]]
-                if count_fit[n, c] >= k[c]:
-                    before = sum_frag[n, c]
-                else:
-                    before = sum_r[n]
-                cf = count_fit[n, c]
-                after = sum_frag[n, c]
-                if rg >= dc:
-                    cf = cf - 1
-                else:
-                    after = after - rg
-                if ra >= dc:
-                    cf = cf + 1
-                else:
-                    after = after + ra
-                if cf < k[c]:
-                    after = sr_after
-                delta = delta + p[c] * (after - before)
-            out[i] = delta
+            last_delta = _delta(
+                n, gpu_model[g], rg, take[i], nc, nmodels, d_p, &k[0] if nc > 0 else NULL,
+                &p[0] if nc > 0 else NULL, cf_p, sf_p, sum_r[n], host,
+                cpu_p[n] if host else 0, mem_p[n] if host else 0, task_cpu, task_mem, ccpu_p, cmem_p,
+            )
+            out[i] = last_delta
             last_n = n
             last_rg = rg
             last_take = take[i]
             last_model = gpu_model[g]
-            last_delta = delta
 
 
 @cython.boundscheck(False)
@@ -129,6 +167,10 @@ def node_fragmentation(
     const float[:, ::1] d,
     const int[::1] k,
     const float[::1] p,
+    double cpu_free=1e300,
+    double mem_free=1e300,
+    const double[::1] cls_cpu=None,
+    const double[::1] cls_mem=None,
 ):
     """Expected fragmentation of one node whose GPUs have room ``r_node`` (used for multi-GPU replicas)."""
     cdef Py_ssize_t j, c
@@ -136,6 +178,7 @@ def node_fragmentation(
     cdef Py_ssize_t ng = r_node.shape[0]
     cdef float total = 0, frag, dc, acc = 0
     cdef int cf
+    cdef bint host = cls_cpu is not None and cls_mem is not None
     for j in range(ng):
         total = total + r_node[j]
     for c in range(nc):
@@ -147,7 +190,7 @@ def node_fragmentation(
                 cf += 1
             else:
                 frag = frag + r_node[j]
-        if cf < k[c]:
+        if cf < k[c] or (host and (cpu_free < cls_cpu[c] or mem_free < cls_mem[c])):
             frag = total
         acc = acc + p[c] * frag
     return acc
@@ -174,22 +217,39 @@ def select_single_gpu(
     const int[:, ::1] count_fit,
     const float[:, ::1] sum_frag,
     const float[::1] sum_r,
+    const double[::1] cpu_free=None,
+    const double[::1] mem_free=None,
+    double task_cpu=0,
+    double task_mem=0,
+    const double[::1] cls_cpu=None,
+    const double[::1] cls_mem=None,
 ):
     """Filter and score every GPU for a one-GPU replica in one pass; return (best GPU or -1, its score).
 
     ``policy``: 0 first-fit (inventory order), 1 best-fit (least node room, then least GPU room after
-    placement), 2 FGD (least growth of expected node fragmentation). Feasible: the node is usable, the
-    model allowed, ``avail >= cap``, and for an exclusive replica no allocation on the card.
+    placement), 2 FGD (least growth of expected node fragmentation). Feasible: the node is usable
+    (``node_ok``; and, given ``cpu_free``/``mem_free``, has ``task_cpu``/``task_mem`` free), the model is
+    allowed, ``avail >= cap``, and for an exclusive replica the card holds no allocation.
     """
-    cdef Py_ssize_t g, c, n
+    cdef Py_ssize_t g, n
     cdef Py_ssize_t ng = caps.shape[0]
-    cdef Py_ssize_t nc = d.shape[0]
+    cdef Py_ssize_t nc = d.shape[0], nmodels = d.shape[1]
     cdef Py_ssize_t best = -1
     cdef double best_score = 0, score
-    cdef float rg, ra, take, dc, before, after, sr_after, delta
-    cdef int cf
+    cdef float rg, ra, take, delta
     cdef Py_ssize_t last_n = -1, last_model = -1
     cdef float last_rg = -1, last_take = -1, last_delta = 0
+    cdef bint have_host = cpu_free is not None and mem_free is not None and cpu_free.shape[0] > 0
+    cdef bint host = have_host and cls_cpu is not None and cls_mem is not None and nc > 0
+    cdef const double* cpu_p = &cpu_free[0] if have_host else NULL
+    cdef const double* mem_p = &mem_free[0] if have_host else NULL
+    cdef const double* ccpu_p = &cls_cpu[0] if host else NULL
+    cdef const double* cmem_p = &cls_mem[0] if host else NULL
+    cdef const float* d_p = &d[0, 0] if nc > 0 and d.shape[1] > 0 else NULL
+    cdef const int* k_p = &k[0] if nc > 0 else NULL
+    cdef const float* p_p = &p[0] if nc > 0 else NULL
+    cdef const int* cf_p = &count_fit[0, 0] if count_fit.shape[0] > 0 and nc > 0 else NULL
+    cdef const float* sf_p = &sum_frag[0, 0] if sum_frag.shape[0] > 0 and nc > 0 else NULL
     with nogil:
         for g in range(ng):
             if avail[g] < caps[g] or not model_ok[g]:
@@ -198,6 +258,8 @@ def select_single_gpu(
                 continue
             n = gpu_node[g]
             if not node_ok[n]:
+                continue
+            if have_host and (cpu_p[n] < task_cpu or mem_p[n] < task_mem):
                 continue
             if policy == 0:
                 best = g
@@ -217,27 +279,10 @@ def select_single_gpu(
                 if n == last_n and rg == last_rg and take == last_take and gpu_model[g] == last_model:
                     delta = last_delta
                 else:
-                    sr_after = sum_r[n] - rg + ra
-                    delta = 0
-                    for c in range(nc):
-                        dc = d[c, gpu_model[g]]
-                        if count_fit[n, c] >= k[c]:
-                            before = sum_frag[n, c]
-                        else:
-                            before = sum_r[n]
-                        cf = count_fit[n, c]
-                        after = sum_frag[n, c]
-                        if rg >= dc:
-                            cf = cf - 1
-                        else:
-                            after = after - rg
-                        if ra >= dc:
-                            cf = cf + 1
-                        else:
-                            after = after + ra
-                        if cf < k[c]:
-                            after = sr_after
-                        delta = delta + p[c] * (after - before)
+                    delta = _delta(
+                        n, gpu_model[g], rg, take, nc, nmodels, d_p, k_p, p_p, cf_p, sf_p, sum_r[n], host,
+                        cpu_p[n] if host else 0, mem_p[n] if host else 0, task_cpu, task_mem, ccpu_p, cmem_p,
+                    )
                     last_n = n
                     last_rg = rg
                     last_take = take

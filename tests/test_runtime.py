@@ -136,7 +136,7 @@ def test_reflection_lists_every_scheduler_method(scheduler_service) -> None:  # 
         methods = {m.name for m in svc.methods}
     expected = {m.name for m in spb.DESCRIPTOR.services_by_name["SchedulerService"].methods}
     assert desc is not None
-    assert methods == expected and len(expected) == 12
+    assert methods == expected and len(expected) == 13
 
 
 def test_sigterm_drain_finishes_in_flight_rpc(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import math
 import random
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -1070,3 +1071,176 @@ def test_plan_without_jobs_uses_pending_jobs_of_the_model() -> None:
     plan = sched.plan(NodeShape("A", 1, 10000), [])
     assert plan.requested_memory_mib == 6000
     assert plan.nodes_needed == 1
+
+
+def test_group_commit_acknowledges_only_durable_state(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+    import threading
+
+    from guardmesh.config import SchedulerSettings
+    from services.scheduler.inventory import uniform_node
+    from services.scheduler.jobs import JobSpec
+    from services.scheduler.scheduler import Scheduler
+    from services.scheduler.store import Store
+
+    store = Store(tmp_path / "h.db")
+    s = Scheduler(SchedulerSettings(gpu_reserve_mib=0), store)
+    s.register_nodes([uniform_node(f"n{i}", "A100", 8, 81920) for i in range(5)])
+    acked: list[str] = []
+    missing: list[str] = []
+
+    def submit(i: int) -> None:
+        s.submit(JobSpec(job_id=f"j{i}", tenant="t", replicas=1, gpus_per_replica=1, memory_mib_per_gpu=1000))
+        # Acknowledged: a second connection must already see it on disk.
+        other = sqlite3.connect(tmp_path / "h.db")
+        if other.execute("SELECT 1 FROM jobs WHERE job_id = ?", (f"j{i}",)).fetchone() is None:
+            missing.append(f"j{i}")
+        other.close()
+        acked.append(f"j{i}")
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(acked) == 40 and missing == []
+    assert store.transactions <= 41  # concurrent submits may share a transaction, never need more
+    s.close()
+
+
+def ref_host_fragmentation(
+    rooms: list[float],
+    models: list[int],
+    d: np.ndarray,
+    k: np.ndarray,
+    p: np.ndarray,
+    cpu: float,
+    mem: float,
+    cls_cpu: np.ndarray,
+    cls_mem: np.ndarray,
+) -> float:
+    """FGD's full definition: a class the node cannot host for lack of CPU or memory sees all room as fragments."""
+    total = sum(rooms)
+    acc = 0.0
+    for c in range(d.shape[0]):
+        serving = [j for j in range(len(rooms)) if rooms[j] >= float(d[c, models[j]])]
+        hostable = cpu >= float(cls_cpu[c]) and mem >= float(cls_mem[c])
+        if len(serving) < int(k[c]) or not hostable:
+            frag_c = total
+        else:
+            frag_c = sum(rooms[j] for j in range(len(rooms)) if rooms[j] < float(d[c, models[j]]))
+        acc += float(p[c]) * frag_c
+    return acc
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frag_cases(), st.data())
+def test_host_aware_kernels_match_python_reference(case: dict[str, Any], data: st.DataObject) -> None:
+    r, gpu_model, d, k, p = case["r"], case["gpu_model"], case["d"], case["k"], case["p"]
+    node_first, node_ngpu, gpu_node = case["node_first"], case["node_ngpu"], case["gpu_node"]
+    n, nc = node_ngpu.shape[0], d.shape[0]
+    small = st.integers(0, 8).map(lambda x: float(x * 1000))
+    cpu_free = np.array(data.draw(st.lists(small, min_size=n, max_size=n)), dtype=np.float64)
+    mem_free = np.array(data.draw(st.lists(small, min_size=n, max_size=n)), dtype=np.float64)
+    cls_cpu = np.array(data.draw(st.lists(small, min_size=nc, max_size=nc)), dtype=np.float64)
+    cls_mem = np.array(data.draw(st.lists(small, min_size=nc, max_size=nc)), dtype=np.float64)
+    task_cpu, task_mem = data.draw(small), data.draw(small)
+    count_fit = np.zeros((n, nc), dtype=np.int32)
+    sum_frag = np.zeros((n, nc), dtype=np.float32)
+    sum_r = np.zeros(n, dtype=np.float32)
+    frag.refresh_nodes(r, gpu_model, node_first, node_ngpu, np.arange(n, dtype=np.int32), d, count_fit, sum_frag, sum_r)
+    out = np.full(case["cand"].shape[0], np.nan, dtype=np.float32)
+    frag.single_gpu_delta(
+        case["cand"],
+        case["take"],
+        r,
+        gpu_node,
+        gpu_model,
+        d,
+        k,
+        p,
+        count_fit,
+        sum_frag,
+        sum_r,
+        out,
+        cpu_free,
+        mem_free,
+        task_cpu,
+        task_mem,
+        cls_cpu,
+        cls_mem,
+    )
+    for i, g in enumerate(case["cand"].tolist()):
+        node = int(gpu_node[g])
+        sl = slice(int(node_first[node]), int(node_first[node] + node_ngpu[node]))
+        rooms = [float(x) for x in r[sl]]
+        models = [int(m) for m in gpu_model[sl]]
+        after = list(rooms)
+        pos = g - int(node_first[node])
+        after[pos] = max(f32(np.float32(rooms[pos]) - np.float32(case["take"][i])), 0.0)
+        before_v = ref_host_fragmentation(rooms, models, d, k, p, cpu_free[node], mem_free[node], cls_cpu, cls_mem)
+        after_v = ref_host_fragmentation(
+            after, models, d, k, p, cpu_free[node] - task_cpu, mem_free[node] - task_mem, cls_cpu, cls_mem
+        )
+        assert float(out[i]) == pytest.approx(after_v - before_v, abs=2e-2, rel=1e-5)
+        native = frag.node_fragmentation(
+            np.ascontiguousarray(r[sl]),
+            np.ascontiguousarray(gpu_model[sl]),
+            d,
+            k,
+            p,
+            cpu_free[node],
+            mem_free[node],
+            cls_cpu,
+            cls_mem,
+        )
+        assert native == pytest.approx(before_v, abs=2e-2, rel=1e-5)
+
+
+def test_fused_single_gpu_kernel_agrees_with_numpy_reference() -> None:
+    """The fast path picks the same GPU as the filter + score reference, host resources included."""
+    from services.scheduler.placement import place_replica, place_single_gpu
+
+    rng = np.random.default_rng(3)
+    for policy in ("first-fit", "best-fit", "fgd"):
+        state = ClusterState(512)
+        state.set_nodes(
+            [
+                uniform_node(
+                    f"n{i}", "A100" if i % 2 else "T4", 4, 16384 * (1 + i % 2), cpu_milli=16000, host_memory_mib=65536
+                )
+                for i in range(12)
+            ]
+        )
+        pol = make_policy(policy)
+        pol.attach(state)
+        for step in range(150):
+            shape = ReplicaShape(
+                1,
+                None,
+                int(rng.choice([250, 500, 1000])),
+                bool(rng.random() < 0.3),
+                frozenset(),
+                (),
+                int(rng.choice([0, 2000, 6000])),
+                int(rng.choice([0, 8192])),
+                Topology.PREFERRED,
+            )
+            shape = replace(shape, exclusive=shape.share_milli == 1000)
+            pol.observe(shape)
+            ref, fast = place_replica(state, shape, pol), place_single_gpu(state, shape, pol)
+            assert (ref is None) == (fast is None), (policy, step)
+            if ref is None or fast is None:
+                continue
+            if ref.gpus != fast.gpus:  # only a floating-point tie may differ
+                assert ref.score == pytest.approx(fast.score, rel=1e-6, abs=1e-3), (policy, step)
+            state.allocate(
+                f"j{step}",
+                0,
+                list(fast.gpus),
+                list(fast.caps),
+                not shape.exclusive,
+                shape.cpu_milli,
+                shape.host_memory_mib,
+            )
+        assert state.violations() == []

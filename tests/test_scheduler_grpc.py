@@ -586,3 +586,30 @@ def test_invariant_holds_over_a_mixed_sequence(
     assert len(gang.placements) in (0, 2)
     assert (gang.state == spb.JOB_STATE_RUNNING) == (len(gang.placements) == 2)
     assert core_violations(scheduler_service) == []
+
+
+def test_submit_jobs_batch_gives_each_job_its_result(scheduler_stub) -> None:  # type: ignore[no-untyped-def]
+    from guardmesh.v1 import scheduler_pb2 as spb
+
+    from .conftest import node_pb
+
+    scheduler_stub.RegisterNode(spb.RegisterNodeRequest(node=node_pb("b1", 2, 40960)))
+    jobs = [
+        spb.JobSpec(job_id="ok-1", tenant="t", replicas=1, gpus_per_replica=1, memory_mib_per_gpu=20000),
+        spb.JobSpec(job_id="bad", tenant="t", replicas=0, gpus_per_replica=1, memory_mib_per_gpu=1),
+        spb.JobSpec(job_id="ok-2", tenant="t", replicas=1, gpus_per_replica=1, memory_mib_per_gpu=20000),
+        spb.JobSpec(job_id="ok-1", tenant="t", replicas=1, gpus_per_replica=2, memory_mib_per_gpu=1),
+        spb.JobSpec(job_id="wait", tenant="t", replicas=1, gpus_per_replica=1, memory_mib_per_gpu=20000),
+    ]
+    results = scheduler_stub.SubmitJobs(spb.SubmitJobsRequest(jobs=jobs)).results
+    assert [r.WhichOneof("result") for r in results] == ["job", "error", "job", "error", "job"]
+    assert results[1].error.code == 3 and results[1].error.message.startswith("job.replicas")
+    assert results[3].error.code == 6  # ALREADY_EXISTS: same id, different spec
+    assert results[0].job.state == results[2].job.state == spb.JOB_STATE_RUNNING
+    assert results[4].job.state == spb.JOB_STATE_PENDING
+    listed = {j.spec.job_id for j in scheduler_stub.ListJobs(spb.ListJobsRequest()).jobs}
+    assert listed == {"ok-1", "ok-2", "wait"}
+    for bad in ([], jobs[:1] * 1001):
+        with pytest.raises(grpc.RpcError) as err:
+            scheduler_stub.SubmitJobs(spb.SubmitJobsRequest(jobs=bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "jobs" in err.value.details()

@@ -51,48 +51,106 @@ class ClusterState:
 
     # -- inventory -------------------------------------------------------------------------------------
 
-    def _build_arrays(self) -> None:
-        gpus = [g for n in self.nodes for g in n.gpus]
+    #: Per-GPU and per-node arrays, in the order _part() returns them; appended to when nodes are added.
+    _GPU_ARRAYS = (
+        "gpu_total",
+        "gpu_usable",
+        "gpu_caps",
+        "gpu_used",
+        "gpu_util",
+        "gpu_nalloc",
+        "gpu_exclusive",
+        "gpu_model",
+        "gpu_node",
+        "gpu_group",
+        "gpu_avail",
+        "gpu_room",
+    )
+    _NODE_ARRAYS = (
+        "node_ngpu",
+        "node_first",
+        "node_cpu",
+        "node_mem",
+        "node_cpu_used",
+        "node_mem_used",
+        "node_alive",
+        "node_room",
+    )
+
+    def _part(
+        self, nodes: list[NodeSpec], node0: int, gpu0: int, group0: int
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Arrays for ``nodes`` placed after ``node0`` nodes, ``gpu0`` GPUs and ``group0`` groups."""
+        gpus = [g for n in nodes for g in n.gpus]
         count = len(gpus)
-        self.gpu_total = np.array([g.memory_mib for g in gpus], dtype=np.int64)
-        self.gpu_usable = np.maximum(self.gpu_total - self.reserve_mib, 0)
-        self.gpu_caps = np.zeros(count, dtype=np.int64)
-        self.gpu_used = np.zeros(count, dtype=np.int64)
-        self.gpu_util = np.zeros(count, dtype=np.float64)
-        self.gpu_nalloc = np.zeros(count, dtype=np.int32)
-        self.gpu_exclusive = np.zeros(count, dtype=bool)
-        self.gpu_model = np.array([self.model_index[g.model] for g in gpus], dtype=np.int32)
-        self.gpu_node = np.array([i for i, n in enumerate(self.nodes) for _ in n.gpus], dtype=np.int32).reshape(count)
+        total = np.array([g.memory_mib for g in gpus], dtype=np.int64).reshape(count)
+        usable = np.maximum(total - self.reserve_mib, 0)
         groups: dict[tuple[int, str], int] = {}
         gids = []
-        for i, n in enumerate(self.nodes):
+        for i, n in enumerate(nodes):
             for g in n.gpus:
-                gids.append(groups.setdefault((i, g.topology_group), len(groups)))
-        self.gpu_group = np.array(gids, dtype=np.int32).reshape(count)
-        self.group_count = len(groups)
-        self.group_node = np.zeros(len(groups), dtype=np.int32)
+                gids.append(group0 + groups.setdefault((i, g.topology_group), len(groups)))
+        group_node = np.zeros(len(groups), dtype=np.int32)
         for (node, _), gid in groups.items():
-            self.group_node[gid] = node
-        self.node_ngpu = np.array([len(n.gpus) for n in self.nodes], dtype=np.int32)
-        self.node_first = (np.cumsum(self.node_ngpu) - self.node_ngpu).astype(np.int32)
-        self.node_cpu = np.array([n.cpu_milli or UNTRACKED for n in self.nodes], dtype=np.int64)
-        self.node_mem = np.array([n.host_memory_mib or UNTRACKED for n in self.nodes], dtype=np.int64)
-        self.node_cpu_used = np.zeros(len(self.nodes), dtype=np.int64)
-        self.node_mem_used = np.zeros(len(self.nodes), dtype=np.int64)
-        self.node_alive = np.ones(len(self.nodes), dtype=bool)
-        self.gpu_avail = self.gpu_usable.copy()
-        self.gpu_room = np.where(self.gpu_usable > 0, 1000.0, 0.0).astype(np.float32)
-        #: Sum of gpu_room per node (best-fit's node score), kept current by _refresh.
-        self.node_room = (
-            np.add.reduceat(self.gpu_room.astype(np.float64), self.node_first)
-            if count
-            else np.zeros(0, dtype=np.float64)
-        )
-        self.uuid_index = {g.uuid: i for i, g in enumerate(gpus)}
-        self.allocs = [{} for _ in range(count)]
+            group_node[gid] = node0 + node
+        ngpu = np.array([len(n.gpus) for n in nodes], dtype=np.int32).reshape(len(nodes))
+        room = np.where(usable > 0, 1000.0, 0.0).astype(np.float32)
+        first = (np.cumsum(ngpu) - ngpu + gpu0).astype(np.int32)
+        arrays = {
+            "gpu_total": total,
+            "gpu_usable": usable,
+            "gpu_caps": np.zeros(count, dtype=np.int64),
+            "gpu_used": np.zeros(count, dtype=np.int64),
+            "gpu_util": np.zeros(count, dtype=np.float64),
+            "gpu_nalloc": np.zeros(count, dtype=np.int32),
+            "gpu_exclusive": np.zeros(count, dtype=bool),
+            "gpu_model": np.array([self.model_index[g.model] for g in gpus], dtype=np.int32).reshape(count),
+            "gpu_node": np.repeat(np.arange(node0, node0 + len(nodes), dtype=np.int32), ngpu),
+            "gpu_group": np.array(gids, dtype=np.int32).reshape(count),
+            "gpu_avail": usable.copy(),
+            "gpu_room": room,
+            "node_ngpu": ngpu,
+            "node_first": first,
+            "node_cpu": np.array([n.cpu_milli or UNTRACKED for n in nodes], dtype=np.int64).reshape(len(nodes)),
+            "node_mem": np.array([n.host_memory_mib or UNTRACKED for n in nodes], dtype=np.int64).reshape(len(nodes)),
+            "node_cpu_used": np.zeros(len(nodes), dtype=np.int64),
+            "node_mem_used": np.zeros(len(nodes), dtype=np.int64),
+            "node_alive": np.ones(len(nodes), dtype=bool),
+            "node_room": np.array(
+                [float(room[f - gpu0 : f - gpu0 + k].sum()) for f, k in zip(first, ngpu, strict=True)], dtype=np.float64
+            ).reshape(len(nodes)),
+        }
+        return arrays, group_node
+
+    def _build_arrays(self) -> None:
+        arrays, group_node = self._part(self.nodes, 0, 0, 0)
+        for name, value in arrays.items():
+            setattr(self, name, value)
+        self.group_node = group_node
+        self.group_count = len(group_node)
+        self.uuid_index = {g.uuid: i for i, g in enumerate(g for n in self.nodes for g in n.gpus)}
+        self.allocs = [{} for _ in range(self.gpu_count)]
         self.node_labels = [dict(n.labels) for n in self.nodes]
         #: Arrays derived from the inventory alone (caps per share, model masks), valid until it changes.
         self.cache: dict[object, np.ndarray] = {}
+
+    def _append_nodes(self, specs: list[NodeSpec]) -> None:
+        """Add new nodes at the end without rebuilding what exists (agents register one by one)."""
+        node0, gpu0 = len(self.nodes), self.gpu_count
+        arrays, group_node = self._part(specs, node0, gpu0, self.group_count)
+        for name, value in arrays.items():
+            setattr(self, name, np.concatenate((getattr(self, name), value)))
+        self.group_node = np.concatenate((self.group_node, group_node))
+        self.group_count += len(group_node)
+        for spec in specs:
+            self.node_index[spec.name] = len(self.nodes)
+            self.nodes.append(spec)
+            self.node_labels.append(dict(spec.labels))
+            for g in spec.gpus:
+                self.uuid_index[g.uuid] = len(self.allocs)
+                self.allocs.append({})
+        self.cache = {}
+        self._notify(np.arange(node0, len(self.nodes), dtype=np.int32))
 
     @property
     def gpu_count(self) -> int:
@@ -107,10 +165,12 @@ class ClusterState:
         """
         merged = list(self.nodes)
         index = dict(self.node_index)
-        claimed = {g.uuid: n.name for n in self.nodes for g in n.gpus}
+        claimed: dict[str, str] = {}
         for spec in specs:
             for i, g in enumerate(spec.gpus):
                 owner = claimed.get(g.uuid)
+                if owner is None and g.uuid in self.uuid_index:
+                    owner = self.nodes[int(self.gpu_node[self.uuid_index[g.uuid]])].name
                 if owner is not None and owner != spec.name:
                     raise InvalidArgument(f"node.gpus[{i}].uuid", f"{g.uuid!r} is registered on node {owner}")
                 claimed[g.uuid] = spec.name
@@ -121,8 +181,16 @@ class ClusterState:
             else:
                 index[spec.name] = len(merged)
                 merged.append(spec)
+        if all(spec.name not in self.node_index for spec in specs):
+            for spec in specs:
+                for g in spec.gpus:
+                    if g.model not in self.model_index:
+                        self.model_index[g.model] = len(self.models)
+                        self.models.append(g.model)
+            self._append_nodes(specs)
+            return
         saved = [(a, self._gpu_uuid(g)) for g, gpu_allocs in enumerate(self.allocs) for a in gpu_allocs.values()]
-        used = {self._gpu_uuid(g): int(self.gpu_used[g]) for g in range(self.gpu_count)}
+        used = {self._gpu_uuid(int(g)): int(self.gpu_used[g]) for g in np.flatnonzero(self.gpu_used)}
         self.nodes = merged
         self.node_index = index
         for spec in specs:
@@ -226,7 +294,7 @@ class ClusterState:
             self._apply(g, Allocation(job_id, replica, cap, shared), notify=False)
         idx = np.asarray(gpus, dtype=np.int64)
         self._refresh(idx)
-        self._notify(np.unique(self.gpu_node[idx]))
+        self._notify(np.array([node], dtype=np.int32))
 
     def free(self, job_id: str, replica: int | None = None) -> list[int]:
         """Remove a job's allocations (one replica's, or all); return the GPUs touched."""
@@ -259,7 +327,8 @@ class ClusterState:
         if touched:
             idx = np.asarray(touched, dtype=np.int64)
             self._refresh(idx)
-            self._notify(np.unique(self.gpu_node[idx]))
+            nodes = self.gpu_node[idx]
+            self._notify(nodes[:1] if len(nodes) == 1 else np.unique(nodes))
         return touched
 
     def observe(self, g: int, used_mib: int, utilization: float) -> bool:

@@ -123,12 +123,29 @@ def model_mask(state: ClusterState, shape: ReplicaShape) -> np.ndarray:
     return mask
 
 
+def selector_mask(state: ClusterState, shape: ReplicaShape) -> np.ndarray:
+    """Nodes that are alive and match the selector (host resources are checked separately)."""
+    if not shape.selector:
+        return state.node_alive
+    key = ("selector", shape.selector)
+    sel = state.cache.get(key)
+    if sel is None:
+        sel = np.array([all(labels.get(k) == v for k, v in shape.selector) for labels in state.node_labels], dtype=bool)
+        sel = state.cache[key] = sel.reshape(state.node_alive.shape)
+    return state.node_alive & sel
+
+
+def host_free(state: ClusterState) -> tuple[np.ndarray, np.ndarray]:
+    """Free CPU (milli) and host memory (MiB) per node, as float64 (untracked nodes: practically infinite)."""
+    return (
+        (state.node_cpu - state.node_cpu_used).astype(np.float64),
+        (state.node_mem - state.node_mem_used).astype(np.float64),
+    )
+
+
 def node_mask(state: ClusterState, shape: ReplicaShape) -> np.ndarray:
     """Nodes that are alive, match the selector and have the replica's CPU and host memory free."""
-    ok = state.node_alive.copy()
-    if shape.selector:
-        sel = np.array([all(labels.get(k) == v for k, v in shape.selector) for labels in state.node_labels], dtype=bool)
-        ok &= sel.reshape(ok.shape)
+    ok = selector_mask(state, shape).copy()
     if shape.cpu_milli:
         ok &= state.node_cpu - state.node_cpu_used >= shape.cpu_milli
     if shape.host_memory_mib:
@@ -175,6 +192,10 @@ class Policy(ABC):
         """Class tables and node aggregates the native kernel reads (FGD only)."""
         return _NO_TABLES
 
+    def host_tables(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Per-class CPU and host memory demand (FGD only): a node short of them cannot host the class."""
+        return None, None
+
     def attach(self, state: ClusterState) -> None:
         """Bind to the cluster state (policies that keep aggregates subscribe to changes)."""
         self.state = state
@@ -183,11 +204,15 @@ class Policy(ABC):
         """See a submitted job's shape (FGD learns the workload distribution from these)."""
 
     @abstractmethod
-    def gpu_scores(self, state: ClusterState, cands: np.ndarray, take: np.ndarray) -> np.ndarray:
+    def gpu_scores(
+        self, state: ClusterState, cands: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
+    ) -> np.ndarray:
         """Scores of single-GPU placements on ``cands`` taking ``take`` thousandths each."""
 
     @abstractmethod
-    def set_score(self, state: ClusterState, node: int, gpus: np.ndarray, take: np.ndarray) -> float:
+    def set_score(
+        self, state: ClusterState, node: int, gpus: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
+    ) -> float:
         """Score of placing a multi-GPU replica on ``gpus`` of ``node``."""
 
     def node_rank(self, state: ClusterState, nodes: np.ndarray) -> np.ndarray:
@@ -202,11 +227,15 @@ class FirstFit(Policy):
     name = "first-fit"
     native_code = 0
 
-    def gpu_scores(self, state: ClusterState, cands: np.ndarray, take: np.ndarray) -> np.ndarray:
+    def gpu_scores(
+        self, state: ClusterState, cands: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
+    ) -> np.ndarray:
         """Inventory position."""
         return cands.astype(np.float64)
 
-    def set_score(self, state: ClusterState, node: int, gpus: np.ndarray, take: np.ndarray) -> float:
+    def set_score(
+        self, state: ClusterState, node: int, gpus: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
+    ) -> float:
         """Inventory position of the node."""
         return float(node)
 
@@ -221,13 +250,17 @@ class BestFit(Policy):
     name = "best-fit"
     native_code = 1
 
-    def gpu_scores(self, state: ClusterState, cands: np.ndarray, take: np.ndarray) -> np.ndarray:
+    def gpu_scores(
+        self, state: ClusterState, cands: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
+    ) -> np.ndarray:
         """Node room after placement, then GPU room after placement."""
         node_room = np.add.reduceat(state.gpu_room, state.node_first).astype(np.float64)
         after_gpu = state.gpu_room[cands].astype(np.float64) - take
         return (node_room[state.gpu_node[cands]] - take) * 100_000.0 + after_gpu
 
-    def set_score(self, state: ClusterState, node: int, gpus: np.ndarray, take: np.ndarray) -> float:
+    def set_score(
+        self, state: ClusterState, node: int, gpus: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
+    ) -> float:
         """Node room after placement."""
         first = int(state.node_first[node])
         room = float(state.gpu_room[first : first + int(state.node_ngpu[node])].sum())
@@ -240,10 +273,19 @@ class Workload:
     def __init__(self, window: int = 2000, max_classes: int = 16) -> None:
         self.recent: deque[tuple[int, bool, int | None, int | None]] = deque(maxlen=window)
         self.max_classes = max_classes
+        #: Running mean CPU (milli) and host memory (MiB) per class key.
+        self.host: dict[tuple[int, bool, int | None, int | None], tuple[float, float, int]] = {}
 
-    def observe(self, key: tuple[int, bool, int | None, int | None]) -> None:
-        """Count one submitted shape."""
+    def observe(self, key: tuple[int, bool, int | None, int | None], cpu: float = 0.0, mem: float = 0.0) -> None:
+        """Count one submitted shape with its CPU and host memory per replica."""
         self.recent.append(key)
+        c, m, n = self.host.get(key, (0.0, 0.0, 0))
+        self.host[key] = ((c * n + cpu) / (n + 1), (m * n + mem) / (n + 1), min(n + 1, 1000))
+
+    def host_demand(self, key: tuple[int, bool, int | None, int | None]) -> tuple[float, float]:
+        """Mean CPU and host memory of a class."""
+        c, m, _ = self.host.get(key, (0.0, 0.0, 0))
+        return c, m
 
     def classes(self) -> list[tuple[tuple[int, bool, int | None, int | None], float]]:
         """The most frequent classes with their popularity (summing to 1)."""
@@ -268,6 +310,8 @@ class FragmentationAware(Policy):
         self.sum_frag = np.zeros((0, 1), dtype=np.float32)
         self.sum_r = np.zeros(0, dtype=np.float32)
         self.d = np.zeros((0, 0), dtype=np.float32)
+        self.cls_cpu = np.zeros(0, dtype=np.float64)
+        self.cls_mem = np.zeros(0, dtype=np.float64)
         self._keys: list[tuple[int, bool, int | None, int | None]] = []
 
     def attach(self, state: ClusterState) -> None:
@@ -278,7 +322,7 @@ class FragmentationAware(Policy):
 
     def observe(self, shape: ReplicaShape) -> None:
         """Learn the workload; rebuild the class tables every ``refresh_every`` shapes."""
-        self.workload.observe(shape.class_key)
+        self.workload.observe(shape.class_key, shape.cpu_milli, shape.host_memory_mib)
         self._since_refresh += 1
         if self._since_refresh >= self.refresh_every:
             self.rebuild()
@@ -290,6 +334,9 @@ class FragmentationAware(Policy):
         classes = self.workload.classes()
         keys = [key for key, _ in classes]
         self.p = np.array([p for _, p in classes], dtype=np.float32)
+        host = [self.workload.host_demand(key) for key in keys]
+        self.cls_cpu = np.array([c for c, _ in host], dtype=np.float64)
+        self.cls_mem = np.array([m for _, m in host], dtype=np.float64)
         nmodels = max(len(state.models), 1)
         n = len(state.nodes)
         if keys == self._keys and self.sum_r.shape[0] == n and self.d.shape[1] == nmodels:
@@ -318,6 +365,10 @@ class FragmentationAware(Policy):
         """Class demands, sizes, popularity and the per-node aggregates."""
         return (self.d, self.k, self.p, self.count_fit, self.sum_frag, self.sum_r)
 
+    def host_tables(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Per-class mean CPU and host memory."""
+        return self.cls_cpu, self.cls_mem
+
     def _refresh(self, nodes: np.ndarray) -> None:
         s = self.state
         _frag.refresh_nodes(
@@ -338,7 +389,9 @@ class FragmentationAware(Policy):
         else:
             self._refresh(nodes)
 
-    def gpu_scores(self, state: ClusterState, cands: np.ndarray, take: np.ndarray) -> np.ndarray:
+    def gpu_scores(
+        self, state: ClusterState, cands: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
+    ) -> np.ndarray:
         """Growth of expected fragmentation of the candidate's node."""
         out = np.empty(cands.shape[0], dtype=np.float32)
         _frag.single_gpu_delta(
@@ -354,18 +407,29 @@ class FragmentationAware(Policy):
             self.sum_frag,
             self.sum_r,
             out,
+            *host_free(state),
+            task[0],
+            task[1],
+            self.cls_cpu,
+            self.cls_mem,
         )
         return out.astype(np.float64)
 
-    def set_score(self, state: ClusterState, node: int, gpus: np.ndarray, take: np.ndarray) -> float:
+    def set_score(
+        self, state: ClusterState, node: int, gpus: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
+    ) -> float:
         """Exact growth of the node's expected fragmentation for the whole GPU set."""
         first = int(state.node_first[node])
         sl = slice(first, first + int(state.node_ngpu[node]))
         room = state.gpu_room[sl].copy()
         models = state.gpu_model[sl]
-        before = _frag.node_fragmentation(room, models, self.d, self.k, self.p)
+        cpu = float(state.node_cpu[node] - state.node_cpu_used[node])
+        mem = float(state.node_mem[node] - state.node_mem_used[node])
+        before = _frag.node_fragmentation(room, models, self.d, self.k, self.p, cpu, mem, self.cls_cpu, self.cls_mem)
         room[gpus - first] = np.maximum(room[gpus - first] - take, 0)
-        after = _frag.node_fragmentation(room, models, self.d, self.k, self.p)
+        after = _frag.node_fragmentation(
+            room, models, self.d, self.k, self.p, cpu - task[0], mem - task[1], self.cls_cpu, self.cls_mem
+        )
         return float(after - before)
 
 
@@ -388,7 +452,7 @@ def place_replica(state: ClusterState, shape: ReplicaShape, policy: Policy) -> C
         return None
     if shape.gpus == 1:
         take = take_milli(state, shape, cands, caps)
-        scores = policy.gpu_scores(state, cands, take)
+        scores = policy.gpu_scores(state, cands, take, (shape.cpu_milli, shape.host_memory_mib))
         i = int(np.argmin(scores))
         g = int(cands[i])
         return Choice(int(state.gpu_node[g]), (g,), (int(caps[g]),), float(scores[i]), False)
@@ -410,13 +474,17 @@ def place_single_gpu(state: ClusterState, shape: ReplicaShape, policy: Policy) -
         state.gpu_avail,
         state.gpu_nalloc,
         model_mask(state, shape).view(np.uint8),
-        node_mask(state, shape).view(np.uint8),
+        selector_mask(state, shape).view(np.uint8),
         state.gpu_node,
         state.gpu_model,
         state.gpu_usable,
         state.gpu_room,
         state.node_room,
         *policy.native_tables(),
+        *host_free(state),
+        float(shape.cpu_milli),
+        float(shape.host_memory_mib),
+        *policy.host_tables(),
     )
     if g < 0:
         return None
@@ -467,7 +535,8 @@ def _choose_on_node(
     first = int(state.node_first[node])
     gpus = first + np.flatnonzero(feas[first : first + int(state.node_ngpu[node])])
     take = take_milli(state, shape, gpus, caps)
-    prefs = policy.gpu_scores(state, gpus, take)
+    task = (float(shape.cpu_milli), float(shape.host_memory_mib))
+    prefs = policy.gpu_scores(state, gpus, take, task)
     spans = False
     if shape.topology != Topology.NONE:
         groups = state.gpu_group[gpus]
@@ -484,7 +553,7 @@ def _choose_on_node(
             spans = True
     pick = np.argsort(prefs, kind="stable")[: shape.gpus]
     chosen, chosen_take = gpus[pick], take[pick]
-    score = policy.set_score(state, node, chosen, chosen_take) + (SPAN_PENALTY if spans else 0.0)
+    score = policy.set_score(state, node, chosen, chosen_take, task) + (SPAN_PENALTY if spans else 0.0)
     return Choice(node, tuple(int(g) for g in chosen), tuple(int(caps[g]) for g in chosen), score, spans)
 
 

@@ -19,7 +19,14 @@ from functools import partial
 import numpy as np
 
 from guardmesh.config import SchedulerSettings
-from guardmesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from guardmesh.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    GuardmeshError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from services.scheduler.cluster import ClusterState
 from services.scheduler.inventory import NodeSpec
 from services.scheduler.jobs import (
@@ -43,7 +50,7 @@ from services.scheduler.placement import (
     place,
 )
 from services.scheduler.scaling import CapacityPlan, NodeShape, ScaleAdvisor, ScaleSignal, plan_capacity
-from services.scheduler.store import Store
+from services.scheduler.store import Store, StoreFailure, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +127,10 @@ class Scheduler:
         )
         self.scale_seq = 0
         self._capacity_changed = False
+        #: Set when a write failed: memory is ahead of disk, so every call answers UNAVAILABLE.
+        self.failed = ""
+        #: The newest commit handed to the store; a read of possibly undurable state waits for it.
+        self.last_ticket: Ticket | None = None
         if store is not None:
             self._restore(store)
 
@@ -175,10 +186,29 @@ class Scheduler:
         if self.store is not None:
             self.store.stage_job(job)
 
-    def _commit(self) -> None:
-        if self.store is not None:
-            self.store.commit()
+    def _commit(self) -> Ticket | None:
+        """Hand staged writes to the group committer (under the lock); wait on the ticket outside it."""
+        ticket = self.store.commit() if self.store is not None else None
+        if ticket is not None:
+            self.last_ticket = ticket
         self.changed.notify_all()
+        return ticket
+
+    def _durable(self, ticket: Ticket | None) -> None:
+        """Wait until an operation's writes are durable; a failed write stops the scheduler (fail-stop):
+        memory is then ahead of disk, so it answers UNAVAILABLE until restarted from what is durable."""
+        if ticket is None:
+            return
+        try:
+            ticket.wait()
+        except StoreFailure as exc:
+            self.failed = str(exc)
+            log.critical("store failure; refusing further calls until restart", extra={"error": str(exc)})
+            raise Unavailable(f"scheduler store failed ({exc}); restart the scheduler") from exc
+
+    def _check_alive(self) -> None:
+        if self.failed:
+            raise Unavailable(f"scheduler store failed ({self.failed}); restart the scheduler")
 
     def _get(self, job_id: str) -> Job:
         if not job_id:
@@ -218,6 +248,7 @@ class Scheduler:
         if len(set(names)) != len(names):
             raise InvalidArgument("node.name", "duplicate node names in one registration")
         with self.lock:
+            self._check_alive()
             self.state.set_nodes(specs)
             now = self.clock()
             for spec in specs:
@@ -225,12 +256,15 @@ class Scheduler:
                 if self.store is not None:
                     self.store.stage_node(spec)
             self._schedule_pending()
-            self._commit()
-            return [self._node_view(self.state.node_index[s.name]) for s in specs]
+            ticket = self._commit()
+            views = [self._node_view(self.state.node_index[s.name]) for s in specs]
+        self._durable(ticket)
+        return views
 
     def report_node_status(self, node: str, usage: list[tuple[str, int, float]]) -> float:
         """Record per-GPU (uuid, used MiB, utilisation) for ``node``; returns the recorded time."""
         with self.lock:
+            self._check_alive()
             if node not in self.state.node_index:
                 raise NotFound(f"node {node!r} is not registered")
             spec = self.state.nodes[self.state.node_index[node]]
@@ -255,8 +289,9 @@ class Scheduler:
             self.state.node_alive[n] = True
             if gained or revived:  # heartbeats are frequent: retry the queue only when room appeared
                 self._schedule_pending()
-            self._commit()
-            return now
+            ticket = self._commit()
+        self._durable(ticket)
+        return now
 
     def _node_view(self, n: int) -> NodeView:
         spec = self.state.nodes[n]
@@ -345,40 +380,69 @@ class Scheduler:
                 )
 
     def submit(self, spec: JobSpec) -> Job:
-        """Submit a job: place it now if room exists, else queue it (and preempt for guaranteed jobs)."""
+        """Submit a job: place it now if room exists, else queue it (and preempt for guaranteed jobs).
+
+        Acknowledged (returned) only once durable. Resubmitting the same spec returns the job.
+        """
         spec.validate()
         with self.lock:
-            existing = self.jobs.get(spec.job_id)
-            if existing is not None:
-                if existing.spec == spec:
-                    return self.snapshot(existing)
-                raise AlreadyExists(f"job {spec.job_id!r} exists with a different spec")
-            self._check_static(spec)
-            self.job_seq += 1
-            now = self.clock()
-            job = Job(
-                spec=spec,
-                seq=self.job_seq,
-                submitted_at=now,
-                updated_at=now,
-                lease_ttl_s=spec.lease_ttl_s or self.settings.lease_ttl_s,
-            )
-            self.jobs[spec.job_id] = job
-            self.policy.observe(ReplicaShape.of(spec))
-            try:
-                placed = self._try_place(job)
-                if not placed:
-                    self.pending[job.job_id] = job
-                    if job.state == JobState.PENDING:
-                        self._emit(EventKind.PENDING, job, job.pending_reason)
-                    self._try_preempt(job)
-                self._save(job)
-                self._commit()
-            except Exception:
-                if self.store is not None:
-                    self.store.discard()
-                raise
-            return self.snapshot(job)
+            self._check_alive()
+            job = self._submit_locked(spec)
+            ticket = self._commit() or self.last_ticket
+        self._durable(ticket)
+        return job
+
+    def submit_many(self, specs: list[JobSpec]) -> list[Job | GuardmeshError]:
+        """Submit jobs in order under one lock and one transaction; each gets its job or its own error."""
+        out: list[Job | GuardmeshError] = []
+        with self.lock:
+            self._check_alive()
+            for spec in specs:
+                try:
+                    spec.validate()
+                    out.append(self._submit_locked(spec))
+                except GuardmeshError as err:
+                    out.append(err)
+            ticket = self._commit() or self.last_ticket
+        self._durable(ticket)
+        return out
+
+    def _submit_locked(self, spec: JobSpec) -> Job:
+        existing = self.jobs.get(spec.job_id)
+        if existing is not None:
+            if existing.spec == spec:
+                return self.snapshot(existing)
+            raise AlreadyExists(f"job {spec.job_id!r} exists with a different spec")
+        self._check_static(spec)
+        self.job_seq += 1
+        now = self.clock()
+        job = Job(
+            spec=spec,
+            seq=self.job_seq,
+            submitted_at=now,
+            updated_at=now,
+            lease_ttl_s=spec.lease_ttl_s or self.settings.lease_ttl_s,
+        )
+        self.jobs[spec.job_id] = job
+        self.policy.observe(ReplicaShape.of(spec))
+        mark = self.store.mark() if self.store is not None else 0
+        try:
+            placed = self._try_place(job)
+            if not placed:
+                self.pending[job.job_id] = job
+                if job.state == JobState.PENDING:
+                    self._emit(EventKind.PENDING, job, job.pending_reason)
+                self._try_preempt(job)
+            self._save(job)
+        except Exception:
+            # An unexpected failure mid-decision: undo this job entirely, in memory and in what is staged.
+            self.state.free(job.job_id)
+            self.jobs.pop(job.job_id, None)
+            self.pending.pop(job.job_id, None)
+            if self.store is not None:
+                self.store.rollback_to(mark)
+            raise
+        return self.snapshot(job)
 
     def _try_place(self, job: Job) -> bool:
         """Place the job's missing replicas (all or none for a gang); True when every replica is placed."""
@@ -596,13 +660,15 @@ class Scheduler:
     def release(self, job_id: str) -> Job:
         """Release a job's allocations or withdraw it; releasing an ended job changes nothing."""
         with self.lock:
+            self._check_alive()
             job = self._get(job_id)
-            if job.state in TERMINAL:
-                return self.snapshot(job)
-            self._end(job, JobState.RELEASED, EventKind.RELEASED, "released by its owner")
-            self._schedule_pending()
-            self._commit()
-            return self.snapshot(job)
+            if job.state not in TERMINAL:
+                self._end(job, JobState.RELEASED, EventKind.RELEASED, "released by its owner")
+                self._schedule_pending()
+            ticket = self._commit() or self.last_ticket
+            snap = self.snapshot(job)
+        self._durable(ticket)
+        return snap
 
     def describe(self, job_id: str) -> Job:
         """One job."""
@@ -673,14 +739,15 @@ class Scheduler:
                         freed = freed or alive
             if freed:
                 self._schedule_pending()
-            self._commit()
-            if self.state.gpu_count == 0:
-                return []
-            changed = self.scale.evaluate(self.state, self._unplaced_demand(), now)
-            if changed:
-                self.scale_seq += 1
-                self.changed.notify_all()
-            return changed
+            ticket = self._commit()
+            changed: list[ScaleSignal] = []
+            if self.state.gpu_count:
+                changed = self.scale.evaluate(self.state, self._unplaced_demand(), now)
+                if changed:
+                    self.scale_seq += 1
+                    self.changed.notify_all()
+        self._durable(ticket)
+        return changed
 
     # -- watching --------------------------------------------------------------------------------------
 

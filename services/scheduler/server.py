@@ -13,8 +13,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
 from guardmesh.config import MeshConfig
-from guardmesh.errors import InvalidArgument, Unavailable
+from guardmesh.errors import GuardmeshError, InvalidArgument, Unavailable
 from guardmesh.runtime import ServiceDefinition
+from guardmesh.v1 import common_pb2
 from guardmesh.v1 import scheduler_pb2 as pb
 from guardmesh.v1 import scheduler_pb2_grpc as pb_grpc
 from services.scheduler.inventory import GpuDevice, NodeSpec, load_cluster_file
@@ -24,6 +25,7 @@ from services.scheduler.scheduler import Event, NodeView, Scheduler
 from services.scheduler.store import Store
 
 log = logging.getLogger(__name__)
+MAX_BATCH = 1000
 
 
 def _enum(value: int) -> Any:
@@ -228,6 +230,27 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         span.set_attribute("guardmesh.job_id", job.job_id)
         span.set_attribute("guardmesh.job_state", job.state.name)
         return pb.SubmitJobResponse(job=job_to_pb(job))
+
+    def SubmitJobs(self, request: pb.SubmitJobsRequest, context: grpc.ServicerContext) -> pb.SubmitJobsResponse:
+        """See the proto."""
+        if not 1 <= len(request.jobs) <= MAX_BATCH:
+            raise InvalidArgument("jobs", f"must hold 1 to {MAX_BATCH} jobs (got {len(request.jobs)})")
+        specs: list[JobSpec | GuardmeshError] = []
+        for msg in request.jobs:
+            try:
+                specs.append(spec_from_pb(msg))
+            except GuardmeshError as err:
+                specs.append(err)
+        valid = [s for s in specs if isinstance(s, JobSpec)]
+        results = iter(self.core.submit_many(valid))
+        resp = pb.SubmitJobsResponse()
+        for s in specs:
+            outcome = next(results) if isinstance(s, JobSpec) else s
+            if isinstance(outcome, GuardmeshError):
+                resp.results.add(error=common_pb2.ErrorStatus(code=outcome.code.value[0], message=outcome.message))
+            else:
+                resp.results.add(job=job_to_pb(outcome))
+        return resp
 
     def ReleaseJob(self, request: pb.ReleaseJobRequest, context: grpc.ServicerContext) -> pb.ReleaseJobResponse:
         """See the proto."""

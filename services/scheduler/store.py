@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,29 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+class StoreFailure(RuntimeError):
+    """A commit failed (disk full, I/O error): nothing of that batch was acknowledged."""
+
+
+class Ticket:
+    """Completion of one group-committed batch."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.error: BaseException | None = None
+
+    def done(self, error: BaseException | None) -> None:
+        """Mark durable (or failed)."""
+        self.error = error
+        self._event.set()
+
+    def wait(self) -> None:
+        """Block until durable; StoreFailure if the transaction failed."""
+        self._event.wait()
+        if self.error is not None:
+            raise StoreFailure(f"scheduler state could not be written: {self.error}") from self.error
+
+
 class Store:
     """SQLite persistence. Callers serialise access (the scheduler holds its lock)."""
 
@@ -49,6 +73,13 @@ class Store:
         self.db.execute(f"PRAGMA synchronous={synchronous}")
         self.db.executescript(SCHEMA)
         self._staged: list[tuple[str, tuple[Any, ...]]] = []
+        self._queue: list[tuple[list[tuple[str, tuple[Any, ...]]], Ticket]] = []
+        self._queue_cond = threading.Condition()
+        self._closed = False
+        #: Transactions committed (several operations may share one: group commit).
+        self.transactions = 0
+        self._committer = threading.Thread(target=self._commit_loop, name="sqlite-committer", daemon=True)
+        self._committer.start()
 
     def stage_node(self, spec: NodeSpec) -> None:
         """Write a node at the next commit."""
@@ -82,19 +113,58 @@ class Store:
         """Append an event at the next commit."""
         self._staged.append(("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (seq, int(kind), job_id, at, message)))
 
-    def commit(self) -> None:
-        """Write everything staged in one transaction (durable per the synchronous setting)."""
-        if not self._staged:
-            return
-        staged, self._staged = self._staged, []
-        with self.db:  # BEGIN ... COMMIT, rolled back on error
-            self.db.execute("BEGIN")
-            for sql, params in staged:
-                self.db.execute(sql, params)
+    def commit(self) -> Ticket | None:
+        """Hand everything staged to the committer; the ticket is set once it is durable.
 
-    def discard(self) -> None:
-        """Drop staged writes (the operation failed and changed nothing)."""
-        self._staged.clear()
+        Called under the scheduler's lock, so batches reach the database in decision order. Concurrent
+        operations share one transaction and one fsync (group commit); each caller waits on its ticket
+        *outside* the lock before it acknowledges.
+        """
+        if not self._staged:
+            return None
+        staged, self._staged = self._staged, []
+        ticket = Ticket()
+        with self._queue_cond:
+            if self._closed:
+                raise RuntimeError("store is closed")
+            self._queue.append((staged, ticket))
+            self._queue_cond.notify()
+        return ticket
+
+    def commit_now(self) -> None:
+        """Commit what is staged and wait for it (used where no lock is held)."""
+        ticket = self.commit()
+        if ticket is not None:
+            ticket.wait()
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self._queue_cond:
+                while not self._queue and not self._closed:
+                    self._queue_cond.wait()
+                if not self._queue and self._closed:
+                    return
+                batch, self._queue = self._queue, []
+            error: BaseException | None = None
+            self.transactions += 1
+            try:
+                with self.db:  # BEGIN ... COMMIT, rolled back on error
+                    self.db.execute("BEGIN")
+                    for staged, _ in batch:
+                        for sql, params in staged:
+                            self.db.execute(sql, params)
+            except BaseException as exc:  # noqa: BLE001 - every waiter hears of it
+                error = exc
+            for _, ticket in batch:
+                ticket.done(error)
+
+    def mark(self) -> int:
+        """Position in the staged writes, for :meth:`rollback_to`."""
+        return len(self._staged)
+
+    def rollback_to(self, mark: int) -> None:
+        """Drop writes staged after ``mark`` (that part of an operation failed)."""
+        del self._staged[mark:]
 
     def load_nodes(self) -> list[NodeSpec]:
         """Every stored node."""
@@ -134,5 +204,9 @@ class Store:
         return int(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
 
     def close(self) -> None:
-        """Close the database."""
+        """Flush queued commits, stop the committer and close the database."""
+        with self._queue_cond:
+            self._closed = True
+            self._queue_cond.notify()
+        self._committer.join(timeout=30)
         self.db.close()
