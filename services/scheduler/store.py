@@ -153,7 +153,7 @@ class Store:
                     for staged, _ in batch:
                         for sql, params in staged:
                             self.db.execute(sql, params)
-            except BaseException as exc:  # noqa: BLE001 - every waiter hears of it
+            except BaseException as exc:
                 error = exc
             for _, ticket in batch:
                 ticket.done(error)
