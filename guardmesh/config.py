@@ -109,6 +109,18 @@ class SchedulerSettings(_Section):
     event_retention: int = Field(default=100_000, ge=100)
 
 
+class ParamServerSettings(_Section):
+    """The parameter server (see ``mesh.toml``)."""
+
+    shards: int = Field(default=1, ge=1, le=256)
+    shard_index: int = Field(default=0, ge=0, le=255)
+    checkpoint_locations: list[str] = Field(default_factory=lambda: ["checkpoints/replica-a", "checkpoints/replica-b"])
+    min_replicas: int = Field(default=2, ge=1)
+    step_id_window: int = Field(default=4096, ge=1)
+    monitor_interval_s: float = Field(default=5.0, gt=0)
+    stream_threshold_mib: float = Field(default=4.0, gt=0)
+
+
 class MeshConfig(_Section):
     """The whole validated configuration."""
 
@@ -120,6 +132,7 @@ class MeshConfig(_Section):
     tracing: TracingSettings = TracingSettings()
     logging: LoggingSettings = LoggingSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    paramserver: ParamServerSettings = ParamServerSettings()
 
     def endpoint(self, service: str) -> ServiceEndpoint:
         """Static endpoint of ``service``; ConfigError if the mesh config does not list it."""

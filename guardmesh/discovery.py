@@ -123,7 +123,8 @@ def grpc_target(endpoints: list[Endpoint]) -> str:
     """A gRPC target for the endpoints: the address itself for one, an ``ipv4:``/``ipv6:`` list for many."""
     if len(endpoints) == 1:
         return endpoints[0].address
-    v4, v6 = [], []
+    v4: list[tuple[str, int]] = []
+    v6: list[tuple[str, int]] = []
     for ep in endpoints:
         info = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)[0]
         ip = str(info[4][0])

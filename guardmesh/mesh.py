@@ -88,6 +88,27 @@ def enabled_services(config: MeshConfig) -> list[str]:
     return [s for s in KNOWN_SERVICES if s in config.services and config.services[s].enabled]
 
 
+def _port_key(service: str) -> str:
+    return f"GUARDMESH__SERVICES__{service.upper()}__PORT"
+
+
+def instances(config: MeshConfig) -> list[tuple[str, str, dict[str, str]]]:
+    """(service, instance name, environment overrides) of every process the mesh runs.
+
+    The parameter server runs one process per shard, shard i on ``port + i``.
+    """
+    out = []
+    for service in enabled_services(config):
+        if service == "paramserver":
+            base = config.services[service].port
+            for i in range(config.paramserver.shards):
+                env = {_port_key(service): str(base + i), "GUARDMESH__PARAMSERVER__SHARD_INDEX": str(i)}
+                out.append((service, f"paramserver-{i}", env))
+        else:
+            out.append((service, service, {}))
+    return out
+
+
 def _start_jaeger(config: MeshConfig, env: dict[str, str]) -> ProcessRecord | None:
     logs = Path(config.mesh.state_dir) / "logs"
     if shutil.which("jaeger"):
@@ -138,27 +159,28 @@ def up(config: MeshConfig | None = None, timeout: float = 90.0) -> list[ProcessR
             records["jaeger"] = jaeger
     elif "jaeger" in records:
         env.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", JAEGER_OTLP)
-    for service in enabled_services(config):
-        if service in records:
+    for service, instance, extra in instances(config):
+        if instance in records:
             continue
-        log = logs / f"{service}.log"
+        log = logs / f"{instance}.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{service}"],
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
-            env=env,
+            env={**env, **extra},
             start_new_session=True,
         )
-        records[service] = ProcessRecord(service, config.services[service].address, proc.pid, str(log))
+        port = extra.get(_port_key(service), str(config.services[service].port))
+        records[instance] = ProcessRecord(instance, f"{config.services[service].host}:{port}", proc.pid, str(log))
     _write_records(config, list(records.values()))
     deadline = time.monotonic() + timeout
-    for service in enabled_services(config):
-        rec = records[service]
+    for service, instance, _ in instances(config):
+        rec = records[instance]
         while health_status(rec.address, service) != "SERVING":
             if not pid_alive(rec.pid):
-                raise RuntimeError(f"{service} exited during start; see {rec.log}")
+                raise RuntimeError(f"{instance} exited during start; see {rec.log}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{service} not SERVING after {timeout:.0f}s; see {rec.log}")
+                raise RuntimeError(f"{instance} not SERVING after {timeout:.0f}s; see {rec.log}")
             time.sleep(0.2)
     status(config)
     return list(records.values())
@@ -177,7 +199,7 @@ def status(config: MeshConfig | None = None) -> list[tuple[ProcessRecord, str]]:
         elif rec.service == "jaeger":
             health = "RUNNING"
         else:
-            health = health_status(rec.address, rec.service)
+            health = health_status(rec.address, rec.service.split("-")[0])
         rows.append((rec, health))
         color = "green" if health in ("SERVING", "RUNNING") else "red"
         table.add_row(rec.service, rec.address, str(rec.pid), f"[{color}]{health}[/{color}]", rec.log)

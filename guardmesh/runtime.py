@@ -39,7 +39,7 @@ from guardmesh.tracing import flush_tracing, server_tracing_interceptor, setup_t
 log = logging.getLogger(__name__)
 
 #: Services the runtime can start by short name; each lives in ``services/<name>/server.py``.
-KNOWN_SERVICES = ("scheduler",)
+KNOWN_SERVICES = ("scheduler", "paramserver")
 
 
 class Binding(Protocol):
@@ -73,6 +73,8 @@ class ServiceDefinition:
     name: str
     service_names: tuple[str, ...]
     build: Callable[[MeshConfig], Binding]
+    #: Name announced to discovery, when instances are not interchangeable (paramserver shards).
+    instance_name: Callable[[MeshConfig], str] | None = None
 
 
 @dataclass
@@ -167,7 +169,8 @@ def start_service(
     running = RunningService(definition, config, server, health_servicer, binding, host, bound, registry)
     advertise = (endpoint.advertise_host if endpoint else "") or host
     try:
-        running.registration_id = registry.register(definition.name, advertise, bound)
+        announced = definition.instance_name(config) if definition.instance_name else definition.name
+        running.registration_id = registry.register(announced, advertise, bound)
     except Exception as exc:
         server.stop(0)
         binding.close()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# As the paramserver process does (services/paramserver/__main__.py): set before native kernels load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from collections.abc import Iterator
 from pathlib import Path
 

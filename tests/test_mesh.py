@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from guardmesh.config import load_config
-from guardmesh.mesh import enabled_services, health_status, pid_alive, read_records
+from guardmesh.mesh import enabled_services, health_status, instances, pid_alive, read_records
 from guardmesh.runtime import KNOWN_SERVICES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,6 +22,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _free_port_pair() -> int:
+    """A port p such that p and p + 1 are both free (paramserver shards 0 and 1)."""
+    for _ in range(100):
+        p = _free_port()
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+            return p
+    raise RuntimeError("no free port pair")
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -37,12 +51,15 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def test_mesh_up_status_down(tmp_path: Path) -> None:
     port = _free_port()
+    ps_port = _free_port_pair()
     cluster = tmp_path / "cluster.toml"
     cluster.write_text('[[nodes]]\nname = "n1"\nmodel = "T4"\ngpus = 2\nmemory_mib = 16384\n')
     config_file = tmp_path / "mesh.toml"
     config_file.write_text(
         f'[mesh]\nstate_dir = "{tmp_path / "state"}"\n'
         f"[services.scheduler]\nport = {port}\n"
+        f"[services.paramserver]\nport = {ps_port}\n"
+        "[paramserver]\nshards = 2\n"
         f'[scheduler]\ncluster_file = "{cluster}"\n'
         "[grpc]\ndrain_delay_s = 0.1\n"
     )
@@ -55,7 +72,10 @@ def test_mesh_up_status_down(tmp_path: Path) -> None:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "scheduler" in up.stdout and "SERVING" in up.stdout and f"127.0.0.1:{port}" in up.stdout
         records = {r.service: r for r in read_records(config)}
-        assert set(records) >= set(enabled_services(config))
+        assert set(records) >= {instance for _, instance, _ in instances(config)}
+        assert {"scheduler", "paramserver-0", "paramserver-1"} <= set(records)
+        assert records["paramserver-1"].address == f"127.0.0.1:{ps_port + 1}"
+        assert health_status(records["paramserver-1"].address, "paramserver") == "SERVING"
         pid = records["scheduler"].pid
         assert pid_alive(pid)
         assert health_status(f"127.0.0.1:{port}", "scheduler") == "SERVING"
@@ -72,6 +92,7 @@ def test_mesh_up_status_down(tmp_path: Path) -> None:
         down = _cli("mesh", "down", env=env)
     assert down.returncode == 0, down.stderr
     assert not pid_alive(pid)
+    assert not any(pid_alive(r.pid) for r in records.values())
     assert read_records(config) == []
     log = (tmp_path / "state" / "logs" / "scheduler.log").read_text()
     assert '"msg": "stopped"' in log  # drained by SIGTERM, not killed

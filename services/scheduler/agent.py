@@ -17,6 +17,7 @@ from guardmesh.config import MeshConfig
 from guardmesh.v1 import scheduler_pb2 as pb
 from guardmesh.v1 import scheduler_pb2_grpc as pb_grpc
 from services.scheduler.inventory import GpuDevice, NodeSpec, load_cluster_file
+from services.scheduler.server import node_spec_to_pb
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -106,7 +107,7 @@ def run_agent(
         nodes = [found[0]]
 
     for spec in nodes:
-        stub.RegisterNode(pb.RegisterNodeRequest(node=_spec_pb(spec)))
+        stub.RegisterNode(pb.RegisterNodeRequest(node=node_spec_to_pb(spec)))
         log.info("registered node", extra={"node": spec.name, "gpus": len(spec.gpus)})
     while True:
         for spec in nodes:
@@ -121,18 +122,3 @@ def run_agent(
             break
         time.sleep(interval)
     channel.close()
-
-
-def _spec_pb(spec: NodeSpec) -> pb.NodeSpec:
-    return pb.NodeSpec(
-        name=spec.name,
-        gpus=[
-            pb.GpuDevice(
-                index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib, topology_group=g.topology_group
-            )
-            for g in spec.gpus
-        ],
-        labels=dict(spec.labels),
-        cpu_milli=spec.cpu_milli,
-        host_memory_mib=spec.host_memory_mib,
-    )

@@ -34,6 +34,30 @@ class Allocation:
 class ClusterState:
     """Inventory and allocations. Not thread-safe: the scheduler serialises access."""
 
+    # Per-GPU arrays (flat GPU index) and per-node arrays; built by _part(), see _GPU_ARRAYS/_NODE_ARRAYS.
+    gpu_total: np.ndarray
+    gpu_usable: np.ndarray
+    gpu_caps: np.ndarray
+    gpu_used: np.ndarray
+    gpu_util: np.ndarray
+    gpu_nalloc: np.ndarray
+    gpu_exclusive: np.ndarray
+    gpu_model: np.ndarray
+    gpu_node: np.ndarray
+    gpu_group: np.ndarray
+    gpu_avail: np.ndarray
+    gpu_room: np.ndarray
+    node_ngpu: np.ndarray
+    node_first: np.ndarray
+    node_cpu: np.ndarray
+    node_mem: np.ndarray
+    node_cpu_used: np.ndarray
+    node_mem_used: np.ndarray
+    node_alive: np.ndarray
+    node_room: np.ndarray
+    group_node: np.ndarray
+    group_count: int
+
     def __init__(self, reserve_mib: int) -> None:
         self.reserve_mib = reserve_mib
         self.nodes: list[NodeSpec] = []

@@ -139,22 +139,26 @@ def node_from_pb(msg: pb.NodeSpec) -> NodeSpec:
     )
 
 
+def node_spec_to_pb(spec: NodeSpec) -> pb.NodeSpec:
+    """Message form of a node's description."""
+    return pb.NodeSpec(
+        name=spec.name,
+        labels=dict(spec.labels),
+        cpu_milli=spec.cpu_milli,
+        host_memory_mib=spec.host_memory_mib,
+        gpus=[
+            pb.GpuDevice(
+                index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib, topology_group=g.topology_group
+            )
+            for g in spec.gpus
+        ],
+    )
+
+
 def node_to_pb(view: NodeView) -> pb.NodeStatus:
     """Message form of a node view."""
-    s = view.spec
     msg = pb.NodeStatus(
-        spec=pb.NodeSpec(
-            name=s.name,
-            labels=dict(s.labels),
-            cpu_milli=s.cpu_milli,
-            host_memory_mib=s.host_memory_mib,
-            gpus=[
-                pb.GpuDevice(
-                    index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib, topology_group=g.topology_group
-                )
-                for g in s.gpus
-            ],
-        ),
+        spec=node_spec_to_pb(view.spec),
         last_seen=_ts(view.last_seen),
         reserve_mib=view.reserve_mib,
     )

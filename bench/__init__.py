@@ -1,0 +1,1 @@
+"""Benchmarks of guardmesh services; results go to ``bench/results/<service>.json``."""

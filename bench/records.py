@@ -1,0 +1,97 @@
+"""Benchmark records: one figure of ours beside the peer it was measured against, written as JSON.
+
+Every record carries ``ratio``, how many times better ours is than the peer (> 1 means ours is better,
+whatever the direction of the unit), and ``target``, the ratio the issue asks for (None for figures that
+are only informative). ``machine`` says where the figures were taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@cache
+def machine() -> str:
+    """Platform, CPU count, CPU model and Python version, in one short line."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({model}), Python {sys.version.split()[0]}"
+
+
+def record(
+    name: str,
+    unit: str,
+    ours: float,
+    peer: str,
+    peer_value: float | None,
+    target: float | None,
+    higher_is_better: bool = True,
+) -> dict[str, Any]:
+    """One record; ``ratio`` is ours/peer when higher is better, peer/ours when lower is better."""
+    ratio: float | None = None
+    if peer_value is not None:
+        num, den = (ours, peer_value) if higher_is_better else (peer_value, ours)
+        if den:
+            ratio = num / den  # a zero denominator leaves it None: JSON has no infinity
+    return {
+        "name": name,
+        "unit": unit,
+        "ours": ours,
+        "peer": peer,
+        "peer_value": peer_value,
+        "ratio": ratio,
+        "target": target,
+        "machine": machine(),
+    }
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
+def write_records(service: str, records: list[dict[str, Any]]) -> Path:
+    """Write ``bench/results/<service>.json`` and print the records as a table; return the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{service}.json"
+    path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    table = Table(title=f"{service} benchmark ({machine()})")
+    for col in ("name", "unit", "ours", "peer", "peer value", "ratio", "target", "met"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("ours", "peer value", "ratio") else "left")
+    for r in records:
+        met = "-"
+        if r["target"] is not None and r["ratio"] is not None:
+            met = "yes" if r["ratio"] >= r["target"] else "NO"
+        table.add_row(
+            r["name"],
+            r["unit"],
+            _fmt(r["ours"]),
+            r["peer"],
+            _fmt(r["peer_value"]),
+            _fmt(r["ratio"]),
+            _fmt(r["target"]),
+            met,
+        )
+    Console(width=200).print(table)
+    print(f"wrote {path}")
+    return path

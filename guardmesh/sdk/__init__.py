@@ -1,0 +1,1 @@
+"""The Python SDK for trainers and applications: typed clients over the mesh's client factory."""

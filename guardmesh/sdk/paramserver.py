@@ -1,0 +1,430 @@
+"""Trainer-side client of the parameter server: sharding, streaming, retries and re-pulls hidden.
+
+A training loop needs a few lines::
+
+    ps = ParamServerClient.connect("mnist-mlp")
+    ps.create_from_module(model, optimizer=adam(1e-3), consistency=bounded_staleness(2))
+    for batch in loader:
+        ps.pull_into(model)                 # parameters and the versions they belong to
+        loss_fn(model(batch.x), batch.y).backward()
+        ps.push_from(model)                 # gradients; a stale push is recomputed after a re-pull
+
+Tensors are spread over the shards by consistent hashing on their names; each shard keeps its own
+version, and a push carries, per shard, the version its gradients were computed on.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from guardmesh.client import open_channel
+from guardmesh.config import MeshConfig, load_config
+from guardmesh.discovery import registry_for
+from guardmesh.errors import status_details
+from guardmesh.tensors import decode
+from guardmesh.v1 import common_pb2
+from guardmesh.v1 import paramserver_pb2 as pb
+from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+VIRTUAL_NODES = 64
+
+
+def sgd(lr: float, weight_decay: float = 0.0) -> pb.OptimizerConfig:
+    """Plain SGD settings."""
+    return pb.OptimizerConfig(kind=pb.OPTIMIZER_KIND_SGD, learning_rate=lr, weight_decay=weight_decay)
+
+
+def momentum(lr: float, momentum: float = 0.9, nesterov: bool = False) -> pb.OptimizerConfig:
+    """SGD with momentum."""
+    return pb.OptimizerConfig(kind=pb.OPTIMIZER_KIND_MOMENTUM, learning_rate=lr, momentum=momentum, nesterov=nesterov)
+
+
+def adam(lr: float, weight_decay: float = 0.0, decoupled: bool = False, clip_norm: float = 0.0) -> pb.OptimizerConfig:
+    """Adam (or AdamW with ``decoupled``)."""
+    kind = pb.OPTIMIZER_KIND_ADAMW if decoupled else pb.OPTIMIZER_KIND_ADAM
+    return pb.OptimizerConfig(kind=kind, learning_rate=lr, weight_decay=weight_decay, clip_norm=clip_norm)
+
+
+def sync(workers: int, backup_workers: int = 0) -> pb.ConsistencyConfig:
+    """Bulk-synchronous: average ``workers`` gradients per version."""
+    return pb.ConsistencyConfig(mode=pb.CONSISTENCY_MODE_SYNC, workers=workers, backup_workers=backup_workers)
+
+
+def bounded_staleness(max_staleness: int, scale_lr: bool = False) -> pb.ConsistencyConfig:
+    """Stale-synchronous: accept staleness <= ``max_staleness``."""
+    return pb.ConsistencyConfig(
+        mode=pb.CONSISTENCY_MODE_BOUNDED_STALENESS, max_staleness=max_staleness, scale_lr_by_staleness=scale_lr
+    )
+
+
+def asynchronous(scale_lr: bool = False) -> pb.ConsistencyConfig:
+    """Fully asynchronous (risky: unbounded staleness)."""
+    return pb.ConsistencyConfig(mode=pb.CONSISTENCY_MODE_ASYNC, scale_lr_by_staleness=scale_lr)
+
+
+class HashRing:
+    """Consistent hashing of tensor names onto shards (64 virtual nodes per shard)."""
+
+    def __init__(self, shards: int) -> None:
+        points = []
+        for s in range(shards):
+            for v in range(VIRTUAL_NODES):
+                points.append((self._hash(f"shard-{s}#{v}"), s))
+        points.sort()
+        self.keys = [p for p, _ in points]
+        self.owners = [s for _, s in points]
+
+    @staticmethod
+    def _hash(key: str) -> int:
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+    def shard_of(self, name: str) -> int:
+        """Shard owning tensor ``name``."""
+        i = bisect.bisect(self.keys, self._hash(name)) % len(self.keys)
+        return self.owners[i]
+
+
+class StalePush(Exception):
+    """A push was rejected as stale (or ahead after a restore); re-pull and recompute."""
+
+    def __init__(self, shard: int, detail: pb.StalenessDetail | None, code: grpc.StatusCode) -> None:
+        super().__init__(f"shard {shard}: push rejected ({code.name}): {detail}")
+        self.shard = shard
+        self.detail = detail
+        self.code = code
+
+
+@dataclass
+class StepReport:
+    """What one :meth:`ParamServerClient.train_step` did."""
+
+    loss: object
+    results: list[pb.PushResponse]
+    repulls: int
+
+
+@dataclass
+class PullResult:
+    """Tensors by name, and the version of each shard they came from."""
+
+    tensors: dict[str, np.ndarray]
+    versions: list[int]
+    incarnations: list[str]
+
+
+def shard_addresses(config: MeshConfig) -> list[str]:
+    """Address of every paramserver shard: ``port + i`` statically, ``paramserver-<i>`` in Consul."""
+    shards = config.paramserver.shards
+    if config.discovery.mode == "consul":
+        registry = registry_for(config)
+        return [registry.resolve(f"paramserver-{i}")[0].address for i in range(shards)]
+    ep = config.endpoint("paramserver")
+    return [f"{ep.host}:{ep.port + i}" for i in range(shards)]
+
+
+@dataclass
+class ParamServerClient:
+    """A model's parameters across every shard."""
+
+    model: str
+    addresses: list[str]
+    config: MeshConfig
+    worker_id: str = "worker-0"
+    channels: list[grpc.Channel] = field(default_factory=list)
+    stubs: list[pb_grpc.ParamServerServiceStub] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    incarnations: list[str] = field(default_factory=list)
+    _steps: Iterator[int] = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        self.ring = HashRing(len(self.addresses))
+        self.channels = [open_channel("paramserver", self.config, address=a) for a in self.addresses]
+        self.stubs = [pb_grpc.ParamServerServiceStub(c) for c in self.channels]
+        self.versions = [0] * len(self.addresses)
+        self.incarnations = [""] * len(self.addresses)
+        self.awaiting = [0] * len(self.addresses)
+        self.threshold = int(self.config.paramserver.stream_threshold_mib * (1 << 20))
+        # Chunks stay well under the message limit (headers and field tags need room too).
+        self.chunk = min(4 << 20, (self.config.grpc.max_message_mib << 20) - (1 << 16))
+
+    @classmethod
+    def connect(
+        cls,
+        model: str,
+        *,
+        worker_id: str = "worker-0",
+        config: MeshConfig | None = None,
+        addresses: list[str] | None = None,
+    ) -> ParamServerClient:
+        """A client for ``model`` over the configured shards (or explicit addresses)."""
+        config = config or load_config()
+        return cls(model, addresses or shard_addresses(config), config, worker_id)
+
+    def close(self) -> None:
+        """Close the channels."""
+        for c in self.channels:
+            c.close()
+
+    # -- creation --------------------------------------------------------------------------------------
+
+    def create(
+        self,
+        tensors: dict[str, np.ndarray],
+        optimizer: pb.OptimizerConfig,
+        consistency: pb.ConsistencyConfig,
+        checkpoint_every: int = 0,
+    ) -> list[pb.ModelInfo]:
+        """Create (or attach to an identical) model: each shard gets the tensors the ring gives it."""
+        per_shard: list[list[pb.NamedTensor]] = [[] for _ in self.stubs]
+        for name, value in tensors.items():
+            arr = np.ascontiguousarray(value, dtype="<f4")
+            per_shard[self.ring.shard_of(name)].append(
+                pb.NamedTensor(
+                    name=name,
+                    tensor=common_pb2.Tensor(
+                        dtype=common_pb2.D_TYPE_FLOAT32, shape=list(arr.shape), data=arr.tobytes()
+                    ),
+                )
+            )
+        infos = []
+        for i, stub in enumerate(self.stubs):
+            if not per_shard[i]:
+                continue
+            request = pb.CreateModelRequest(
+                model=self.model,
+                tensors=per_shard[i],
+                optimizer=optimizer,
+                consistency=consistency,
+                checkpoint_every=checkpoint_every,
+            )
+            if sum(len(t.tensor.data) for t in per_shard[i]) <= self.threshold:
+                info = stub.CreateModel(request).model
+            else:
+                info = stub.CreateModelStream(_creation_stream(request, self.chunk)).model
+            self.versions[i] = info.version
+            self.incarnations[i] = info.incarnation
+            infos.append(info)
+        return infos
+
+    def create_from_module(
+        self,
+        module: object,
+        optimizer: pb.OptimizerConfig,
+        consistency: pb.ConsistencyConfig,
+        checkpoint_every: int = 0,
+    ) -> list[pb.ModelInfo]:
+        """Create the model from a ``torch.nn.Module``'s parameters (its ``named_parameters``)."""
+        tensors = {n: p.detach().cpu().numpy() for n, p in module.named_parameters()}  # type: ignore[attr-defined]
+        return self.create(tensors, optimizer, consistency, checkpoint_every)
+
+    # -- pull ------------------------------------------------------------------------------------------
+
+    def _pull_shard(self, i: int, min_version: int, timeout: float | None) -> tuple[int, str, dict[str, np.ndarray]]:
+        stub = self.stubs[i]
+        info = stub.DescribeModel(pb.DescribeModelRequest(model=self.model)).model
+        if self.incarnations[i] and info.incarnation != self.incarnations[i]:
+            min_version = 0  # the shard restarted: the version we waited for may never come
+            self.awaiting[i] = 0
+        size = sum(int(np.prod(t.shape)) * 4 for t in info.tensors)
+        req = pb.PullRequest(model=self.model, min_version=min_version)
+        out: dict[str, np.ndarray] = {}
+        if size <= self.threshold:
+            resp = stub.Pull(req, timeout=timeout)
+            for nt in resp.tensors:
+                out[nt.name] = decode(nt.tensor.dtype, nt.tensor.data).reshape(tuple(nt.tensor.shape))
+            return resp.version, resp.incarnation, out
+        header: pb.StreamHeader | None = None
+        buffers: list[bytearray] = []
+        for msg in stub.PullStream(pb.PullStreamRequest(pull=req, chunk_bytes=self.chunk), timeout=timeout):
+            if msg.WhichOneof("part") == "header":
+                header = msg.header
+                buffers = [
+                    bytearray(int(np.prod(t.shape)) * (4 if t.dtype == common_pb2.D_TYPE_FLOAT32 else 2))
+                    for t in header.tensors
+                ]
+            else:
+                c = msg.chunk
+                buffers[c.tensor][c.offset : c.offset + len(c.data)] = c.data
+        assert header is not None
+        for t, buf in zip(header.tensors, buffers, strict=True):
+            out[t.name] = decode(t.dtype, buf).reshape(tuple(t.shape))
+        return header.version, header.incarnation, out
+
+    def pull(self, min_versions: list[int] | None = None, timeout: float | None = None) -> PullResult:
+        """Every tensor, with the version of each shard.
+
+        Waits for ``min_versions`` if given; by default, after a SYNC push was buffered, for the version
+        that push will produce (so a fast worker does not recompute on the version it already served).
+        """
+        tensors: dict[str, np.ndarray] = {}
+        wanted = min_versions or self.awaiting
+        for i in range(len(self.stubs)):
+            version, incarnation, part = self._pull_shard(i, wanted[i], timeout)
+            if self.incarnations[i] and incarnation != self.incarnations[i]:
+                log.warning(
+                    "shard %d restarted (incarnation %s -> %s, version %d)",
+                    i,
+                    self.incarnations[i],
+                    incarnation,
+                    version,
+                )
+            self.versions[i] = version
+            self.incarnations[i] = incarnation
+            if version >= self.awaiting[i]:
+                self.awaiting[i] = 0
+            tensors.update(part)
+        return PullResult(tensors, list(self.versions), list(self.incarnations))
+
+    def pull_into(self, module: object, min_versions: list[int] | None = None) -> PullResult:
+        """Copy the server's parameters into a ``torch.nn.Module`` in place."""
+        import torch
+
+        result = self.pull(min_versions)
+        with torch.no_grad(), warnings.catch_warnings():
+            # The arrays view the received bytes (read-only, no copy); copy_ only reads them.
+            warnings.simplefilter("ignore", UserWarning)
+            for name, p in module.named_parameters():  # type: ignore[attr-defined]
+                p.copy_(torch.from_numpy(result.tensors[name].reshape(tuple(p.shape))))
+        return result
+
+    # -- push ------------------------------------------------------------------------------------------
+
+    def push(self, grads: dict[str, np.ndarray], step_id: int | None = None) -> list[pb.PushResponse]:
+        """Push gradients computed on the last pulled versions. Raises StalePush to ask for a re-pull."""
+        step = next(self._steps) if step_id is None else step_id
+        per_shard: list[dict[str, np.ndarray]] = [{} for _ in self.stubs]
+        for name, g in grads.items():
+            per_shard[self.ring.shard_of(name)][name] = np.ascontiguousarray(g, dtype="<f4")
+        results = []
+        for i, part in enumerate(per_shard):
+            if not part:
+                continue
+            try:
+                result = self._push_shard(i, part, step)
+                results.append(result)
+                buffered = result.outcome == pb.PUSH_OUTCOME_BUFFERED
+                self.awaiting[i] = result.version + 1 if buffered else 0
+            except grpc.RpcError as err:
+                if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED):
+                    details = status_details(err, pb.StalenessDetail)
+                    if details:
+                        raise StalePush(i, details[0], err.code()) from err  # type: ignore[arg-type]
+                raise
+        return results
+
+    def _push_shard(self, i: int, part: dict[str, np.ndarray], step: int) -> pb.PushResponse:
+        size = sum(g.nbytes for g in part.values())
+        stub = self.stubs[i]
+        if size <= self.threshold:
+            return stub.Push(
+                pb.PushRequest(
+                    model=self.model,
+                    worker_id=self.worker_id,
+                    base_version=self.versions[i],
+                    step_id=step,
+                    gradients=[
+                        pb.NamedTensor(
+                            name=n,
+                            tensor=common_pb2.Tensor(
+                                dtype=common_pb2.D_TYPE_FLOAT32, shape=list(g.shape), data=g.tobytes()
+                            ),
+                        )
+                        for n, g in part.items()
+                    ],
+                )
+            )
+        chunk = self.chunk
+
+        def stream() -> Iterator[pb.PushStreamRequest]:
+            yield pb.PushStreamRequest(
+                header=pb.StreamHeader(
+                    model=self.model,
+                    version=self.versions[i],
+                    worker_id=self.worker_id,
+                    step_id=step,
+                    tensors=[
+                        pb.TensorInfo(name=n, dtype=common_pb2.D_TYPE_FLOAT32, shape=list(g.shape))
+                        for n, g in part.items()
+                    ],
+                )
+            )
+            for t, g in enumerate(part.values()):
+                raw = memoryview(g.tobytes() if not g.flags.c_contiguous else g.data).cast("B")
+                for off in range(0, len(raw), chunk):
+                    yield pb.PushStreamRequest(
+                        chunk=pb.TensorChunk(tensor=t, offset=off, data=bytes(raw[off : off + chunk]))
+                    )
+
+        return stub.PushStream(stream()).result
+
+    def train_step(
+        self,
+        module: object,
+        compute: Callable[[], object],
+        *,
+        max_repulls: int = 20,
+        unavailable_wait_s: float = 0.5,
+        unavailable_budget_s: float = 60.0,
+    ) -> StepReport:
+        """One training step: pull into ``module``, run ``compute`` (forward + ``backward()``), push.
+
+        A push rejected as stale (or ahead of a restored server) is recomputed after a re-pull; a shard
+        that stays UNAVAILABLE beyond the channel's own retries (a restart) is waited for up to
+        ``unavailable_budget_s``. The step id is fixed for the step, so a push retried after a lost answer
+        is applied once.
+        """
+        step = next(self._steps)
+        repulls = 0
+        waited = 0.0
+        while True:
+            try:
+                self.pull_into(module)
+                for p in module.parameters():  # type: ignore[attr-defined]
+                    p.grad = None
+                loss = compute()
+                results = self.push_from(module, step_id=step)
+                return StepReport(loss, results, repulls)
+            except StalePush:
+                repulls += 1
+                if repulls > max_repulls:
+                    raise
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or waited >= unavailable_budget_s:
+                    raise
+                time.sleep(unavailable_wait_s)
+                waited += unavailable_wait_s
+
+    def push_from(self, module: object, step_id: int | None = None) -> list[pb.PushResponse]:
+        """Push the ``.grad`` of every parameter of a ``torch.nn.Module``."""
+        grads = {
+            n: p.grad.detach().cpu().numpy()
+            for n, p in module.named_parameters()  # type: ignore[attr-defined]
+            if p.grad is not None
+        }
+        return self.push(grads, step_id)
+
+
+def _creation_stream(request: pb.CreateModelRequest, chunk: int = 4 << 20) -> Iterator[pb.CreateModelStreamRequest]:
+    """A creation request as a header without data followed by chunks of each tensor."""
+    header = pb.CreateModelRequest()
+    header.CopyFrom(request)
+    for nt in header.tensors:
+        nt.tensor.data = b""
+    yield pb.CreateModelStreamRequest(header=header)
+    for t, nt in enumerate(request.tensors):
+        raw = memoryview(nt.tensor.data)
+        for off in range(0, len(raw), chunk):
+            yield pb.CreateModelStreamRequest(
+                chunk=pb.TensorChunk(tensor=t, offset=off, data=bytes(raw[off : off + chunk]))
+            )

@@ -1,0 +1,1 @@
+"""Versioned parameter server: staleness decided by versions, a native aggregation loop, checkpoints."""

@@ -1,0 +1,489 @@
+"""gRPC shell of the parameter server: protobuf in, shard calls, protobuf out."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+from opentelemetry import metrics, trace
+
+from guardmesh.config import MeshConfig
+from guardmesh.errors import AlreadyExists, GuardmeshError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from guardmesh.runtime import ServiceDefinition
+from guardmesh.tensors import check_shape, decode, encode, to_float32
+from guardmesh.v1 import common_pb2
+from guardmesh.v1 import paramserver_pb2 as pb
+from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
+from services.paramserver.checkpoint import CheckpointError, CheckpointStore
+from services.paramserver.optimizer import OptimizerKind, OptimizerSettings
+from services.paramserver.shard import ConsistencySettings, Mode, ModelShard, PushResult, TensorMeta
+
+log = logging.getLogger(__name__)
+MODEL_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+DEFAULT_CHUNK = 4 << 20
+
+_meter = metrics.get_meter("guardmesh.paramserver")
+_staleness_hist = _meter.create_histogram("guardmesh.paramserver.staleness", unit="{version}")
+_pushes = _meter.create_counter("guardmesh.paramserver.pushes", unit="{push}")
+
+
+def optimizer_from_pb(msg: pb.OptimizerConfig) -> OptimizerSettings:
+    """Validated optimizer settings (0 means default for the Adam constants)."""
+    try:
+        kind = OptimizerKind(msg.kind)
+    except ValueError:
+        raise InvalidArgument("optimizer.kind", "must be SGD, MOMENTUM, ADAM or ADAMW") from None
+    settings = OptimizerSettings(
+        kind=kind,
+        learning_rate=msg.learning_rate,
+        momentum=msg.momentum,
+        dampening=msg.dampening,
+        nesterov=msg.nesterov,
+        beta1=msg.beta1 or 0.9,
+        beta2=msg.beta2 or 0.999,
+        epsilon=msg.epsilon or 1e-8,
+        weight_decay=msg.weight_decay,
+        clip_norm=msg.clip_norm,
+    )
+    settings.validate()
+    return settings
+
+
+def optimizer_to_pb(s: OptimizerSettings) -> pb.OptimizerConfig:
+    """Message form."""
+    return pb.OptimizerConfig(
+        kind=int(s.kind),  # type: ignore[arg-type]
+        learning_rate=s.learning_rate,
+        momentum=s.momentum,
+        dampening=s.dampening,  # type: ignore[arg-type]
+        nesterov=s.nesterov,
+        beta1=s.beta1,
+        beta2=s.beta2,
+        epsilon=s.epsilon,
+        weight_decay=s.weight_decay,
+        clip_norm=s.clip_norm,
+    )
+
+
+def consistency_from_pb(msg: pb.ConsistencyConfig) -> ConsistencySettings:
+    """Validated consistency settings."""
+    try:
+        mode = Mode(msg.mode)
+    except ValueError:
+        raise InvalidArgument("consistency.mode", "must be SYNC, BOUNDED_STALENESS or ASYNC") from None
+    settings = ConsistencySettings(mode, msg.workers, msg.backup_workers, msg.max_staleness, msg.scale_lr_by_staleness)
+    settings.validate()
+    return settings
+
+
+def consistency_to_pb(s: ConsistencySettings) -> pb.ConsistencyConfig:
+    """Message form."""
+    return pb.ConsistencyConfig(
+        mode=int(s.mode),  # type: ignore[arg-type]
+        workers=s.workers,
+        backup_workers=s.backup_workers,
+        max_staleness=s.max_staleness,
+        scale_lr_by_staleness=s.scale_lr_by_staleness,
+    )
+
+
+def _info(shard: ModelShard) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model=shard.name,
+        tensors=[pb.TensorInfo(name=n, dtype=m.dtype, shape=list(m.shape)) for n, m in shard.meta.items()],  # type: ignore[arg-type]
+        version=shard.version,
+        incarnation=shard.incarnation,
+        optimizer=optimizer_to_pb(shard.optimizer_settings),
+        consistency=consistency_to_pb(shard.consistency),
+        checkpoint_every=shard.checkpoint_every,
+        restored_version=shard.restored_version,
+    )
+
+
+def _result_pb(r: PushResult) -> pb.PushResponse:
+    return pb.PushResponse(outcome=int(r.outcome), version=r.version, staleness=r.staleness, lr_scale=r.lr_scale)  # type: ignore[arg-type]
+
+
+def assemble_chunks(sizes: list[int], chunks: Iterator[pb.TensorChunk | None]) -> list[bytearray]:
+    """Fill one buffer per tensor from in-order chunks; INVALID_ARGUMENT for gaps, overflow or extras."""
+    buffers = [bytearray(n) for n in sizes]
+    filled = [0] * len(buffers)
+    for c in chunks:
+        if c is None:
+            raise InvalidArgument("chunk", "only chunks may follow the header")
+        if not 0 <= c.tensor < len(buffers):
+            raise InvalidArgument("chunk.tensor", f"must index the header's {len(buffers)} tensors")
+        if c.offset != filled[c.tensor]:
+            raise InvalidArgument("chunk.offset", f"expected {filled[c.tensor]} (chunks arrive in order)")
+        end = c.offset + len(c.data)
+        if end > len(buffers[c.tensor]):
+            raise InvalidArgument("chunk.data", "overflows the tensor's byte length")
+        buffers[c.tensor][c.offset : end] = c.data
+        filled[c.tensor] = end
+    for i, buf in enumerate(buffers):
+        if filled[i] != len(buf):
+            raise InvalidArgument(f"header.tensors[{i}]", f"received {filled[i]} of {len(buf)} bytes")
+    return buffers
+
+
+class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
+    """Implements ``guardmesh.v1.ParamServerService``."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.settings = config.paramserver
+        self.incarnation = uuid.uuid4().hex
+        self.models: dict[str, ModelShard] = {}
+        self.lock = threading.Lock()
+        self.store: CheckpointStore | None = None
+        self.ckpt_lock = threading.Lock()
+        self.ckpt_pending: set[str] = set()
+        self.ckpt_again: set[str] = set()
+        self.ready = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the checkpoint store and restore every model found there."""
+        shard = f"shard-{self.settings.shard_index}"
+        locations = [
+            (loc if "://" in loc else str(self.config.state_path(loc))) + f"/{shard}"
+            for loc in self.settings.checkpoint_locations
+        ]
+        self.store = CheckpointStore(locations, self.settings.min_replicas)
+        for model in self.store.models():
+            restored = self.store.restore(model)
+            if restored is None:
+                log.error("no verified checkpoint", extra={"model": model})
+                continue
+            md = restored.metadata
+            tensors = {
+                n: (TensorMeta(int(dt), tuple(shape)), restored.arrays[f"param/{n}"])
+                for n, (dt, shape) in md["meta"].items()
+            }
+            opt = OptimizerSettings(**{**md["optimizer"], "kind": OptimizerKind(md["optimizer"]["kind"])})
+            cons = ConsistencySettings(**{**md["consistency"], "mode": Mode(md["consistency"]["mode"])})
+            shard_obj = ModelShard(model, tensors, opt, cons, md["checkpoint_every"], self.incarnation)
+            shard_obj.load_checkpoint(restored.version, restored.arrays, md)
+            for s in restored.skipped:
+                shard_obj.events.append(f"restore skipped {s}")
+            shard_obj.events.append(f"restored v{restored.version} from {restored.location}")
+            self.models[model] = shard_obj
+            log.info("restored model", extra={"model": model, "version": restored.version, "skipped": restored.skipped})
+        self.ready = True
+
+    def _shard(self, model: str) -> ModelShard:
+        if not self.ready:
+            raise Unavailable("paramserver is starting")
+        if not model:
+            raise InvalidArgument("model", "must not be empty")
+        shard = self.models.get(model)
+        if shard is None:
+            raise NotFound(f"model {model!r} not found on this shard")
+        return shard
+
+    # -- RPCs ------------------------------------------------------------------------------------------
+
+    def CreateModelStream(
+        self, request_iterator: Iterator[pb.CreateModelStreamRequest], context: grpc.ServicerContext
+    ) -> pb.CreateModelStreamResponse:
+        """See the proto."""
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("header", "a streamed creation starts with a header")
+        header = first.header
+        sizes = []
+        for i, nt in enumerate(header.tensors):
+            itemsize = 4 if nt.tensor.dtype == common_pb2.D_TYPE_FLOAT32 else 2
+            count = int(np.prod(nt.tensor.shape)) if all(d >= 0 for d in nt.tensor.shape) else -1
+            if count < 0 or nt.tensor.data:
+                raise InvalidArgument(f"header.tensors[{i}]", "needs a valid shape and empty data (chunks follow)")
+            sizes.append(count * itemsize)
+        buffers = assemble_chunks(
+            sizes, (m.chunk if m.WhichOneof("part") == "chunk" else None for m in request_iterator)
+        )
+        for nt, buf in zip(header.tensors, buffers, strict=True):
+            nt.tensor.data = bytes(buf)
+        return pb.CreateModelStreamResponse(model=self.CreateModel(header, context).model)
+
+    def CreateModel(self, request: pb.CreateModelRequest, context: grpc.ServicerContext) -> pb.CreateModelResponse:
+        """See the proto."""
+        if not self.ready:
+            raise Unavailable("paramserver is starting")
+        if not MODEL_RE.match(request.model):
+            raise InvalidArgument("model", "must be 1 to 128 characters of [A-Za-z0-9._-]")
+        optimizer = optimizer_from_pb(request.optimizer)
+        consistency = consistency_from_pb(request.consistency)
+        if not 0 <= request.checkpoint_every <= 1_000_000:
+            raise InvalidArgument("checkpoint_every", "must be 0 to 1,000,000")
+        if not request.tensors:
+            raise InvalidArgument("tensors", "must not be empty")
+        tensors: dict[str, tuple[TensorMeta, np.ndarray]] = {}
+        for i, nt in enumerate(request.tensors):
+            field = f"tensors[{i}]"
+            if not 1 <= len(nt.name) <= 512:
+                raise InvalidArgument(f"{field}.name", "must be 1 to 512 characters")
+            if nt.name in tensors:
+                raise InvalidArgument(f"{field}.name", f"duplicate tensor name {nt.name!r}")
+            values = to_float32(f"{field}.tensor", nt.tensor)
+            if not np.isfinite(values).all():
+                raise InvalidArgument(f"{field}.tensor", "initial values must be finite")
+            tensors[nt.name] = (TensorMeta(nt.tensor.dtype, tuple(nt.tensor.shape)), values)
+        with self.lock:
+            existing = self.models.get(request.model)
+            if existing is not None:
+                same = (
+                    {n: m for n, (m, _) in tensors.items()} == existing.meta
+                    and existing.optimizer_settings == optimizer
+                    and existing.consistency == consistency
+                    and existing.checkpoint_every == request.checkpoint_every
+                )
+                if not same:
+                    raise AlreadyExists(f"model {request.model!r} exists with different tensors or settings")
+                return pb.CreateModelResponse(model=_info(existing))
+            shard = ModelShard(
+                request.model,
+                tensors,
+                optimizer,
+                consistency,
+                request.checkpoint_every,
+                self.incarnation,
+                step_window=self.settings.step_id_window,
+            )
+            self.models[request.model] = shard
+        return pb.CreateModelResponse(model=_info(shard))
+
+    def DescribeModel(
+        self, request: pb.DescribeModelRequest, context: grpc.ServicerContext
+    ) -> pb.DescribeModelResponse:
+        """See the proto."""
+        return pb.DescribeModelResponse(model=_info(self._shard(request.model)))
+
+    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> tuple[ModelShard, int, list[Any]]:
+        shard = self._shard(request.model)
+        if request.min_version < 0:
+            raise InvalidArgument("min_version", "must be >= 0")
+        if request.min_version > shard.version:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining > 86_400:
+                remaining = None  # no deadline: grpc reports a huge number that Condition.wait rejects
+            if not shard.wait_version(request.min_version, remaining):
+                context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"version {request.min_version} not reached (now {shard.version})",
+                )
+        version, items = shard.snapshot(list(request.names))
+        return shard, version, items
+
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.PullResponse:
+        """See the proto."""
+        shard, version, items = self._pull(request, context)
+        total = sum(m.size * (4 if m.dtype == common_pb2.D_TYPE_FLOAT32 else 2) for _, m, _ in items)
+        limit = self.config.grpc.max_message_mib << 20
+        if total > limit - (1 << 16):
+            raise ResourceExhausted(
+                f"{total} bytes of tensors exceed the {self.config.grpc.max_message_mib} MiB message limit; "
+                "use PullStream"
+            )
+        resp = pb.PullResponse(version=version, incarnation=shard.incarnation)
+        for name, meta, values in items:
+            resp.tensors.add(
+                name=name,
+                tensor=common_pb2.Tensor(
+                    dtype=meta.dtype,
+                    shape=list(meta.shape),  # type: ignore[arg-type]
+                    data=encode(meta.dtype, values),
+                ),
+            )
+        return resp
+
+    def PullStream(
+        self, request: pb.PullStreamRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.PullStreamResponse]:
+        """See the proto."""
+        chunk = request.chunk_bytes or min(DEFAULT_CHUNK, (self.config.grpc.max_message_mib << 20) - (1 << 16))
+        if not 65_536 <= chunk <= 16_777_216:
+            raise InvalidArgument("chunk_bytes", "must be 65,536 to 16,777,216 (or 0 for 4 MiB)")
+        shard, version, items = self._pull(request.pull, context)
+        yield pb.PullStreamResponse(
+            header=pb.StreamHeader(
+                model=shard.name,
+                version=version,
+                incarnation=shard.incarnation,
+                tensors=[pb.TensorInfo(name=n, dtype=m.dtype, shape=list(m.shape)) for n, m, _ in items],  # type: ignore[arg-type]
+            )
+        )
+        for i, (_, meta, values) in enumerate(items):
+            raw = memoryview(encode(meta.dtype, values))
+            for off in range(0, len(raw), chunk):
+                yield pb.PullStreamResponse(
+                    chunk=pb.TensorChunk(tensor=i, offset=off, data=bytes(raw[off : off + chunk]))
+                )
+
+    def _after_push(self, shard: ModelShard, result: PushResult) -> None:
+        span = trace.get_current_span()
+        span.set_attribute("guardmesh.model", shard.name)
+        span.set_attribute("guardmesh.version", result.version)
+        span.set_attribute("guardmesh.staleness", result.staleness)
+        span.set_attribute("guardmesh.push_outcome", result.outcome.name)
+        _staleness_hist.record(result.staleness, {"model": shard.name})
+        _pushes.add(1, {"model": shard.name, "outcome": result.outcome.name})
+        every = shard.checkpoint_every
+        if every and result.outcome.name == "APPLIED" and result.version % every == 0:
+            self._checkpoint_async(shard)
+
+    def _record_rejection(self, shard: ModelShard, err: GuardmeshError) -> None:
+        span = trace.get_current_span()
+        span.set_attribute("guardmesh.model", shard.name)
+        span.set_attribute("guardmesh.push_outcome", f"REJECTED_{err.code.name}")
+        span.set_attribute("guardmesh.version", shard.version)
+        _pushes.add(1, {"model": shard.name, "outcome": f"REJECTED_{err.code.name}"})
+
+    def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
+        """See the proto."""
+        shard = self._shard(request.model)
+        grads: dict[str, np.ndarray] = {}
+        for i, nt in enumerate(request.gradients):
+            if nt.name in grads:
+                raise InvalidArgument(f"gradients[{i}].name", f"duplicate gradient {nt.name!r}")
+            grads[nt.name] = to_float32(f"gradients[{i}].tensor", nt.tensor)
+        try:
+            result = shard.push(request.worker_id, request.base_version, request.step_id, grads)
+        except GuardmeshError as err:
+            self._record_rejection(shard, err)
+            raise
+        self._after_push(shard, result)
+        return _result_pb(result)
+
+    def PushStream(
+        self, request_iterator: Iterator[pb.PushStreamRequest], context: grpc.ServicerContext
+    ) -> pb.PushStreamResponse:
+        """See the proto."""
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("header", "a streamed push starts with a header")
+        header = first.header
+        shard = self._shard(header.model)
+        sizes = []
+        for i, info in enumerate(header.tensors):
+            meta = shard.meta.get(info.name)
+            if meta is None:
+                raise InvalidArgument(f"header.tensors[{i}].name", f"no tensor {info.name!r} on this shard")
+            itemsize = 4 if info.dtype == common_pb2.D_TYPE_FLOAT32 else 2
+            check_shape(f"header.tensors[{i}]", info.dtype, tuple(info.shape), meta.size * itemsize)
+            sizes.append(meta.size * itemsize)
+        buffers = assemble_chunks(
+            sizes, (m.chunk if m.WhichOneof("part") == "chunk" else None for m in request_iterator)
+        )
+        grads = {info.name: decode(info.dtype, buffers[i]) for i, info in enumerate(header.tensors)}
+        try:
+            result = shard.push(header.worker_id, header.version, header.step_id, grads)
+        except GuardmeshError as err:
+            self._record_rejection(shard, err)
+            raise
+        self._after_push(shard, result)
+        return pb.PushStreamResponse(result=_result_pb(result))
+
+    def _write_checkpoint(self, shard: ModelShard) -> tuple[int, str, list[str]]:
+        assert self.store is not None
+        with self.ckpt_lock:
+            version, arrays, metadata = shard.checkpoint_payload()
+            digest, written = self.store.save(shard.name, version, arrays, metadata)
+            log.info("checkpoint written", extra={"model": shard.name, "version": version, "locations": written})
+            return version, digest, written
+
+    def _checkpoint_async(self, shard: ModelShard) -> None:
+        """Checkpoint in the background; a request during a write is served by one more write after it."""
+        with self.lock:
+            if shard.name in self.ckpt_pending:
+                self.ckpt_again.add(shard.name)
+                return
+            self.ckpt_pending.add(shard.name)
+
+        def run() -> None:
+            while True:
+                try:
+                    self._write_checkpoint(shard)
+                except Exception as exc:
+                    shard.events.append(f"checkpoint failed: {exc}")
+                    log.error("checkpoint failed", extra={"model": shard.name, "error": str(exc)})
+                with self.lock:
+                    if shard.name not in self.ckpt_again:
+                        self.ckpt_pending.discard(shard.name)
+                        return
+                    self.ckpt_again.discard(shard.name)
+
+        threading.Thread(target=run, name=f"ckpt-{shard.name}", daemon=True).start()
+
+    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:
+        """See the proto."""
+        shard = self._shard(request.model)
+        try:
+            version, digest, written = self._write_checkpoint(shard)
+        except CheckpointError as exc:
+            raise Unavailable(str(exc)) from None
+        return pb.CheckpointResponse(version=version, locations=written, sha256=digest)
+
+    def GetStats(self, request: pb.GetStatsRequest, context: grpc.ServicerContext) -> pb.GetStatsResponse:
+        """See the proto."""
+        st = self._shard(request.model).stats()
+        return pb.GetStatsResponse(
+            version=st["version"],
+            pushes_accepted=st["accepted"],
+            pushes_rejected_stale=st["rejected_stale"],
+            pushes_rejected_nonfinite=st["rejected_nonfinite"],
+            pushes_duplicate=st["duplicates"],
+            staleness=[pb.StalenessBucket(staleness=i, count=c) for i, c in enumerate(st["staleness"]) if c],
+            push_rate=st["rate"],
+            events=st["events"],
+        )
+
+
+class ParamServerBinding:
+    """Servicer plus the monitor thread that watches push throughput."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.servicer = ParamServerServicer(config)
+        self.config = config
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        """Add the servicer."""
+        pb_grpc.add_ParamServerServiceServicer_to_server(self.servicer, server)
+
+    def start(self) -> None:
+        """Restore from checkpoints and start the throughput monitor."""
+        self.servicer.start()
+        self._monitor = threading.Thread(target=self._watch, name="paramserver-monitor", daemon=True)
+        self._monitor.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.config.paramserver.monitor_interval_s):
+            for shard in list(self.servicer.models.values()):
+                event = shard.watch_throughput()
+                if event:
+                    log.warning("throughput drop", extra={"model": shard.name, "event": event})
+
+    def drain(self) -> None:
+        """Nothing streams indefinitely here."""
+
+    def close(self) -> None:
+        """Stop the monitor."""
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+
+
+SERVICE = ServiceDefinition(
+    name="paramserver",
+    service_names=(pb.DESCRIPTOR.services_by_name["ParamServerService"].full_name,),
+    build=ParamServerBinding,
+    instance_name=lambda config: f"paramserver-{config.paramserver.shard_index}",
+)

@@ -1,0 +1,162 @@
+"""kill -9 of a real paramserver process during training and during a checkpoint write."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from guardmesh.sdk.paramserver import ParamServerClient, adam, bounded_staleness
+from guardmesh.v1 import paramserver_pb2 as pb
+from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
+
+from .conftest import make_config
+from .ps_worker import accuracy, dataset, make_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(port: int, state: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDMESH")}
+    env |= {"GUARDMESH__SERVICES__PARAMSERVER__PORT": str(port), "GUARDMESH__MESH__STATE_DIR": str(state)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.paramserver"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(state / "ps.log").open("ab"),
+    )
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(service="paramserver"), timeout=1).status == 1:
+                    return proc
+            except grpc.RpcError:
+                pass
+            assert proc.poll() is None, (state / "ps.log").read_text()
+            time.sleep(0.1)
+    raise AssertionError("paramserver did not become SERVING")
+
+
+def _checkpoints(state: Path, model: str) -> list[int]:
+    folder = state / "checkpoints" / "replica-b" / "shard-0" / model
+    return sorted(int(p.stem[1:]) for p in folder.glob("v*.json")) if folder.exists() else []
+
+
+@pytest.mark.timeout(300)
+def test_kill9_during_training_resumes_from_verified_checkpoint_and_converges(tmp_path: Path) -> None:
+    port = _free_port()
+    state = tmp_path / "state"
+    state.mkdir()
+    proc = _start(port, state)
+    config = make_config(tmp_path, **{"services.paramserver.port": port})
+    x_tr, y_tr, x_te, y_te = dataset()
+    model = make_model()
+    ps = ParamServerClient.connect("digits", config=config, addresses=[f"127.0.0.1:{port}"])
+    ps.create_from_module(model, adam(0.03), bounded_staleness(2), checkpoint_every=10)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    rng = np.random.default_rng(0)
+    restarted: list[subprocess.Popen[bytes]] = []
+    killed_at = -1
+    steps = 0
+    try:
+        for _ in range(5):
+            order = rng.permutation(len(x_tr))
+            for start in range(0, len(order) - 64 + 1, 64):
+                idx = order[start : start + 64]
+
+                def compute(idx: np.ndarray = idx) -> float:
+                    loss = loss_fn(model(torch.from_numpy(x_tr[idx])), torch.from_numpy(y_tr[idx]))
+                    loss.backward()
+                    return loss.item()
+
+                ps.train_step(model, compute)
+                steps += 1
+                if steps == 35:
+                    while max(_checkpoints(state, "digits"), default=0) < 30:
+                        time.sleep(0.02)  # the v30 checkpoint is written in the background
+                    killed_at = ps.versions[0]
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    # Restart a moment later while the trainer is already retrying.
+                    threading.Timer(1.0, lambda: restarted.append(_start(port, state))).start()
+        info = pb_grpc.ParamServerServiceStub(ps.channels[0]).DescribeModel(pb.DescribeModelRequest(model="digits"))
+        assert 30 <= info.model.restored_version <= killed_at
+        assert info.model.restored_version % 10 == 0  # a checkpoint version, verified by its checksum
+        assert info.model.version > killed_at  # training went on after the restore
+        ps.pull_into(model)
+        assert accuracy(model, x_te, y_te) > 0.93
+    finally:
+        ps.close()
+        for p in [proc, *restarted]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=30)
+
+
+@pytest.mark.timeout(300)
+def test_kill9_during_checkpoint_write_restores_previous_verified_version(tmp_path: Path) -> None:
+    port = _free_port()
+    state = tmp_path / "state"
+    state.mkdir()
+    proc = _start(port, state)
+    config = make_config(tmp_path, **{"services.paramserver.port": port})
+    ps = ParamServerClient.connect("big", config=config, addresses=[f"127.0.0.1:{port}"])
+    big = np.zeros(20_000_000, dtype=np.float32)  # 80 MB: the write takes long enough to be interrupted
+    ps.create({"big": big, "w": np.zeros(4)}, adam(0.1), bounded_staleness(4))
+    stub = pb_grpc.ParamServerServiceStub(ps.channels[0])
+    ps.pull()
+    ps.push({"big": np.ones_like(big), "w": np.ones(4)}, step_id=0)
+    first = stub.Checkpoint(pb.CheckpointRequest(model="big"), timeout=120)
+    assert first.version == 1
+    ps.pull()
+    ps.push({"big": np.ones_like(big), "w": np.ones(4)}, step_id=1)
+    folders = [state / "checkpoints" / r / "shard-0" / "big" for r in ("replica-a", "replica-b")]
+    threading.Thread(target=lambda: _quiet(stub.Checkpoint, pb.CheckpointRequest(model="big")), daemon=True).start()
+    deadline = time.monotonic() + 60
+    while not any(".tmp-" in p.name for f in folders for p in f.iterdir()):
+        assert time.monotonic() < deadline, "no checkpoint write observed"
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leftovers = [p.name for f in folders for p in f.iterdir() if ".tmp-" in p.name]
+    proc = _start(port, state)
+    try:
+        info = stub.DescribeModel(pb.DescribeModelRequest(model="big")).model
+        assert leftovers, "the kill should have interrupted a write"
+        # v2 never completed on every replica: whatever verified copy is newest wins, never a torn file.
+        assert info.restored_version in (1, 2)
+        pulled = ps.pull()
+        expected = -0.1 * info.restored_version  # Adam's first steps move each weight by lr
+        np.testing.assert_allclose(pulled.tensors["w"], np.full(4, expected), rtol=1e-4)
+        ps.push({"w": np.ones(4), "big": np.ones_like(big)}, step_id=5)
+        assert ps.pull().versions[0] == info.restored_version + 1
+    finally:
+        ps.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _quiet(fn, request) -> None:  # type: ignore[no-untyped-def]
+    with contextlib.suppress(grpc.RpcError):  # the server is killed mid-call
+        fn(request, timeout=120)
