@@ -264,3 +264,23 @@ def test_scheduler_served_through_runtime(scheduler_stub: spb_grpc.SchedulerServ
     # The runtime serves the scheduler for real: a call crosses the wire and reaches the core.
     resp = scheduler_stub.ListNodes(spb.ListNodesRequest())
     assert list(resp.nodes) == []
+
+
+def test_reflection_lists_every_paramserver_method(tmp_path: Path) -> None:
+    config = make_config(tmp_path, **{"services.paramserver.port": 0})
+    running = start_service(load_definition("paramserver"), config, port=0)
+    try:
+        with grpc.insecure_channel(running.address) as ch:
+            db = ProtoReflectionDescriptorDatabase(ch)
+            assert "guardmesh.v1.ParamServerService" in set(db.get_services())
+            from google.protobuf import descriptor_pool
+
+            svc = descriptor_pool.DescriptorPool(db).FindServiceByName("guardmesh.v1.ParamServerService")
+            methods = {m.name for m in svc.methods}
+        from guardmesh.v1 import paramserver_pb2
+
+        expected = {m.name for m in paramserver_pb2.DESCRIPTOR.services_by_name["ParamServerService"].methods}
+        assert methods == expected and {"Push", "PushStream", "Pull", "PullStream", "Checkpoint"} <= methods
+        assert _health(running.address, "paramserver") == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop(grace=0.5)
