@@ -118,6 +118,8 @@ class ParamServerSettings(_Section):
     min_replicas: int = Field(default=2, ge=1)
     step_id_window: int = Field(default=4096, ge=1)
     monitor_interval_s: float = Field(default=5.0, gt=0)
+    throughput_window_s: float = Field(default=10.0, gt=0)
+    throughput_drop_share: float = Field(default=0.5, gt=0, lt=1)
     stream_threshold_mib: float = Field(default=4.0, gt=0)
 
 

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _provider: TracerProvider | None = None
+_meter_provider: object | None = None
 
 
 def setup_tracing(service_name: str, otlp_endpoint: str = "") -> TracerProvider:
@@ -40,8 +41,26 @@ def setup_tracing(service_name: str, otlp_endpoint: str = "") -> TracerProvider:
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure)))
             log.info("exporting spans", extra={"otlp_endpoint": otlp_endpoint})
         trace.set_tracer_provider(provider)
+        _setup_metrics(service_name, otlp_endpoint)
         _provider = provider
         return provider
+
+
+def _setup_metrics(service_name: str, otlp_endpoint: str) -> None:
+    """A meter provider for the services' OpenTelemetry instruments, exported over OTLP when configured."""
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+
+    readers: list[MetricReader] = []
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        insecure = not otlp_endpoint.startswith("https://")
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=otlp_endpoint, insecure=insecure)))
+    global _meter_provider
+    _meter_provider = MeterProvider(resource=Resource.create({"service.name": service_name}), metric_readers=readers)
+    metrics.set_meter_provider(_meter_provider)
 
 
 def tracer_provider() -> TracerProvider:
@@ -54,6 +73,8 @@ def flush_tracing(timeout_ms: int = 5000) -> None:
     (which a SIGTERM without our handler, or os._exit in a worker, never runs)."""
     if _provider is not None:
         _provider.force_flush(timeout_ms)
+    if _meter_provider is not None:
+        _meter_provider.force_flush(timeout_ms)  # type: ignore[attr-defined]
 
 
 def shutdown_tracing() -> None:
@@ -61,6 +82,8 @@ def shutdown_tracing() -> None:
     if _provider is not None:
         _provider.force_flush(5000)
         _provider.shutdown()
+    if _meter_provider is not None:
+        _meter_provider.shutdown()  # type: ignore[attr-defined]
 
 
 def server_tracing_interceptor() -> grpc.ServerInterceptor:

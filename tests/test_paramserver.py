@@ -396,3 +396,69 @@ def test_hash_ring_moves_few_names_when_a_shard_is_added() -> None:
     three, four = HashRing(3), HashRing(4)
     moved = sum(three.shard_of(n) != four.shard_of(n) for n in names)
     assert moved < len(names) * 0.4  # ideal 1/4; naive modulo would move ~3/4
+
+
+def test_throughput_drop_raises_one_event_per_drop() -> None:
+    from services.paramserver.shard import ThroughputMonitor
+
+    mon = ThroughputMonitor(window_s=10.0, drop_share=0.5)
+    now = 0.0
+    for _ in range(3):  # a healthy 10 pushes/s, checked every 10 s
+        for _ in range(100):
+            now += 0.1
+            mon.record(now)
+        assert mon.check(now) is None
+    assert mon.baseline == pytest.approx(10.0, rel=0.05)
+    for _ in range(30):  # the straggling cluster: 3 pushes/s
+        now += 1 / 3
+        mon.record(now)
+    event = mon.check(now)
+    assert event is not None and "fell to" in event and "3.0/s" in event
+    assert mon.check(now) is None  # once per drop
+    for _ in range(100):
+        now += 0.1
+        mon.record(now)
+    assert mon.check(now) is None and not mon.dropped  # recovered: re-armed
+
+
+def test_checkpoint_to_fsspec_url_replica(tmp_path: Path) -> None:
+    import fsspec
+
+    fsspec.filesystem("memory").store.clear()
+    config = ps_config(
+        tmp_path,
+        **{"paramserver.checkpoint_locations": ["memory://ckpt", "local-replica"], "paramserver.min_replicas": 2},
+    )
+    running = start_service(load_definition("paramserver"), config, port=0)
+    c = client(running, config)
+    c.create({"w": np.zeros(2)}, sgd(1.0), asynchronous())
+    c.pull()
+    c.push({"w": np.ones(2)}, step_id=0)
+    resp = pb_grpc.ParamServerServiceStub(c.channels[0]).Checkpoint(pb.CheckpointRequest(model="m"))
+    assert resp.locations[0] == "memory://ckpt/shard-0"
+    running.stop(grace=0.5)
+    c.close()
+    # Lose the local replica entirely: the fsspec one restores the model.
+    import shutil
+
+    shutil.rmtree(tmp_path / "state" / "local-replica")
+    running = start_service(load_definition("paramserver"), config, port=0)
+    try:
+        c = client(running, config)
+        np.testing.assert_allclose(c.pull().tensors["w"], [-1.0, -1.0])
+        assert c.versions == [1]
+    finally:
+        running.stop(grace=0.5)
+
+
+def test_create_from_state_dict(ps: tuple[RunningService, MeshConfig]) -> None:
+    import torch
+
+    running, config = ps
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    c = client(running, config)
+    infos = c.create_from_state_dict(net.state_dict(), sgd(0.1), asynchronous())
+    names = {t.name for info in infos for t in info.tensors}
+    assert names == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"}
+    np.testing.assert_allclose(c.pull().tensors["0.weight"], net[0].weight.detach().numpy())

@@ -217,6 +217,21 @@ class ParamServerClient:
             infos.append(info)
         return infos
 
+    def create_from_state_dict(
+        self,
+        state_dict: dict[str, object],
+        optimizer: pb.OptimizerConfig,
+        consistency: pb.ConsistencyConfig,
+        checkpoint_every: int = 0,
+    ) -> list[pb.ModelInfo]:
+        """Create the model from a PyTorch ``state_dict`` (floating-point entries; buffers included)."""
+        tensors = {
+            n: t.detach().cpu().float().numpy()  # type: ignore[attr-defined]
+            for n, t in state_dict.items()
+            if getattr(t, "is_floating_point", lambda: False)()
+        }
+        return self.create(tensors, optimizer, consistency, checkpoint_every)
+
     def create_from_module(
         self,
         module: object,

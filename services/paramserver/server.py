@@ -169,7 +169,17 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
             }
             opt = OptimizerSettings(**{**md["optimizer"], "kind": OptimizerKind(md["optimizer"]["kind"])})
             cons = ConsistencySettings(**{**md["consistency"], "mode": Mode(md["consistency"]["mode"])})
-            shard_obj = ModelShard(model, tensors, opt, cons, md["checkpoint_every"], self.incarnation)
+            shard_obj = ModelShard(
+                model,
+                tensors,
+                opt,
+                cons,
+                md["checkpoint_every"],
+                self.incarnation,
+                step_window=self.settings.step_id_window,
+                throughput_window_s=self.settings.throughput_window_s,
+                throughput_drop_share=self.settings.throughput_drop_share,
+            )
             shard_obj.load_checkpoint(restored.version, restored.arrays, md)
             for s in restored.skipped:
                 shard_obj.events.append(f"restore skipped {s}")
@@ -255,6 +265,8 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
                 request.checkpoint_every,
                 self.incarnation,
                 step_window=self.settings.step_id_window,
+                throughput_window_s=self.settings.throughput_window_s,
+                throughput_drop_share=self.settings.throughput_drop_share,
             )
             self.models[request.model] = shard
         return pb.CreateModelResponse(model=_info(shard))

@@ -136,6 +136,8 @@ class ModelShard:
         *,
         step_window: int = 4096,
         clock: Any = time.monotonic,
+        throughput_window_s: float = 10.0,
+        throughput_drop_share: float = 0.5,
     ) -> None:
         self.name = name
         self.meta = {n: m for n, (m, _) in tensors.items()}
@@ -158,7 +160,7 @@ class ModelShard:
         self.rejected_nonfinite = 0
         self.duplicates = 0
         self.staleness_hist = [0] * STALENESS_BUCKETS
-        self.throughput = ThroughputMonitor()
+        self.throughput = ThroughputMonitor(throughput_window_s, throughput_drop_share)
         self.events: deque[str] = deque(maxlen=100)
 
     # -- reading ---------------------------------------------------------------------------------------
