@@ -14,7 +14,7 @@ PROTOS := $(shell find protos -name '*.proto')
 PYX := $(wildcard native/*.pyx)
 GEN_STAMP := guardmesh/v1/.generated
 NATIVE_STAMP := native/.built
-SERVICES := scheduler
+SERVICES := scheduler paramserver
 
 .PHONY: install proto native lint breaking test up status down bench $(addprefix bench-,$(SERVICES)) clean
 
@@ -65,6 +65,9 @@ TRACE ?=
 NODES ?=
 bench-scheduler: install
 	$(PY) -m bench.scheduler $(if $(TRACE),--trace $(TRACE)) $(if $(NODES),--nodes $(NODES))
+
+bench-paramserver: install
+	$(PY) -m bench.paramserver
 
 clean:
 	rm -rf build $(VENV) .mesh native/*.c native/*.so $(NATIVE_STAMP) $(GEN_STAMP) guardmesh/v1/*_pb2*

@@ -154,6 +154,8 @@ class ParamServerClient:
         self.versions = [0] * len(self.addresses)
         self.incarnations = [""] * len(self.addresses)
         self.awaiting = [0] * len(self.addresses)
+        #: Wire size of each shard's tensors (-1: not known yet); decides unary or streamed pulls.
+        self.wire_bytes = [-1] * len(self.addresses)
         self.threshold = int(self.config.paramserver.stream_threshold_mib * (1 << 20))
         # Chunks stay well under the message limit (headers and field tags need room too).
         self.chunk = min(4 << 20, (self.config.grpc.max_message_mib << 20) - (1 << 16))
@@ -247,33 +249,37 @@ class ParamServerClient:
 
     def _pull_shard(self, i: int, min_version: int, timeout: float | None) -> tuple[int, str, dict[str, np.ndarray]]:
         stub = self.stubs[i]
-        info = stub.DescribeModel(pb.DescribeModelRequest(model=self.model)).model
-        if self.incarnations[i] and info.incarnation != self.incarnations[i]:
-            min_version = 0  # the shard restarted: the version we waited for may never come
-            self.awaiting[i] = 0
-        size = sum(int(np.prod(t.shape)) * 4 for t in info.tensors)
+        if self.wire_bytes[i] < 0 or min_version > 0:
+            # First contact, or about to wait for a version: check the shard did not restart meanwhile.
+            info = stub.DescribeModel(pb.DescribeModelRequest(model=self.model)).model
+            if self.incarnations[i] and info.incarnation != self.incarnations[i]:
+                min_version = 0  # the shard restarted: the version we waited for may never come
+                self.awaiting[i] = 0
+            self.wire_bytes[i] = sum(
+                int(np.prod(t.shape)) * (4 if t.dtype == common_pb2.D_TYPE_FLOAT32 else 2) for t in info.tensors
+            )
         req = pb.PullRequest(model=self.model, min_version=min_version)
         out: dict[str, np.ndarray] = {}
-        if size <= self.threshold:
+        if self.wire_bytes[i] <= self.threshold:
             resp = stub.Pull(req, timeout=timeout)
             for nt in resp.tensors:
                 out[nt.name] = decode(nt.tensor.dtype, nt.tensor.data).reshape(tuple(nt.tensor.shape))
             return resp.version, resp.incarnation, out
         header: pb.StreamHeader | None = None
-        buffers: list[bytearray] = []
+        buffers: list[np.ndarray] = []
         for msg in stub.PullStream(pb.PullStreamRequest(pull=req, chunk_bytes=self.chunk), timeout=timeout):
             if msg.WhichOneof("part") == "header":
                 header = msg.header
                 buffers = [
-                    bytearray(int(np.prod(t.shape)) * (4 if t.dtype == common_pb2.D_TYPE_FLOAT32 else 2))
+                    np.empty(int(np.prod(t.shape)) * (4 if t.dtype == common_pb2.D_TYPE_FLOAT32 else 2), np.uint8)
                     for t in header.tensors
                 ]
             else:
                 c = msg.chunk
-                buffers[c.tensor][c.offset : c.offset + len(c.data)] = c.data
+                buffers[c.tensor][c.offset : c.offset + len(c.data)] = np.frombuffer(c.data, dtype=np.uint8)
         assert header is not None
         for t, buf in zip(header.tensors, buffers, strict=True):
-            out[t.name] = decode(t.dtype, buf).reshape(tuple(t.shape))
+            out[t.name] = decode(t.dtype, buf.data).reshape(tuple(t.shape))
         return header.version, header.incarnation, out
 
     def pull(self, min_versions: list[int] | None = None, timeout: float | None = None) -> PullResult:
@@ -342,44 +348,36 @@ class ParamServerClient:
         size = sum(g.nbytes for g in part.values())
         stub = self.stubs[i]
         if size <= self.threshold:
-            return stub.Push(
-                pb.PushRequest(
-                    model=self.model,
-                    worker_id=self.worker_id,
-                    base_version=self.versions[i],
-                    step_id=step,
-                    gradients=[
-                        pb.NamedTensor(
-                            name=n,
-                            tensor=common_pb2.Tensor(
-                                dtype=common_pb2.D_TYPE_FLOAT32, shape=list(g.shape), data=g.tobytes()
-                            ),
-                        )
-                        for n, g in part.items()
-                    ],
-                )
+            # Filled in place: nested message constructors would copy every payload once more.
+            req = pb.PushRequest(
+                model=self.model, worker_id=self.worker_id, base_version=self.versions[i], step_id=step
             )
+            for n, g in part.items():
+                nt = req.gradients.add()
+                nt.name = n
+                nt.tensor.dtype = common_pb2.D_TYPE_FLOAT32
+                nt.tensor.shape.extend(g.shape)
+                nt.tensor.data = g.tobytes()
+            return stub.Push(req)
         chunk = self.chunk
 
         def stream() -> Iterator[pb.PushStreamRequest]:
-            yield pb.PushStreamRequest(
-                header=pb.StreamHeader(
-                    model=self.model,
-                    version=self.versions[i],
-                    worker_id=self.worker_id,
-                    step_id=step,
-                    tensors=[
-                        pb.TensorInfo(name=n, dtype=common_pb2.D_TYPE_FLOAT32, shape=list(g.shape))
-                        for n, g in part.items()
-                    ],
-                )
-            )
+            head = pb.PushStreamRequest()
+            head.header.model = self.model
+            head.header.version = self.versions[i]
+            head.header.worker_id = self.worker_id
+            head.header.step_id = step
+            for n, g in part.items():
+                head.header.tensors.add(name=n, dtype=common_pb2.D_TYPE_FLOAT32, shape=list(g.shape))
+            yield head
             for t, g in enumerate(part.values()):
-                raw = memoryview(g.tobytes() if not g.flags.c_contiguous else g.data).cast("B")
+                raw = g.tobytes()
                 for off in range(0, len(raw), chunk):
-                    yield pb.PushStreamRequest(
-                        chunk=pb.TensorChunk(tensor=t, offset=off, data=bytes(raw[off : off + chunk]))
-                    )
+                    msg = pb.PushStreamRequest()
+                    msg.chunk.tensor = t
+                    msg.chunk.offset = off
+                    msg.chunk.data = raw[off : off + chunk]
+                    yield msg
 
         return stub.PushStream(stream()).result
 

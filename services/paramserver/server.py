@@ -16,7 +16,7 @@ from opentelemetry import metrics, trace
 from guardmesh.config import MeshConfig
 from guardmesh.errors import AlreadyExists, GuardmeshError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from guardmesh.runtime import ServiceDefinition
-from guardmesh.tensors import check_shape, decode, encode, to_float32
+from guardmesh.tensors import check_shape, decode, to_float32
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import paramserver_pb2 as pb
 from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
@@ -110,9 +110,12 @@ def _result_pb(r: PushResult) -> pb.PushResponse:
     return pb.PushResponse(outcome=int(r.outcome), version=r.version, staleness=r.staleness, lr_scale=r.lr_scale)  # type: ignore[arg-type]
 
 
-def assemble_chunks(sizes: list[int], chunks: Iterator[pb.TensorChunk | None]) -> list[bytearray]:
-    """Fill one buffer per tensor from in-order chunks; INVALID_ARGUMENT for gaps, overflow or extras."""
-    buffers = [bytearray(n) for n in sizes]
+def assemble_chunks(sizes: list[int], chunks: Iterator[pb.TensorChunk | None]) -> list[np.ndarray]:
+    """Fill one buffer per tensor from in-order chunks; INVALID_ARGUMENT for gaps, overflow or extras.
+
+    Buffers are uninitialised (``np.empty``): every byte is written by a chunk or the push is rejected.
+    """
+    buffers = [np.empty(n, dtype=np.uint8) for n in sizes]
     filled = [0] * len(buffers)
     for c in chunks:
         if c is None:
@@ -124,7 +127,7 @@ def assemble_chunks(sizes: list[int], chunks: Iterator[pb.TensorChunk | None]) -
         end = c.offset + len(c.data)
         if end > len(buffers[c.tensor]):
             raise InvalidArgument("chunk.data", "overflows the tensor's byte length")
-        buffers[c.tensor][c.offset : end] = c.data
+        buffers[c.tensor][c.offset : end] = np.frombuffer(c.data, dtype=np.uint8)
         filled[c.tensor] = end
     for i, buf in enumerate(buffers):
         if filled[i] != len(buf):
@@ -219,7 +222,7 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
             sizes, (m.chunk if m.WhichOneof("part") == "chunk" else None for m in request_iterator)
         )
         for nt, buf in zip(header.tensors, buffers, strict=True):
-            nt.tensor.data = bytes(buf)
+            nt.tensor.data = buf.tobytes()
         return pb.CreateModelStreamResponse(model=self.CreateModel(header, context).model)
 
     def CreateModel(self, request: pb.CreateModelRequest, context: grpc.ServicerContext) -> pb.CreateModelResponse:
@@ -295,24 +298,23 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.PullResponse:
         """See the proto."""
-        shard, version, items = self._pull(request, context)
-        total = sum(m.size * (4 if m.dtype == common_pb2.D_TYPE_FLOAT32 else 2) for _, m, _ in items)
+        shard = self._shard(request.model)
+        total = shard.wire_bytes(list(request.names))
         limit = self.config.grpc.max_message_mib << 20
         if total > limit - (1 << 16):
             raise ResourceExhausted(
                 f"{total} bytes of tensors exceed the {self.config.grpc.max_message_mib} MiB message limit; "
                 "use PullStream"
             )
+        shard, version, items = self._pull(request, context)
         resp = pb.PullResponse(version=version, incarnation=shard.incarnation)
-        for name, meta, values in items:
-            resp.tensors.add(
-                name=name,
-                tensor=common_pb2.Tensor(
-                    dtype=meta.dtype,
-                    shape=list(meta.shape),  # type: ignore[arg-type]
-                    data=encode(meta.dtype, values),
-                ),
-            )
+        for name, meta, raw in items:
+            # Filled in place: nested message constructors would copy the payload once more.
+            nt = resp.tensors.add()
+            nt.name = name
+            nt.tensor.dtype = meta.dtype  # type: ignore[assignment]
+            nt.tensor.shape.extend(meta.shape)
+            nt.tensor.data = raw
         return resp
 
     def PullStream(
@@ -323,20 +325,20 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         if not 65_536 <= chunk <= 16_777_216:
             raise InvalidArgument("chunk_bytes", "must be 65,536 to 16,777,216 (or 0 for 4 MiB)")
         shard, version, items = self._pull(request.pull, context)
-        yield pb.PullStreamResponse(
-            header=pb.StreamHeader(
-                model=shard.name,
-                version=version,
-                incarnation=shard.incarnation,
-                tensors=[pb.TensorInfo(name=n, dtype=m.dtype, shape=list(m.shape)) for n, m, _ in items],  # type: ignore[arg-type]
-            )
-        )
-        for i, (_, meta, values) in enumerate(items):
-            raw = memoryview(encode(meta.dtype, values))
+        header = pb.PullStreamResponse()
+        header.header.model = shard.name
+        header.header.version = version
+        header.header.incarnation = shard.incarnation
+        for n, m, _ in items:
+            header.header.tensors.add(name=n, dtype=m.dtype, shape=list(m.shape))  # type: ignore[arg-type]
+        yield header
+        for i, (_, _, raw) in enumerate(items):
             for off in range(0, len(raw), chunk):
-                yield pb.PullStreamResponse(
-                    chunk=pb.TensorChunk(tensor=i, offset=off, data=bytes(raw[off : off + chunk]))
-                )
+                msg = pb.PullStreamResponse()
+                msg.chunk.tensor = i
+                msg.chunk.offset = off
+                msg.chunk.data = raw[off : off + chunk]
+                yield msg
 
     def _after_push(self, shard: ModelShard, result: PushResult) -> None:
         span = trace.get_current_span()
@@ -393,7 +395,7 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         buffers = assemble_chunks(
             sizes, (m.chunk if m.WhichOneof("part") == "chunk" else None for m in request_iterator)
         )
-        grads = {info.name: decode(info.dtype, buffers[i]) for i, info in enumerate(header.tensors)}
+        grads = {info.name: decode(info.dtype, buffers[i].data) for i, info in enumerate(header.tensors)}
         try:
             result = shard.push(header.worker_id, header.version, header.step_id, grads)
         except GuardmeshError as err:

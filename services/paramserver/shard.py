@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from guardmesh.errors import Aborted, FailedPrecondition, InvalidArgument
+from guardmesh.tensors import encode
 from guardmesh.v1 import paramserver_pb2 as pb
 from native import aggregate as _agg  # type: ignore[attr-defined]
 from services.paramserver.optimizer import OptimizerSettings, ServerOptimizer
@@ -170,14 +171,19 @@ class ModelShard:
         with self.cond:
             return self.cond.wait_for(lambda: self.version >= min_version, timeout=timeout)
 
-    def snapshot(self, names: list[str]) -> tuple[int, list[tuple[str, TensorMeta, np.ndarray]]]:
-        """(version, copies of the named masters) taken atomically."""
+    def snapshot(self, names: list[str]) -> tuple[int, list[tuple[str, TensorMeta, bytes]]]:
+        """(version, the named masters encoded in their wire dtype) taken atomically: one copy each."""
         for i, n in enumerate(names):
             if n not in self.meta:
                 raise InvalidArgument(f"names[{i}]", f"tensor {n!r} is not on this shard of model {self.name!r}")
         with self.cond:
             chosen = names or list(self.masters)
-            return self.version, [(n, self.meta[n], self.masters[n].copy()) for n in chosen]
+            return self.version, [(n, self.meta[n], encode(self.meta[n].dtype, self.masters[n])) for n in chosen]
+
+    def wire_bytes(self, names: list[str]) -> int:
+        """Bytes the named tensors (all if empty) take on the wire."""
+        chosen = names or list(self.meta)
+        return sum(self.meta[n].size * (4 if self.meta[n].dtype == 1 else 2) for n in chosen if n in self.meta)
 
     # -- pushing ---------------------------------------------------------------------------------------
 
