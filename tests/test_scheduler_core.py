@@ -1197,10 +1197,14 @@ def test_host_aware_kernels_match_python_reference(case: dict[str, Any], data: s
         assert native == pytest.approx(before_v, abs=2e-2, rel=1e-5)
 
 
-def test_fused_single_gpu_kernel_agrees_with_numpy_reference() -> None:
-    """The fast path picks the same GPU as the filter + score reference, host resources included."""
+@pytest.mark.parametrize("parallel", [False, True])
+def test_fused_single_gpu_kernel_agrees_with_numpy_reference(parallel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path picks the same GPU as the filter + score reference, host resources included;
+    the two-thread scan combines its halves exactly as one scan would."""
     from services.scheduler.placement import place_replica, place_single_gpu
 
+    if parallel:
+        monkeypatch.setattr(frag, "PARALLEL_GPUS", 8)
     rng = np.random.default_rng(3)
     for policy in ("first-fit", "best-fit", "fgd"):
         state = ClusterState(512)
