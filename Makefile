@@ -14,7 +14,7 @@ PROTOS := $(shell find protos -name '*.proto')
 PYX := $(wildcard native/*.pyx)
 GEN_STAMP := guardmesh/v1/.generated
 NATIVE_STAMP := native/.built
-SERVICES := scheduler paramserver
+SERVICES := scheduler paramserver scorer
 
 .PHONY: install proto native lint breaking test up status down bench $(addprefix bench-,$(SERVICES)) clean
 
@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -q "$(TORCH_REQ)" $(PIP_TORCH_ARGS)
 	$(BIN)/pip install -q "Cython>=3.0" "numpy>=1.26" "grpcio-tools>=1.62"
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	# tritonclient is only the test peer of the Open Inference Protocol; its metadata pins protobuf<7, which
+	# would downgrade the runtime below the generated code, so it comes without its dependency pins.
+	$(BIN)/pip install -q --no-deps "tritonclient[grpc]>=2.40" "ml-dtypes>=0.3" "python-rapidjson>=1.10"
 	touch $@
 
 proto: $(GEN_STAMP)
@@ -68,6 +71,9 @@ bench-scheduler: install
 
 bench-paramserver: install
 	$(PY) -m bench.paramserver
+
+bench-scorer: install
+	$(PY) -m bench.scorer
 
 clean:
 	rm -rf build $(VENV) .mesh native/*.c native/*.so $(NATIVE_STAMP) $(GEN_STAMP) guardmesh/v1/*_pb2*

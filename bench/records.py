@@ -7,16 +7,20 @@ are only informative). ``machine`` says where the figures were taken.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,3 +99,59 @@ def write_records(service: str, records: list[dict[str, Any]]) -> Path:
     Console(width=200).print(table)
     print(f"wrote {path}")
     return path
+
+
+@contextlib.contextmanager
+def service_process(service: str, overrides: dict[str, str], timeout: float = 90.0) -> Iterator[str]:
+    """Run ``python -m services.<service>`` on a free loopback port with GUARDMESH__ overrides; yield its
+    address once gRPC health says SERVING; SIGTERM it afterwards."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix=f"guardmesh-bench-{service}-") as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GUARDMESH", "OTEL_", "CONSUL_"))}
+        env |= {
+            f"GUARDMESH__SERVICES__{service.upper()}__PORT": str(port),
+            "GUARDMESH__MESH__STATE_DIR": tmp,
+            "GUARDMESH__LOGGING__LEVEL": "WARNING",
+            **overrides,
+        }
+        log = Path(tmp) / "service.log"
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{service}"], cwd=REPO, env=env, stdout=fh, stderr=fh
+            )
+        address = f"127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            with grpc.insecure_channel(address) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                while True:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{service} exited: {log.read_text()[-2000:]}")
+                    try:
+                        if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == 1:
+                            break
+                    except grpc.RpcError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{service} not SERVING after {timeout:.0f}s")
+                    time.sleep(0.1)
+            yield address
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

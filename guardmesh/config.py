@@ -123,6 +123,19 @@ class ParamServerSettings(_Section):
     stream_threshold_mib: float = Field(default=4.0, gt=0)
 
 
+class ScorerSettings(_Section):
+    """The scorer (see ``mesh.toml``)."""
+
+    device: str = "auto"
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    max_queue_rows: int = Field(default=4096, ge=1)
+    live_window: int = Field(default=1000, ge=10)
+    drift_every: int = Field(default=100, ge=1)
+    min_labels: int = Field(default=200, ge=1)
+    decision_log: int = Field(default=100_000, ge=100)
+
+
 class MeshConfig(_Section):
     """The whole validated configuration."""
 
@@ -135,6 +148,7 @@ class MeshConfig(_Section):
     logging: LoggingSettings = LoggingSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     paramserver: ParamServerSettings = ParamServerSettings()
+    scorer: ScorerSettings = ScorerSettings()
 
     def endpoint(self, service: str) -> ServiceEndpoint:
         """Static endpoint of ``service``; ConfigError if the mesh config does not list it."""

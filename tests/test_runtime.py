@@ -284,3 +284,15 @@ def test_reflection_lists_every_paramserver_method(tmp_path: Path) -> None:
         assert _health(running.address, "paramserver") == health_pb2.HealthCheckResponse.SERVING
     finally:
         running.stop(grace=0.5)
+
+
+def test_reflection_lists_scorer_and_open_inference_services(tmp_path: Path) -> None:
+    config = make_config(tmp_path, **{"services.scorer.port": 0})
+    running = start_service(load_definition("scorer"), config, port=0)
+    try:
+        with grpc.insecure_channel(running.address) as ch:
+            services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+        assert {"guardmesh.v1.ScorerService", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+        assert _health(running.address, "scorer") == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop(grace=0.5)

@@ -1,0 +1,1 @@
+"""Model scoring with drift-aware thresholds, explanations and automatic rollback."""

@@ -1,0 +1,138 @@
+"""Model monitoring: rolling precision/recall/F1 from ground-truth feedback, the F1 rollback trigger, and
+the missing-value alert with its cleaning policy."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from guardmesh.errors import InvalidArgument
+
+
+@dataclass
+class RollingF1:
+    """Precision, recall and F1 over the last ``window`` labelled decisions of one model version."""
+
+    window: int = 1000
+    outcomes: deque[tuple[bool, bool]] = field(default_factory=deque)
+
+    def add(self, predicted: bool, actual: bool) -> None:
+        """Record one labelled decision."""
+        self.outcomes.append((predicted, actual))
+        while len(self.outcomes) > self.window:
+            self.outcomes.popleft()
+
+    def metrics(self) -> tuple[float, float, float, int]:
+        """(precision, recall, F1, labelled count); 0 where undefined."""
+        tp = sum(1 for p, a in self.outcomes if p and a)
+        fp = sum(1 for p, a in self.outcomes if p and not a)
+        fn = sum(1 for p, a in self.outcomes if not p and a)
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return precision, recall, f1, len(self.outcomes)
+
+
+@dataclass
+class VersionHealth:
+    """Feedback state of one version: the F1 baseline (first full window, or configured) and the rolling F1."""
+
+    rolling: RollingF1
+    baseline_f1: float | None = None
+    min_labels: int = 200
+
+    def observe(self, predicted: bool, actual: bool) -> None:
+        """Record one label; fix the baseline once ``min_labels`` have arrived (if not configured)."""
+        self.rolling.add(predicted, actual)
+        if self.baseline_f1 is None and len(self.rolling.outcomes) >= self.min_labels:
+            self.baseline_f1 = self.rolling.metrics()[2]
+
+    def degraded(self, max_relative_drop: float) -> tuple[bool, float]:
+        """(F1 dropped by at least ``max_relative_drop`` of its baseline, relative drop)."""
+        _, _, f1, n = self.rolling.metrics()
+        if self.baseline_f1 is None or self.baseline_f1 <= 0 or n < self.min_labels:
+            return False, 0.0
+        drop = (self.baseline_f1 - f1) / self.baseline_f1
+        return drop >= max_relative_drop, drop
+
+
+class DecisionLog:
+    """The last decisions by request id, so feedback can find what was predicted and by which version."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[str, tuple[str, bool]] = OrderedDict()
+
+    def record(self, request_id: str, version: str, predicted: bool) -> None:
+        """Remember one model decision."""
+        self.entries[request_id] = (version, predicted)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def pop(self, request_id: str) -> tuple[str, bool] | None:
+        """The decision of ``request_id`` (once)."""
+        return self.entries.pop(request_id, None)
+
+
+class CleaningPolicy(Enum):
+    """What happens to a request with a missing feature once the feature's missing rate is alarming."""
+
+    IMPUTE = "impute"  # use the reference median and flag the request
+    REJECT = "reject"  # refuse the request (INVALID_ARGUMENT naming the feature)
+
+
+@dataclass
+class MissingMonitor:
+    """Per-feature missing rate over the live window, an alert above ``alert_rate`` (default 2%)."""
+
+    features: tuple[str, ...]
+    medians: np.ndarray
+    alert_rate: float = 0.02
+    window: int = 1000
+    policy: CleaningPolicy = CleaningPolicy.IMPUTE
+    recent: deque[np.ndarray] = field(default_factory=deque)
+    alerted: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alert_rate <= 1.0:
+            raise InvalidArgument("missing.alert_rate", "must be in [0, 1]")
+        self.counts = np.zeros(len(self.features), dtype=np.int64)
+
+    def observe(self, missing: np.ndarray) -> list[str]:
+        """Record one batch's missing mask (rows x features); return features newly over the alert rate.
+
+        Running counts make this O(features) per row, whatever the window.
+        """
+        for row in missing:
+            self.recent.append(row)
+            self.counts += row
+            if len(self.recent) > self.window:
+                self.counts -= self.recent.popleft()
+        rates = self.rates()
+        over = rates > self.alert_rate
+        fresh = [f for f, o in zip(self.features, over, strict=True) if o and f not in self.alerted]
+        self.alerted = {f for f, o in zip(self.features, over, strict=True) if o}
+        return fresh
+
+    def rates(self) -> np.ndarray:
+        """Missing rate per feature over the window."""
+        if not self.recent:
+            return np.zeros(len(self.features))
+        return self.counts / len(self.recent)
+
+    def clean(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Impute missing values with the reference medians (or reject); return (rows, per-row imputed flag)."""
+        missing = np.isnan(rows)
+        if not missing.any():
+            return rows, np.zeros(rows.shape[0], dtype=bool)
+        if self.policy is CleaningPolicy.REJECT:
+            j = int(np.argwhere(missing.any(axis=0))[0][0])
+            raise InvalidArgument(f"features[{self.features[j]}]", "is missing and the cleaning policy rejects")
+        out = np.where(missing, self.medians[None, :], rows).astype(np.float32)
+        if not all(math.isfinite(m) for m in self.medians):
+            raise InvalidArgument("features", "no reference median to impute from")
+        return out, missing.any(axis=1)

@@ -1,0 +1,233 @@
+"""Versioned model registry: load, warm up, activate, list, roll back.
+
+A version is a PyTorch model in one of three forms: a TorchScript file, a ``torch.export`` program, or a
+registered architecture plus a ``state_dict`` (safetensors). A version that fails to load or to pass its
+warm-up batch is refused and the active one keeps serving. Models run on CUDA when a GPU is visible, on the
+CPU otherwise; the device is chosen once, at start.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from guardmesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+
+#: Architectures a ``state_dict`` version may name: a factory taking ``n_features`` and keyword options.
+ARCHITECTURES: dict[str, Callable[..., torch.nn.Module]] = {}
+
+
+def architecture(name: str) -> Callable[[Callable[..., torch.nn.Module]], Callable[..., torch.nn.Module]]:
+    """Register a model factory under ``name`` (decorator)."""
+
+    def register(factory: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
+        ARCHITECTURES[name] = factory
+        return factory
+
+    return register
+
+
+@architecture("logistic")
+def logistic(n_features: int) -> torch.nn.Module:
+    """Logistic regression: one linear layer and a sigmoid."""
+    return torch.nn.Sequential(torch.nn.Linear(n_features, 1), torch.nn.Sigmoid())
+
+
+@architecture("mlp")
+def mlp(n_features: int, hidden: tuple[int, ...] = (256, 256)) -> torch.nn.Module:
+    """A ReLU MLP with a sigmoid output."""
+    layers: list[torch.nn.Module] = []
+    width = n_features
+    for h in hidden:
+        layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+        width = h
+    layers += [torch.nn.Linear(width, 1), torch.nn.Sigmoid()]
+    return torch.nn.Sequential(*layers)
+
+
+class ModelFormat(Enum):
+    """How a version's bytes are to be read."""
+
+    TORCHSCRIPT = "torchscript"
+    TORCH_EXPORT = "torch_export"
+    STATE_DICT = "state_dict"
+
+
+def pick_device(prefer: str = "auto") -> torch.device:
+    """CUDA when visible (and not disabled), else CPU."""
+    if prefer == "cpu":
+        return torch.device("cpu")
+    if prefer.startswith("cuda") or (prefer == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise InvalidArgument("scorer.device", f"{prefer!r} asked but no CUDA device is visible")
+        return torch.device(prefer if prefer != "auto" else "cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class ModelVersion:
+    """A loaded, warmed-up version."""
+
+    name: str
+    version: str
+    features: tuple[str, ...]
+    module: Callable[[torch.Tensor], torch.Tensor]
+    fmt: ModelFormat
+    loaded_at: float
+    raw_module: torch.nn.Module | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores in [0, 1] for a (batch, features) float32 tensor, shape (batch,)."""
+        with torch.inference_mode():
+            out = self.module(x)
+        return out.reshape(x.shape[0], -1)[:, 0]
+
+
+@dataclass
+class ModelLine:
+    """All versions of one model name, the active one and the activation history (for rollback)."""
+
+    versions: dict[str, ModelVersion] = field(default_factory=dict)
+    active: str | None = None
+    history: list[str] = field(default_factory=list)
+
+
+def load_module(
+    fmt: ModelFormat,
+    payload: bytes,
+    device: torch.device,
+    *,
+    arch: str = "",
+    n_features: int = 0,
+    options: dict[str, object] | None = None,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.nn.Module | None]:
+    """Deserialize a model; raise InvalidArgument naming what is wrong."""
+    try:
+        if fmt is ModelFormat.TORCHSCRIPT:
+            with warnings.catch_warnings():
+                # TorchScript is deprecated upstream but still what many teams ship; we keep loading it.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(io.BytesIO(payload), map_location=device)
+            module.eval()
+            return module, module
+        if fmt is ModelFormat.TORCH_EXPORT:
+            program = torch.export.load(io.BytesIO(payload))
+            exported = program.module()
+            exported.to(device)
+            return exported, None
+        factory = ARCHITECTURES.get(arch)
+        if factory is None:
+            raise InvalidArgument("architecture", f"unknown architecture {arch!r} (known: {sorted(ARCHITECTURES)})")
+        from safetensors.torch import load as st_load
+
+        state = st_load(payload)
+        module = factory(n_features, **(options or {}))
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise InvalidArgument("state_dict", f"does not match {arch!r}: missing {missing}, unexpected {unexpected}")
+        module.to(device).eval()
+        return module, module
+    except InvalidArgument:
+        raise
+    except Exception as exc:
+        raise InvalidArgument("model", f"cannot load a {fmt.value} model: {type(exc).__name__}: {exc}") from None
+
+
+class ModelRegistry:
+    """Thread-safe registry of model lines; scoring reads the active version without locking."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.lines: dict[str, ModelLine] = {}
+        self.lock = threading.Lock()
+
+    def register(
+        self,
+        name: str,
+        version: str,
+        features: list[str],
+        fmt: ModelFormat,
+        payload: bytes,
+        *,
+        arch: str = "",
+        options: dict[str, object] | None = None,
+        warmup: torch.Tensor | None = None,
+    ) -> ModelVersion:
+        """Load and warm up a version. A bad version is refused; the active one is never touched."""
+        if not name:
+            raise InvalidArgument("name", "must not be empty")
+        if not version:
+            raise InvalidArgument("version", "must not be empty")
+        if not features or len(set(features)) != len(features):
+            raise InvalidArgument("features", "must be a non-empty list of unique names")
+        with self.lock:
+            if version in self.lines.get(name, ModelLine()).versions:
+                raise AlreadyExists(f"model {name!r} version {version!r} exists")
+        module, raw = load_module(fmt, payload, self.device, arch=arch, n_features=len(features), options=options)
+        mv = ModelVersion(name, version, tuple(features), module, fmt, time.time(), raw)
+        batch = warmup if warmup is not None else torch.zeros(4, len(features))
+        if batch.ndim != 2 or batch.shape[1] != len(features):
+            raise InvalidArgument("warmup", f"must have shape (rows, {len(features)})")
+        try:
+            scores = mv(batch.to(self.device, torch.float32))
+        except Exception as exc:
+            raise FailedPrecondition(f"model {name}:{version} failed its warm-up batch: {exc}") from None
+        if scores.shape != (batch.shape[0],) or not torch.isfinite(scores).all():
+            raise FailedPrecondition(
+                f"model {name}:{version} warm-up gave {tuple(scores.shape)} scores"
+                f"{'' if torch.isfinite(scores).all() else ' with NaN/Inf'}; expected one finite score per row"
+            )
+        with self.lock:
+            line = self.lines.setdefault(name, ModelLine())
+            if version in line.versions:
+                raise AlreadyExists(f"model {name!r} version {version!r} exists")
+            line.versions[version] = mv
+        return mv
+
+    def activate(self, name: str, version: str) -> ModelVersion:
+        """Make ``version`` the one that serves; the previous one is remembered for rollback."""
+        with self.lock:
+            line = self.lines.get(name)
+            if line is None or version not in line.versions:
+                raise NotFound(f"model {name!r} version {version!r} not found")
+            if line.active != version:
+                if line.active is not None:
+                    line.history.append(line.active)
+                line.active = version
+            return line.versions[version]
+
+    def rollback(self, name: str) -> ModelVersion:
+        """Re-activate the previously active version."""
+        with self.lock:
+            line = self.lines.get(name)
+            if line is None:
+                raise NotFound(f"model {name!r} not found")
+            if not line.history:
+                raise FailedPrecondition(f"model {name!r} has no earlier active version to roll back to")
+            line.active = line.history.pop()
+            return line.versions[line.active]
+
+    def active(self, name: str, version: str = "") -> ModelVersion:
+        """The active version (or a named one)."""
+        line = self.lines.get(name)
+        if line is None:
+            raise NotFound(f"model {name!r} not found")
+        chosen = version or line.active
+        if chosen is None:
+            raise FailedPrecondition(f"model {name!r} has no active version")
+        mv = line.versions.get(chosen)
+        if mv is None:
+            raise NotFound(f"model {name!r} version {chosen!r} not found")
+        return mv
+
+    def list(self) -> list[tuple[str, list[str], str | None]]:
+        """(name, versions, active) per model line."""
+        with self.lock:
+            return [(n, list(line.versions), line.active) for n, line in sorted(self.lines.items())]

@@ -1,0 +1,327 @@
+"""The scorer over real gRPC with real PyTorch models: decisions, drift-aware thresholds, explanations,
+missing values, feedback-driven rollback, and bad input."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from guardmesh.client import open_channel
+from guardmesh.config import MeshConfig
+from guardmesh.runtime import RunningService, load_definition, start_service
+from guardmesh.v1 import common_pb2
+from guardmesh.v1 import scorer_pb2 as pb
+from guardmesh.v1 import scorer_pb2_grpc as pb_grpc
+
+from .conftest import make_config
+
+FEATURES = ["amount", "velocity", "age_days", "foreign"]
+
+
+def logistic(weights: list[float], bias: float) -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(len(weights), 1), torch.nn.Sigmoid())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([weights]))
+        model[0].bias.fill_(bias)
+    return model.eval()
+
+
+def torchscript(model: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(model), buf)
+    return buf.getvalue()
+
+
+def tensor(rows: np.ndarray) -> common_pb2.Tensor:
+    arr = np.ascontiguousarray(rows, dtype="<f4")
+    return common_pb2.Tensor(dtype=common_pb2.D_TYPE_FLOAT32, shape=list(arr.shape), data=arr.tobytes())
+
+
+@pytest.fixture
+def scorer(tmp_path: Path) -> Iterator[tuple[RunningService, MeshConfig, pb_grpc.ScorerServiceStub]]:
+    config = make_config(tmp_path, **{"services.scorer.port": 0, "scorer.drift_every": 20, "scorer.min_labels": 50})
+    running = start_service(load_definition("scorer"), config, port=0)
+    channel = open_channel("scorer", config, address=running.address)
+    yield running, config, pb_grpc.ScorerServiceStub(channel)
+    channel.close()
+    running.stop(grace=0.5)
+
+
+def reference_rows(n: int = 2000, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, len(FEATURES))).astype(np.float32)
+
+
+def register(
+    stub: pb_grpc.ScorerServiceStub, version: str, model: torch.nn.Module, **kw: object
+) -> pb.RegisterModelResponse:
+    return stub.RegisterModel(
+        pb.RegisterModelRequest(
+            model="risk",
+            version=version,
+            features=FEATURES,
+            format=pb.MODEL_FORMAT_TORCHSCRIPT,
+            payload=torchscript(model),
+            reference=tensor(reference_rows()),
+            **kw,  # type: ignore[arg-type]
+        )
+    )
+
+
+def score(stub: pb_grpc.ScorerServiceStub, rid: str, row: np.ndarray, **kw: object) -> pb.ScoreResponse:
+    return stub.Score(
+        pb.ScoreRequest(model="risk", request_id=rid, features=dict(zip(FEATURES, map(float, row), strict=True)), **kw)  # type: ignore[arg-type]
+    )
+
+
+def test_decision_path_threshold_and_explanation(scorer) -> None:  # type: ignore[no-untyped-def]
+    _, _, stub = scorer
+    model = logistic([2.0, 1.0, -0.5, 0.0], -0.2)
+    resp = register(
+        stub,
+        "v1",
+        model,
+        activate=True,
+        threshold=pb.ThresholdConfig(base=0.6, k=0.3),
+        rules=[pb.ScoringRule(name="huge-amount", feature="amount", limit=5.0, block=True)],
+    )
+    assert resp.device in ("cpu", "cuda") or resp.device.startswith("cuda")
+    row = np.array([0.5, 0.2, 1.0, 3.0], dtype=np.float32)
+    out = score(stub, "r1", row, explain=True, experiment="exp-1", arm="b")
+    expected = float(model(torch.from_numpy(row[None, :])).detach()[0, 0])
+    assert out.score == pytest.approx(expected, rel=1e-5)
+    assert out.threshold == pytest.approx(0.6) and out.decision == (expected >= 0.6)
+    assert out.path == "model:risk:v1@threshold=0.6000" and out.model_version == "v1"
+    # Exact SHAP for a logistic model: w_i * (x_i - reference mean_i), in log-odds.
+    ref_mean = reference_rows().astype(np.float64).mean(axis=0)
+    got = {a.feature: a.attribution for a in out.attributions}
+    for i, f in enumerate(FEATURES):
+        assert got[f] == pytest.approx([2.0, 1.0, -0.5, 0.0][i] * (row[i] - ref_mean[i]), abs=1e-4)
+    assert out.attribution_method == "linear_shap"
+    ruled = score(stub, "r2", np.array([9.0, 0, 0, 0], dtype=np.float32))
+    assert ruled.path == "rule:huge-amount" and ruled.decision and ruled.model_version == ""
+
+
+def test_drift_lowers_the_threshold_and_reports_per_feature(scorer) -> None:  # type: ignore[no-untyped-def]
+    _, _, stub = scorer
+    register(stub, "v1", logistic([1.0, 0, 0, 0], 0.0), activate=True, threshold=pb.ThresholdConfig(base=0.5, k=0.3))
+    rng = np.random.default_rng(1)
+    for i in range(200):
+        score(stub, f"a{i}", rng.standard_normal(4).astype(np.float32))
+    calm = stub.GetDriftReport(pb.GetDriftReportRequest(model="risk"))
+    assert calm.drift_score < 0.3 and calm.threshold > 0.45
+    shifted = rng.standard_normal((1000, 4)).astype(np.float32)
+    shifted[:, 1] += 3.8  # the shopping-festival shift, on "velocity"
+    for i, row in enumerate(shifted):
+        last = score(stub, f"b{i}", row)
+    report = stub.GetDriftReport(pb.GetDriftReportRequest(model="risk"))
+    by_feature = {f.feature: f for f in report.features}
+    assert by_feature["velocity"].ks_statistic > 0.8 and by_feature["velocity"].psi > 1.0
+    assert by_feature["amount"].ks_statistic < 0.1
+    assert report.drift_score > 0.5
+    assert report.threshold == pytest.approx(0.5 * (1 - 0.3 * report.drift_score), rel=1e-6)
+    assert last.threshold < 0.45 and last.drift_score > 0.5  # decisions used the adapted threshold
+
+
+def test_missing_values_alert_and_imputation_or_rejection(scorer) -> None:  # type: ignore[no-untyped-def]
+    _, _, stub = scorer
+    register(stub, "v1", logistic([1.0, 1.0, 0, 0], 0.0), activate=True)
+    rng = np.random.default_rng(2)
+    for i in range(100):
+        row = rng.standard_normal(4).astype(np.float32)
+        features = dict(zip(FEATURES, map(float, row), strict=True))
+        if i % 10 == 0:
+            del features["velocity"]  # 10% missing > 2%
+        out = stub.Score(pb.ScoreRequest(model="risk", request_id=f"m{i}", features=features))
+        assert out.imputed == (i % 10 == 0)
+    events = stub.ListScorerEvents(pb.ListScorerEventsRequest(model="risk")).events
+    assert any(e.kind == "missing_alert" and "velocity" in e.message for e in events)
+    register(stub, "v2", logistic([1.0, 1.0, 0, 0], 0.0), activate=False, cleaning=pb.CLEANING_POLICY_REJECT)
+    stub.ActivateModel(pb.ActivateModelRequest(model="risk", version="v2"))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Score(pb.ScoreRequest(model="risk", request_id="x", features={"amount": 1.0}))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "features[" in err.value.details()
+
+
+def test_f1_drop_rolls_back_to_the_previous_version(scorer) -> None:  # type: ignore[no-untyped-def]
+    _, _, stub = scorer
+    good = logistic([3.0, 0, 0, 0], 0.0)  # the label is "amount > 0"
+    register(stub, "v1", good, activate=True)
+    register(stub, "v2", good)
+    stub.ActivateModel(pb.ActivateModelRequest(model="risk", version="v2"))
+    rng = np.random.default_rng(3)
+
+    def round_(prefix: str, n: int, flipped: bool) -> pb.FeedbackResponse:
+        rows = rng.standard_normal((n, 4)).astype(np.float32)
+        for i, row in enumerate(rows):
+            score(stub, f"{prefix}{i}", row)
+        labels = [pb.Label(request_id=f"{prefix}{i}", label=bool(row[0] > 0) != flipped) for i, row in enumerate(rows)]
+        return stub.Feedback(pb.FeedbackRequest(model="risk", labels=labels))
+
+    first = round_("a", 60, flipped=False)  # 60 >= min_labels: v2's F1 baseline is fixed near 1
+    assert first.accepted == 60 and first.f1 > 0.9 and not first.rolled_back and first.active_version == "v2"
+    models = stub.ListModels(pb.ListModelsRequest()).models[0]
+    assert {v.version: v.baseline_f1 for v in models.versions}["v2"] > 0.9
+    # The world changes (the label now follows the opposite rule): v2's rolling F1 collapses.
+    outcome = None
+    for k in range(6):
+        outcome = round_(f"b{k}", 20, flipped=True)
+        if outcome.rolled_back:
+            break
+    assert outcome is not None and outcome.rolled_back and outcome.active_version == "v1"
+    events = stub.ListScorerEvents(pb.ListScorerEventsRequest(model="risk")).events
+    rollback = [e for e in events if e.kind == "rollback"]
+    assert len(rollback) == 1 and "v2 -> v1" in rollback[0].message and "below its baseline" in rollback[0].message
+    assert score(stub, "after", np.zeros(4, dtype=np.float32)).model_version == "v1"
+    unknown = stub.Feedback(pb.FeedbackRequest(model="risk", labels=[pb.Label(request_id="nope", label=True)]))
+    assert unknown.unknown == 1 and unknown.accepted == 0
+
+
+def test_bad_input_gets_clear_statuses_and_active_model_unaffected(scorer) -> None:  # type: ignore[no-untyped-def]
+    _, _, stub = scorer
+    register(stub, "v1", logistic([1.0, 0, 0, 0], 0.0), activate=True)
+    cases = [
+        (
+            pb.ScoreRequest(model="risk", request_id="a", features={"nope": 1.0}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "features[nope]",
+        ),
+        (
+            pb.ScoreRequest(model="risk", request_id="a", features={"amount": float("inf")}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "finite",
+        ),
+        (
+            pb.ScoreRequest(model="risk", request_id="", features={"amount": 1.0}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "request_id",
+        ),
+        (pb.ScoreRequest(model="nope", request_id="a", features={}), grpc.StatusCode.NOT_FOUND, "nope"),
+        (
+            pb.ScoreRequest(model="risk", request_id="a", features={"amount": 1.0}, version="v9"),
+            grpc.StatusCode.NOT_FOUND,
+            "v9",
+        ),
+    ]
+    for req, code, needle in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(req)
+        assert err.value.code() == code and needle in err.value.details(), err.value.details()
+    bad_models = [
+        (
+            pb.RegisterModelRequest(
+                model="risk", version="v2", features=FEATURES, format=pb.MODEL_FORMAT_TORCHSCRIPT, payload=b"junk"
+            ),
+            "model",
+        ),
+        (
+            pb.RegisterModelRequest(
+                model="risk", version="v2", features=FEATURES, format=pb.MODEL_FORMAT_UNSPECIFIED, payload=b"x"
+            ),
+            "format",
+        ),
+        (
+            pb.RegisterModelRequest(
+                model="risk", version="v2", features=["a", "a"], format=pb.MODEL_FORMAT_TORCHSCRIPT, payload=b"x"
+            ),
+            "features",
+        ),
+        (
+            pb.RegisterModelRequest(
+                model="risk",
+                version="v2",
+                features=FEATURES,
+                format=pb.MODEL_FORMAT_TORCHSCRIPT,
+                payload=torchscript(logistic([1, 0, 0, 0], 0)),
+                threshold=pb.ThresholdConfig(base=2.0),
+            ),
+            "threshold.base",
+        ),
+        (
+            pb.RegisterModelRequest(
+                model="risk",
+                version="v1",
+                features=FEATURES,
+                format=pb.MODEL_FORMAT_TORCHSCRIPT,
+                payload=torchscript(logistic([1, 0, 0, 0], 0)),
+            ),
+            "v1",
+        ),
+    ]
+    for req, needle in bad_models:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.RegisterModel(req)
+        assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS)
+        assert needle in err.value.details()
+    models = stub.ListModels(pb.ListModelsRequest()).models
+    assert [(m.model, m.active_version, [v.version for v in m.versions]) for m in models] == [("risk", "v1", ["v1"])]
+    ok = score(stub, "fine", np.zeros(4, dtype=np.float32))
+    assert ok.model_version == "v1"
+
+
+def test_score_batch_and_concurrent_clients_share_batches(scorer) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    running, _, stub = scorer
+    model = logistic([1.0, -1.0, 0.5, 0.0], 0.1)
+    register(stub, "v1", model, activate=True)
+    rows = np.random.default_rng(4).standard_normal((64, 4)).astype(np.float32)
+    batch = stub.ScoreBatch(
+        pb.ScoreBatchRequest(
+            requests=[
+                pb.ScoreRequest(
+                    model="risk", request_id=f"s{i}", features=dict(zip(FEATURES, map(float, r), strict=True))
+                )
+                for i, r in enumerate(rows)
+            ]
+            + [pb.ScoreRequest(model="risk", request_id="bad", features={"nope": 1.0})]
+        )
+    )
+    assert [r.WhichOneof("result") for r in batch.results] == ["response"] * 64 + ["error"]
+    expected = model(torch.from_numpy(rows))[:, 0].detach().numpy()
+    np.testing.assert_allclose([r.response.score for r in batch.results[:64]], expected, rtol=1e-5)
+    results: dict[int, float] = {}
+
+    def client(k: int) -> None:
+        for i in range(k, 64, 16):
+            results[i] = score(stub, f"c{i}", rows[i]).score
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_allclose([results[i] for i in range(64)], expected, rtol=1e-5)
+    core = running.binding.servicer.core  # type: ignore[attr-defined]
+    stats = core.lines["risk"].versions["v1"].batcher.stats
+    assert stats.rows == 64 + 64 and stats.batches < 128  # concurrent requests were batched together
+
+
+def test_open_inference_protocol_serves_the_active_version(scorer) -> None:  # type: ignore[no-untyped-def]
+    from inference import grpc_predict_v2_pb2 as oip
+    from inference import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    running, config, stub = scorer
+    model = logistic([1.0, 2.0, -1.0, 0.5], 0.0)
+    register(stub, "v1", model, activate=True)
+    rows = np.random.default_rng(5).standard_normal((3, 4)).astype(np.float32)
+    channel = open_channel("scorer", config, address=running.address)
+    oip_stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    assert oip_stub.ModelReady(oip.ModelReadyRequest(name="risk", version="v1")).ready
+    meta = oip_stub.ModelMetadata(oip.ModelMetadataRequest(name="risk"))
+    assert list(meta.versions)[-1] == "v1" and meta.inputs[0].name == "features"
+    request = oip.ModelInferRequest(model_name="risk")
+    tensor_in = request.inputs.add()
+    tensor_in.name, tensor_in.datatype = "features", "FP32"
+    tensor_in.shape.extend([3, 4])
+    request.raw_input_contents.append(rows.tobytes())
+    resp = oip_stub.ModelInfer(request)
+    scores = np.frombuffer(resp.raw_output_contents[0], dtype="<f4")
+    np.testing.assert_allclose(scores, model(torch.from_numpy(rows))[:, 0].detach().numpy(), rtol=1e-6)
+    assert resp.model_version == "v1"
+    channel.close()

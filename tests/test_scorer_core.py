@@ -1,0 +1,162 @@
+"""Scorer core without gRPC: the model registry (real PyTorch models) and the dynamic batcher."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from guardmesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.scorer.batching import DynamicBatcher
+from services.scorer.registry import ModelFormat, ModelRegistry, mlp, pick_device
+
+FEATURES = [f"f{i}" for i in range(8)]
+
+
+def torchscript_bytes(module: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(module), buf)
+    return buf.getvalue()
+
+
+def export_bytes(module: torch.nn.Module, n: int) -> bytes:
+    buf = io.BytesIO()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(module, (torch.zeros(2, n),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, buf)
+    return buf.getvalue()
+
+
+def test_device_is_cpu_without_cuda() -> None:
+    assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidArgument, match=r"scorer\.device"):
+            pick_device("cuda")
+
+
+@pytest.mark.parametrize("fmt", list(ModelFormat))
+def test_every_format_loads_and_scores_like_the_original(fmt: ModelFormat) -> None:
+    torch.manual_seed(0)
+    model = mlp(len(FEATURES), hidden=(16,)).eval()
+    if fmt is ModelFormat.TORCHSCRIPT:
+        payload = torchscript_bytes(model)
+    elif fmt is ModelFormat.TORCH_EXPORT:
+        payload = export_bytes(model, len(FEATURES))
+    else:
+        payload = st_save(model.state_dict())
+    reg = ModelRegistry(torch.device("cpu"))
+    mv = reg.register("risk", "v1", FEATURES, fmt, payload, arch="mlp", options={"hidden": (16,)})
+    x = torch.randn(5, len(FEATURES))
+    np.testing.assert_allclose(mv(x).numpy(), model(x).detach()[:, 0].numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_bad_versions_are_refused_and_the_active_one_keeps_serving() -> None:
+    torch.manual_seed(0)
+    good = mlp(len(FEATURES), hidden=(4,)).eval()
+    reg = ModelRegistry(torch.device("cpu"))
+    reg.register("risk", "v1", FEATURES, ModelFormat.TORCHSCRIPT, torchscript_bytes(good))
+    reg.activate("risk", "v1")
+    with pytest.raises(InvalidArgument, match="model"):
+        reg.register("risk", "v2", FEATURES, ModelFormat.TORCHSCRIPT, b"not a model")
+    with pytest.raises(InvalidArgument, match="architecture"):
+        reg.register("risk", "v2", FEATURES, ModelFormat.STATE_DICT, st_save(good.state_dict()), arch="nope")
+    with pytest.raises(InvalidArgument, match="state_dict"):
+        reg.register("risk", "v2", FEATURES, ModelFormat.STATE_DICT, st_save(good.state_dict()), arch="logistic")
+
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.sum(1, keepdim=True) / 0.0 * 0.0  # NaN scores
+
+    with pytest.raises(FailedPrecondition, match="warm-up"):
+        reg.register("risk", "v3", FEATURES, ModelFormat.TORCHSCRIPT, torchscript_bytes(Broken()))
+    with pytest.raises(AlreadyExists):
+        reg.register("risk", "v1", FEATURES, ModelFormat.TORCHSCRIPT, torchscript_bytes(good))
+    assert reg.active("risk").version == "v1"
+    assert reg.list() == [("risk", ["v1"], "v1")]
+
+
+def test_activate_and_rollback() -> None:
+    reg = ModelRegistry(torch.device("cpu"))
+    for v in ("v1", "v2", "v3"):
+        reg.register("m", v, FEATURES, ModelFormat.TORCHSCRIPT, torchscript_bytes(mlp(len(FEATURES), hidden=(2,))))
+    with pytest.raises(FailedPrecondition):
+        reg.active("m")
+    reg.activate("m", "v1")
+    reg.activate("m", "v2")
+    reg.activate("m", "v3")
+    assert reg.rollback("m").version == "v2"
+    assert reg.rollback("m").version == "v1"
+    with pytest.raises(FailedPrecondition, match="roll back"):
+        reg.rollback("m")
+    with pytest.raises(NotFound):
+        reg.activate("m", "v9")
+
+
+def test_batcher_groups_concurrent_requests_and_keeps_each_answer() -> None:
+    torch.manual_seed(0)
+    model = mlp(len(FEATURES), hidden=(32,)).eval()
+
+    def run(rows: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(rows))[:, 0].numpy()
+
+    batcher = DynamicBatcher(run, max_batch_size=32, max_queue_delay_s=0.01)
+    rng = np.random.default_rng(0)
+    requests = [rng.standard_normal((int(rng.integers(1, 4)), len(FEATURES))).astype(np.float32) for _ in range(200)]
+    results: list[np.ndarray | None] = [None] * len(requests)
+
+    def client(k: int) -> None:
+        for i in range(k, len(requests), 16):
+            results[i] = batcher.submit(requests[i]).result(timeout=10)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    for req, res in zip(requests, results, strict=True):
+        assert res is not None
+        np.testing.assert_allclose(res, run(req), rtol=1e-5, atol=1e-6)
+    assert batcher.stats.rows == sum(r.shape[0] for r in requests)
+    assert batcher.stats.batches < len(requests)  # requests were really grouped
+    assert batcher.stats.largest <= 32
+
+
+def test_batcher_queue_bound_refuses_with_resource_exhausted() -> None:
+    gate = threading.Event()
+
+    def slow(rows: np.ndarray) -> np.ndarray:
+        gate.wait(10)
+        return rows[:, 0]
+
+    batcher = DynamicBatcher(slow, max_batch_size=4, max_queue_delay_s=0.0, max_queue_rows=8)
+    first = batcher.submit(np.ones((4, 2), np.float32))
+    accepted = []
+    with pytest.raises(ResourceExhausted, match="queue full"):
+        for _ in range(10):
+            accepted.append(batcher.submit(np.ones((4, 2), np.float32)))
+    assert 1 <= len(accepted) <= 3
+    gate.set()
+    assert first.result(timeout=10).shape == (4,)
+    for f in accepted:
+        assert f.result(timeout=10).shape == (4,)
+    with pytest.raises(InvalidArgument, match="rows"):
+        batcher.submit(np.ones((5, 2), np.float32))
+    batcher.close()
+
+
+def test_batcher_passes_model_errors_to_every_waiter() -> None:
+    def broken(rows: np.ndarray) -> np.ndarray:
+        raise RuntimeError("device lost")
+
+    batcher = DynamicBatcher(broken, max_batch_size=8, max_queue_delay_s=0.005)
+    futures = [batcher.submit(np.ones((1, 2), np.float32)) for _ in range(3)]
+    for f in futures:
+        with pytest.raises(RuntimeError, match="device lost"):
+            f.result(timeout=10)
+    batcher.close()

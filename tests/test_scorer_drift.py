@@ -1,0 +1,333 @@
+"""Drift statistics of the scorer core, checked against scipy and slow numpy references written here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import special, stats
+
+from services.scorer.drift import (
+    PSI_EPSILON,
+    LiveWindow,
+    ReferenceWindow,
+    adaptive_threshold,
+    drift_stats,
+    kolmogorov_sf,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def sample(rng: np.random.Generator, mode: str, rows: int, features: int, shift: float = 0.0) -> np.ndarray:
+    """rows x features: continuous normals, small integers (heavy ties) or a mix, shifted by ``shift``."""
+    if mode == "continuous":
+        data = rng.normal(shift, 1.0, size=(rows, features))
+    elif mode == "ties":
+        data = rng.integers(0, 6, size=(rows, features)).astype(np.float64) + round(shift)
+    else:
+        data = np.round(rng.normal(shift, 1.5, size=(rows, features)), 1)  # one decimal: some ties
+    return data
+
+
+def sprinkle_missing(rng: np.random.Generator, data: np.ndarray, rate: float) -> np.ndarray:
+    data = data.copy()
+    data[rng.random(data.shape) < rate] = np.nan
+    return data
+
+
+def psi_numpy(ref: np.ndarray, live: np.ndarray, bins: int = 10, eps: float = PSI_EPSILON) -> float:
+    """Slow PSI of one feature: deciles of the present reference values, de-duplicated; open bins closed on
+    the left (``searchsorted(side="right")``); proportions floored at eps in both windows."""
+    a, b = ref[np.isfinite(ref)], live[np.isfinite(live)]
+    edges = np.unique(np.quantile(a, np.arange(1, bins) / bins))
+    total = 0.0
+    p_ref = np.zeros(len(edges) + 1)
+    p_live = np.zeros(len(edges) + 1)
+    for x in a:
+        p_ref[np.searchsorted(edges, x, side="right")] += 1
+    for x in b:
+        p_live[np.searchsorted(edges, x, side="right")] += 1
+    p_ref, p_live = p_ref / len(a), p_live / len(b)
+    for pr, pl in zip(p_ref.tolist(), p_live.tolist(), strict=True):
+        pr, pl = max(pr, eps), max(pl, eps)
+        total += (pl - pr) * math.log(pl / pr)
+    return total
+
+
+def cohens_d(ref: np.ndarray, live: np.ndarray) -> float:
+    a, b = ref[np.isfinite(ref)], live[np.isfinite(live)]
+    pooled = ((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2)
+    return float((b.mean() - a.mean()) / math.sqrt(pooled))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n_ref=st.integers(1, 400),
+    n_live=st.integers(1, 300),
+    mode=st.sampled_from(["continuous", "ties", "mixed"]),
+    shift=st.sampled_from([0.0, 0.3, 2.0]),
+    missing=st.sampled_from([0.0, 0.2]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_ks_statistic_matches_scipy(n_ref: int, n_live: int, mode: str, shift: float, missing: float, seed: int):
+    rng = np.random.default_rng(seed)
+    ref = sprinkle_missing(rng, sample(rng, mode, n_ref, 3), missing)
+    live = sprinkle_missing(rng, sample(rng, mode, n_live, 3, shift), missing)
+    report = drift_stats(ReferenceWindow.from_rows(ref), live)
+    for f in range(3):
+        a, b = ref[:, f][~np.isnan(ref[:, f])], live[:, f][~np.isnan(live[:, f])]
+        ours = report.ks_statistic[f].item()
+        if len(a) == 0 or len(b) == 0:
+            assert math.isnan(ours)
+            continue
+        peer = stats.ks_2samp(a, b)
+        assert abs(ours - peer.statistic) <= 1e-6
+        en = len(a) * len(b) / (len(a) + len(b))
+        assert report.ks_pvalue[f].item() == pytest.approx(special.kolmogorov(math.sqrt(en) * ours), abs=1e-9)
+
+
+def test_ks_pvalue_is_close_to_scipy_asymp_on_service_sized_windows():
+    rng = np.random.default_rng(7)
+    ref = rng.normal(size=(100_000, 4))
+    live = rng.normal(size=(1_000, 4)) + np.array([0.0, 0.05, 0.1, 0.2])
+    report = drift_stats(ReferenceWindow.from_rows(ref), live)
+    for f in range(4):
+        peer = stats.ks_2samp(ref[:, f], live[:, f], method="asymp")
+        assert report.ks_statistic[f].item() == pytest.approx(peer.statistic, abs=1e-12)
+        # Kolmogorov limit vs scipy's kstwo.sf(D, round(en)): O(1/sqrt(en)) apart, documented bound 0.009
+        assert abs(report.ks_pvalue[f].item() - peer.pvalue) < 0.009
+
+
+def test_kolmogorov_sf_matches_scipy():
+    x = torch.cat([torch.linspace(0, 4, 4001, dtype=torch.float64), torch.tensor([1e-6, 0.05, 10.0, torch.nan])])
+    ours = kolmogorov_sf(x).numpy()
+    peer = special.kolmogorov(x.numpy())
+    np.testing.assert_allclose(ours, peer, rtol=0, atol=1e-12, equal_nan=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_ref=st.integers(1, 500),
+    n_live=st.integers(1, 300),
+    mode=st.sampled_from(["continuous", "ties", "mixed"]),
+    shift=st.sampled_from([0.0, 0.5, 3.0]),
+    missing=st.sampled_from([0.0, 0.3]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_psi_matches_slow_numpy_reference(n_ref: int, n_live: int, mode: str, shift: float, missing: float, seed: int):
+    rng = np.random.default_rng(seed)
+    ref = sprinkle_missing(rng, sample(rng, mode, n_ref, 2), missing)
+    live = sprinkle_missing(rng, sample(rng, mode, n_live, 2, shift), missing)
+    reference = ReferenceWindow.from_rows(ref)
+    report = drift_stats(reference, live)
+    for f in range(2):
+        a, b = ref[:, f][~np.isnan(ref[:, f])], live[:, f][~np.isnan(live[:, f])]
+        if len(a) == 0 or len(b) == 0:
+            assert math.isnan(report.psi[f].item())
+            continue
+        edges = np.unique(np.quantile(a, np.arange(1, 10) / 10))
+        ours_edges = reference.edges[f].numpy()
+        np.testing.assert_array_equal(ours_edges[np.isfinite(ours_edges)], edges)
+        assert reference.n_bins[f].item() == len(edges) + 1
+        assert abs(report.psi[f].item() - psi_numpy(ref[:, f], live[:, f])) <= 1e-6
+
+
+def test_missing_rates_are_exact_and_other_figures_skip_missing_values():
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(1_000, 3))
+    live = rng.normal(size=(400, 3))
+    ref[:137, 0] = np.nan
+    ref[:5, 1] = np.inf  # non-finite counts as missing
+    live[:50, 0] = np.nan
+    live[:, 2] = np.nan  # a feature missing everywhere in the live window
+    report = drift_stats(ReferenceWindow.from_rows(ref), live)
+    assert report.missing_reference.tolist() == [137 / 1_000, 5 / 1_000, 0.0]
+    assert report.missing_live.tolist() == [50 / 400, 0.0, 1.0]
+    assert report.missing_delta.tolist() == [50 / 400 - 137 / 1_000, -5 / 1_000, 1.0]
+    assert report.n_reference.tolist() == [863, 995, 1_000]
+    assert report.n_live.tolist() == [350, 400, 0]
+    a, b = ref[137:, 0], live[50:, 0]
+    assert report.ks_statistic[0].item() == pytest.approx(stats.ks_2samp(a, b).statistic, abs=1e-12)
+    assert report.smd[0].item() == pytest.approx(cohens_d(ref[:, 0], live[:, 0]), abs=1e-12)
+    assert report.smd[1].item() == pytest.approx(cohens_d(ref[:, 1], live[:, 1]), abs=1e-12)
+    # the fully missing feature: undefined statistics, but the missing-rate jump drives its score
+    assert math.isnan(report.ks_statistic[2].item()) and math.isnan(report.psi[2].item())
+    assert report.score_missing[2].item() > 0.99 and report.feature_score[2].item() > 0.99
+    assert report.feature_score[0].item() < 0.3  # +12 points of missing over 13.7 %: moderate
+    assert report.score == report.feature_score.max().item()
+
+
+def test_identical_distributions_score_near_zero_and_keep_the_threshold():
+    rng = np.random.default_rng(11)
+    reference = ReferenceWindow.from_rows(rng.normal(size=(100_000, 20)))
+    window = LiveWindow(20)
+    window.add(rng.normal(size=(1_000, 20)))
+    report = drift_stats(reference, window)
+    assert report.score < 0.05
+    assert report.ks_statistic.max().item() < 0.08  # the 95 % noise level is 0.043; 20 features
+    assert report.psi.max().item() < 0.03
+    assert adaptive_threshold(0.8, report.score, lower=0.5, upper=0.95) > 0.8 * (1 - 0.3 * 0.05)
+
+
+def test_shopping_festival_shift_scores_near_one_and_lowers_the_threshold_by_k():
+    # behaviour moves 3.8 standard deviations from the training data
+    rng = np.random.default_rng(12)
+    reference = ReferenceWindow.from_rows(rng.normal(size=(100_000, 5)), names=[f"x{i}" for i in range(5)])
+    window = LiveWindow(5)
+    window.add(rng.normal(size=(1_000, 5)) + np.array([3.8, 0, 0, 0, 0]))
+    report = drift_stats(reference, window)
+    assert report.feature_score[0].item() > 0.99
+    assert report.ks_statistic[0].item() > 0.9
+    assert report.psi[0].item() > 0.25
+    assert report.smd[0].item() == pytest.approx(3.8, abs=0.15)
+    assert report.feature_score[1:].max().item() < 0.05
+    assert report.score > 0.99
+    worst = max(report.features(), key=lambda f: f.score)
+    assert worst.name == "x0" and worst.n_live == 1_000
+    threshold = adaptive_threshold(0.8, report.score, lower=0.1, upper=0.95)
+    assert threshold == pytest.approx(0.8 * (1 - 0.3), rel=0.005)
+    # top_k averages the worst features: one drifting feature out of two
+    assert drift_stats(reference, window, top_k=2).score == pytest.approx(report.feature_score.topk(2).values.mean())
+
+
+def test_effect_sizes_do_not_cry_wolf_on_large_samples():
+    # a 0.03-SD shift on 100,000 rows: the p-value flags it, the effect sizes say it is negligible
+    rng = np.random.default_rng(13)
+    reference = ReferenceWindow.from_rows(rng.normal(size=(100_000, 2)))
+    report = drift_stats(reference, rng.normal(size=(100_000, 2)) + np.array([0.03, 0.0]))
+    assert report.ks_pvalue[0].item() < 1e-3
+    assert report.ks_statistic.max().item() < 0.02
+    assert report.psi.max().item() < 0.003
+    assert abs(report.smd[0].item()) < 0.05
+    assert report.score < 0.03
+
+
+def test_live_window_keeps_only_the_last_n_rows():
+    window = LiveWindow(2, capacity=1_000)
+    rows = np.stack([np.arange(2_500.0), -np.arange(2_500.0)], axis=1)
+    start = 0
+    for size in [1, 7, 300, 999, 1, 192, 1_000, 0]:
+        window.add(rows[start : start + size])
+        start += size
+        assert len(window) == min(start, 1_000)
+        np.testing.assert_array_equal(window.rows().numpy(), rows[max(0, start - 1_000) : start])
+    window.add(rows[0])  # one 1-D row
+    np.testing.assert_array_equal(window.rows().numpy()[-1], rows[0])
+    window.add(rows)  # a batch larger than the window keeps its last rows
+    np.testing.assert_array_equal(window.rows().numpy(), rows[-1_000:])
+    assert window.rows_seen == 2_500 + 1 + 2_500
+    assert sorted(window.values()[0].tolist()) == list(range(1_500, 2_500))
+
+
+def test_drift_slides_out_with_the_window():
+    rng = np.random.default_rng(14)
+    reference = ReferenceWindow.from_rows(rng.normal(size=(20_000, 3)))
+    window = LiveWindow(3, capacity=500)
+    window.add(rng.normal(size=(500, 3)) + 4.0)
+    assert drift_stats(reference, window).score > 0.99
+    window.add(rng.normal(size=(500, 3)))
+    assert drift_stats(reference, window).score < 0.1
+
+
+def test_reference_from_the_first_rows_after_activation():
+    rng = np.random.default_rng(15)
+    first = LiveWindow(4, capacity=2_000)
+    first.add(rng.normal(size=(2_000, 4)))
+    reference = ReferenceWindow.from_live(first)
+    assert reference.rows == 2_000 and reference.n_features == 4
+    np.testing.assert_array_equal(reference.sorted_values.numpy(), np.sort(first.rows().numpy().T, axis=1))
+    later = LiveWindow(4)
+    later.add(rng.normal(size=(1_000, 4)))
+    assert drift_stats(reference, later).score < 0.1
+
+
+def test_threshold_formula_clamps_and_validates():
+    assert adaptive_threshold(0.8, 0.0, lower=0.1, upper=0.9) == 0.8
+    assert adaptive_threshold(0.8, 1.0, lower=0.1, upper=0.9) == pytest.approx(0.56)
+    assert adaptive_threshold(0.8, 0.5, 0.5, lower=0.1, upper=0.9) == pytest.approx(0.6)
+    assert adaptive_threshold(0.8, 1.0, lower=0.7, upper=0.9) == 0.7  # clamped below
+    assert adaptive_threshold(0.95, 0.0, lower=0.1, upper=0.9) == 0.9  # clamped above
+    bad = [
+        ({"base": math.nan}, "base"),
+        ({"base": "0.8"}, "base"),
+        ({"drift_score": 1.5}, "drift_score"),
+        ({"drift_score": -0.1}, "drift_score"),
+        ({"drift_score": math.inf}, "drift_score"),
+        ({"k": -0.1}, "k"),
+        ({"k": 2.0}, "k"),
+        ({"lower": 0.9, "upper": 0.1}, "lower"),
+        ({"upper": math.nan}, "upper"),
+    ]
+    for override, name in bad:
+        args = {"base": 0.8, "drift_score": 0.5, "k": 0.3, "lower": 0.1, "upper": 0.9, **override}
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            adaptive_threshold(**args)
+
+
+def test_bad_inputs_name_the_argument():
+    reference = ReferenceWindow.from_rows(np.zeros((10, 3)))
+    with pytest.raises(ValueError, match=r"^live:"):
+        drift_stats(reference, np.zeros((10, 2)))
+    with pytest.raises(ValueError, match=r"^live:"):
+        drift_stats(reference, LiveWindow(3))
+    with pytest.raises(ValueError, match=r"^top_k:"):
+        drift_stats(reference, np.zeros((10, 3)), top_k=4)
+    with pytest.raises(ValueError, match=r"^rows:"):
+        ReferenceWindow.from_rows(np.zeros(10))
+    with pytest.raises(ValueError, match=r"^bins:"):
+        ReferenceWindow.from_rows(np.zeros((10, 3)), bins=1)
+    with pytest.raises(ValueError, match=r"^names:"):
+        ReferenceWindow.from_rows(np.zeros((10, 3)), names=["a"])
+    with pytest.raises(ValueError, match=r"^batch:"):
+        LiveWindow(3).add(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"^capacity:"):
+        LiveWindow(3, capacity=0)
+
+
+def test_constant_windows_have_defined_figures():
+    reference = ReferenceWindow.from_rows(np.ones((100, 2)))
+    report = drift_stats(reference, np.array([[1.0, 2.0]] * 50))
+    assert report.ks_statistic.tolist() == [0.0, 1.0]
+    assert report.smd[0].item() == 0.0 and report.smd[1].item() == math.inf
+    assert reference.n_bins.tolist() == [2, 2]
+    assert report.psi[0].item() == 0.0
+    assert 0.0 <= report.score <= 1.0 and report.feature_score[1].item() > 0.9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_everything_runs_on_the_reference_device(device: str):
+    rng = np.random.default_rng(16)
+    ref = sprinkle_missing(rng, sample(rng, "mixed", 5_000, 6), 0.1)
+    live = sprinkle_missing(rng, sample(rng, "mixed", 800, 6, 0.4), 0.1)
+    cpu = drift_stats(ReferenceWindow.from_rows(ref), live)
+    reference = ReferenceWindow.from_rows(torch.from_numpy(ref).to(device))
+    window = LiveWindow(6, capacity=800, device=device)
+    window.add(torch.from_numpy(live).to(device))
+    report = drift_stats(reference, window)
+    for name in ["psi", "ks_statistic", "ks_pvalue", "missing_live", "smd", "feature_score"]:
+        value = getattr(report, name)
+        assert value.device.type == torch.device(device).type
+        np.testing.assert_allclose(value.cpu().numpy(), getattr(cpu, name).numpy(), rtol=0, atol=1e-9)
+    assert report.score == pytest.approx(cpu.score, abs=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_edges_and_psi_match_numpy_bit_for_bit_on_every_device(device: str):
+    # 1,001 tied values with a step exactly at the virtual index 300 of q = 0.3: an edge computed from
+    # 3 * (1/10) instead of 3/10 lands an ulp above 2 and moves every 2 to the lower bin
+    rng = np.random.default_rng(17)
+    ref = np.stack([(np.arange(1_001.0) - 1) // 100, rng.normal(size=1_001)], axis=1)
+    live = np.stack([rng.integers(-1, 11, size=500).astype(np.float64), rng.normal(0.2, 1.0, size=500)], axis=1)
+    reference = ReferenceWindow.from_rows(torch.from_numpy(ref).to(device))
+    report = drift_stats(reference, torch.from_numpy(live).to(device))
+    for f in range(2):
+        edges = np.unique(np.quantile(ref[:, f], np.arange(1, 10) / 10))
+        ours = reference.edges[f].cpu().numpy()
+        np.testing.assert_array_equal(ours[np.isfinite(ours)], edges)
+        assert abs(report.psi[f].item() - psi_numpy(ref[:, f], live[:, f])) <= 1e-12
+    assert report.missing_live.cpu().tolist() == [0.0, 0.0]
