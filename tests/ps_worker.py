@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from guardmesh.config import load_config
-from guardmesh.sdk.paramserver import ParamServerClient, StalePush, adam, asynchronous, bounded_staleness, sync
+from guardmesh.sdk.paramserver import ParamServerClient, StalePush, adam, asynchronous, bounded_staleness, sgd, sync
 
 
 def dataset() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -58,7 +58,9 @@ def main() -> None:
     ap.add_argument("--worker", type=int, required=True)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16, help="rows per step; 0 = the worker's whole shard")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--bound", type=int, default=2)
     ap.add_argument("--straggle-ms", type=float, default=0.0)
@@ -73,7 +75,10 @@ def main() -> None:
     ps = ParamServerClient.connect(
         args.model, worker_id=f"w{args.worker}", config=load_config(), addresses=[args.address]
     )
-    ps.create_from_module(model, adam(args.lr), consistency(args.mode, args.workers, args.bound))  # idempotent
+    optimizer = (
+        sgd(args.lr, weight_decay=args.weight_decay) if args.optimizer == "sgd" else adam(args.lr, args.weight_decay)
+    )
+    ps.create_from_module(model, optimizer, consistency(args.mode, args.workers, args.bound))  # idempotent
     loss_fn = torch.nn.CrossEntropyLoss()
     rng = np.random.default_rng(args.worker)
     steps = repulls = dropped = 0
@@ -81,10 +86,11 @@ def main() -> None:
     stop = Path(args.stop_file) if args.stop_file else None
     for _ in range(args.epochs):
         order = rng.permutation(mine)
-        for start in range(0, len(order) - args.batch + 1, args.batch):
+        batch = args.batch or len(order)
+        for start in range(0, len(order) - batch + 1, batch):
             if stop is not None and stop.exists():
                 break
-            idx = order[start : start + args.batch]
+            idx = order[start : start + batch]
             xb, yb = torch.from_numpy(x_tr[idx]), torch.from_numpy(y_tr[idx])
 
             def compute(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> float:
