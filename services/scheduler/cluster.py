@@ -157,6 +157,9 @@ class ClusterState:
         self.node_labels = [dict(n.labels) for n in self.nodes]
         #: Arrays derived from the inventory alone (caps per share, model masks), valid until it changes.
         self.cache: dict[object, np.ndarray] = {}
+        self._host_free_stale = True
+        self.node_cpu_free = np.zeros(0, dtype=np.float64)
+        self.node_mem_free = np.zeros(0, dtype=np.float64)
 
     def _append_nodes(self, specs: list[NodeSpec]) -> None:
         """Add new nodes at the end without rebuilding what exists (agents register one by one)."""
@@ -174,6 +177,7 @@ class ClusterState:
                 self.uuid_index[g.uuid] = len(self.allocs)
                 self.allocs.append({})
         self.cache = {}
+        self._host_free_stale = True
         self._notify(np.arange(node0, len(self.nodes), dtype=np.int32))
 
     @property
@@ -246,6 +250,14 @@ class ClusterState:
                     "shrunk or change model; release its jobs first"
                 )
 
+    def host_free(self) -> tuple[np.ndarray, np.ndarray]:
+        """Free CPU (milli) and host memory (MiB) per node as float64, kept current incrementally."""
+        if self._host_free_stale or self.node_cpu_free.shape[0] != len(self.nodes):
+            self.node_cpu_free = (self.node_cpu - self.node_cpu_used).astype(np.float64)
+            self.node_mem_free = (self.node_mem - self.node_mem_used).astype(np.float64)
+            self._host_free_stale = False
+        return self.node_cpu_free, self.node_mem_free
+
     def _gpu_uuid(self, g: int) -> str:
         n = int(self.gpu_node[g])
         return self.nodes[n].gpus[g - int(self.node_first[n])].uuid
@@ -258,6 +270,7 @@ class ClusterState:
     def _rebuild_node_resources(self) -> None:
         self.node_cpu_used[:] = 0
         self.node_mem_used[:] = 0
+        self._host_free_stale = True
         for node, cpu, mem in self.charges.values():
             n = self.node_index[node]
             self.node_cpu_used[n] += cpu
@@ -314,6 +327,9 @@ class ClusterState:
         self.charges[(job_id, replica)] = (self.nodes[node].name, cpu_milli, host_memory_mib)
         self.node_cpu_used[node] += cpu_milli
         self.node_mem_used[node] += host_memory_mib
+        if not self._host_free_stale:
+            self.node_cpu_free[node] -= cpu_milli
+            self.node_mem_free[node] -= host_memory_mib
         for g, cap in zip(gpus, caps, strict=True):
             self._apply(g, Allocation(job_id, replica, cap, shared), notify=False)
         idx = np.asarray(gpus, dtype=np.int64)
@@ -344,6 +360,9 @@ class ClusterState:
             n = self.node_index[node]
             self.node_cpu_used[n] -= cpu
             self.node_mem_used[n] -= mem
+            if not self._host_free_stale:
+                self.node_cpu_free[n] += cpu
+                self.node_mem_free[n] += mem
         if keep:
             self.job_gpus[job_id] = keep
         else:

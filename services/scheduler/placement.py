@@ -137,10 +137,7 @@ def selector_mask(state: ClusterState, shape: ReplicaShape) -> np.ndarray:
 
 def host_free(state: ClusterState) -> tuple[np.ndarray, np.ndarray]:
     """Free CPU (milli) and host memory (MiB) per node, as float64 (untracked nodes: practically infinite)."""
-    return (
-        (state.node_cpu - state.node_cpu_used).astype(np.float64),
-        (state.node_mem - state.node_mem_used).astype(np.float64),
-    )
+    return state.host_free()
 
 
 def node_mask(state: ClusterState, shape: ReplicaShape) -> np.ndarray:
