@@ -34,7 +34,7 @@ class Allocation:
 class ClusterState:
     """Inventory and allocations. Not thread-safe: the scheduler serialises access."""
 
-    # Per-GPU arrays (flat GPU index) and per-node arrays; built by _part(), see _GPU_ARRAYS/_NODE_ARRAYS.
+    # Per-GPU arrays (flat GPU index) and per-node arrays, built by _part() and appended to as nodes arrive.
     gpu_total: np.ndarray
     gpu_usable: np.ndarray
     gpu_caps: np.ndarray
@@ -74,32 +74,6 @@ class ClusterState:
         self._build_arrays()
 
     # -- inventory -------------------------------------------------------------------------------------
-
-    #: Per-GPU and per-node arrays, in the order _part() returns them; appended to when nodes are added.
-    _GPU_ARRAYS = (
-        "gpu_total",
-        "gpu_usable",
-        "gpu_caps",
-        "gpu_used",
-        "gpu_util",
-        "gpu_nalloc",
-        "gpu_exclusive",
-        "gpu_model",
-        "gpu_node",
-        "gpu_group",
-        "gpu_avail",
-        "gpu_room",
-    )
-    _NODE_ARRAYS = (
-        "node_ngpu",
-        "node_first",
-        "node_cpu",
-        "node_mem",
-        "node_cpu_used",
-        "node_mem_used",
-        "node_alive",
-        "node_room",
-    )
 
     def _part(
         self, nodes: list[NodeSpec], node0: int, gpu0: int, group0: int

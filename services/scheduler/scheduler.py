@@ -126,7 +126,6 @@ class Scheduler:
             settings.gpu_reserve_mib,
         )
         self.scale_seq = 0
-        self._capacity_changed = False
         #: Set when a write failed: memory is ahead of disk, so every call answers UNAVAILABLE.
         self.failed = ""
         #: The newest commit handed to the store; a read of possibly undurable state waits for it.
@@ -518,9 +517,6 @@ class Scheduler:
         spec = job.spec
         shape = ReplicaShape.of(spec)
         missing = [r for r in range(spec.replicas) if r not in job.placements]
-        if not spec.gang:
-            # Non-gang jobs keep what they have; their free placements were already made by _try_place.
-            pass
         freed: list[Job] = []
         tentative: list[int] = []
         victims: list[str] = []
