@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from scipy import stats
 
-from bench.records import record
+from bench.records import best_of, record
 from services.scorer.drift import PSI_EPSILON, LiveWindow, ReferenceWindow, drift_stats
 
 FEATURES = 100
@@ -43,20 +42,6 @@ MISSING = 0.01
 REPEATS = 7
 TARGET = 5.0
 TOLERANCE = 1e-6
-
-
-def best_of(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Best wall time (s) of each function; the functions run interleaved, round after round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def make_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

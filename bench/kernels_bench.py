@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,6 +34,8 @@ import torch
 from native.aggregate import aggregate
 from native.optim import adam_step
 
+from bench.records import best_of
+
 N = 16 * 1024 * 1024
 KS = (2, 4, 8)
 REPEATS = 15
@@ -42,20 +43,6 @@ ADAM_REPEATS = 11
 AGG_TARGET_K8 = 1.8
 ADAM_TARGET = 1.0
 LR, BETA1, BETA2, EPS = 1e-3, 0.9, 0.999, 1e-8
-
-
-def best_of(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Best wall time (s) of each function; the functions run interleaved, round after round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def rec(name: str, unit: str, ours: float, peer: str, peer_value: float | None, target: float | None) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,20 @@ def write_records(service: str, records: list[dict[str, Any]]) -> Path:
     Console(width=200).print(table)
     print(f"wrote {path}")
     return path
+
+
+def best_of(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Best wall time (s) of each function; the functions run interleaved, round after round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 @contextlib.contextmanager
