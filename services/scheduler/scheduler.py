@@ -19,6 +19,7 @@ from functools import partial
 import numpy as np
 
 from guardmesh.config import SchedulerSettings
+from guardmesh.durable import StoreFailure, Ticket
 from guardmesh.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -50,7 +51,7 @@ from services.scheduler.placement import (
     place,
 )
 from services.scheduler.scaling import CapacityPlan, NodeShape, ScaleAdvisor, ScaleSignal, plan_capacity
-from services.scheduler.store import Store, StoreFailure, Ticket
+from services.scheduler.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class Scheduler:
         if ticket is None:
             return
         try:
-            ticket.wait()
+            ticket.wait("scheduler state")
         except StoreFailure as exc:
             self.failed = str(exc)
             log.critical("store failure; refusing further calls until restart", extra={"error": str(exc)})

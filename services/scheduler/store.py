@@ -8,11 +8,9 @@ lease of a placed job starts a fresh TTL (workers could not renew while the sche
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 from pathlib import Path
-from typing import Any
 
+from guardmesh.durable import GroupCommitLog, Statement, Ticket
 from services.scheduler.inventory import NodeSpec
 from services.scheduler.jobs import EventKind, Job, JobSpec, JobState, ReplicaPlacement
 
@@ -38,48 +36,19 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
-class StoreFailure(RuntimeError):
-    """A commit failed (disk full, I/O error): nothing of that batch was acknowledged."""
-
-
-class Ticket:
-    """Completion of one group-committed batch."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.error: BaseException | None = None
-
-    def done(self, error: BaseException | None) -> None:
-        """Mark durable (or failed)."""
-        self.error = error
-        self._event.set()
-
-    def wait(self) -> None:
-        """Block until durable; StoreFailure if the transaction failed."""
-        self._event.wait()
-        if self.error is not None:
-            raise StoreFailure(f"scheduler state could not be written: {self.error}") from self.error
-
-
 class Store:
     """SQLite persistence. Callers serialise access (the scheduler holds its lock)."""
 
     def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={synchronous}")
-        self.db.executescript(SCHEMA)
-        self._staged: list[tuple[str, tuple[Any, ...]]] = []
-        self._queue: list[tuple[list[tuple[str, tuple[Any, ...]]], Ticket]] = []
-        self._queue_cond = threading.Condition()
-        self._closed = False
-        #: Transactions committed (several operations may share one: group commit).
-        self.transactions = 0
-        self._committer = threading.Thread(target=self._commit_loop, name="sqlite-committer", daemon=True)
-        self._committer.start()
+        self.log = GroupCommitLog(path, SCHEMA, synchronous)
+        self.path = self.log.path
+        self.db = self.log.db
+        self._staged: list[Statement] = []
+
+    @property
+    def transactions(self) -> int:
+        """Transactions committed (several operations may share one: group commit)."""
+        return self.log.transactions
 
     def stage_node(self, spec: NodeSpec) -> None:
         """Write a node at the next commit."""
@@ -123,40 +92,13 @@ class Store:
         if not self._staged:
             return None
         staged, self._staged = self._staged, []
-        ticket = Ticket()
-        with self._queue_cond:
-            if self._closed:
-                raise RuntimeError("store is closed")
-            self._queue.append((staged, ticket))
-            self._queue_cond.notify()
-        return ticket
+        return self.log.submit(staged)
 
     def commit_now(self) -> None:
         """Commit what is staged and wait for it (used where no lock is held)."""
         ticket = self.commit()
         if ticket is not None:
-            ticket.wait()
-
-    def _commit_loop(self) -> None:
-        while True:
-            with self._queue_cond:
-                while not self._queue and not self._closed:
-                    self._queue_cond.wait()
-                if not self._queue and self._closed:
-                    return
-                batch, self._queue = self._queue, []
-            error: BaseException | None = None
-            self.transactions += 1
-            try:
-                with self.db:  # BEGIN ... COMMIT, rolled back on error
-                    self.db.execute("BEGIN")
-                    for staged, _ in batch:
-                        for sql, params in staged:
-                            self.db.execute(sql, params)
-            except BaseException as exc:
-                error = exc
-            for _, ticket in batch:
-                ticket.done(error)
+            ticket.wait("scheduler state")
 
     def mark(self) -> int:
         """Position in the staged writes, for :meth:`rollback_to`."""
@@ -205,8 +147,4 @@ class Store:
 
     def close(self) -> None:
         """Flush queued commits, stop the committer and close the database."""
-        with self._queue_cond:
-            self._closed = True
-            self._queue_cond.notify()
-        self._committer.join(timeout=30)
-        self.db.close()
+        self.log.close()
