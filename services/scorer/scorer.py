@@ -227,9 +227,16 @@ class Scorer:
         return row
 
     def score(
-        self, model: str, request_id: str, features: dict[str, float], *, version: str = "", explain: bool = False
+        self,
+        model: str,
+        request_id: str,
+        features: dict[str, float],
+        *,
+        version: str = "",
+        explain: bool = False,
+        shadow: bool = False,
     ) -> ScoreOutcome:
-        """Score one request (see ScoreRequest in the proto)."""
+        """Score one request (see ScoreRequest in the proto); a shadow call leaves no trace in the line."""
         if not 1 <= len(request_id) <= 256:
             raise InvalidArgument("request_id", "must be 1 to 256 characters")
         line = self._line(model)
@@ -253,12 +260,13 @@ class Scorer:
         path = f"model:{model}:{mv.version}"
         ruled = decide(by_name, state.config.rules, 0.0, path, state.config.policy, line.drift_score)
         if ruled.path.startswith("rule:"):
-            self._observe(line, raw, missing, state.config)
+            if not shadow:
+                self._observe(line, raw, missing, state.config)
             return ScoreOutcome(ruled, "", imputed)
         score = float(state.batcher.submit(row[None, :]).result()[0])
         decision = decide(by_name, (), score, path, state.config.policy, line.drift_score)
-        self._observe(line, raw, missing, state.config)
-        if not version:  # shadow scores are compared, not fed back as served decisions
+        if not shadow:  # shadow scores are compared by the caller, never fed back as served decisions
+            self._observe(line, raw, missing, state.config)
             line.decisions.record(request_id, mv.version, decision.positive)
         outcome = ScoreOutcome(decision, mv.version, imputed)
         if explain:

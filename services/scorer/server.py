@@ -166,7 +166,12 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
 
     def _score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
         outcome = self.core.score(
-            request.model, request.request_id, dict(request.features), version=request.version, explain=request.explain
+            request.model,
+            request.request_id,
+            dict(request.features),
+            version=request.version,
+            explain=request.explain,
+            shadow=request.shadow,
         )
         span = trace.get_current_span()
         d = outcome.decision
@@ -180,6 +185,8 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
         if request.experiment:
             span.set_attribute("guardmesh.experiment", request.experiment)
             span.set_attribute("guardmesh.arm", request.arm)
+        if request.shadow:
+            span.set_attribute("guardmesh.shadow", True)
         return outcome_to_pb(outcome)
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
