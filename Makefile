@@ -14,7 +14,7 @@ PROTOS := $(shell find protos -name '*.proto')
 PYX := $(wildcard native/*.pyx)
 GEN_STAMP := guardmesh/v1/.generated
 NATIVE_STAMP := native/.built
-SERVICES := scheduler paramserver scorer
+SERVICES := scheduler paramserver scorer abrouter
 
 .PHONY: install proto native lint breaking test up status down bench $(addprefix bench-,$(SERVICES)) clean
 
@@ -74,6 +74,9 @@ bench-paramserver: install
 
 bench-scorer: install
 	$(PY) -m bench.scorer
+
+bench-abrouter: install
+	$(PY) -m bench.abrouter
 
 clean:
 	rm -rf build $(VENV) .mesh native/*.c native/*.so $(NATIVE_STAMP) $(GEN_STAMP) guardmesh/v1/*_pb2*

@@ -69,3 +69,60 @@ def down(config: ConfigOpt = None) -> None:
     from guardmesh.config import load_config
 
     mesh.down(load_config(config))
+
+
+abrouter_app = typer.Typer(help="A/B router reports.", no_args_is_help=True)
+app.add_typer(abrouter_app, name="abrouter")
+
+
+@abrouter_app.command()
+def report(
+    key: str,
+    out: Annotated[Path, typer.Option(help="Folder for the PNG plots.")] = Path("abrouter-report"),
+    address: Annotated[str | None, typer.Option(help="abrouter host:port (default: discovery).")] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    reweight: Annotated[list[str] | None, typer.Option(help="Covariate to reweight on (repeatable).")] = None,
+    ipw: Annotated[bool, typer.Option(help="Inverse-propensity weights (bandits).")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Audit and analyse experiment KEY: the audit summary, the multi-metric table, and PNG plots."""
+    import grpc
+    from rich.console import Console
+
+    from guardmesh.client import open_channel
+    from guardmesh.config import load_config
+    from guardmesh.v1 import abrouter_pb2 as pb
+    from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
+    from services.abrouter.report import analysis_table, plot_analysis
+    from services.abrouter.server import analysis_from_pb
+
+    console = Console()
+    channel = open_channel("abrouter", load_config(config), address=address)
+    stub = pb_grpc.ABRouterServiceStub(channel)
+    try:
+        audit = stub.AuditExperiment(pb.AuditExperimentRequest(key=key))
+        resp = stub.AnalyzeExperiment(
+            pb.AnalyzeExperimentRequest(
+                key=key, bootstrap_resamples=resamples, reweight_covariates=reweight or [], inverse_propensity=ipw
+            )
+        )
+    except grpc.RpcError as err:
+        typer.echo(f"abrouter: {err.code().name}: {err.details()}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        channel.close()
+    srm = audit.srm
+    console.print(
+        f"[bold]{key}[/bold]: {audit.exposures:,} exposed units; SRM p={srm.p_value:.3g} "
+        f"({'ALERT' if srm.alert else 'ok'}: {srm.reason}); "
+        f"{len(audit.imbalances)} covariate imbalances; audit {audit.seconds * 1000:.0f} ms"
+    )
+    for b in audit.imbalances[:10]:
+        console.print(
+            f"  imbalance: {b.covariate} [{b.window}] arms {b.arm_a} vs {b.arm_b}: {b.test} p={b.p_value:.2g}, "
+            f"effect size {b.effect_size:.3f}"
+        )
+    results = [analysis_from_pb(m, list(resp.arms)) for m in resp.metrics]
+    console.print(analysis_table(results, list(resp.arms)))
+    for path in plot_analysis(results, list(resp.arms), out, title=key):
+        console.print(f"wrote {path}")

@@ -136,6 +136,21 @@ class ScorerSettings(_Section):
     decision_log: int = Field(default=100_000, ge=100)
 
 
+class ABRouterSettings(_Section):
+    """The A/B router (see ``mesh.toml``)."""
+
+    db_path: str = "abrouter.db"
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    audit_interval_s: float = Field(default=60.0, ge=0)
+    audit_min_sample: int = Field(default=1000, ge=1)
+    audit_min_deviation: float = Field(default=0.01, ge=0, lt=1)
+    guardrail_interval_s: float = Field(default=10.0, gt=0)
+    scorer_deadline_s: float = Field(default=2.0, gt=0)
+    shadow_queue: int = Field(default=1024, ge=1)
+    shadow_workers: int = Field(default=2, ge=1, le=64)
+    event_retention: int = Field(default=100_000, ge=100)
+
+
 class MeshConfig(_Section):
     """The whole validated configuration."""
 
@@ -149,6 +164,7 @@ class MeshConfig(_Section):
     scheduler: SchedulerSettings = SchedulerSettings()
     paramserver: ParamServerSettings = ParamServerSettings()
     scorer: ScorerSettings = ScorerSettings()
+    abrouter: ABRouterSettings = ABRouterSettings()
 
     def endpoint(self, service: str) -> ServiceEndpoint:
         """Static endpoint of ``service``; ConfigError if the mesh config does not list it."""

@@ -39,7 +39,7 @@ from guardmesh.tracing import flush_tracing, server_tracing_interceptor, setup_t
 log = logging.getLogger(__name__)
 
 #: Services the runtime can start by short name; each lives in ``services/<name>/server.py``.
-KNOWN_SERVICES = ("scheduler", "paramserver", "scorer")
+KNOWN_SERVICES = ("scheduler", "paramserver", "scorer", "abrouter")
 
 
 class Binding(Protocol):

@@ -1,0 +1,287 @@
+"""abrouter benchmark, each figure beside its peer measured in the same run.
+
+a) Assignments/s in process: the router's batch path (``assign_batch``: the Cython hash + arm choice over
+   1M ids, two threads) against the ``growthbook`` SDK on the same ids: its ``gbhash`` + ``chooseVariation``
+   loop (the SDK's own hash path) and ``GrowthBook.run`` (what an app calls per user). Target >= 10x.
+b) Assign over gRPC from 1 and 4 client processes (each one call at a time, 50/50 experiment, no exposure
+   log, then with exposure logging): throughput and p50/p99 latency, against a bare grpcio echo server
+   (generic handler on raw bytes, its own process) answering the same serialized request bytes — the
+   floor of one gRPC round trip on this machine.
+c) Full audit (SRM, bucket uniformity, id-structure tests, covariate balance over 5 covariates overall and
+   by day/week/season/device) of 1M logged exposures: target < 1 s. Peer: the textbook scipy route on the
+   same arrays (``scipy.stats.chisquare``, ``chi2_contingency`` on ``np.unique`` cross tables, ``ks_2samp``
+   for every covariate, overall only).
+
+    python -m bench.abrouter [--seconds 5] [--ids 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from growthbook import Experiment as GBExperiment
+from growthbook import GrowthBook
+from growthbook.core import chooseVariation, gbhash, getBucketRanges
+from scipy import stats
+
+from bench.paramserver import ECHO_SERVICE, _start, _stop, _wait_serving, free_port
+from bench.records import best_of, record, service_process, write_records
+from services.abrouter.assignment import assign_batch
+from services.abrouter.audit import full_audit
+from services.abrouter.columns import CategoricalColumn, ExposureColumns
+from services.abrouter.experiments import ArmSpec, Experiment, ExperimentSpec, ExperimentState
+
+SPEC = ExperimentSpec(key="bench-exp", arms=(ArmSpec("control", 0.5), ArmSpec("treatment", 0.5)))
+
+
+def in_process(n_ids: int) -> list[dict[str, Any]]:
+    """a) batch assignment vs the growthbook SDK."""
+    exp = Experiment(SPEC, 1, ExperimentState.RUNNING, SPEC.weights, 0.0, 0.0)
+    ids = [f"user-{i}" for i in range(n_ids)]
+    peer_ids = ids[: max(n_ids // 10, 1000)]
+    ranges = getBucketRanges(2, 1.0, [0.5, 0.5])
+    gb_exp = GBExperiment(key="bench-exp", variations=[0, 1], weights=[0.5, 0.5], hashVersion=2)
+    gb = GrowthBook(attributes={"id": ""})
+
+    def ours() -> None:
+        assign_batch(exp, ids, 1.0)
+
+    def sdk_hash() -> None:
+        for uid in peer_ids:
+            chooseVariation(gbhash("bench-exp", uid, 2), ranges)  # type: ignore[arg-type]
+
+    def sdk_run() -> None:
+        for uid in peer_ids[: len(peer_ids) // 4]:
+            gb.set_attributes({"id": uid})
+            gb.run(gb_exp)
+
+    arms, _ = assign_batch(exp, peer_ids[:2000], 1.0)
+    expected = [chooseVariation(gbhash("bench-exp", u, 2), ranges) for u in peer_ids[:2000]]  # type: ignore[arg-type]
+    assert arms.tolist() == expected, "native assignment disagrees with the SDK"
+    best = best_of({"ours": ours, "sdk_hash": sdk_hash, "sdk_run": sdk_run}, repeats=3)
+    ours_rate = n_ids / best["ours"]
+    hash_rate = len(peer_ids) / best["sdk_hash"]
+    run_rate = (len(peer_ids) // 4) / best["sdk_run"]
+    print(f"assign: ours {ours_rate:,.0f}/s, gbhash {hash_rate:,.0f}/s, GrowthBook.run {run_rate:,.0f}/s")
+    return [
+        record(
+            "assign_batch_vs_gbhash", "assignments/s", ours_rate, "growthbook gbhash+chooseVariation", hash_rate, 10.0
+        ),
+        record("assign_batch_vs_run", "assignments/s", ours_rate, "growthbook GrowthBook.run", run_rate, 10.0),
+    ]
+
+
+def _client(kind: str, address: str, seconds: float, worker: int, log: bool, out: Any) -> None:
+    """One client process: calls one at a time for ``seconds``; sends its latencies (s) back."""
+    from guardmesh.v1 import abrouter_pb2 as pb
+    from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(address)
+    if kind == "echo":
+        call = channel.unary_unary(f"/{ECHO_SERVICE}/Unary")
+    else:
+        call = pb_grpc.ABRouterServiceStub(channel).Assign
+    latencies = []
+    end = time.perf_counter() + seconds
+    i = 0
+    while True:
+        request = pb.AssignRequest(
+            unit_id=f"w{worker}-user-{i}",
+            experiment_keys=["bench-exp"],
+            log_exposure=log,
+            covariates=pb.Covariates(numeric={"age": 30.0}, categorical={"device": "ios"}) if log else None,
+        )
+        start = time.perf_counter()
+        if kind == "echo":
+            call(request.SerializeToString())
+        else:
+            call(request, timeout=10)
+        now = time.perf_counter()
+        latencies.append(now - start)
+        i += 1
+        if now >= end:
+            break
+    channel.close()
+    out.put(latencies)
+
+
+def _drive(kind: str, address: str, clients: int, seconds: float, log: bool = False) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(kind, address, seconds, w, log, out)) for w in range(clients)]
+    for p in procs:
+        p.start()
+    latencies: list[float] = []
+    for _ in procs:
+        latencies.extend(out.get(timeout=seconds + 120))
+    for p in procs:
+        p.join()
+    lat = np.array(latencies)
+    return {
+        "qps": len(lat) / seconds,
+        "p50_ms": float(np.percentile(lat, 50) * 1e3),
+        "p99_ms": float(np.percentile(lat, 99) * 1e3),
+    }
+
+
+def over_grpc(seconds: float) -> list[dict[str, Any]]:
+    """b) Assign over gRPC from 1 and 4 client processes vs the bare echo."""
+    from guardmesh.v1 import abrouter_pb2 as pb
+    from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
+
+    records = []
+    with tempfile.TemporaryDirectory(prefix="guardmesh-bench-echo-") as tmp:
+        echo_port = free_port()
+        echo_log = Path(tmp) / "echo.log"
+        echo = _start([sys.executable, "-m", "bench.paramserver", "--echo-server", str(echo_port)], {}, echo_log)
+        try:
+            _wait_serving(f"127.0.0.1:{echo_port}", ECHO_SERVICE, echo, echo_log)
+            overrides = {
+                "GUARDMESH__ABROUTER__SQLITE_SYNCHRONOUS": "NORMAL",
+                "GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0",
+            }
+            with service_process("abrouter", overrides) as address:
+                with grpc.insecure_channel(address) as ch:
+                    pb_grpc.ABRouterServiceStub(ch).CreateExperiment(
+                        pb.CreateExperimentRequest(
+                            spec=pb.ExperimentSpec(
+                                key="bench-exp",
+                                arms=[pb.Arm(name="control", weight=0.5), pb.Arm(name="treatment", weight=0.5)],
+                            )
+                        )
+                    )
+                for clients in (1, 4):
+                    echo_fig = _drive("echo", f"127.0.0.1:{echo_port}", clients, seconds)
+                    ours = _drive("assign", address, clients, seconds)
+                    logged = _drive("assign", address, clients, seconds, log=True)
+                    print(f"{clients} client process(es): assign {ours}, assign+log {logged}, echo {echo_fig}")
+                    records += [
+                        record(
+                            f"grpc_assign_{clients}p", "calls/s", ours["qps"], "bare grpcio echo", echo_fig["qps"], None
+                        ),
+                        record(
+                            f"grpc_assign_{clients}p_p50",
+                            "ms",
+                            ours["p50_ms"],
+                            "bare grpcio echo",
+                            echo_fig["p50_ms"],
+                            None,
+                            higher_is_better=False,
+                        ),
+                        record(
+                            f"grpc_assign_{clients}p_p99",
+                            "ms",
+                            ours["p99_ms"],
+                            "bare grpcio echo",
+                            echo_fig["p99_ms"],
+                            None,
+                            higher_is_better=False,
+                        ),
+                        record(
+                            f"grpc_assign_logged_{clients}p",
+                            "calls/s",
+                            logged["qps"],
+                            "bare grpcio echo",
+                            echo_fig["qps"],
+                            None,
+                        ),
+                        record(
+                            f"grpc_assign_logged_{clients}p_p99",
+                            "ms",
+                            logged["p99_ms"],
+                            "bare grpcio echo",
+                            echo_fig["p99_ms"],
+                            None,
+                            higher_is_better=False,
+                        ),
+                    ]
+        finally:
+            _stop(echo)
+    return records
+
+
+def exposures(n: int, seed: int = 0) -> ExposureColumns:
+    """n synthetic exposures: 2 arms, 120 days, 3 numeric and 2 categorical covariates (one is "device")."""
+    rng = np.random.default_rng(seed)
+    devices = tuple(f"CT-{i}" for i in range(8))
+    regions = tuple(f"region-{i}" for i in range(12))
+    return ExposureColumns(
+        unit_ids=np.array([f"user-{i:07d}" for i in range(n)], dtype=object),
+        arms=rng.integers(0, 2, n).astype(np.int16),
+        buckets=np.floor(rng.random(n) * 10000) / 10000,
+        timestamps=1_770_000_000 + rng.random(n) * 120 * 86400,
+        propensity=np.full(n, 0.5),
+        numeric={
+            "lesion_mm": rng.normal(20, 4, n),
+            "age": rng.normal(55, 12, n),
+            "dose": rng.gamma(2.0, 3.0, n),
+        },
+        categorical={
+            "device": CategoricalColumn(rng.integers(0, len(devices), n).astype(np.int32), devices),
+            "region": CategoricalColumn(rng.integers(0, len(regions), n).astype(np.int32), regions),
+        },
+    )
+
+
+def scipy_audit(cols: ExposureColumns) -> None:
+    """The peer: textbook scipy on the same arrays (overall tests only)."""
+    counts = np.bincount(cols.arms, minlength=2)
+    stats.chisquare(counts, counts.sum() * np.array([0.5, 0.5]))
+    stats.chisquare(np.histogram(cols.buckets, bins=100, range=(0, 1))[0])
+    control, treatment = cols.arms == 0, cols.arms == 1
+    for values in cols.numeric.values():
+        stats.ks_2samp(values[control], values[treatment])
+    for column in cols.categorical.values():
+        _, table = np.unique(np.stack([cols.arms, column.codes]), axis=1, return_counts=True)
+        stats.chi2_contingency(table.reshape(2, -1))
+
+
+def audit_bench(n: int) -> list[dict[str, Any]]:
+    """c) full audit of n exposures."""
+    cols = exposures(n)
+    times = []
+    peer_times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        report = full_audit(cols, (0.5, 0.5))
+        times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        scipy_audit(cols)
+        peer_times.append(time.perf_counter() - start)
+    ours, peer = statistics.median(times), statistics.median(peer_times)
+    print(
+        f"full audit of {n:,} exposures: {ours:.3f} s ({len(report.balance)} balance tests, "
+        f"{len(report.clustering)} clustering tests); scipy overall-only peer {peer:.3f} s"
+    )
+    return [
+        record(
+            "full_audit_1M_seconds", "s", ours, "scipy.stats overall tests only", peer, None, higher_is_better=False
+        ),
+        record("full_audit_1M_vs_1s_budget", "s", ours, "target budget", 1.0, 1.0, higher_is_better=False),
+    ]
+
+
+def main() -> int:
+    """Run every part and write ``bench/results/abrouter.json``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--ids", type=int, default=1_000_000)
+    args = parser.parse_args()
+    records = in_process(args.ids)
+    records += audit_bench(args.ids)
+    records += over_grpc(args.seconds)
+    write_records("abrouter", records)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Deterministic, audited A/B assignment: GrowthBook-compatible hashing, exposure log, audits and analysis."""

@@ -1,0 +1,194 @@
+"""Columnar, in-memory view of an experiment's exposures: what audits and analysis read.
+
+The exposure log is durable in SQLite; audits of a million exposures must run in well under a second, so
+the router also keeps each experiment's *first* exposure per unit as growable numpy columns (appended as
+exposures are logged, rebuilt from SQLite on start). Categorical covariates are stored as int32 codes into
+a per-column vocabulary so that contingency tables are a ``bincount`` away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Code of a missing categorical value.
+MISSING_CODE = -1
+
+
+@dataclass(frozen=True)
+class CategoricalColumn:
+    """A categorical covariate: ``codes[i]`` indexes ``vocabulary`` (-1: missing)."""
+
+    codes: np.ndarray
+    vocabulary: tuple[str, ...]
+
+    def labels(self) -> np.ndarray:
+        """Codes turned back into strings ("" where missing)."""
+        vocab = np.array([*self.vocabulary, ""], dtype=object)
+        return vocab[self.codes]  # -1 picks the trailing ""
+
+
+@dataclass(frozen=True)
+class ExposureColumns:
+    """One row per exposed unit (its first exposure), aligned across every column.
+
+    ``arms`` are arm indices (0 is control); ``buckets`` GrowthBook's hash value in [0, 1); ``timestamps``
+    unix seconds; ``propensity`` the probability the unit had of landing in its arm when it was assigned;
+    numeric covariates are float64 with NaN for missing.
+    """
+
+    unit_ids: np.ndarray
+    arms: np.ndarray
+    buckets: np.ndarray
+    timestamps: np.ndarray
+    propensity: np.ndarray
+    numeric: Mapping[str, np.ndarray] = field(default_factory=dict)
+    categorical: Mapping[str, CategoricalColumn] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.arms.shape[0])
+
+    def take(self, index: np.ndarray) -> ExposureColumns:
+        """Rows selected by a boolean mask or an index array."""
+        return ExposureColumns(
+            unit_ids=self.unit_ids[index],
+            arms=self.arms[index],
+            buckets=self.buckets[index],
+            timestamps=self.timestamps[index],
+            propensity=self.propensity[index],
+            numeric={k: v[index] for k, v in self.numeric.items()},
+            categorical={k: CategoricalColumn(v.codes[index], v.vocabulary) for k, v in self.categorical.items()},
+        )
+
+
+class GrowableArray:
+    """A 1-d numpy array with amortised O(1) append."""
+
+    def __init__(self, dtype: type | np.dtype, fill: object = 0) -> None:
+        self._data = np.full(1024, fill, dtype=dtype)
+        self._fill = fill
+        self.size = 0
+
+    def reserve(self, size: int) -> None:
+        """Make room for ``size`` elements."""
+        if size > self._data.shape[0]:
+            grown = np.full(max(size, 2 * self._data.shape[0]), self._fill, dtype=self._data.dtype)
+            grown[: self.size] = self._data[: self.size]
+            self._data = grown
+
+    def append(self, value: object) -> None:
+        """Append one element."""
+        self.reserve(self.size + 1)
+        self._data[self.size] = value
+        self.size += 1
+
+    def set(self, index: int, value: object) -> None:
+        """Overwrite one element."""
+        self._data[index] = value
+
+    def view(self) -> np.ndarray:
+        """The elements so far (a view: copy before the array grows again)."""
+        return self._data[: self.size]
+
+
+class ExposureTable:
+    """First exposure per unit of one experiment, as growable columns. Not thread-safe: the router locks."""
+
+    def __init__(self) -> None:
+        self._index: dict[str, int] = {}
+        self._units: list[str] = []
+        self._arms = GrowableArray(np.int16)
+        self._buckets = GrowableArray(np.float64)
+        self._timestamps = GrowableArray(np.float64)
+        self._propensity = GrowableArray(np.float64)
+        self._versions = GrowableArray(np.int64)
+        self._numeric: dict[str, GrowableArray] = {}
+        self._categorical: dict[str, tuple[GrowableArray, dict[str, int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._units)
+
+    def __contains__(self, unit: str) -> bool:
+        return unit in self._index
+
+    def arm_of(self, unit: str) -> int | None:
+        """Arm index of the unit's first exposure, or None if it was never exposed."""
+        row = self._index.get(unit)
+        return None if row is None else int(self._arms.view()[row])
+
+    def first_exposure_at(self, unit: str) -> float | None:
+        """Unix time of the unit's first exposure, or None."""
+        row = self._index.get(unit)
+        return None if row is None else float(self._timestamps.view()[row])
+
+    def add(
+        self,
+        unit: str,
+        arm: int,
+        bucket: float,
+        timestamp: float,
+        propensity: float,
+        numeric: Mapping[str, float],
+        categorical: Mapping[str, str],
+        config_version: int = 0,
+    ) -> bool:
+        """Record the unit's exposure; False (and nothing changes) if it was exposed before."""
+        if unit in self._index:
+            return False
+        row = len(self._units)
+        self._index[unit] = row
+        self._units.append(unit)
+        self._arms.append(arm)
+        self._buckets.append(bucket)
+        self._timestamps.append(timestamp)
+        self._propensity.append(propensity)
+        self._versions.append(config_version)
+        for name, value in numeric.items():
+            column = self._numeric.get(name)
+            if column is None:
+                column = self._numeric[name] = GrowableArray(np.float64, np.nan)
+            column.reserve(row + 1)
+            column.size = row + 1
+            column.set(row, value)
+        for name, label in categorical.items():
+            entry = self._categorical.get(name)
+            if entry is None:
+                entry = self._categorical[name] = (GrowableArray(np.int32, MISSING_CODE), {})
+            codes, vocab = entry
+            code = vocab.setdefault(label, len(vocab))
+            codes.reserve(row + 1)
+            codes.size = row + 1
+            codes.set(row, code)
+        return True
+
+    def config_versions(self) -> np.ndarray:
+        """Config version each unit was first exposed under (a copy)."""
+        return self._versions.view().copy()
+
+    def unit_rows(self, units: np.ndarray | list[str]) -> np.ndarray:
+        """Row of each unit (-1 where never exposed)."""
+        index = self._index
+        return np.fromiter((index.get(u, -1) for u in units), dtype=np.int64, count=len(units))
+
+    def columns(self) -> ExposureColumns:
+        """A snapshot (copies) of every column, each padded to the number of units."""
+        n = len(self._units)
+
+        def padded(column: GrowableArray) -> np.ndarray:
+            column.reserve(n)
+            return column._data[:n].copy()
+
+        return ExposureColumns(
+            unit_ids=np.array(self._units, dtype=object),
+            arms=self._arms.view().copy(),
+            buckets=self._buckets.view().copy(),
+            timestamps=self._timestamps.view().copy(),
+            propensity=self._propensity.view().copy(),
+            numeric={name: padded(col) for name, col in self._numeric.items()},
+            categorical={
+                name: CategoricalColumn(padded(codes), tuple(vocab))
+                for name, (codes, vocab) in self._categorical.items()
+            },
+        )

@@ -1,0 +1,892 @@
+"""The router core: experiments, assignment with the exposure log, metrics, audits, analysis, guardrails,
+bandits and shadow traffic. No gRPC here: the server translates messages and errors.
+
+State lives in memory (experiments, sticky records, each experiment's first exposures as numpy columns,
+metric observations) and every change is written to SQLite before it is acknowledged. A change is
+validated completely before any state is touched, so a refused call leaves nothing behind. A failed
+write stops the router (fail-stop): memory would be ahead of disk, so it answers UNAVAILABLE until it is
+restarted from what is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from guardmesh.config import ABRouterSettings
+from guardmesh.durable import Statement, StoreFailure, Ticket
+from guardmesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from native import abhash
+from services.abrouter import analysis as analysis_mod
+from services.abrouter import audit as audit_mod
+from services.abrouter import correction
+from services.abrouter.assignment import AssignmentResult, assign, assign_batch, hash_value_of
+from services.abrouter.bandit import BanditPolicy
+from services.abrouter.columns import ExposureColumns, ExposureTable, GrowableArray
+from services.abrouter.experiments import AllocationMode, Experiment, ExperimentSpec, ExperimentState
+from services.abrouter.guardrails import GuardrailVerdict, evaluate_guardrails
+from services.abrouter.shadow import ScoreCall, ScoreFn, ScoreResult, ShadowMirror
+from services.abrouter.store import ExposureRow, ObservationRow, RouterStore
+
+log = logging.getLogger(__name__)
+
+NAME_LIMIT = 64
+VALUE_LIMIT = 256
+MAX_OBSERVATIONS = 100_000
+SHADOW_PREFIX = "__shadow__"
+
+
+@dataclass(frozen=True)
+class RouterEvent:
+    """Something operators should know: a config change, an alert, a rollback, a bandit update."""
+
+    seq: int
+    kind: str
+    experiment_key: str
+    at: float
+    message: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One metric observation as the caller sends it."""
+
+    unit_id: str
+    metric: str
+    value: float
+    arm: str = ""
+    timestamp: float = 0.0
+    pre_period: bool = False
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Options of :meth:`Router.analyze` (defaults as documented in the proto)."""
+
+    metrics: tuple[str, ...] = ()
+    n_resamples: int = 2000
+    confidence: float = 0.95
+    winsor_quantile: float = 0.99
+    position_covariate: str = ""
+    reweight_covariates: tuple[str, ...] = ()
+    inverse_propensity: bool = False
+    aggregate: str = "sum"
+    seed: int = 0
+
+
+@dataclass
+class _MetricLog:
+    """Observations of one metric of one experiment: exposure row, value, time; pre-period sums by unit."""
+
+    rows: GrowableArray = field(default_factory=lambda: GrowableArray(np.int64))
+    values: GrowableArray = field(default_factory=lambda: GrowableArray(np.float64))
+    at: GrowableArray = field(default_factory=lambda: GrowableArray(np.float64))
+    pre: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Live:
+    """Everything the router holds for one experiment."""
+
+    experiment: Experiment
+    table: ExposureTable = field(default_factory=ExposureTable)
+    sticky: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, _MetricLog] = field(default_factory=dict)
+    bandit: BanditPolicy | None = None
+    #: Config version from which the weights in force apply (SRM compares units exposed since then).
+    weights_since: int = 1
+    #: Last continuous-audit alert state, so an alert is raised once, not at every audit.
+    srm_alerting: bool = False
+    balance_alerting: bool = False
+
+
+def _check_name(value: str, field_name: str, limit: int = NAME_LIMIT) -> None:
+    if not 1 <= len(value) <= limit:
+        raise InvalidArgument(field_name, f"must be 1 to {limit} characters")
+
+
+def check_covariates(numeric: Mapping[str, float], categorical: Mapping[str, str], prefix: str = "covariates") -> None:
+    """InvalidArgument for a malformed covariate (name length, non-finite number, overlong label)."""
+    for name, value in numeric.items():
+        _check_name(name, f"{prefix}.numeric key")
+        if not math.isfinite(value):
+            raise InvalidArgument(f"{prefix}.numeric[{name}]", "must be finite")
+    for name, label in categorical.items():
+        _check_name(name, f"{prefix}.categorical key")
+        if name in numeric:
+            raise InvalidArgument(f"{prefix}.categorical[{name}]", "also given as a numeric covariate")
+        if len(label) > VALUE_LIMIT:
+            raise InvalidArgument(f"{prefix}.categorical[{name}]", f"at most {VALUE_LIMIT} characters")
+
+
+class Router:
+    """The abrouter's state and operations (thread-safe)."""
+
+    def __init__(
+        self,
+        settings: ABRouterSettings,
+        store: RouterStore | None = None,
+        *,
+        scoring: ScoreFn | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.live: dict[str, _Live] = {}
+        self.events: deque[RouterEvent] = deque(maxlen=settings.event_retention)
+        self._event_seq = 0
+        self._failed = ""
+        self.scoring = scoring
+        self.mirror: ShadowMirror | None = None
+        if scoring is not None:
+            self.mirror = ShadowMirror(
+                scoring,
+                queue_size=settings.shadow_queue,
+                workers=settings.shadow_workers,
+                on_result=self._record_shadow,
+            )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_audits: dict[str, audit_mod.AuditReport] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Rebuild memory from SQLite: experiments, sticky records, exposures, observations, events."""
+        if self.store is None:
+            return
+        with self.lock:
+            for exp in self.store.load_experiments():
+                self.live[exp.key] = self._new_live(exp)
+            for key, unit, arm in self.store.load_sticky():
+                if key in self.live:
+                    self.live[key].sticky[unit] = arm
+            for row in self.store.load_exposures():
+                st = self.live.get(row.key)
+                if st is not None:
+                    st.table.add(
+                        row.unit,
+                        row.arm,
+                        row.bucket,
+                        row.at,
+                        row.propensity,
+                        row.numeric,
+                        row.categorical,
+                        row.config_version,
+                    )
+            for obs in self.store.load_observations():
+                st = self.live.get(obs.key)
+                if st is not None:
+                    self._apply_observation(st, obs)
+            if self.mirror is not None:
+                for key, ls, ss, ld, sd in self.store.load_shadow():
+                    st = self.live.get(key)
+                    version = st.experiment.spec.shadow.version if st else ""
+                    self.mirror.restore(key, version, ScoreResult(ls, ld, ""), ScoreResult(ss, sd, version))
+            for seq, kind, key, at, message in self.store.load_events(self.settings.event_retention):
+                self.events.append(RouterEvent(seq, kind, key, at, message))
+            self._event_seq = self.store.max_event_seq()
+            for st in self.live.values():
+                st.weights_since = self._weights_since(st.experiment.key)
+        log.info("restored", extra={"experiments": len(self.live)})
+
+    def _weights_since(self, key: str) -> int:
+        if self.store is None:
+            return 1
+        since, last = 1, None
+        for version, _at, _change, _comment, exp in self.store.load_revisions(key):
+            if exp.weights != last:
+                since, last = version, exp.weights
+        return since
+
+    def start(self) -> None:
+        """Start the periodic guardrail, bandit and audit checks."""
+        self._thread = threading.Thread(target=self._loop, name="abrouter-monitor", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the background work (the store is closed by its owner)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.mirror is not None:
+            self.mirror.close()
+
+    def _new_live(self, exp: Experiment) -> _Live:
+        st = _Live(exp)
+        spec = exp.spec
+        if spec.mode is AllocationMode.BANDIT and spec.bandit is not None:
+            st.bandit = BanditPolicy(
+                len(spec.arms),
+                spec.bandit.kind,
+                update_interval_s=spec.bandit.update_interval_s,
+                min_weight=spec.bandit.min_weight,
+                min_rewards=spec.bandit.min_rewards,
+                seed=abhash.fnv1a32(spec.key),
+            )
+        return st
+
+    # -- durability ----------------------------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self._failed:
+            raise Unavailable(f"abrouter store failed ({self._failed}); restart the abrouter")
+
+    def _submit(self, statements: list[Statement]) -> Ticket | None:
+        if self.store is None or not statements:
+            return None
+        return self.store.submit(statements)
+
+    def _durable(self, ticket: Ticket | None) -> None:
+        if ticket is None:
+            return
+        try:
+            ticket.wait("abrouter state")
+        except StoreFailure as exc:
+            self._failed = str(exc)
+            log.critical("store failure; refusing further calls until restart", extra={"error": str(exc)})
+            raise Unavailable(f"abrouter store failed ({exc}); restart the abrouter") from exc
+
+    def _event(self, kind: str, key: str, message: str, statements: list[Statement]) -> RouterEvent:
+        self._event_seq += 1
+        event = RouterEvent(self._event_seq, kind, key, self.clock(), message)
+        self.events.append(event)
+        statements.append(RouterStore.event(event.seq, kind, key, event.at, message))
+        log.info("router event", extra={"kind": kind, "experiment": key, "event_message": message})
+        return event
+
+    def _write_experiment(
+        self, st: _Live, exp: Experiment, change: str, comment: str, statements: list[Statement]
+    ) -> None:
+        if exp.weights != st.experiment.weights:
+            st.weights_since = exp.version
+        st.experiment = exp
+        statements.extend(RouterStore.experiment(exp, change, comment))
+
+    # -- experiments -------------------------------------------------------------------------------------------
+
+    def _get(self, key: str) -> _Live:
+        st = self.live.get(key)
+        if st is None:
+            raise NotFound(f"experiment '{key}' does not exist")
+        return st
+
+    def create(self, spec: ExperimentSpec) -> Experiment:
+        """Create an experiment at version 1."""
+        self._check_alive()
+        spec.validate()
+        now = self.clock()
+        with self.lock:
+            if spec.key in self.live:
+                raise AlreadyExists(f"experiment '{spec.key}' already exists")
+            exp = Experiment(spec, 1, ExperimentState.RUNNING, spec.weights, now, now)
+            st = self._new_live(exp)
+            self.live[spec.key] = st
+            statements = list(RouterStore.experiment(exp, "created", ""))
+            self._event("config_changed", spec.key, f"created with weights {list(spec.weights)}", statements)
+            ticket = self._submit(statements)
+        self._durable(ticket)
+        return exp
+
+    def update(self, spec: ExperimentSpec, expected_version: int = 0, comment: str = "") -> Experiment:
+        """Replace the spec; version + 1. A rolled-back experiment runs again with the new spec."""
+        self._check_alive()
+        spec.validate()
+        with self.lock:
+            st = self._get(spec.key)
+            cur = st.experiment
+            if cur.state is ExperimentState.STOPPED:
+                raise FailedPrecondition(f"experiment '{spec.key}' is stopped; create a new one")
+            if expected_version and expected_version != cur.version:
+                raise FailedPrecondition(
+                    f"expected_version: experiment '{spec.key}' is at version {cur.version}, not {expected_version}"
+                )
+            if len(spec.arms) != len(cur.spec.arms) and (st.table.__len__() or st.sticky):
+                raise FailedPrecondition(
+                    f"spec.arms: experiment '{spec.key}' has exposures; arms can be reweighted, not added or removed"
+                )
+            now = self.clock()
+            weights = spec.weights
+            if spec.mode is AllocationMode.BANDIT and cur.spec.mode is AllocationMode.BANDIT:
+                weights = cur.weights if len(cur.weights) == len(spec.arms) else spec.weights
+            exp = cur.with_changes(spec=spec, state=ExperimentState.RUNNING, weights=weights, updated_at=now, reason="")
+            statements: list[Statement] = []
+            self._write_experiment(st, exp, "updated", comment, statements)
+            if (spec.mode, spec.bandit, len(spec.arms)) != (cur.spec.mode, cur.spec.bandit, len(cur.spec.arms)):
+                st.bandit = self._new_live(exp).bandit
+                self._replay_rewards(st)
+            self._event("config_changed", spec.key, f"updated to version {exp.version}: {comment}", statements)
+            ticket = self._submit(statements)
+        self._durable(ticket)
+        return exp
+
+    def stop(self, key: str, reason: str = "") -> Experiment:
+        """Stop: control for everyone, not in the experiment."""
+        self._check_alive()
+        with self.lock:
+            st = self._get(key)
+            if st.experiment.state is ExperimentState.STOPPED:
+                raise FailedPrecondition(f"experiment '{key}' is already stopped")
+            exp = st.experiment.with_changes(state=ExperimentState.STOPPED, updated_at=self.clock(), reason=reason)
+            statements: list[Statement] = []
+            self._write_experiment(st, exp, "stopped", reason, statements)
+            self._event("config_changed", key, f"stopped: {reason}", statements)
+            ticket = self._submit(statements)
+        self._durable(ticket)
+        return exp
+
+    def get(self, key: str) -> tuple[Experiment, int]:
+        """An experiment and its number of exposed units."""
+        with self.lock:
+            st = self._get(key)
+            return st.experiment, len(st.table)
+
+    def list_experiments(self) -> list[tuple[Experiment, int]]:
+        """Every experiment (by key) and its number of exposed units."""
+        with self.lock:
+            return [(self.live[k].experiment, len(self.live[k].table)) for k in sorted(self.live)]
+
+    def history(self, key: str) -> list[tuple[int, float, str, str, Experiment]]:
+        """Every recorded version of an experiment."""
+        with self.lock:
+            self._get(key)
+        if self.store is None:
+            raise FailedPrecondition("history needs the durable store")
+        return self.store.load_revisions(key)
+
+    # -- assignment ----------------------------------------------------------------------------------------------
+
+    def assign(
+        self,
+        unit_id: str,
+        attributes: Mapping[str, Any],
+        keys: Sequence[str] = (),
+        *,
+        log_exposure: bool = False,
+        numeric: Mapping[str, float] | None = None,
+        categorical: Mapping[str, str] | None = None,
+        timestamp: float = 0.0,
+    ) -> list[tuple[AssignmentResult, bool]]:
+        """Assign one unit; with ``log_exposure`` every in-experiment assignment is logged durably first."""
+        self._check_alive()
+        numeric = numeric or {}
+        categorical = categorical or {}
+        check_covariates(numeric, categorical)
+        if not (math.isfinite(timestamp) and timestamp >= 0):
+            raise InvalidArgument("timestamp", "must be unix seconds >= 0 (0: now)")
+        if len(unit_id) > VALUE_LIMIT:
+            raise InvalidArgument("unit_id", f"at most {VALUE_LIMIT} characters")
+        now = timestamp or self.clock()
+        with self.lock:
+            if keys:
+                seen = set()
+                for i, key in enumerate(keys):
+                    if key in seen:
+                        raise InvalidArgument(f"experiment_keys[{i}]", f"'{key}' is listed twice")
+                    seen.add(key)
+                targets = [self._get(k) for k in keys]
+            else:
+                targets = [
+                    self.live[k] for k in sorted(self.live) if self.live[k].experiment.state is ExperimentState.RUNNING
+                ]
+            values = [hash_value_of(st.experiment, unit_id, attributes) for st in targets]
+            out: list[tuple[AssignmentResult, bool]] = []
+            statements: list[Statement] = []
+            exposures: list[ExposureRow] = []
+            for st, value in zip(targets, values, strict=True):
+                exp = st.experiment
+                sticky_arm = st.sticky.get(value) if exp.spec.sticky_bucketing else None
+                result = assign(exp, value, attributes, now, sticky_arm)
+                if result.in_experiment and exp.spec.sticky_bucketing and sticky_arm is None:
+                    st.sticky[value] = result.arm_index
+                    statements.append(RouterStore.sticky(exp.key, [(value, result.arm_index, now)]))
+                logged = False
+                if log_exposure and result.in_experiment:
+                    logged = True
+                    exposures.append(
+                        ExposureRow(
+                            exp.key,
+                            value,
+                            result.arm_index,
+                            result.bucket,
+                            result.propensity,
+                            now,
+                            exp.version,
+                            numeric,
+                            categorical,
+                        )
+                    )
+                    st.table.add(
+                        value,
+                        result.arm_index,
+                        result.bucket,
+                        now,
+                        result.propensity,
+                        numeric,
+                        categorical,
+                        exp.version,
+                    )
+                out.append((result, logged))
+            if exposures:
+                statements.append(RouterStore.exposures(exposures))
+            ticket = self._submit(statements)
+        self._durable(ticket)
+        return out
+
+    def assign_batch(self, key: str, unit_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, Experiment]:
+        """Arms and buckets of many units (offline; nothing logged)."""
+        self._check_alive()
+        with self.lock:
+            st = self._get(key)
+            exp = st.experiment
+            if exp.spec.condition:
+                raise FailedPrecondition(
+                    f"experiment '{key}' has a targeting condition, which needs each unit's attributes: use Assign"
+                )
+            sticky = dict(st.sticky) if exp.spec.sticky_bucketing else None
+        arms, buckets = assign_batch(exp, unit_ids, self.clock(), sticky)
+        return arms, buckets, exp
+
+    def route(
+        self,
+        key: str,
+        unit_id: str,
+        attributes: Mapping[str, Any],
+        request_id: str,
+        features: Mapping[str, float],
+        *,
+        log_exposure: bool = False,
+        numeric: Mapping[str, float] | None = None,
+        categorical: Mapping[str, str] | None = None,
+    ) -> tuple[AssignmentResult, bool, ScoreResult, bool]:
+        """Assign, score with the arm's model version, and maybe mirror to the shadow version."""
+        if self.scoring is None:
+            raise FailedPrecondition("the abrouter has no scorer client")
+        with self.lock:
+            exp = self._get(key).experiment
+        if not exp.spec.model:
+            raise FailedPrecondition(f"experiment '{key}' names no scorer model (spec.model)")
+        if not 1 <= len(request_id) <= VALUE_LIMIT:
+            raise InvalidArgument("request_id", f"must be 1 to {VALUE_LIMIT} characters")
+        [(result, logged)] = self.assign(
+            unit_id, attributes, [key], log_exposure=log_exposure, numeric=numeric, categorical=categorical
+        )
+        spec = exp.spec
+        arm_index = result.arm_index if result.in_experiment else 0
+        version = spec.arms[arm_index].model_version
+        call = ScoreCall(spec.model, version, request_id, dict(features), key, result.arm)
+        live = self.scoring(call)
+        shadowed = False
+        shadow = spec.shadow
+        if shadow.version and shadow.fraction > 0 and self.mirror is not None:
+            share = abhash.hash_value(SHADOW_PREFIX + key, request_id, 2)
+            if share < shadow.fraction:
+                shadowed = self.mirror.offer(key, replace(call, version=shadow.version, shadow=True), live)
+        return result, logged, live, shadowed
+
+    def _record_shadow(self, key: str, call: ScoreCall, live: ScoreResult, shadow: ScoreResult) -> None:
+        if self.store is None:
+            return
+        statement = RouterStore.shadow(
+            key,
+            call.request_id,
+            (live.model_version, live.score, live.decision),
+            (shadow.model_version, shadow.score, shadow.decision),
+            self.clock(),
+        )
+        self.store.submit([statement])  # a comparison, not an acknowledgement: no need to wait
+
+    def shadow_report(self, key: str) -> Any:
+        """Shadow comparison counters of an experiment."""
+        with self.lock:
+            exp = self._get(key).experiment
+        if self.mirror is None:
+            raise FailedPrecondition("the abrouter has no scorer client")
+        stats = self.mirror.snapshot(key)
+        if not stats.shadow_version:
+            stats.shadow_version = exp.spec.shadow.version
+        return stats
+
+    # -- metrics -------------------------------------------------------------------------------------------------
+
+    def _apply_observation(self, st: _Live, obs: ObservationRow) -> None:
+        mlog = st.metrics.setdefault(obs.metric, _MetricLog())
+        if obs.pre:
+            mlog.pre[obs.unit] = mlog.pre.get(obs.unit, 0.0) + obs.value
+            return
+        row = st.table.unit_rows([obs.unit])[0]
+        mlog.rows.append(row)
+        mlog.values.append(obs.value)
+        mlog.at.append(obs.at)
+        spec = st.experiment.spec
+        if st.bandit is not None and spec.bandit is not None and obs.metric == spec.bandit.reward_metric:
+            arm = st.table.arm_of(obs.unit)
+            if arm is not None:
+                st.bandit.record(arm, obs.value)
+
+    def _replay_rewards(self, st: _Live) -> None:
+        spec = st.experiment.spec
+        if st.bandit is None or spec.bandit is None:
+            return
+        mlog = st.metrics.get(spec.bandit.reward_metric)
+        if mlog is None:
+            return
+        arms = st.table.columns().arms
+        for row, value in zip(mlog.rows.view(), mlog.values.view(), strict=True):
+            st.bandit.record(int(arms[row]), float(value))
+
+    def record_metrics(self, key: str, observations: Sequence[Observation]) -> int:
+        """Store observations (all or nothing); durable before returning."""
+        self._check_alive()
+        if not 1 <= len(observations) <= MAX_OBSERVATIONS:
+            raise InvalidArgument("observations", f"must hold 1 to {MAX_OBSERVATIONS} observations")
+        now = self.clock()
+        with self.lock:
+            st = self._get(key)
+            spec = st.experiment.spec
+            rows: list[ObservationRow] = []
+            for i, o in enumerate(observations):
+                where = f"observations[{i}]"
+                if o.metric not in spec.metrics:
+                    raise InvalidArgument(f"{where}.metric", f"'{o.metric}' is not a metric of experiment '{key}'")
+                if not 1 <= len(o.unit_id) <= VALUE_LIMIT:
+                    raise InvalidArgument(f"{where}.unit_id", f"must be 1 to {VALUE_LIMIT} characters")
+                if not math.isfinite(o.value):
+                    raise InvalidArgument(f"{where}.value", "must be finite")
+                if not (math.isfinite(o.timestamp) and o.timestamp >= 0):
+                    raise InvalidArgument(f"{where}.timestamp", "must be unix seconds >= 0 (0: now)")
+                arm_index = None
+                if o.arm:
+                    arm_index = spec.arm_index(o.arm)
+                    if arm_index is None:
+                        arms = ", ".join(a.name for a in spec.arms)
+                        raise InvalidArgument(f"{where}.arm", f"experiment '{key}' has no arm '{o.arm}' (arms: {arms})")
+                if not o.pre_period:
+                    logged = st.table.arm_of(o.unit_id)
+                    if logged is None:
+                        raise FailedPrecondition(f"{where}.unit_id: unit '{o.unit_id}' has no logged exposure")
+                    if arm_index is not None and arm_index != logged:
+                        raise FailedPrecondition(
+                            f"{where}.arm: unit '{o.unit_id}' was exposed to '{spec.arms[logged].name}', not '{o.arm}'"
+                        )
+                    if spec.bandit is not None and o.metric == spec.bandit.reward_metric:
+                        kind = spec.bandit.kind.value
+                        if kind == "bernoulli" and o.value not in (0.0, 1.0):
+                            raise InvalidArgument(f"{where}.value", "a Bernoulli bandit's reward must be 0 or 1")
+                rows.append(ObservationRow(key, o.unit_id, o.metric, o.value, o.timestamp or now, o.pre_period))
+            for row in rows:
+                self._apply_observation(st, row)
+            ticket = self._submit([RouterStore.observations(rows)])
+        self._durable(ticket)
+        return len(rows)
+
+    # -- audits ----------------------------------------------------------------------------------------------------
+
+    def _other_arms(self, st: _Live, columns: ExposureColumns, others: Sequence[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        keys = others or [k for k in sorted(self.live) if k != st.experiment.key and len(self.live[k].table)]
+        for k in keys:
+            other = self._get(k)
+            if other is st:
+                continue
+            rows = other.table.unit_rows(columns.unit_ids)
+            other_arms = other.table.columns().arms
+            out[k] = np.where(rows >= 0, other_arms[np.maximum(rows, 0)] if len(other_arms) else -1, -1)
+        return out
+
+    def audit(
+        self, key: str, others: Sequence[str] = (), min_sample: int = 0, min_deviation: float = 0.0
+    ) -> audit_mod.AuditReport:
+        """Full audit of the experiment's exposure log."""
+        min_sample = min_sample or self.settings.audit_min_sample
+        min_deviation = min_deviation or self.settings.audit_min_deviation
+        if min_sample < 0 or not 0 <= min_deviation < 1:
+            raise InvalidArgument("min_sample/min_deviation", "min_sample >= 0 and min_deviation in [0, 1)")
+        with self.lock:
+            st = self._get(key)
+            for i, k in enumerate(others):
+                if k not in self.live:
+                    raise NotFound(f"other_experiments[{i}]: experiment '{k}' does not exist")
+            columns = st.table.columns()
+            versions = st.table.config_versions()
+            other_arms = self._other_arms(st, columns, others)
+            weights = st.experiment.weights
+            since = st.weights_since
+        report = audit_mod.full_audit(
+            columns, weights, other_arms=other_arms, min_sample=min_sample, min_deviation=min_deviation
+        )
+        if (versions < since).any():  # weights changed: SRM compares only units exposed under today's weights
+            counts = np.bincount(columns.arms[versions >= since], minlength=len(weights))
+            srm = audit_mod.sample_ratio_test(counts, weights, min_sample=min_sample, min_deviation=min_deviation)
+            srm = replace(srm, reason=f"{srm.reason} (units exposed since version {since})")
+            alert = (
+                srm.alert
+                or report.uniformity.alert
+                or any(t.alert for t in report.clustering)
+                or any(b.imbalanced for b in report.balance)
+            )
+            report = replace(report, srm=srm, alert=alert)
+        return report
+
+    def check_balance(
+        self,
+        key: str,
+        units: Sequence[tuple[str, Mapping[str, Any], Mapping[str, float], Mapping[str, str], float]],
+    ) -> tuple[list[int], list[audit_mod.BalanceResult]]:
+        """Balance of the planned assignment of a population (unit, attributes, numeric, categorical, time)."""
+        if not 1 <= len(units) <= 1_000_000:
+            raise InvalidArgument("units", "must hold 1 to 1000000 units")
+        with self.lock:
+            exp = self._get(key).experiment
+        table = ExposureTable()
+        now = self.clock()
+        for i, (unit_id, attributes, numeric, categorical, at) in enumerate(units):
+            check_covariates(numeric, categorical, prefix=f"units[{i}].covariates")
+            try:
+                value = hash_value_of(exp, unit_id, attributes)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"units[{i}].{exc.field}", exc.rule) from None
+            planned = replace(exp, state=ExperimentState.RUNNING, spec=replace(exp.spec, start_at=0.0, stop_at=0.0))
+            result = assign(planned, value, attributes, now)
+            if result.in_experiment:
+                table.add(value, result.arm_index, result.bucket, at or now, result.propensity, numeric, categorical)
+        columns = table.columns()
+        counts = (
+            np.bincount(columns.arms, minlength=len(exp.spec.arms)).tolist()
+            if len(columns)
+            else [0] * len(exp.spec.arms)
+        )
+        if len(columns) == 0:
+            return counts, []
+        balance = audit_mod.covariate_balance(columns) + audit_mod.balance_over_windows(columns)
+        return counts, balance
+
+    # -- analysis ----------------------------------------------------------------------------------------------------
+
+    def analyze(self, key: str, options: AnalysisOptions) -> tuple[list[analysis_mod.MetricAnalysis], Experiment, int]:
+        """The multi-metric table of an experiment."""
+        with self.lock:
+            st = self._get(key)
+            exp = st.experiment
+            for i, m in enumerate(options.metrics):
+                if m not in exp.spec.metrics:
+                    raise InvalidArgument(f"metrics[{i}]", f"'{m}' is not a metric of experiment '{key}'")
+            columns = st.table.columns()
+            wanted = options.metrics or tuple(m for m in exp.spec.metrics if m in st.metrics)
+            logs = {
+                m: (
+                    st.metrics[m].rows.view().copy(),
+                    st.metrics[m].values.view().copy(),
+                    st.metrics[m].at.view().copy(),
+                    dict(st.metrics[m].pre),
+                )
+                for m in wanted
+                if m in st.metrics
+            }
+        n_arms = len(exp.spec.arms)
+        counts = np.bincount(columns.arms, minlength=n_arms) if len(columns) else np.zeros(n_arms, dtype=np.int64)
+        for arm, count in enumerate(counts):
+            if count == 0:
+                raise FailedPrecondition(f"arm '{exp.spec.arms[arm].name}' of experiment '{key}' has no exposed unit")
+        position = self._position(columns, options.position_covariate)
+        weights = self._weights(columns, options, n_arms)
+        inputs = []
+        for metric in wanted:
+            if metric not in logs:
+                continue
+            rows, values, at, pre = logs[metric]
+            keep = rows >= 0
+            rows, values, at = rows[keep], values[keep], at[keep]
+            days = np.maximum(at - columns.timestamps[rows], 0.0) / 86400.0
+            unit_pre = None
+            if pre:
+                unit_pre = np.array([pre.get(u, np.nan) for u in columns.unit_ids], dtype=np.float64)
+            inputs.append(
+                analysis_mod.MetricInput(
+                    metric=metric,
+                    unit_arms=columns.arms.astype(np.int64),
+                    obs_unit=rows,
+                    obs_value=values,
+                    obs_days=days,
+                    unit_pre=unit_pre,
+                    unit_position=position,
+                    unit_weights=weights,
+                    aggregate=options.aggregate or "sum",
+                )
+            )
+        try:
+            results = analysis_mod.analyze_experiment(
+                inputs,
+                n_arms,
+                confidence=options.confidence,
+                n_resamples=options.n_resamples,
+                winsor_quantile=options.winsor_quantile,
+                seed=options.seed,
+            )
+        except ValueError as exc:
+            raise InvalidArgument("analysis", str(exc)) from None
+        return results, exp, len(columns)
+
+    @staticmethod
+    def _position(columns: ExposureColumns, name: str) -> np.ndarray | None:
+        if name:
+            if name in columns.categorical:
+                return columns.categorical[name].codes.astype(np.int64)
+            if name in columns.numeric:
+                values = columns.numeric[name]
+                _, codes = np.unique(np.nan_to_num(values, nan=-1.0), return_inverse=True)
+                return np.where(np.isnan(values), -1, codes).astype(np.int64)
+            raise InvalidArgument("position_covariate", f"no covariate '{name}' was logged")
+        if "position" in columns.categorical:
+            return columns.categorical["position"].codes.astype(np.int64)
+        return None
+
+    @staticmethod
+    def _weights(columns: ExposureColumns, options: AnalysisOptions, n_arms: int) -> np.ndarray | None:
+        if options.inverse_propensity:
+            try:
+                return correction.ipw_weights(columns.propensity)
+            except ValueError as exc:
+                raise InvalidArgument("inverse_propensity", str(exc)) from None
+        if not options.reweight_covariates:
+            return None
+        for i, name in enumerate(options.reweight_covariates):
+            if name not in columns.numeric and name not in columns.categorical:
+                raise InvalidArgument(f"reweight_covariates[{i}]", f"no covariate '{name}' was logged")
+        strata = correction.strata_codes(columns, list(options.reweight_covariates))
+        weights = np.ones(len(columns), dtype=np.float64)
+        for arm in range(1, n_arms):  # each call reweights only that arm's units
+            weights *= correction.bin_weights(columns.arms, strata, control=0, treatment=arm)
+        return weights
+
+    # -- periodic checks --------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        last_audit = self.clock()
+        while not self._stop.wait(self.settings.guardrail_interval_s):
+            try:
+                self.check_guardrails()
+                self.update_bandits()
+                interval = self.settings.audit_interval_s
+                if interval and self.clock() - last_audit >= interval:
+                    last_audit = self.clock()
+                    self.audit_running()
+            except Unavailable:
+                return
+            except Exception:
+                log.exception("periodic check failed")
+
+    def _per_unit_values(self, st: _Live, metric: str) -> list[np.ndarray]:
+        mlog = st.metrics.get(metric)
+        n_arms = len(st.experiment.spec.arms)
+        if mlog is None or not len(st.table):
+            return [np.empty(0) for _ in range(n_arms)]
+        rows = mlog.rows.view()
+        keep = rows >= 0
+        rows, values = rows[keep], mlog.values.view()[keep]
+        n_units = len(st.table)
+        sums = np.bincount(rows, weights=values, minlength=n_units)
+        counts = np.bincount(rows, minlength=n_units)
+        arms = st.table.columns().arms
+        seen = counts > 0
+        means = np.divide(sums, counts, out=np.zeros_like(sums), where=seen)
+        return [means[seen & (arms == a)] for a in range(n_arms)]
+
+    def check_guardrails(self) -> list[GuardrailVerdict]:
+        """Evaluate every running experiment's guardrails; roll back those that trip (with an event)."""
+        verdicts: list[GuardrailVerdict] = []
+        tickets = []
+        with self.lock:
+            for key in sorted(self.live):
+                st = self.live[key]
+                exp = st.experiment
+                if exp.state is not ExperimentState.RUNNING or not exp.spec.guardrails:
+                    continue
+                per_metric = {g.metric: self._per_unit_values(st, g.metric) for g in exp.spec.guardrails}
+                found = evaluate_guardrails(exp.spec.guardrails, per_metric)
+                verdicts.extend(found)
+                tripped = [v for v in found if v.tripped]
+                if not tripped:
+                    continue
+                v = tripped[0]
+                reason = (
+                    f"guardrail {v.metric}: arm '{exp.spec.arms[v.arm].name}' {v.relative_change:+.1%} vs control "
+                    f"(p={v.p_value:.2g}); {v.reason}"
+                )
+                control_only = tuple(1.0 if i == 0 else 0.0 for i in range(len(exp.spec.arms)))
+                rolled = exp.with_changes(
+                    state=ExperimentState.ROLLED_BACK, weights=control_only, updated_at=self.clock(), reason=reason
+                )
+                statements: list[Statement] = []
+                self._write_experiment(st, rolled, "rolled_back", reason, statements)
+                self._event("guardrail_tripped", key, f"traffic back to control: {reason}", statements)
+                tickets.append(self._submit(statements))
+        for ticket in tickets:
+            self._durable(ticket)
+        return verdicts
+
+    def update_bandits(self) -> list[str]:
+        """Update the weights of bandit experiments whose interval elapsed; returns their keys."""
+        updated = []
+        tickets = []
+        now = self.clock()
+        with self.lock:
+            for key in sorted(self.live):
+                st = self.live[key]
+                exp = st.experiment
+                if st.bandit is None or exp.state is not ExperimentState.RUNNING or not st.bandit.due(now):
+                    continue
+                result = st.bandit.update(now)
+                weights = tuple(float(w) for w in result.weights)
+                new = exp.with_changes(weights=weights, updated_at=now)
+                statements: list[Statement] = []
+                self._write_experiment(st, new, "bandit", "", statements)
+                probs = ", ".join(f"{a.name}={p:.3f}" for a, p in zip(exp.spec.arms, result.prob_best, strict=True))
+                self._event(
+                    "bandit_updated", key, f"weights {[round(w, 4) for w in weights]} (P(best): {probs})", statements
+                )
+                tickets.append(self._submit(statements))
+                updated.append(key)
+        for ticket in tickets:
+            self._durable(ticket)
+        return updated
+
+    def audit_running(self) -> None:
+        """The continuous audit: every running experiment with enough units; alerts raise events once."""
+        with self.lock:
+            keys = [
+                k
+                for k, st in self.live.items()
+                if st.experiment.state is ExperimentState.RUNNING and len(st.table) >= self.settings.audit_min_sample
+            ]
+        for key in keys:
+            report = self.audit(key)
+            self.last_audits[key] = report
+            statements: list[Statement] = []
+            with self.lock:
+                st = self.live[key]
+                if report.srm.alert and not st.srm_alerting:
+                    self._event("srm_alert", key, report.srm.reason, statements)
+                st.srm_alerting = report.srm.alert
+                imbalanced = [b for b in report.balance if b.imbalanced] + [t for t in report.clustering if t.alert]
+                if imbalanced and not st.balance_alerting:
+                    first = imbalanced[0]
+                    self._event("balance_alert", key, f"{len(imbalanced)} imbalances, first: {first}", statements)
+                st.balance_alerting = bool(imbalanced)
+                ticket = self._submit(statements)
+            self._durable(ticket)
+
+    def list_events(self, key: str = "", after_seq: int = 0) -> list[RouterEvent]:
+        """Events, oldest first."""
+        with self.lock:
+            return [e for e in self.events if e.seq > after_seq and (not key or e.experiment_key == key)]

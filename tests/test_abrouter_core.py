@@ -1,0 +1,111 @@
+"""The router core without the wire: shadow traffic never holds the live path, a full shadow queue drops
+(and counts) instead of waiting, a failing shadow model never reaches the caller, and a failed write stops
+the router instead of acknowledging what is not on disk."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from guardmesh.config import ABRouterSettings
+from guardmesh.errors import Unavailable
+from services.abrouter.experiments import ArmSpec, ExperimentSpec, ShadowSpec
+from services.abrouter.router import Router
+from services.abrouter.shadow import ScoreCall, ScoreResult
+from services.abrouter.store import RouterStore
+
+
+class BlockingScorer:
+    """Live calls answer at once; shadow calls wait until released (a very slow shadow model)."""
+
+    def __init__(self, fail_shadow: bool = False) -> None:
+        self.release = threading.Event()
+        self.shadow_started = threading.Event()
+        self.fail_shadow = fail_shadow
+        self.calls: list[ScoreCall] = []
+
+    def __call__(self, call: ScoreCall) -> ScoreResult:
+        self.calls.append(call)
+        if call.shadow:
+            self.shadow_started.set()
+            self.release.wait(30)
+            if self.fail_shadow:
+                raise RuntimeError("shadow model crashed")
+            return ScoreResult(0.9, True, call.version)
+        return ScoreResult(0.2, False, call.version or "v1")
+
+
+def experiment(fraction: float = 1.0) -> ExperimentSpec:
+    return ExperimentSpec(
+        key="shadowed",
+        arms=(ArmSpec("control", 0.5), ArmSpec("new", 0.5, "v2")),
+        model="risk",
+        shadow=ShadowSpec("v3", fraction),
+    )
+
+
+def test_live_answers_while_the_shadow_model_is_stuck_and_a_full_queue_drops() -> None:
+    scorer = BlockingScorer()
+    router = Router(ABRouterSettings(shadow_queue=2, shadow_workers=1), scoring=scorer)
+    router.create(experiment())
+    try:
+        results = [router.route("shadowed", f"u{i}", {}, f"r{i}", {"a": 1.0}) for i in range(10)]
+        # every live call returned although the (single) shadow worker is blocked on its first call
+        assert scorer.shadow_started.wait(5)
+        assert all(not live.decision for _, _, live, _ in results)
+        mirrored = [shadowed for *_, shadowed in results]
+        stats = router.shadow_report("shadowed")
+        assert stats.mirrored == sum(mirrored) and stats.dropped == 10 - sum(mirrored)
+        assert 2 <= stats.mirrored <= 3 and stats.dropped >= 7  # 1 in flight + 2 queued
+        scorer.release.set()
+        assert router.mirror is not None and router.mirror.drain(10)
+        stats = router.shadow_report("shadowed")
+        assert stats.compared == stats.mirrored and stats.decision_agreement == 0.0
+        assert stats.mean_abs_score_diff == pytest.approx(0.7)
+        assert {c.version for c in scorer.calls if c.shadow} == {"v3"}
+        assert {c.version for c in scorer.calls if not c.shadow} <= {"", "v2"}
+    finally:
+        scorer.release.set()
+        router.close()
+
+
+def test_a_failing_shadow_model_is_counted_never_raised() -> None:
+    scorer = BlockingScorer(fail_shadow=True)
+    scorer.release.set()
+    router = Router(ABRouterSettings(), scoring=scorer)
+    router.create(experiment())
+    try:
+        for i in range(5):
+            router.route("shadowed", f"u{i}", {}, f"r{i}", {"a": 1.0})
+        assert router.mirror is not None and router.mirror.drain(10)
+        stats = router.shadow_report("shadowed")
+        assert stats.errors == stats.mirrored == 5 and stats.compared == 0
+    finally:
+        router.close()
+
+
+def test_shadow_share_is_deterministic_per_request_id() -> None:
+    scorer = BlockingScorer()
+    scorer.release.set()
+    router = Router(ABRouterSettings(), scoring=scorer)
+    router.create(experiment(fraction=0.3))
+    try:
+        first = [router.route("shadowed", "u", {}, f"req-{i}", {})[3] for i in range(400)]
+        again = [router.route("shadowed", "u", {}, f"req-{i}", {})[3] for i in range(400)]
+        assert first == again and 80 < sum(first) < 160
+    finally:
+        router.close()
+
+
+def test_a_failed_write_stops_the_router(tmp_path: Path) -> None:
+    store = RouterStore(tmp_path / "r.db", "NORMAL")
+    router = Router(ABRouterSettings(), store)
+    router.create(ExperimentSpec(key="k", arms=(ArmSpec("a", 0.5), ArmSpec("b", 0.5))))
+    store.log.db.execute("DROP TABLE exposures")  # the next exposure write fails, as on a broken disk
+    with pytest.raises(Unavailable, match="store failed"):
+        router.assign("u1", {}, ["k"], log_exposure=True)
+    with pytest.raises(Unavailable):
+        router.assign("u2", {}, ["k"])
+    store.close()
