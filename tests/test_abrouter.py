@@ -667,3 +667,118 @@ def test_acknowledged_exposures_survive_kill_9(tmp_path: Path) -> None:
         channel.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_continuous_audit_raises_one_srm_event(tmp_path: Path) -> None:
+    running, _, stub, channel = start_router(
+        tmp_path, **{"abrouter.audit_interval_s": 0.2, "abrouter.audit_min_sample": 500}
+    )
+    try:
+        create(stub, "leaky")
+        _log_population(
+            stub, "leaky", 3000, lambda i, arm: pb.Covariates(), drop=lambda i, arm: arm == 1 and i % 4 == 0
+        )
+        deadline = time.monotonic() + 20
+        kinds: list[int] = []
+        while time.monotonic() < deadline and pb.ROUTER_EVENT_KIND_SRM_ALERT not in kinds:
+            time.sleep(0.2)
+            kinds = [e.kind for e in stub.ListRouterEvents(pb.ListRouterEventsRequest(experiment_key="leaky")).events]
+        assert pb.ROUTER_EVENT_KIND_SRM_ALERT in kinds
+        time.sleep(0.6)  # several more audits: the alert is raised once while it lasts
+        kinds = [e.kind for e in stub.ListRouterEvents(pb.ListRouterEventsRequest(experiment_key="leaky")).events]
+        assert kinds.count(pb.ROUTER_EVENT_KIND_SRM_ALERT) == 1
+    finally:
+        channel.close()
+        running.stop(grace=0.5)
+
+
+def test_reweighting_by_covariate_bins_removes_a_mix_bias(router: Stub) -> None:
+    """Treatment over-represents high spenders (a logging filter dropped low-spender treatment exposures):
+    the raw effect is biased, reweighting treatment to control's mix of segments recovers the null."""
+    create(router, "mix", metrics=["revenue"])
+    rng = np.random.default_rng(4)
+    segments: dict[int, str] = {}
+
+    def cov(i: int, arm: int) -> pb.Covariates:
+        segments[i] = "high" if i % 4 == 0 else "low"
+        return pb.Covariates(categorical={"segment": segments[i]})
+
+    _log_population(router, "mix", 4000, cov, drop=lambda i, arm: arm == 1 and i % 4 != 0 and i % 3 == 0)
+    observations = [
+        pb.MetricObservation(
+            unit_id=f"patient-{i:06d}", metric="revenue", value=float(rng.normal(50 if s == "high" else 10, 2))
+        )
+        for i, s in segments.items()
+    ]
+    router.RecordMetrics(pb.RecordMetricsRequest(experiment_key="mix", observations=observations))
+    raw = router.AnalyzeExperiment(pb.AnalyzeExperimentRequest(key="mix", bootstrap_resamples=200)).metrics[0]
+    fixed = router.AnalyzeExperiment(
+        pb.AnalyzeExperimentRequest(key="mix", bootstrap_resamples=200, reweight_covariates=["segment"])
+    ).metrics[0]
+    assert raw.effect > 3.0  # biased: treatment holds more high spenders
+    assert abs(fixed.weighted_effect) < 0.5 and abs(fixed.corrected_effect) < 0.5
+    assert np.isnan(raw.weighted_effect)
+    code, msg = code_of(
+        lambda: router.AnalyzeExperiment(pb.AnalyzeExperimentRequest(key="mix", reweight_covariates=["nope"]))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "reweight_covariates[0]" in msg
+
+
+def test_report_cli_prints_the_table_and_writes_plots(tmp_path: Path) -> None:
+    running, _, stub, channel = start_router(tmp_path)
+    try:
+        create(stub, "cli", metrics=["clicks", "revenue"])
+        day0 = 1_780_000_000.0
+        _log_population(stub, "cli", 600, lambda i, arm: pb.Covariates(), timestamp=lambda i: day0)
+        rng = np.random.default_rng(5)
+        observations = [
+            pb.MetricObservation(
+                unit_id=f"patient-{i:06d}", metric=m, value=float(rng.poisson(3)), timestamp=day0 + d * 86400 + 1
+            )
+            for i in range(600)
+            for m in ("clicks", "revenue")
+            for d in range(3)
+        ]
+        stub.RecordMetrics(pb.RecordMetricsRequest(experiment_key="cli", observations=observations))
+        out = tmp_path / "report"
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("guardmesh")),
+                "abrouter",
+                "report",
+                "cli",
+                "--address",
+                running.address,
+                "--out",
+                str(out),
+                "--resamples",
+                "200",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "COLUMNS": "250"},
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "clicks" in proc.stdout and "revenue" in proc.stdout and "SRM" in proc.stdout
+        pngs = sorted(out.glob("*.png"))
+        assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+        bad = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("guardmesh")),
+                "abrouter",
+                "report",
+                "ghost",
+                "--address",
+                running.address,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
+    finally:
+        channel.close()
+        running.stop(grace=0.5)

@@ -46,9 +46,10 @@ Conventions
   window is made only when both arms have at least ``min_n`` units there *and* ``min_n`` non-missing values
   of the covariate.
 * Multiple testing: ``covariate_balance`` and ``balance_over_windows`` flag ``p < alpha`` per test, as asked.
-  ``full_audit`` runs hundreds of balance tests (5 covariates x 150 windows), so there ``imbalanced`` and the
-  alert use the Bonferroni threshold ``alpha_balance / number of balance tests`` (``AuditReport.balance_alpha``):
-  with a per-test 0.01 a sound experiment would raise several alerts in every audit.
+  ``full_audit`` flags the overall comparisons (window "all", one per covariate and arm) at ``p < alpha_balance``
+  (0.01) and the hundreds of per-window tests (5 covariates x 150 windows) at the Bonferroni threshold
+  ``alpha_balance / number of window tests`` (``AuditReport.balance_alpha``): with a per-test 0.01 there, a
+  sound experiment would raise several alerts in every audit.
   ``familywise_balance`` applies the same rule to any list of results.
 """
 
@@ -175,7 +176,7 @@ class AuditReport:
     balance: tuple[BalanceResult, ...]
     alert: bool
     seconds: float
-    #: per-test threshold behind ``balance[i].imbalanced``: alpha_balance / len(balance) (Bonferroni)
+    #: per-test threshold behind a per-window ``balance[i].imbalanced``: alpha_balance / number of window tests
     balance_alpha: float = 0.0
     reasons: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -413,6 +414,55 @@ def bucket_uniformity(buckets: np.ndarray, *, bins: int = 100, alpha: float = 0.
 # ---------------------------------------------------------------------------------------------------- id structure
 
 
+def covered_uniformity(
+    buckets: np.ndarray,
+    ranges: Sequence[tuple[float, float]],
+    resolution: int,
+    *,
+    bins: int = 100,
+    alpha: float = 0.001,
+) -> TestResult:
+    """Uniformity of the hash values of *exposed* units, which lie only in the covered bucket ranges.
+
+    With coverage below 1 the exposed units' hash values are uniform on the covered part of [0, 1) only, so the
+    expected count of each of ``bins`` equal bins is proportional to the number of GrowthBook hash values
+    (``k / resolution``: 1000 for hash v1, 10000 for v2) that fall in a range inside that bin. A unit whose
+    value lies outside every range is itself an alert (an assignment that the config cannot produce).
+    """
+    _check_count(bins, "bins", 2)
+    if resolution not in HASH_RESOLUTIONS or resolution % bins:
+        raise ValueError(f"resolution: must be one of {HASH_RESOLUTIONS} and divisible by bins={bins}")
+    _check_alpha(alpha)
+    grid = np.arange(resolution) / resolution
+    covered = np.zeros(resolution, dtype=bool)
+    for start, end in ranges:
+        covered |= (grid >= start) & (grid < end)
+    b = np.asarray(buckets, dtype=np.float64)
+    b = b[~np.isnan(b)]
+    n = int(b.size)
+    values = np.minimum(np.rint(b * resolution).astype(np.int64), resolution - 1)
+    outside = int((~covered[values]).sum()) if n else 0
+    per_bin = covered.reshape(bins, -1).sum(axis=1)
+    observed = np.bincount(values // (resolution // bins), minlength=bins)
+    keep = per_bin > 0
+    if outside:
+        detail = f"{outside} of {n} exposed units have hash values outside every covered range"
+        return TestResult("bucket_uniformity", "chi2_gof", math.inf, 0.0, 0, True, detail)
+    if int(keep.sum()) < 2 or n < MIN_EXPECTED * int(keep.sum()):
+        detail = f"skipped: {n} exposed units over {int(keep.sum())} covered bins"
+        return TestResult("bucket_uniformity", "chi2_gof", 0.0, 1.0, 0, False, detail)
+    expected = per_bin[keep] / per_bin[keep].sum() * n
+    res = stats.chisquare(observed[keep], expected)
+    stat, p = float(res.statistic), float(res.pvalue)
+    dof = int(keep.sum()) - 1
+    alert = p < alpha
+    detail = (
+        f"{'hash values not uniform over the covered ranges' if alert else 'uniform over the covered ranges'}: "
+        f"chi2={stat:.1f}, dof={dof}, p={p:.3g}; {n} exposed units, {int(keep.sum())} of {bins} bins covered"
+    )
+    return TestResult("bucket_uniformity", "chi2_gof", stat, p, dof, bool(alert), detail)
+
+
 def _id_sample(n: int) -> np.ndarray | None:
     """Deterministic random rows (sorted) when there are more than ``ID_SAMPLE_MAX``, else None (all rows).
 
@@ -438,17 +488,33 @@ def _id_strings(ids: np.ndarray) -> list[str]:
 class _IdFeatures:
     trailing: np.ndarray | None  # trailing integer per id (None unless every id has one)
     prefix: np.ndarray  # codes
-    prefix_labels: list[str]
+    prefix_rows: np.ndarray  # per prefix code, the first id that has it
+    prefix_lengths: np.ndarray  # per id
     suffix: np.ndarray  # codes
     suffix_labels: list[str]
-    longest: int  # characters in the longest id
+    lengths: np.ndarray  # characters per id
+    cp: np.ndarray  # the ids' code points (uint8 when all are ASCII), each id followed by a NUL
+
+
+def _lexical_order(strings: list[str], feats: _IdFeatures) -> np.ndarray:
+    """Order of the ids as Python compares them: numpy sorts fixed-width arrays without the GIL."""
+    m, lengths = len(strings), feats.lengths
+    width = int(lengths.max())
+    if feats.cp.dtype == np.uint8 and width > 0 and lengths.min() == width:  # ASCII ids of one length (uuids)
+        fixed = np.ascontiguousarray(feats.cp.reshape(m, width + 1)[:, :width]).view(f"S{width}").reshape(m)
+        return np.argsort(fixed, kind="stable")
+    if width <= 64:
+        return np.argsort(np.array(strings, dtype=f"<U{max(width, 1)}"), kind="stable")
+    return np.array(sorted(range(m), key=strings.__getitem__), dtype=np.intp)
 
 
 def _id_features(strings: list[str]) -> _IdFeatures:
-    """Trailing integer, prefix and last character of every id, vectorised over one UTF-32 buffer.
+    """Trailing integer, prefix and last character of every id, vectorised over one buffer of code points.
 
-    The ids are joined with NUL (replaced by U+0001 inside an id) and decoded as code points; positions of the
-    separators give every id's start and end, and each feature is a few array operations over all ids.
+    The ids are joined with NUL (replaced by U+0001 inside an id) and encoded once: as bytes when all are ASCII
+    (the usual case, a quarter of the memory traffic), else as UTF-32 code points. The NULs give every id's
+    start and end; each feature is a few array operations over all ids or a short loop over character
+    positions (prefix length, trailing digits), never a loop over ids.
     """
     m = len(strings)
     try:
@@ -458,26 +524,31 @@ def _id_features(strings: list[str]) -> _IdFeatures:
         joined = "\x00".join(strings)
     if joined.count("\x00") != m - 1:
         joined = "\x00".join(s.replace("\x00", "\x01") for s in strings)
-    cp = np.frombuffer((joined + "\x00").encode("utf-32-le", errors="surrogatepass"), dtype="<i4")
+    joined += "\x00"
+    if joined.isascii():
+        cp: np.ndarray = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
+    else:
+        cp = np.frombuffer(joined.encode("utf-32-le", errors="surrogatepass"), dtype="<i4")
     ends = np.flatnonzero(cp == 0)
     starts = np.empty(m, dtype=np.intp)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
     lengths = ends - starts
-
     size = cp.size
-    position = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64)
 
-    last = np.where(lengths > 0, cp[np.maximum(ends - 1, 0)], -1)
+    last = np.where(lengths > 0, cp[np.maximum(ends - 1, 0)].astype(np.int64), -1)
     suffix, suffix_values = _factorize_ints(last)
     suffix_labels = [chr(c) if c >= 0 else "" for c in suffix_values.tolist()]
 
-    # prefix: up to the first separator (the next separator or id end at or after the id's start)
+    # prefix: up to the first separator at or after the id's start (each id's closing NUL stops it too)
     stop = cp == 0
     for sep in _ID_SEPARATORS:
         stop |= cp == sep
-    next_stop = np.minimum.accumulate(np.where(stop, position, size)[::-1])[::-1]
-    first = next_stop[starts]
+    if lengths.min() == lengths.max():  # ids of one length (uuids, zero-padded numbers): one row each
+        first = starts + stop.reshape(m, -1).argmax(axis=1)
+    else:
+        stops = np.flatnonzero(stop)
+        first = stops[np.searchsorted(stops, starts)]
     pend = np.where(first < ends, first, np.minimum(starts + 2, ends))
     plen = pend - starts
     h = np.zeros(m, dtype=_U64)
@@ -486,23 +557,23 @@ def _id_features(strings: list[str]) -> _IdFeatures:
         h += np.where(j < plen, c * _HASH_MULTIPLIERS[j], _U64(0))
     h ^= plen.astype(_U64) << _U64(48)
     _, first_row, prefix = np.unique(h, return_index=True, return_inverse=True)
-    prefix_labels = [strings[i][: plen[i]] for i in first_row.tolist()]
 
-    # trailing integer: digits after the last non-digit before the id's end (none unless every id ends in one)
+    # trailing integer, read backwards from each id's end (none unless every id ends in a digit)
     trailing: np.ndarray | None = None
     if last.min() >= 48 and last.max() <= 57:
-        non_digit = (cp < 48) | (cp > 57)
-        last_non_digit = np.maximum.accumulate(np.where(non_digit, position, -1))
-        dstart = last_non_digit[ends - 1] + 1
-        ndigits = ends - dstart
-        k = int(ndigits.max())
-        if k <= _TAIL_DIGITS:
-            exact = k <= 18  # int64 holds 18 digits exactly; longer integers order by float64 (approximately)
-            trailing = np.zeros(m, dtype=np.int64 if exact else np.float64)
-            for j in range(k):
-                d = cp[np.minimum(dstart + j, size - 1)] - 48
-                trailing = np.where(j < ndigits, trailing * 10 + d, trailing)
-    return _IdFeatures(trailing, prefix.reshape(-1), prefix_labels, suffix, suffix_labels, int(lengths.max()))
+        value: np.ndarray = np.zeros(m, dtype=np.int64)
+        alive = np.ones(m, dtype=bool)
+        for j in range(_TAIL_DIGITS + 1):
+            at = ends - 1 - j
+            digit = cp[np.maximum(at, 0)].astype(np.int64) - 48
+            alive &= (at >= starts) & (digit >= 0) & (digit <= 9)
+            if not alive.any():
+                trailing = value
+                break
+            if j == 18:  # int64 holds 18 digits exactly; longer integers order by float64 (approximately)
+                value = value.astype(np.float64)
+            value += np.where(alive, digit * (10**j if j < 18 else 10.0**j), 0)
+    return _IdFeatures(trailing, prefix.reshape(-1), first_row, plen, suffix, suffix_labels, lengths, cp)
 
 
 def _stable_order(values: np.ndarray) -> np.ndarray:
@@ -552,10 +623,7 @@ def id_structure_tests(
         order = _stable_order(feats.trailing)
         how = "the integer at the end of the id"
     else:
-        if feats.longest <= 64:  # a fixed-width unicode array sorts without the GIL, ~1.4x faster than sorted()
-            order = np.argsort(np.array(strings, dtype=f"<U{max(feats.longest, 1)}"), kind="stable")
-        else:
-            order = np.array(sorted(range(m), key=strings.__getitem__), dtype=np.intp)
+        order = _lexical_order(strings, feats)
         how = "id (lexically)"
     block = np.empty(m, dtype=np.intp)
     block[order] = np.arange(m) * groups // m
@@ -564,13 +632,16 @@ def id_structure_tests(
     seq_note = f"{blocks} blocks of units ordered by {how}" + (f", {note}" if note else "")
     results = [_contingency_result("id_sequential", table, alpha, "id blocks", merge_small=False, note=seq_note)]
 
-    for name, codes, labels, what in (
-        ("id_prefix", feats.prefix, feats.prefix_labels, "id prefixes"),
-        ("id_suffix", feats.suffix, feats.suffix_labels, "last characters"),
+    def prefix_label(code: int) -> str:
+        row = int(feats.prefix_rows[code])
+        return strings[row][: int(feats.prefix_lengths[row])]
+
+    for name, codes, k, label, what in (
+        ("id_prefix", feats.prefix, feats.prefix_rows.size, prefix_label, "id prefixes"),
+        ("id_suffix", feats.suffix, len(feats.suffix_labels), feats.suffix_labels.__getitem__, "last characters"),
     ):
-        k = len(labels)
         table = np.bincount(a * k + codes, minlength=n_arms * k).reshape(n_arms, k)
-        top = ", ".join(repr(labels[i]) for i in np.argsort(-table.sum(axis=0), kind="stable")[:5])
+        top = ", ".join(repr(label(int(i))) for i in np.argsort(-table.sum(axis=0), kind="stable")[:5])
         sub_note = f"{k} distinct ({top}{', ...' if k > 5 else ''})" + (f", {note}" if note else "")
         results.append(_contingency_result(name, table, alpha, what, note=sub_note))
     return results
@@ -1232,13 +1303,17 @@ def full_audit(
     min_deviation: float = 0.01,
     windows: Sequence[str] = TIME_WINDOWS,
     by_categorical: Sequence[str] = ("device",),
+    ranges: Sequence[tuple[float, float]] | None = None,
+    resolution: int = 10_000,
 ) -> AuditReport:
     """SRM, bucket uniformity, clustering (id structure, carry-over, arm share by window) and covariate balance
     (overall and per window) of an experiment's exposures.
 
     ``alpha_srm`` is also the per-test alpha of the uniformity and clustering tests (a handful of tests of the
-    randomisation itself). Balance results are flagged at the Bonferroni threshold ``alpha_balance / number
-    of balance tests`` (``balance_alpha``). ``alert`` if any part alerts; ``reasons`` lists them. The id tests
+    randomisation itself). Overall balance results are flagged at ``alpha_balance``, per-window ones at the
+    Bonferroni threshold ``alpha_balance / number of window tests`` (``balance_alpha``). With ``ranges`` (the
+    experiment's bucket ranges, when coverage is below 1) uniformity is tested over the covered ranges.
+    ``alert`` if any part alerts; ``reasons`` lists them. The id tests
     and the per-covariate balance tasks share two worker threads.
     """
     started = time.perf_counter()
@@ -1252,15 +1327,23 @@ def full_audit(
     with ThreadPoolExecutor(_WORKERS, thread_name_prefix="audit") as pool:
         id_tests = pool.submit(id_structure_tests, cols.unit_ids, arms, n_arms, alpha=alpha_srm)
         ranked = [pool.submit(_prepare_numeric, v, arms, _arm_bits(n_arms)) for v in cols.numeric.values()]
-        uniformity = bucket_uniformity(cols.buckets, alpha=alpha_srm)
+        if ranges is None or sum(e - s for s, e in ranges) >= 1.0 - 1e-12:
+            uniformity = bucket_uniformity(cols.buckets, alpha=alpha_srm)
+        else:
+            uniformity = covered_uniformity(cols.buckets, ranges, resolution, alpha=alpha_srm)
         bases, prepared, notes = _prepare(cols, arms, n_arms, windows, by_categorical, "all")
         balance = _balance(cols, arms, n_arms, bases, prepared, 0, alpha_balance, 20, pool, ranked)
         clustering = id_tests.result()
     if other_arms:
         clustering += carry_over_tests(arms, other_arms, alpha=alpha_srm)
     clustering += _arm_shares(prepared, alpha_srm)
-    balance_alpha = alpha_balance / max(len(balance), 1)
-    balance = [replace(b, imbalanced=b.p_value < balance_alpha) for b in balance]
+    # The overall comparison (a handful of tests) is flagged at alpha_balance; the hundreds of per-window tests
+    # at the Bonferroni threshold over them, so that a sound experiment does not raise false alarms every audit.
+    windowed = sum(b.window != "all" for b in balance)
+    balance_alpha = alpha_balance / max(windowed, 1)
+    balance = [
+        replace(b, imbalanced=b.p_value < (alpha_balance if b.window == "all" else balance_alpha)) for b in balance
+    ]
     reasons = []
     if srm.alert:
         reasons.append(f"srm: {srm.reason}")
@@ -1271,7 +1354,7 @@ def full_audit(
     if flagged:
         worst = min(flagged, key=lambda b: b.p_value)
         reasons.append(
-            f"balance: {len(flagged)} of {len(balance)} tests below p={balance_alpha:.2g}, worst {worst.covariate} "
+            f"balance: {len(flagged)} of {len(balance)} tests imbalanced, worst {worst.covariate} "
             f"in {worst.window}: arm {worst.arm_b} vs {worst.arm_a}, {worst.test} p={worst.p_value:.3g}, "
             f"effect size {worst.effect_size:+.3f}"
         )

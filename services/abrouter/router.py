@@ -621,9 +621,17 @@ class Router:
             versions = st.table.config_versions()
             other_arms = self._other_arms(st, columns, others)
             weights = st.experiment.weights
+            ranges = st.experiment.ranges()
+            version = st.experiment.spec.hash_version
             since = st.weights_since
         report = audit_mod.full_audit(
-            columns, weights, other_arms=other_arms, min_sample=min_sample, min_deviation=min_deviation
+            columns,
+            weights,
+            other_arms=other_arms,
+            min_sample=min_sample,
+            min_deviation=min_deviation,
+            ranges=ranges,
+            resolution=1000 if version == 1 else 10_000,
         )
         if (versions < since).any():  # weights changed: SRM compares only units exposed under today's weights
             counts = np.bincount(columns.arms[versions >= since], minlength=len(weights))
@@ -668,8 +676,9 @@ class Router:
         )
         if len(columns) == 0:
             return counts, []
-        balance = audit_mod.covariate_balance(columns) + audit_mod.balance_over_windows(columns)
-        return counts, balance
+        overall = audit_mod.covariate_balance(columns)  # flagged at p < 0.01
+        windowed = audit_mod.familywise_balance(audit_mod.balance_over_windows(columns))  # Bonferroni
+        return counts, overall + windowed
 
     # -- analysis ----------------------------------------------------------------------------------------------------
 
