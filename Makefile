@@ -16,7 +16,7 @@ GEN_STAMP := guardmesh/v1/.generated
 NATIVE_STAMP := native/.built
 SERVICES := scheduler paramserver scorer abrouter
 
-.PHONY: install proto native lint breaking test up status down bench $(addprefix bench-,$(SERVICES)) clean
+.PHONY: install proto native lint breaking test up status down certs bench $(addprefix bench-,$(SERVICES)) clean
 
 install: $(STAMP) $(GEN_STAMP) $(NATIVE_STAMP)
 
@@ -53,14 +53,22 @@ breaking: install
 test: install
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+# PROFILE=secure: mutual TLS and role-based authorization (guardmesh/profiles/secure.toml).
+PROFILE ?=
+PROFILE_ENV := $(if $(PROFILE),GUARDMESH_CONFIG=guardmesh/profiles/$(PROFILE).toml)
+
 up: install
-	$(BIN)/guardmesh mesh up
+	$(PROFILE_ENV) $(BIN)/guardmesh mesh up
 
 status: install
-	$(BIN)/guardmesh mesh status
+	$(PROFILE_ENV) $(BIN)/guardmesh mesh status
 
 down: install
-	$(BIN)/guardmesh mesh down
+	$(PROFILE_ENV) $(BIN)/guardmesh mesh down
+
+# A local CA, a certificate per service and per role, role tokens and roles.toml in .mesh/certs.
+certs: install
+	$(BIN)/guardmesh certs
 
 bench: $(addprefix bench-,$(SERVICES))
 

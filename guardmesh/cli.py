@@ -39,6 +39,23 @@ def agent(
     run_agent(load_config(config), node=node, cluster_file=cluster_file, interval=interval, once=once)
 
 
+@app.command()
+def certs(
+    out: Annotated[Path | None, typer.Option(help="Folder (default: security.certs_dir under mesh.state_dir).")] = None,
+    host: Annotated[list[str] | None, typer.Option(help="Extra DNS name for the service certificates.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Create a local CA, a certificate per service and per role, role tokens and roles.toml."""
+    from guardmesh.certs import generate
+    from guardmesh.config import load_config
+    from guardmesh.runtime import KNOWN_SERVICES
+
+    cfg = load_config(config)
+    folder = out or cfg.state_path(cfg.security.certs_dir)
+    generate(folder, KNOWN_SERVICES, hosts=host or ())
+    typer.echo(f"wrote the CA, certificates, tokens/ and roles.toml to {folder}")
+
+
 @mesh_app.command()
 def up(config: ConfigOpt = None) -> None:
     """Start every enabled service as its own process and wait until each is SERVING."""

@@ -2,7 +2,8 @@
 
 A channel gets its address from discovery, the mesh's message-size limits and keepalive, a default
 deadline and retries on UNAVAILABLE only (both through gRPC's own service config), round-robin over
-several instances, and the tracing interceptor that propagates W3C trace context.
+several instances, the tracing interceptor that propagates W3C trace context, TLS or mTLS credentials and
+the role token, as ``[security]`` says.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
 from guardmesh.config import MeshConfig, load_config
 from guardmesh.discovery import grpc_target, registry_for
+from guardmesh.security import channel_credentials, token_interceptor
 from guardmesh.tracing import client_tracing_interceptor
 
 MIB = 1024 * 1024
@@ -56,5 +58,12 @@ def open_channel(service: str, config: MeshConfig | None = None, *, address: str
         ("grpc.enable_retries", 1),
         ("grpc.service_config", service_config(config)),
     ]
-    channel = grpc.insecure_channel(target, options=options)
+    credentials = channel_credentials(config)
+    if credentials is None:
+        channel = grpc.insecure_channel(target, options=options)
+    else:
+        channel = grpc.secure_channel(target, credentials, options=options)
+    token = token_interceptor(config)
+    if token is not None:
+        channel = grpc.intercept_channel(channel, token)
     return intercept_channel(channel, client_tracing_interceptor())

@@ -136,6 +136,23 @@ class ScorerSettings(_Section):
     decision_log: int = Field(default=100_000, ge=100)
 
 
+class SecuritySettings(_Section):
+    """Transport security and authorization (see ``guardmesh/security.py`` and ``mesh.toml``)."""
+
+    mode: Literal["plain", "tls", "mtls"] = "plain"
+    certs_dir: str = "certs"
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    client_role: Literal["trainer", "app", "admin"] = "admin"
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    authorization: bool = False
+    roles_file: str = ""
+    token: str = ""
+    token_file: str = ""
+
+
 class ABRouterSettings(_Section):
     """The A/B router (see ``mesh.toml``)."""
 
@@ -165,6 +182,7 @@ class MeshConfig(_Section):
     paramserver: ParamServerSettings = ParamServerSettings()
     scorer: ScorerSettings = ScorerSettings()
     abrouter: ABRouterSettings = ABRouterSettings()
+    security: SecuritySettings = SecuritySettings()
 
     def endpoint(self, service: str) -> ServiceEndpoint:
         """Static endpoint of ``service``; ConfigError if the mesh config does not list it."""

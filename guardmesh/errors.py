@@ -58,6 +58,12 @@ class FailedPrecondition(GuardmeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class PermissionDenied(GuardmeshError):
+    """The caller is authenticated but may not do this (another principal's job, a role not allowed)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Aborted(GuardmeshError):
     """A concurrency conflict; the caller should re-read and retry."""
 

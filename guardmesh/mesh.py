@@ -23,6 +23,7 @@ from rich.table import Table
 
 from guardmesh.config import MeshConfig, load_config
 from guardmesh.runtime import KNOWN_SERVICES
+from guardmesh.security import channel_credentials
 
 console = Console()
 JAEGER_OTLP = "http://127.0.0.1:4317"
@@ -71,9 +72,12 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
-    """The gRPC health status of ``service`` at ``address`` ("SERVING", "NOT_SERVING", "UNREACHABLE"...)."""
-    with grpc.insecure_channel(address) as channel:
+def health_status(address: str, service: str = "", timeout: float = 1.0, config: MeshConfig | None = None) -> str:
+    """The gRPC health status of ``service`` at ``address`` ("SERVING", "NOT_SERVING", "UNREACHABLE"...),
+    over TLS when ``config`` says so (health checks need no role)."""
+    credentials = channel_credentials(config) if config is not None else None
+    channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    with channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -98,8 +102,13 @@ def instances(config: MeshConfig) -> list[tuple[str, str, dict[str, str]]]:
     The parameter server runs one process per shard, shard i on ``port + i``.
     """
     out = []
+    service_env: dict[str, str] = {}
+    if config.security.authorization and config.security.mode != "mtls":
+        service_env["GUARDMESH__SECURITY__TOKEN_FILE"] = "tokens/app.token"
     for service in enabled_services(config):
-        if service == "paramserver":
+        if service == "abrouter":  # it calls the scorer as an application, never as admin
+            out.append((service, service, {"GUARDMESH__SECURITY__CLIENT_ROLE": "app", **service_env}))
+        elif service == "paramserver":
             base = config.services[service].port
             for i in range(config.paramserver.shards):
                 env = {_port_key(service): str(base + i), "GUARDMESH__PARAMSERVER__SHARD_INDEX": str(i)}
@@ -146,6 +155,20 @@ def _start_jaeger(config: MeshConfig, env: dict[str, str]) -> ProcessRecord | No
     return None
 
 
+def ensure_certs(config: MeshConfig) -> None:
+    """With TLS or authorization on, create the local CA, certificates and tokens unless they exist."""
+    sec = config.security
+    if sec.mode == "plain" and not sec.authorization:
+        return
+    folder = config.state_path(sec.certs_dir)
+    if (folder / "ca.pem").exists() and (folder / "roles.toml").exists():
+        return
+    from guardmesh.certs import generate
+
+    generate(folder, KNOWN_SERVICES)
+    console.print(f"created a local CA, certificates and role tokens in {folder}")
+
+
 def up(config: MeshConfig | None = None, timeout: float = 90.0) -> list[ProcessRecord]:
     """Start every enabled service not already running; wait until each is SERVING; print the table."""
     config = config or load_config()
@@ -153,6 +176,7 @@ def up(config: MeshConfig | None = None, timeout: float = 90.0) -> list[ProcessR
     logs = Path(config.mesh.state_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    ensure_certs(config)
     if "jaeger" not in records and not env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         jaeger = _start_jaeger(config, env)
         if jaeger:
@@ -176,7 +200,7 @@ def up(config: MeshConfig | None = None, timeout: float = 90.0) -> list[ProcessR
     deadline = time.monotonic() + timeout
     for service, instance, _ in instances(config):
         rec = records[instance]
-        while health_status(rec.address, service) != "SERVING":
+        while health_status(rec.address, service, config=config) != "SERVING":
             if not pid_alive(rec.pid):
                 raise RuntimeError(f"{instance} exited during start; see {rec.log}")
             if time.monotonic() > deadline:
@@ -199,7 +223,7 @@ def status(config: MeshConfig | None = None) -> list[tuple[ProcessRecord, str]]:
         elif rec.service == "jaeger":
             health = "RUNNING"
         else:
-            health = health_status(rec.address, rec.service.split("-")[0])
+            health = health_status(rec.address, rec.service.split("-")[0], config=config)
         rows.append((rec, health))
         color = "green" if health in ("SERVING", "RUNNING") else "red"
         table.add_row(rec.service, rec.address, str(rec.pid), f"[{color}]{health}[/{color}]", rec.log)

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import FrameType
@@ -34,6 +34,7 @@ from guardmesh.config import ConfigError, MeshConfig, load_config
 from guardmesh.discovery import Registry, registry_for
 from guardmesh.errors import DomainErrorInterceptor
 from guardmesh.logs import setup_logging
+from guardmesh.security import AuthorizationInterceptor, Authorizer, RoleBook, server_credentials
 from guardmesh.tracing import flush_tracing, server_tracing_interceptor, setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class ServiceDefinition:
     build: Callable[[MeshConfig], Binding]
     #: Name announced to discovery, when instances are not interchangeable (paramserver shards).
     instance_name: Callable[[MeshConfig], str] | None = None
+    #: Authorization: roles (besides admin) allowed to call each method, keyed "package.Service/Method";
+    #: a method not listed is admin-only.
+    roles: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,9 +140,14 @@ def start_service(
     host = host or (endpoint.host if endpoint else "127.0.0.1")
     port = (endpoint.port if endpoint else 0) if port is None else port
     setup_tracing(definition.name, config.tracing.otlp_endpoint)
+    credentials = server_credentials(config, definition.name)
+    interceptors: list[grpc.ServerInterceptor] = [server_tracing_interceptor()]
+    if config.security.authorization:
+        interceptors.append(AuthorizationInterceptor(Authorizer(RoleBook.load(config), definition.roles)))
+    interceptors.append(DomainErrorInterceptor())
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.grpc.max_workers, thread_name_prefix=f"{definition.name}-rpc"),
-        interceptors=[server_tracing_interceptor(), DomainErrorInterceptor()],
+        interceptors=interceptors,
         options=[*channel_options(config), ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=None,
     )
@@ -153,7 +162,10 @@ def start_service(
     binding = definition.build(config)
     binding.add_to_server(server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if credentials is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
     except RuntimeError:
         bound = 0
     if bound == 0:

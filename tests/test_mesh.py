@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+import pytest
 import yaml
 
 from guardmesh.config import load_config
@@ -129,3 +131,48 @@ def test_docker_compose_matches_mesh_config() -> None:
     guardmesh_services = {name for name, e in compose.items() if e.get("image", "").startswith("guardmesh")}
     assert guardmesh_services == set(enabled_services(config))
     assert guardmesh_services <= set(KNOWN_SERVICES)
+
+
+def test_mesh_up_secure_profile_is_mtls_with_roles(tmp_path: Path) -> None:
+    """`make up PROFILE=secure`: the profile file turns mTLS and authorization on; certificates are created
+    on first use; services answer only mTLS clients, and roles apply (the abrouter calls the scorer as app)."""
+    from guardmesh.client import open_channel
+    from guardmesh.v1 import abrouter_pb2 as apb
+    from guardmesh.v1 import abrouter_pb2_grpc as apb_grpc
+
+    ports = {s: _free_port() for s in ("scheduler", "scorer", "abrouter")}
+    profile = (REPO / "guardmesh" / "profiles" / "secure.toml").read_text()
+    config_file = tmp_path / "secure.toml"
+    config_file.write_text(
+        profile
+        + f'\n[mesh]\nstate_dir = "{tmp_path / "state"}"\n'
+        + "".join(f"[services.{s}]\nport = {p}\n" for s, p in ports.items())
+        + "[services.paramserver]\nenabled = false\n[grpc]\ndrain_delay_s = 0.1\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GUARDMESH", "OTEL_", "CONSUL_"))}
+    env["GUARDMESH_CONFIG"] = str(config_file)
+    env["COLUMNS"] = "200"
+    config = load_config(env=env)
+    assert config.security.mode == "mtls" and config.security.authorization
+    try:
+        up = _cli("mesh", "up", env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert (tmp_path / "state" / "certs" / "ca.pem").exists() and "SERVING" in up.stdout
+        address = f"127.0.0.1:{ports['abrouter']}"
+        assert health_status(address, "abrouter") == "UNREACHABLE"  # a plain client cannot even connect
+        assert health_status(address, "abrouter", config=config) == "SERVING"
+        spec = apb.ExperimentSpec(key="e", arms=[apb.Arm(name="a", weight=0.5), apb.Arm(name="b", weight=0.5)])
+        with open_channel("abrouter", config) as admin:
+            apb_grpc.ABRouterServiceStub(admin).CreateExperiment(apb.CreateExperimentRequest(spec=spec))
+        app_config = config.with_overrides({"security.client_role": "app"})
+        with open_channel("abrouter", app_config) as app:
+            stub = apb_grpc.ABRouterServiceStub(app)
+            assert stub.Assign(apb.AssignRequest(unit_id="u", experiment_keys=["e"])).assignments[0].arm
+            with pytest.raises(grpc.RpcError) as info:
+                stub.CreateExperiment(apb.CreateExperimentRequest(spec=spec))
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        status = _cli("mesh", "status", env=env)
+        assert status.returncode == 0 and status.stdout.count("SERVING") == 3
+    finally:
+        down = _cli("mesh", "down", env=env)
+    assert down.returncode == 0, down.stderr

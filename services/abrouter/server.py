@@ -21,6 +21,7 @@ from guardmesh.client import open_channel
 from guardmesh.config import MeshConfig
 from guardmesh.errors import GuardmeshError, InvalidArgument, Unavailable
 from guardmesh.runtime import ServiceDefinition
+from guardmesh.security import allow
 from guardmesh.v1 import abrouter_pb2 as pb
 from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
 from guardmesh.v1 import scorer_pb2, scorer_pb2_grpc
@@ -568,10 +569,13 @@ class ABRouterBinding:
         self.scorer.close()
 
 
+_ABROUTER = pb.DESCRIPTOR.services_by_name["ABRouterService"].full_name
 SERVICE = ServiceDefinition(
     name="abrouter",
-    service_names=(pb.DESCRIPTOR.services_by_name["ABRouterService"].full_name,),
+    service_names=(_ABROUTER,),
     build=ABRouterBinding,
+    # Applications get assignments and send metrics; experiments, audits and analyses are admin's.
+    roles=allow(_ABROUTER, ("app",), "Assign", "AssignBatch", "Route", "RecordMetrics"),
 )
 
 

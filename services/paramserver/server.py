@@ -16,6 +16,7 @@ from opentelemetry import metrics, trace
 from guardmesh.config import MeshConfig
 from guardmesh.errors import AlreadyExists, GuardmeshError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from guardmesh.runtime import ServiceDefinition
+from guardmesh.security import allow
 from guardmesh.tensors import check_shape, decode, to_float32
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import paramserver_pb2 as pb
@@ -495,9 +496,23 @@ class ParamServerBinding:
             self._monitor.join(timeout=5)
 
 
+_PARAMSERVER = pb.DESCRIPTOR.services_by_name["ParamServerService"].full_name
 SERVICE = ServiceDefinition(
     name="paramserver",
-    service_names=(pb.DESCRIPTOR.services_by_name["ParamServerService"].full_name,),
+    service_names=(_PARAMSERVER,),
     build=ParamServerBinding,
     instance_name=lambda config: f"paramserver-{config.paramserver.shard_index}",
+    # Trainers create, pull and push models; checkpoints on demand are admin's.
+    roles=allow(
+        _PARAMSERVER,
+        ("trainer",),
+        "CreateModel",
+        "CreateModelStream",
+        "DescribeModel",
+        "Pull",
+        "PullStream",
+        "Push",
+        "PushStream",
+        "GetStats",
+    ),
 )

@@ -77,6 +77,7 @@ class JobSpec:
     cpu_milli: int = 0
     host_memory_mib: int = 0
     lease_ttl_s: int = 0
+    owner: str = ""
 
     def validate(self) -> None:
         """Check every field's rule; raise InvalidArgument naming the first field that breaks one."""
@@ -84,6 +85,8 @@ class JobSpec:
             raise InvalidArgument("job.job_id", "must be 1 to 128 characters of [A-Za-z0-9._:-]")
         if not 1 <= len(self.tenant) <= 128:
             raise InvalidArgument("job.tenant", "must be 1 to 128 characters")
+        if len(self.owner) > 128:
+            raise InvalidArgument("job.owner", "at most 128 characters")
         if not 1 <= self.replicas <= MAX_REPLICAS:
             raise InvalidArgument("job.replicas", f"must be 1 to {MAX_REPLICAS} (got {self.replicas})")
         if not 1 <= self.gpus_per_replica <= MAX_GPUS_PER_REPLICA:

@@ -13,8 +13,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
 from guardmesh.config import MeshConfig
-from guardmesh.errors import GuardmeshError, InvalidArgument, Unavailable
+from guardmesh.errors import GuardmeshError, InvalidArgument, PermissionDenied, Unavailable
 from guardmesh.runtime import ServiceDefinition
+from guardmesh.security import allow, current_principal
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import scheduler_pb2 as pb
 from guardmesh.v1 import scheduler_pb2_grpc as pb_grpc
@@ -69,7 +70,18 @@ def spec_from_pb(msg: pb.JobSpec) -> JobSpec:
         cpu_milli=msg.cpu_milli_per_replica,
         host_memory_mib=msg.host_memory_mib_per_replica,
         lease_ttl_s=msg.lease_ttl_s,
+        owner=_owner(msg.owner),
     )
+
+
+def _owner(requested: str) -> str:
+    """The job's owner: a trainer's jobs are its own; admin (or no authorization) sets any owner."""
+    who = current_principal()
+    if who.role == "trainer":
+        if requested and requested != who.name:
+            raise PermissionDenied(f"job.owner: a trainer submits only its own jobs ('{who.name}', not '{requested}')")
+        return who.name
+    return requested
 
 
 def spec_to_pb(spec: JobSpec) -> pb.JobSpec:
@@ -89,6 +101,7 @@ def spec_to_pb(spec: JobSpec) -> pb.JobSpec:
         cpu_milli_per_replica=spec.cpu_milli,
         host_memory_mib_per_replica=spec.host_memory_mib,
         lease_ttl_s=spec.lease_ttl_s,
+        owner=spec.owner,
     )
     if spec.memory_mib_per_gpu is not None:
         msg.memory_mib_per_gpu = spec.memory_mib_per_gpu
@@ -256,12 +269,22 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                 resp.results.add(job=job_to_pb(outcome))
         return resp
 
+    def _check_owner(self, job_id: str) -> None:
+        """A trainer acts only on its own jobs (admin, and calls without authorization, on any)."""
+        who = current_principal()
+        if who.role == "trainer":
+            owner = self.core.describe(job_id).spec.owner
+            if owner != who.name:
+                raise PermissionDenied(f"job '{job_id}' belongs to '{owner or 'admin'}', not to '{who.name}'")
+
     def ReleaseJob(self, request: pb.ReleaseJobRequest, context: grpc.ServicerContext) -> pb.ReleaseJobResponse:
         """See the proto."""
+        self._check_owner(request.job_id)
         return pb.ReleaseJobResponse(job=job_to_pb(self.core.release(request.job_id)))
 
     def DescribeJob(self, request: pb.DescribeJobRequest, context: grpc.ServicerContext) -> pb.DescribeJobResponse:
         """See the proto."""
+        self._check_owner(request.job_id)
         return pb.DescribeJobResponse(job=job_to_pb(self.core.describe(request.job_id)))
 
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
@@ -276,6 +299,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
 
     def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchJobResponse]:
         """See the proto."""
+        self._check_owner(request.job_id)
         stopped = lambda: self.draining.is_set() or not context.is_active()  # noqa: E731
         for ev, job in self.core.watch(request.job_id, stopped):
             msg = pb.WatchJobResponse(job=job_to_pb(job))
@@ -285,6 +309,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
 
     def RenewLease(self, request: pb.RenewLeaseRequest, context: grpc.ServicerContext) -> pb.RenewLeaseResponse:
         """See the proto."""
+        self._check_owner(request.job_id)
         job = self.core.renew(request.job_id, request.replica)
         msg = pb.RenewLeaseResponse(lease_expires_at=_ts(job.lease_expiry[request.replica]), state=_enum(job.state))
         if job.state == JobState.PREEMPTING and job.preemption_deadline is not None:
@@ -386,8 +411,14 @@ class SchedulerBinding:
             self.servicer._core.close()
 
 
+_SCHEDULER = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 SERVICE = ServiceDefinition(
     name="scheduler",
-    service_names=(pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name,),
+    service_names=(_SCHEDULER,),
     build=SchedulerBinding,
+    # Trainers submit and watch their own jobs and renew or release only their own leases (checked per job);
+    # nodes, policies and cluster-wide views are admin's.
+    roles=allow(
+        _SCHEDULER, ("trainer",), "SubmitJob", "SubmitJobs", "ReleaseJob", "DescribeJob", "WatchJob", "RenewLease"
+    ),
 )

@@ -14,6 +14,7 @@ from opentelemetry import trace
 from guardmesh.config import MeshConfig
 from guardmesh.errors import GuardmeshError, InvalidArgument, Unavailable
 from guardmesh.runtime import ServiceDefinition
+from guardmesh.security import allow
 from guardmesh.tensors import to_float32
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import scorer_pb2 as pb
@@ -329,11 +330,15 @@ class ScorerBinding:
             self.servicer._core.close()
 
 
+_SCORER = pb.DESCRIPTOR.services_by_name["ScorerService"].full_name
+_OIP = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVICE = ServiceDefinition(
     name="scorer",
-    service_names=(
-        pb.DESCRIPTOR.services_by_name["ScorerService"].full_name,
-        oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-    ),
+    service_names=(_SCORER, _OIP),
     build=ScorerBinding,
+    # Applications score and send labels; models (register, activate, roll back) are admin's.
+    roles={
+        **allow(_SCORER, ("app",), "Score", "ScoreBatch", "Feedback"),
+        **allow(_OIP, ("app",), *(m.name for m in oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods)),
+    },
 )
