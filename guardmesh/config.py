@@ -42,6 +42,8 @@ class ServiceEndpoint(_Section):
     enabled: bool = True
     #: Address announced to discovery when it differs from the bind host (e.g. a container name).
     advertise_host: str = ""
+    #: Port of the Prometheus scrape endpoint (``/metrics``); 0: none. Paramserver shard i uses port + i.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
     @property
     def address(self) -> str:
@@ -82,6 +84,13 @@ class TracingSettings(_Section):
     """OpenTelemetry export."""
 
     otlp_endpoint: str = ""
+
+
+class MetricsSettings(_Section):
+    """Prometheus scraping of every service's OpenTelemetry metrics."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
 
 
 class LoggingSettings(_Section):
@@ -177,6 +186,7 @@ class MeshConfig(_Section):
     client: ClientSettings = ClientSettings()
     discovery: DiscoverySettings = DiscoverySettings()
     tracing: TracingSettings = TracingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     paramserver: ParamServerSettings = ParamServerSettings()

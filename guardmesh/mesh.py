@@ -112,6 +112,9 @@ def instances(config: MeshConfig) -> list[tuple[str, str, dict[str, str]]]:
             base = config.services[service].port
             for i in range(config.paramserver.shards):
                 env = {_port_key(service): str(base + i), "GUARDMESH__PARAMSERVER__SHARD_INDEX": str(i)}
+                metrics_port = config.services[service].metrics_port
+                if metrics_port:
+                    env["GUARDMESH__SERVICES__PARAMSERVER__METRICS_PORT"] = str(metrics_port + i)
                 out.append((service, f"paramserver-{i}", env))
         else:
             out.append((service, service, {}))

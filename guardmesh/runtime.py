@@ -35,7 +35,13 @@ from guardmesh.discovery import Registry, registry_for
 from guardmesh.errors import DomainErrorInterceptor
 from guardmesh.logs import setup_logging
 from guardmesh.security import AuthorizationInterceptor, Authorizer, RoleBook, server_credentials
-from guardmesh.tracing import flush_tracing, server_tracing_interceptor, setup_tracing, shutdown_tracing
+from guardmesh.tracing import (
+    flush_tracing,
+    server_tracing_interceptor,
+    setup_tracing,
+    shutdown_tracing,
+    start_metrics_endpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +100,7 @@ class RunningService:
     port: int
     registry: Registry
     registration_id: str | None = None
+    stop_metrics: Callable[[], None] | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -116,6 +123,8 @@ class RunningService:
         self.binding.drain()
         done.wait()
         self.binding.close()
+        if self.stop_metrics is not None:
+            self.stop_metrics()
         flush_tracing()
         log.info("stopped")
 
@@ -139,7 +148,7 @@ def start_service(
     endpoint = config.services.get(definition.name)
     host = host or (endpoint.host if endpoint else "127.0.0.1")
     port = (endpoint.port if endpoint else 0) if port is None else port
-    setup_tracing(definition.name, config.tracing.otlp_endpoint)
+    setup_tracing(definition.name, config.tracing.otlp_endpoint, prometheus=config.metrics.enabled)
     credentials = server_credentials(config, definition.name)
     interceptors: list[grpc.ServerInterceptor] = [server_tracing_interceptor()]
     if config.security.authorization:
@@ -190,6 +199,8 @@ def start_service(
             f"discovery.consul_addr: cannot register {definition.name} at {advertise}:{bound} "
             f"({type(exc).__name__}: {exc})"
         ) from exc
+    if config.metrics.enabled and endpoint is not None and endpoint.metrics_port:
+        running.stop_metrics = start_metrics_endpoint(config.metrics.host, endpoint.metrics_port)
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"address": running.address})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import grpc
 from opentelemetry import trace
@@ -23,7 +24,7 @@ _provider: TracerProvider | None = None
 _meter_provider: object | None = None
 
 
-def setup_tracing(service_name: str, otlp_endpoint: str = "") -> TracerProvider:
+def setup_tracing(service_name: str, otlp_endpoint: str = "", prometheus: bool = False) -> TracerProvider:
     """Create (once per process) the tracer provider for ``service_name`` and make it global.
 
     With ``otlp_endpoint`` (e.g. ``http://127.0.0.1:4317``) spans are batched to that OTLP gRPC receiver.
@@ -41,13 +42,14 @@ def setup_tracing(service_name: str, otlp_endpoint: str = "") -> TracerProvider:
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure)))
             log.info("exporting spans", extra={"otlp_endpoint": otlp_endpoint})
         trace.set_tracer_provider(provider)
-        _setup_metrics(service_name, otlp_endpoint)
+        _setup_metrics(service_name, otlp_endpoint, prometheus)
         _provider = provider
         return provider
 
 
-def _setup_metrics(service_name: str, otlp_endpoint: str) -> None:
-    """A meter provider for the services' OpenTelemetry instruments, exported over OTLP when configured."""
+def _setup_metrics(service_name: str, otlp_endpoint: str, prometheus: bool) -> None:
+    """A meter provider for the services' OpenTelemetry instruments, exported over OTLP when configured and
+    readable by Prometheus (through prometheus_client's registry) when ``prometheus``."""
     from opentelemetry import metrics
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
@@ -58,9 +60,33 @@ def _setup_metrics(service_name: str, otlp_endpoint: str) -> None:
 
         insecure = not otlp_endpoint.startswith("https://")
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=otlp_endpoint, insecure=insecure)))
+    if prometheus:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        readers.append(PrometheusMetricReader())
     global _meter_provider
     _meter_provider = MeterProvider(resource=Resource.create({"service.name": service_name}), metric_readers=readers)
     metrics.set_meter_provider(_meter_provider)
+
+
+def start_metrics_endpoint(host: str, port: int) -> Callable[[], None] | None:
+    """Serve ``/metrics`` for Prometheus on ``host:port``; returns a function that stops it, or None (and a
+    warning) when the port cannot be bound: metrics never keep a service from starting."""
+    from prometheus_client import start_http_server
+
+    try:
+        server, thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        log.warning("metrics endpoint not started", extra={"port": port, "error": str(exc)})
+        return None
+    log.info("metrics endpoint", extra={"address": f"http://{host}:{port}/metrics"})
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop
 
 
 def tracer_provider() -> TracerProvider:

@@ -32,6 +32,7 @@ def make_config(tmp_path: Path, **overrides: object) -> MeshConfig:
             "scheduler.reap_interval_s": 0.05,
             "grpc.grace_s": 2.0,
             "grpc.drain_delay_s": 0.0,
+            "metrics.enabled": False,  # in-process servers: one Prometheus registry per process
             **overrides,
         }
     )

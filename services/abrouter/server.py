@@ -20,6 +20,7 @@ from opentelemetry import trace
 from guardmesh.client import open_channel
 from guardmesh.config import MeshConfig
 from guardmesh.errors import GuardmeshError, InvalidArgument, Unavailable
+from guardmesh.monitoring import observe_abrouter
 from guardmesh.runtime import ServiceDefinition
 from guardmesh.security import allow
 from guardmesh.v1 import abrouter_pb2 as pb
@@ -555,6 +556,8 @@ class ABRouterBinding:
         router = Router(settings, self.store, scoring=self.scorer)
         router.restore()
         router.start()
+        if self.config.metrics.enabled:
+            observe_abrouter(router)
         self.servicer._router = router
 
     def drain(self) -> None:

@@ -14,6 +14,7 @@ from opentelemetry import trace
 
 from guardmesh.config import MeshConfig
 from guardmesh.errors import GuardmeshError, InvalidArgument, PermissionDenied, Unavailable
+from guardmesh.monitoring import observe_scheduler
 from guardmesh.runtime import ServiceDefinition
 from guardmesh.security import allow, current_principal
 from guardmesh.v1 import common_pb2
@@ -376,6 +377,8 @@ class SchedulerBinding:
         if settings.cluster_file:
             core.register_nodes(load_cluster_file(Path(settings.cluster_file)))
         self.servicer._core = core
+        if self.config.metrics.enabled:
+            observe_scheduler(core)
         self._reaper = threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True)
         self._reaper.start()
 

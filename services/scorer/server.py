@@ -13,6 +13,7 @@ from opentelemetry import trace
 
 from guardmesh.config import MeshConfig
 from guardmesh.errors import GuardmeshError, InvalidArgument, Unavailable
+from guardmesh.monitoring import observe_scorer
 from guardmesh.runtime import ServiceDefinition
 from guardmesh.security import allow
 from guardmesh.tensors import to_float32
@@ -319,6 +320,8 @@ class ScorerBinding:
         """Pick the device and create the core."""
         device = pick_device(self.config.scorer.device)
         self.servicer._core = Scorer(self.config.scorer, device)
+        if self.config.metrics.enabled:
+            observe_scorer(self.servicer._core)
         log.info("scorer device", extra={"device": str(device)})
 
     def drain(self) -> None:

@@ -1,0 +1,175 @@
+"""The monitoring matrix as Prometheus sees it: real service processes serve /metrics, scraped over HTTP and
+parsed with prometheus_client's own text parser, after real traffic."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from guardmesh.v1 import abrouter_pb2 as apb
+from guardmesh.v1 import abrouter_pb2_grpc as apb_grpc
+from guardmesh.v1 import scheduler_pb2 as spb
+from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
+from guardmesh.v1 import scorer_pb2 as scpb
+from guardmesh.v1 import scorer_pb2_grpc as scpb_grpc
+
+from .conftest import REPO, node_pb
+from .test_scheduler_durability import free_port
+
+
+class Service:
+    def __init__(self, name: str, tmp_path: Path) -> None:
+        self.name = name
+        self.port, self.metrics_port = free_port(), free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GUARDMESH", "OTEL_", "CONSUL_"))}
+        env |= {
+            f"GUARDMESH__SERVICES__{name.upper()}__PORT": str(self.port),
+            f"GUARDMESH__SERVICES__{name.upper()}__METRICS_PORT": str(self.metrics_port),
+            "GUARDMESH__MESH__STATE_DIR": str(tmp_path / name),
+            "GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0.3",
+            "GUARDMESH__ABROUTER__AUDIT_MIN_SAMPLE": "100",
+            "GUARDMESH__ABROUTER__GUARDRAIL_INTERVAL_S": "0.2",
+        }
+        self.log = tmp_path / f"{name}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            cwd=REPO,
+            env=env,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        health = health_pb2_grpc.HealthStub(self.channel)
+        end = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()[-2000:]
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == 1:
+                    break
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < end, f"{name} did not start"
+            time.sleep(0.05)
+
+    def scrape(self) -> dict[str, list[tuple[dict[str, str], float]]]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            assert resp.status == 200
+            text = resp.read().decode()
+        out: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out.setdefault(sample.name, []).append((sample.labels, sample.value))
+        return out
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[dict[str, Service]]:
+    started: dict[str, Service] = {}
+    try:
+        for name in ("scheduler", "scorer", "abrouter"):
+            started[name] = Service(name, tmp_path)
+        yield started
+    finally:
+        for s in started.values():
+            s.stop()
+
+
+def _find(metrics: dict[str, list[tuple[dict[str, str], float]]], prefix: str) -> list[tuple[dict[str, str], float]]:
+    found = [v for name, values in metrics.items() if name.startswith(prefix) for v in values]
+    assert found, f"no metric {prefix}* in {sorted(metrics)}"
+    return found
+
+
+def test_every_service_serves_its_part_of_the_monitoring_matrix(services: dict[str, Service]) -> None:
+    # scheduler: one of two T4 cards' memory allocated -> pool utilisation 0.5
+    sched = spb_grpc.SchedulerServiceStub(services["scheduler"].channel)
+    sched.RegisterNode(spb.RegisterNodeRequest(node=node_pb("n1", gpus=2, memory_mib=16384, model="T4")))
+    sched.SubmitJob(
+        spb.SubmitJobRequest(
+            job=spb.JobSpec(job_id="j", tenant="t", replicas=1, gpus_per_replica=1, memory_mib_per_gpu=16384 - 512)
+        )
+    )
+    sched.SubmitJob(
+        spb.SubmitJobRequest(
+            job=spb.JobSpec(
+                job_id="big", tenant="t", replicas=2, gpus_per_replica=1, memory_mib_per_gpu=15000, gang=True
+            )
+        )
+    )
+    util = _find(services["scheduler"].scrape(), "guardmesh_scheduler_gpu_utilization")
+    assert [(labels["pool"], round(v, 3)) for labels, v in util] == [("T4", round((16384 - 512) / (2 * 16384), 3))]
+    pending = _find(services["scheduler"].scrape(), "guardmesh_scheduler_pending_jobs")
+    assert pending[0][1] == 1.0
+
+    # scorer: missing feature rate and F1 from feedback
+    scorer = scpb_grpc.ScorerServiceStub(services["scorer"].channel)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid()).eval()
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(model), buf)
+    reference = np.random.default_rng(0).standard_normal((500, 2)).astype("<f4")
+    from guardmesh.v1 import common_pb2
+
+    scorer.RegisterModel(
+        scpb.RegisterModelRequest(
+            model="risk",
+            version="v1",
+            features=["a", "b"],
+            format=scpb.MODEL_FORMAT_TORCHSCRIPT,
+            payload=buf.getvalue(),
+            activate=True,
+            reference=common_pb2.Tensor(dtype=common_pb2.D_TYPE_FLOAT32, shape=[500, 2], data=reference.tobytes()),
+        )
+    )
+    for i in range(100):
+        features = {"a": 0.5} if i % 10 == 0 else {"a": 0.5, "b": 0.1}  # b missing in 10% of requests
+        scorer.Score(scpb.ScoreRequest(model="risk", request_id=f"r{i}", features=features))
+        scorer.Feedback(scpb.FeedbackRequest(model="risk", labels=[scpb.Label(request_id=f"r{i}", label=i % 2 == 0)]))
+    metrics = services["scorer"].scrape()
+    missing = {labels["feature"]: v for labels, v in _find(metrics, "guardmesh_scorer_feature_missing_rate")}
+    assert missing["a"] == 0.0 and missing["b"] == pytest.approx(0.1)
+    f1 = _find(metrics, "guardmesh_scorer_f1")
+    assert any(labels.get("version") == "v1" and 0.0 <= v <= 1.0 for labels, v in f1)
+    _find(metrics, "guardmesh_scorer_drift_score")
+
+    # abrouter: SRM p-value of the continuous audit, guardrail state
+    router = apb_grpc.ABRouterServiceStub(services["abrouter"].channel)
+    router.CreateExperiment(
+        apb.CreateExperimentRequest(
+            spec=apb.ExperimentSpec(key="exp", arms=[apb.Arm(name="a", weight=0.5), apb.Arm(name="b", weight=0.5)])
+        )
+    )
+    for i in range(300):
+        router.Assign(apb.AssignRequest(unit_id=f"u{i}", experiment_keys=["exp"], log_exposure=True))
+    deadline = time.monotonic() + 20
+    while True:
+        metrics = services["abrouter"].scrape()
+        srm = [
+            v for name, values in metrics.items() if name.startswith("guardmesh_abrouter_srm_p_value") for v in values
+        ]
+        if srm or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert srm and 0.0 <= srm[0][1] <= 1.0 and srm[0][0]["experiment"] == "exp"
+    state = _find(metrics, "guardmesh_abrouter_guardrail_state")
+    assert state == [({"experiment": "exp"}, 0.0)] or [(lbl["experiment"], v) for lbl, v in state] == [("exp", 0.0)]
+    exposed = _find(metrics, "guardmesh_abrouter_exposed_units")
+    assert exposed[0][1] == 300.0
