@@ -3,7 +3,9 @@ an MLP (100 features, 256-256 hidden); and the drift statistics vs scipy + numpy
 
 Each configuration runs the scorer as its own process (``python -m services.scorer``); the clients are
 threads of this process, each sending one request at a time for a fixed duration. "Batching off" is the
-same server with ``scorer.max_batch_size = 1``.
+same server with ``scorer.max_batch_size = 1``. The ceiling record runs the same 64-client harness (same
+channels, same request bytes) against a bare grpcio echo in its own process: what this harness and gRPC
+can deliver here with no server work, so the most any batching could reach.
 
     python -m bench.scorer [--seconds 6]
 """
@@ -12,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bench.paramserver import ECHO_SERVICE, _start, _stop, _wait_serving, free_port
 from bench.records import record, service_process, write_records
 from guardmesh.client import open_channel
 from guardmesh.config import load_config
@@ -39,8 +45,12 @@ def model_payload() -> bytes:
     return buf.getvalue()
 
 
-def run_clients(address: str, clients: int, seconds: float) -> dict[str, float]:
-    """``clients`` threads send Score calls back to back for ``seconds``; return QPS and latency percentiles."""
+def run_clients(address: str, clients: int, seconds: float, echo: bool = False) -> dict[str, float]:
+    """``clients`` threads send Score calls back to back for ``seconds``; return QPS and latency percentiles.
+
+    With ``echo`` the same threads, channels and request bytes go to the bare grpcio echo server instead: the
+    most this client harness and gRPC can do on this machine with no work at all on the server side.
+    """
     config = load_config(env={})
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((256, len(FEATURES))).astype(np.float32)
@@ -54,13 +64,19 @@ def run_clients(address: str, clients: int, seconds: float) -> dict[str, float]:
 
     def client(k: int) -> None:
         channel = open_channel("scorer", config, address=address)
-        stub = pb_grpc.ScorerServiceStub(channel)
-        stub.Score(requests[k % len(requests)])  # warm the channel
+        if echo:
+            raw = channel.unary_unary(f"/{ECHO_SERVICE}/Unary")
+            payloads = [r.SerializeToString() for r in requests]
+            call = lambda i: raw(payloads[i % len(payloads)])  # noqa: E731
+        else:
+            stub = pb_grpc.ScorerServiceStub(channel)
+            call = lambda i: stub.Score(requests[i % len(requests)])  # noqa: E731
+        call(k)  # warm the channel
         barrier.wait()
         i = k
         while time.monotonic() < stop:
             t0 = time.perf_counter()
-            stub.Score(requests[i % len(requests)])
+            call(i)
             latencies[k].append(time.perf_counter() - t0)
             i += clients
         channel.close()
@@ -118,6 +134,24 @@ def serve_and_measure(batching: bool, seconds: float) -> dict[int, dict[str, flo
     return out
 
 
+def echo_ceiling(clients: int, seconds: float) -> dict[str, float]:
+    """The bare grpcio echo (its own process) under the same client harness: the throughput ceiling."""
+    with tempfile.TemporaryDirectory(prefix="guardmesh-bench-echo-") as tmp:
+        port = free_port()
+        log = Path(tmp) / "echo.log"
+        proc = _start([sys.executable, "-m", "bench.paramserver", "--echo-server", str(port)], {}, log)
+        try:
+            _wait_serving(f"127.0.0.1:{port}", ECHO_SERVICE, proc, log)
+            r = run_clients(f"127.0.0.1:{port}", clients, seconds, echo=True)
+        finally:
+            _stop(proc)
+    print(
+        f"bare echo      {clients:3d} clients: {r['qps']:8,.0f} req/s  p50 {r['p50_ms']:6.2f} ms"
+        f"  p99 {r['p99_ms']:6.2f} ms"
+    )
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write bench/results/scorer.json."""
     ap = argparse.ArgumentParser(description=__doc__)
@@ -125,7 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     on = serve_and_measure(True, args.seconds)
     off = serve_and_measure(False, args.seconds)
-    records: list[dict[str, Any]] = []
+    ceiling = echo_ceiling(64, args.seconds)
+    records: list[dict[str, Any]] = [
+        record(
+            "Ceiling: bare grpcio echo, same 64-client harness and request bytes, vs Score batching off",
+            "requests/s",
+            ceiling["qps"],
+            "Score, batching off, 64 clients (same run)",
+            off[64]["qps"],
+            None,
+        )
+    ]
     for clients in CLIENTS:
         records.append(
             record(
