@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from opentelemetry import trace
 
 from guardmesh.client import open_channel
 from guardmesh.config import MeshConfig, load_config
@@ -37,6 +38,7 @@ from guardmesh.v1 import paramserver_pb2 as pb
 from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("guardmesh.sdk.paramserver")
 VIRTUAL_NODES = 64
 
 
@@ -395,28 +397,36 @@ class ParamServerClient:
         A push rejected as stale (or ahead of a restored server) is recomputed after a re-pull; a shard
         that stays UNAVAILABLE beyond the channel's own retries (a restart) is waited for up to
         ``unavailable_budget_s``. The step id is fixed for the step, so a push retried after a lost answer
-        is applied once.
+        is applied once. The step is one span (``guardmesh.train_step``): its pulls and pushes are child spans,
+        and so is anything the caller does inside it in the same trace (a lease renewal).
         """
         step = next(self._steps)
         repulls = 0
         waited = 0.0
-        while True:
-            try:
-                self.pull_into(module)
-                for p in module.parameters():  # type: ignore[attr-defined]
-                    p.grad = None
-                loss = compute()
-                results = self.push_from(module, step_id=step)
-                return StepReport(loss, results, repulls)
-            except StalePush:
-                repulls += 1
-                if repulls > max_repulls:
-                    raise
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or waited >= unavailable_budget_s:
-                    raise
-                time.sleep(unavailable_wait_s)
-                waited += unavailable_wait_s
+        with _tracer.start_as_current_span(
+            "guardmesh.train_step", attributes={"guardmesh.model": self.model, "guardmesh.step_id": step}
+        ) as span:
+            while True:
+                try:
+                    self.pull_into(module)
+                    for p in module.parameters():  # type: ignore[attr-defined]
+                        p.grad = None
+                    loss = compute()
+                    results = self.push_from(module, step_id=step)
+                    span.set_attribute("guardmesh.repulls", repulls)
+                    span.set_attribute("guardmesh.versions", [r.version for r in results])
+                    span.set_attribute("guardmesh.staleness", [r.staleness for r in results])
+                    return StepReport(loss, results, repulls)
+                except StalePush:
+                    repulls += 1
+                    span.add_event("stale push rejected; re-pull", {"guardmesh.repulls": repulls})
+                    if repulls > max_repulls:
+                        raise
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.UNAVAILABLE or waited >= unavailable_budget_s:
+                        raise
+                    time.sleep(unavailable_wait_s)
+                    waited += unavailable_wait_s
 
     def push_from(self, module: object, step_id: int | None = None) -> list[pb.PushResponse]:
         """Push the ``.grad`` of every parameter of a ``torch.nn.Module``."""

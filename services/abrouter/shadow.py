@@ -14,7 +14,11 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("guardmesh.abrouter.shadow")
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,8 @@ class _Job:
     key: str
     call: ScoreCall
     live: ScoreResult
+    #: Trace context of the live request: the shadow call is a child span of it, in the same trace.
+    context: otel_context.Context
 
 
 class ShadowMirror:
@@ -114,7 +120,7 @@ class ShadowMirror:
         with self._lock:
             stats = self._stats(key, call.version)
             try:
-                self._queue.put_nowait(_Job(key, call, live))
+                self._queue.put_nowait(_Job(key, call, live, otel_context.get_current()))
             except queue.Full:
                 stats.dropped += 1
                 return False
@@ -146,6 +152,22 @@ class ShadowMirror:
                     self._idle.notify_all()
 
     def _run(self, job: _Job) -> None:
+        token = otel_context.attach(job.context)
+        try:
+            with _tracer.start_as_current_span(
+                "abrouter.shadow",
+                attributes={
+                    "guardmesh.experiment": job.key,
+                    "guardmesh.arm": job.call.arm,
+                    "guardmesh.shadow_version": job.call.version,
+                    "guardmesh.live_version": job.live.model_version,
+                },
+            ) as span:
+                self._compare(job, span)
+        finally:
+            otel_context.detach(token)
+
+    def _compare(self, job: _Job, span: trace.Span) -> None:
         try:
             result = self._score(job.call)
         except Exception as exc:  # a failing shadow model must never affect live traffic
@@ -153,6 +175,9 @@ class ShadowMirror:
             with self._lock:
                 self._stats(job.key, job.call.version).errors += 1
             return
+        span.set_attribute("guardmesh.shadow_decision", result.decision)
+        span.set_attribute("guardmesh.live_decision", job.live.decision)
+        span.set_attribute("guardmesh.score_diff", result.score - job.live.score)
         if self._on_result is not None:
             try:
                 self._on_result(job.key, job.call, job.live, result)
