@@ -16,7 +16,7 @@ GEN_STAMP := guardmesh/v1/.generated
 NATIVE_STAMP := native/.built
 SERVICES := scheduler paramserver scorer abrouter
 
-.PHONY: install proto native lint breaking test up status down certs bench $(addprefix bench-,$(SERVICES)) clean
+.PHONY: install proto native lint breaking test up status down certs demo load bench $(addprefix bench-,$(SERVICES)) clean
 
 install: $(STAMP) $(GEN_STAMP) $(NATIVE_STAMP)
 
@@ -65,6 +65,14 @@ status: install
 
 down: install
 	$(PROFILE_ENV) $(BIN)/guardmesh mesh down
+
+# The whole chain on a local mesh: placement, training, publishing, experiment, drift, audit, traces.
+demo: install
+	$(BIN)/guardmesh demo
+
+# Every service's main RPCs from a multi-process load generator (bench/results/load.json).
+load: install
+	$(PY) -m bench.load
 
 # A local CA, a certificate per service and per role, role tokens and roles.toml in .mesh/certs.
 certs: install

@@ -40,6 +40,18 @@ def agent(
 
 
 @app.command()
+def demo(
+    quick: Annotated[bool, typer.Option(help="A scaled-down run (about a minute).")] = False,
+    state_dir: Annotated[Path | None, typer.Option(help="Keep the mesh's state and logs here.")] = None,
+) -> None:
+    """The whole chain on a local mesh: placement, training, publishing, an experiment with shadow traffic,
+    drift, a guardrail, the audit and analysis, and trace ids to open in Jaeger. Leaves nothing running."""
+    from guardmesh.demo import run_demo
+
+    run_demo(state_dir=state_dir, quick=quick)
+
+
+@app.command()
 def certs(
     out: Annotated[Path | None, typer.Option(help="Folder (default: security.certs_dir under mesh.state_dir).")] = None,
     host: Annotated[list[str] | None, typer.Option(help="Extra DNS name for the service certificates.")] = None,
