@@ -56,6 +56,10 @@ def open_channel(service: str, config: MeshConfig | None = None, *, address: str
     options = [
         *channel_options(config),
         ("grpc.enable_retries", 1),
+        # Reconnect quickly after a server restart (gRPC's default backoff grows to 120 s between attempts).
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.service_config", service_config(config)),
     ]
     credentials = channel_credentials(config)

@@ -143,6 +143,7 @@ class ScorerSettings(_Section):
     drift_every: int = Field(default=100, ge=1)
     min_labels: int = Field(default=200, ge=1)
     decision_log: int = Field(default=100_000, ge=100)
+    registry_dir: str = "scorer-models"
 
 
 class SecuritySettings(_Section):

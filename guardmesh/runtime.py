@@ -68,6 +68,9 @@ class Binding(Protocol):
         """Release resources (databases, background threads) after the server stopped."""
         ...
 
+    # The runtime also sets ``fail_stop(reason)`` on every binding before ``start``: a binding whose state can
+    # no longer be written calls it, and health turns NOT_SERVING until the process is restarted.
+
 
 class DiscoveryError(RuntimeError):
     """The service could not announce itself to discovery; it was stopped again."""
@@ -169,6 +172,14 @@ def start_service(
         (*definition.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     binding = definition.build(config)
+
+    def fail_stop(reason: str) -> None:
+        """The service refuses every call until restarted: tell health checks, so traffic moves away."""
+        log.critical("fail-stop: health NOT_SERVING until restart", extra={"reason": reason})
+        for name in names:
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    binding.fail_stop = fail_stop  # type: ignore[attr-defined]  # bindings with a store call it on a failed write
     binding.add_to_server(server)
     try:
         if credentials is None:

@@ -325,3 +325,35 @@ def test_open_inference_protocol_serves_the_active_version(scorer) -> None:  # t
     np.testing.assert_allclose(scores, model(torch.from_numpy(rows))[:, 0].detach().numpy(), rtol=1e-6)
     assert resp.model_version == "v1"
     channel.close()
+
+
+def test_registered_versions_and_the_active_one_survive_a_restart(tmp_path: Path) -> None:
+    config = make_config(tmp_path, **{"services.scorer.port": 0})
+    running = start_service(load_definition("scorer"), config, port=0)
+    channel = open_channel("scorer", config, address=running.address)
+    stub = pb_grpc.ScorerServiceStub(channel)
+    register(stub, "v1", logistic([1.0, 0.0, 0.0, 0.0], 0.0), activate=True)
+    register(stub, "v2", logistic([-1.0, 0.0, 0.0, 0.0], 0.0))
+    stub.ActivateModel(pb.ActivateModelRequest(model="risk", version="v2"))
+    before = score(stub, "a", np.array([2.0, 0.0, 0.0, 0.0]))
+    channel.close()
+    running.stop(grace=0.5)
+    running = start_service(load_definition("scorer"), config, port=0)
+    channel = open_channel("scorer", config, address=running.address)
+    stub = pb_grpc.ScorerServiceStub(channel)
+    try:
+        [line] = stub.ListModels(pb.ListModelsRequest()).models
+        assert line.active_version == "v2" and [v.version for v in line.versions] == ["v1", "v2"]
+        after = score(stub, "b", np.array([2.0, 0.0, 0.0, 0.0]))
+        assert after.model_version == "v2" and after.score == pytest.approx(before.score)
+        stub.RollbackModel(pb.RollbackModelRequest(model="risk"))
+    finally:
+        channel.close()
+        running.stop(grace=0.5)
+    running = start_service(load_definition("scorer"), config, port=0)
+    try:
+        with open_channel("scorer", config, address=running.address) as ch:
+            [line] = pb_grpc.ScorerServiceStub(ch).ListModels(pb.ListModelsRequest()).models
+            assert line.active_version == "v1"  # the rollback was recorded too
+    finally:
+        running.stop(grace=0.5)

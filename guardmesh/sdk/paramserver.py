@@ -352,7 +352,11 @@ class ParamServerClient:
         if size <= self.threshold:
             # Filled in place: nested message constructors would copy every payload once more.
             req = pb.PushRequest(
-                model=self.model, worker_id=self.worker_id, base_version=self.versions[i], step_id=step
+                model=self.model,
+                worker_id=self.worker_id,
+                base_version=self.versions[i],
+                step_id=step,
+                incarnation=self.incarnations[i],  # a restore since the pull makes the server refuse it
             )
             for n, g in part.items():
                 nt = req.gradients.add()
@@ -369,6 +373,7 @@ class ParamServerClient:
             head.header.version = self.versions[i]
             head.header.worker_id = self.worker_id
             head.header.step_id = step
+            head.header.incarnation = self.incarnations[i]
             for n, g in part.items():
                 head.header.tensors.add(name=n, dtype=common_pb2.D_TYPE_FLOAT32, shape=list(g.shape))
             yield head

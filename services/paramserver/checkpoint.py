@@ -123,7 +123,11 @@ class CheckpointStore:
             try:
                 fs, root = fsspec.core.url_to_fs(loc)
                 folder = f"{root}/{model}"
-                if not fs.exists(folder):
+                if not fs.isdir(root):
+                    skipped.append(f"{loc}: unreachable (no replica folder at {root})")
+                    continue
+                if not fs.isdir(folder):
+                    skipped.append(f"{loc}: holds no checkpoint of {model}")
                     continue
                 for path in fs.ls(folder, detail=False):
                     if path.endswith(".json"):

@@ -212,8 +212,20 @@ class ModelShard:
             if missing:
                 raise InvalidArgument("gradients", f"SYNC needs every tensor of the shard; missing {missing[:5]}")
 
-    def push(self, worker: str, base_version: int, step_id: int, grads: dict[str, np.ndarray]) -> PushResult:
-        """Apply, buffer or reject one push (see the module docstring)."""
+    def push(
+        self, worker: str, base_version: int, step_id: int, grads: dict[str, np.ndarray], incarnation: str = ""
+    ) -> PushResult:
+        """Apply, buffer or reject one push (see the module docstring).
+
+        ``incarnation``, when given, is the incarnation of the pull the gradients were computed from: a push
+        computed before a restart and restore is refused (ABORTED) even if its base version exists again.
+        """
+        if incarnation and incarnation != self.incarnation:
+            raise Aborted(
+                f"the gradients were computed on incarnation {incarnation}, the server is incarnation "
+                f"{self.incarnation} (restarted and restored version {self.restored_version}); re-pull",
+                details=[self._detail(base_version, -1)],
+            )
         if not 1 <= len(worker) <= 256:
             raise InvalidArgument("worker_id", "must be 1 to 256 characters")
         if base_version < 0:

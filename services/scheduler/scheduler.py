@@ -111,6 +111,8 @@ class Scheduler:
         self.store = store
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
+        #: Called once a write failed (the scheduler then refuses every call until restarted).
+        self.on_fail_stop: Callable[[str], None] | None = None
         self.state = ClusterState(settings.gpu_reserve_mib)
         self.policy = make_policy(policy or settings.policy)
         self.policy.attach(self.state)
@@ -204,6 +206,8 @@ class Scheduler:
         except StoreFailure as exc:
             self.failed = str(exc)
             log.critical("store failure; refusing further calls until restart", extra={"error": str(exc)})
+            if self.on_fail_stop is not None:
+                self.on_fail_stop(self.failed)
             raise Unavailable(f"scheduler store failed ({exc}); restart the scheduler") from exc
 
     def _check_alive(self) -> None:

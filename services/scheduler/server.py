@@ -374,6 +374,7 @@ class SchedulerBinding:
         settings = self.config.scheduler
         store = Store(self.config.state_path(settings.db_path), settings.sqlite_synchronous)
         core = Scheduler(settings, store)
+        core.on_fail_stop = getattr(self, "fail_stop", None)
         if settings.cluster_file:
             core.register_nodes(load_cluster_file(Path(settings.cluster_file)))
         self.servicer._core = core

@@ -25,6 +25,7 @@ from inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from services.scorer.decision import Rule, RuleAction, ThresholdPolicy
 from services.scorer.monitoring import CleaningPolicy
 from services.scorer.oip import ModelSignature, OpenInferenceServicer, TensorSpec
+from services.scorer.persistence import RegistryStore
 from services.scorer.registry import ModelFormat, ModelLine, pick_device
 from services.scorer.scorer import ScoreOutcome, Scorer, VersionConfig
 
@@ -84,6 +85,7 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
 
     def __init__(self) -> None:
         self._core: Scorer | None = None
+        self.store: RegistryStore | None = None
 
     @property
     def core(self) -> Scorer:
@@ -105,10 +107,25 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
             baseline_f1=state.health.baseline_f1 or 0.0,
         )
 
+    def _save_active(self) -> None:
+        if self.store is not None:
+            lines = self.core.registry.lines
+            self.store.save_active(
+                {name: (line.active, list(line.history)) for name, line in list(lines.items()) if line.active}
+            )
+
     def RegisterModel(
         self, request: pb.RegisterModelRequest, context: grpc.ServicerContext
     ) -> pb.RegisterModelResponse:
         """See the proto."""
+        response = self._register(request)
+        if self.store is not None:  # durable before the answer: a restart serves it again
+            self.store.save_registration(request)
+            if request.activate:
+                self._save_active()
+        return response
+
+    def _register(self, request: pb.RegisterModelRequest) -> pb.RegisterModelResponse:
         fmt = _FORMATS.get(request.format)
         if fmt is None:
             raise InvalidArgument("format", "must be TORCHSCRIPT, TORCH_EXPORT or STATE_DICT")
@@ -147,13 +164,17 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
         self, request: pb.ActivateModelRequest, context: grpc.ServicerContext
     ) -> pb.ActivateModelResponse:
         """See the proto."""
-        return pb.ActivateModelResponse(active_version=self.core.activate(request.model, request.version))
+        active = self.core.activate(request.model, request.version)
+        self._save_active()
+        return pb.ActivateModelResponse(active_version=active)
 
     def RollbackModel(
         self, request: pb.RollbackModelRequest, context: grpc.ServicerContext
     ) -> pb.RollbackModelResponse:
         """See the proto."""
-        return pb.RollbackModelResponse(active_version=self.core.rollback(request.model))
+        active = self.core.rollback(request.model)
+        self._save_active()
+        return pb.RollbackModelResponse(active_version=active)
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         """See the proto."""
@@ -212,6 +233,7 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
         r = self.core.feedback(request.model, [(lb.request_id, lb.label) for lb in request.labels])
         if r.rolled_back:
             trace.get_current_span().add_event("model rolled back", {"guardmesh.active_version": r.active})
+            self._save_active()
         return pb.FeedbackResponse(
             accepted=r.accepted,
             unknown=r.unknown,
@@ -320,9 +342,36 @@ class ScorerBinding:
         """Pick the device and create the core."""
         device = pick_device(self.config.scorer.device)
         self.servicer._core = Scorer(self.config.scorer, device)
+        store = RegistryStore(self.config.state_path(self.config.scorer.registry_dir))
+        self._restore(store)
+        self.servicer.store = store
         if self.config.metrics.enabled:
             observe_scorer(self.servicer._core)
         log.info("scorer device", extra={"device": str(device)})
+
+    def _restore(self, store: RegistryStore) -> None:
+        """Register every recorded version again, then activate the recorded active versions."""
+        restored = 0
+        for request in store.registrations():
+            try:
+                self.servicer._register(request)
+                restored += 1
+            except GuardmeshError as err:
+                log.error(
+                    "recorded model version not restored",
+                    extra={"model": request.model, "version": request.version, "error": err.message},
+                )
+        registry = self.servicer.core.registry
+        for model, (version, history) in store.active().items():
+            line = registry.lines.get(model)
+            known = set(line.versions) if line is not None else set()
+            if line is None or version not in known or not set(history) <= known:
+                log.error("recorded active version not restored", extra={"model": model, "version": version})
+                continue
+            with registry.lock:
+                line.active, line.history = version, list(history)
+        if restored:
+            log.info("model registry restored", extra={"versions": restored, "active": store.active()})
 
     def drain(self) -> None:
         """Nothing streams indefinitely here."""
