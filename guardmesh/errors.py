@@ -82,6 +82,19 @@ class Unavailable(GuardmeshError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+#: Longest status message sent, in UTF-8 bytes: a message quoting a huge input must not push the status past
+#: the client's metadata limit (which would replace the real status by RESOURCE_EXHAUSTED).
+MAX_MESSAGE_BYTES = 1024
+
+
+def clip_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``message`` cut to ``limit`` UTF-8 bytes at a character boundary, saying that it was cut."""
+    raw = message.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return message
+    return raw[:limit].decode("utf-8", "ignore") + f"... ({len(raw)} bytes, truncated)"
+
+
 def to_status(err: GuardmeshError) -> grpc.Status:
     """Build a rich ``grpc.Status`` (google.rpc.Status with packed details) from a domain error."""
     details = []
@@ -89,7 +102,8 @@ def to_status(err: GuardmeshError) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(d)
         details.append(packed)
-    return rpc_status.to_status(status_pb2.Status(code=err.code.value[0], message=err.message, details=details))
+    message = clip_message(err.message)
+    return rpc_status.to_status(status_pb2.Status(code=err.code.value[0], message=message, details=details))
 
 
 def _abort(context: grpc.ServicerContext, err: GuardmeshError) -> None:

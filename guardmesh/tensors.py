@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from guardmesh.errors import InvalidArgument
@@ -38,11 +36,19 @@ def check_shape(field: str, dtype: int, shape: list[int] | tuple[int, ...], nbyt
     """Validate dtype, shape and byte length; return the element count."""
     if dtype not in WIRE_DTYPES:
         raise InvalidArgument(f"{field}.dtype", "must be float32, float16 or bfloat16")
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{field}.shape", f"dimensions must be >= 0 (got {list(shape)})")
-    count = math.prod(shape)
-    if count > MAX_ELEMENTS:
-        raise InvalidArgument(f"{field}.shape", f"at most {MAX_ELEMENTS} elements (got {count})")
+    for i, d in enumerate(shape):
+        if d < 0:
+            raise InvalidArgument(f"{field}.shape[{i}]", f"dimensions must be >= 0 (got {d})")
+    # Multiplied one dimension at a time and stopped at the limit: a hostile shape of thousands of huge
+    # dimensions must cost nothing (its full product has thousands of digits).
+    count = 0 if 0 in shape else 1
+    if count:
+        for d in shape:
+            count *= d
+            if count > MAX_ELEMENTS:
+                raise InvalidArgument(
+                    f"{field}.shape", f"at most {MAX_ELEMENTS} elements (a shape of {len(shape)} dimensions exceeds it)"
+                )
     expected = count * WIRE_DTYPES[dtype].itemsize
     if nbytes != expected:
         raise InvalidArgument(f"{field}.data", f"must be prod(shape) * itemsize = {expected} bytes (got {nbytes})")

@@ -782,3 +782,19 @@ def test_report_cli_prints_the_table_and_writes_plots(tmp_path: Path) -> None:
     finally:
         channel.close()
         running.stop(grace=0.5)
+
+
+def test_a_failed_write_turns_health_not_serving(tmp_path: Path) -> None:
+    running, _, stub, channel = start_router(tmp_path)
+    try:
+        create(stub, "k")
+        running.binding.store.log.db.execute("DROP TABLE exposures")  # type: ignore[attr-defined]  # a broken disk
+        code, msg = code_of(lambda: assign_one(stub, "k", "u1"))
+        assert code == grpc.StatusCode.UNAVAILABLE and "store failed" in msg
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="abrouter"))
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        code, _ = code_of(lambda: assign_one(stub, "k", "u2", log=False))
+        assert code == grpc.StatusCode.UNAVAILABLE  # refuses everything until restarted
+    finally:
+        channel.close()
+        running.stop(grace=0.5)

@@ -45,9 +45,11 @@ independently (two independent samples), ``n_resamples`` resamples:
   The resampling distribution is exactly the ordinary bootstrap's; only the random stream differs from scipy's.
 * **Cap**: where ``n_resamples`` resamples would cost more than ``BOOTSTRAP_DRAW_BUDGET`` single draws (both arms),
   the number of resamples is lowered to ``max(MIN_CAPPED_RESAMPLES, budget / draws per resample)`` (but never
-  raised). That happens only for large continuous metrics (e.g. > 50,000 units with continuous values at 2,000
-  resamples), where the Monte-Carlo error of a 95 % endpoint at 500 resamples is ~0.12 standard errors (vs ~0.06
-  at 2,000). ``MetricAnalysis.ci_method`` says which path ran and with how many resamples.
+  raised); the scipy path, which holds every resample in memory, is capped the same way at ``SCIPY_DRAW_BUDGET``
+  draws (resamples x units). At the default 2,000 resamples that happens only for large continuous metrics
+  (e.g. > 50,000 units with continuous values at 2,000 resamples), where the Monte-Carlo error of a 95 %
+  endpoint at 500 resamples is ~0.12 standard errors (vs ~0.06 at 2,000). ``MetricAnalysis.ci_method`` says
+  which path ran and with how many resamples.
 
 If both arms are constant the interval is the point (``effect, effect``). CUPED's CI bootstraps the adjusted values
 with the coefficient held at its full-sample estimate (its sampling error is O(1/n) in the effect, negligible).
@@ -129,6 +131,7 @@ __all__ = [
     "MIN_CAPPED_RESAMPLES",
     "NOVELTY_ALPHA",
     "SCIPY_BOOTSTRAP_MAX_UNITS",
+    "SCIPY_DRAW_BUDGET",
     "TIE_CATEGORY_MIN",
     "TOP_FRACTION",
     "DailyEffect",
@@ -149,6 +152,8 @@ NOVELTY_ALPHA = 0.05
 SCIPY_BOOTSTRAP_MAX_UNITS = 2_000
 #: Single draws (both arms, all resamples) one bootstrap CI may cost before ``n_resamples`` is capped.
 BOOTSTRAP_DRAW_BUDGET = 100_000_000
+#: Draws (resamples x units) scipy's bootstrap may hold in memory before ``n_resamples`` is capped.
+SCIPY_DRAW_BUDGET = 20_000_000
 #: Resamples a capped bootstrap keeps at least.
 MIN_CAPPED_RESAMPLES = 500
 #: A value held by at least this many units of an arm is one multinomial category in the resampling.
@@ -507,18 +512,23 @@ def _bootstrap_ci(
         return Interval(effect, effect), "degenerate: both arms constant"
     nt, nc = yt.shape[0], yc.shape[0]
     if nt + nc <= SCIPY_BOOTSTRAP_MAX_UNITS and nt >= 2 and nc >= 2:
+        # scipy holds every resample in memory (resamples x units): capped like the path below, on its own budget.
+        used = n_resamples
+        if n_resamples * (nt + nc) > SCIPY_DRAW_BUDGET:
+            used = min(n_resamples, max(MIN_CAPPED_RESAMPLES, SCIPY_DRAW_BUDGET // (nt + nc)))
         with np.errstate(invalid="ignore", divide="ignore"):
             res = stats.bootstrap(
                 (yt, yc),
                 _mean_difference,
-                n_resamples=n_resamples,
+                n_resamples=used,
                 vectorized=True,
                 confidence_level=confidence,
                 method="BCa",
                 **{_BOOTSTRAP_RNG: rng},
             )
         ci = res.confidence_interval
-        return Interval(float(ci.low), float(ci.high)), f"scipy.stats.bootstrap BCa, {n_resamples} resamples"
+        capped = f" (capped from {n_resamples})" if used < n_resamples else ""
+        return Interval(float(ci.low), float(ci.high)), f"scipy.stats.bootstrap BCa, {used} resamples{capped}"
     rt, rc = _MeanResampler(yt), _MeanResampler(yc)
     cost = rt.cost + rc.cost
     used = n_resamples

@@ -23,7 +23,7 @@ import numpy as np
 
 from guardmesh.config import ABRouterSettings
 from guardmesh.durable import Statement, StoreFailure, Ticket
-from guardmesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from guardmesh.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from native import abhash
 from services.abrouter import analysis as analysis_mod
 from services.abrouter import audit as audit_mod
@@ -146,6 +146,8 @@ class Router:
         self.events: deque[RouterEvent] = deque(maxlen=settings.event_retention)
         self._event_seq = 0
         self._failed = ""
+        #: Called once a write failed (the router then refuses every call until restarted).
+        self.on_fail_stop: Callable[[str], None] | None = None
         self.scoring = scoring
         self.mirror: ShadowMirror | None = None
         if scoring is not None:
@@ -255,6 +257,8 @@ class Router:
         except StoreFailure as exc:
             self._failed = str(exc)
             log.critical("store failure; refusing further calls until restart", extra={"error": str(exc)})
+            if self.on_fail_stop is not None:
+                self.on_fail_stop(self._failed)
             raise Unavailable(f"abrouter store failed ({exc}); restart the abrouter") from exc
 
     def _event(self, kind: str, key: str, message: str, statements: list[Statement]) -> RouterEvent:
@@ -268,10 +272,11 @@ class Router:
     def _write_experiment(
         self, st: _Live, exp: Experiment, change: str, comment: str, statements: list[Statement]
     ) -> None:
+        rows = RouterStore.experiment(exp, change, comment)  # serialized first: a failure here changes nothing
         if exp.weights != st.experiment.weights:
             st.weights_since = exp.version
         st.experiment = exp
-        statements.extend(RouterStore.experiment(exp, change, comment))
+        statements.extend(rows)
 
     # -- experiments -------------------------------------------------------------------------------------------
 
@@ -290,9 +295,9 @@ class Router:
             if spec.key in self.live:
                 raise AlreadyExists(f"experiment '{spec.key}' already exists")
             exp = Experiment(spec, 1, ExperimentState.RUNNING, spec.weights, now, now)
+            statements = list(RouterStore.experiment(exp, "created", ""))  # before memory: a failure leaves none
             st = self._new_live(exp)
             self.live[spec.key] = st
-            statements = list(RouterStore.experiment(exp, "created", ""))
             self._event("config_changed", spec.key, f"created with weights {list(spec.weights)}", statements)
             ticket = self._submit(statements)
         self._durable(ticket)
@@ -376,16 +381,17 @@ class Router:
         numeric: Mapping[str, float] | None = None,
         categorical: Mapping[str, str] | None = None,
         timestamp: float = 0.0,
+        expect_version: int = 0,
     ) -> list[tuple[AssignmentResult, bool]]:
-        """Assign one unit; with ``log_exposure`` every in-experiment assignment is logged durably first."""
+        """Assign one unit; with ``log_exposure`` every in-experiment assignment is logged durably first.
+
+        ``expect_version`` (Route's commit): ABORTED, with nothing written, unless the single experiment
+        named is still at that config version.
+        """
         self._check_alive()
         numeric = numeric or {}
         categorical = categorical or {}
-        check_covariates(numeric, categorical)
-        if not (math.isfinite(timestamp) and timestamp >= 0):
-            raise InvalidArgument("timestamp", "must be unix seconds >= 0 (0: now)")
-        if len(unit_id) > VALUE_LIMIT:
-            raise InvalidArgument("unit_id", f"at most {VALUE_LIMIT} characters")
+        self._check_unit(unit_id, numeric, categorical, timestamp)
         now = timestamp or self.clock()
         with self.lock:
             if keys:
@@ -395,6 +401,11 @@ class Router:
                         raise InvalidArgument(f"experiment_keys[{i}]", f"'{key}' is listed twice")
                     seen.add(key)
                 targets = [self._get(k) for k in keys]
+                if expect_version and targets[0].experiment.version != expect_version:
+                    raise Aborted(
+                        f"experiment '{keys[0]}' changed (version {targets[0].experiment.version}, "
+                        f"not {expect_version}) while the request was scored; retry"
+                    )
             else:
                 targets = [
                     self.live[k] for k in sorted(self.live) if self.live[k].experiment.state is ExperimentState.RUNNING
@@ -443,6 +454,17 @@ class Router:
         self._durable(ticket)
         return out
 
+    @staticmethod
+    def _check_unit(
+        unit_id: str, numeric: Mapping[str, float], categorical: Mapping[str, str], timestamp: float
+    ) -> None:
+        """The request fields of an assignment that no experiment needs to judge."""
+        check_covariates(numeric, categorical)
+        if not (math.isfinite(timestamp) and timestamp >= 0):
+            raise InvalidArgument("timestamp", "must be unix seconds >= 0 (0: now)")
+        if len(unit_id) > VALUE_LIMIT:
+            raise InvalidArgument("unit_id", f"at most {VALUE_LIMIT} characters")
+
     def assign_batch(self, key: str, unit_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, Experiment]:
         """Arms and buckets of many units (offline; nothing logged)."""
         self._check_alive()
@@ -469,23 +491,42 @@ class Router:
         numeric: Mapping[str, float] | None = None,
         categorical: Mapping[str, str] | None = None,
     ) -> tuple[AssignmentResult, bool, ScoreResult, bool]:
-        """Assign, score with the arm's model version, and maybe mirror to the shadow version."""
+        """Assign, score with the arm's model version, and maybe mirror to the shadow version.
+
+        The arm is worked out first without writing anything, the scorer is called, and only a scored
+        request is committed (exposure, sticky record): a request the scorer refuses leaves no trace here.
+        """
         if self.scoring is None:
             raise FailedPrecondition("the abrouter has no scorer client")
+        self._check_alive()
+        numeric = numeric or {}
+        categorical = categorical or {}
         with self.lock:
-            exp = self._get(key).experiment
-        if not exp.spec.model:
-            raise FailedPrecondition(f"experiment '{key}' names no scorer model (spec.model)")
-        if not 1 <= len(request_id) <= VALUE_LIMIT:
-            raise InvalidArgument("request_id", f"must be 1 to {VALUE_LIMIT} characters")
-        [(result, logged)] = self.assign(
-            unit_id, attributes, [key], log_exposure=log_exposure, numeric=numeric, categorical=categorical
-        )
+            st = self._get(key)
+            exp = st.experiment
+            if not exp.spec.model:
+                raise FailedPrecondition(f"experiment '{key}' names no scorer model (spec.model)")
+            if not 1 <= len(request_id) <= VALUE_LIMIT:
+                raise InvalidArgument("request_id", f"must be 1 to {VALUE_LIMIT} characters")
+            self._check_unit(unit_id, numeric, categorical, 0.0)
+            value = hash_value_of(exp, unit_id, attributes)
+            now = self.clock()
+            planned = assign(exp, value, attributes, now, st.sticky.get(value) if exp.spec.sticky_bucketing else None)
         spec = exp.spec
-        arm_index = result.arm_index if result.in_experiment else 0
+        arm_index = planned.arm_index if planned.in_experiment else 0
         version = spec.arms[arm_index].model_version
-        call = ScoreCall(spec.model, version, request_id, dict(features), key, result.arm)
+        call = ScoreCall(spec.model, version, request_id, dict(features), key, planned.arm)
         live = self.scoring(call)
+        [(result, logged)] = self.assign(
+            unit_id,
+            attributes,
+            [key],
+            log_exposure=log_exposure,
+            numeric=numeric,
+            categorical=categorical,
+            timestamp=now,
+            expect_version=exp.version,
+        )
         shadowed = False
         shadow = spec.shadow
         if shadow.version and shadow.fraction > 0 and self.mirror is not None:

@@ -72,6 +72,26 @@ class UpstreamError(GuardmeshError):
         self.code = code
 
 
+#: Deepest nesting of objects and arrays a targeting condition may have (GrowthBook's are a few levels deep).
+MAX_CONDITION_DEPTH = 32
+#: Largest bootstrap_resamples an analysis may ask for.
+MAX_RESAMPLES = 100_000
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of JSON objects and arrays (iterative: a deep value cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_CONDITION_DEPTH:
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def spec_from_pb(m: pb.ExperimentSpec) -> ExperimentSpec:
     """Domain spec with the documented defaults; InvalidArgument for what cannot even be parsed."""
     condition = None
@@ -80,8 +100,14 @@ def spec_from_pb(m: pb.ExperimentSpec) -> ExperimentSpec:
             condition = json.loads(m.condition_json)
         except json.JSONDecodeError as exc:
             raise InvalidArgument("spec.condition_json", f"not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise InvalidArgument("spec.condition_json", f"nested more than {MAX_CONDITION_DEPTH} levels") from None
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            raise InvalidArgument("spec.condition_json", f"not valid JSON ({exc})") from None
         if not isinstance(condition, dict):
             raise InvalidArgument("spec.condition_json", "must be a JSON object")
+        if _depth(condition) > MAX_CONDITION_DEPTH:
+            raise InvalidArgument("spec.condition_json", f"nested more than {MAX_CONDITION_DEPTH} levels")
     bandit = None
     mode = AllocationMode.BANDIT if m.mode == pb.ALLOCATION_MODE_BANDIT else AllocationMode.FIXED
     if mode is AllocationMode.BANDIT and m.HasField("bandit"):
@@ -290,8 +316,14 @@ def analysis_to_pb(a: MetricAnalysis, arms: Sequence[str]) -> pb.MetricAnalysis:
     return m
 
 
-def _attributes(m: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(m) if m is not None else {}
+def _attributes(m: Any, field: str = "attributes") -> dict[str, Any]:
+    """A Struct as a dict; InvalidArgument naming ``field`` for what JSON cannot hold (NaN, Infinity)."""
+    if m is None:
+        return {}
+    try:
+        return json_format.MessageToDict(m)
+    except ValueError as exc:
+        raise InvalidArgument(field, f"numbers must be finite ({exc})") from None
 
 
 class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
@@ -432,12 +464,12 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
         units = [
             (
                 u.unit_id,
-                _attributes(u.attributes),
+                _attributes(u.attributes, f"units[{i}].attributes"),
                 dict(u.covariates.numeric),
                 dict(u.covariates.categorical),
                 u.timestamp,
             )
-            for u in request.units
+            for i, u in enumerate(request.units)
         ]
         counts, balance = self.router.check_balance(request.key, units)
         return pb.CheckBalanceResponse(
@@ -452,8 +484,10 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
         """See the proto."""
         if request.aggregate not in ("", "sum", "mean"):
             raise InvalidArgument("aggregate", f"must be 'sum' or 'mean', got '{request.aggregate}'")
-        if request.bootstrap_resamples < 0:
-            raise InvalidArgument("bootstrap_resamples", "must be >= 0 (0: 2000)")
+        if request.bootstrap_resamples and not 10 <= request.bootstrap_resamples <= MAX_RESAMPLES:
+            raise InvalidArgument("bootstrap_resamples", f"must be 0 (2000) or 10 to {MAX_RESAMPLES:,}")
+        if request.seed < 0:
+            raise InvalidArgument("seed", "must be >= 0")
         options = AnalysisOptions(
             metrics=tuple(request.metrics),
             n_resamples=request.bootstrap_resamples or 2000,
@@ -554,6 +588,7 @@ class ABRouterBinding:
         settings = self.config.abrouter
         self.store = RouterStore(self.config.state_path(settings.db_path), settings.sqlite_synchronous)
         router = Router(settings, self.store, scoring=self.scorer)
+        router.on_fail_stop = getattr(self, "fail_stop", None)
         router.restore()
         router.start()
         if self.config.metrics.enabled:

@@ -17,7 +17,7 @@ from guardmesh.config import MeshConfig
 from guardmesh.errors import AlreadyExists, GuardmeshError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from guardmesh.runtime import ServiceDefinition
 from guardmesh.security import allow
-from guardmesh.tensors import check_shape, decode, to_float32
+from guardmesh.tensors import MAX_ELEMENTS, WIRE_DTYPES, check_shape, decode, to_float32
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import paramserver_pb2 as pb
 from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
@@ -111,12 +111,37 @@ def _result_pb(r: PushResult) -> pb.PushResponse:
     return pb.PushResponse(outcome=int(r.outcome), version=r.version, staleness=r.staleness, lr_scale=r.lr_scale)  # type: ignore[arg-type]
 
 
+def header_elements(field: str, dtype: int, shape: tuple[int, ...]) -> int:
+    """Element count of a tensor announced in a stream header (its data follows in chunks).
+
+    The rules of :func:`guardmesh.tensors.check_shape` without the byte length: a wire dtype, dimensions
+    >= 0 and at most ``MAX_ELEMENTS`` elements (exact integers: no int64 wrap-around).
+    """
+    if dtype not in WIRE_DTYPES:
+        raise InvalidArgument(f"{field}.dtype", "must be float32, float16 or bfloat16")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{field}.shape", f"dimensions must be >= 0 (got {len(shape)} dimensions)")
+    if 0 in shape:
+        return 0
+    count = 1
+    for d in shape:  # stops as soon as the bound is passed: a product of thousands of huge dimensions is slow
+        count *= d
+        if count > MAX_ELEMENTS:
+            raise InvalidArgument(f"{field}.shape", f"at most {MAX_ELEMENTS} elements ({len(shape)} dimensions)")
+    return count
+
+
 def assemble_chunks(sizes: list[int], chunks: Iterator[pb.TensorChunk | None]) -> list[np.ndarray]:
     """Fill one buffer per tensor from in-order chunks; INVALID_ARGUMENT for gaps, overflow or extras.
 
     Buffers are uninitialised (``np.empty``): every byte is written by a chunk or the push is rejected.
     """
-    buffers = [np.empty(n, dtype=np.uint8) for n in sizes]
+    buffers = []
+    for i, n in enumerate(sizes):
+        try:
+            buffers.append(np.empty(n, dtype=np.uint8))
+        except (MemoryError, ValueError):
+            raise ResourceExhausted(f"header.tensors[{i}]: {n} bytes cannot be allocated on this shard") from None
     filled = [0] * len(buffers)
     for c in chunks:
         if c is None:
@@ -214,11 +239,12 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         header = first.header
         sizes = []
         for i, nt in enumerate(header.tensors):
-            itemsize = 4 if nt.tensor.dtype == common_pb2.D_TYPE_FLOAT32 else 2
-            count = int(np.prod(nt.tensor.shape)) if all(d >= 0 for d in nt.tensor.shape) else -1
-            if count < 0 or nt.tensor.data:
-                raise InvalidArgument(f"header.tensors[{i}]", "needs a valid shape and empty data (chunks follow)")
-            sizes.append(count * itemsize)
+            field = f"header.tensors[{i}].tensor"
+            if nt.tensor.data:
+                raise InvalidArgument(f"{field}.data", "must be empty in the header (chunks follow)")
+            # dtype, dimensions >= 0 and the element bound, in exact integers: before anything is allocated.
+            count = header_elements(field, nt.tensor.dtype, tuple(nt.tensor.shape))
+            sizes.append(count * WIRE_DTYPES[nt.tensor.dtype].itemsize)
         buffers = assemble_chunks(
             sizes, (m.chunk if m.WhichOneof("part") == "chunk" else None for m in request_iterator)
         )
@@ -369,7 +395,7 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
                 raise InvalidArgument(f"gradients[{i}].name", f"duplicate gradient {nt.name!r}")
             grads[nt.name] = to_float32(f"gradients[{i}].tensor", nt.tensor)
         try:
-            result = shard.push(request.worker_id, request.base_version, request.step_id, grads)
+            result = shard.push(request.worker_id, request.base_version, request.step_id, grads, request.incarnation)
         except GuardmeshError as err:
             self._record_rejection(shard, err)
             raise
@@ -386,10 +412,14 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         header = first.header
         shard = self._shard(header.model)
         sizes = []
+        seen: set[str] = set()
         for i, info in enumerate(header.tensors):
             meta = shard.meta.get(info.name)
             if meta is None:
                 raise InvalidArgument(f"header.tensors[{i}].name", f"no tensor {info.name!r} on this shard")
+            if info.name in seen:
+                raise InvalidArgument(f"header.tensors[{i}].name", f"duplicate gradient {info.name!r}")
+            seen.add(info.name)
             itemsize = 4 if info.dtype == common_pb2.D_TYPE_FLOAT32 else 2
             check_shape(f"header.tensors[{i}]", info.dtype, tuple(info.shape), meta.size * itemsize)
             sizes.append(meta.size * itemsize)
@@ -398,7 +428,7 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         )
         grads = {info.name: decode(info.dtype, buffers[i].data) for i, info in enumerate(header.tensors)}
         try:
-            result = shard.push(header.worker_id, header.version, header.step_id, grads)
+            result = shard.push(header.worker_id, header.version, header.step_id, grads, header.incarnation)
         except GuardmeshError as err:
             self._record_rejection(shard, err)
             raise

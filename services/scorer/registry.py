@@ -85,6 +85,8 @@ class ModelVersion:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Scores in [0, 1] for a (batch, features) float32 tensor, shape (batch,)."""
+        if x.shape[0] == 0:  # an empty batch (the Open Inference Protocol allows one): nothing to run
+            return torch.empty(0, device=x.device)
         with torch.inference_mode():
             out = self.module(x)
         return out.reshape(x.shape[0], -1)[:, 0]
@@ -128,6 +130,15 @@ def load_module(
         from safetensors.torch import load as st_load
 
         state = st_load(payload)
+        with torch.device("meta"):  # shapes only: nothing is allocated for an architecture the payload cannot fill
+            skeleton = factory(n_features, **(options or {}))
+        elements = sum(t.numel() for t in (*skeleton.parameters(), *skeleton.buffers()))
+        if elements > len(payload):  # every stored element takes at least one byte
+            raise InvalidArgument(
+                "state_dict",
+                f"{arch!r} with these options has {elements} parameters; a payload of {len(payload)} bytes "
+                "cannot hold them (check hidden)",
+            )
         module = factory(n_features, **(options or {}))
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -26,6 +26,8 @@ from services.scorer.monitoring import CleaningPolicy, DecisionLog, MissingMonit
 from services.scorer.registry import ModelFormat, ModelRegistry, ModelVersion
 
 log = logging.getLogger(__name__)
+#: Largest magnitude a feature value may have: rows are float32, a larger double would become +-Inf.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -221,8 +223,11 @@ class Scorer:
                 raise InvalidArgument(
                     f"features[{name}]", f"is not a feature of {line.name!r} (expects {len(line.features)})"
                 )
-            if math.isinf(value):
-                raise InvalidArgument(f"features[{name}]", "must be finite (absent or NaN means missing)")
+            if math.isinf(value) or abs(value) > FLOAT32_MAX:  # NaN passes: it means missing
+                raise InvalidArgument(
+                    f"features[{name}]",
+                    f"must be finite and fit float32 (|value| <= {FLOAT32_MAX:.8g}; absent or NaN means missing)",
+                )
             row[j] = value
         return row
 
@@ -265,12 +270,14 @@ class Scorer:
             return ScoreOutcome(ruled, "", imputed)
         score = float(state.batcher.submit(row[None, :]).result()[0])
         decision = decide(by_name, (), score, path, state.config.policy, line.drift_score)
+        # Explained before anything is recorded: a request refused here leaves no trace in the line.
+        explanation = self._explain(line, mv, row) if explain else None
         if not shadow:  # shadow scores are compared by the caller, never fed back as served decisions
             self._observe(line, raw, missing, state.config)
             line.decisions.record(request_id, mv.version, decision.positive)
         outcome = ScoreOutcome(decision, mv.version, imputed)
-        if explain:
-            self._explain(line, mv, row, outcome)
+        if explanation is not None:
+            outcome.attributions, outcome.attribution_method = explanation
         return outcome
 
     def _observe(self, line: ModelLineState, raw: np.ndarray, missing: np.ndarray, config: VersionConfig) -> None:
@@ -293,16 +300,27 @@ class Scorer:
                 line.rows_since_drift = 0
                 line.drift_score = float(drift_mod.drift_stats(line.reference, line.live).score)
 
-    def _explain(self, line: ModelLineState, mv: ModelVersion, row: np.ndarray, outcome: ScoreOutcome) -> None:
+    def _explain(self, line: ModelLineState, mv: ModelVersion, row: np.ndarray) -> tuple[list[tuple[str, float]], str]:
+        """(attributions by feature, method); InvalidArgument naming ``explain`` when there are none."""
         module = mv.raw_module if mv.raw_module is not None else mv.module
         if line.reference is not None:
             background = line.reference.mean.to(torch.float32).unsqueeze(0)
+            finite = torch.isfinite(background[0]).tolist()
+            unusable = [f for f, ok in zip(line.features, finite, strict=True) if not ok]
+            if unusable:
+                raise FailedPrecondition(
+                    f"explain: the reference window of {line.name!r} has no finite mean for {unusable[:5]} "
+                    "(every reference value missing?); score without explain"
+                )
         else:
             background = torch.zeros(1, len(line.features))
         x = torch.from_numpy(row).to(self.device)
-        result = explain_fn(module, x, background.to(self.device))  # type: ignore[arg-type]
-        outcome.attributions = [(f, float(a)) for f, a in zip(line.features, result.attributions.tolist(), strict=True)]
-        outcome.attribution_method = str(result.method)
+        try:
+            result = explain_fn(module, x, background.to(self.device))  # type: ignore[arg-type]
+        except InvalidArgument as exc:
+            raise InvalidArgument("explain", f"no attributions for this request ({exc.field}: {exc.rule})") from None
+        attributions = [(f, float(a)) for f, a in zip(line.features, result.attributions.tolist(), strict=True)]
+        return attributions, str(result.method)
 
     def score_many(
         self, requests: list[tuple[str, str, dict[str, float], str, bool]]
