@@ -85,7 +85,7 @@ class Service:
 def services(tmp_path: Path) -> Iterator[dict[str, Service]]:
     started: dict[str, Service] = {}
     try:
-        for name in ("scheduler", "scorer", "abrouter"):
+        for name in ("scheduler", "paramserver", "scorer", "abrouter"):
             started[name] = Service(name, tmp_path)
         yield started
     finally:
@@ -173,3 +173,54 @@ def test_every_service_serves_its_part_of_the_monitoring_matrix(services: dict[s
     assert state == [({"experiment": "exp"}, 0.0)] or [(lbl["experiment"], v) for lbl, v in state] == [("exp", 0.0)]
     exposed = _find(metrics, "guardmesh_abrouter_exposed_units")
     assert exposed[0][1] == 300.0
+
+
+def test_paramserver_staleness_and_rejections_are_scraped(services: dict[str, Service]) -> None:
+    from guardmesh.v1 import common_pb2
+    from guardmesh.v1 import paramserver_pb2 as ppb
+    from guardmesh.v1 import paramserver_pb2_grpc as ppb_grpc
+
+    ps = ppb_grpc.ParamServerServiceStub(services["paramserver"].channel)
+    zeros = np.zeros(4, dtype="<f4")
+    tensor = common_pb2.Tensor(dtype=common_pb2.D_TYPE_FLOAT32, shape=[4], data=zeros.tobytes())
+    ps.CreateModel(
+        ppb.CreateModelRequest(
+            model="m",
+            tensors=[ppb.NamedTensor(name="w", tensor=tensor)],
+            optimizer=ppb.OptimizerConfig(kind=ppb.OPTIMIZER_KIND_SGD, learning_rate=0.1),
+            consistency=ppb.ConsistencyConfig(mode=ppb.CONSISTENCY_MODE_BOUNDED_STALENESS, max_staleness=1),
+        )
+    )
+    for step in range(3):  # versions 1, 2, 3
+        ps.Push(
+            ppb.PushRequest(
+                model="m",
+                worker_id="w1",
+                base_version=step,
+                step_id=step,
+                gradients=[ppb.NamedTensor(name="w", tensor=tensor)],
+            )
+        )
+    with pytest.raises(grpc.RpcError) as info:  # 3 versions stale, bound 1: rejected
+        ps.Push(
+            ppb.PushRequest(
+                model="m",
+                worker_id="w2",
+                base_version=0,
+                step_id=0,
+                gradients=[ppb.NamedTensor(name="w", tensor=tensor)],
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    metrics = services["paramserver"].scrape()
+    pushes = {
+        labels["outcome"]: v for labels, v in _find(metrics, "guardmesh_paramserver_pushes") if "outcome" in labels
+    }
+    assert pushes["APPLIED"] == 3.0 and pushes["REJECTED_FAILED_PRECONDITION"] == 1.0
+    counts = [
+        v
+        for name, values in metrics.items()
+        if name.startswith("guardmesh_paramserver_staleness") and name.endswith("_count")
+        for _, v in values
+    ]
+    assert counts and counts[0] >= 3.0
