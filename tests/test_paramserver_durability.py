@@ -83,6 +83,7 @@ def test_kill9_during_training_resumes_from_verified_checkpoint_and_converges(tm
     restarted: list[subprocess.Popen[bytes]] = []
     killed_at = -1
     on_disk: list[int] = []
+    timer: threading.Timer | None = None
     steps = 0
     try:
         for _ in range(5):
@@ -107,7 +108,8 @@ def test_kill9_during_training_resumes_from_verified_checkpoint_and_converges(tm
                     # checkpoint may be of a later version than the one that triggered it.
                     on_disk = _checkpoints(state, "digits")
                     # Restart a moment later while the trainer is already retrying.
-                    threading.Timer(1.0, lambda: restarted.append(_start(port, state))).start()
+                    timer = threading.Timer(1.0, lambda: restarted.append(_start(port, state)))
+                    timer.start()
         info = pb_grpc.ParamServerServiceStub(ps.channels[0]).DescribeModel(pb.DescribeModelRequest(model="digits"))
         assert info.model.restored_version == max(on_disk) >= 30  # the newest checkpoint, verified by its checksum
         assert info.model.version > max(killed_at, info.model.restored_version)  # training went on after the restore
@@ -115,6 +117,8 @@ def test_kill9_during_training_resumes_from_verified_checkpoint_and_converges(tm
         assert accuracy(model, x_te, y_te) > 0.93
     finally:
         ps.close()
+        if timer is not None:
+            timer.join()  # a restart still pending would otherwise outlive the test
         for p in [proc, *restarted]:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
