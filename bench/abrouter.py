@@ -21,9 +21,7 @@ import argparse
 import multiprocessing as mp
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,8 +31,8 @@ from growthbook import GrowthBook
 from growthbook.core import chooseVariation, gbhash, getBucketRanges
 from scipy import stats
 
-from bench.paramserver import ECHO_SERVICE, _start, _stop, _wait_serving, free_port
-from bench.records import best_of, record, service_process, write_records
+from bench.paramserver import ECHO_SERVICE
+from bench.records import best_of, echo_process, record, service_process, write_records
 from services.abrouter.assignment import assign_batch
 from services.abrouter.audit import full_audit
 from services.abrouter.columns import CategoricalColumn, ExposureColumns
@@ -138,74 +136,33 @@ def over_grpc(seconds: float) -> list[dict[str, Any]]:
     from guardmesh.v1 import abrouter_pb2 as pb
     from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
 
-    records = []
-    with tempfile.TemporaryDirectory(prefix="guardmesh-bench-echo-") as tmp:
-        echo_port = free_port()
-        echo_log = Path(tmp) / "echo.log"
-        echo = _start([sys.executable, "-m", "bench.paramserver", "--echo-server", str(echo_port)], {}, echo_log)
-        try:
-            _wait_serving(f"127.0.0.1:{echo_port}", ECHO_SERVICE, echo, echo_log)
-            overrides = {
-                "GUARDMESH__ABROUTER__SQLITE_SYNCHRONOUS": "NORMAL",
-                "GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0",
-            }
-            with service_process("abrouter", overrides) as address:
-                with grpc.insecure_channel(address) as ch:
-                    pb_grpc.ABRouterServiceStub(ch).CreateExperiment(
-                        pb.CreateExperimentRequest(
-                            spec=pb.ExperimentSpec(
-                                key="bench-exp",
-                                arms=[pb.Arm(name="control", weight=0.5), pb.Arm(name="treatment", weight=0.5)],
-                            )
-                        )
+    records: list[dict[str, Any]] = []
+    overrides = {"GUARDMESH__ABROUTER__SQLITE_SYNCHRONOUS": "NORMAL", "GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0"}
+    with echo_process() as echo, service_process("abrouter", overrides) as address:
+        with grpc.insecure_channel(address) as ch:
+            pb_grpc.ABRouterServiceStub(ch).CreateExperiment(
+                pb.CreateExperimentRequest(
+                    spec=pb.ExperimentSpec(
+                        key="bench-exp",
+                        arms=[pb.Arm(name="control", weight=0.5), pb.Arm(name="treatment", weight=0.5)],
                     )
-                for clients in (1, 4):
-                    echo_fig = _drive("echo", f"127.0.0.1:{echo_port}", clients, seconds)
-                    ours = _drive("assign", address, clients, seconds)
-                    logged = _drive("assign", address, clients, seconds, log=True)
-                    print(f"{clients} client process(es): assign {ours}, assign+log {logged}, echo {echo_fig}")
-                    records += [
-                        record(
-                            f"grpc_assign_{clients}p", "calls/s", ours["qps"], "bare grpcio echo", echo_fig["qps"], None
-                        ),
-                        record(
-                            f"grpc_assign_{clients}p_p50",
-                            "ms",
-                            ours["p50_ms"],
-                            "bare grpcio echo",
-                            echo_fig["p50_ms"],
-                            None,
-                            higher_is_better=False,
-                        ),
-                        record(
-                            f"grpc_assign_{clients}p_p99",
-                            "ms",
-                            ours["p99_ms"],
-                            "bare grpcio echo",
-                            echo_fig["p99_ms"],
-                            None,
-                            higher_is_better=False,
-                        ),
-                        record(
-                            f"grpc_assign_logged_{clients}p",
-                            "calls/s",
-                            logged["qps"],
-                            "bare grpcio echo",
-                            echo_fig["qps"],
-                            None,
-                        ),
-                        record(
-                            f"grpc_assign_logged_{clients}p_p99",
-                            "ms",
-                            logged["p99_ms"],
-                            "bare grpcio echo",
-                            echo_fig["p99_ms"],
-                            None,
-                            higher_is_better=False,
-                        ),
-                    ]
-        finally:
-            _stop(echo)
+                )
+            )
+        for clients in (1, 4):
+            echo_fig = _drive("echo", echo, clients, seconds)
+            ours = _drive("assign", address, clients, seconds)
+            logged = _drive("assign", address, clients, seconds, log=True)
+            print(f"{clients} client process(es): assign {ours}, assign+log {logged}, echo {echo_fig}")
+            peer = "bare grpcio echo"
+            records += [
+                record(f"grpc_assign_{clients}p", "calls/s", ours["qps"], peer, echo_fig["qps"], None),
+                record(f"grpc_assign_{clients}p_p50", "ms", ours["p50_ms"], peer, echo_fig["p50_ms"], None, False),
+                record(f"grpc_assign_{clients}p_p99", "ms", ours["p99_ms"], peer, echo_fig["p99_ms"], None, False),
+                record(f"grpc_assign_logged_{clients}p", "calls/s", logged["qps"], peer, echo_fig["qps"], None),
+                record(
+                    f"grpc_assign_logged_{clients}p_p99", "ms", logged["p99_ms"], peer, echo_fig["p99_ms"], None, False
+                ),
+            ]
     return records
 
 

@@ -170,3 +170,23 @@ def service_process(service: str, overrides: dict[str, str], timeout: float = 90
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@contextlib.contextmanager
+def echo_process() -> Iterator[str]:
+    """Run the bare grpcio echo (``python -m bench.paramserver --echo-server PORT``: generic handlers on raw
+    bytes, no protobuf, no interceptors) on a free loopback port; yield its address once it serves."""
+    import sys
+    import tempfile
+
+    from bench.paramserver import ECHO_SERVICE, _start, _stop, _wait_serving, free_port
+
+    with tempfile.TemporaryDirectory(prefix="guardmesh-bench-echo-") as tmp:
+        port = free_port()
+        log = Path(tmp) / "echo.log"
+        proc = _start([sys.executable, "-m", "bench.paramserver", "--echo-server", str(port)], {}, log)
+        try:
+            _wait_serving(f"127.0.0.1:{port}", ECHO_SERVICE, proc, log)
+            yield f"127.0.0.1:{port}"
+        finally:
+            _stop(proc)

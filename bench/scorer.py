@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.paramserver import ECHO_SERVICE, _start, _stop, _wait_serving, free_port
-from bench.records import record, service_process, write_records
+from bench.paramserver import ECHO_SERVICE
+from bench.records import echo_process, record, service_process, write_records
 from guardmesh.client import open_channel
 from guardmesh.config import load_config
 from guardmesh.v1 import common_pb2
@@ -136,15 +133,8 @@ def serve_and_measure(batching: bool, seconds: float) -> dict[int, dict[str, flo
 
 def echo_ceiling(clients: int, seconds: float) -> dict[str, float]:
     """The bare grpcio echo (its own process) under the same client harness: the throughput ceiling."""
-    with tempfile.TemporaryDirectory(prefix="guardmesh-bench-echo-") as tmp:
-        port = free_port()
-        log = Path(tmp) / "echo.log"
-        proc = _start([sys.executable, "-m", "bench.paramserver", "--echo-server", str(port)], {}, log)
-        try:
-            _wait_serving(f"127.0.0.1:{port}", ECHO_SERVICE, proc, log)
-            r = run_clients(f"127.0.0.1:{port}", clients, seconds, echo=True)
-        finally:
-            _stop(proc)
+    with echo_process() as address:
+        r = run_clients(address, clients, seconds, echo=True)
     print(
         f"bare echo      {clients:3d} clients: {r['qps']:8,.0f} req/s  p50 {r['p50_ms']:6.2f} ms"
         f"  p99 {r['p99_ms']:6.2f} ms"
