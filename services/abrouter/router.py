@@ -699,13 +699,14 @@ class Router:
             exp = self._get(key).experiment
         table = ExposureTable()
         now = self.clock()
+        # The population as the experiment would assign it if it ran now (state and schedule aside).
+        planned = replace(exp, state=ExperimentState.RUNNING, spec=replace(exp.spec, start_at=0.0, stop_at=0.0))
         for i, (unit_id, attributes, numeric, categorical, at) in enumerate(units):
             check_covariates(numeric, categorical, prefix=f"units[{i}].covariates")
             try:
                 value = hash_value_of(exp, unit_id, attributes)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"units[{i}].{exc.field}", exc.rule) from None
-            planned = replace(exp, state=ExperimentState.RUNNING, spec=replace(exp.spec, start_at=0.0, stop_at=0.0))
             result = assign(planned, value, attributes, now)
             if result.in_experiment:
                 table.add(value, result.arm_index, result.bucket, at or now, result.propensity, numeric, categorical)
