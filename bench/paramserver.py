@@ -57,6 +57,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bench.records import record, write_records
+from guardmesh import wire
 from guardmesh.client import channel_options
 from guardmesh.config import load_config
 from guardmesh.sdk.paramserver import ParamServerClient, asynchronous, sgd
@@ -261,11 +262,22 @@ def _compare(
             applied += sum(r.outcome == pb.PUSH_OUTCOME_APPLIED for r in results)
             version = max(r.version for r in results)
 
+        def ps_fused_round_trip() -> None:
+            nonlocal applied, version
+            results, pulled = ps.push_pull({"w": grad})
+            assert pulled.tensors["w"].size == n
+            applied += sum(r.outcome == pb.PUSH_OUTCOME_APPLIED for r in results)
+            version = max(r.version for r in results)
+
         def echo_round_trip() -> None:
             got = sum(len(c) for c in stream(iter(chunks))) if streamed else len(unary(payload))
             assert got == nbytes
 
-        fns: dict[str, Callable[[], None]] = {"ps": ps_round_trip, "echo": echo_round_trip}
+        fns: dict[str, Callable[[], None]] = {
+            "ps": ps_round_trip,
+            "ps_fused": ps_fused_round_trip,
+            "echo": echo_round_trip,
+        }
         for fn in fns.values():
             for _ in range(WARMUP):
                 fn()
@@ -277,7 +289,7 @@ def _compare(
                 times[name].append(time.perf_counter() - t0)
     finally:
         ps.close()
-    total = WARMUP + repeats
+    total = 2 * (WARMUP + repeats)
     if applied != total or version != total:
         raise RuntimeError(f"expected {total} applied pushes, got {applied} (version {version})")
     return {
@@ -286,6 +298,7 @@ def _compare(
         "streamed": streamed,
         "chunk_bytes": chunk if streamed else None,
         "ps": summary(times["ps"]),
+        "ps_fused": summary(times["ps_fused"]),
         "echo": summary(times["echo"]),
     }
 
@@ -344,17 +357,16 @@ class _Context:
 
 
 class _Sink:
-    """A stand-in stub that serializes what the SDK sends, as a channel would, and keeps the last message."""
+    """A stand-in stub that keeps the bytes the SDK would send, as a channel would."""
 
-    last: bytes = b""
+    last: list[bytes] = []
 
-    def Push(self, request: pb.PushRequest) -> pb.PushResponse:
-        self.last = request.SerializeToString()
+    def Push(self, request: bytes) -> pb.PushResponse:
+        self.last = [request]
         return pb.PushResponse()
 
-    def PushStream(self, requests: Iterator[pb.PushStreamRequest]) -> pb.PushStreamResponse:
-        for r in requests:
-            self.last = r.SerializeToString()
+    def PushStream(self, requests: Iterator[bytes]) -> pb.PushStreamResponse:
+        self.last = list(requests)
         return pb.PushStreamResponse()
 
 
@@ -373,77 +385,62 @@ def _stage(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
     return statistics.median(times) * 1e3, faults / repeats
 
 
-def _assemble(wire: list[bytes]) -> np.ndarray:
-    """The SDK's PullStream assembly (``ParamServerClient._pull_shard``) over serialized messages."""
-    header = pb.PullStreamResponse.FromString(wire[0]).header
-    buf = bytearray(int(np.prod(header.tensors[0].shape)) * 4)
-    for raw in wire[1:]:
-        c = pb.PullStreamResponse.FromString(raw).chunk
-        buf[c.offset : c.offset + len(c.data)] = c.data
-    return np.frombuffer(buf, np.float32)
+def _assemble(frames: list[bytes]) -> np.ndarray:
+    """The SDK's PullStream assembly (``ParamServerClient._pull_shard``) over the messages' bytes."""
+    header = wire.decode(pb.PullStreamResponse.DESCRIPTOR, frames[0]).header
+    buf = np.empty(int(np.prod(header.tensors[0].shape)) * 4, np.uint8)
+    for raw in frames[1:]:
+        c = wire.decode(pb.PullStreamResponse.DESCRIPTOR, raw).chunk
+        buf[c.offset : c.offset + len(c.data)] = np.frombuffer(c.data, np.uint8)
+    return buf.view(np.float32)
 
 
 def _round_trip_stages(servicer: Any, model: str, n: int, chunk: int, streamed: bool) -> dict[str, Callable[[], Any]]:
-    """The stages of one round trip as the SDK and the servicer run them, without the transport."""
+    """The stages of one round trip as the SDK and the servicer run them (``guardmesh.wire`` on both ends),
+    without the transport. A push stage frames a new step id each time (a repeated step is not applied)."""
     ctx: Any = _Context()
     shard = servicer.models[model]
     grad = np.full(n, 1e-3, dtype=np.float32)
     steps = itertools.count(1)
     sink = _Sink()
     client: Any = ParamServerClient.__new__(ParamServerClient)  # the SDK's message building, without channels
-    client.model, client.worker_id, client.versions = model, "prof", [0]
+    client.model, client.worker_id, client.versions, client.incarnations = model, "prof", [0], [""]
     client.threshold, client.chunk, client.stubs = 4 * n - 1 if streamed else 4 * n, chunk, [sink]
 
     def apply_only() -> Any:
         return shard.push("apply-only", shard.version, next(steps), {"w": grad})
 
-    if not streamed:
-        wire_pull = servicer.Pull(pb.PullRequest(model=model), ctx).SerializeToString()
-        client._push_shard(0, {"w": grad}, 0)
-        wire_push = sink.last
+    def client_push() -> list[bytes]:
+        client._push_shard(0, {"w": grad}, next(steps))
+        return sink.last
 
-        def server_push() -> None:
-            req = pb.PushRequest.FromString(wire_push)
-            req.step_id = next(steps)
-            servicer.Push(req, ctx)
+    if not streamed:
+        pull_bytes = servicer.Pull(pb.PullRequest(model=model), ctx)
+        decode_push = wire.deserializer(pb.PushRequest)
+
+        def client_pull() -> np.ndarray:
+            nt = wire.decode(pb.PullResponse.DESCRIPTOR, pull_bytes).tensors[0]
+            return np.frombuffer(nt.tensor.data, np.float32)
 
         return {
             "server DescribeModel": lambda: servicer.DescribeModel(pb.DescribeModelRequest(model=model), ctx),
-            "server Pull: handler + serialize": lambda: servicer.Pull(
-                pb.PullRequest(model=model), ctx
-            ).SerializeToString(),
-            "  of which shard.snapshot (copy under lock)": lambda: shard.snapshot([]),
-            "client Pull: parse + decode": lambda: np.frombuffer(
-                pb.PullResponse.FromString(wire_pull).tensors[0].tensor.data, np.float32
-            ),
-            "client Push: build request (SDK) + serialize": lambda: client._push_shard(0, {"w": grad}, 0),
-            "server Push: parse + handler": server_push,
+            "server Pull: handler, framed under the lock": lambda: servicer.Pull(pb.PullRequest(model=model), ctx),
+            "client Pull: decode": client_pull,
+            "client Push: frame (SDK)": client_push,
+            "client Push: frame + server decode + handler": lambda: servicer.Push(decode_push(client_push()[0]), ctx),
             "  of which shard.push (aggregate + SGD step)": apply_only,
         }
     pull_req = pb.PullStreamRequest(pull=pb.PullRequest(model=model), chunk_bytes=chunk)
-    wire_chunks = [m.SerializeToString() for m in servicer.PullStream(pull_req, ctx)]
-    raw = grad.tobytes()
-    info = pb.TensorInfo(name="w", dtype=common_pb2.D_TYPE_FLOAT32, shape=[n])
-    push_msgs = [pb.PushStreamRequest(header=pb.StreamHeader(model=model, worker_id="prof", tensors=[info]))]
-    push_msgs += [
-        pb.PushStreamRequest(chunk=pb.TensorChunk(tensor=0, offset=o, data=raw[o : o + chunk]))
-        for o in range(0, len(raw), chunk)
-    ]
-    wire_bytes = [m.SerializeToString() for m in push_msgs]
-
-    def server_push_stream() -> None:
-        msgs = [pb.PushStreamRequest.FromString(b) for b in wire_bytes]
-        msgs[0].header.step_id = next(steps)
-        servicer.PushStream(iter(msgs), ctx)
+    pull_frames = list(servicer.PullStream(pull_req, ctx))
+    decode_stream = wire.deserializer(pb.PushStreamRequest)
 
     return {
-        "server PullStream: handler + serialize chunks": lambda: [
-            m.SerializeToString() for m in servicer.PullStream(pull_req, ctx)
-        ],
-        "  of which shard.snapshot (copy under lock)": lambda: shard.snapshot([]),
-        "client PullStream: parse chunks + assemble": lambda: _assemble(wire_chunks),
-        "client PushStream: build chunk messages (SDK)": lambda: client._push_shard(0, {"w": grad}, 0),
-        "server PushStream: parse + assemble + apply": server_push_stream,
+        "server PullStream: handler, framed under the lock": lambda: list(servicer.PullStream(pull_req, ctx)),
+        "client PullStream: decode chunks + assemble": lambda: _assemble(pull_frames),
+        "client PushStream: frame chunks (SDK)": client_push,
+        "client PushStream: frame + server decode + assemble + apply": lambda: servicer.PushStream(
+            (decode_stream(f) for f in client_push()), ctx
+        ),
         "  of which shard.push (aggregate + SGD step)": apply_only,
     }
 
@@ -544,7 +541,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in SIZES:
         r = rt[n]
         moved = r["bytes_per_round_trip"]
-        rows = [("PS pull+push round trip", r["ps"]), ("echo round trip", r["echo"])]
+        rows = [
+            ("PS pull + push (two calls)", r["ps"]),
+            ("PS PushPull (one call)", r["ps_fused"]),
+            ("echo round trip", r["echo"]),
+        ]
         if n in gloo:
             rows.append(("gloo all_reduce (2 ranks)", gloo[n]))
         for what, s in rows:
@@ -554,23 +555,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in SIZES:
         r = rt[n]
         moved = r["bytes_per_round_trip"]
-        if r["streamed"]:
-            how = (
-                f"SDK PullStream + PushStream in {r['chunk_bytes'] >> 20} MiB chunks; echo: one bidi stream of "
-                f"the same chunks, store-and-forward"
-            )
-        else:
-            how = "SDK unary Pull + Push; echo: one unary call"
-        records.append(
-            record(
-                f"push+pull round trip, {label(n)} float32 ({moved >> 20} MiB moved), throughput ({how})",
-                "MB/s",
-                moved / r["ps"]["median_s"] / 1e6,
-                f"bare grpcio echo process, {moved >> 21} MiB each way, same message limits (median)",
-                moved / r["echo"]["median_s"] / 1e6,
-                THROUGHPUT_TARGET,
-            )
+        chunks = f"in {r['chunk_bytes'] >> 20} MiB chunks" if r["streamed"] else ""
+        ways = {
+            "ps": f"SDK PullStream + PushStream {chunks}" if r["streamed"] else "SDK unary Pull + Push",
+            "ps_fused": f"SDK PushPullStream, one bidi call {chunks}" if r["streamed"] else "SDK PushPull, one call",
+        }
+        echo = (
+            "echo: one bidi stream of the same chunks, store-and-forward" if r["streamed"] else "echo: one unary call"
         )
+        for key, how in ways.items():
+            records.append(
+                record(
+                    f"push+pull round trip, {label(n)} float32 ({moved >> 20} MiB moved), throughput ({how}; {echo})",
+                    "MB/s",
+                    moved / r[key]["median_s"] / 1e6,
+                    f"bare grpcio echo process, {moved >> 21} MiB each way, same message limits (median)",
+                    moved / r["echo"]["median_s"] / 1e6,
+                    THROUGHPUT_TARGET,
+                )
+            )
     for n in SIZES:
         if n not in gloo:
             continue

@@ -62,22 +62,28 @@ def to_float32(field: str, tensor: common_pb2.Tensor) -> np.ndarray:
 
 
 def decode(dtype: int, data: bytes | bytearray | memoryview) -> np.ndarray:
-    """Flat float32 array from raw bytes of a wire dtype (zero-copy for float32)."""
+    """Flat float32 array from raw bytes of a wire dtype (zero-copy for 4-byte aligned float32)."""
     raw = np.frombuffer(data, dtype=WIRE_DTYPES[dtype])
     if dtype == common_pb2.D_TYPE_FLOAT32:
-        return raw
+        # Writers framing with guardmesh.wire align data (Tensor.padding); other writers may not.
+        return raw if raw.ctypes.data % 4 == 0 else raw.copy()
     if dtype == common_pb2.D_TYPE_FLOAT16:
         return raw.astype(np.float32)
     return bf16_to_f32(raw)
 
 
+def wire_array(dtype: int, values: np.ndarray) -> np.ndarray:
+    """A float32 array in a wire dtype: ``values`` itself when it is contiguous little-endian float32."""
+    if dtype == common_pb2.D_TYPE_FLOAT32:
+        return np.ascontiguousarray(values, dtype="<f4")
+    if dtype == common_pb2.D_TYPE_FLOAT16:
+        return values.astype("<f2")
+    return f32_to_bf16(values)
+
+
 def encode(dtype: int, values: np.ndarray) -> bytes:
     """Raw bytes of a float32 array in a wire dtype."""
-    if dtype == common_pb2.D_TYPE_FLOAT32:
-        return np.ascontiguousarray(values, dtype="<f4").tobytes()
-    if dtype == common_pb2.D_TYPE_FLOAT16:
-        return values.astype("<f2").tobytes()
-    return f32_to_bf16(values).tobytes()
+    return wire_array(dtype, values).tobytes()
 
 
 def tensor_pb(dtype: int, shape: tuple[int, ...], values: np.ndarray) -> common_pb2.Tensor:

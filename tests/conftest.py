@@ -16,6 +16,7 @@ import pytest
 from guardmesh.client import open_channel
 from guardmesh.config import MeshConfig, load_config
 from guardmesh.runtime import RunningService, load_definition, start_service
+from guardmesh.sdk.paramserver import ParamServerClient
 from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 
@@ -36,6 +37,25 @@ def make_config(tmp_path: Path, **overrides: object) -> MeshConfig:
             **overrides,
         }
     )
+
+
+def ps_config(tmp_path: Path, **overrides: object) -> MeshConfig:
+    """:func:`make_config` for an in-process paramserver on an ephemeral port."""
+    return make_config(tmp_path, **{"services.paramserver.port": 0, **overrides})
+
+
+@pytest.fixture
+def ps(tmp_path: Path) -> Iterator[tuple[RunningService, MeshConfig]]:
+    """A real paramserver shard on an ephemeral port, with its config."""
+    config = ps_config(tmp_path)
+    running = start_service(load_definition("paramserver"), config, port=0)
+    yield running, config
+    running.stop(grace=0.5)
+
+
+def ps_client(running: RunningService, config: MeshConfig, worker: str = "w0", model: str = "m") -> ParamServerClient:
+    """The SDK's client of ``model`` on one running shard, as ``worker``."""
+    return ParamServerClient.connect(model, worker_id=worker, config=config, addresses=[running.address])
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ checkpoints and sharding."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,30 +19,17 @@ from guardmesh.sdk.paramserver import (
     adam,
     asynchronous,
     bounded_staleness,
+    momentum,
     sgd,
     sync,
 )
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import paramserver_pb2 as pb
 from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
+from services.paramserver import server as ps_server
 
-from .conftest import make_config
-
-
-def ps_config(tmp_path: Path, **overrides: object) -> MeshConfig:
-    return make_config(tmp_path, **{"services.paramserver.port": 0, **overrides})
-
-
-@pytest.fixture
-def ps(tmp_path: Path) -> Iterator[tuple[RunningService, MeshConfig]]:
-    config = ps_config(tmp_path)
-    running = start_service(load_definition("paramserver"), config, port=0)
-    yield running, config
-    running.stop(grace=0.5)
-
-
-def client(running: RunningService, config: MeshConfig, model: str = "m", worker: str = "w0") -> ParamServerClient:
-    return ParamServerClient.connect(model, worker_id=worker, config=config, addresses=[running.address])
+from .conftest import ps_client as client
+from .conftest import ps_config
 
 
 def f32(values: list[float] | np.ndarray) -> common_pb2.Tensor:
@@ -297,6 +283,85 @@ def test_large_tensors_stream_in_chunks(tmp_path: Path) -> None:
         np.testing.assert_array_equal(pulled.tensors["big"], big)
         c.push({"big": np.ones_like(big), "small": np.ones(2)})
         np.testing.assert_allclose(c.pull().tensors["big"], big - 1.0, rtol=1e-6)
+    finally:
+        running.stop(grace=0.5)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [sgd(0.1, weight_decay=0.01), momentum(0.1, nesterov=True), adam(0.01), adam(0.01, 0.1, decoupled=True)],
+    ids=["sgd", "momentum", "adam", "adamw"],
+)
+def test_streamed_pushes_apply_in_place_exactly_as_unary_pushes(
+    tmp_path: Path, optimizer: pb.OptimizerConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed push is stepped chunk by chunk on views of the received chunks (never assembled): the
+    parameters and optimizer state must come out bit for bit as from the same pushes sent whole."""
+
+    def no_assembly(*args: object) -> None:
+        raise AssertionError("an SDK chunked float32 push was assembled")
+
+    unary_cfg = ps_config(tmp_path / "unary", **{"paramserver.stream_threshold_mib": 64.0})
+    stream_cfg = ps_config(tmp_path / "stream", **{"grpc.max_message_mib": 1, "paramserver.stream_threshold_mib": 0.25})
+    servers = [start_service(load_definition("paramserver"), cfg, port=0) for cfg in (unary_cfg, stream_cfg)]
+    try:
+        rng = np.random.default_rng(3)
+        init = {"w": rng.standard_normal(700_001).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+        clients = [client(s, cfg) for s, cfg in zip(servers, (unary_cfg, stream_cfg), strict=True)]
+        for c in clients:
+            c.create(init, optimizer, asynchronous())  # a streamed creation is assembled: from here on, pushes
+        monkeypatch.setattr(ps_server, "assemble", no_assembly)  # the servers run in this process
+        assert clients[1].chunk < init["w"].nbytes // 2  # the streamed side really sends several chunks
+        for _ in range(3):
+            grads = {n: rng.standard_normal(v.shape).astype(np.float32) for n, v in init.items()}
+            for c in clients:
+                c.pull()
+                assert c.push(grads)[0].outcome == pb.PUSH_OUTCOME_APPLIED
+        whole, streamed = (c.pull().tensors for c in clients)
+        for name in init:
+            np.testing.assert_array_equal(streamed[name], whole[name])
+        assert not np.array_equal(whole["w"], init["w"])
+    finally:
+        for s in servers:
+            s.stop(grace=0.5)
+
+
+def test_streamed_push_in_odd_sized_chunks_is_assembled_and_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer's chunks need not hold whole floats: such a gradient is assembled, then applied."""
+    assembled: list[int] = []
+    real_assemble = ps_server.assemble
+
+    def counting(field: str, size: int, parts: list[tuple[int, memoryview]]) -> np.ndarray:
+        assembled.append(size)
+        return real_assemble(field, size, parts)
+
+    monkeypatch.setattr(ps_server, "assemble", counting)
+    config = ps_config(tmp_path)
+    running = start_service(load_definition("paramserver"), config, port=0)
+    try:
+        c = client(running, config)
+        c.create({"w": np.zeros(1000)}, sgd(1.0), asynchronous())
+        g = np.linspace(-1, 1, 1000, dtype=np.float32)
+        raw = g.tobytes()
+        header = pb.PushStreamRequest(
+            header=pb.StreamHeader(
+                model="m",
+                worker_id="odd",
+                version=0,
+                step_id=1,
+                tensors=[pb.TensorInfo(name="w", dtype=common_pb2.D_TYPE_FLOAT32, shape=[1000])],
+            )
+        )
+        chunks = [
+            pb.PushStreamRequest(chunk=pb.TensorChunk(tensor=0, offset=o, data=raw[o : o + 1001]))
+            for o in range(0, len(raw), 1001)
+        ]
+        stub = pb_grpc.ParamServerServiceStub(c.channels[0])  # plain upb: no padding, odd chunk boundaries
+        assert stub.PushStream(iter([header, *chunks])).result.outcome == pb.PUSH_OUTCOME_APPLIED
+        np.testing.assert_array_equal(c.pull().tensors["w"], -g)
+        assert assembled == [4000]
     finally:
         running.stop(grace=0.5)
 

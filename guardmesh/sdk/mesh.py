@@ -142,6 +142,7 @@ def train_loop(
     epochs: int = 1,
     lease: Lease | None = None,
     on_step: Callable[[int, StepReport], None] | None = None,
+    fused: bool = False,
 ) -> TrainSummary:
     """Train ``module`` through the parameter server: one :meth:`ParamServerClient.train_step` per batch.
 
@@ -150,7 +151,8 @@ def train_loop(
     the push was stale. ``batches`` is iterated once per epoch (a list or a ``DataLoader``). With a
     ``lease``, :meth:`Lease.should_stop` is asked before every step: a preemption notice ends the loop
     (``preempted`` is set: checkpoint and exit), a lost lease raises its :class:`grpc.RpcError`.
-    ``on_step(step, report)`` is called after every step. At the end the module holds the server's
+    ``on_step(step, report)`` is called after every step. ``fused`` makes each step one PushPull round trip
+    (see :meth:`ParamServerClient.train_step`). At the end the module holds the server's
     latest parameters. Errors of the parameter server propagate as :class:`grpc.RpcError` (or
     :class:`~guardmesh.sdk.paramserver.StalePush` after too many re-pulls).
     """
@@ -166,7 +168,7 @@ def train_loop(
                 loss.backward()
                 return float(loss.item())
 
-            report = ps.train_step(module, compute)
+            report = ps.train_step(module, compute, fused=fused)
             summary.steps += 1
             summary.repulls += report.repulls
             summary.losses.append(float(report.loss))  # type: ignore[arg-type]

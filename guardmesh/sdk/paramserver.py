@@ -16,6 +16,7 @@ version, and a push carries, per shard, the version its gradients were computed 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -28,6 +29,7 @@ import grpc
 import numpy as np
 from opentelemetry import trace
 
+from guardmesh import wire
 from guardmesh.client import open_channel
 from guardmesh.config import MeshConfig, load_config
 from guardmesh.discovery import registry_for
@@ -97,6 +99,61 @@ class HashRing:
         return self.owners[i]
 
 
+_SERVICE = "/guardmesh.v1.ParamServerService/"
+
+
+class WireStub(pb_grpc.ParamServerServiceStub):
+    """The generated stub, with the tensor-carrying methods through ``guardmesh.wire``.
+
+    Answers carrying tensors (Pull, PullStream, PushPull, PushPullStream) decode into
+    :class:`guardmesh.wire.WireMessage` (tensors are views of the received bytes); pushes send bytes framed
+    by the SDK (gradients copied once, into the message), though protobuf messages are accepted too. The
+    bytes on the wire are the proto contract's either way.
+    """
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        super().__init__(channel)
+        pull_response, pull_stream_response = pb.PullResponse.DESCRIPTOR, pb.PullStreamResponse.DESCRIPTOR
+        self.Pull = channel.unary_unary(
+            _SERVICE + "Pull",
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=lambda data: wire.decode(pull_response, data),
+            _registered_method=True,
+        )
+        self.PullStream = channel.unary_stream(
+            _SERVICE + "PullStream",
+            request_serializer=pb.PullStreamRequest.SerializeToString,
+            response_deserializer=lambda data: wire.decode(pull_stream_response, data),
+            _registered_method=True,
+        )
+        self.Push = channel.unary_unary(
+            _SERVICE + "Push",
+            request_serializer=wire.serialize,
+            response_deserializer=pb.PushResponse.FromString,
+            _registered_method=True,
+        )
+        self.PushStream = channel.stream_unary(
+            _SERVICE + "PushStream",
+            request_serializer=wire.serialize,
+            response_deserializer=pb.PushStreamResponse.FromString,
+            _registered_method=True,
+        )
+        push_pull_response = pb.PushPullResponse.DESCRIPTOR
+        push_pull_stream_response = pb.PushPullStreamResponse.DESCRIPTOR
+        self.PushPull = channel.unary_unary(
+            _SERVICE + "PushPull",
+            request_serializer=wire.serialize,
+            response_deserializer=lambda data: wire.decode(push_pull_response, data),
+            _registered_method=True,
+        )
+        self.PushPullStream = channel.stream_stream(
+            _SERVICE + "PushPullStream",
+            request_serializer=wire.serialize,
+            response_deserializer=lambda data: wire.decode(push_pull_stream_response, data),
+            _registered_method=True,
+        )
+
+
 class StalePush(Exception):
     """A push was rejected as stale (or ahead after a restore); re-pull and recompute."""
 
@@ -144,15 +201,17 @@ class ParamServerClient:
     config: MeshConfig
     worker_id: str = "worker-0"
     channels: list[grpc.Channel] = field(default_factory=list)
-    stubs: list[pb_grpc.ParamServerServiceStub] = field(default_factory=list)
+    stubs: list[WireStub] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     incarnations: list[str] = field(default_factory=list)
     _steps: Iterator[int] = field(default_factory=itertools.count)
+    #: The module the last fused step's answer was loaded into (its next fused step needs no pull).
+    _loaded: object = None
 
     def __post_init__(self) -> None:
         self.ring = HashRing(len(self.addresses))
         self.channels = [open_channel("paramserver", self.config, address=a) for a in self.addresses]
-        self.stubs = [pb_grpc.ParamServerServiceStub(c) for c in self.channels]
+        self.stubs = [WireStub(c) for c in self.channels]
         self.versions = [0] * len(self.addresses)
         self.incarnations = [""] * len(self.addresses)
         self.awaiting = [0] * len(self.addresses)
@@ -249,40 +308,41 @@ class ParamServerClient:
 
     # -- pull ------------------------------------------------------------------------------------------
 
+    def _describe(self, i: int) -> pb.ModelInfo:
+        """The shard's model; records the wire size of its tensors (which decides unary or streamed calls)."""
+        info = self.stubs[i].DescribeModel(pb.DescribeModelRequest(model=self.model)).model
+        self.wire_bytes[i] = sum(
+            int(np.prod(t.shape)) * (4 if t.dtype == common_pb2.D_TYPE_FLOAT32 else 2) for t in info.tensors
+        )
+        return info
+
     def _pull_shard(self, i: int, min_version: int, timeout: float | None) -> tuple[int, str, dict[str, np.ndarray]]:
         stub = self.stubs[i]
         if self.wire_bytes[i] < 0 or min_version > 0:
             # First contact, or about to wait for a version: check the shard did not restart meanwhile.
-            info = stub.DescribeModel(pb.DescribeModelRequest(model=self.model)).model
+            info = self._describe(i)
             if self.incarnations[i] and info.incarnation != self.incarnations[i]:
                 min_version = 0  # the shard restarted: the version we waited for may never come
                 self.awaiting[i] = 0
-            self.wire_bytes[i] = sum(
-                int(np.prod(t.shape)) * (4 if t.dtype == common_pb2.D_TYPE_FLOAT32 else 2) for t in info.tensors
-            )
         req = pb.PullRequest(model=self.model, min_version=min_version)
-        out: dict[str, np.ndarray] = {}
         if self.wire_bytes[i] <= self.threshold:
             resp = stub.Pull(req, timeout=timeout)
-            for nt in resp.tensors:
-                out[nt.name] = decode(nt.tensor.dtype, nt.tensor.data).reshape(tuple(nt.tensor.shape))
-            return resp.version, resp.incarnation, out
-        header: pb.StreamHeader | None = None
-        buffers: list[np.ndarray] = []
-        for msg in stub.PullStream(pb.PullStreamRequest(pull=req, chunk_bytes=self.chunk), timeout=timeout):
-            if msg.WhichOneof("part") == "header":
-                header = msg.header
-                buffers = [
-                    np.empty(int(np.prod(t.shape)) * (4 if t.dtype == common_pb2.D_TYPE_FLOAT32 else 2), np.uint8)
-                    for t in header.tensors
-                ]
-            else:
-                c = msg.chunk
-                buffers[c.tensor][c.offset : c.offset + len(c.data)] = np.frombuffer(c.data, dtype=np.uint8)
-        assert header is not None
-        for t, buf in zip(header.tensors, buffers, strict=True):
-            out[t.name] = decode(t.dtype, buf.data).reshape(tuple(t.shape))
-        return header.version, header.incarnation, out
+            return resp.version, resp.incarnation, {nt.name: _tensor(nt.tensor) for nt in resp.tensors}
+        version, incarnation, out, _ = _assemble(
+            stub.PullStream(pb.PullStreamRequest(pull=req, chunk_bytes=self.chunk), timeout=timeout)
+        )
+        return version, incarnation, out
+
+    def _pulled(self, i: int, version: int, incarnation: str) -> None:
+        """Record the version and incarnation a shard's tensors were received at."""
+        if self.incarnations[i] and incarnation != self.incarnations[i]:
+            log.warning(
+                "shard %d restarted (incarnation %s -> %s, version %d)", i, self.incarnations[i], incarnation, version
+            )
+        self.versions[i] = version
+        self.incarnations[i] = incarnation
+        if version >= self.awaiting[i]:
+            self.awaiting[i] = 0
 
     def pull(self, min_versions: list[int] | None = None, timeout: float | None = None) -> PullResult:
         """Every tensor, with the version of each shard.
@@ -294,110 +354,141 @@ class ParamServerClient:
         wanted = min_versions or self.awaiting
         for i in range(len(self.stubs)):
             version, incarnation, part = self._pull_shard(i, wanted[i], timeout)
-            if self.incarnations[i] and incarnation != self.incarnations[i]:
-                log.warning(
-                    "shard %d restarted (incarnation %s -> %s, version %d)",
-                    i,
-                    self.incarnations[i],
-                    incarnation,
-                    version,
-                )
-            self.versions[i] = version
-            self.incarnations[i] = incarnation
-            if version >= self.awaiting[i]:
-                self.awaiting[i] = 0
+            self._pulled(i, version, incarnation)
             tensors.update(part)
         return PullResult(tensors, list(self.versions), list(self.incarnations))
 
     def pull_into(self, module: object, min_versions: list[int] | None = None) -> PullResult:
         """Copy the server's parameters into a ``torch.nn.Module`` in place."""
-        import torch
-
         result = self.pull(min_versions)
-        with torch.no_grad(), warnings.catch_warnings():
-            # The arrays view the received bytes (read-only, no copy); copy_ only reads them.
-            warnings.simplefilter("ignore", UserWarning)
-            for name, p in module.named_parameters():  # type: ignore[attr-defined]
-                p.copy_(torch.from_numpy(result.tensors[name].reshape(tuple(p.shape))))
+        _load(module, result)
         return result
 
     # -- push ------------------------------------------------------------------------------------------
 
-    def push(self, grads: dict[str, np.ndarray], step_id: int | None = None) -> list[pb.PushResponse]:
-        """Push gradients computed on the last pulled versions. Raises StalePush to ask for a re-pull."""
-        step = next(self._steps) if step_id is None else step_id
+    def _split(self, grads: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         per_shard: list[dict[str, np.ndarray]] = [{} for _ in self.stubs]
         for name, g in grads.items():
             per_shard[self.ring.shard_of(name)][name] = np.ascontiguousarray(g, dtype="<f4")
+        return per_shard
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _stale_pushes_raised(i: int) -> Iterator[None]:
+        """Turn shard ``i``'s refusal of a push as stale (status with a StalenessDetail) into StalePush."""
+        try:
+            yield
+        except grpc.RpcError as err:
+            if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED):
+                details = status_details(err, pb.StalenessDetail)
+                if details:
+                    raise StalePush(i, details[0], err.code()) from err  # type: ignore[arg-type]
+            raise
+
+    def push(self, grads: dict[str, np.ndarray], step_id: int | None = None) -> list[pb.PushResponse]:
+        """Push gradients computed on the last pulled versions. Raises StalePush to ask for a re-pull."""
+        step = next(self._steps) if step_id is None else step_id
         results = []
-        for i, part in enumerate(per_shard):
+        for i, part in enumerate(self._split(grads)):
             if not part:
                 continue
-            try:
+            with self._stale_pushes_raised(i):
                 result = self._push_shard(i, part, step)
-                results.append(result)
-                buffered = result.outcome == pb.PUSH_OUTCOME_BUFFERED
-                self.awaiting[i] = result.version + 1 if buffered else 0
-            except grpc.RpcError as err:
-                if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED):
-                    details = status_details(err, pb.StalenessDetail)
-                    if details:
-                        raise StalePush(i, details[0], err.code()) from err  # type: ignore[arg-type]
-                raise
+            results.append(result)
+            buffered = result.outcome == pb.PUSH_OUTCOME_BUFFERED
+            self.awaiting[i] = result.version + 1 if buffered else 0
         return results
 
+    def push_pull(
+        self, grads: dict[str, np.ndarray], step_id: int | None = None, timeout: float | None = None
+    ) -> tuple[list[pb.PushResponse], PullResult]:
+        """Push gradients and receive the parameters for the next step in one call per shard (PushPull).
+
+        The answer of a shard is the version that includes the push (SYNC waits for the other workers'
+        pushes, within ``timeout``). A shard without gradients in ``grads`` is pulled. Raises StalePush as
+        :meth:`push` does; nothing of that shard was pulled then.
+        """
+        step = next(self._steps) if step_id is None else step_id
+        results: list[pb.PushResponse] = []
+        tensors: dict[str, np.ndarray] = {}
+        for i, part in enumerate(self._split(grads)):
+            if not part:
+                version, incarnation, out = self._pull_shard(i, self.awaiting[i], timeout)
+            else:
+                with self._stale_pushes_raised(i):
+                    result, version, incarnation, out = self._push_pull_shard(i, part, step, timeout)
+                results.append(result)
+            self._pulled(i, version, incarnation)
+            tensors.update(out)
+        return results, PullResult(tensors, list(self.versions), list(self.incarnations))
+
+    def _push_head(self, i: int, step: int) -> bytes:
+        """A PushRequest (or PushPullRequest: the same fields) without gradients, serialized."""
+        return pb.PushRequest(
+            model=self.model,
+            worker_id=self.worker_id,
+            base_version=self.versions[i],
+            step_id=step,
+            incarnation=self.incarnations[i],  # a restore since the pull makes the server refuse it
+        ).SerializeToString()
+
+    def _push_message(self, i: int, part: dict[str, np.ndarray], step: int) -> bytes:
+        frames = wire.Frames(self._push_head(i, step))
+        for n, g in part.items():
+            frames.named_tensor(5, n, common_pb2.D_TYPE_FLOAT32, g.shape, g)
+        return frames.join()  # the join is the gradients' one copy
+
+    def _push_messages(self, i: int, part: dict[str, np.ndarray], step: int) -> Iterator[bytes]:
+        """A streamed push: a header, then chunks of each gradient (each chunk copied once, into its message)."""
+        head = pb.PushStreamRequest()
+        head.header.model = self.model
+        head.header.version = self.versions[i]
+        head.header.worker_id = self.worker_id
+        head.header.step_id = step
+        head.header.incarnation = self.incarnations[i]
+        for n, g in part.items():
+            head.header.tensors.add(name=n, dtype=common_pb2.D_TYPE_FLOAT32, shape=list(g.shape))
+        yield head.SerializeToString()
+        for t, g in enumerate(part.values()):
+            raw = g.reshape(-1).view(np.uint8)
+            for off in range(0, raw.size, self.chunk):
+                yield b"".join(wire.tensor_chunk(2, t, off, raw[off : off + self.chunk]))
+
     def _push_shard(self, i: int, part: dict[str, np.ndarray], step: int) -> pb.PushResponse:
-        size = sum(g.nbytes for g in part.values())
+        if sum(g.nbytes for g in part.values()) <= self.threshold:
+            return self.stubs[i].Push(self._push_message(i, part, step))
+        return self.stubs[i].PushStream(self._push_messages(i, part, step)).result
+
+    def _push_pull_shard(
+        self, i: int, part: dict[str, np.ndarray], step: int, timeout: float | None
+    ) -> tuple[pb.PushResponse, int, str, dict[str, np.ndarray]]:
         stub = self.stubs[i]
-        if size <= self.threshold:
-            # Filled in place: nested message constructors would copy every payload once more.
-            req = pb.PushRequest(
-                model=self.model,
-                worker_id=self.worker_id,
-                base_version=self.versions[i],
-                step_id=step,
-                incarnation=self.incarnations[i],  # a restore since the pull makes the server refuse it
-            )
-            for n, g in part.items():
-                nt = req.gradients.add()
-                nt.name = n
-                nt.tensor.dtype = common_pb2.D_TYPE_FLOAT32
-                nt.tensor.shape.extend(g.shape)
-                nt.tensor.data = g.tobytes()
-            return stub.Push(req)
-        chunk = self.chunk
-
-        def stream() -> Iterator[pb.PushStreamRequest]:
-            head = pb.PushStreamRequest()
-            head.header.model = self.model
-            head.header.version = self.versions[i]
-            head.header.worker_id = self.worker_id
-            head.header.step_id = step
-            head.header.incarnation = self.incarnations[i]
-            for n, g in part.items():
-                head.header.tensors.add(name=n, dtype=common_pb2.D_TYPE_FLOAT32, shape=list(g.shape))
-            yield head
-            for t, g in enumerate(part.values()):
-                raw = g.tobytes()
-                for off in range(0, len(raw), chunk):
-                    msg = pb.PushStreamRequest()
-                    msg.chunk.tensor = t
-                    msg.chunk.offset = off
-                    msg.chunk.data = raw[off : off + chunk]
-                    yield msg
-
-        return stub.PushStream(stream()).result
+        if self.wire_bytes[i] < 0:
+            self._describe(i)
+        if max(self.wire_bytes[i], sum(g.nbytes for g in part.values())) <= self.threshold:
+            resp = stub.PushPull(self._push_message(i, part, step), timeout=timeout)
+            out = {nt.name: _tensor(nt.tensor) for nt in resp.tensors}
+            return resp.result.to_message(pb.PushResponse), resp.version, resp.incarnation, out
+        version, incarnation, out, header = _assemble(
+            stub.PushPullStream(self._push_messages(i, part, step), timeout=timeout)
+        )
+        return header.result.to_message(pb.PushResponse), version, incarnation, out
 
     def train_step(
         self,
         module: object,
         compute: Callable[[], object],
         *,
+        fused: bool = False,
         max_repulls: int = 20,
         unavailable_wait_s: float = 0.5,
         unavailable_budget_s: float = 60.0,
     ) -> StepReport:
         """One training step: pull into ``module``, run ``compute`` (forward + ``backward()``), push.
+
+        With ``fused``, the push is a PushPull whose answer loads ``module`` with the parameters for the
+        next step, so a step costs one round trip instead of two (the next step then computes on the
+        parameters of the end of this one rather than of a fresh pull: its staleness may be slightly higher).
 
         A push rejected as stale (or ahead of a restored server) is recomputed after a re-pull; a shard
         that stays UNAVAILABLE beyond the channel's own retries (a restart) is waited for up to
@@ -409,15 +500,23 @@ class ParamServerClient:
         repulls = 0
         waited = 0.0
         with _tracer.start_as_current_span(
-            "guardmesh.train_step", attributes={"guardmesh.model": self.model, "guardmesh.step_id": step}
+            "guardmesh.train_step",
+            attributes={"guardmesh.model": self.model, "guardmesh.step_id": step, "guardmesh.fused": fused},
         ) as span:
             while True:
                 try:
-                    self.pull_into(module)
+                    if not (fused and self._loaded is module):
+                        self.pull_into(module)
+                    self._loaded = None
                     for p in module.parameters():  # type: ignore[attr-defined]
                         p.grad = None
                     loss = compute()
-                    results = self.push_from(module, step_id=step)
+                    if fused:
+                        results, pulled = self.push_pull(_grads_of(module), step_id=step)
+                        _load(module, pulled)
+                        self._loaded = module
+                    else:
+                        results = self.push_from(module, step_id=step)
                     span.set_attribute("guardmesh.repulls", repulls)
                     span.set_attribute("guardmesh.versions", [r.version for r in results])
                     span.set_attribute("guardmesh.staleness", [r.staleness for r in results])
@@ -435,12 +534,61 @@ class ParamServerClient:
 
     def push_from(self, module: object, step_id: int | None = None) -> list[pb.PushResponse]:
         """Push the ``.grad`` of every parameter of a ``torch.nn.Module``."""
-        grads = {
-            n: p.grad.detach().cpu().numpy()
-            for n, p in module.named_parameters()  # type: ignore[attr-defined]
-            if p.grad is not None
-        }
-        return self.push(grads, step_id)
+        return self.push(_grads_of(module), step_id)
+
+    def push_pull_from(self, module: object, step_id: int | None = None) -> list[pb.PushResponse]:
+        """PushPull the ``.grad`` of every parameter of a ``torch.nn.Module`` and load the answer into it."""
+        results, pulled = self.push_pull(_grads_of(module), step_id)
+        _load(module, pulled)
+        return results
+
+
+def _grads_of(module: object) -> dict[str, np.ndarray]:
+    """The ``.grad`` of every parameter that has one, as numpy views."""
+    return {
+        n: p.grad.detach().cpu().numpy()
+        for n, p in module.named_parameters()  # type: ignore[attr-defined]
+        if p.grad is not None
+    }
+
+
+def _load(module: object, pulled: PullResult) -> None:
+    """Copy pulled tensors into a ``torch.nn.Module``'s parameters in place."""
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # The arrays view the received bytes (read-only, no copy); copy_ only reads them.
+        warnings.simplefilter("ignore", UserWarning)
+        for name, p in module.named_parameters():  # type: ignore[attr-defined]
+            p.copy_(torch.from_numpy(pulled.tensors[name].reshape(tuple(p.shape))))
+
+
+def _tensor(t: wire.WireMessage) -> np.ndarray:
+    """A received tensor as float32, viewing the message's bytes when it is float32 (read-only)."""
+    return decode(t.dtype, t.data).reshape(tuple(t.shape))
+
+
+def _assemble(messages: Iterator[wire.WireMessage]) -> tuple[int, str, dict[str, np.ndarray], wire.WireMessage]:
+    """A streamed answer (header, then chunks) as (version, incarnation, tensors, header): one copy per chunk."""
+    header: wire.WireMessage | None = None
+    buffers: list[np.ndarray] = []
+    for msg in messages:
+        if msg.WhichOneof("part") == "header":
+            header = msg.header
+            buffers = [
+                np.empty(int(np.prod(t.shape)) * (4 if t.dtype == common_pb2.D_TYPE_FLOAT32 else 2), np.uint8)
+                for t in header.tensors
+            ]
+        else:
+            c = msg.chunk
+            buffers[c.tensor][c.offset : c.offset + len(c.data)] = np.frombuffer(c.data, dtype=np.uint8)
+    if header is None:
+        raise RuntimeError("the server's stream ended without a header")
+    out = {
+        t.name: decode(t.dtype, buf.data).reshape(tuple(t.shape))
+        for t, buf in zip(header.tensors, buffers, strict=True)
+    }
+    return header.version, header.incarnation, out, header
 
 
 def _creation_stream(request: pb.CreateModelRequest, chunk: int = 4 << 20) -> Iterator[pb.CreateModelStreamRequest]:

@@ -6,6 +6,7 @@ Adam's bias correction.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from guardmesh.errors import InvalidArgument
 from native import optim as _optim  # type: ignore[attr-defined]
+from services.paramserver.gradients import Gradient, Segments
 
 
 class OptimizerKind(IntEnum):
@@ -80,9 +82,13 @@ class ServerOptimizer:
                 self.state[name] = {}
 
     def step(
-        self, masters: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr_scale: float, grad_scale: float
+        self, masters: dict[str, np.ndarray], grads: Mapping[str, Gradient], lr_scale: float, grad_scale: float
     ) -> None:
-        """Apply one update: ``grads`` are already aggregated; ``grad_scale`` carries clipping."""
+        """Apply one update: ``grads`` are already aggregated; ``grad_scale`` carries clipping.
+
+        A gradient in :class:`Segments` is applied segment by segment to the matching slices of the
+        parameter and its state (the kernels are elementwise: the result is the same as on one array).
+        """
         s = self.settings
         self.steps += 1
         lr = s.learning_rate * lr_scale
@@ -91,35 +97,37 @@ class ServerOptimizer:
             st = self.state[name]
             self.tensor_steps[name] += 1
             t = self.tensor_steps[name]
-            if s.kind in (OptimizerKind.ADAM, OptimizerKind.ADAMW):
-                _optim.adam_step(
-                    p,
-                    g,
-                    st["exp_avg"],
-                    st["exp_avg_sq"],
-                    t,
-                    lr,
-                    s.beta1,
-                    s.beta2,
-                    s.epsilon,
-                    s.weight_decay,
-                    s.kind == OptimizerKind.ADAMW,
-                    grad_scale,
-                )
-                continue
-            if grad_scale != 1.0:
-                g = g * np.float32(grad_scale)
-            if s.kind == OptimizerKind.MOMENTUM:
-                _optim.momentum_step(
-                    p,
-                    g,
-                    st["momentum_buffer"],
-                    lr,
-                    s.momentum,
-                    s.dampening,
-                    s.nesterov,
-                    s.weight_decay,
-                    t == 1,
-                )
-            else:
-                _optim.sgd_step(p, g, lr, s.weight_decay)
+            for lo, gs in g.parts if isinstance(g, Segments) else ((0, g),):
+                hi = lo + gs.shape[0]
+                if s.kind in (OptimizerKind.ADAM, OptimizerKind.ADAMW):
+                    _optim.adam_step(
+                        p[lo:hi],
+                        gs,
+                        st["exp_avg"][lo:hi],
+                        st["exp_avg_sq"][lo:hi],
+                        t,
+                        lr,
+                        s.beta1,
+                        s.beta2,
+                        s.epsilon,
+                        s.weight_decay,
+                        s.kind == OptimizerKind.ADAMW,
+                        grad_scale,
+                    )
+                    continue
+                if grad_scale != 1.0:
+                    gs = gs * np.float32(grad_scale)
+                if s.kind == OptimizerKind.MOMENTUM:
+                    _optim.momentum_step(
+                        p[lo:hi],
+                        gs,
+                        st["momentum_buffer"][lo:hi],
+                        lr,
+                        s.momentum,
+                        s.dampening,
+                        s.nesterov,
+                        s.weight_decay,
+                        t == 1,
+                    )
+                else:
+                    _optim.sgd_step(p[lo:hi], gs, lr, s.weight_decay)

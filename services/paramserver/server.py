@@ -6,13 +6,14 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 from opentelemetry import metrics, trace
 
+from guardmesh import wire
 from guardmesh.config import MeshConfig
 from guardmesh.errors import AlreadyExists, GuardmeshError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from guardmesh.runtime import ServiceDefinition
@@ -22,10 +23,12 @@ from guardmesh.v1 import common_pb2
 from guardmesh.v1 import paramserver_pb2 as pb
 from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
 from services.paramserver.checkpoint import CheckpointError, CheckpointStore
+from services.paramserver.gradients import Gradient, Segments
 from services.paramserver.optimizer import OptimizerKind, OptimizerSettings
 from services.paramserver.shard import ConsistencySettings, Mode, ModelShard, PushResult, TensorMeta
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 MODEL_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_CHUNK = 4 << 20
 
@@ -111,6 +114,16 @@ def _result_pb(r: PushResult) -> pb.PushResponse:
     return pb.PushResponse(outcome=int(r.outcome), version=r.version, staleness=r.staleness, lr_scale=r.lr_scale)  # type: ignore[arg-type]
 
 
+def _wait_budget(context: grpc.ServicerContext) -> float | None:
+    """How long a handler may wait for a version: the call's remaining time less a margin, so that its own
+    DEADLINE_EXCEEDED (which says what it waited for) reaches the caller before the caller's deadline fires.
+    None without a deadline (grpc then reports a huge number that ``Condition.wait`` rejects)."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 86_400:
+        return None
+    return max(0.0, remaining - min(0.25, 0.1 * remaining))
+
+
 def header_elements(field: str, dtype: int, shape: tuple[int, ...]) -> int:
     """Element count of a tensor announced in a stream header (its data follows in chunks).
 
@@ -131,34 +144,60 @@ def header_elements(field: str, dtype: int, shape: tuple[int, ...]) -> int:
     return count
 
 
-def assemble_chunks(sizes: list[int], chunks: Iterator[pb.TensorChunk | None]) -> list[np.ndarray]:
-    """Fill one buffer per tensor from in-order chunks; INVALID_ARGUMENT for gaps, overflow or extras.
-
-    Buffers are uninitialised (``np.empty``): every byte is written by a chunk or the push is rejected.
-    """
-    buffers = []
-    for i, n in enumerate(sizes):
-        try:
-            buffers.append(np.empty(n, dtype=np.uint8))
-        except (MemoryError, ValueError):
-            raise ResourceExhausted(f"header.tensors[{i}]: {n} bytes cannot be allocated on this shard") from None
-    filled = [0] * len(buffers)
+def collect_chunks(sizes: list[int], chunks: Iterator[Any]) -> list[list[tuple[int, memoryview]]]:
+    """In-order chunks of each tensor as (byte offset, bytes) without copying them; INVALID_ARGUMENT for gaps,
+    overflow or anything but chunks after the header. ``sizes`` are the tensors' byte lengths."""
+    parts: list[list[tuple[int, memoryview]]] = [[] for _ in sizes]
+    filled = [0] * len(sizes)
     for c in chunks:
         if c is None:
             raise InvalidArgument("chunk", "only chunks may follow the header")
-        if not 0 <= c.tensor < len(buffers):
-            raise InvalidArgument("chunk.tensor", f"must index the header's {len(buffers)} tensors")
+        if not 0 <= c.tensor < len(sizes):
+            raise InvalidArgument("chunk.tensor", f"must index the header's {len(sizes)} tensors")
         if c.offset != filled[c.tensor]:
             raise InvalidArgument("chunk.offset", f"expected {filled[c.tensor]} (chunks arrive in order)")
-        end = c.offset + len(c.data)
-        if end > len(buffers[c.tensor]):
+        data = memoryview(c.data)
+        end = c.offset + data.nbytes
+        if end > sizes[c.tensor]:
             raise InvalidArgument("chunk.data", "overflows the tensor's byte length")
-        buffers[c.tensor][c.offset : end] = np.frombuffer(c.data, dtype=np.uint8)
+        if data.nbytes:
+            parts[c.tensor].append((c.offset, data))
         filled[c.tensor] = end
-    for i, buf in enumerate(buffers):
-        if filled[i] != len(buf):
-            raise InvalidArgument(f"header.tensors[{i}]", f"received {filled[i]} of {len(buf)} bytes")
-    return buffers
+    for i, n in enumerate(sizes):
+        if filled[i] != n:
+            raise InvalidArgument(f"header.tensors[{i}]", f"received {filled[i]} of {n} bytes")
+    return parts
+
+
+def assemble(field: str, size: int, parts: list[tuple[int, memoryview]]) -> np.ndarray:
+    """One buffer of ``size`` bytes from validated chunks (:func:`collect_chunks`): their one copy."""
+    try:
+        out = np.empty(size, dtype=np.uint8)
+    except (MemoryError, ValueError):
+        raise ResourceExhausted(f"{field}: {size} bytes cannot be allocated on this shard") from None
+    for offset, data in parts:
+        out[offset : offset + data.nbytes] = np.frombuffer(data, dtype=np.uint8)
+    return out
+
+
+def assemble_chunks(sizes: list[int], chunks: Iterator[Any]) -> list[np.ndarray]:
+    """Fill one buffer per tensor from in-order chunks; INVALID_ARGUMENT for gaps, overflow or extras."""
+    parts = collect_chunks(sizes, chunks)
+    return [assemble(f"header.tensors[{i}]", n, p) for i, (n, p) in enumerate(zip(sizes, parts, strict=True))]
+
+
+def chunked_float32(parts: list[tuple[int, memoryview]], count: int) -> Segments | None:
+    """A float32 gradient as views of its chunks, when every chunk holds whole, 4-byte aligned elements
+    (the SDK's chunks do); None when it must be assembled."""
+    views = []
+    for offset, data in parts:
+        if offset % 4 or data.nbytes % 4:
+            return None
+        values = np.frombuffer(data, dtype="<f4")
+        if values.ctypes.data % 4:
+            return None
+        views.append((offset // 4, values))
+    return Segments(tuple(views), count)
 
 
 class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
@@ -307,65 +346,74 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         """See the proto."""
         return pb.DescribeModelResponse(model=_info(self._shard(request.model)))
 
-    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> tuple[ModelShard, int, list[Any]]:
+    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext, frame: Callable[[int, list[Any]], T]) -> T:
+        """Wait for ``min_version`` if asked, then frame the tensors atomically (see ``ModelShard.framed``)."""
         shard = self._shard(request.model)
         if request.min_version < 0:
             raise InvalidArgument("min_version", "must be >= 0")
-        if request.min_version > shard.version:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining > 86_400:
-                remaining = None  # no deadline: grpc reports a huge number that Condition.wait rejects
-            if not shard.wait_version(request.min_version, remaining):
-                context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"version {request.min_version} not reached (now {shard.version})",
-                )
-        version, items = shard.snapshot(list(request.names))
-        return shard, version, items
+        if request.min_version > shard.version and not shard.wait_version(request.min_version, _wait_budget(context)):
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"version {request.min_version} not reached (now {shard.version})",
+            )
+        return shard.framed(list(request.names), frame)
 
-    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.PullResponse:
-        """See the proto."""
-        shard = self._shard(request.model)
-        total = shard.wire_bytes(list(request.names))
+    def _check_unary_size(self, shard: ModelShard, names: list[str]) -> None:
+        total = shard.wire_bytes(names)
         limit = self.config.grpc.max_message_mib << 20
         if total > limit - (1 << 16):
             raise ResourceExhausted(
                 f"{total} bytes of tensors exceed the {self.config.grpc.max_message_mib} MiB message limit; "
-                "use PullStream"
+                "use the streamed method"
             )
-        shard, version, items = self._pull(request, context)
-        resp = pb.PullResponse(version=version, incarnation=shard.incarnation)
-        for name, meta, raw in items:
-            # Filled in place: nested message constructors would copy the payload once more.
-            nt = resp.tensors.add()
-            nt.name = name
-            nt.tensor.dtype = meta.dtype  # type: ignore[assignment]
-            nt.tensor.shape.extend(meta.shape)
-            nt.tensor.data = raw
-        return resp
 
-    def PullStream(
-        self, request: pb.PullStreamRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.PullStreamResponse]:
-        """See the proto."""
-        chunk = request.chunk_bytes or min(DEFAULT_CHUNK, (self.config.grpc.max_message_mib << 20) - (1 << 16))
+    def _default_chunk(self) -> int:
+        return min(DEFAULT_CHUNK, (self.config.grpc.max_message_mib << 20) - (1 << 16))
+
+    @staticmethod
+    def _stream_frames(
+        shard: ModelShard, chunk: int, result: pb.PushResponse | None = None
+    ) -> Callable[[int, list[tuple[str, TensorMeta, np.ndarray]]], list[bytes]]:
+        """A ``framed`` callback encoding a header and every chunk: the tensors' one copy, under the lock."""
+
+        def frame(version: int, items: list[tuple[str, TensorMeta, np.ndarray]]) -> list[bytes]:
+            header = pb.PullStreamResponse()
+            header.header.model = shard.name
+            header.header.version = version
+            header.header.incarnation = shard.incarnation
+            if result is not None:
+                header.header.result.CopyFrom(result)
+            for n, m, _ in items:
+                header.header.tensors.add(name=n, dtype=m.dtype, shape=list(m.shape))  # type: ignore[arg-type]
+            messages = [header.SerializeToString()]
+            for i, (_, _, values) in enumerate(items):
+                raw = values.reshape(-1).view(np.uint8)
+                for off in range(0, raw.size, chunk):
+                    messages.append(b"".join(wire.tensor_chunk(2, i, off, raw[off : off + chunk])))
+            return messages
+
+        return frame
+
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> bytes:
+        """See the proto. Answers the PullResponse already encoded: the tensors are copied once, into it."""
+        shard = self._shard(request.model)
+        self._check_unary_size(shard, list(request.names))
+
+        def frame(version: int, items: list[tuple[str, TensorMeta, np.ndarray]]) -> bytes:
+            frames = wire.Frames(pb.PullResponse(version=version, incarnation=shard.incarnation).SerializeToString())
+            for name, meta, values in items:
+                frames.named_tensor(3, name, meta.dtype, meta.shape, values)
+            return frames.join()
+
+        return self._pull(request, context, frame)
+
+    def PullStream(self, request: pb.PullStreamRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """See the proto. The messages are encoded under the shard's lock (one copy of each tensor), then sent."""
+        chunk = request.chunk_bytes or self._default_chunk()
         if not 65_536 <= chunk <= 16_777_216:
             raise InvalidArgument("chunk_bytes", "must be 65,536 to 16,777,216 (or 0 for 4 MiB)")
-        shard, version, items = self._pull(request.pull, context)
-        header = pb.PullStreamResponse()
-        header.header.model = shard.name
-        header.header.version = version
-        header.header.incarnation = shard.incarnation
-        for n, m, _ in items:
-            header.header.tensors.add(name=n, dtype=m.dtype, shape=list(m.shape))  # type: ignore[arg-type]
-        yield header
-        for i, (_, _, raw) in enumerate(items):
-            for off in range(0, len(raw), chunk):
-                msg = pb.PullStreamResponse()
-                msg.chunk.tensor = i
-                msg.chunk.offset = off
-                msg.chunk.data = raw[off : off + chunk]
-                yield msg
+        shard = self._shard(request.pull.model)
+        yield from self._pull(request.pull, context, self._stream_frames(shard, chunk))
 
     def _after_push(self, shard: ModelShard, result: PushResult) -> None:
         span = trace.get_current_span()
@@ -386,26 +434,31 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         span.set_attribute("guardmesh.version", shard.version)
         _pushes.add(1, {"model": shard.name, "outcome": f"REJECTED_{err.code.name}"})
 
-    def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
-        """See the proto."""
-        shard = self._shard(request.model)
-        grads: dict[str, np.ndarray] = {}
-        for i, nt in enumerate(request.gradients):
-            if nt.name in grads:
-                raise InvalidArgument(f"gradients[{i}].name", f"duplicate gradient {nt.name!r}")
-            grads[nt.name] = to_float32(f"gradients[{i}].tensor", nt.tensor)
+    def _apply_push(self, shard: ModelShard, header: Any, grads: Mapping[str, Gradient]) -> PushResult:
+        """Apply a decoded push (``header``: worker_id, base version, step_id, incarnation); record it."""
+        base = header.base_version if hasattr(header, "base_version") else header.version
         try:
-            result = shard.push(request.worker_id, request.base_version, request.step_id, grads, request.incarnation)
+            result = shard.push(header.worker_id, base, header.step_id, grads, header.incarnation)
         except GuardmeshError as err:
             self._record_rejection(shard, err)
             raise
         self._after_push(shard, result)
-        return _result_pb(result)
+        return result
 
-    def PushStream(
-        self, request_iterator: Iterator[pb.PushStreamRequest], context: grpc.ServicerContext
-    ) -> pb.PushStreamResponse:
-        """See the proto."""
+    def _push(self, request: Any) -> tuple[ModelShard, PushResult]:
+        """A unary push (PushRequest or PushPullRequest, decoded by ``guardmesh.wire``), applied."""
+        request = wire.accept(request)
+        shard = self._shard(request.model)
+        grads: dict[str, Gradient] = {}
+        for i, nt in enumerate(request.gradients):
+            if nt.name in grads:
+                raise InvalidArgument(f"gradients[{i}].name", f"duplicate gradient {nt.name!r}")
+            grads[nt.name] = to_float32(f"gradients[{i}].tensor", nt.tensor)
+        return shard, self._apply_push(shard, request, grads)
+
+    def _push_stream(self, request_iterator: Iterator[Any]) -> tuple[ModelShard, PushResult]:
+        """A streamed push: the header, then every chunk copied once into its gradient; applied."""
+        request_iterator = wire.accept_all(request_iterator)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("header", "a streamed push starts with a header")
@@ -423,17 +476,58 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
             itemsize = 4 if info.dtype == common_pb2.D_TYPE_FLOAT32 else 2
             check_shape(f"header.tensors[{i}]", info.dtype, tuple(info.shape), meta.size * itemsize)
             sizes.append(meta.size * itemsize)
-        buffers = assemble_chunks(
-            sizes, (m.chunk if m.WhichOneof("part") == "chunk" else None for m in request_iterator)
-        )
-        grads = {info.name: decode(info.dtype, buffers[i].data) for i, info in enumerate(header.tensors)}
-        try:
-            result = shard.push(header.worker_id, header.version, header.step_id, grads, header.incarnation)
-        except GuardmeshError as err:
-            self._record_rejection(shard, err)
-            raise
-        self._after_push(shard, result)
-        return pb.PushStreamResponse(result=_result_pb(result))
+        parts = collect_chunks(sizes, (m.chunk if m.WhichOneof("part") == "chunk" else None for m in request_iterator))
+        grads: dict[str, Gradient] = {}
+        for i, info in enumerate(header.tensors):
+            in_place = chunked_float32(parts[i], sizes[i] // 4) if info.dtype == common_pb2.D_TYPE_FLOAT32 else None
+            # float32 in whole aligned elements stays in its chunks (no copy, no allocation); otherwise one copy
+            grads[info.name] = in_place or decode(info.dtype, assemble(f"header.tensors[{i}]", sizes[i], parts[i]).data)
+        return shard, self._apply_push(shard, header, grads)
+
+    def _completed(self, shard: ModelShard, result: PushResult, context: grpc.ServicerContext) -> None:
+        """After a push, wait (within the deadline) for the version that includes it: SYNC's barrier."""
+        if result.completes <= shard.version:
+            return
+        if not shard.wait_version(result.completes, _wait_budget(context)):
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"push buffered; version {result.completes} not completed by the other workers in time "
+                f"(now {shard.version}); retry with the same step id to receive it",
+            )
+
+    def Push(self, request: pb.PushRequest | wire.WireMessage, context: grpc.ServicerContext) -> pb.PushResponse:
+        """See the proto. The request arrives decoded by ``guardmesh.wire``: gradients are views of its bytes."""
+        return _result_pb(self._push(request)[1])
+
+    def PushStream(
+        self, request_iterator: Iterator[pb.PushStreamRequest | wire.WireMessage], context: grpc.ServicerContext
+    ) -> pb.PushStreamResponse:
+        """See the proto. Chunks arrive decoded by ``guardmesh.wire`` and are copied once, into the gradient."""
+        return pb.PushStreamResponse(result=_result_pb(self._push_stream(request_iterator)[1]))
+
+    def PushPull(self, request: pb.PushPullRequest | wire.WireMessage, context: grpc.ServicerContext) -> bytes:
+        """See the proto: ``Push``, then the shard's tensors framed as ``Pull`` frames them."""
+        shard = self._shard(wire.accept(request).model)
+        self._check_unary_size(shard, [])  # before the push: an answer too large must change nothing
+        shard, result = self._push(request)
+        self._completed(shard, result, context)
+
+        def frame(version: int, items: list[tuple[str, TensorMeta, np.ndarray]]) -> bytes:
+            head = pb.PushPullResponse(result=_result_pb(result), version=version, incarnation=shard.incarnation)
+            frames = wire.Frames(head.SerializeToString())
+            for name, meta, values in items:
+                frames.named_tensor(4, name, meta.dtype, meta.shape, values)
+            return frames.join()
+
+        return shard.framed([], frame)
+
+    def PushPullStream(
+        self, request_iterator: Iterator[pb.PushPullStreamRequest | wire.WireMessage], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """See the proto: ``PushStream``, then the shard's tensors streamed as ``PullStream`` streams them."""
+        shard, result = self._push_stream(request_iterator)
+        self._completed(shard, result, context)
+        yield from shard.framed([], self._stream_frames(shard, self._default_chunk(), _result_pb(result)))
 
     def _write_checkpoint(self, shard: ModelShard) -> tuple[int, str, list[str]]:
         assert self.store is not None
@@ -500,8 +594,19 @@ class ParamServerBinding:
         self._monitor: threading.Thread | None = None
 
     def add_to_server(self, server: grpc.Server) -> None:
-        """Add the servicer."""
-        pb_grpc.add_ParamServerServiceServicer_to_server(self.servicer, server)
+        """Add the servicer; the tensor-carrying methods use ``guardmesh.wire`` instead of upb (same bytes)."""
+        wire.add_servicer(
+            server,
+            pb.DESCRIPTOR.services_by_name["ParamServerService"],
+            self.servicer,
+            requests={
+                "Push": pb.PushRequest,
+                "PushStream": pb.PushStreamRequest,
+                "PushPull": pb.PushPullRequest,
+                "PushPullStream": pb.PushPullStreamRequest,
+            },
+            framed_responses=("Pull", "PullStream", "PushPull", "PushPullStream"),
+        )
 
     def start(self) -> None:
         """Restore from checkpoints and start the throughput monitor."""
@@ -543,6 +648,8 @@ SERVICE = ServiceDefinition(
         "PullStream",
         "Push",
         "PushStream",
+        "PushPull",
+        "PushPullStream",
         "GetStats",
     ),
 )

@@ -13,18 +13,21 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from guardmesh.errors import Aborted, FailedPrecondition, InvalidArgument
-from guardmesh.tensors import encode
+from guardmesh.tensors import wire_array
 from guardmesh.v1 import paramserver_pb2 as pb
 from native import aggregate as _agg  # type: ignore[attr-defined]
+from services.paramserver.gradients import Gradient, contiguous, nonfinite
 from services.paramserver.optimizer import OptimizerSettings, ServerOptimizer
 
+T = TypeVar("T")
 STALENESS_BUCKETS = 17  # 0..15 and ">= 16"
 
 
@@ -85,6 +88,15 @@ class PushResult:
     version: int
     staleness: int
     lr_scale: float
+    #: The version that includes this push (a buffered SYNC push completes the next one; a duplicate, its
+    #: original's): what a pull after it waits for. Derived from the outcome unless given.
+    completes: int = -1
+
+    def __post_init__(self) -> None:
+        if self.completes < 0:
+            object.__setattr__(
+                self, "completes", self.version + 1 if self.outcome == Outcome.BUFFERED else self.version
+            )
 
 
 @dataclass
@@ -171,14 +183,24 @@ class ModelShard:
         with self.cond:
             return self.cond.wait_for(lambda: self.version >= min_version, timeout=timeout)
 
-    def snapshot(self, names: list[str]) -> tuple[int, list[tuple[str, TensorMeta, bytes]]]:
-        """(version, the named masters encoded in their wire dtype) taken atomically: one copy each."""
+    def framed(self, names: list[str], frame: Callable[[int, list[tuple[str, TensorMeta, np.ndarray]]], T]) -> T:
+        """``frame(version, [(name, meta, values in the wire dtype)])``, called atomically under the lock.
+
+        float32 tensors are passed as the masters themselves (no copy): ``frame`` copies what it keeps (the
+        join that makes the answer's bytes is that one copy) and never writes to them.
+        """
         for i, n in enumerate(names):
             if n not in self.meta:
                 raise InvalidArgument(f"names[{i}]", f"tensor {n!r} is not on this shard of model {self.name!r}")
         with self.cond:
             chosen = names or list(self.masters)
-            return self.version, [(n, self.meta[n], encode(self.meta[n].dtype, self.masters[n])) for n in chosen]
+            return frame(
+                self.version, [(n, self.meta[n], wire_array(self.meta[n].dtype, self.masters[n])) for n in chosen]
+            )
+
+    def snapshot(self, names: list[str]) -> tuple[int, list[tuple[str, TensorMeta, bytes]]]:
+        """(version, the named masters encoded in their wire dtype) taken atomically: one copy each."""
+        return self.framed(names, lambda version, items: (version, [(n, m, a.tobytes()) for n, m, a in items]))
 
     def wire_bytes(self, names: list[str]) -> int:
         """Bytes the named tensors (all if empty) take on the wire."""
@@ -196,7 +218,7 @@ class ModelShard:
             incarnation=self.incarnation,
         )
 
-    def _validate(self, grads: dict[str, np.ndarray], need_all: bool) -> None:
+    def _validate(self, grads: Mapping[str, Gradient], need_all: bool) -> None:
         if not grads:
             raise InvalidArgument("gradients", "must not be empty")
         for name, g in grads.items():
@@ -213,7 +235,7 @@ class ModelShard:
                 raise InvalidArgument("gradients", f"SYNC needs every tensor of the shard; missing {missing[:5]}")
 
     def push(
-        self, worker: str, base_version: int, step_id: int, grads: dict[str, np.ndarray], incarnation: str = ""
+        self, worker: str, base_version: int, step_id: int, grads: Mapping[str, Gradient], incarnation: str = ""
     ) -> PushResult:
         """Apply, buffer or reject one push (see the module docstring).
 
@@ -239,7 +261,7 @@ class ModelShard:
             prior = window.get(step_id) if window is not None else None
             if prior is not None:
                 self.duplicates += 1
-                return PushResult(Outcome.DUPLICATE, self.version, prior.staleness, prior.lr_scale)
+                return PushResult(Outcome.DUPLICATE, self.version, prior.staleness, prior.lr_scale, prior.completes)
             staleness = self.version - base_version
             bound = 0 if c.mode == Mode.SYNC else (c.max_staleness if c.mode == Mode.BOUNDED_STALENESS else -1)
             if staleness < 0:
@@ -270,18 +292,18 @@ class ModelShard:
                 window.popitem(last=False)
             return result
 
-    def _push_sync(self, worker: str, staleness: int, grads: dict[str, np.ndarray]) -> PushResult:
+    def _push_sync(self, worker: str, staleness: int, grads: Mapping[str, Gradient]) -> PushResult:
         if worker in self.sync_buffer:
             raise FailedPrecondition(
                 f"worker {worker} already pushed for version {self.version} under another step id",
                 details=[self._detail(self.version, 0)],
             )
         for name, g in grads.items():
-            bad = _agg.count_nonfinite(g)
+            bad = nonfinite(g)
             if bad:
                 self.rejected_nonfinite += 1
                 raise InvalidArgument(f"gradients[{name}]", f"contains {bad} NaN/Inf values; push rejected")
-        self.sync_buffer[worker] = grads
+        self.sync_buffer[worker] = {n: contiguous(g) for n, g in grads.items()}
         if len(self.sync_buffer) < self.consistency.workers:
             return PushResult(Outcome.BUFFERED, self.version, staleness, 1.0)
         buffered = list(self.sync_buffer.values())
@@ -289,21 +311,33 @@ class ModelShard:
         self._apply(buffered, [1.0 / len(buffered)] * len(buffered), 1.0)
         return PushResult(Outcome.APPLIED, self.version, staleness, 1.0)
 
-    def _apply(self, pushes: list[dict[str, np.ndarray]], weights: list[float], lr_scale: float) -> None:
+    def _apply(self, pushes: Sequence[Mapping[str, Gradient]], weights: list[float], lr_scale: float) -> None:
         """Aggregate ``pushes`` (fused native pass), clip, step the optimizer, advance the version.
 
         Nothing changes if a gradient holds NaN/Inf: the aggregate lands in scratch buffers first.
         """
-        w = np.asarray(weights, dtype=np.float64)
         names = [n for n in self.masters if n in pushes[0]]
+        clip = self.optimizer_settings.clip_norm
+        if len(pushes) == 1 and weights[0] == 1.0 and clip == 0:
+            # One push, unweighted, no clipping: the optimizer reads the received gradient in place after a
+            # read-only NaN/Inf pass, instead of an aggregate that would only copy it into scratch.
+            for name in names:
+                bad = nonfinite(pushes[0][name])
+                if bad:
+                    self.rejected_nonfinite += 1
+                    raise InvalidArgument(f"gradients[{name}]", f"contains {bad} NaN/Inf values; push rejected")
+            self.optimizer.step(self.masters, {n: pushes[0][n] for n in names}, lr_scale, 1.0)
+            self.version += 1
+            self.cond.notify_all()
+            return
+        w = np.asarray(weights, dtype=np.float64)
         total_sq = 0.0
         for name in names:
-            bad, sq = _agg.aggregate(self.scratch[name], [p[name] for p in pushes], w)
+            bad, sq = _agg.aggregate(self.scratch[name], [contiguous(p[name]) for p in pushes], w)
             if bad:
                 self.rejected_nonfinite += 1
                 raise InvalidArgument(f"gradients[{name}]", f"contains {bad} NaN/Inf values; push rejected")
             total_sq += sq
-        clip = self.optimizer_settings.clip_norm
         norm = math.sqrt(total_sq)
         grad_scale = clip / norm if clip > 0 and norm > clip else 1.0
         self.optimizer.step(self.masters, {n: self.scratch[n] for n in names}, lr_scale, grad_scale)
