@@ -1,14 +1,19 @@
 """The one client factory: used by the SDK, by the services when they call each other, and by tests.
 
-A channel gets its address from discovery, the mesh's message-size limits and keepalive, a default
-deadline and retries on UNAVAILABLE only (both through gRPC's own service config), round-robin over
-several instances, the tracing interceptor that propagates W3C trace context, TLS or mTLS credentials and
-the role token, as ``[security]`` says.
+A channel gets its address from discovery, the mesh's message-size limits and keepalive, retries on
+UNAVAILABLE only (gRPC's own service config), a default deadline on every call that names none, round-robin
+over several instances, the tracing interceptor that propagates W3C trace context, TLS or mTLS credentials
+and the role token, as ``[security]`` says.
+
+The default deadline is set per call (:class:`DeadlineChannel`), not as the service config's ``timeout``:
+with grpcio 1.85 that one is computed from gRPC core's cached clock and expired up to two seconds early
+(a 3 s deadline after about 1 s), while a per-call ``timeout`` is exact.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
@@ -35,9 +40,9 @@ def channel_options(config: MeshConfig) -> list[tuple[str, object]]:
 
 
 def service_config(config: MeshConfig) -> str:
-    """gRPC service config: default deadline for every method, retries on UNAVAILABLE only."""
+    """gRPC service config: retries on UNAVAILABLE only, round-robin (the deadline is set per call)."""
     c = config.client
-    method: dict[str, object] = {"name": [{}], "timeout": f"{c.deadline_s:.3f}s"}
+    method: dict[str, object] = {"name": [{}]}
     if c.max_attempts > 1:
         method["retryPolicy"] = {
             "maxAttempts": c.max_attempts,
@@ -70,4 +75,72 @@ def open_channel(service: str, config: MeshConfig | None = None, *, address: str
     token = token_interceptor(config)
     if token is not None:
         channel = grpc.intercept_channel(channel, token)
-    return intercept_channel(channel, client_tracing_interceptor())
+    return DeadlineChannel(intercept_channel(channel, client_tracing_interceptor()), config.client.deadline_s)
+
+
+class _WithDeadline:
+    """A multi-callable whose calls get ``timeout=deadline_s`` unless they name one."""
+
+    __slots__ = ("_deadline_s", "_inner")
+
+    def __init__(self, inner: Any, deadline_s: float) -> None:
+        self._inner = inner
+        self._deadline_s = deadline_s
+
+    def _kw(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if len(args) < 2 and kwargs.get("timeout") is None:  # (request, timeout, ...): none given
+            kwargs["timeout"] = self._deadline_s
+        return kwargs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._inner(*args, **self._kw(args, kwargs))
+
+    def with_call(self, *args: Any, **kwargs: Any) -> Any:
+        """As the wrapped multi-callable's ``with_call``."""
+        return self._inner.with_call(*args, **self._kw(args, kwargs))
+
+    def future(self, *args: Any, **kwargs: Any) -> Any:
+        """As the wrapped multi-callable's ``future``."""
+        return self._inner.future(*args, **self._kw(args, kwargs))
+
+
+class DeadlineChannel(grpc.Channel):
+    """A channel whose calls get a default deadline (``client.deadline_s``) unless they name one."""
+
+    def __init__(self, channel: grpc.Channel, deadline_s: float) -> None:
+        self._channel = channel
+        self.deadline_s = deadline_s
+
+    def subscribe(self, callback: Any, try_to_connect: bool = False) -> None:
+        """As ``grpc.Channel.subscribe``."""
+        self._channel.subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback: Any) -> None:
+        """As ``grpc.Channel.unsubscribe``."""
+        self._channel.unsubscribe(callback)
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """As ``grpc.Channel.unary_unary``, with the default deadline."""
+        return _WithDeadline(self._channel.unary_unary(method, *args, **kwargs), self.deadline_s)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """As ``grpc.Channel.unary_stream``, with the default deadline (it bounds the whole stream)."""
+        return _WithDeadline(self._channel.unary_stream(method, *args, **kwargs), self.deadline_s)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """As ``grpc.Channel.stream_unary``, with the default deadline."""
+        return _WithDeadline(self._channel.stream_unary(method, *args, **kwargs), self.deadline_s)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """As ``grpc.Channel.stream_stream``, with the default deadline (it bounds the whole stream)."""
+        return _WithDeadline(self._channel.stream_stream(method, *args, **kwargs), self.deadline_s)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> DeadlineChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

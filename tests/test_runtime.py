@@ -198,15 +198,22 @@ def test_client_retries_unavailable_only(tmp_path: Path) -> None:
         running.stop(grace=0.5)
 
 
-def test_client_default_deadline(tmp_path: Path) -> None:
-    config, definition, _ = _probe(tmp_path, **{"client.deadline_s": 0.3})
+def test_client_default_deadline_applies_in_full_unless_a_call_names_its_own(tmp_path: Path) -> None:
+    config, definition, _ = _probe(tmp_path, **{"client.deadline_s": 1.5})
     running = start_service(definition, config, port=0)
     try:
         with open_channel("probe", config, address=running.address) as channel:
             fn = channel.unary_unary(f"/{SERVICE}/Slow", request_serializer=_identity, response_deserializer=_identity)
+            fn(b"0.1")  # the channel is warm: what follows measures the deadline, not the connection
+            time.sleep(1.0)  # idle: gRPC core's cached clock goes stale (its service-config deadlines came early)
+            began = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
-                fn(b"2.0")  # no explicit timeout: the service config's deadline applies
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                fn(b"4.0")  # no explicit timeout: the default deadline applies
+            waited = time.monotonic() - began
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert 1.45 <= waited < 3.9  # the whole 1.5 s, not cut short (and not the 4 s of the call)
+            assert fn(b"2.0", timeout=5.0) == b"done"  # an explicit timeout replaces the default
+            assert fn.future(b"0.1").result() == b"done"
     finally:
         running.stop(grace=3)
 
