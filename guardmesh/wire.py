@@ -85,26 +85,25 @@ def key(number: int, wire_type: int) -> bytes:
     return varint(number << 3 | wire_type)
 
 
-def _aligned_head(start: int, head: bytes, data_number: int, size: int) -> bytes:
+def _aligned_head(start: int, head: bytes, data_number: int, size: int, extra: int = 0) -> bytes:
     """``head`` (fields before the data) and the data's tag and length, with a ``padding`` field (number 15,
     ignored by readers) between them when needed so that the data starts at a multiple of ``ALIGN`` when the
-    result is written at ``start``."""
+    result is written at ``start``; ``extra`` (a multiple of ``ALIGN``) pads further."""
     data_key = key(data_number, LEN) + varint(size)
-    gap = -(start + len(head) + len(data_key)) % ALIGN
-    if gap == 0:
+    total = -(start + len(head) + len(data_key)) % ALIGN + extra
+    if total == 0:
         return head + data_key
-    for total in (gap, gap + ALIGN):  # the padding field takes 2 bytes at least
-        if total >= 2:
-            return head + _PADDING_KEY + varint(total - 2) + bytes(total - 2) + data_key
-    raise AssertionError("unreachable")
+    if total < 2:  # the padding field takes 2 bytes at least
+        total += ALIGN
+    return head + _PADDING_KEY + varint(total - 2) + bytes(total - 2) + data_key
 
 
-def _aligned_tensor_head(start: int, dtype: int, dims: bytes, size: int) -> bytes:
+def _aligned_tensor_head(start: int, dtype: int, dims: bytes, size: int, extra: int) -> bytes:
     """A ``Tensor``'s dtype, shape and data prefix, its data aligned (see :func:`_aligned_head`)."""
     head = key(1, VARINT) + varint(dtype) if dtype else b""
     if dims:
         head += key(2, LEN) + varint(len(dims)) + dims
-    return _aligned_head(start, head, 3, size)
+    return _aligned_head(start, head, 3, size, extra)
 
 
 def named_tensor(number: int, name: str, dtype: int, shape: Iterable[int], payload: Any, start: int = 0) -> list[Any]:
@@ -119,18 +118,20 @@ def named_tensor(number: int, name: str, dtype: int, shape: Iterable[int], paylo
     dims = b"".join(varint(d) for d in shape)
     name_field = key(1, LEN) + varint(len(name_b)) + name_b
     outer_key, tensor_key = key(number, LEN), key(2, LEN)
-    # The padding depends on the two length prefixes before the data, whose sizes depend on the padding:
-    # guess their sizes, build, and rebuild in the rare case a prefix crossed a varint size boundary.
-    outer_n = tensor_n = len(varint(size))
-    for _ in range(4):
-        at = start + len(outer_key) + outer_n + len(name_field) + len(tensor_key) + tensor_n
-        head = _aligned_tensor_head(at, dtype, dims, size)
-        tensor_len = varint(len(head) + size)
-        inner = name_field + tensor_key + tensor_len + head
-        outer_len = varint(len(inner) + size)
-        if (len(outer_len), len(tensor_len)) == (outer_n, tensor_n):
-            return [outer_key + outer_len + inner, payload]
-        outer_n, tensor_n = len(outer_len), len(tensor_len)
+    # The padding depends on the two length prefixes before the data, whose sizes depend on the padding.
+    # Guess their sizes and build; when a prefix crossed a varint size boundary, rebuild with the sizes it
+    # took, and if that flips back (a length right at a boundary), pad ALIGN bytes more to move off it.
+    for extra in (0, ALIGN, 2 * ALIGN, 3 * ALIGN):
+        outer_n = tensor_n = len(varint(size))
+        for _ in range(3):
+            at = start + len(outer_key) + outer_n + len(name_field) + len(tensor_key) + tensor_n
+            head = _aligned_tensor_head(at, dtype, dims, size, extra)
+            tensor_len = varint(len(head) + size)
+            inner = name_field + tensor_key + tensor_len + head
+            outer_len = varint(len(inner) + size)
+            if (len(outer_len), len(tensor_len)) == (outer_n, tensor_n):
+                return [outer_key + outer_len + inner, payload]
+            outer_n, tensor_n = len(outer_len), len(tensor_len)
     raise AssertionError("tensor frame did not settle")
 
 
@@ -140,13 +141,14 @@ def tensor_chunk(number: int, tensor: int, offset: int, payload: Any) -> list[An
     size = memoryview(payload).nbytes
     head = (key(1, VARINT) + varint(tensor) if tensor else b"") + (key(2, VARINT) + varint(offset) if offset else b"")
     outer_key = key(number, LEN)
-    outer_n = len(varint(size))
-    for _ in range(4):  # the outer length's size depends on the padding, which depends on it
-        inner = _aligned_head(len(outer_key) + outer_n, head, 3, size)
-        outer_len = varint(len(inner) + size)
-        if len(outer_len) == outer_n:
-            return [outer_key + outer_len + inner, payload]
-        outer_n = len(outer_len)
+    for extra in (0, ALIGN, 2 * ALIGN, 3 * ALIGN):  # as in named_tensor
+        outer_n = len(varint(size))
+        for _ in range(3):
+            inner = _aligned_head(len(outer_key) + outer_n, head, 3, size, extra)
+            outer_len = varint(len(inner) + size)
+            if len(outer_len) == outer_n:
+                return [outer_key + outer_len + inner, payload]
+            outer_n = len(outer_len)
     raise AssertionError("chunk frame did not settle")
 
 

@@ -7,6 +7,7 @@ difference. Every property here compares with upb on the same bytes.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -269,6 +270,26 @@ def test_framed_tensors_are_the_message_upb_reads_with_data_aligned(
         if payload.size:
             offset = np.frombuffer(g.tensor.data, np.uint8).ctypes.data - base
             assert offset % wire.ALIGN == 0, offset  # usable in place by the kernels
+
+
+def test_frames_settle_aligned_at_every_offset_and_varint_boundary() -> None:
+    """Every start offset mod 64 against lengths around the 1- and 2-byte varint boundaries (a frame whose
+    length sits on one flips its prefix size back and forth unless padded further)."""
+    sizes = sorted({0, 4, 28, 96, 100, 112, 116, 120, 124, 128, 132, 16_376, 16_380, 16_384, 16_388})
+    for start, size, name_len in itertools.product(range(64), sizes, (1, 2, 60, 125, 126, 127, 128)):
+        payload = bytes(size)
+        head, _ = wire.named_tensor(5, "n" * name_len, F32, (size // 4,), payload, start)
+        assert size == 0 or (start + len(head)) % wire.ALIGN == 0
+        parsed = pb.PushRequest.FromString(head + payload)
+        assert parsed.gradients[0].name == "n" * name_len and len(parsed.gradients[0].tensor.data) == size
+        chunk_head, _ = wire.tensor_chunk(2, name_len, start, payload)  # a chunk message starts at 0
+        assert size == 0 or len(chunk_head) % wire.ALIGN == 0
+        assert len(pb.PullStreamResponse.FromString(chunk_head + payload).chunk.data) == size
+    # the case hypothesis found: the second frame's length prefix flipped between 1 and 2 bytes
+    frames = wire.Frames(b"")
+    frames.named_tensor(5, "0", F32, (1,), np.zeros(1, np.float32))
+    frames.named_tensor(5, "0\U00010000", F32, (28,), np.zeros(28, np.float32))
+    assert len(pb.PushRequest.FromString(frames.join()).gradients) == 2
 
 
 @settings(max_examples=200, deadline=None)
