@@ -87,6 +87,7 @@ bench-scheduler: install
 
 bench-paramserver: install
 	$(PY) -m bench.paramserver
+	$(PY) -m bench.ps_trainer
 
 bench-scorer: install
 	$(PY) -m bench.scorer

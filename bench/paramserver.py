@@ -10,10 +10,12 @@ a) Kernels (``bench.kernels_bench.run()``): fused aggregation of K = 2, 4, 8 buf
 b) Push+pull of N = 1 Mi and 16 Mi float32 over gRPC. The server runs in its own process
    (``python -m services.paramserver``, as users run it, default 64 MiB message limit and 4 MiB stream
    threshold); the model has one tensor of N float32, SGD, ASYNC consistency (every push is applied: the
-   fused aggregate and the SGD step run on every round trip). One round trip = ``ParamServerClient.pull()``
-   then ``push()`` from this process and moves 2 x 4N bytes. At N = 1 Mi (4 MiB, at the threshold) the SDK
-   sends unary DescribeModel + Pull + Push; at 16 Mi (64 MiB) DescribeModel + PullStream + PushStream in
-   4 MiB chunks.
+   NaN/Inf check and the SGD step run on every round trip). Two ways of one round trip, each moving 2 x 4N
+   bytes, timed from this process through the SDK (``guardmesh.wire`` on both ends):
+   - ``ParamServerClient.pull()`` then ``push()``: two calls. At N = 1 Mi (4 MiB, at the threshold) unary
+     Pull + Push; at 16 Mi (64 MiB) PullStream + PushStream in 4 MiB chunks.
+   - ``ParamServerClient.push_pull()``: one call (PushPull; at 16 Mi the bidirectional PushPullStream),
+     as ``train_step(fused=True)`` makes it.
 
    Peer 1, a bare grpcio echo in its own process (generic handlers on raw bytes: no protobuf, no
    interceptors, no tracing; the same message limits and keepalive options, bare ``grpc.insecure_channel``):
