@@ -13,7 +13,7 @@ import torch
 from guardmesh.config import MeshConfig
 from guardmesh.runtime import RunningService, load_definition, start_service
 from guardmesh.sdk import train_loop
-from guardmesh.sdk.paramserver import StalePush, asynchronous, bounded_staleness, sgd, sync
+from guardmesh.sdk.paramserver import StalePush, _creation_stream, asynchronous, bounded_staleness, sgd, sync
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import paramserver_pb2 as pb
 from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
@@ -191,3 +191,45 @@ def test_train_loop_with_fused_steps_trains_and_ends_on_the_server_parameters(
     server = c.pull()
     assert server.versions == [20]
     np.testing.assert_array_equal(model.weight.detach().numpy(), server.tensors["weight"])
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["unary", "streamed"])
+def test_pulls_land_in_the_callers_arrays(tmp_path: Path, streamed: bool) -> None:
+    overrides = {"grpc.max_message_mib": 1, "paramserver.stream_threshold_mib": 0.25} if streamed else {}
+    config = ps_config(tmp_path, **overrides)
+    running = start_service(load_definition("paramserver"), config, port=0)
+    try:
+        c = client(running, config)
+        w0 = np.random.default_rng(1).standard_normal((600, 500)).astype(np.float32)  # 1.2 MB: streamed at 1 MiB
+        c.create({"w": w0, "b": np.zeros(3)}, sgd(1.0), asynchronous())
+        dest = {"w": np.empty((600, 500), np.float32)}
+        pulled = c.pull(into=dest)
+        assert pulled.tensors["w"] is dest["w"]
+        np.testing.assert_array_equal(dest["w"], w0)
+        np.testing.assert_array_equal(pulled.tensors["b"], np.zeros(3))  # not named in into: as usual
+        _, pulled = c.push_pull({"w": np.ones_like(w0), "b": np.ones(3)}, into=dest)
+        assert pulled.tensors["w"] is dest["w"] and pulled.versions == [1]
+        np.testing.assert_array_equal(dest["w"], w0 - 1.0)
+        for bad in (np.empty(10, np.float32), np.empty((600, 500), np.float64), np.empty((500, 600), np.float32).T):
+            with pytest.raises(ValueError, match=r"into\['w'\] must be a C-contiguous, writable float32 array"):
+                c.pull(into={"w": bad})
+    finally:
+        running.stop(grace=0.5)
+
+
+def test_a_float16_tensor_pulled_into_a_float32_array_is_converted(tmp_path: Path) -> None:
+    config = ps_config(tmp_path, **{"grpc.max_message_mib": 1, "paramserver.stream_threshold_mib": 0.25})
+    running = start_service(load_definition("paramserver"), config, port=0)
+    try:
+        values = np.linspace(-2, 2, 300_000, dtype=np.float16)  # 600 KB: streamed
+        request = pb.CreateModelRequest(model="m", optimizer=sgd(1.0), consistency=asynchronous())
+        request.tensors.add(
+            name="h", tensor=common_pb2.Tensor(dtype=common_pb2.D_TYPE_FLOAT16, shape=[300_000], data=values.tobytes())
+        )
+        c = client(running, config)
+        pb_grpc.ParamServerServiceStub(c.channels[0]).CreateModelStream(iter(list(_creation_stream(request, 1 << 18))))
+        dest = {"h": np.empty(300_000, np.float32)}
+        assert c.pull(into=dest).tensors["h"] is dest["h"]
+        np.testing.assert_array_equal(dest["h"], values.astype(np.float32))
+    finally:
+        running.stop(grace=0.5)

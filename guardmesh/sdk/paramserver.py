@@ -42,6 +42,8 @@ from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("guardmesh.sdk.paramserver")
 VIRTUAL_NODES = 64
+#: Arrays the caller wants tensors pulled into, by name (see :meth:`ParamServerClient.pull`).
+Into = dict[str, np.ndarray] | None
 
 
 def sgd(lr: float, weight_decay: float = 0.0) -> pb.OptimizerConfig:
@@ -316,7 +318,9 @@ class ParamServerClient:
         )
         return info
 
-    def _pull_shard(self, i: int, min_version: int, timeout: float | None) -> tuple[int, str, dict[str, np.ndarray]]:
+    def _pull_shard(
+        self, i: int, min_version: int, timeout: float | None, into: Into = None
+    ) -> tuple[int, str, dict[str, np.ndarray]]:
         stub = self.stubs[i]
         if self.wire_bytes[i] < 0 or min_version > 0:
             # First contact, or about to wait for a version: check the shard did not restart meanwhile.
@@ -327,9 +331,9 @@ class ParamServerClient:
         req = pb.PullRequest(model=self.model, min_version=min_version)
         if self.wire_bytes[i] <= self.threshold:
             resp = stub.Pull(req, timeout=timeout)
-            return resp.version, resp.incarnation, {nt.name: _tensor(nt.tensor) for nt in resp.tensors}
+            return resp.version, resp.incarnation, {nt.name: _received(nt, into) for nt in resp.tensors}
         version, incarnation, out, _ = _assemble(
-            stub.PullStream(pb.PullStreamRequest(pull=req, chunk_bytes=self.chunk), timeout=timeout)
+            stub.PullStream(pb.PullStreamRequest(pull=req, chunk_bytes=self.chunk), timeout=timeout), into
         )
         return version, incarnation, out
 
@@ -344,16 +348,21 @@ class ParamServerClient:
         if version >= self.awaiting[i]:
             self.awaiting[i] = 0
 
-    def pull(self, min_versions: list[int] | None = None, timeout: float | None = None) -> PullResult:
+    def pull(
+        self, min_versions: list[int] | None = None, timeout: float | None = None, into: Into = None
+    ) -> PullResult:
         """Every tensor, with the version of each shard.
 
         Waits for ``min_versions`` if given; by default, after a SYNC push was buffered, for the version
         that push will produce (so a fast worker does not recompute on the version it already served).
+        Tensors named in ``into`` are written into those arrays (C-contiguous, writable float32 of the
+        tensor's size: a streamed answer's chunks land there directly, with no buffer of their own) and
+        returned as them; the others are views of the received bytes (read-only) or new arrays.
         """
         tensors: dict[str, np.ndarray] = {}
         wanted = min_versions or self.awaiting
         for i in range(len(self.stubs)):
-            version, incarnation, part = self._pull_shard(i, wanted[i], timeout)
+            version, incarnation, part = self._pull_shard(i, wanted[i], timeout, into)
             self._pulled(i, version, incarnation)
             tensors.update(part)
         return PullResult(tensors, list(self.versions), list(self.incarnations))
@@ -400,23 +409,27 @@ class ParamServerClient:
         return results
 
     def push_pull(
-        self, grads: dict[str, np.ndarray], step_id: int | None = None, timeout: float | None = None
+        self,
+        grads: dict[str, np.ndarray],
+        step_id: int | None = None,
+        timeout: float | None = None,
+        into: Into = None,
     ) -> tuple[list[pb.PushResponse], PullResult]:
         """Push gradients and receive the parameters for the next step in one call per shard (PushPull).
 
         The answer of a shard is the version that includes the push (SYNC waits for the other workers'
-        pushes, within ``timeout``). A shard without gradients in ``grads`` is pulled. Raises StalePush as
-        :meth:`push` does; nothing of that shard was pulled then.
+        pushes, within ``timeout``). A shard without gradients in ``grads`` is pulled. ``into`` as for
+        :meth:`pull`. Raises StalePush as :meth:`push` does; nothing of that shard was pulled then.
         """
         step = next(self._steps) if step_id is None else step_id
         results: list[pb.PushResponse] = []
         tensors: dict[str, np.ndarray] = {}
         for i, part in enumerate(self._split(grads)):
             if not part:
-                version, incarnation, out = self._pull_shard(i, self.awaiting[i], timeout)
+                version, incarnation, out = self._pull_shard(i, self.awaiting[i], timeout, into)
             else:
                 with self._stale_pushes_raised(i):
-                    result, version, incarnation, out = self._push_pull_shard(i, part, step, timeout)
+                    result, version, incarnation, out = self._push_pull_shard(i, part, step, timeout, into)
                 results.append(result)
             self._pulled(i, version, incarnation)
             tensors.update(out)
@@ -460,17 +473,17 @@ class ParamServerClient:
         return self.stubs[i].PushStream(self._push_messages(i, part, step)).result
 
     def _push_pull_shard(
-        self, i: int, part: dict[str, np.ndarray], step: int, timeout: float | None
+        self, i: int, part: dict[str, np.ndarray], step: int, timeout: float | None, into: Into
     ) -> tuple[pb.PushResponse, int, str, dict[str, np.ndarray]]:
         stub = self.stubs[i]
         if self.wire_bytes[i] < 0:
             self._describe(i)
         if max(self.wire_bytes[i], sum(g.nbytes for g in part.values())) <= self.threshold:
             resp = stub.PushPull(self._push_message(i, part, step), timeout=timeout)
-            out = {nt.name: _tensor(nt.tensor) for nt in resp.tensors}
+            out = {nt.name: _received(nt, into) for nt in resp.tensors}
             return resp.result.to_message(pb.PushResponse), resp.version, resp.incarnation, out
         version, incarnation, out, header = _assemble(
-            stub.PushPullStream(self._push_messages(i, part, step), timeout=timeout)
+            stub.PushPullStream(self._push_messages(i, part, step), timeout=timeout), into
         )
         return header.result.to_message(pb.PushResponse), version, incarnation, out
 
@@ -563,31 +576,62 @@ def _load(module: object, pulled: PullResult) -> None:
             p.copy_(torch.from_numpy(pulled.tensors[name].reshape(tuple(p.shape))))
 
 
-def _tensor(t: wire.WireMessage) -> np.ndarray:
-    """A received tensor as float32, viewing the message's bytes when it is float32 (read-only)."""
-    return decode(t.dtype, t.data).reshape(tuple(t.shape))
+def _destination(into: Into, name: str, count: int) -> np.ndarray | None:
+    """The caller's array for tensor ``name`` (flat, float32), or None; ValueError if it cannot take it."""
+    if not into or name not in into:
+        return None
+    dest = into[name]
+    if dest.dtype != np.float32 or dest.size != count or not dest.flags.c_contiguous or not dest.flags.writeable:
+        raise ValueError(
+            f"into[{name!r}] must be a C-contiguous, writable float32 array of {count} elements "
+            f"(got {dest.dtype}, {dest.size} elements)"
+        )
+    return dest.reshape(-1)
 
 
-def _assemble(messages: Iterator[wire.WireMessage]) -> tuple[int, str, dict[str, np.ndarray], wire.WireMessage]:
-    """A streamed answer (header, then chunks) as (version, incarnation, tensors, header): one copy per chunk."""
+def _received(nt: wire.WireMessage, into: Into) -> np.ndarray:
+    """A received tensor as float32: in the caller's array if ``into`` names it (one copy), else a view of
+    the message's bytes when it is float32 (read-only, no copy)."""
+    values = decode(nt.tensor.dtype, nt.tensor.data)
+    dest = _destination(into, nt.name, values.size)
+    if dest is None:
+        return values.reshape(tuple(nt.tensor.shape))
+    np.copyto(dest, values)
+    return into[nt.name]  # type: ignore[index]
+
+
+def _assemble(
+    messages: Iterator[wire.WireMessage], into: Into = None
+) -> tuple[int, str, dict[str, np.ndarray], wire.WireMessage]:
+    """A streamed answer (header, then chunks) as (version, incarnation, tensors, header): one copy per chunk,
+    straight into the caller's array for a float32 tensor that ``into`` names."""
     header: wire.WireMessage | None = None
     buffers: list[np.ndarray] = []
+    direct: list[bool] = []
     for msg in messages:
         if msg.WhichOneof("part") == "header":
             header = msg.header
-            buffers = [
-                np.empty(int(np.prod(t.shape)) * (4 if t.dtype == common_pb2.D_TYPE_FLOAT32 else 2), np.uint8)
-                for t in header.tensors
-            ]
+            buffers, direct = [], []
+            for t in header.tensors:
+                count = int(np.prod(t.shape))
+                dest = _destination(into, t.name, count)
+                direct.append(dest is not None and t.dtype == common_pb2.D_TYPE_FLOAT32)
+                if dest is not None and t.dtype == common_pb2.D_TYPE_FLOAT32:
+                    buffers.append(dest.view(np.uint8))
+                else:
+                    buffers.append(np.empty(count * (4 if t.dtype == common_pb2.D_TYPE_FLOAT32 else 2), np.uint8))
         else:
             c = msg.chunk
             buffers[c.tensor][c.offset : c.offset + len(c.data)] = np.frombuffer(c.data, dtype=np.uint8)
     if header is None:
         raise RuntimeError("the server's stream ended without a header")
-    out = {
-        t.name: decode(t.dtype, buf.data).reshape(tuple(t.shape))
-        for t, buf in zip(header.tensors, buffers, strict=True)
-    }
+    out = {}
+    for t, buf, is_direct in zip(header.tensors, buffers, direct, strict=True):
+        values = decode(t.dtype, buf.data)
+        dest = None if is_direct else _destination(into, t.name, values.size)
+        if dest is not None:
+            np.copyto(dest, values)  # a float16/bfloat16 tensor: converted into the caller's array
+        out[t.name] = into[t.name] if is_direct or dest is not None else values.reshape(tuple(t.shape))  # type: ignore[index]
     return header.version, header.incarnation, out, header
 
 
