@@ -1,4 +1,4 @@
-"""Helpers of ``tests/test_chaos.py``: service processes that can be killed and restarted, and client threads
+"""Helpers of ``tests/test_chaos.py``: service processes (:mod:`tests.processes`) set up for it, and client threads
 that drive traffic through the normal clients and record only what was acknowledged.
 
 A driver retries a call that answers UNAVAILABLE (after the channel's own retries gave up) with the same
@@ -11,11 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -27,7 +22,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from guardmesh.sdk.paramserver import ParamServerClient, StalePush
 from guardmesh.v1 import abrouter_pb2 as apb
@@ -37,7 +31,7 @@ from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 from guardmesh.v1 import scorer_pb2 as cpb
 from guardmesh.v1 import scorer_pb2_grpc as cpb_grpc
-from tests.conftest import REPO
+from tests.processes import ServiceProcess
 
 #: How long one logical call keeps retrying UNAVAILABLE before the driver reports it as an error.
 RETRY_BUDGET_S = 45.0
@@ -45,125 +39,16 @@ RETRY_BUDGET_S = 45.0
 RETRY_PAUSE_S = 0.1
 #: Deadline of every unary call a driver makes.
 CALL_TIMEOUT_S = 10.0
-#: Longest a process may take to report SERVING: an import of torch on a 2-core machine that other test
-#: runs keep busy can take tens of seconds.
-START_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- processes ----------------------------------------------------------------------------------------------
 
 
-class ServiceProcess:
-    """``python -m services.<name>`` on a fixed port and state folder; killed and restarted in place."""
-
-    def __init__(self, name: str, root: Path, port: int | None = None, **env: str) -> None:
-        self.name = name
-        self.root = root
-        self.state = root / "state"
-        self.state.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        upper = name.upper()
-        self.env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("GUARDMESH") and k not in ("CONSUL_HTTP_ADDR", "OTEL_EXPORTER_OTLP_ENDPOINT")
-        }
-        self.env.update(
-            {
-                f"GUARDMESH__SERVICES__{upper}__PORT": str(self.port),
-                "GUARDMESH__MESH__STATE_DIR": str(self.state),
-                "GUARDMESH__GRPC__GRACE_S": "2",
-                "GUARDMESH__GRPC__DRAIN_DELAY_S": "0",
-                "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": "1",
-                **env,
-            }
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.lives = 0
-        self.preexec: Callable[[], None] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / f"{self.name}-{self.lives}.log"
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return ""
-
-    def spawn(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None, f"{self.name}: previous life still running"
-        self.lives += 1
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{self.name}"],
-                cwd=REPO,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=self.preexec,  # only sets a resource limit
-            )
-
-    def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Poll health (the empty service name) until SERVING; fail with the log if the process exits."""
-        assert self.proc is not None
-        end = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                rc = self.proc.poll()
-                assert rc is None, f"{self.name} exited with {rc} while starting:\n{self.log_tail()}"
-                try:
-                    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < end, (
-                    f"{self.name} not SERVING after {timeout_s}s (load average {os.getloadavg()}):\n{self.log_tail()}"
-                )
-                time.sleep(0.05)
-
-    def health(self) -> str:
-        """Health of the empty service name right now (or the status code that answered instead)."""
-        with grpc.insecure_channel(self.address) as channel:
-            try:
-                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-            except grpc.RpcError as err:
-                return err.code().name
-
-    def start(self, timeout_s: float = START_TIMEOUT_S) -> float:
-        """Spawn and wait until SERVING; return the seconds it took."""
-        began = time.monotonic()
-        self.spawn()
-        self.wait_serving(timeout_s)
-        return time.monotonic() - began
-
-    def kill9(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
-        os.kill(self.proc.pid, signal.SIGKILL)
-        assert self.proc.wait(timeout=10) == -signal.SIGKILL
-
-    def stop(self) -> None:
-        """SIGTERM and wait (SIGKILL if it does not exit); safe to call on a dead process."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+def chaos_process(name: str, root: Path, **env: str) -> ServiceProcess:
+    """``python -m services.<name>`` with its logs and state folder under ``root``, a short drain (grace 2 s,
+    no drain delay) and one OpenMP thread; ``env`` overrides on top."""
+    chaos_env = {"GUARDMESH__GRPC__GRACE_S": "2", "GUARDMESH__GRPC__DRAIN_DELAY_S": "0", "OMP_NUM_THREADS": "1"}
+    return ServiceProcess(name, root, {**chaos_env, **env})
 
 
 # -- drivers ------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from tests.chaos_traffic import (
     ParamServerDriver,
     SchedulerDriver,
     ScorerDriver,
-    ServiceProcess,
+    chaos_process,
     checkpoint_folder,
     model_info,
     until_available,
@@ -68,6 +68,7 @@ from tests.chaos_traffic import (
     where,
 )
 from tests.conftest import check_invariant, make_config
+from tests.processes import ServiceProcess, start_all
 
 RESERVE_MIB = 512
 CLUSTER_TOML = """
@@ -138,14 +139,6 @@ def report(line: str, faults: dict[str, int], calls: dict[str, int], checked: di
 
 
 # -- set-up -------------------------------------------------------------------------------------------------
-
-
-def start_all(procs: list[ServiceProcess]) -> None:
-    """Spawn every process first, then wait for each: the start-ups overlap."""
-    for p in procs:
-        p.spawn()
-    for p in procs:
-        p.wait_serving()
 
 
 def ps_initial() -> dict[str, np.ndarray]:
@@ -315,7 +308,7 @@ def test_kill9_each_service_under_load(tmp_path: Path) -> None:
     cluster = tmp_path / "cluster.toml"
     cluster.write_text(CLUSTER_TOML)
     procs = {
-        "scheduler": ServiceProcess(
+        "scheduler": chaos_process(
             "scheduler",
             tmp_path / "scheduler",
             GUARDMESH__SCHEDULER__CLUSTER_FILE=str(cluster),
@@ -323,9 +316,9 @@ def test_kill9_each_service_under_load(tmp_path: Path) -> None:
             GUARDMESH__SCHEDULER__GPU_RESERVE_MIB=str(RESERVE_MIB),
             GUARDMESH__SCHEDULER__REAP_INTERVAL_S="0.2",
         ),
-        "paramserver": ServiceProcess("paramserver", tmp_path / "paramserver", **PS_ENV),
-        "scorer": ServiceProcess("scorer", tmp_path / "scorer", GUARDMESH__SCORER__DEVICE="cpu"),
-        "abrouter": ServiceProcess(
+        "paramserver": chaos_process("paramserver", tmp_path / "paramserver", **PS_ENV),
+        "scorer": chaos_process("scorer", tmp_path / "scorer", GUARDMESH__SCORER__DEVICE="cpu"),
+        "abrouter": chaos_process(
             "abrouter",
             tmp_path / "abrouter",
             GUARDMESH__ABROUTER__SQLITE_SYNCHRONOUS="NORMAL",
@@ -520,7 +513,7 @@ def test_kill9_each_service_under_load(tmp_path: Path) -> None:
 @pytest.mark.timeout(300)
 def test_paramserver_restores_from_a_verified_replica_under_load(tmp_path: Path) -> None:
     began = time.monotonic()
-    proc = ServiceProcess("paramserver", tmp_path / "paramserver", **PS_ENV)
+    proc = chaos_process("paramserver", tmp_path / "paramserver", **PS_ENV)
     stop = threading.Event()
     clients: list[ParamServerClient] = []
     drivers: list[ParamServerDriver] = []
@@ -704,7 +697,7 @@ def refusals(calls: dict[str, Callable[[], object]]) -> dict[str, str]:
 
 
 def _disk_full_abrouter(tmp_path: Path) -> tuple[list[str], str, dict[str, int], dict[str, int]]:
-    proc = ServiceProcess(
+    proc = chaos_process(
         "abrouter",
         tmp_path / "abrouter",
         GUARDMESH__ABROUTER__SQLITE_SYNCHRONOUS="NORMAL",
@@ -783,7 +776,7 @@ def _disk_full_abrouter(tmp_path: Path) -> tuple[list[str], str, dict[str, int],
 def _disk_full_scheduler(tmp_path: Path) -> tuple[list[str], str, dict[str, int], dict[str, int]]:
     cluster = tmp_path / "cluster.toml"
     cluster.write_text(CLUSTER_TOML)
-    proc = ServiceProcess(
+    proc = chaos_process(
         "scheduler",
         tmp_path / "scheduler",
         GUARDMESH__SCHEDULER__CLUSTER_FILE=str(cluster),
@@ -873,7 +866,7 @@ def test_a_push_computed_before_a_restore_is_not_applied_after_it(tmp_path: Path
     """A worker pulls v7 from incarnation A; A dies, B restores the v5 checkpoint and trains to v7 on
     other gradients. The worker's push (base_version 7, computed on A's v7, which B never had) must be
     refused (ABORTED: re-pull), not applied as if it had staleness 0."""
-    proc = ServiceProcess("paramserver", tmp_path / "paramserver", **PS_ENV)
+    proc = chaos_process("paramserver", tmp_path / "paramserver", **PS_ENV)
     clients: list[ParamServerClient] = []
     try:
         proc.start()
