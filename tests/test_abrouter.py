@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from guardmesh.v1 import scorer_pb2 as spb
 from guardmesh.v1 import scorer_pb2_grpc as spb_grpc
 
 from .conftest import REPO, make_config
+from .processes import ServiceProcess
 
 Stub = pb_grpc.ABRouterServiceStub
 
@@ -596,39 +596,14 @@ def test_state_survives_a_restart_in_process(tmp_path: Path) -> None:
 
 
 def test_acknowledged_exposures_survive_kill_9(tmp_path: Path) -> None:
-    from .test_scheduler_durability import free_port
+    router = ServiceProcess("abrouter", tmp_path, {"GUARDMESH__ABROUTER__SQLITE_SYNCHRONOUS": "NORMAL"})
 
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDMESH") and k != "CONSUL_HTTP_ADDR"}
-    env.update(
-        GUARDMESH__SERVICES__ABROUTER__PORT=str(port),
-        GUARDMESH__MESH__STATE_DIR=str(tmp_path / "state"),
-        GUARDMESH__ABROUTER__SQLITE_SYNCHRONOUS="NORMAL",
-        PYTHONUNBUFFERED="1",
-    )
+    def spawn() -> tuple[Stub, grpc.Channel]:
+        router.start(timeout_s=30)
+        channel = router.channel()
+        return pb_grpc.ABRouterServiceStub(channel), channel
 
-    def spawn() -> tuple[subprocess.Popen[bytes], Stub, grpc.Channel]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.abrouter"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / "abrouter.log").open("ab"),
-        )
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
-            assert proc.poll() is None, (tmp_path / "abrouter.log").read_text()[-2000:]
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == 1:
-                    return proc, pb_grpc.ABRouterServiceStub(channel), channel
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("abrouter did not start")
-
-    proc, stub, channel = spawn()
+    stub, channel = spawn()
     create(stub, "durable", metrics=["m"])
     acknowledged: list[str] = []
     stop = False
@@ -649,13 +624,12 @@ def test_acknowledged_exposures_survive_kill_9(tmp_path: Path) -> None:
         futures = [pool.submit(writer, w) for w in range(4)]
         while len(acknowledged) < 300:
             time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        router.kill9()
         stop = True
         for f in futures:
             f.result()
     channel.close()
-    proc, stub, channel = spawn()
+    stub, channel = spawn()
     try:
         exposed = _state(stub, "durable")[1]
         assert exposed >= len(acknowledged)
@@ -665,8 +639,7 @@ def test_acknowledged_exposures_survive_kill_9(tmp_path: Path) -> None:
         ).recorded == len(acknowledged)
     finally:
         channel.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert router.stop(timeout_s=30) == 0, router.log_tail()
 
 
 def test_continuous_audit_raises_one_srm_event(tmp_path: Path) -> None:
