@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,46 +11,21 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from guardmesh.sdk.paramserver import ParamServerClient, adam, bounded_staleness
 from guardmesh.v1 import paramserver_pb2 as pb
 from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
 
 from .conftest import make_config
+from .processes import ServiceProcess
 from .ps_worker import accuracy, dataset, make_model
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(port: int, state: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDMESH")}
-    env |= {"GUARDMESH__SERVICES__PARAMSERVER__PORT": str(port), "GUARDMESH__MESH__STATE_DIR": str(state)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.paramserver"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=(state / "ps.log").open("ab"),
-    )
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(service="paramserver"), timeout=1).status == 1:
-                    return proc
-            except grpc.RpcError:
-                pass
-            assert proc.poll() is None, (state / "ps.log").read_text()
-            time.sleep(0.1)
-    raise AssertionError("paramserver did not become SERVING")
+def _start(server: ServiceProcess) -> None:
+    """Start (or restart) the paramserver and wait until its health says SERVING."""
+    server.start(timeout_s=60, service="paramserver")
 
 
 def _checkpoints(state: Path, model: str) -> list[int]:
@@ -69,10 +39,9 @@ def _checkpoints(state: Path, model: str) -> list[int]:
 
 @pytest.mark.timeout(300)
 def test_kill9_during_training_resumes_from_verified_checkpoint_and_converges(tmp_path: Path) -> None:
-    port = _free_port()
-    state = tmp_path / "state"
-    state.mkdir()
-    proc = _start(port, state)
+    server = ServiceProcess("paramserver", tmp_path)
+    port, state = server.port, server.state
+    _start(server)
     config = make_config(tmp_path, **{"services.paramserver.port": port})
     x_tr, y_tr, x_te, y_te = dataset()
     model = make_model()
@@ -80,7 +49,6 @@ def test_kill9_during_training_resumes_from_verified_checkpoint_and_converges(tm
     ps.create_from_module(model, adam(0.03), bounded_staleness(2), checkpoint_every=10)
     loss_fn = torch.nn.CrossEntropyLoss()
     rng = np.random.default_rng(0)
-    restarted: list[subprocess.Popen[bytes]] = []
     killed_at = -1
     on_disk: list[int] = []
     timer: threading.Timer | None = None
@@ -102,13 +70,12 @@ def test_kill9_during_training_resumes_from_verified_checkpoint_and_converges(tm
                     while max(_checkpoints(state, "digits"), default=0) < 30:
                         time.sleep(0.02)  # the v30 checkpoint is written in the background
                     killed_at = ps.versions[0]
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait()
+                    server.kill9()
                     # The background writer snapshots the shard when it runs, so on a loaded machine the newest
                     # checkpoint may be of a later version than the one that triggered it.
                     on_disk = _checkpoints(state, "digits")
                     # Restart a moment later while the trainer is already retrying.
-                    timer = threading.Timer(1.0, lambda: restarted.append(_start(port, state)))
+                    timer = threading.Timer(1.0, _start, (server,))
                     timer.start()
         info = pb_grpc.ParamServerServiceStub(ps.channels[0]).DescribeModel(pb.DescribeModelRequest(model="digits"))
         assert info.model.restored_version == max(on_disk) >= 30  # the newest checkpoint, verified by its checksum
@@ -119,18 +86,14 @@ def test_kill9_during_training_resumes_from_verified_checkpoint_and_converges(tm
         ps.close()
         if timer is not None:
             timer.join()  # a restart still pending would otherwise outlive the test
-        for p in [proc, *restarted]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                p.wait(timeout=30)
+        server.stop(timeout_s=30, must_exit=True)
 
 
 @pytest.mark.timeout(300)
 def test_kill9_during_checkpoint_write_restores_previous_verified_version(tmp_path: Path) -> None:
-    port = _free_port()
-    state = tmp_path / "state"
-    state.mkdir()
-    proc = _start(port, state)
+    server = ServiceProcess("paramserver", tmp_path)
+    port, state = server.port, server.state
+    _start(server)
     config = make_config(tmp_path, **{"services.paramserver.port": port})
     ps = ParamServerClient.connect("big", config=config, addresses=[f"127.0.0.1:{port}"])
     big = np.zeros(20_000_000, dtype=np.float32)  # 80 MB: the write takes long enough to be interrupted
@@ -148,10 +111,9 @@ def test_kill9_during_checkpoint_write_restores_previous_verified_version(tmp_pa
     while not any(".tmp-" in p.name for f in folders for p in f.iterdir()):
         assert time.monotonic() < deadline, "no checkpoint write observed"
         time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    server.kill9()
     leftovers = [p.name for f in folders for p in f.iterdir() if ".tmp-" in p.name]
-    proc = _start(port, state)
+    _start(server)
     try:
         info = stub.DescribeModel(pb.DescribeModelRequest(model="big")).model
         assert leftovers, "the kill should have interrupted a write"
@@ -164,8 +126,7 @@ def test_kill9_during_checkpoint_write_restores_previous_verified_version(tmp_pa
         assert ps.pull().versions[0] == info.restored_version + 1
     finally:
         ps.close()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        server.stop(timeout_s=30, must_exit=True)
 
 
 def _quiet(fn, request) -> None:  # type: ignore[no-untyped-def]
