@@ -4,10 +4,6 @@ parsed with prometheus_client's own text parser, after real traffic."""
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +13,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from guardmesh.v1 import abrouter_pb2 as apb
@@ -27,43 +22,28 @@ from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 from guardmesh.v1 import scorer_pb2 as scpb
 from guardmesh.v1 import scorer_pb2_grpc as scpb_grpc
 
-from .conftest import REPO, node_pb
-from .test_scheduler_durability import free_port
+from .conftest import node_pb
+from .processes import ServiceProcess, free_port
 
 
-class Service:
+class Service(ServiceProcess):
+    """A service process that also serves /metrics on a port of its own."""
+
     def __init__(self, name: str, tmp_path: Path) -> None:
-        self.name = name
-        self.port, self.metrics_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("GUARDMESH", "OTEL_", "CONSUL_"))}
-        env |= {
-            f"GUARDMESH__SERVICES__{name.upper()}__PORT": str(self.port),
-            f"GUARDMESH__SERVICES__{name.upper()}__METRICS_PORT": str(self.metrics_port),
-            "GUARDMESH__MESH__STATE_DIR": str(tmp_path / name),
-            "GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0.3",
-            "GUARDMESH__ABROUTER__AUDIT_MIN_SAMPLE": "100",
-            "GUARDMESH__ABROUTER__GUARDRAIL_INTERVAL_S": "0.2",
-        }
-        self.log = tmp_path / f"{name}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
-            cwd=REPO,
-            env=env,
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
+        self.metrics_port = free_port()
+        super().__init__(
+            name,
+            tmp_path,
+            {
+                f"GUARDMESH__SERVICES__{name.upper()}__METRICS_PORT": str(self.metrics_port),
+                "GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0.3",
+                "GUARDMESH__ABROUTER__AUDIT_MIN_SAMPLE": "100",
+                "GUARDMESH__ABROUTER__GUARDRAIL_INTERVAL_S": "0.2",
+            },
+            state=tmp_path / name,
         )
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        health = health_pb2_grpc.HealthStub(self.channel)
-        end = time.monotonic() + 60
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()[-2000:]
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == 1:
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < end, f"{name} did not start"
-            time.sleep(0.05)
+        self.start(timeout_s=60)
+        self.grpc = self.channel()
 
     def scrape(self) -> dict[str, list[tuple[dict[str, str], float]]]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
@@ -75,11 +55,6 @@ class Service:
                 out.setdefault(sample.name, []).append((sample.labels, sample.value))
         return out
 
-    def stop(self) -> None:
-        self.channel.close()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
-
 
 @pytest.fixture
 def services(tmp_path: Path) -> Iterator[dict[str, Service]]:
@@ -90,7 +65,7 @@ def services(tmp_path: Path) -> Iterator[dict[str, Service]]:
         yield started
     finally:
         for s in started.values():
-            s.stop()
+            s.close(timeout_s=30, must_exit=True)
 
 
 def _find(metrics: dict[str, list[tuple[dict[str, str], float]]], prefix: str) -> list[tuple[dict[str, str], float]]:
@@ -101,7 +76,7 @@ def _find(metrics: dict[str, list[tuple[dict[str, str], float]]], prefix: str) -
 
 def test_every_service_serves_its_part_of_the_monitoring_matrix(services: dict[str, Service]) -> None:
     # scheduler: one of two T4 cards' memory allocated -> pool utilisation 0.5
-    sched = spb_grpc.SchedulerServiceStub(services["scheduler"].channel)
+    sched = spb_grpc.SchedulerServiceStub(services["scheduler"].grpc)
     sched.RegisterNode(spb.RegisterNodeRequest(node=node_pb("n1", gpus=2, memory_mib=16384, model="T4")))
     sched.SubmitJob(
         spb.SubmitJobRequest(
@@ -121,7 +96,7 @@ def test_every_service_serves_its_part_of_the_monitoring_matrix(services: dict[s
     assert pending[0][1] == 1.0
 
     # scorer: missing feature rate and F1 from feedback
-    scorer = scpb_grpc.ScorerServiceStub(services["scorer"].channel)
+    scorer = scpb_grpc.ScorerServiceStub(services["scorer"].grpc)
     model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid()).eval()
     buf = io.BytesIO()
     torch.jit.save(torch.jit.script(model), buf)
@@ -151,7 +126,7 @@ def test_every_service_serves_its_part_of_the_monitoring_matrix(services: dict[s
     _find(metrics, "guardmesh_scorer_drift_score")
 
     # abrouter: SRM p-value of the continuous audit, guardrail state
-    router = apb_grpc.ABRouterServiceStub(services["abrouter"].channel)
+    router = apb_grpc.ABRouterServiceStub(services["abrouter"].grpc)
     router.CreateExperiment(
         apb.CreateExperimentRequest(
             spec=apb.ExperimentSpec(key="exp", arms=[apb.Arm(name="a", weight=0.5), apb.Arm(name="b", weight=0.5)])
@@ -180,7 +155,7 @@ def test_paramserver_staleness_and_rejections_are_scraped(services: dict[str, Se
     from guardmesh.v1 import paramserver_pb2 as ppb
     from guardmesh.v1 import paramserver_pb2_grpc as ppb_grpc
 
-    ps = ppb_grpc.ParamServerServiceStub(services["paramserver"].channel)
+    ps = ppb_grpc.ParamServerServiceStub(services["paramserver"].grpc)
     zeros = np.zeros(4, dtype="<f4")
     tensor = common_pb2.Tensor(dtype=common_pb2.D_TYPE_FLOAT32, shape=[4], data=zeros.tobytes())
     ps.CreateModel(
