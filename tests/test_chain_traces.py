@@ -15,19 +15,13 @@ SERVER span it caused, as Jaeger's dependency view does.
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -41,19 +35,18 @@ from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 from guardmesh.v1 import scorer_pb2 as scpb
 from guardmesh.v1 import scorer_pb2_grpc as scpb_grpc
-from tests.conftest import REPO, make_config, node_pb
+from tests.conftest import make_config, node_pb
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
-from tests.test_scheduler_durability import free_port
+from tests.processes import ServiceProcess, free_port, start_all, stop_all
 
 SERVICES = ("scheduler", "paramserver", "scorer", "abrouter")
 
 
 @pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[tuple[dict[str, int], OtlpReceiver, dict[str, subprocess.Popen[bytes]]]]:
+def mesh(tmp_path: Path) -> Iterator[tuple[dict[str, int], OtlpReceiver, dict[str, ServiceProcess]]]:
     receiver = OtlpReceiver()
     ports = {s: free_port() for s in SERVICES}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GUARDMESH", "OTEL_", "CONSUL_"))}
-    env |= {f"GUARDMESH__SERVICES__{s.upper()}__PORT": str(p) for s, p in ports.items()}
+    env = {f"GUARDMESH__SERVICES__{s.upper()}__PORT": str(p) for s, p in ports.items()}
     env |= {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "120000",  # spans arrive through the flush on SIGTERM
@@ -61,39 +54,12 @@ def mesh(tmp_path: Path) -> Iterator[tuple[dict[str, int], OtlpReceiver, dict[st
         "GUARDMESH__GRPC__GRACE_S": "2.0",
         "GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0",
     }
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs = {s: ServiceProcess(s, tmp_path, env, port=ports[s]) for s in SERVICES}
     try:
-        for s in SERVICES:
-            procs[s] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{s}"],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=(tmp_path / f"{s}.log").open("wb"),
-            )
-        for s in SERVICES:
-            with grpc.insecure_channel(f"127.0.0.1:{ports[s]}") as ch:
-                end = time.monotonic() + 60
-                while True:
-                    assert procs[s].poll() is None, (tmp_path / f"{s}.log").read_text()[-2000:]
-                    try:
-                        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                        if status.status == health_pb2.HealthCheckResponse.SERVING:
-                            break
-                    except grpc.RpcError:
-                        pass
-                    assert time.monotonic() < end, f"{s} did not start"
-                    time.sleep(0.05)
+        start_all(procs.values(), timeout_s=60)
         yield ports, receiver, procs
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs.values(), timeout_s=30)
         receiver.stop()
 
 
@@ -144,7 +110,7 @@ def _torchscript() -> bytes:
 
 @pytest.mark.timeout(180)
 def test_application_request_and_training_step_are_each_one_trace_across_services(
-    tmp_path: Path, mesh: tuple[dict[str, int], OtlpReceiver, dict[str, subprocess.Popen[bytes]]]
+    tmp_path: Path, mesh: tuple[dict[str, int], OtlpReceiver, dict[str, ServiceProcess]]
 ) -> None:
     ports, receiver, procs = mesh
     config = make_config(tmp_path, **{f"services.{s}.port": p for s, p in ports.items()})
@@ -233,10 +199,8 @@ def test_application_request_and_training_step_are_each_one_trace_across_service
     router_channel.close()
     sched_channel.close()
 
-    for p in procs.values():  # flush every service's spans (SIGTERM drain)
-        p.send_signal(signal.SIGTERM)
-    for name, p in procs.items():
-        assert p.wait(timeout=30) == 0, name
+    codes = stop_all(procs.values(), timeout_s=30)  # flush every service's spans (SIGTERM drain)
+    assert codes == dict.fromkeys(SERVICES, 0), codes
     deadline = time.monotonic() + 10
     app_trace = format(app_root.get_span_context().trace_id, "032x")
     train_trace = format(train_root.get_span_context().trace_id, "032x")
