@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 from tests.conftest import REPO, check_invariant, node_pb
+from tests.processes import ServiceProcess
 
 RESERVE_MIB = 512
 #: Lease of the short jobs and the preemption grace in the kill -9 test: long enough to survive the steps
@@ -68,93 +68,28 @@ memory_mib = 16384
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class SchedulerProcess:
+class SchedulerProcess(ServiceProcess):
     """The scheduler as a child process on a fixed port and state folder, restartable."""
 
     def __init__(self, tmp_path: Path, cluster_toml: str = CLUSTER_TOML, **env: str) -> None:
-        self.tmp_path = tmp_path
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
         cluster = tmp_path / "cluster.toml"
         cluster.write_text(cluster_toml)
-        self.env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("GUARDMESH") and k not in ("CONSUL_HTTP_ADDR", "OTEL_EXPORTER_OTLP_ENDPOINT")
-        }
-        self.env.update(
-            GUARDMESH__SERVICES__SCHEDULER__PORT=str(self.port),
-            GUARDMESH__MESH__STATE_DIR=str(tmp_path / "state"),
-            GUARDMESH__SCHEDULER__CLUSTER_FILE=str(cluster),
-            GUARDMESH__SCHEDULER__REAP_INTERVAL_S="0.05",
-            GUARDMESH__SCHEDULER__GPU_RESERVE_MIB=str(RESERVE_MIB),
-            GUARDMESH__GRPC__GRACE_S="8",
-            PYTHONUNBUFFERED="1",
-            **env,
+        super().__init__(
+            "scheduler",
+            tmp_path,
+            {
+                "GUARDMESH__SCHEDULER__CLUSTER_FILE": str(cluster),
+                "GUARDMESH__SCHEDULER__REAP_INTERVAL_S": "0.05",
+                "GUARDMESH__SCHEDULER__GPU_RESERVE_MIB": str(RESERVE_MIB),
+                "GUARDMESH__GRPC__GRACE_S": "8",
+                **env,
+            },
         )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.lives = 0
-        self.channels: list[grpc.Channel] = []
 
-    @property
-    def log_path(self) -> Path:
-        return self.tmp_path / f"scheduler-{self.lives}.log"
-
-    def log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except FileNotFoundError:
-            return ""
-
-    def start(self, timeout_s: float = 20.0) -> spb_grpc.SchedulerServiceStub:
+    def serve(self, timeout_s: float = 20.0) -> spb_grpc.SchedulerServiceStub:
         """Spawn the process and wait until health says SERVING; return a stub on a fresh channel."""
-        assert self.proc is None or self.proc.poll() is not None, "previous life still running"
-        self.lives += 1
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.scheduler"],
-                cwd=REPO,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        channel = self.channel()
-        health = health_pb2_grpc.HealthStub(channel)
-        end = time.monotonic() + timeout_s
-        while True:
-            rc = self.proc.poll()
-            assert rc is None, f"scheduler exited with {rc} while starting:\n{self.log_tail()}"
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return spb_grpc.SchedulerServiceStub(channel)
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < end, f"scheduler not SERVING after {timeout_s}s:\n{self.log_tail()}"
-            time.sleep(0.05)
-
-    def channel(self) -> grpc.Channel:
-        channel = grpc.insecure_channel(self.address)
-        self.channels.append(channel)
-        return channel
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        assert self.proc.wait(timeout=10) == -signal.SIGKILL
-
-    def close(self) -> None:
-        for c in self.channels:
-            c.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        self.start(timeout_s)
+        return spb_grpc.SchedulerServiceStub(self.channel())
 
 
 @pytest.fixture
@@ -230,7 +165,7 @@ def assert_events_continue(before: list[spb.Event], after: list[spb.Event]) -> N
 
 def test_kill9_keeps_every_acknowledged_change(scheduler_process: SchedulerProcess) -> None:
     sched = scheduler_process
-    stub = sched.start()
+    stub = sched.serve()
     expect: dict[str, spb.Job] = {}  # the last acknowledged view of every job
 
     def submit(spec: spb.JobSpec) -> spb.Job:
@@ -331,7 +266,7 @@ def test_kill9_keeps_every_acknowledged_change(scheduler_process: SchedulerProce
     # not lapse; the restored preemption must still be carried out.
     time.sleep(max(0.0, renewed_at + SHORT_TTL_S + 0.5 - time.time(), revoke_at + 0.2 - time.time()))
     spawned_at = time.time()
-    stub = sched.start()
+    stub = sched.serve()
 
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -406,7 +341,7 @@ def test_kill9_keeps_every_acknowledged_change(scheduler_process: SchedulerProce
     late = stub.SubmitJob(spb.SubmitJobRequest(job=job("late", mem=4096, allow_sharing=True)), timeout=10).job
     events_before = all_events(stub)
     sched.kill9()
-    stub = sched.start()
+    stub = sched.serve()
     jobs = assert_consistent(stub)
     assert set(jobs) == set(snapshot) | {"late"}
     assert jobs["late"].state == late.state and where(jobs["late"]) == where(late)
@@ -432,7 +367,7 @@ def test_sigterm_drains_in_flight_calls_and_streams(tmp_path: Path) -> None:
 
 
 def _sigterm_drain(sched: SchedulerProcess) -> None:
-    stub = sched.start()
+    stub = sched.serve()
     watched = stub.SubmitJob(spb.SubmitJobRequest(job=job("watched", mem=8192)), timeout=10).job
     assert watched.state == spb.JOB_STATE_RUNNING
 
@@ -538,7 +473,7 @@ def _sigterm_drain(sched: SchedulerProcess) -> None:
     # Calls that reached the draining server completed; later ones were refused as UNAVAILABLE, never cut.
     assert {code for _, code in failures} <= {grpc.StatusCode.UNAVAILABLE}, failures
 
-    stub = sched.start()
+    stub = sched.serve()
     jobs = assert_consistent(stub)
     for jid, want in acked.items():
         got = jobs.get(jid)
