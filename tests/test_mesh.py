@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -16,20 +15,16 @@ from guardmesh.config import load_config
 from guardmesh.mesh import enabled_services, health_status, instances, pid_alive, read_records
 from guardmesh.runtime import KNOWN_SERVICES
 
+from .processes import clean_env, free_port
+
 REPO = Path(__file__).resolve().parent.parent
 GUARDMESH = [sys.executable, "-m", "guardmesh.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _free_port_pair() -> int:
     """A port p such that p and p + 1 are both free (paramserver shards 0 and 1)."""
     for _ in range(100):
-        p = _free_port()
+        p = free_port()
         with socket.socket() as a, socket.socket() as b:
             try:
                 a.bind(("127.0.0.1", p))
@@ -52,7 +47,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_mesh_up_status_down(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     ps_port = _free_port_pair()
     cluster = tmp_path / "cluster.toml"
     cluster.write_text('[[nodes]]\nname = "n1"\nmodel = "T4"\ngpus = 2\nmemory_mib = 16384\n')
@@ -65,9 +60,7 @@ def test_mesh_up_status_down(tmp_path: Path) -> None:
         f'[scheduler]\ncluster_file = "{cluster}"\n'
         "[grpc]\ndrain_delay_s = 0.1\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GUARDMESH", "OTEL_", "CONSUL_"))}
-    env["GUARDMESH_CONFIG"] = str(config_file)
-    env["COLUMNS"] = "200"
+    env = clean_env({"GUARDMESH_CONFIG": str(config_file), "COLUMNS": "200"})
     config = load_config(env=env)
     try:
         up = _cli("mesh", "up", env=env)
@@ -103,8 +96,7 @@ def test_mesh_up_status_down(tmp_path: Path) -> None:
 
 
 def test_python_m_entry_point_reports_config_errors(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDMESH")}
-    env["GUARDMESH__SCHEDULER__POLICY"] = "random"
+    env = clean_env({"GUARDMESH__SCHEDULER__POLICY": "random"})
     proc = subprocess.run(
         [sys.executable, "-m", "services.scheduler"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
     )
@@ -140,7 +132,7 @@ def test_mesh_up_secure_profile_is_mtls_with_roles(tmp_path: Path) -> None:
     from guardmesh.v1 import abrouter_pb2 as apb
     from guardmesh.v1 import abrouter_pb2_grpc as apb_grpc
 
-    ports = {s: _free_port() for s in ("scheduler", "scorer", "abrouter")}
+    ports = {s: free_port() for s in ("scheduler", "scorer", "abrouter")}
     profile = (REPO / "guardmesh" / "profiles" / "secure.toml").read_text()
     config_file = tmp_path / "secure.toml"
     config_file.write_text(
@@ -149,9 +141,7 @@ def test_mesh_up_secure_profile_is_mtls_with_roles(tmp_path: Path) -> None:
         + "".join(f"[services.{s}]\nport = {p}\n" for s, p in ports.items())
         + "[services.paramserver]\nenabled = false\n[grpc]\ndrain_delay_s = 0.1\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GUARDMESH", "OTEL_", "CONSUL_"))}
-    env["GUARDMESH_CONFIG"] = str(config_file)
-    env["COLUMNS"] = "200"
+    env = clean_env({"GUARDMESH_CONFIG": str(config_file), "COLUMNS": "200"})
     config = load_config(env=env)
     assert config.security.mode == "mtls" and config.security.authorization
     try:

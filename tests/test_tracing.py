@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,6 @@ from typing import IO
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from guardmesh.client import open_channel
 from guardmesh.tracing import tracer_provider
@@ -30,6 +28,7 @@ from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 from tests.conftest import make_config, node_pb
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.processes import clean_env, free_port, tail, wait_serving
 
 REPO = Path(__file__).resolve().parent.parent
 RELAY_SCRIPT = REPO / "tests" / "relay_service.py"
@@ -37,19 +36,8 @@ FORWARD = "/guardmesh.test.Relay/Forward"
 LIST_NODES = "/guardmesh.v1.SchedulerService/ListNodes"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _service_env(otlp_endpoint: str, scheduler_port: int, state_dir: Path) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("GUARDMESH") and not k.startswith("OTEL_") and k != "CONSUL_HTTP_ADDR"
-    }
-    env.update(
+    return clean_env(
         {
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
             # Nothing is exported on a timer during the test: only the flush at SIGTERM shutdown delivers spans.
@@ -57,35 +45,9 @@ def _service_env(otlp_endpoint: str, scheduler_port: int, state_dir: Path) -> di
             "GUARDMESH__SERVICES__SCHEDULER__PORT": str(scheduler_port),
             "GUARDMESH__MESH__STATE_DIR": str(state_dir),
             "GUARDMESH__GRPC__GRACE_S": "2.0",
-            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
         }
     )
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def _wait_serving(address: str, service: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            except grpc.RpcError as err:
-                last = err.code()
-            time.sleep(0.1)
-    raise TimeoutError(f"{address} ({service!r}) not SERVING within {timeout}s (last: {last})")
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
 
 
 def _read_port(proc: subprocess.Popen[str], timeout: float) -> int:
@@ -143,7 +105,7 @@ def _terminate_all(procs: dict[str, subprocess.Popen[str]], timeout: float) -> d
 
 @pytest.mark.timeout(90)
 def test_trace_crosses_two_service_processes_and_is_flushed_on_sigterm(tmp_path: Path, receiver: OtlpReceiver) -> None:
-    scheduler_port = _free_port()
+    scheduler_port = free_port()
     env = _service_env(receiver.endpoint, scheduler_port, tmp_path / "state")
     logs = {"scheduler": tmp_path / "scheduler.log", "relay": tmp_path / "relay.log"}
     procs: dict[str, subprocess.Popen[str]] = {}
@@ -152,17 +114,16 @@ def test_trace_crosses_two_service_processes_and_is_flushed_on_sigterm(tmp_path:
             [sys.executable, "-m", "services.scheduler"], env, logs["scheduler"], subprocess.DEVNULL
         )
         scheduler_addr = f"127.0.0.1:{scheduler_port}"
-        try:
-            _wait_serving(scheduler_addr, "guardmesh.v1.SchedulerService", timeout=20)
-        except TimeoutError as exc:
-            raise AssertionError(f"{exc}\nscheduler log:\n{_tail(logs['scheduler'])}") from None
+        wait_serving(
+            scheduler_addr, "guardmesh.v1.SchedulerService", 20, procs["scheduler"], logs["scheduler"], "scheduler"
+        )
         procs["relay"] = _start([sys.executable, str(RELAY_SCRIPT)], env, logs["relay"], subprocess.PIPE)
         try:
             relay_port = _read_port(procs["relay"], timeout=20)
-            relay_addr = f"127.0.0.1:{relay_port}"
-            _wait_serving(relay_addr, "relay", timeout=10)
         except (TimeoutError, RuntimeError) as exc:
-            raise AssertionError(f"{exc}\nrelay log:\n{_tail(logs['relay'])}") from None
+            raise AssertionError(f"{exc}\nrelay log:\n{tail(logs['relay'])}") from None
+        relay_addr = f"127.0.0.1:{relay_port}"
+        wait_serving(relay_addr, "relay", 10, procs["relay"], logs["relay"], "relay")
 
         config = make_config(tmp_path)
         with open_channel("scheduler", config, address=scheduler_addr) as sched_channel:
@@ -179,7 +140,7 @@ def test_trace_crosses_two_service_processes_and_is_flushed_on_sigterm(tmp_path:
                 FORWARD, request_serializer=lambda b: b, response_deserializer=lambda b: b
             )
             reply = forward(b"", timeout=10)
-        assert reply == b"1", f"relay answered {reply!r}\nrelay log:\n{_tail(logs['relay'])}"
+        assert reply == b"1", f"relay answered {reply!r}\nrelay log:\n{tail(logs['relay'])}"
         test_trace_id = format(root.get_span_context().trace_id, "032x")
         test_root_id = format(root.get_span_context().span_id, "016x")
         # With the batch timer out of the way, nothing has been exported yet: the spans below come from the
@@ -190,8 +151,8 @@ def test_trace_crosses_two_service_processes_and_is_flushed_on_sigterm(tmp_path:
         codes = _terminate_all(procs, timeout=20)
 
     assert codes == {"scheduler": 0, "relay": 0}, (
-        f"exit codes after SIGTERM: {codes}\nscheduler log:\n{_tail(logs['scheduler'])}\n"
-        f"relay log:\n{_tail(logs['relay'])}"
+        f"exit codes after SIGTERM: {codes}\nscheduler log:\n{tail(logs['scheduler'])}\n"
+        f"relay log:\n{tail(logs['relay'])}"
     )
 
     def relay_server(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
