@@ -1,7 +1,10 @@
 """A training worker process for the parameter-server convergence tests.
 
 Trains multinomial logistic regression on scikit-learn's digits through the real parameter server with the SDK's
-``train_step``; writes a JSON report (steps, re-pulls, staleness seen) to ``--out``.
+``train_step``; writes a JSON report (steps, re-pulls, stalls, staleness seen) to ``--out``. A straggler is slow on
+every step (``--straggle-ms``) and, with ``--stall-every``, also stalls now and then between a pull and its push
+(``--stall-ms``, a paused or preempted worker): the stall is once per step, so when the server refuses the stale push
+the re-pulled recomputation runs at the worker's normal speed.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ def main() -> None:
     ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--bound", type=int, default=2)
-    ap.add_argument("--straggle-ms", type=float, default=0.0)
+    ap.add_argument("--straggle-ms", type=float, default=0.0, help="extra time of every computation")
+    ap.add_argument("--stall-every", type=int, default=0, help="every N-th step stalls between its pull and push")
+    ap.add_argument("--stall-ms", type=float, default=0.0, help="the stall, once per step (not in a recomputation)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--stop-file", default="", help="stop early once this file exists (the straggler)")
     ap.add_argument("--max-repulls", type=int, default=5, help="drop a batch after this many stale pushes")
@@ -81,7 +86,7 @@ def main() -> None:
     ps.create_from_module(model, optimizer, consistency(args.mode, args.workers, args.bound))  # idempotent
     loss_fn = torch.nn.CrossEntropyLoss()
     rng = np.random.default_rng(args.worker)
-    steps = repulls = dropped = 0
+    steps = repulls = dropped = stalls = batches = 0
     stale: list[int] = []
     stop = Path(args.stop_file) if args.stop_file else None
     for _ in range(args.epochs):
@@ -92,8 +97,16 @@ def main() -> None:
                 break
             idx = order[start : start + batch]
             xb, yb = torch.from_numpy(x_tr[idx]), torch.from_numpy(y_tr[idx])
+            batches += 1
+            stall = [args.stall_ms / 1000 if args.stall_every and batches % args.stall_every == 0 else 0.0]
+            stalls += stall[0] > 0
 
-            def compute(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> float:
+            def compute(xb: torch.Tensor = xb, yb: torch.Tensor = yb, stall: list[float] = stall) -> float:
+                if stall[0]:
+                    # Stalled after the pull: the others keep pushing, so this gradient is many versions old
+                    # when it arrives. Once per step: a recomputation after a refused push does not stall.
+                    time.sleep(stall[0])
+                    stall[0] = 0.0
                 if args.straggle_ms:
                     time.sleep(args.straggle_ms / 1000)  # slow worker: its gradient ages while it computes
                 loss = loss_fn(model(xb), yb)
@@ -116,6 +129,7 @@ def main() -> None:
                 "steps": steps,
                 "repulls": repulls,
                 "dropped": dropped,
+                "stalls": stalls,
                 "max_staleness": max(stale, default=0),
                 "mean_staleness": float(np.mean(stale)) if stale else 0.0,
             },

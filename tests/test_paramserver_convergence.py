@@ -2,9 +2,24 @@
 
 L2-regularised multinomial logistic regression on scikit-learn's digits, SGD(lr=0.5, weight decay
 0.01) everywhere, each worker stepping on its whole data shard: the objective has one optimum, so the
-comparison measures the consistency mode, not mini-batch noise. Sync and bounded staleness must reach test
-accuracy within 1 point of single-process training with the same optimizer; the straggler's gradients
-show the staleness that async accepts and the bound refuses.
+comparison measures the consistency mode, not mini-batch noise. The three trainings differ only in the
+consistency mode (and lr / 4 where every worker's push is a step of its own). Sync and bounded staleness
+must reach test accuracy within 1 point of single-process training with the same optimizer.
+
+The straggler (worker 3) is slower on every step and, every ``STALL_EVERY``-th step, stalls for ``STALL_MS``
+between its pull and its push, while the three others keep pushing: that push is tens of versions stale.
+Async applies it as it is (its maximum staleness must exceed the bound); bounded staleness refuses it, and the
+straggler recomputes the step on a fresh pull (the stall is once per step), so nothing staler than the bound is
+applied and the straggler still does at least a third of the steps of the others.
+
+What the test does not assert: an accuracy gap between async and bounded staleness. On this problem there is
+none to measure honestly. A stale push from one of four workers holding i.i.d. shards is one step of lr / 4
+along a gradient taken on an older model; the fresh pushes that follow correct it, and the straggler's own
+steps are sequential (one push in flight), so the delay cannot feed back on itself. Under the bound, a worker
+whose every push is staler than the bound would never be accepted, so the straggler's very stale pushes can
+only be occasional, and occasional stale pushes leave the optimum where it is: async ends within noise of
+bounded staleness (both printed). The test asserts the difference the bound makes in the staleness of the
+gradients that are applied.
 """
 
 from __future__ import annotations
@@ -29,7 +44,9 @@ EPOCHS = 250  # steps of each worker over its whole shard
 LR = 0.5
 WEIGHT_DECAY = 0.01
 BOUND = 8
-STRAGGLE_MS = 15
+STRAGGLE_MS = 15  # every step of the straggler
+STALL_EVERY = 40  # and every 40th step of it stalls after its pull ...
+STALL_MS = 120  # ... for this long: tens of versions of the others' pushes, machine load permitting
 
 
 def single_process_accuracy() -> float:
@@ -85,7 +102,8 @@ def train(tmp_path: Path, mode: str) -> tuple[float, list[dict[str, float]]]:
                 str(tmp_path / f"{mode}-{w}.json"),
             ]
             if w == 3:
-                args += ["--straggle-ms", str(STRAGGLE_MS), "--stop-file", str(stop)]
+                args += ["--straggle-ms", str(STRAGGLE_MS), "--stall-every", str(STALL_EVERY)]
+                args += ["--stall-ms", str(STALL_MS), "--stop-file", str(stop)]
             procs.append(subprocess.Popen(args, cwd=REPO, env=env))
         for p in procs[:3]:
             assert p.wait(timeout=240) == 0
@@ -115,6 +133,14 @@ def test_sync_and_bounded_staleness_match_single_process_with_a_straggler(tmp_pa
         for m, (acc, reps) in results.items()
     }
     print(f"single={baseline:.4f} {summary}")
+    accs = " ".join(f"{m}={acc:.4f}" for m, (acc, _) in results.items())
+    stale = " ".join(
+        f"{m}: max {max(r['max_staleness'] for r in reps)} (straggler {reps[3]['max_staleness']}, "
+        f"mean {reps[3]['mean_staleness']:.1f}, {reps[3]['steps']} steps, {reps[3]['stalls']} stalls, "
+        f"{reps[3]['repulls']} re-pulls)"
+        for m, (_, reps) in results.items()
+    )
+    print(f"accuracy: single={baseline:.4f} {accs}; staleness (bound {BOUND}) {stale}")
     for mode in ("sync", "ssp"):
         acc, _ = results[mode]
         assert abs(acc - baseline) <= 0.01, (mode, acc, baseline)
@@ -128,3 +154,5 @@ def test_sync_and_bounded_staleness_match_single_process_with_a_straggler(tmp_pa
     # Async applies everything: the straggler's gradients land however stale they are, never re-pulled.
     assert all(r["repulls"] == 0 for r in async_reports)
     assert async_reports[3]["max_staleness"] >= max(r["max_staleness"] for r in async_reports[:3])
+    # ... and its stalled pushes were staler than the bound: what bounded staleness refused to apply.
+    assert async_reports[3]["max_staleness"] > BOUND, async_reports[3]
