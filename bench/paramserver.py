@@ -11,7 +11,9 @@ b) Push+pull of N = 1 Mi and 16 Mi float32 over gRPC. The server runs in its own
    (``python -m services.paramserver``, as users run it, default 64 MiB message limit and 4 MiB stream
    threshold); the model has one tensor of N float32, SGD, ASYNC consistency (every push is applied: the
    NaN/Inf check and the SGD step run on every round trip). Two ways of one round trip, each moving 2 x 4N
-   bytes, timed from this process through the SDK (``guardmesh.wire`` on both ends):
+   bytes, timed from this process through the SDK (``guardmesh.wire`` on both ends). The parameters are
+   received the cheapest way the SDK offers: at 1 Mi as a read-only view of the answer (no copy), at 16 Mi
+   into one preallocated array (``into=``, the trainer's parameter storage: the chunks land there directly):
    - ``ParamServerClient.pull()`` then ``push()``: two calls. At N = 1 Mi (4 MiB, at the threshold) unary
      Pull + Push; at 16 Mi (64 MiB) PullStream + PushStream in 4 MiB chunks.
    - ``ParamServerClient.push_pull()``: one call (PushPull; at 16 Mi the bidirectional PushPullStream),
@@ -31,7 +33,8 @@ b) Push+pull of N = 1 Mi and 16 Mi float32 over gRPC. The server runs in its own
    and receives 4N bytes per rank, the PS round trip moves 4N bytes each way over one connection.
 
 Every timed figure is the median of several repetitions after warm-up (the best is printed too); PS and echo
-round trips are interleaved so that both see the same machine. Records go to ``bench/results/paramserver.json``.
+round trips are interleaved in a shuffled order so that all see the same machine. Records go to
+``bench/results/paramserver.json``.
 """
 
 from __future__ import annotations
@@ -256,9 +259,13 @@ def _compare(
         chunks = [payload[off : off + chunk] for off in range(0, nbytes, chunk)]
         applied = version = 0
 
+        # How the SDK receives with the least work: a unary answer's tensor is a view of the message (no copy);
+        # a streamed one's chunks land in the caller's array (``into``), so no 4N-byte buffer is allocated.
+        dest = {"w": np.empty(n, dtype=np.float32)} if streamed else None
+
         def ps_round_trip() -> None:
             nonlocal applied, version
-            pulled = ps.pull()
+            pulled = ps.pull(into=dest)
             assert pulled.tensors["w"].size == n
             results = ps.push({"w": grad})
             applied += sum(r.outcome == pb.PUSH_OUTCOME_APPLIED for r in results)
@@ -266,7 +273,7 @@ def _compare(
 
         def ps_fused_round_trip() -> None:
             nonlocal applied, version
-            results, pulled = ps.push_pull({"w": grad})
+            results, pulled = ps.push_pull({"w": grad}, into=dest)
             assert pulled.tensors["w"].size == n
             applied += sum(r.outcome == pb.PUSH_OUTCOME_APPLIED for r in results)
             version = max(r.version for r in results)
@@ -284,8 +291,12 @@ def _compare(
             for _ in range(WARMUP):
                 fn()
         times: dict[str, list[float]] = {k: [] for k in fns}
+        order = list(fns)
+        shuffle = np.random.default_rng(7).shuffle
         for _ in range(repeats):
-            for name, fn in fns.items():
+            shuffle(order)  # a call right after another kind of call pays for the switch: no fixed order
+            for name in order:
+                fn = fns[name]
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
