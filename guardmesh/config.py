@@ -130,6 +130,7 @@ class ParamServerSettings(_Section):
     throughput_window_s: float = Field(default=10.0, gt=0)
     throughput_drop_share: float = Field(default=0.5, gt=0, lt=1)
     stream_threshold_mib: float = Field(default=4.0, gt=0)
+    heap_keep_mib: int = Field(default=1024, ge=0)
 
 
 class ScorerSettings(_Section):

@@ -24,6 +24,7 @@ from guardmesh.v1 import paramserver_pb2 as pb
 from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
 from services.paramserver.checkpoint import CheckpointError, CheckpointStore
 from services.paramserver.gradients import Gradient, Segments
+from services.paramserver.memory import keep_freed_memory
 from services.paramserver.optimizer import OptimizerKind, OptimizerSettings
 from services.paramserver.shard import ConsistencySettings, Mode, ModelShard, PushResult, TensorMeta
 
@@ -609,7 +610,8 @@ class ParamServerBinding:
         )
 
     def start(self) -> None:
-        """Restore from checkpoints and start the throughput monitor."""
+        """Tune the heap for message buffers, restore from checkpoints and start the throughput monitor."""
+        keep_freed_memory(self.config.paramserver.heap_keep_mib)
         self.servicer.start()
         self._monitor = threading.Thread(target=self._watch, name="paramserver-monitor", daemon=True)
         self._monitor.start()
