@@ -198,10 +198,6 @@ class ModelShard:
                 self.version, [(n, self.meta[n], wire_array(self.meta[n].dtype, self.masters[n])) for n in chosen]
             )
 
-    def snapshot(self, names: list[str]) -> tuple[int, list[tuple[str, TensorMeta, bytes]]]:
-        """(version, the named masters encoded in their wire dtype) taken atomically: one copy each."""
-        return self.framed(names, lambda version, items: (version, [(n, m, a.tobytes()) for n, m, a in items]))
-
     def wire_bytes(self, names: list[str]) -> int:
         """Bytes the named tensors (all if empty) take on the wire."""
         chosen = names or list(self.meta)
