@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from guardmesh.sdk.paramserver import ParamServerClient, StalePush
+from guardmesh.sdk.paramserver import ParamServerClient, PullResult, StalePush
 from guardmesh.v1 import abrouter_pb2 as apb
 from guardmesh.v1 import abrouter_pb2_grpc as apb_grpc
 from guardmesh.v1 import paramserver_pb2 as ppb
@@ -215,27 +215,39 @@ class SchedulerDriver(Driver):
 
 class ParamServerDriver(Driver):
     """A training worker: pull, a fake gradient (toward a fixed target), push; a stale or ABORTED push
-    re-pulls and recomputes under the same step id, as the SDK's ``train_step`` does."""
+    re-pulls and recomputes under the same step id, as the SDK's ``train_step`` does. With ``fused``, a step
+    is one PushPull whose answer holds the parameters of the next step (re-pulled only after a failure)."""
 
     service = "paramserver"
 
     def __init__(
-        self, name: str, stop: threading.Event, client: ParamServerClient, target: dict[str, np.ndarray]
+        self,
+        name: str,
+        stop: threading.Event,
+        client: ParamServerClient,
+        target: dict[str, np.ndarray],
+        fused: bool = False,
     ) -> None:
         super().__init__(name, stop, pace_s=0.02)
         self.client = client
         self.target = target
+        self.fused = fused
         self.step_id = 0
         self.repulls = 0
+        self.held: PullResult | None = None  # fused: the last answer, the parameters of the next step
         #: (incarnation of the pull, base version, version answered, outcome) of every acknowledged push.
         self.pushes: list[tuple[str, int, int, int]] = []
 
     def step(self) -> None:
         try:
-            pulled = self.rpc("Pull", self.client.pull)
+            pulled = self.held if self.held is not None else self.rpc("Pull", self.client.pull)
+            self.held = None
             grads = {n: (v - self.target[n]).astype(np.float32) for n, v in pulled.tensors.items()}
             self.calls += 1
-            results = self.client.push(grads, step_id=self.step_id)
+            if self.fused:
+                results, answer = self.client.push_pull(grads, step_id=self.step_id)
+            else:
+                results, answer = self.client.push(grads, step_id=self.step_id), None
         except StalePush as stale:
             self.repulls += 1
             if stale.code == grpc.StatusCode.ABORTED:
@@ -253,6 +265,7 @@ class ParamServerDriver(Driver):
         self.step_id += 1
         for r in results:
             self.pushes.append((pulled.incarnations[0], pulled.versions[0], r.version, r.outcome))
+        self.held = answer
         self.ack()
 
 

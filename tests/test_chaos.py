@@ -284,6 +284,8 @@ def check_clients(drivers: list[Driver]) -> list[str]:
             findings.append(f"{d.name}: client thread still running after stop")
         if d.crash:
             findings.append(f"{d.name}: client thread crashed:\n{d.crash}")
+        if d.acked == 0:
+            findings.append(f"{d.name}: no call acknowledged during the whole run")
         findings += d.errors[:10]
         if len(d.errors) > 10:
             findings.append(f"{d.name}: ... {len(d.errors) - 10} more errors")
@@ -356,7 +358,10 @@ def test_kill9_each_service_under_load(tmp_path: Path) -> None:
         router.CreateExperiment(apb.CreateExperimentRequest(spec=experiment_spec()), timeout=CALL_TIMEOUT_S)
 
         sched_drivers = [SchedulerDriver(f"sched{t}", stop, channel("scheduler")) for t in range(2)]
-        ps_drivers = [ParamServerDriver(f"ps{t}", stop, ps_client(f"w{t}"), ps_target()) for t in range(2)]
+        # one worker steps with Pull + Push, the other with PushPull (one call a step)
+        ps_drivers = [
+            ParamServerDriver(f"ps{t}", stop, ps_client(f"w{t}"), ps_target(), fused=t == 1) for t in range(2)
+        ]
         scorer_drivers = [ScorerDriver(f"score{t}", stop, channel("scorer"), SCORER_MODEL, FEATURES) for t in range(2)]
         router_drivers = [ABRouterDriver(f"assign{t}", stop, channel("abrouter"), EXPERIMENT) for t in range(2)]
         drivers = [*sched_drivers, *ps_drivers, *scorer_drivers, *router_drivers]
@@ -523,7 +528,7 @@ def test_paramserver_restores_from_a_verified_replica_under_load(tmp_path: Path)
         clients = [ParamServerClient.connect(PS_MODEL, worker_id=w, config=config) for w in ("admin", "w0", "w1")]
         stub = clients[0].stubs[0]
         clients[0].create(ps_initial(), sgd(0.05), bounded_staleness(2), checkpoint_every=CHECKPOINT_EVERY)
-        drivers = [ParamServerDriver(f"ps{t}", stop, clients[t + 1], ps_target()) for t in range(2)]
+        drivers = [ParamServerDriver(f"ps{t}", stop, clients[t + 1], ps_target(), fused=t == 1) for t in range(2)]
         for d in drivers:
             d.start()
         findings: list[str] = []
