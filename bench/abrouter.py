@@ -31,8 +31,8 @@ from growthbook import GrowthBook
 from growthbook.core import chooseVariation, gbhash, getBucketRanges
 from scipy import stats
 
-from bench.paramserver import ECHO_SERVICE
-from bench.records import best_of, echo_process, record, service_process, write_records
+from bench.processes import ECHO_SERVICE, echo_process, service_process
+from bench.records import best_of, record, write_records
 from services.abrouter.assignment import assign_batch
 from services.abrouter.audit import full_audit
 from services.abrouter.columns import CategoricalColumn, ExposureColumns

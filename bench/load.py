@@ -3,7 +3,7 @@
     python -m bench.load [--seconds 15] [--processes 4] [--threads 4] [--deadline 5]
 
 The four services run as their own processes (``python -m services.<name>`` through
-``bench.records.service_process``: a free loopback port, state in a temp dir, ``logging.level = WARNING``,
+``bench.processes.service_process``: a free loopback port, state in a temp dir, ``logging.level = WARNING``,
 SQLite ``synchronous = NORMAL`` for the scheduler and the abrouter; the abrouter's ``services.scorer.port``
 points at the scorer so that Route reaches it). Set-up, in this process, before any load:
 
@@ -586,7 +586,7 @@ def mesh(
     """The four services, each its own process (``service_process``), started by chains in parallel (the
     abrouter needs the scorer's port); every started one is stopped (SIGTERM, in parallel) on the way out,
     whatever happens, an interrupt during the start included."""
-    from bench.records import service_process
+    from bench.processes import service_process
 
     addresses: dict[str, str] = {}
     entered: list[contextlib.AbstractContextManager[str]] = []
@@ -645,22 +645,22 @@ def mesh(
 def echo_server() -> Iterator[Callable[[], str]]:
     """The bare grpcio echo in its own process, as bench/abrouter.py starts it; started at once, it yields
     a function that waits until it serves and returns its address. Stopped (SIGTERM) on the way out."""
-    from bench.paramserver import ECHO_SERVICE, _clean_env, _start, _stop, _wait_serving, free_port
+    from bench.processes import ECHO_SERVICE, clean_env, free_port, start, stop, wait_serving
 
     with tempfile.TemporaryDirectory(prefix="guardmesh-load-echo-") as tmp:
         port = free_port()
         address = f"127.0.0.1:{port}"
         log = Path(tmp) / "echo.log"
-        proc = _start([sys.executable, "-m", "bench.paramserver", "--echo-server", str(port)], _clean_env(tmp), log)
+        proc = start([sys.executable, "-m", "bench.paramserver", "--echo-server", str(port)], clean_env(tmp), log)
 
         def ready() -> str:
-            _wait_serving(address, ECHO_SERVICE, proc, log)
+            wait_serving(address, ECHO_SERVICE, proc, log)
             return address
 
         try:
             yield ready
         finally:
-            _stop(proc)
+            stop(proc)
 
 
 def summarize(merged: dict[str, dict[str, Any]], seconds: float, peer: bool) -> list[dict[str, Any]]:

@@ -45,9 +45,7 @@ import itertools
 import json
 import os
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -61,6 +59,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from bench.processes import ECHO_SERVICE, clean_env, free_port, start, stop, wait_serving
 from bench.records import record, write_records
 from guardmesh import wire
 from guardmesh.client import channel_options
@@ -79,16 +78,8 @@ REPEATS = {1 << 20: 40, 16 << 20: 15}
 GLOO_WARMUP = 3
 GLOO_REPEATS = {1 << 20: 40, 16 << 20: 20}
 THROUGHPUT_TARGET = 0.7
-ECHO_SERVICE = "bench.Echo"
 ECHO_UNARY = f"/{ECHO_SERVICE}/Unary"
 ECHO_STREAM = f"/{ECHO_SERVICE}/Stream"
-
-
-def free_port() -> int:
-    """A TCP port free right now on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def label(n: int) -> str:
@@ -146,54 +137,6 @@ def serve_echo(port: int, max_message_mib: int) -> int:
     return 0
 
 
-# -- server processes --------------------------------------------------------------------------------------
-
-
-def _clean_env(tmp: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("GUARDMESH") and k not in ("CONSUL_HTTP_ADDR", "OTEL_EXPORTER_OTLP_ENDPOINT")
-    }
-    env["GUARDMESH__MESH__STATE_DIR"] = tmp
-    env["GUARDMESH__LOGGING__LEVEL"] = "WARNING"
-    env["GUARDMESH__GRPC__MAX_MESSAGE_MIB"] = str(MAX_MESSAGE_MIB)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log_fh:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_fh, stderr=log_fh)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _wait_serving(address: str, service: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{service} exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"{service} did not report SERVING within 60 s")
-
-
 # -- b) push+pull against the echo -------------------------------------------------------------------------
 
 
@@ -201,24 +144,24 @@ def grpc_round_trips(sizes: Sequence[int], repeats: dict[int, int]) -> dict[int,
     """Start the PS and the echo server, then time interleaved PS and echo round trips per size."""
     out: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="guardmesh-bench-ps-") as tmp:
-        env = _clean_env(tmp)
+        env = clean_env(tmp, GUARDMESH__GRPC__MAX_MESSAGE_MIB=str(MAX_MESSAGE_MIB))
         ps_port, echo_port = free_port(), free_port()
         ps_log, echo_log = Path(tmp) / "paramserver.log", Path(tmp) / "echo.log"
-        ps_proc = _start(
+        ps_proc = start(
             [sys.executable, "-m", "services.paramserver"],
             {**env, "GUARDMESH__SERVICES__PARAMSERVER__HOST": "127.0.0.1",
              "GUARDMESH__SERVICES__PARAMSERVER__PORT": str(ps_port)},
             ps_log,
         )  # fmt: skip
-        echo_proc = _start(
+        echo_proc = start(
             [sys.executable, "-m", "bench.paramserver", "--echo-server", str(echo_port)],
             env,
             echo_log,
         )
         try:
             ps_addr, echo_addr = f"127.0.0.1:{ps_port}", f"127.0.0.1:{echo_port}"
-            _wait_serving(ps_addr, "paramserver", ps_proc, ps_log)
-            _wait_serving(echo_addr, ECHO_SERVICE, echo_proc, echo_log)
+            wait_serving(ps_addr, "paramserver", ps_proc, ps_log)
+            wait_serving(echo_addr, ECHO_SERVICE, echo_proc, echo_log)
             config = load_config(env={}).with_overrides(
                 {"services.paramserver.port": ps_port, "grpc.max_message_mib": MAX_MESSAGE_MIB}
             )
@@ -232,8 +175,8 @@ def grpc_round_trips(sizes: Sequence[int], repeats: dict[int, int]) -> dict[int,
             finally:
                 echo_channel.close()
         finally:
-            _stop(ps_proc)
-            _stop(echo_proc)
+            stop(ps_proc)
+            stop(echo_proc)
     return out
 
 

@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from bench.records import record, service_process, write_records
+from bench.processes import service_process
+from bench.records import record, write_records
 from guardmesh.config import load_config
 from guardmesh.sdk.paramserver import ParamServerClient, asynchronous, sgd
 

@@ -7,13 +7,12 @@ are only informative). ``machine`` says where the figures were taken.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -114,79 +113,3 @@ def best_of(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) ->
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
-
-
-@contextlib.contextmanager
-def service_process(service: str, overrides: dict[str, str], timeout: float = 90.0) -> Iterator[str]:
-    """Run ``python -m services.<service>`` on a free loopback port with GUARDMESH__ overrides; yield its
-    address once gRPC health says SERVING; SIGTERM it afterwards."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix=f"guardmesh-bench-{service}-") as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("GUARDMESH", "OTEL_", "CONSUL_"))}
-        env |= {
-            f"GUARDMESH__SERVICES__{service.upper()}__PORT": str(port),
-            "GUARDMESH__MESH__STATE_DIR": tmp,
-            "GUARDMESH__LOGGING__LEVEL": "WARNING",
-            **overrides,
-        }
-        log = Path(tmp) / "service.log"
-        with log.open("wb") as fh:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service}"], cwd=REPO, env=env, stdout=fh, stderr=fh
-            )
-        address = f"127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout
-            with grpc.insecure_channel(address) as ch:
-                stub = health_pb2_grpc.HealthStub(ch)
-                while True:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{service} exited: {log.read_text()[-2000:]}")
-                    try:
-                        if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == 1:
-                            break
-                    except grpc.RpcError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"{service} not SERVING after {timeout:.0f}s")
-                    time.sleep(0.1)
-            yield address
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-@contextlib.contextmanager
-def echo_process() -> Iterator[str]:
-    """Run the bare grpcio echo (``python -m bench.paramserver --echo-server PORT``: generic handlers on raw
-    bytes, no protobuf, no interceptors) on a free loopback port; yield its address once it serves."""
-    import sys
-    import tempfile
-
-    from bench.paramserver import ECHO_SERVICE, _start, _stop, _wait_serving, free_port
-
-    with tempfile.TemporaryDirectory(prefix="guardmesh-bench-echo-") as tmp:
-        port = free_port()
-        log = Path(tmp) / "echo.log"
-        proc = _start([sys.executable, "-m", "bench.paramserver", "--echo-server", str(port)], {}, log)
-        try:
-            _wait_serving(f"127.0.0.1:{port}", ECHO_SERVICE, proc, log)
-            yield f"127.0.0.1:{port}"
-        finally:
-            _stop(proc)

@@ -28,7 +28,6 @@ import os
 import pstats
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.processes import free_port
 from bench.records import RESULTS, record, write_records
 from guardmesh.client import open_channel
 from guardmesh.config import SchedulerSettings, load_config
@@ -267,13 +267,6 @@ def engine_decisions(policy: PolicyName, nodes: list[NodeSpec], tasks: list[Trac
 
 
 # -- c) the gRPC service -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free right now on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 GRPC_STYLES = {

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.paramserver import ECHO_SERVICE
-from bench.records import echo_process, record, service_process, write_records
+from bench.processes import ECHO_SERVICE, echo_process, service_process
+from bench.records import record, write_records
 from guardmesh.client import open_channel
 from guardmesh.config import load_config
 from guardmesh.v1 import common_pb2
