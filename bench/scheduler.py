@@ -24,12 +24,9 @@ import argparse
 import cProfile
 import gc
 import json
-import os
 import pstats
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,11 +35,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import free_port
+from bench.processes import service_process
 from bench.records import RESULTS, record, write_records
 from guardmesh.client import open_channel
 from guardmesh.config import SchedulerSettings, load_config
@@ -301,56 +296,30 @@ def grpc_replay(
     synchronous: str, nodes: list[NodeSpec], tasks: list[TraceTask], style: str = "sequential"
 ) -> dict[str, Any]:
     """Start ``python -m services.scheduler`` in its own process, register the nodes, submit the tasks."""
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="guardmesh-bench-") as tmp:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("GUARDMESH") and k not in ("CONSUL_HTTP_ADDR", "OTEL_EXPORTER_OTLP_ENDPOINT")
-        }
-        env.update(
-            {
-                "GUARDMESH__MESH__STATE_DIR": tmp,
-                "GUARDMESH__SERVICES__SCHEDULER__HOST": "127.0.0.1",
-                "GUARDMESH__SERVICES__SCHEDULER__PORT": str(port),
-                "GUARDMESH__SCHEDULER__GPU_RESERVE_MIB": "0",
-                "GUARDMESH__SCHEDULER__SQLITE_SYNCHRONOUS": synchronous,
-                "GUARDMESH__SCHEDULER__POLICY": "fgd",
-                # Nobody renews leases in the replay: the longest TTL keeps the reaper from freeing jobs
-                # (which would be departures) however slow the run is.
-                "GUARDMESH__SCHEDULER__LEASE_TTL_S": "86400",
-                "GUARDMESH__LOGGING__LEVEL": "WARNING",
-                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-            }
-        )
-        log_path = Path(tmp) / "scheduler.log"
-        with log_path.open("wb") as log_fh:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "services.scheduler"], cwd=REPO, env=env, stdout=log_fh, stderr=log_fh
-            )
+    overrides = {
+        "GUARDMESH__SERVICES__SCHEDULER__HOST": "127.0.0.1",
+        "GUARDMESH__SCHEDULER__GPU_RESERVE_MIB": "0",
+        "GUARDMESH__SCHEDULER__SQLITE_SYNCHRONOUS": synchronous,
+        "GUARDMESH__SCHEDULER__POLICY": "fgd",
+        # Nobody renews leases in the replay: the longest TTL keeps the reaper from freeing jobs
+        # (which would be departures) however slow the run is.
+        "GUARDMESH__SCHEDULER__LEASE_TTL_S": "86400",
+    }
+    with service_process("scheduler", overrides) as address:
+        config = load_config(env={}).with_overrides({"services.scheduler.port": int(address.rsplit(":", 1)[1])})
+        channel = open_channel("scheduler", config, address=address)
         try:
-            config = load_config(env={}).with_overrides({"services.scheduler.port": port})
-            channel = open_channel("scheduler", config, address=f"127.0.0.1:{port}")
-            try:
-                _wait_serving(channel, proc, log_path)
-                stub = pb_grpc.SchedulerServiceStub(channel)
-                t0 = time.perf_counter()
-                for spec in nodes:
-                    stub.RegisterNode(pb.RegisterNodeRequest(node=node_spec_to_pb(spec)))
-                register_s = time.perf_counter() - t0
-                requests = [spec_to_pb(job_spec(t, f"g-{i}")) for i, t in enumerate(tasks)]
-                t0 = time.perf_counter()
-                placed = _submit_all(stub, requests, style)
-                submit_s = time.perf_counter() - t0
-            finally:
-                channel.close()
+            stub = pb_grpc.SchedulerServiceStub(channel)
+            t0 = time.perf_counter()
+            for spec in nodes:
+                stub.RegisterNode(pb.RegisterNodeRequest(node=node_spec_to_pb(spec)))
+            register_s = time.perf_counter() - t0
+            requests = [spec_to_pb(job_spec(t, f"g-{i}")) for i, t in enumerate(tasks)]
+            t0 = time.perf_counter()
+            placed = _submit_all(stub, requests, style)
+            submit_s = time.perf_counter() - t0
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            channel.close()
     return {
         "style": style,
         "sqlite_synchronous": synchronous,
@@ -362,22 +331,6 @@ def grpc_replay(
         "submit_seconds": submit_s,
         "submits_per_s": len(requests) / submit_s,
     }
-
-
-def _wait_serving(channel: grpc.Channel, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"scheduler exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            resp = health.Check(health_pb2.HealthCheckRequest(service="scheduler"), timeout=1.0)
-            if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("scheduler did not report SERVING within 60 s")
 
 
 # -- profiling ---------------------------------------------------------------------------------------------
