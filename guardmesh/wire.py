@@ -2,8 +2,8 @@
 
 The protobuf runtime (upb) copies a ``bytes`` field into its arena when it parses a message and again
 into a Python ``bytes`` object when the field is read; serializing copies twice more. For a 4 MiB gradient
-those copies cost more than gRPC's own transport of it. The parameter server's hot methods (Pull, Push
-and their streamed forms) therefore use this codec on both ends:
+those copies cost more than gRPC's own transport of it. The parameter server's hot methods (Pull, Push,
+PushPull and their streamed forms) therefore use this codec on both ends:
 
 * :func:`decode` reads any valid encoding of a message (fields in any order, repeated scalars packed
   or not, repeated occurrences of a message field merged, unknown fields skipped) into a
@@ -11,7 +11,9 @@ and their streamed forms) therefore use this codec on both ends:
   reaches numpy without a copy.
 * :func:`named_tensor` and :func:`tensor_chunk` frame a tensor payload as an occurrence of a
   ``NamedTensor`` or ``TensorChunk`` field; ``b"".join`` of a small upb-serialized head and such frames is
-  the whole message, the payload copied once.
+  the whole message, the payload copied once. The data is placed 16-byte aligned in the message (the
+  ``padding`` field, which readers ignore), so that a reader's kernels can use it in place.
+* :func:`add_servicer` registers a servicer with this codec for the methods named, and upb for the rest.
 
 The bytes on the wire are exactly the proto contract's, so any protobuf client or server interoperates
 (the tests check both directions against upb). Only the Python representation differs.
