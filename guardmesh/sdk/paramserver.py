@@ -22,8 +22,10 @@ import itertools
 import logging
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -209,6 +211,10 @@ class ParamServerClient:
     _steps: Iterator[int] = field(default_factory=itertools.count)
     #: The module the last fused step's answer was loaded into (its next fused step needs no pull).
     _loaded: object = None
+    #: Stage a CUDA module's gradients and parameters through page-locked host buffers (see ``_host``).
+    pinned: bool = True
+    #: id(parameter) -> (a weak reference to it, its page-locked buffers by kind); dropped with the parameter.
+    _staging: dict[int, tuple[weakref.ref[Any], dict[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.ring = HashRing(len(self.addresses))
@@ -369,8 +375,8 @@ class ParamServerClient:
 
     def pull_into(self, module: object, min_versions: list[int] | None = None) -> PullResult:
         """Copy the server's parameters into a ``torch.nn.Module`` in place."""
-        result = self.pull(min_versions)
-        _load(module, result)
+        result = self.pull(min_versions, into=self._module_into(module))
+        self._load_module(module, result)
         return result
 
     # -- push ------------------------------------------------------------------------------------------
@@ -525,8 +531,7 @@ class ParamServerClient:
                         p.grad = None
                     loss = compute()
                     if fused:
-                        results, pulled = self.push_pull(_grads_of(module), step_id=step)
-                        _load(module, pulled)
+                        results = self.push_pull_from(module, step_id=step)
                         self._loaded = module
                     else:
                         results = self.push_from(module, step_id=step)
@@ -547,33 +552,92 @@ class ParamServerClient:
 
     def push_from(self, module: object, step_id: int | None = None) -> list[pb.PushResponse]:
         """Push the ``.grad`` of every parameter of a ``torch.nn.Module``."""
-        return self.push(_grads_of(module), step_id)
+        return self.push(self._module_grads(module), step_id)
 
     def push_pull_from(self, module: object, step_id: int | None = None) -> list[pb.PushResponse]:
         """PushPull the ``.grad`` of every parameter of a ``torch.nn.Module`` and load the answer into it."""
-        results, pulled = self.push_pull(_grads_of(module), step_id)
-        _load(module, pulled)
+        results, pulled = self.push_pull(self._module_grads(module), step_id, into=self._module_into(module))
+        self._load_module(module, pulled)
         return results
 
+    # -- torch modules ---------------------------------------------------------------------------------
 
-def _grads_of(module: object) -> dict[str, np.ndarray]:
-    """The ``.grad`` of every parameter that has one, as numpy views."""
-    return {
-        n: p.grad.detach().cpu().numpy()
-        for n, p in module.named_parameters()  # type: ignore[attr-defined]
-        if p.grad is not None
-    }
+    def _host(self, p: object, kind: str) -> Any:
+        """The page-locked host buffer of ``kind`` ("grad" or "param") for the CUDA parameter ``p``.
 
+        Copies between the GPU and page-locked memory are DMA transfers that need no staging through the
+        driver's own buffers; kept per parameter, the buffers are allocated once, not on every step.
+        """
+        import torch
 
-def _load(module: object, pulled: PullResult) -> None:
-    """Copy pulled tensors into a ``torch.nn.Module``'s parameters in place."""
-    import torch
+        buffers = self._staged(p)
+        if buffers is None:
+            buffers = {}
+            self._staging[id(p)] = (weakref.ref(p), buffers)
+            weakref.finalize(p, self._staging.pop, id(p), None)  # frees the page-locked memory with it
+        buf = buffers.get(kind)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:  # type: ignore[attr-defined]
+            buf = buffers[kind] = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)  # type: ignore[attr-defined]
+        return buf
 
-    with torch.no_grad(), warnings.catch_warnings():
-        # The arrays view the received bytes (read-only, no copy); copy_ only reads them.
-        warnings.simplefilter("ignore", UserWarning)
-        for name, p in module.named_parameters():  # type: ignore[attr-defined]
-            p.copy_(torch.from_numpy(pulled.tensors[name].reshape(tuple(p.shape))))
+    def _staged(self, p: object) -> dict[str, Any] | None:
+        """The page-locked buffers of parameter ``p`` (tensors compare elementwise: looked up by identity)."""
+        entry = self._staging.get(id(p))
+        return entry[1] if entry is not None and entry[0]() is p else None
+
+    def _module_grads(self, module: object) -> dict[str, np.ndarray]:
+        """The ``.grad`` of every parameter that has one, as numpy arrays (CUDA ones through ``_host``)."""
+        import torch
+
+        grads: dict[str, np.ndarray] = {}
+        devices = set()
+        for n, p in module.named_parameters():  # type: ignore[attr-defined]
+            if p.grad is None:
+                continue
+            if self.pinned and p.grad.is_cuda:
+                buf = self._host(p, "grad")
+                buf.copy_(p.grad.detach(), non_blocking=True)
+                devices.add(p.grad.device)
+                grads[n] = buf.numpy()
+            else:
+                grads[n] = p.grad.detach().cpu().numpy()
+        for device in devices:  # the copies have landed before the push reads the buffers
+            torch.cuda.synchronize(device)
+        return grads
+
+    def _module_into(self, module: object) -> Into:
+        """Page-locked buffers to pull a CUDA module's float32 parameters into (None without any)."""
+        import torch
+
+        if not self.pinned:
+            return None
+        into = {
+            n: self._host(p, "param").numpy()
+            for n, p in module.named_parameters()  # type: ignore[attr-defined]
+            if p.is_cuda and p.dtype == torch.float32
+        }
+        return into or None
+
+    def _load_module(self, module: object, pulled: PullResult) -> None:
+        """Copy pulled tensors into a ``torch.nn.Module``'s parameters in place (from the page-locked buffers
+        when they were pulled there: asynchronously, then waited for, so the buffers are free again)."""
+        import torch
+
+        devices = set()
+        with torch.no_grad(), warnings.catch_warnings():
+            # The arrays view the received bytes (read-only, no copy); copy_ only reads them.
+            warnings.simplefilter("ignore", UserWarning)
+            for name, p in module.named_parameters():  # type: ignore[attr-defined]
+                values = pulled.tensors[name]
+                buffers = self._staged(p) if p.is_cuda else None
+                staged = buffers.get("param") if buffers is not None else None
+                if staged is not None and values.ctypes.data == staged.data_ptr():  # type: ignore[attr-defined]
+                    p.copy_(staged, non_blocking=True)
+                    devices.add(p.device)
+                else:
+                    p.copy_(torch.from_numpy(values.reshape(tuple(p.shape))))
+        for device in devices:
+            torch.cuda.synchronize(device)
 
 
 def _destination(into: Into, name: str, count: int) -> np.ndarray | None:
