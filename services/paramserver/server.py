@@ -435,27 +435,32 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         span.set_attribute("guardmesh.version", shard.version)
         _pushes.add(1, {"model": shard.name, "outcome": f"REJECTED_{err.code.name}"})
 
-    def _apply_push(self, shard: ModelShard, header: Any, grads: Mapping[str, Gradient]) -> PushResult:
-        """Apply a decoded push (``header``: worker_id, base version, step_id, incarnation); record it."""
-        base = header.base_version if hasattr(header, "base_version") else header.version
+    def _apply_push(
+        self, shard: ModelShard, worker: str, base: int, step: int, incarnation: str, grads: Mapping[str, Gradient]
+    ) -> PushResult:
+        """Apply a decoded push to ``shard`` and record its outcome (metrics, span, checkpoint)."""
         try:
-            result = shard.push(header.worker_id, base, header.step_id, grads, header.incarnation)
+            result = shard.push(worker, base, step, grads, incarnation)
         except GuardmeshError as err:
             self._record_rejection(shard, err)
             raise
         self._after_push(shard, result)
         return result
 
-    def _push(self, request: Any) -> tuple[ModelShard, PushResult]:
-        """A unary push (PushRequest or PushPullRequest, decoded by ``guardmesh.wire``), applied."""
+    def _push(self, request: Any, shard: ModelShard | None = None) -> tuple[ModelShard, PushResult]:
+        """A unary push (PushRequest or PushPullRequest, decoded by ``guardmesh.wire``), applied; ``shard`` when
+        the caller has already looked it up."""
         request = wire.accept(request)
-        shard = self._shard(request.model)
+        shard = shard or self._shard(request.model)
         grads: dict[str, Gradient] = {}
         for i, nt in enumerate(request.gradients):
             if nt.name in grads:
                 raise InvalidArgument(f"gradients[{i}].name", f"duplicate gradient {nt.name!r}")
             grads[nt.name] = to_float32(f"gradients[{i}].tensor", nt.tensor)
-        return shard, self._apply_push(shard, request, grads)
+        result = self._apply_push(
+            shard, request.worker_id, request.base_version, request.step_id, request.incarnation, grads
+        )
+        return shard, result
 
     def _push_stream(self, request_iterator: Iterator[Any]) -> tuple[ModelShard, PushResult]:
         """A streamed push: the header, then every chunk copied once into its gradient; applied."""
@@ -483,7 +488,9 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
             in_place = chunked_float32(parts[i], sizes[i] // 4) if info.dtype == common_pb2.D_TYPE_FLOAT32 else None
             # float32 in whole aligned elements stays in its chunks (no copy, no allocation); otherwise one copy
             grads[info.name] = in_place or decode(info.dtype, assemble(f"header.tensors[{i}]", sizes[i], parts[i]).data)
-        return shard, self._apply_push(shard, header, grads)
+        return shard, self._apply_push(
+            shard, header.worker_id, header.version, header.step_id, header.incarnation, grads
+        )
 
     def _completed(self, shard: ModelShard, result: PushResult, context: grpc.ServicerContext) -> None:
         """After a push, wait (within the deadline) for the version that includes it: SYNC's barrier."""
@@ -508,9 +515,10 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
 
     def PushPull(self, request: pb.PushPullRequest | wire.WireMessage, context: grpc.ServicerContext) -> bytes:
         """See the proto: ``Push``, then the shard's tensors framed as ``Pull`` frames them."""
-        shard = self._shard(wire.accept(request).model)
+        request = wire.accept(request)
+        shard = self._shard(request.model)
         self._check_unary_size(shard, [])  # before the push: an answer too large must change nothing
-        shard, result = self._push(request)
+        shard, result = self._push(request, shard)
         self._completed(shard, result, context)
 
         def frame(version: int, items: list[tuple[str, TensorMeta, np.ndarray]]) -> bytes:
