@@ -64,7 +64,7 @@ from bench.records import record, write_records
 from guardmesh import wire
 from guardmesh.client import channel_options
 from guardmesh.config import load_config
-from guardmesh.sdk.paramserver import ParamServerClient, asynchronous, sgd
+from guardmesh.sdk.paramserver import ParamServerClient, _assemble, asynchronous, sgd
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import paramserver_pb2 as pb
 
@@ -341,16 +341,6 @@ def _stage(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
     return statistics.median(times) * 1e3, faults / repeats
 
 
-def _assemble(frames: list[bytes]) -> np.ndarray:
-    """The SDK's PullStream assembly (``ParamServerClient._pull_shard``) over the messages' bytes."""
-    header = wire.decode(pb.PullStreamResponse.DESCRIPTOR, frames[0]).header
-    buf = np.empty(int(np.prod(header.tensors[0].shape)) * 4, np.uint8)
-    for raw in frames[1:]:
-        c = wire.decode(pb.PullStreamResponse.DESCRIPTOR, raw).chunk
-        buf[c.offset : c.offset + len(c.data)] = np.frombuffer(c.data, np.uint8)
-    return buf.view(np.float32)
-
-
 def _round_trip_stages(servicer: Any, model: str, n: int, chunk: int, streamed: bool) -> dict[str, Callable[[], Any]]:
     """The stages of one round trip as the SDK and the servicer run them (``guardmesh.wire`` on both ends),
     without the transport. A push stage frames a new step id each time (a repeated step is not applied)."""
@@ -392,7 +382,9 @@ def _round_trip_stages(servicer: Any, model: str, n: int, chunk: int, streamed: 
 
     return {
         "server PullStream: handler, framed under the lock": lambda: list(servicer.PullStream(pull_req, ctx)),
-        "client PullStream: decode chunks + assemble": lambda: _assemble(pull_frames),
+        "client PullStream: decode chunks + assemble": lambda: _assemble(
+            wire.decode(pb.PullStreamResponse.DESCRIPTOR, f) for f in pull_frames
+        ),
         "client PushStream: frame chunks (SDK)": client_push,
         "client PushStream: frame + server decode + assemble + apply": lambda: servicer.PushStream(
             (decode_stream(f) for f in client_push()), ctx
