@@ -84,8 +84,3 @@ def wire_array(dtype: int, values: np.ndarray) -> np.ndarray:
 def encode(dtype: int, values: np.ndarray) -> bytes:
     """Raw bytes of a float32 array in a wire dtype."""
     return wire_array(dtype, values).tobytes()
-
-
-def tensor_pb(dtype: int, shape: tuple[int, ...], values: np.ndarray) -> common_pb2.Tensor:
-    """A wire tensor from a flat float32 master."""
-    return common_pb2.Tensor(dtype=dtype, shape=list(shape), data=encode(dtype, values))  # type: ignore[arg-type]
