@@ -115,7 +115,12 @@ def named_tensor(number: int, name: str, dtype: int, shape: Iterable[int], paylo
     a memoryview), so that the join is the payload's only copy. ``start`` is where the frame begins in the
     message: the data is padded (``Tensor.padding``) to start ``ALIGN``-aligned there.
     """
-    size = memoryview(payload).nbytes
+    return [named_tensor_head(number, name, dtype, shape, memoryview(payload).nbytes, start), payload]
+
+
+def named_tensor_head(number: int, name: str, dtype: int, shape: Iterable[int], size: int, start: int = 0) -> bytes:
+    """The bytes of a ``NamedTensor`` field ``number`` that come before its ``size`` bytes of data, placed so
+    that the data starts ``ALIGN``-aligned when the frame begins at ``start`` (see :func:`named_tensor`)."""
     name_b = name.encode()
     dims = b"".join(varint(d) for d in shape)
     name_field = key(1, LEN) + varint(len(name_b)) + name_b
@@ -132,7 +137,7 @@ def named_tensor(number: int, name: str, dtype: int, shape: Iterable[int], paylo
             inner = name_field + tensor_key + tensor_len + head
             outer_len = varint(len(inner) + size)
             if (len(outer_len), len(tensor_len)) == (outer_n, tensor_n):
-                return [outer_key + outer_len + inner, payload]
+                return outer_key + outer_len + inner
             outer_n, tensor_n = len(outer_len), len(tensor_len)
     raise AssertionError("tensor frame did not settle")
 

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MODEL_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_CHUNK = 4 << 20
+#: Field numbers of the tensors in the unary answers (what ``ModelShard.answer`` frames them as).
+PULL_TENSORS = pb.PullResponse.DESCRIPTOR.fields_by_name["tensors"].number
+PUSH_PULL_TENSORS = pb.PushPullResponse.DESCRIPTOR.fields_by_name["tensors"].number
 
 _meter = metrics.get_meter("guardmesh.paramserver")
 _staleness_hist = _meter.create_histogram("guardmesh.paramserver.staleness", unit="{version}")
@@ -248,6 +251,7 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
                 step_window=self.settings.step_id_window,
                 throughput_window_s=self.settings.throughput_window_s,
                 throughput_drop_share=self.settings.throughput_drop_share,
+                answer_limit=self._answer_limit(),
             )
             shard_obj.load_checkpoint(restored.version, restored.arrays, md)
             for s in restored.skipped:
@@ -337,6 +341,7 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
                 step_window=self.settings.step_id_window,
                 throughput_window_s=self.settings.throughput_window_s,
                 throughput_drop_share=self.settings.throughput_drop_share,
+                answer_limit=self._answer_limit(),
             )
             self.models[request.model] = shard
         return pb.CreateModelResponse(model=_info(shard))
@@ -347,8 +352,8 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         """See the proto."""
         return pb.DescribeModelResponse(model=_info(self._shard(request.model)))
 
-    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext, frame: Callable[[int, list[Any]], T]) -> T:
-        """Wait for ``min_version`` if asked, then frame the tensors atomically (see ``ModelShard.framed``)."""
+    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> ModelShard:
+        """The pulled shard, once it has reached ``min_version`` if asked (within the deadline)."""
         shard = self._shard(request.model)
         if request.min_version < 0:
             raise InvalidArgument("min_version", "must be >= 0")
@@ -357,16 +362,19 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"version {request.min_version} not reached (now {shard.version})",
             )
-        return shard.framed(list(request.names), frame)
+        return shard
 
     def _check_unary_size(self, shard: ModelShard, names: list[str]) -> None:
         total = shard.wire_bytes(names)
-        limit = self.config.grpc.max_message_mib << 20
-        if total > limit - (1 << 16):
+        if total > self._answer_limit():
             raise ResourceExhausted(
                 f"{total} bytes of tensors exceed the {self.config.grpc.max_message_mib} MiB message limit; "
                 "use the streamed method"
             )
+
+    def _answer_limit(self) -> int:
+        """The largest unary answer in bytes (the message limit less 64 KiB of room)."""
+        return (self.config.grpc.max_message_mib << 20) - (1 << 16)
 
     def _default_chunk(self) -> int:
         return min(DEFAULT_CHUNK, (self.config.grpc.max_message_mib << 20) - (1 << 16))
@@ -396,25 +404,24 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         return frame
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> bytes:
-        """See the proto. Answers the PullResponse already encoded: the tensors are copied once, into it."""
+        """See the proto. Answers the PullResponse already encoded: a shard's answer buffer as it is, or the
+        tensors copied once into the answer (``ModelShard.answer``)."""
         shard = self._shard(request.model)
         self._check_unary_size(shard, list(request.names))
+        shard = self._pull(request, context)
 
-        def frame(version: int, items: list[tuple[str, TensorMeta, np.ndarray]]) -> bytes:
-            frames = wire.Frames(pb.PullResponse(version=version, incarnation=shard.incarnation).SerializeToString())
-            for name, meta, values in items:
-                frames.named_tensor(3, name, meta.dtype, meta.shape, values)
-            return frames.join()
+        def head(version: int) -> bytes:
+            return pb.PullResponse(version=version, incarnation=shard.incarnation).SerializeToString()
 
-        return self._pull(request, context, frame)
+        return shard.answer(list(request.names), PULL_TENSORS, head)
 
     def PullStream(self, request: pb.PullStreamRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         """See the proto. The messages are encoded under the shard's lock (one copy of each tensor), then sent."""
         chunk = request.chunk_bytes or self._default_chunk()
         if not 65_536 <= chunk <= 16_777_216:
             raise InvalidArgument("chunk_bytes", "must be 65,536 to 16,777,216 (or 0 for 4 MiB)")
-        shard = self._shard(request.pull.model)
-        yield from self._pull(request.pull, context, self._stream_frames(shard, chunk))
+        shard = self._pull(request.pull, context)
+        yield from shard.framed(list(request.pull.names), self._stream_frames(shard, chunk))
 
     def _after_push(self, shard: ModelShard, result: PushResult) -> None:
         span = trace.get_current_span()
@@ -520,15 +527,14 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         self._check_unary_size(shard, [])  # before the push: an answer too large must change nothing
         shard, result = self._push(request, shard)
         self._completed(shard, result, context)
+        answered = _result_pb(result)
 
-        def frame(version: int, items: list[tuple[str, TensorMeta, np.ndarray]]) -> bytes:
-            head = pb.PushPullResponse(result=_result_pb(result), version=version, incarnation=shard.incarnation)
-            frames = wire.Frames(head.SerializeToString())
-            for name, meta, values in items:
-                frames.named_tensor(4, name, meta.dtype, meta.shape, values)
-            return frames.join()
+        def head(version: int) -> bytes:
+            return pb.PushPullResponse(
+                result=answered, version=version, incarnation=shard.incarnation
+            ).SerializeToString()
 
-        return shard.framed([], frame)
+        return shard.answer([], PUSH_PULL_TENSORS, head)
 
     def PushPullStream(
         self, request_iterator: Iterator[pb.PushPullStreamRequest | wire.WireMessage], context: grpc.ServicerContext

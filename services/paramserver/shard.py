@@ -22,8 +22,10 @@ import numpy as np
 
 from guardmesh.errors import Aborted, FailedPrecondition, InvalidArgument
 from guardmesh.tensors import wire_array
+from guardmesh.v1 import common_pb2
 from guardmesh.v1 import paramserver_pb2 as pb
 from native import aggregate as _agg  # type: ignore[attr-defined]
+from services.paramserver.frames import AnswerBuffer, frame_answer
 from services.paramserver.gradients import Gradient, contiguous, nonfinite
 from services.paramserver.optimizer import OptimizerSettings, ServerOptimizer
 
@@ -151,10 +153,23 @@ class ModelShard:
         clock: Any = time.monotonic,
         throughput_window_s: float = 10.0,
         throughput_drop_share: float = 0.5,
+        answer_limit: int = 0,
     ) -> None:
+        """``answer_limit``: the largest answer in bytes; a shard whose tensors are all float32 on the wire and
+        fit in one answer keeps them in an :class:`AnswerBuffer` (0: never)."""
         self.name = name
         self.meta = {n: m for n, (m, _) in tensors.items()}
-        self.masters = {n: np.ascontiguousarray(v, dtype=np.float32).copy() for n, (_, v) in tensors.items()}
+        self.answers: AnswerBuffer | None = None
+        layout = [(n, m.shape, m.size) for n, m in self.meta.items()]
+        float32 = all(m.dtype == common_pb2.D_TYPE_FLOAT32 for m in self.meta.values())
+        if float32 and AnswerBuffer.answer_size(layout) <= answer_limit:
+            self.answers = AnswerBuffer(layout)
+        if self.answers is not None:
+            self.masters = self.answers.arrays
+            for n, (_, v) in tensors.items():
+                self.masters[n][:] = np.asarray(v, dtype=np.float32).reshape(-1)
+        else:
+            self.masters = {n: np.ascontiguousarray(v, dtype=np.float32).copy() for n, (_, v) in tensors.items()}
         self.scratch = {n: np.empty_like(v) for n, v in self.masters.items()}
         self.optimizer_settings = optimizer
         self.optimizer = ServerOptimizer(optimizer, self.masters)
@@ -197,6 +212,25 @@ class ModelShard:
             return frame(
                 self.version, [(n, self.meta[n], wire_array(self.meta[n].dtype, self.masters[n])) for n in chosen]
             )
+
+    def answer(self, names: list[str], number: int, head: Callable[[int], bytes]) -> bytes:
+        """An encoded answer: ``head(version)`` (its fields before the tensors, encoded), then the named
+        tensors (all if empty) as the ``NamedTensor`` field ``number``, atomically under the lock.
+
+        All tensors of a shard with an answer buffer go out as the buffer itself, without a copy (see
+        ``services.paramserver.frames``); otherwise the answer is framed with one copy of each tensor.
+        """
+        if not names and self.answers is not None:
+            with self.cond:
+                out = self.answers.answer(number, head(self.version))
+                if out is not None:
+                    return out
+        return self.framed(names, lambda version, items: frame_answer(head(version), number, items))
+
+    def _writable(self) -> None:
+        """Before the masters are written: move them out of an answer gRPC still holds (see ``answer``)."""
+        if self.answers is not None and self.answers.writable():
+            self.masters = self.answers.arrays
 
     def wire_bytes(self, names: list[str]) -> int:
         """Bytes the named tensors (all if empty) take on the wire."""
@@ -322,6 +356,7 @@ class ModelShard:
                 if bad:
                     self.rejected_nonfinite += 1
                     raise InvalidArgument(f"gradients[{name}]", f"contains {bad} NaN/Inf values; push rejected")
+            self._writable()
             self.optimizer.step(self.masters, {n: pushes[0][n] for n in names}, lr_scale, 1.0)
             self.version += 1
             self.cond.notify_all()
@@ -336,6 +371,7 @@ class ModelShard:
             total_sq += sq
         norm = math.sqrt(total_sq)
         grad_scale = clip / norm if clip > 0 and norm > clip else 1.0
+        self._writable()
         self.optimizer.step(self.masters, {n: self.scratch[n] for n in names}, lr_scale, grad_scale)
         self.version += 1
         self.cond.notify_all()
@@ -372,8 +408,9 @@ class ModelShard:
     def load_checkpoint(self, version: int, arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
         """Restore masters, optimizer state, version and step-id windows from a verified checkpoint."""
         with self.cond:
+            self._writable()
             for n in self.masters:
-                self.masters[n][:] = arrays[f"param/{n}"]
+                self.masters[n][:] = arrays[f"param/{n}"].reshape(-1)
             for n, st in self.optimizer.state.items():
                 for k in st:
                     st[k][:] = arrays[f"opt/{k}/{n}"]
