@@ -1,10 +1,15 @@
 """A training worker process for the parameter-server convergence tests.
 
 Trains multinomial logistic regression on scikit-learn's digits through the real parameter server with the SDK's
-``train_step``; writes a JSON report (steps, re-pulls, stalls, staleness seen) to ``--out``. A straggler is slow on
-every step (``--straggle-ms``) and, with ``--stall-every``, also stalls now and then between a pull and its push
-(``--stall-ms``, a paused or preempted worker): the stall is once per step, so when the server refuses the stale push
-the re-pulled recomputation runs at the worker's normal speed.
+``train_step``; writes a JSON report (steps, re-pulls, refused pushes, staleness of what was applied) to ``--out``.
+
+With ``--link-delay D`` the worker is a straggler behind a slow link (a worker in another datacenter): each of its
+gradients reaches the server ``D`` versions after the pull it was computed on, while the worker goes on computing on
+newer pulls (its pushes are a pipeline in flight), one gradient per round of the other workers' pushes. The delay
+is counted in the server's versions, not in milliseconds, so the staleness does not depend on the machine's load;
+what is still in flight when the worker stops arrives then. A push the server refuses as stale is dropped (it
+was computed long ago; the worker is already computing on a fresh pull). In SYNC no version passes without the
+straggler's gradient, so its slow link is a time per push instead (``--link-delay-ms``): the barrier waits it out.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +33,7 @@ from guardmesh.sdk.paramserver import ParamServerClient, StalePush, adam, asynch
 def dataset() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Digits, standardised, split 75/25 with a fixed seed (the same in every process)."""
     x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.5, random_state=0, stratify=y)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
     scaler = StandardScaler().fit(x_tr)
     return (scaler.transform(x_tr).astype(np.float32), y_tr, scaler.transform(x_te).astype(np.float32), y_te)
 
@@ -66,9 +72,8 @@ def main() -> None:
     ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--bound", type=int, default=2)
-    ap.add_argument("--straggle-ms", type=float, default=0.0, help="extra time of every computation")
-    ap.add_argument("--stall-every", type=int, default=0, help="every N-th step stalls between its pull and push")
-    ap.add_argument("--stall-ms", type=float, default=0.0, help="the stall, once per step (not in a recomputation)")
+    ap.add_argument("--link-delay", type=int, default=0, help="straggler: versions its gradients take to arrive")
+    ap.add_argument("--link-delay-ms", type=float, default=0.0, help="straggler in sync: time each push takes")
     ap.add_argument("--out", required=True)
     ap.add_argument("--stop-file", default="", help="stop early once this file exists (the straggler)")
     ap.add_argument("--max-repulls", type=int, default=5, help="drop a batch after this many stale pushes")
@@ -86,9 +91,25 @@ def main() -> None:
     ps.create_from_module(model, optimizer, consistency(args.mode, args.workers, args.bound))  # idempotent
     loss_fn = torch.nn.CrossEntropyLoss()
     rng = np.random.default_rng(args.worker)
-    steps = repulls = dropped = stalls = batches = 0
+    steps = repulls = dropped = refused = 0
     stale: list[int] = []
     stop = Path(args.stop_file) if args.stop_file else None
+    in_flight: deque[tuple[int, str, dict[str, np.ndarray]]] = deque()  # (base version, incarnation, gradients)
+    stale_refused: list[int] = []
+
+    def arrive(base: int, incarnation: str, grads: dict[str, np.ndarray]) -> None:
+        """A delayed gradient reaches the server: pushed with the version it was computed on."""
+        nonlocal steps, refused
+        ps.versions[0], ps.incarnations[0] = base, incarnation
+        try:
+            result = ps.push(grads)[0]
+        except StalePush as err:
+            refused += 1  # too stale for the bound: dropped
+            stale_refused.append(err.detail.staleness if err.detail is not None else -1)
+            return
+        steps += 1
+        stale.append(result.staleness)
+
     for _ in range(args.epochs):
         order = rng.permutation(mine)
         batch = args.batch or len(order)
@@ -97,20 +118,29 @@ def main() -> None:
                 break
             idx = order[start : start + batch]
             xb, yb = torch.from_numpy(x_tr[idx]), torch.from_numpy(y_tr[idx])
-            batches += 1
-            stall = [args.stall_ms / 1000 if args.stall_every and batches % args.stall_every == 0 else 0.0]
-            stalls += stall[0] > 0
+            if args.link_delay:
+                ps.pull_into(model)
+                base, incarnation = ps.versions[0], ps.incarnations[0]
+                while in_flight and in_flight[0][0] + args.link_delay <= base:
+                    arrive(*in_flight.popleft())
+                while in_flight and base - in_flight[-1][0] < args.workers - 1:
+                    # At the others' pace: one gradient per round of theirs (a quarter of all gradients).
+                    time.sleep(0.001)
+                    ps.pull_into(model)
+                    base, incarnation = ps.versions[0], ps.incarnations[0]
+                    if stop is not None and stop.exists():
+                        break
+                model.zero_grad(set_to_none=True)
+                loss_fn(model(xb), yb).backward()
+                grads = {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters()}
+                in_flight.append((base, incarnation, grads))
+                continue
 
-            def compute(xb: torch.Tensor = xb, yb: torch.Tensor = yb, stall: list[float] = stall) -> float:
-                if stall[0]:
-                    # Stalled after the pull: the others keep pushing, so this gradient is many versions old
-                    # when it arrives. Once per step: a recomputation after a refused push does not stall.
-                    time.sleep(stall[0])
-                    stall[0] = 0.0
-                if args.straggle_ms:
-                    time.sleep(args.straggle_ms / 1000)  # slow worker: its gradient ages while it computes
+            def compute(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> float:
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
+                if args.link_delay_ms:
+                    time.sleep(args.link_delay_ms / 1000)  # the gradient on its way: the others wait at the barrier
                 return loss.item()
 
             try:
@@ -122,6 +152,8 @@ def main() -> None:
             steps += 1
             repulls += report.repulls
             stale.extend(r.staleness for r in report.results)
+    while in_flight:  # what is still on the link arrives after the worker stopped
+        arrive(*in_flight.popleft())
     ps.close()
     with open(args.out, "w") as fh:
         json.dump(
@@ -129,7 +161,8 @@ def main() -> None:
                 "steps": steps,
                 "repulls": repulls,
                 "dropped": dropped,
-                "stalls": stalls,
+                "refused": refused,
+                "max_refused_staleness": max(stale_refused, default=0),
                 "max_staleness": max(stale, default=0),
                 "mean_staleness": float(np.mean(stale)) if stale else 0.0,
             },

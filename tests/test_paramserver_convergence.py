@@ -1,25 +1,24 @@
 """Convergence through the real parameter server: 4 worker processes, one a deliberate straggler.
 
-L2-regularised multinomial logistic regression on scikit-learn's digits, SGD(lr=0.5, weight decay
-0.01) everywhere, each worker stepping on its whole data shard: the objective has one optimum, so the
-comparison measures the consistency mode, not mini-batch noise. The three trainings differ only in the
-consistency mode (and lr / 4 where every worker's push is a step of its own). Sync and bounded staleness
-must reach test accuracy within 1 point of single-process training with the same optimizer.
+L2-regularised multinomial logistic regression on scikit-learn's digits (split 75/25), SGD (learning rate 2, weight
+decay 0.01) everywhere, each worker stepping on its whole data shard: the objective has one optimum, so the
+comparison measures the consistency mode, not mini-batch noise. The three trainings differ only in the consistency
+mode (and lr / 4 where every worker's push is a step of its own). Sync and bounded staleness must reach test
+accuracy within 1 point of single-process training with the same optimizer; async must fall at least 2 points
+below bounded staleness: the gap the bound closes.
 
-The straggler (worker 3) is slower on every step and, every ``STALL_EVERY``-th step, stalls for ``STALL_MS``
-between its pull and its push, while the three others keep pushing: that push is tens of versions stale.
-Async applies it as it is (its maximum staleness must exceed the bound); bounded staleness refuses it, and the
-straggler recomputes the step on a fresh pull (the stall is once per step), so nothing staler than the bound is
-applied and the straggler still does at least a third of the steps of the others.
+The straggler (worker 3) sits behind a slow link, the issue's cross-datacenter case: each of its gradients reaches
+the server ``LINK_DELAY`` versions after the pull it was computed on, while it goes on computing on newer pulls at the
+others' pace, so a fifth to a quarter of all gradients arrive that stale (``tests/ps_worker.py``). Async applies
+them. Bounded staleness refuses them: the straggler's shard is then missing from training, which costs well under a
+point here. In sync no version passes without the straggler's gradient, so there its slow link is a time per push
+(``LINK_DELAY_MS``) that every worker waits out at the barrier: time, not accuracy.
 
-What the test does not assert: an accuracy gap between async and bounded staleness. On this problem there is
-none to measure honestly. A stale push from one of four workers holding i.i.d. shards is one step of lr / 4
-along a gradient taken on an older model; the fresh pushes that follow correct it, and the straggler's own
-steps are sequential (one push in flight), so the delay cannot feed back on itself. Under the bound, a worker
-whose every push is staler than the bound would never be accepted, so the straggler's very stale pushes can
-only be occasional, and occasional stale pushes leave the optimum where it is: async ends within noise of
-bounded staleness (both printed). The test asserts the difference the bound makes in the staleness of the
-gradients that are applied.
+Stale gradients hurt in proportion to learning rate times staleness. The rate here is a good single-process one
+(0.5 to 4 all reach 96-97%); at 0.5 async loses under a point even with this straggler, and a straggler that only
+stalls now and then, or one preempted for the whole run whose version-0 gradient lands last, costs async about a
+point at most at these rates: ``python -m bench.staleness`` runs the real shard through all of these on a
+deterministic schedule (``bench/results/staleness.json``).
 """
 
 from __future__ import annotations
@@ -41,12 +40,12 @@ from .ps_worker import accuracy, dataset, make_model
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 250  # steps of each worker over its whole shard
-LR = 0.5
+LR = 2.0
 WEIGHT_DECAY = 0.01
 BOUND = 8
-STRAGGLE_MS = 15  # every step of the straggler
-STALL_EVERY = 40  # and every 40th step of it stalls after its pull ...
-STALL_MS = 120  # ... for this long: tens of versions of the others' pushes, machine load permitting
+LINK_DELAY = 300  # versions the straggler's gradients take to reach the server
+LINK_DELAY_MS = 5.0  # in sync, where no version passes without them: the time each takes
+GAP = 0.02  # async must fall this far below bounded staleness
 
 
 def single_process_accuracy() -> float:
@@ -102,8 +101,11 @@ def train(tmp_path: Path, mode: str) -> tuple[float, list[dict[str, float]]]:
                 str(tmp_path / f"{mode}-{w}.json"),
             ]
             if w == 3:
-                args += ["--straggle-ms", str(STRAGGLE_MS), "--stall-every", str(STALL_EVERY)]
-                args += ["--stall-ms", str(STALL_MS), "--stop-file", str(stop)]
+                args += ["--stop-file", str(stop)]
+                if mode == "sync":  # no version passes without it: its link is a time per push, which all wait out
+                    args += ["--link-delay-ms", str(LINK_DELAY_MS)]
+                else:  # it streams stale gradients until the others are done (not its own epoch count)
+                    args += ["--link-delay", str(LINK_DELAY), "--epochs", str(100 * EPOCHS)]
             procs.append(subprocess.Popen(args, cwd=REPO, env=env))
         for p in procs[:3]:
             assert p.wait(timeout=240) == 0
@@ -124,23 +126,18 @@ def train(tmp_path: Path, mode: str) -> tuple[float, list[dict[str, float]]]:
 
 
 @pytest.mark.timeout(600)
-def test_sync_and_bounded_staleness_match_single_process_with_a_straggler(tmp_path: Path) -> None:
+def test_sync_and_bounded_staleness_match_single_process_and_async_falls_behind_with_a_straggler(
+    tmp_path: Path,
+) -> None:
     baseline = single_process_accuracy()
-    assert baseline > 0.9
+    assert baseline > 0.95
     results = {mode: train(tmp_path, mode) for mode in ("sync", "ssp", "async")}
-    summary = {
-        m: (round(acc, 4), [(r["steps"], r["max_staleness"], r["repulls"]) for r in reps])
-        for m, (acc, reps) in results.items()
-    }
-    print(f"single={baseline:.4f} {summary}")
     accs = " ".join(f"{m}={acc:.4f}" for m, (acc, _) in results.items())
-    stale = " ".join(
-        f"{m}: max {max(r['max_staleness'] for r in reps)} (straggler {reps[3]['max_staleness']}, "
-        f"mean {reps[3]['mean_staleness']:.1f}, {reps[3]['steps']} steps, {reps[3]['stalls']} stalls, "
-        f"{reps[3]['repulls']} re-pulls)"
+    straggler = " ".join(
+        f"{m}: {reps[3]['steps']} applied (max staleness {reps[3]['max_staleness']}), {reps[3]['refused']} refused"
         for m, (_, reps) in results.items()
     )
-    print(f"accuracy: single={baseline:.4f} {accs}; staleness (bound {BOUND}) {stale}")
+    print(f"accuracy: single={baseline:.4f} {accs}; straggler (link delay {LINK_DELAY}, bound {BOUND}) {straggler}")
     for mode in ("sync", "ssp"):
         acc, _ = results[mode]
         assert abs(acc - baseline) <= 0.01, (mode, acc, baseline)
@@ -148,11 +145,13 @@ def test_sync_and_bounded_staleness_match_single_process_with_a_straggler(tmp_pa
     assert all(r["max_staleness"] == 0 for r in sync_reports)
     assert len({r["steps"] for r in sync_reports}) == 1  # lock-step: every worker did every version
     ssp_reports = results["ssp"][1]
-    assert max(r["max_staleness"] for r in ssp_reports) <= BOUND  # nothing beyond the bound was applied
-    assert ssp_reports[3]["steps"] >= ssp_reports[0]["steps"] // 3  # the straggler's data still counts
+    assert max(r["max_staleness"] for r in ssp_reports) <= BOUND  # nothing beyond the bound was applied ...
+    assert ssp_reports[3]["refused"] > 0 and ssp_reports[3]["max_refused_staleness"] >= LINK_DELAY  # ... it refused
     async_reports = results["async"][1]
-    # Async applies everything: the straggler's gradients land however stale they are, never re-pulled.
-    assert all(r["repulls"] == 0 for r in async_reports)
-    assert async_reports[3]["max_staleness"] >= max(r["max_staleness"] for r in async_reports[:3])
-    # ... and its stalled pushes were staler than the bound: what bounded staleness refused to apply.
-    assert async_reports[3]["max_staleness"] > BOUND, async_reports[3]
+    assert all(r["repulls"] == 0 and r["refused"] == 0 for r in async_reports)  # async applies everything
+    assert async_reports[3]["max_staleness"] >= LINK_DELAY and async_reports[3]["steps"] >= EPOCHS // 4
+    # The gap the bound closes: the same straggler's stale gradients, applied, cost async accuracy that bounded
+    # staleness keeps by refusing them.
+    async_acc, ssp_acc = results["async"][0], results["ssp"][0]
+    assert async_acc <= ssp_acc - GAP, (async_acc, ssp_acc)
+    assert async_acc < baseline - 0.01, (async_acc, baseline)
