@@ -1,9 +1,12 @@
 """Type stub of the compiled ``native.buffers`` (see ``native/buffers.pyx``)."""
 
+SAFE: bool
+
 class MessageBuffer:
     """A zero-filled ``bytes`` object, writable through this object's buffer while ``shared`` is False."""
 
-    data: bytes
+    @property
+    def data(self) -> bytes: ...
     def __init__(self, size: int) -> None: ...
     def __buffer__(self, flags: int) -> memoryview: ...
     @property

@@ -9,16 +9,25 @@ the bytes object is the one place the answer can be built without a copy.
 
 A ``bytes`` object is immutable to Python code. A :class:`MessageBuffer` owns one and lets its owner write it
 through the buffer protocol, and only while nothing else refers to it: :attr:`MessageBuffer.shared` is True
-while anybody besides the buffer holds the bytes (gRPC does, from the answer until it has copied them), and
+while anybody besides the buffer holds the bytes (gRPC does, from the answer until its send completes), and
 the owner must not write then. The owner checks it under the lock that orders its writes and answers; the
 count can only fall meanwhile (nothing takes a new reference except through the owner), so a False is final
 until the owner hands the bytes out again.
+
+The reference count proves that nothing else holds the bytes only where the GIL orders every change to it:
+on a free-threaded build (``python3.13t``) :data:`SAFE` is False and the owner must not use this module.
 """
+
+import sys
 
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, _Py_REFCNT
 from libc.string cimport memset
+
+
+#: Whether ``shared`` is a proof (False on a free-threaded interpreter, where reference counts are not ordered).
+SAFE = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
 
 
 cdef class MessageBuffer:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import unknown_fields
 
 from guardmesh.config import MeshConfig
 from guardmesh.runtime import RunningService, load_definition, start_service
@@ -103,6 +104,75 @@ def test_parameters_move_before_a_write_while_an_answer_is_held_and_the_answer_n
     assert fresh is not None
     for name, values in tensors_of(pb.PullResponse.FromString(fresh)).items():
         np.testing.assert_array_equal(values, before[name] + 1.0)
+
+
+@pytest.mark.parametrize("number", [3, 4])
+def test_every_head_length_that_fits_reads_back_with_upb(number: int) -> None:
+    buffer = AnswerBuffer(TENSORS)
+    expected = filled(buffer, seed=2)
+    message = pb.PullResponse if number == 3 else pb.PushPullResponse
+    for length in [0, *range(2, HEAD_BYTES + 1)]:  # one byte cannot hold a field
+        text = "x" * (length - 2) if length > 2 else ""  # a tag, a one-byte length, the text
+        head = message(incarnation=text, version=1 if length == 2 else 0).SerializeToString()
+        assert len(head) == length
+        raw = buffer.answer(number, head)
+        if length == HEAD_BYTES - 1:  # one byte left: too little for a padding field
+            assert raw is None
+            continue
+        assert raw is not None, length
+        got = message.FromString(raw)
+        assert got.incarnation == text and got.padding == bytes(len(got.padding)), length
+        assert len(unknown_fields.UnknownFieldSet(got)) == 0, length
+        assert [t.name for t in got.tensors] == [n for n, _, _ in TENSORS]
+        for name, values in tensors_of(got).items():
+            np.testing.assert_array_equal(values, expected[name])
+        del raw, got
+
+
+def test_a_shard_never_changes_an_answer_it_handed_out() -> None:
+    """Answers held (as gRPC holds them) while pushes are applied (single-push path, the aggregate path with
+    clipping, a SYNC step) and a checkpoint is restored: every held answer keeps its bytes, and a fresh one
+    says the current parameters."""
+    from services.paramserver.optimizer import OptimizerKind, OptimizerSettings
+    from services.paramserver.shard import ConsistencySettings, Mode, TensorMeta
+
+    def head(version: int) -> bytes:
+        return pb.PullResponse(version=version, incarnation="inc").SerializeToString()
+
+    for mode, clip, workers in ((Mode.ASYNC, 0.0, 1), (Mode.ASYNC, 0.5, 1), (Mode.SYNC, 0.0, 2)):
+        tensors = {
+            "w": (TensorMeta(F32, (4, 5)), np.arange(20, dtype=np.float32)),
+            "b": (TensorMeta(F32, (5,)), np.ones(5, np.float32)),
+        }
+        shard = ModelShard(
+            "m",
+            tensors,
+            OptimizerSettings(OptimizerKind.ADAM, 0.1, clip_norm=clip),
+            ConsistencySettings(mode, workers=workers),
+            0,
+            "inc",
+            answer_limit=1 << 20,
+        )
+        held: list[tuple[bytes, bytes]] = []
+        for step in range(6):
+            answer = shard.answer([], 3, head)
+            held.append((answer, bytes(answer)))
+            for w in range(workers):
+                grads = {"w": np.full(20, 0.3 * (w + 1), np.float32), "b": np.full(5, -0.2, np.float32)}
+                shard.push(f"w{w}", shard.version, step, grads)
+            if step % 2:
+                held.pop(0)  # some answers are released (sent), others still held
+        assert all(answer == snapshot for answer, snapshot in held), mode
+        assert shard.answers is not None and shard.answers.moves > 0
+        fresh = pb.PullResponse.FromString(shard.answer([], 3, head))
+        assert fresh.version == shard.version == 6
+        np.testing.assert_array_equal(tensors_of(fresh)["w"], shard.masters["w"])
+        version, arrays, metadata = shard.checkpoint_payload()
+        answer = shard.answer([], 3, head)
+        snapshot = bytes(answer)
+        shard.load_checkpoint(version, {k: np.full_like(v, 7.0) if k.startswith("param/") else v
+                                        for k, v in arrays.items()}, metadata)  # fmt: skip
+        assert answer == snapshot and (shard.masters["w"] == 7).all()
 
 
 def test_an_answer_whose_fields_do_not_fit_is_refused_so_the_caller_frames_it() -> None:

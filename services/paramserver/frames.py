@@ -86,12 +86,14 @@ class AnswerBuffer:
 
     def writable(self) -> bool:
         """Make ``arrays`` safe to write: if the buffer was answered and is still held, move the parameters
-        into a fresh one (one copy) and return True (``arrays`` are then new views); else False."""
+        into a fresh one (one copy) and return True (``arrays`` are then new views, and the old ones are made
+        read-only: nothing can write an answer through a view kept from before); else False."""
         if not self.buffer.shared:
             return False
         buffer, arrays = self._allocate()
         for name, values in arrays.items():
             np.copyto(values, self.arrays[name])
+            self.arrays[name].flags.writeable = False
         self.buffer, self.arrays = buffer, arrays
         self.moves += 1
         return True
@@ -100,16 +102,18 @@ class AnswerBuffer:
         """The encoded answer: ``head`` (its fields before the tensors, encoded), padding, and every tensor as
         field ``number`` (1 to 15), without a copy; None when the buffer is still held by an earlier answer
         or ``head`` does not fit in ``HEAD_BYTES`` (the caller frames the answer with :func:`frame_answer`)."""
+        if not 1 <= number <= 15:
+            raise ValueError(f"number must be 1 to 15 (one-byte tags): got {number}")
         rest = HEAD_BYTES - len(head)
         if self.buffer.shared or rest < 0 or rest == 1:
             return None
         raw = np.frombuffer(memoryview(self.buffer), np.uint8)
         raw[: len(head)] = np.frombuffer(head, np.uint8)
-        if rest:  # tag, one-byte length (rest - 2 <= 125), zeros
+        if rest:  # tag, one-byte length (rest - 2 <= 126), zeros
             raw[len(head)] = _PADDING_TAG
             raw[len(head) + 1] = rest - 2
             raw[len(head) + 2 : HEAD_BYTES] = 0
-        tag = number << 3 | wire.LEN
+        tag = number << 3 | wire.LEN  # the frames were laid out as field 3: only their one-byte tag differs
         for at, _ in self._heads:
             raw[at] = tag
-        return self.buffer.data  # type: ignore[no-any-return]
+        return self.buffer.data

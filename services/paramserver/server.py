@@ -352,9 +352,8 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         """See the proto."""
         return pb.DescribeModelResponse(model=_info(self._shard(request.model)))
 
-    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> ModelShard:
-        """The pulled shard, once it has reached ``min_version`` if asked (within the deadline)."""
-        shard = self._shard(request.model)
+    def _pull(self, shard: ModelShard, request: pb.PullRequest, context: grpc.ServicerContext) -> None:
+        """Return once ``shard`` has reached the pull's ``min_version`` if asked (within the deadline)."""
         if request.min_version < 0:
             raise InvalidArgument("min_version", "must be >= 0")
         if request.min_version > shard.version and not shard.wait_version(request.min_version, _wait_budget(context)):
@@ -362,7 +361,6 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"version {request.min_version} not reached (now {shard.version})",
             )
-        return shard
 
     def _check_unary_size(self, shard: ModelShard, names: list[str]) -> None:
         total = shard.wire_bytes(names)
@@ -408,7 +406,7 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         tensors copied once into the answer (``ModelShard.answer``)."""
         shard = self._shard(request.model)
         self._check_unary_size(shard, list(request.names))
-        shard = self._pull(request, context)
+        self._pull(shard, request, context)
 
         def head(version: int) -> bytes:
             return pb.PullResponse(version=version, incarnation=shard.incarnation).SerializeToString()
@@ -420,7 +418,8 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         chunk = request.chunk_bytes or self._default_chunk()
         if not 65_536 <= chunk <= 16_777_216:
             raise InvalidArgument("chunk_bytes", "must be 65,536 to 16,777,216 (or 0 for 4 MiB)")
-        shard = self._pull(request.pull, context)
+        shard = self._shard(request.pull.model)
+        self._pull(shard, request.pull, context)
         yield from shard.framed(list(request.pull.names), self._stream_frames(shard, chunk))
 
     def _after_push(self, shard: ModelShard, result: PushResult) -> None:

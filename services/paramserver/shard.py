@@ -25,6 +25,7 @@ from guardmesh.tensors import wire_array
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import paramserver_pb2 as pb
 from native import aggregate as _agg  # type: ignore[attr-defined]
+from native import buffers
 from services.paramserver.frames import AnswerBuffer, frame_answer
 from services.paramserver.gradients import Gradient, contiguous, nonfinite
 from services.paramserver.optimizer import OptimizerSettings, ServerOptimizer
@@ -162,7 +163,7 @@ class ModelShard:
         self.answers: AnswerBuffer | None = None
         layout = [(n, m.shape, m.size) for n, m in self.meta.items()]
         float32 = all(m.dtype == common_pb2.D_TYPE_FLOAT32 for m in self.meta.values())
-        if float32 and AnswerBuffer.answer_size(layout) <= answer_limit:
+        if float32 and buffers.SAFE and AnswerBuffer.answer_size(layout) <= answer_limit:
             self.answers = AnswerBuffer(layout)
         if self.answers is not None:
             self.masters = self.answers.arrays
