@@ -525,7 +525,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in SIZES:
         if n not in gloo:
             continue
-        for key, how in (("ps", "Pull + Push, two calls"), ("ps_fused", "PushPull, one call")):
+        streamed = rt[n]["streamed"]
+        for key, how in (
+            ("ps", "PullStream + PushStream" if streamed else "Pull + Push, two calls"),
+            ("ps_fused", "PushPullStream, one call" if streamed else "PushPull, one call"),
+        ):
             records.append(
                 record(
                     f"time of one PS push+pull round trip (1 worker, gRPC, {how}) vs one gloo all_reduce "

@@ -100,6 +100,7 @@ def main() -> None:
     def arrive(base: int, incarnation: str, grads: dict[str, np.ndarray]) -> None:
         """A delayed gradient reaches the server: pushed with the version it was computed on."""
         nonlocal steps, refused
+        # The message the link delivers is the one built at the pull: it carries that pull's version.
         ps.versions[0], ps.incarnations[0] = base, incarnation
         try:
             result = ps.push(grads)[0]
