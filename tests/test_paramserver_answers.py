@@ -164,6 +164,7 @@ def test_a_shard_never_changes_an_answer_it_handed_out() -> None:
                 held.pop(0)  # some answers are released (sent), others still held
         assert all(answer == snapshot for answer, snapshot in held), mode
         assert shard.answers is not None and shard.answers.moves > 0
+        assert shard.stats()["answer_buffer_moves"] == shard.answers.moves
         fresh = pb.PullResponse.FromString(shard.answer([], 3, head))
         assert fresh.version == shard.version == 6
         np.testing.assert_array_equal(tensors_of(fresh)["w"], shard.masters["w"])
@@ -232,6 +233,11 @@ def test_a_server_answers_its_buffer_and_the_values_follow_every_push(
     subset = stub.Pull(pb.PullRequest(model="m", names=["b"]))  # a subset is framed (one copy), the same values
     assert [t.name for t in subset.tensors] == ["b"] and subset.version == 20
     np.testing.assert_allclose(tensors_of(subset)["b"], expected_b, rtol=1e-6)
+    stats = stub.GetStats(pb.GetStatsRequest(model="m"))
+    # 20 PushPull and 20 Pull answers of every tensor, one of a subset: the first answer found the bytes nobody's,
+    # the subset was framed; the others went out in place unless gRPC still held the previous answer.
+    assert stats.answers_in_place + stats.answers_copied == 41 and stats.answers_in_place >= 1
+    assert stats.answers_copied >= 1 and stats.answer_buffer_moves == shard.answers.moves
 
 
 def test_sync_workers_answered_the_same_version_all_get_it(ps: tuple[RunningService, MeshConfig]) -> None:

@@ -595,6 +595,9 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
             staleness=[pb.StalenessBucket(staleness=i, count=c) for i, c in enumerate(st["staleness"]) if c],
             push_rate=st["rate"],
             events=st["events"],
+            answers_in_place=st["answers_in_place"],
+            answers_copied=st["answers_copied"],
+            answer_buffer_moves=st["answer_buffer_moves"],
         )
 
 

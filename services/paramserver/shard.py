@@ -188,6 +188,8 @@ class ModelShard:
         self.rejected_stale = 0
         self.rejected_nonfinite = 0
         self.duplicates = 0
+        self.answers_in_place = 0
+        self.answers_copied = 0
         self.staleness_hist = [0] * STALENESS_BUCKETS
         self.throughput = ThroughputMonitor(throughput_window_s, throughput_drop_share)
         self.events: deque[str] = deque(maxlen=100)
@@ -225,8 +227,12 @@ class ModelShard:
             with self.cond:
                 out = self.answers.answer(number, head(self.version))
                 if out is not None:
+                    self.answers_in_place += 1
                     return out
-        return self.framed(names, lambda version, items: frame_answer(head(version), number, items))
+        out = self.framed(names, lambda version, items: frame_answer(head(version), number, items))
+        with self.cond:
+            self.answers_copied += 1
+        return out
 
     def _writable(self) -> None:
         """Before the masters are written: move them out of an answer gRPC still holds (see ``answer``)."""
@@ -434,6 +440,9 @@ class ModelShard:
                 "rejected_stale": self.rejected_stale,
                 "rejected_nonfinite": self.rejected_nonfinite,
                 "duplicates": self.duplicates,
+                "answers_in_place": self.answers_in_place,
+                "answers_copied": self.answers_copied,
+                "answer_buffer_moves": self.answers.moves if self.answers is not None else 0,
                 "staleness": list(self.staleness_hist),
                 "rate": self.throughput.rate(now),
                 "events": list(self.events),
