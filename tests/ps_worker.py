@@ -91,7 +91,7 @@ def main() -> None:
     ps.create_from_module(model, optimizer, consistency(args.mode, args.workers, args.bound))  # idempotent
     loss_fn = torch.nn.CrossEntropyLoss()
     rng = np.random.default_rng(args.worker)
-    steps = repulls = dropped = refused = 0
+    steps = repulls = dropped = 0
     stale: list[int] = []
     stop = Path(args.stop_file) if args.stop_file else None
     in_flight: deque[tuple[int, str, dict[str, np.ndarray]]] = deque()  # (base version, incarnation, gradients)
@@ -99,14 +99,15 @@ def main() -> None:
 
     def arrive(base: int, incarnation: str, grads: dict[str, np.ndarray]) -> None:
         """A delayed gradient reaches the server: pushed with the version it was computed on."""
-        nonlocal steps, refused
+        nonlocal steps
         # The message the link delivers is the one built at the pull: it carries that pull's version.
         ps.versions[0], ps.incarnations[0] = base, incarnation
         try:
             result = ps.push(grads)[0]
         except StalePush as err:
-            refused += 1  # too stale for the bound: dropped
-            stale_refused.append(err.detail.staleness if err.detail is not None else -1)
+            stale_refused.append(  # too stale for the bound: dropped
+                err.detail.staleness if err.detail is not None else -1
+            )
             return
         steps += 1
         stale.append(result.staleness)
@@ -162,7 +163,7 @@ def main() -> None:
                 "steps": steps,
                 "repulls": repulls,
                 "dropped": dropped,
-                "refused": refused,
+                "refused": len(stale_refused),
                 "max_refused_staleness": max(stale_refused, default=0),
                 "max_staleness": max(stale, default=0),
                 "mean_staleness": float(np.mean(stale)) if stale else 0.0,

@@ -375,7 +375,7 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         return (self.config.grpc.max_message_mib << 20) - (1 << 16)
 
     def _default_chunk(self) -> int:
-        return min(DEFAULT_CHUNK, (self.config.grpc.max_message_mib << 20) - (1 << 16))
+        return min(DEFAULT_CHUNK, self._answer_limit())
 
     @staticmethod
     def _stream_frames(

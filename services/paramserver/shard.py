@@ -229,10 +229,12 @@ class ModelShard:
                 if out is not None:
                     self.answers_in_place += 1
                     return out
-        out = self.framed(names, lambda version, items: frame_answer(head(version), number, items))
-        with self.cond:
-            self.answers_copied += 1
-        return out
+
+        def framed_once(version: int, items: list[tuple[str, TensorMeta, np.ndarray]]) -> bytes:
+            self.answers_copied += 1  # under the lock, as ``framed`` calls it
+            return frame_answer(head(version), number, items)
+
+        return self.framed(names, framed_once)
 
     def _writable(self) -> None:
         """Before the masters are written: move them out of an answer gRPC still holds (see ``answer``)."""
