@@ -1,0 +1,65 @@
+"""guardmesh.stats against scipy and the textbook formulas (known answers)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import special, stats
+
+from guardmesh.stats import Moments, ks_p_value, ks_two_sample, mean_var, standardized_mean_difference
+
+
+def test_moments_match_numpy_and_add_up() -> None:
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(3.0, 2.0, 500), rng.exponential(1.0, 300)
+    mx, my = Moments.of(x), Moments.of(y)
+    both = np.concatenate([x, y])
+    assert (mx + my).mean == pytest.approx(both.mean(), rel=1e-12)
+    assert (mx + my).variance == pytest.approx(both.var(ddof=1), rel=1e-10)
+    step = Moments()
+    for v in x:
+        step = step.add(v)
+    assert step.count == 500 and step.variance == pytest.approx(x.var(ddof=1), rel=1e-10)
+    grown = mx.replace_value(x[0], x[0] + 5.0)
+    x2 = x.copy()
+    x2[0] += 5.0
+    assert grown.mean == pytest.approx(x2.mean(), rel=1e-12) and grown.variance == pytest.approx(x2.var(ddof=1))
+
+
+def test_mean_var_edge_cases_and_vectorised() -> None:
+    assert math.isnan(Moments().mean) and math.isnan(Moments.of([4.0]).variance)
+    assert Moments.of([4.0, np.nan, np.inf]).count == 1
+    assert Moments.of([2.0, 2.0, 2.0]).variance == 0.0
+    mean, var = mean_var(np.array([0, 2, 3]), np.array([0.0, 3.0, 6.0]), np.array([0.0, 5.0, 14.0]))
+    assert math.isnan(mean[0]) and mean[1] == 1.5 and mean[2] == 2.0
+    assert var[1] == pytest.approx(np.var([1, 2], ddof=1)) and var[2] == pytest.approx(np.var([1, 2, 3], ddof=1))
+
+
+def test_smd_is_cohens_d_with_pooled_sd() -> None:
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0, 1, 40), rng.normal(0.5, 2, 90)
+    pooled = math.sqrt((39 * a.var(ddof=1) + 89 * b.var(ddof=1)) / 128)
+    got = standardized_mean_difference(a.mean(), a.var(ddof=1), 40, b.mean(), b.var(ddof=1), 90)
+    assert got == pytest.approx((b.mean() - a.mean()) / pooled, rel=1e-12)
+    assert standardized_mean_difference(1.0, 0.0, 5, 1.0, 0.0, 5) == 0.0
+    assert standardized_mean_difference(1.0, 0.0, 5, 2.0, 0.0, 5) == math.inf
+    assert standardized_mean_difference(2.0, 0.0, 5, 1.0, math.nan, 1) == -math.inf
+    assert math.isnan(standardized_mean_difference(1.0, math.nan, 1, 2.0, math.nan, 1))
+    assert math.isnan(standardized_mean_difference(1.0, 1.0, 0, 2.0, 1.0, 9))
+
+
+def test_ks_statistic_is_scipys_and_p_value_the_kolmogorov_limit() -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0, 1, 700), rng.normal(0.2, 1, 400)
+    r = ks_two_sample(np.append(a, np.nan), b)
+    ref = stats.ks_2samp(a, b)
+    assert (r.n_a, r.n_b) == (700, 400) and r.statistic == pytest.approx(ref.statistic, abs=1e-15)
+    en = 700 * 400 / 1100
+    assert r.p_value == pytest.approx(special.kolmogorov(math.sqrt(en) * ref.statistic), rel=1e-12)
+    # the asymptotic law is close to scipy's exact p-value at this size
+    assert r.p_value == pytest.approx(ref.pvalue, abs=0.01)
+    p = ks_p_value(np.array([0.0, 0.1, 1.0]), np.array([10, 0, 10]), np.array([10, 5, 10]))
+    assert p[0] == 1.0 and math.isnan(p[1]) and p[2] < 1e-3
+    assert math.isnan(ks_two_sample([], [1.0]).statistic)
