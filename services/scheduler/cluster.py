@@ -10,6 +10,7 @@ caps on it never add up to more than its memory minus the reserve. :meth:`violat
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -153,6 +154,22 @@ class ClusterState:
         self.cache = {}
         self._host_free_stale = True
         self._notify(np.arange(node0, len(self.nodes), dtype=np.int32))
+
+    def simulation(self) -> ClusterState:
+        """A copy to try changes on: own arrays and allocations, no listeners, the same inventory.
+
+        Changes to the copy never reach the live state or its listeners (FGD's aggregates), so a search
+        that raises half-way leaves nothing to undo.
+        """
+        sim = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, np.ndarray):
+                setattr(sim, name, value.copy())
+        sim.allocs = [dict(a) for a in self.allocs]
+        sim.job_gpus = {job: list(held) for job, held in self.job_gpus.items()}
+        sim.charges = dict(self.charges)
+        sim.listeners = []
+        return sim
 
     @property
     def gpu_count(self) -> int:

@@ -43,6 +43,7 @@ from services.scheduler.jobs import (
 )
 from services.scheduler.placement import (
     Choice,
+    FirstFit,
     ReplicaShape,
     caps_for,
     make_policy,
@@ -50,13 +51,14 @@ from services.scheduler.placement import (
     pending_reason,
     place,
 )
+from services.scheduler.preemption import fewest_victims
 from services.scheduler.scaling import CapacityPlan, NodeShape, ScaleAdvisor, ScaleSignal, plan_capacity
 from services.scheduler.store import Store
 
 log = logging.getLogger(__name__)
 
-#: Candidate nodes examined when choosing preemption victims (ranked by reclaimable room).
-PREEMPTION_NODES_EVALUATED = 64
+#: Feasibility only: the preemption simulation asks whether a replica fits, not where it scores best.
+FEASIBILITY = FirstFit()
 
 
 @dataclass(frozen=True)
@@ -502,70 +504,56 @@ class Scheduler:
         # Already-preempting jobs cost nothing; then best-effort before burstable, low priority, newest.
         return (preempting, -int(v.spec.qos), v.spec.priority, -v.seq)
 
-    def _reallocate(self, job: Job) -> None:
-        for rp in job.placements.values():
-            gpus = [self.state.uuid_index[g.uuid] for g in rp.gpus]
-            self.state.allocate(
-                job.job_id,
-                rp.replica,
-                gpus,
-                [g.memory_cap_mib for g in rp.gpus],
-                job.spec.allow_sharing,
-                job.spec.cpu_milli,
-                job.spec.host_memory_mib,
-            )
-
     def _try_preempt(self, job: Job) -> None:
-        """For a guaranteed job that does not fit: pick the fewest victims that make room in one place."""
+        """For a guaranteed job that does not fit: notify the fewest victims that make room.
+
+        The replicas are placed one by one on a simulation of the cluster; a replica that does not fit
+        evicts the smallest victim set on one node (``preemption.fewest_victims``). The live state is only
+        read: the victims keep their cards until they release or the grace ends.
+        """
         if job.spec.qos != Qos.GUARANTEED or job.awaiting_victims:
             return
         spec = job.spec
         shape = ReplicaShape.of(spec)
-        missing = [r for r in range(spec.replicas) if r not in job.placements]
-        freed: list[Job] = []
-        tentative: list[int] = []
-        victims: list[str] = []
-        ok = True
-        for r in missing:
-            choice = place(self.state, shape, self.policy)
+        eligible = {
+            jid
+            for jid, j in self.jobs.items()
+            if j.state in HOLDS_ALLOCATION and j.spec.qos in (Qos.BEST_EFFORT, Qos.BURSTABLE)
+        }
+        sim = self.state.simulation()
+        chosen: list[str] = []
+        for r in range(spec.replicas):
+            if r in job.placements:
+                continue
+            choice = place(sim, shape, FEASIBILITY)
             if choice is None:
-                plan = self._cheapest_room(shape)
+                plan = fewest_victims(sim, shape, eligible - set(chosen), self._victim_order)
                 if plan is None:
-                    ok = False
-                    break
+                    job.pending_reason += "; preempting every best-effort and burstable job would not make room"
+                    return
                 for vid in plan:
-                    v = self.jobs[vid]
-                    self.state.free(vid)
-                    freed.append(v)
-                    if v.state != JobState.PREEMPTING:
-                        victims.append(vid)
-                choice = place(self.state, shape, self.policy)
-                if choice is None:
-                    ok = False
-                    break
-            self.state.allocate(
+                    sim.free(vid)
+                chosen.extend(plan)
+                choice = place(sim, shape, FEASIBILITY)
+                if choice is None:  # fewest_victims checked this fit with the placement filter's rules
+                    raise AssertionError(f"victims {plan} freed no room for a replica of {job.job_id}")
+            sim.allocate(
                 job.job_id,
-                -1 - r,
+                r,
                 list(choice.gpus),
                 list(choice.caps),
                 spec.allow_sharing,
                 spec.cpu_milli,
                 spec.host_memory_mib,
             )
-            tentative.append(-1 - r)
-        # Undo the simulation: the victims keep their cards until they release or the grace ends.
-        for rep in tentative:
-            self.state.free(job.job_id, rep)
-        for v in freed:
-            self._reallocate(v)
-        if not ok or not (victims or freed):
-            if not ok:
-                job.pending_reason += "; preempting every best-effort and burstable job would not make room"
+        if not chosen:
             return
         deadline = self.clock() + self.settings.preemption_grace_s
-        job.awaiting_victims = {v.job_id for v in freed}
-        for vid in victims:
+        job.awaiting_victims = set(chosen)
+        for vid in chosen:
             v = self.jobs[vid]
+            if v.state == JobState.PREEMPTING:
+                continue
             v.state = JobState.PREEMPTING
             v.preemption_deadline = deadline
             v.preempted_by = job.job_id
@@ -580,59 +568,6 @@ class Scheduler:
             f"waiting for {len(job.awaiting_victims)} preempted job(s) to vacate: "
             f"{', '.join(sorted(job.awaiting_victims))}"
         )
-
-    def _cheapest_room(self, shape: ReplicaShape) -> list[str] | None:
-        """Fewest victims on one node whose removal lets one replica of ``shape`` fit there."""
-        state = self.state
-        allowed = model_mask(state, shape)
-        victim_ids = {
-            jid
-            for jid, j in self.jobs.items()
-            if j.state in HOLDS_ALLOCATION and j.spec.qos in (Qos.BEST_EFFORT, Qos.BURSTABLE)
-        }
-        if not victim_ids:
-            return None
-        per_node: dict[int, set[str]] = {}
-        for jid in victim_ids:
-            for _, g in state.job_gpus.get(jid, []):
-                if allowed[g]:
-                    per_node.setdefault(int(state.gpu_node[g]), set()).add(jid)
-        reclaim = {
-            n: sum(int(state.gpu_usable[g]) for _, g in (p for j in js for p in state.job_gpus.get(j, [])))
-            for n, js in per_node.items()
-        }
-        ranked = sorted(per_node, key=lambda n: -reclaim[n])[:PREEMPTION_NODES_EVALUATED]
-        best: tuple[tuple[int, int], list[str]] | None = None
-        for n in ranked:
-            order = sorted(per_node[n], key=self._victim_order)
-            freed: list[Job] = []
-            chosen: list[str] = []
-            fits = False
-            for vid in order:
-                self.state.free(vid)
-                freed.append(self.jobs[vid])
-                chosen.append(vid)
-                if self._fits_on_node(shape, n):
-                    fits = True
-                    break
-            for v in freed:
-                self._reallocate(v)
-            if fits:
-                cost = sum(1 for vid in chosen if self.jobs[vid].state != JobState.PREEMPTING)
-                worst = min(int(self.jobs[vid].spec.qos) for vid in chosen)
-                key = (cost, -worst)
-                if best is None or key < best[0]:
-                    best = (key, chosen)
-        return best[1] if best else None
-
-    def _fits_on_node(self, shape: ReplicaShape, node: int) -> bool:
-        saved = self.state.node_alive.copy()
-        try:
-            self.state.node_alive[:] = False
-            self.state.node_alive[node] = saved[node]
-            return place(self.state, shape, self.policy) is not None
-        finally:
-            self.state.node_alive[:] = saved
 
     # -- queue -----------------------------------------------------------------------------------------
 

@@ -1,0 +1,112 @@
+"""Issue 17's scheduler guards over real gRPC and on the core: minimal preemption, no starvation, fail-stop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guardmesh.v1 import scheduler_pb2 as spb
+from services.scheduler.inventory import uniform_node
+from services.scheduler.jobs import JobState, Qos
+from services.scheduler.placement import ReplicaShape
+from services.scheduler.preemption import fewest_victims
+from tests.conftest import node_pb
+from tests.test_scheduler_core import make_sched, spec
+from tests.test_scheduler_grpc import custom_scheduler, describe, holders, job_pb, submit
+
+CARD_16G = 16384
+
+
+def notices(stub, job_id: str = "") -> list[str]:  # type: ignore[no-untyped-def]
+    events = stub.ListEvents(spb.ListEventsRequest(after_seq=0, job_id=job_id)).events
+    return [e.job_id for e in events if e.kind == spb.EVENT_KIND_PREEMPTION_NOTICE]
+
+
+# -- preemption: the fewest victims ---------------------------------------------------------------------
+
+
+def test_guaranteed_job_preempts_only_the_burstable_job_that_frees_enough(tmp_path: Path) -> None:
+    """The observed case: best-effort 2,000 MiB + burstable 12,000 MiB on a card; a guaranteed job needs
+    12,000 MiB. Evicting the burstable job alone is enough, so only it gets PREEMPTION_NOTICE."""
+    with custom_scheduler(tmp_path, **{"scheduler.preemption_grace_s": 30.0}) as stub:
+        stub.RegisterNode(spb.RegisterNodeRequest(node=node_pb("gpu-1", 1, CARD_16G)))
+        submit(stub, job_pb("be", mem=2000, allow_sharing=True, qos=spb.QOS_CLASS_BEST_EFFORT))
+        submit(stub, job_pb("bu", mem=12000, allow_sharing=True, qos=spb.QOS_CLASS_BURSTABLE))
+        assert set(holders(stub)) == {"be", "bu"}
+
+        guar = submit(stub, job_pb("guar", mem=12000, allow_sharing=True, qos=spb.QOS_CLASS_GUARANTEED))
+        assert guar.state == spb.JOB_STATE_PENDING
+        assert notices(stub) == ["bu"]
+        assert describe(stub, "bu").state == spb.JOB_STATE_PREEMPTING
+        assert describe(stub, "be").state == spb.JOB_STATE_RUNNING
+
+        stub.ReleaseJob(spb.ReleaseJobRequest(job_id="bu"))
+        assert describe(stub, "guar").state == spb.JOB_STATE_RUNNING
+        assert set(holders(stub)) == {"be", "guar"}
+
+
+def test_victim_search_spans_nodes_for_the_smallest_set() -> None:
+    """Node a needs two evictions, node b one (a larger, more valuable job): the set size decides first."""
+    nodes = [uniform_node("node-a", "A", 1, 16000), uniform_node("node-b", "A", 1, 16000)]
+    sched, _ = make_sched(nodes, policy="first-fit")
+    sched.submit(spec("be-a1", mem=8000, allow_sharing=True, qos=Qos.BEST_EFFORT))
+    sched.submit(spec("be-a2", mem=8000, allow_sharing=True, qos=Qos.BEST_EFFORT))
+    sched.submit(spec("bu-b", mem=16000, allow_sharing=True, qos=Qos.BURSTABLE))
+    assert {j.job_id for j in sched.list_jobs(state=JobState.RUNNING)} == {"be-a1", "be-a2", "bu-b"}
+
+    g = sched.submit(spec("guar", mem=16000, allow_sharing=True, qos=Qos.GUARANTEED))
+    assert g.awaiting_victims == {"bu-b"}
+    assert {j.job_id for j in sched.list_jobs(state=JobState.PREEMPTING)} == {"bu-b"}
+
+
+def test_preemption_search_changes_nothing_it_only_simulates() -> None:
+    """The live state is never touched by the search: no listener fires, arrays and liveness unchanged."""
+    nodes = [uniform_node(f"node-{i}", "A", 2, 16000) for i in range(4)]
+    sched, _ = make_sched(nodes, policy="fgd")
+    for i in range(8):
+        sched.submit(spec(f"be-{i}", mem=9000, allow_sharing=True, qos=Qos.BEST_EFFORT))
+    fired: list[object] = []
+    sched.state.listeners.append(fired.append)
+    before = (sched.state.gpu_avail.copy(), sched.state.node_alive.copy(), dict(sched.state.job_gpus))
+    shape = ReplicaShape.of(spec("g", gpus=2, mem=16000, qos=Qos.GUARANTEED))
+    plan = fewest_victims(sched.state, shape, {f"be-{i}" for i in range(8)}, sched._victim_order)
+    assert plan is not None and len(plan) == 2
+    assert fired == []
+    assert (before[0] == sched.state.gpu_avail).all() and (before[1] == sched.state.node_alive).all()
+    assert before[2] == sched.state.job_gpus
+    assert all(r >= 0 for held in sched.state.job_gpus.values() for r, _ in held)
+
+
+def test_gang_preemption_takes_one_node_per_replica_and_fewest_in_total() -> None:
+    nodes = [uniform_node(f"node-{i}", "A", 2, 16000) for i in range(3)]
+    sched, _ = make_sched(nodes, policy="first-fit")
+    sched.submit(spec("be-0", gpus=2, qos=Qos.BEST_EFFORT))  # node-0 whole
+    sched.submit(spec("be-1a", qos=Qos.BEST_EFFORT))  # node-1 two jobs
+    sched.submit(spec("be-1b", qos=Qos.BEST_EFFORT))
+    sched.submit(spec("bu-2", gpus=2, qos=Qos.BURSTABLE))  # node-2 whole
+    g = sched.submit(spec("guar", gpus=2, replicas=2, gang=True, qos=Qos.GUARANTEED))
+    assert g.awaiting_victims == {"be-0", "bu-2"}
+
+
+def test_no_victim_set_frees_room_preempts_nothing() -> None:
+    sched, _ = make_sched([uniform_node("node-a", "A", 1, 16000)])
+    sched.submit(spec("guar-1", qos=Qos.GUARANTEED))
+    sched.submit(spec("be", mem=100, allow_sharing=True, qos=Qos.BEST_EFFORT))
+    g = sched.submit(spec("guar-2", qos=Qos.GUARANTEED))
+    assert g.state == JobState.PENDING and not g.awaiting_victims
+    assert "would not make room" in g.pending_reason
+    assert sched.describe("be").state in (JobState.RUNNING, JobState.PENDING)
+
+
+@pytest.mark.parametrize("policy", ["first-fit", "best-fit", "fgd"])
+def test_preemption_leaves_the_card_invariant(policy: str) -> None:
+    nodes = [uniform_node(f"node-{i}", "A", 4, 16000) for i in range(3)]
+    sched, clock = make_sched(nodes, policy=policy, preemption_grace_s=1.0)
+    for i in range(24):
+        sched.submit(spec(f"be-{i}", mem=4000 + 1000 * (i % 3), allow_sharing=True, qos=Qos.BEST_EFFORT))
+    sched.submit(spec("guar", gpus=4, replicas=2, gang=True, qos=Qos.GUARANTEED))
+    clock.advance(2.0)
+    sched.tick()
+    assert sched.describe("guar").state == JobState.RUNNING
+    assert sched.violations() == []
