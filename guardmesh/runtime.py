@@ -72,6 +72,60 @@ class Binding(Protocol):
     # no longer be written calls it, and health turns NOT_SERVING until the process is restarted.
 
 
+#: A drain stops the server once no call has been taken up for this long (seconds) after the gate closed.
+DRAIN_QUIET_S = 0.25
+
+
+def _refuse(request: object, context: grpc.ServicerContext) -> None:
+    context.abort(grpc.StatusCode.UNAVAILABLE, "server draining: the call was not started; retry another instance")
+
+
+class CallGate(grpc.ServerInterceptor):
+    """The first interceptor: open, it passes calls through; closed (draining), it answers each new call
+    UNAVAILABLE without running it, so a client may safely retry it elsewhere.
+
+    It runs on gRPC's serving thread, as each call is taken up, and notes when the last one was, so that the
+    drain can tell when no call is waiting inside gRPC core any more.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._open = True
+        self._last_taken = time.monotonic()
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """Pass the call on while open; refuse it while closed."""
+        handler = continuation(handler_call_details)
+        with self._changed:
+            self._last_taken = time.monotonic()
+            if self._open or handler is None:
+                return handler
+        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+        return handler._replace(**{kind: _refuse})  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Refuse every call taken up from now on."""
+        with self._changed:
+            self._open = False
+            self._last_taken = time.monotonic()
+
+    def wait_quiet(self, quiet_s: float, deadline: float) -> bool:
+        """Block until no call was taken up for ``quiet_s`` or until ``deadline`` (monotonic); True if quiet."""
+        while True:
+            now = time.monotonic()
+            with self._changed:
+                quiet_at = self._last_taken + quiet_s
+            if now >= quiet_at:
+                return True
+            if now >= deadline:
+                return False
+            time.sleep(min(quiet_at, deadline) - now)
+
+
 class DiscoveryError(RuntimeError):
     """The service could not announce itself to discovery; it was stopped again."""
 
@@ -104,6 +158,7 @@ class RunningService:
     registry: Registry
     registration_id: str | None = None
     stop_metrics: Callable[[], None] | None = None
+    gate: CallGate = field(default_factory=CallGate)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -118,12 +173,18 @@ class RunningService:
         self._stopped.set()
         grace = self.config.grpc.grace_s if grace is None else grace
         log.info("draining", extra={"grace_s": grace})
+        deadline = time.monotonic() + grace
         self.health.enter_graceful_shutdown()
         if self.registration_id:
             self.registry.deregister(self.registration_id)
         time.sleep(self.config.grpc.drain_delay_s)
-        done = self.server.stop(grace)
+        # gRPC core's shutdown kills the calls that arrived but that the serving thread has not taken up yet
+        # (their clients see CANCELLED; under load there are many). So first refuse new calls with UNAVAILABLE
+        # while the serving thread keeps taking them up, until none has come for a while; only then stop.
+        self.gate.close()
         self.binding.drain()
+        self.gate.wait_quiet(DRAIN_QUIET_S, deadline)
+        done = self.server.stop(max(0.0, deadline - time.monotonic()))
         done.wait()
         self.binding.close()
         if self.stop_metrics is not None:
@@ -153,7 +214,8 @@ def start_service(
     port = (endpoint.port if endpoint else 0) if port is None else port
     setup_tracing(definition.name, config.tracing.otlp_endpoint, prometheus=config.metrics.enabled)
     credentials = server_credentials(config, definition.name)
-    interceptors: list[grpc.ServerInterceptor] = [server_tracing_interceptor()]
+    gate = CallGate()
+    interceptors: list[grpc.ServerInterceptor] = [gate, server_tracing_interceptor()]
     if config.security.authorization:
         interceptors.append(AuthorizationInterceptor(Authorizer(RoleBook.load(config), definition.roles)))
     interceptors.append(DomainErrorInterceptor())
@@ -198,7 +260,7 @@ def start_service(
         binding.close()
         raise
     registry = registry_for(config)
-    running = RunningService(definition, config, server, health_servicer, binding, host, bound, registry)
+    running = RunningService(definition, config, server, health_servicer, binding, host, bound, registry, gate=gate)
     advertise = (endpoint.advertise_host if endpoint else "") or host
     try:
         announced = definition.instance_name(config) if definition.instance_name else definition.name

@@ -34,9 +34,11 @@ class ProbeBinding:
         self.start_gate = start_gate
         self.calls = {"Flaky": 0, "Fail": 0}
         self.flaky_failures = 2
+        self.started = 0  # Slow calls a handler began
 
     def add_to_server(self, server: grpc.Server) -> None:
         def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+            self.started += 1
             time.sleep(float(request.decode() or "1"))
             return b"done"
 
@@ -165,6 +167,71 @@ def test_sigterm_drain_finishes_in_flight_rpc(tmp_path: Path) -> None:
         _call(channel, "Echo", b"x", timeout=1)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     channel.close()
+
+
+class _LaggingLookup(grpc.GenericRpcHandler):
+    """Resolves the probe's methods slowly: gRPC's serving thread looks handlers up one call at a time, so under
+    load calls wait inside gRPC core, arrived but not yet taken up, as they do here."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, lag_s: float) -> None:
+        self.inner = inner
+        self.lag_s = lag_s
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        time.sleep(self.lag_s)
+        return self.inner.service(handler_call_details)
+
+
+def test_drain_with_calls_waiting_in_grpc_core_cancels_none(tmp_path: Path) -> None:
+    """The drain answers every call it took up and refuses the others as UNAVAILABLE; none is CANCELLED.
+
+    The old drain called ``server.stop`` while calls sat in gRPC core unmatched (the serving thread lagging
+    under load): core's shutdown kills those, and their clients saw CANCELLED."""
+    config = make_config(tmp_path)
+    made: dict[str, ProbeBinding] = {}
+
+    class LaggingProbe(ProbeBinding):
+        def add_to_server(self, server: grpc.Server) -> None:
+            captured: list[grpc.GenericRpcHandler] = []
+            real_add = server.add_generic_rpc_handlers
+            server.add_generic_rpc_handlers = captured.extend  # type: ignore[method-assign]
+            super().add_to_server(server)
+            server.add_generic_rpc_handlers = real_add  # type: ignore[method-assign]
+            server.add_generic_rpc_handlers(tuple(_LaggingLookup(h, 0.05) for h in captured))
+
+    def build(cfg: MeshConfig) -> ProbeBinding:
+        made["binding"] = LaggingProbe(cfg)
+        return made["binding"]
+
+    running = start_service(ServiceDefinition("probe", (SERVICE,), build), config, port=0)
+    channels = [grpc.insecure_channel(running.address) for _ in range(4)]
+    outcomes: list[object] = []
+    lock = threading.Lock()
+
+    def call(k: int) -> None:
+        try:
+            got: object = _call(channels[k % len(channels)], "Slow", b"0.3", timeout=60)
+        except grpc.RpcError as err:
+            got = err.code()
+        with lock:
+            outcomes.append(got)
+
+    callers = [threading.Thread(target=call, args=(k,)) for k in range(40)]
+    for t in callers:
+        t.start()
+    deadline = time.monotonic() + 30
+    while made["binding"].started < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert made["binding"].started >= 3, "no call reached a handler"
+    running.stop(grace=60)
+    for t in callers:
+        t.join(60)
+    for ch in channels:
+        ch.close()
+    assert len(outcomes) == 40
+    assert set(outcomes) <= {b"done", grpc.StatusCode.UNAVAILABLE}, outcomes
+    # Every call a handler began was answered in full.
+    assert outcomes.count(b"done") == made["binding"].started
 
 
 def test_domain_error_maps_to_status_naming_field(tmp_path: Path) -> None:
