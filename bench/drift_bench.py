@@ -11,9 +11,9 @@ values missing, 20 of the features small integers (heavy ties), a third of the f
   holds it, and the rows in a ``LiveWindow``: PSI, KS statistic and p-value, missing rates, Cohen's d and the
   drift scores of all 100 features.
 * peer: per feature, ``scipy.stats.ks_2samp(ref, live)`` (statistic and p-value; its ``auto`` method picks
-  ``asymp`` at these sizes) plus a numpy PSI over the same decile bins (``np.searchsorted`` + ``np.bincount``)
-  and the missing rate. The peer is prepared beforehand too: the reference's present values per feature, its
-  bin edges and proportions.
+  ``asymp`` at these sizes) plus a numpy PSI over the same decile bins (``np.searchsorted`` + ``np.bincount``,
+  the same 0.5 pseudo-count per bin) and the missing rate. The peer is prepared beforehand too: the
+  reference's present values per feature, its bin edges and proportions.
 
 The figures must agree: KS statistic and PSI within 1e-6 on every feature (asserted). Every time is the best
 of several runs, ours and the peer interleaved. Threads: torch uses its intra-op pool
@@ -32,7 +32,7 @@ import torch
 from scipy import stats
 
 from bench.records import best_of, record
-from services.scorer.drift import PSI_EPSILON, LiveWindow, ReferenceWindow, drift_stats
+from services.scorer.drift import PSI_PSEUDO_COUNT, LiveWindow, ReferenceWindow, drift_stats
 
 FEATURES = 100
 REF_ROWS = 100_000
@@ -57,6 +57,12 @@ def make_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return ref, live
 
 
+def smoothed(bin_of_value: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin proportions with ``PSI_PSEUDO_COUNT`` added to each of the ``n_bins`` bins."""
+    counts = np.bincount(bin_of_value, minlength=n_bins)
+    return (counts + PSI_PSEUDO_COUNT) / (len(bin_of_value) + PSI_PSEUDO_COUNT * n_bins)
+
+
 class Peer:
     """scipy ks_2samp + numpy PSI, one feature at a time, with the reference prepared per feature."""
 
@@ -64,7 +70,7 @@ class Peer:
         self.ref = [np.sort(col[~np.isnan(col)]) for col in ref.T]
         self.edges = [np.unique(np.quantile(col, np.arange(1, bins) / bins)) for col in self.ref]
         self.p_ref = [
-            np.maximum(np.bincount(np.searchsorted(e, col, side="right"), minlength=len(e) + 1) / len(col), PSI_EPSILON)
+            smoothed(np.searchsorted(e, col, side="right"), len(e) + 1)
             for col, e in zip(self.ref, self.edges, strict=True)
         ]
 
@@ -78,8 +84,7 @@ class Peer:
             result = stats.ks_2samp(self.ref[f], live)
             d[f], p[f] = result.statistic, result.pvalue
             edges = self.edges[f]
-            p_live = np.bincount(np.searchsorted(edges, live, side="right"), minlength=len(edges) + 1) / len(live)
-            p_live = np.maximum(p_live, PSI_EPSILON)
+            p_live = smoothed(np.searchsorted(edges, live, side="right"), len(edges) + 1)
             psi[f] = np.sum((p_live - self.p_ref[f]) * np.log(p_live / self.p_ref[f]))
         return {"ks": d, "pvalue": p, "psi": psi, "missing": missing}
 

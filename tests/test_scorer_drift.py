@@ -11,13 +11,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import special, stats
 
+from guardmesh.errors import InvalidArgument
+from services.scorer.decision import ThresholdPolicy
 from services.scorer.drift import (
-    PSI_EPSILON,
+    ALERT_LEVEL,
+    FALSE_ALARM_RATE,
+    PSI_PSEUDO_COUNT,
     LiveWindow,
     ReferenceWindow,
-    adaptive_threshold,
     drift_stats,
     kolmogorov_sf,
+    noise_floor_level,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -40,9 +44,9 @@ def sprinkle_missing(rng: np.random.Generator, data: np.ndarray, rate: float) ->
     return data
 
 
-def psi_numpy(ref: np.ndarray, live: np.ndarray, bins: int = 10, eps: float = PSI_EPSILON) -> float:
+def psi_numpy(ref: np.ndarray, live: np.ndarray, bins: int = 10, pseudo: float = PSI_PSEUDO_COUNT) -> float:
     """Slow PSI of one feature: deciles of the present reference values, de-duplicated; open bins closed on
-    the left (``searchsorted(side="right")``); proportions floored at eps in both windows."""
+    the left (``searchsorted(side="right")``); each window's proportions (count + pseudo) / (n + pseudo B)."""
     a, b = ref[np.isfinite(ref)], live[np.isfinite(live)]
     edges = np.unique(np.quantile(a, np.arange(1, bins) / bins))
     total = 0.0
@@ -52,9 +56,9 @@ def psi_numpy(ref: np.ndarray, live: np.ndarray, bins: int = 10, eps: float = PS
         p_ref[np.searchsorted(edges, x, side="right")] += 1
     for x in b:
         p_live[np.searchsorted(edges, x, side="right")] += 1
-    p_ref, p_live = p_ref / len(a), p_live / len(b)
+    n_bins = len(edges) + 1
+    p_ref, p_live = (p_ref + pseudo) / (len(a) + pseudo * n_bins), (p_live + pseudo) / (len(b) + pseudo * n_bins)
     for pr, pl in zip(p_ref.tolist(), p_live.tolist(), strict=True):
-        pr, pl = max(pr, eps), max(pl, eps)
         total += (pl - pr) * math.log(pl / pr)
     return total
 
@@ -171,7 +175,7 @@ def test_identical_distributions_score_near_zero_and_keep_the_threshold():
     assert report.score < 0.05
     assert report.ks_statistic.max().item() < 0.08  # the 95 % noise level is 0.043; 20 features
     assert report.psi.max().item() < 0.03
-    assert adaptive_threshold(0.8, report.score, lower=0.5, upper=0.95) > 0.8 * (1 - 0.3 * 0.05)
+    assert ThresholdPolicy(0.8, 0.3, 0.5, 0.95).threshold(report.score) > 0.8 * (1 - 0.3 * 0.05)
 
 
 def test_shopping_festival_shift_scores_near_one_and_lowers_the_threshold_by_k():
@@ -189,7 +193,7 @@ def test_shopping_festival_shift_scores_near_one_and_lowers_the_threshold_by_k()
     assert report.score > 0.99
     worst = max(report.features(), key=lambda f: f.score)
     assert worst.name == "x0" and worst.n_live == 1_000
-    threshold = adaptive_threshold(0.8, report.score, lower=0.1, upper=0.95)
+    threshold = ThresholdPolicy(0.8, 0.3, 0.1, 0.95).threshold(report.score)
     assert threshold == pytest.approx(0.8 * (1 - 0.3), rel=0.005)
     # top_k averages the worst features: one drifting feature out of two
     assert drift_stats(reference, window, top_k=2).score == pytest.approx(report.feature_score.topk(2).values.mean())
@@ -246,27 +250,27 @@ def test_reference_from_the_first_rows_after_activation():
     assert drift_stats(reference, later).score < 0.1
 
 
-def test_threshold_formula_clamps_and_validates():
-    assert adaptive_threshold(0.8, 0.0, lower=0.1, upper=0.9) == 0.8
-    assert adaptive_threshold(0.8, 1.0, lower=0.1, upper=0.9) == pytest.approx(0.56)
-    assert adaptive_threshold(0.8, 0.5, 0.5, lower=0.1, upper=0.9) == pytest.approx(0.6)
-    assert adaptive_threshold(0.8, 1.0, lower=0.7, upper=0.9) == 0.7  # clamped below
-    assert adaptive_threshold(0.95, 0.0, lower=0.1, upper=0.9) == 0.9  # clamped above
+def test_the_served_threshold_formula_clamps_and_validates():
+    # ThresholdPolicy is what every decision uses (services.scorer.decision), so it is what is tested here.
+    assert ThresholdPolicy(0.8, 0.3, 0.1, 0.9).threshold(0.0) == 0.8
+    assert ThresholdPolicy(0.8, 0.3, 0.1, 0.9).threshold(1.0) == pytest.approx(0.56)
+    assert ThresholdPolicy(0.8, 0.5, 0.1, 0.9).threshold(0.5) == pytest.approx(0.6)
+    assert ThresholdPolicy(0.8, 0.3, 0.7, 0.9).threshold(1.0) == 0.7  # clamped below
+    assert ThresholdPolicy(0.9, 0.3, 0.1, 0.9).threshold(0.0) == 0.9
+    assert ThresholdPolicy(0.8, 0.3, 0.1, 0.9).threshold(1.5) == pytest.approx(0.56)  # drift clamped to [0, 1]
     bad = [
-        ({"base": math.nan}, "base"),
-        ({"base": "0.8"}, "base"),
-        ({"drift_score": 1.5}, "drift_score"),
-        ({"drift_score": -0.1}, "drift_score"),
-        ({"drift_score": math.inf}, "drift_score"),
-        ({"k": -0.1}, "k"),
-        ({"k": 2.0}, "k"),
-        ({"lower": 0.9, "upper": 0.1}, "lower"),
-        ({"upper": math.nan}, "upper"),
+        ({"base": math.nan}, "threshold.base"),
+        ({"base": 0.95}, "threshold.base"),  # outside [lower, upper]
+        ({"k": -0.1}, "threshold.k"),
+        ({"k": 2.0}, "threshold.k"),
+        ({"lower": 0.95, "upper": 0.1}, "threshold.base"),
+        ({"upper": math.nan}, "threshold.upper"),
     ]
     for override, name in bad:
-        args = {"base": 0.8, "drift_score": 0.5, "k": 0.3, "lower": 0.1, "upper": 0.9, **override}
-        with pytest.raises(ValueError, match=f"^{name}:"):
-            adaptive_threshold(**args)
+        args = {"base": 0.8, "k": 0.3, "lower": 0.1, "upper": 0.9, **override}
+        with pytest.raises(InvalidArgument) as caught:
+            ThresholdPolicy(**args).validate()
+        assert caught.value.field == name
 
 
 def test_bad_inputs_name_the_argument():
@@ -295,7 +299,9 @@ def test_constant_windows_have_defined_figures():
     assert report.ks_statistic.tolist() == [0.0, 1.0]
     assert report.smd[0].item() == 0.0 and report.smd[1].item() == math.inf
     assert reference.n_bins.tolist() == [2, 2]
-    assert report.psi[0].item() == 0.0
+    assert report.psi[0].item() == pytest.approx(psi_numpy(np.ones(100), np.ones(50)), abs=1e-15)
+    assert report.psi[0].item() < report.floor_psi[0].item()  # smoothing noise, under the floor: scores 0
+    assert report.feature_score[0].item() == 0.0
     assert 0.0 <= report.score <= 1.0 and report.feature_score[1].item() > 0.9
 
 
@@ -331,3 +337,67 @@ def test_edges_and_psi_match_numpy_bit_for_bit_on_every_device(device: str):
         np.testing.assert_array_equal(ours[np.isfinite(ours)], edges)
         assert abs(report.psi[f].item() - psi_numpy(ref[:, f], live[:, f])) <= 1e-12
     assert report.missing_live.cpu().tolist() == [0.0, 0.0]
+
+
+# --- no crying wolf: false alarms under no drift, power under a real shift -----------------------------------
+
+
+def mixed_rows(rng: np.random.Generator, rows: int, features: int) -> np.ndarray:
+    """rows x features cycling continuous, heavily tied (6 integers: few bins, empty ones on small windows)
+    and one-decimal columns."""
+    data = np.empty((rows, features))
+    for j in range(features):
+        data[:, j] = sample(rng, ("continuous", "ties", "mixed")[j % 3], rows, 1)[:, 0]
+    return data
+
+
+@pytest.mark.parametrize("features", [1, 10, 100])
+def test_false_alarms_under_no_drift_stay_below_five_percent_at_every_window_size(features: int):
+    # Windows of the service's sizes against a 1,000-row reference (the scorer's default live-taken one), a
+    # fresh reference every 10 windows. Under a correct 5 % false-alarm rate the count of alarms in `runs`
+    # windows is Binomial(runs, 0.05); exceeding its 99.9 % quantile means the rate is above 5 %.
+    rng = np.random.default_rng(features)
+    runs = 150
+    bound = int(stats.binom.ppf(0.999, runs, FALSE_ALARM_RATE))
+    for window in [20, 50, 100, 1_000]:
+        scores = []
+        for run in range(runs):
+            if run % 10 == 0:
+                reference = ReferenceWindow.from_rows(mixed_rows(rng, 1_000, features))
+            report = drift_stats(reference, mixed_rows(rng, window, features))
+            scores.append(report.score)
+        alarms = sum(score >= ALERT_LEVEL for score in scores)
+        assert alarms <= bound, f"{alarms}/{runs} windows of {window} rows, {features} features alarmed"
+        # the floors are set so that under no drift any feature leaves 0 in about 5 % of windows at most
+        assert sum(score > 0 for score in scores) <= bound
+
+
+def test_floors_shrink_with_the_window_and_grow_with_the_feature_count():
+    rng = np.random.default_rng(21)
+    small = drift_stats(ReferenceWindow.from_rows(rng.normal(size=(1_000, 1))), rng.normal(size=(20, 1)))
+    large = drift_stats(ReferenceWindow.from_rows(rng.normal(size=(1_000, 1))), rng.normal(size=(1_000, 1)))
+    many = drift_stats(ReferenceWindow.from_rows(rng.normal(size=(1_000, 100))), rng.normal(size=(20, 100)))
+    level = noise_floor_level(1)
+    assert small.level == level == FALSE_ALARM_RATE / 3 and many.level == FALSE_ALARM_RATE / 300
+    inv_n = 1 / 1_000 + 1 / 20
+    # the published quantiles: chi-square with 9 degrees of freedom, the Kolmogorov law, the normal
+    assert small.floor_psi[0].item() == pytest.approx(stats.chi2.isf(level, 9) * inv_n, rel=1e-12)
+    assert small.floor_ks[0].item() == pytest.approx(special.kolmogi(level) * math.sqrt(inv_n), rel=1e-12)
+    assert large.floor_ks[0].item() < small.floor_ks[0].item() < many.floor_ks[0].item()
+    assert large.floor_psi[0].item() < small.floor_psi[0].item() < many.floor_psi[0].item()
+    assert small.features()[0].floor_psi == small.floor_psi[0].item()
+
+
+@pytest.mark.parametrize("features", [1, 10, 100])
+def test_a_half_sd_shift_at_1000_rows_scores_above_the_alert_level(features: int):
+    rng = np.random.default_rng(100 + features)
+    scores = []
+    for _ in range(20):
+        reference = ReferenceWindow.from_rows(rng.normal(size=(1_000, features)))
+        live = rng.normal(size=(1_000, features))
+        live[:, 0] += 0.5
+        report = drift_stats(reference, live)
+        scores.append(report.score)
+        assert int(report.feature_score.argmax()) == 0
+    assert sum(score >= ALERT_LEVEL for score in scores) >= 18, scores
+    assert float(np.median(scores)) > 0.6

@@ -1,4 +1,4 @@
-"""Feature drift between a reference window and a live sliding window, and the drift-aware threshold.
+"""Feature drift between a reference window and a live sliding window, with noise floors that hold.
 
 Per feature the core measures how far live traffic has moved from the data the model knows, with effect
 sizes first (p-values on large windows flag differences nobody cares about):
@@ -10,7 +10,7 @@ sizes first (p-values on large windows flag differences nobody cares about):
 * **Cohen's d**, the standardised mean difference with the pooled standard deviation;
 * a **drift score** in [0, 1] combining PSI, D and the missing-rate increase, and one model-level score.
 
-``adaptive_threshold`` turns the model-level score into the decision threshold the scorer applies.
+The scorer turns the model-level score into its decision threshold with ``decision.ThresholdPolicy``.
 
 Conventions
 -----------
@@ -28,9 +28,10 @@ Interior edges are the deciles (``bins - 1`` = 9 cut points at q = 1/10 ... 9/10
 non-missing values, with numpy's default ``linear`` quantile method, de-duplicated (a feature with ties, such
 as a 0/1 flag, gets fewer bins). The bins are open-ended and closed on the left:
 ``(-inf, e1), [e1, e2), ..., [e_last, +inf)``; a value's bin is ``searchsorted(edges, x, side="right")``.
-A proportion of 0 is floored at ``PSI_EPSILON`` = 1e-4 (0.01 % of a window) in *both* windows before
-``PSI = sum((p_live - p_ref) * ln(p_live / p_ref))``, so an empty bin adds a large but finite term and a bin
-empty in both windows adds nothing.
+Empty bins: each window's proportions are smoothed with ``PSI_PSEUDO_COUNT`` = 0.5 per bin in use (the
+Jeffreys / Krichevsky-Trofimov estimate ``(count + 0.5) / (n + 0.5 B)``) before
+``PSI = sum((p_live - p_ref) * ln(p_live / p_ref))``, so an empty bin adds a bounded term that shrinks with
+the window instead of ``ln`` of a tiny floor (with a 1e-4 floor one empty bin of a 20-row window added 0.69).
 
 KS p-value
 ----------
@@ -41,26 +42,32 @@ n = round(en); the two differ by O(1/sqrt(en)): at most 0.009 for 1,000 vs 100,0
 vs 100,000. The statistic D is computed exactly in integers (one rounding at the end) and equals
 ``ks_2samp(...).statistic`` to ~1e-16 (scipy rounds each ECDF value before subtracting).
 
-Drift score
------------
-Each effect size first loses the part that sampling noise alone reaches with 95 % probability at these window
-sizes (``floor``), so an undrifted feature scores ~0 on a 1,000-row window and a tiny shift on a huge window
-stays tiny. With ``sat(x, h) = 1 - 2 ** (-max(x, 0) / h)`` (0 at 0, 0.5 at h, -> 1):
+Drift score and its noise floors
+--------------------------------
+Each effect size first loses its *noise floor*: the value sampling noise alone exceeds with probability
+``level = FALSE_ALARM_RATE / (3 * features)`` at these window sizes (``FALSE_ALARM_RATE`` = 0.05; three tests
+per feature, Bonferroni over all of them). So under no drift the chance that *any* feature scores above 0 is
+at most about 5 % whatever the window size and feature count, and the model score rarely leaves 0; a tiny
+shift on a huge window stays tiny too. With ``sat(x, h) = 1 - 2 ** (-max(x, 0) / h)`` (0 at 0, 0.5 at h):
 
-* ``score_psi = sat(PSI - floor_psi, 0.1)``: PSI 0.1 ("moderate" by convention) scores 0.5, 0.25 ("major")
-  0.82, 0.5 0.97; ``floor_psi = chi2_0.95(bins in use - 1) * (1/n_ref + 1/n_live)`` (PSI ~ chi2 / n_eff
-  under no drift; the chi-square quantile by the Wilson-Hilferty approximation);
+* ``score_psi = sat(PSI - floor_psi, 0.1)``: PSI 0.1 above the floor scores 0.5, 0.25 above 0.82;
+  ``floor_psi = chi2.isf(level, bins in use - 1) * (1/n_ref + 1/n_live)``: under no drift ``PSI * n_eff``
+  follows chi-square with bins - 1 degrees of freedom (smoothed PSI tracks it from 50 rows up; at 20 rows
+  its tail is lighter, so the floor is conservative there);
 * ``score_ks = max(D - floor_ks, 0) / (1 - floor_ks)``: D is already a share of the distribution in [0, 1];
-  ``floor_ks = 1.3581 * sqrt(1/n_ref + 1/n_live)`` (the 95 % quantile of the Kolmogorov law);
+  ``floor_ks = kolmogi(level) * sqrt(1/n_ref + 1/n_live)`` (the Kolmogorov limit law, conservative on small
+  windows and with ties);
 * ``score_missing = sat(missing_live - missing_ref - floor_missing, 0.1)``: only increases count, a rise of
-  10 percentage points scores 0.5; ``floor_missing = 1.6449 * sqrt(p (1 - p) (1/rows_ref + 1/rows_live))``
-  with p the pooled missing rate;
+  10 percentage points above the floor scores 0.5; ``floor_missing = z(level) * sqrt(p (1 - p) (1/rows_ref +
+  1/rows_live))`` with p the pooled missing rate and z the standard normal's upper quantile;
 * ``score = max(score_psi, score_ks, score_missing)`` per feature (an undefined term, e.g. D of a feature
   missing everywhere in the live window, counts as 0).
 
 The model-level score is the mean of the ``top_k`` highest feature scores (``top_k = 1``, the default: the
-worst feature). Cohen's d is reported but not scored: PSI and D already see a location shift, and d alone
-misses changes of shape.
+worst feature). The scorer alerts at 0.5 (``ALERT_LEVEL``). Measured (``bench/drift_bench.py``): under no
+drift the share of windows above 0.5 stays far below 5 % from 20 rows and 1 feature to 1,000 rows and 100
+features, while a 0.5 SD shift of one feature on 1,000 rows scores above 0.5. Cohen's d is reported but not
+scored: PSI and D already see a location shift, and d alone misses changes of shape.
 """
 
 from __future__ import annotations
@@ -72,32 +79,37 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import special as scipy_special
+from scipy import stats as scipy_stats
 
 __all__ = [
+    "ALERT_LEVEL",
     "DEFAULT_BINS",
-    "DEFAULT_K",
     "DEFAULT_LIVE_ROWS",
+    "FALSE_ALARM_RATE",
     "KS_PVALUE_METHOD",
-    "PSI_EPSILON",
+    "PSI_PSEUDO_COUNT",
     "DriftReport",
     "FeatureDrift",
     "LiveWindow",
     "ReferenceWindow",
-    "adaptive_threshold",
     "drift_stats",
     "kolmogorov_sf",
+    "noise_floor_level",
 ]
 
 DEFAULT_LIVE_ROWS = 1_000
 DEFAULT_BINS = 10
-DEFAULT_K = 0.3
-PSI_EPSILON = 1e-4
+PSI_PSEUDO_COUNT = 0.5  # per bin in use, both windows (Jeffreys)
 PSI_HALF = 0.1  # PSI excess scoring 0.5
 MISSING_HALF = 0.1  # missing-rate increase (share of rows) scoring 0.5
+#: Chance, under no drift, that any feature's score leaves 0 (family-wise over features and their 3 tests).
+FALSE_ALARM_RATE = 0.05
+#: Model drift score at and above which the scorer alerts (the metric's alert rule in the README).
+ALERT_LEVEL = 0.5
+TESTS_PER_FEATURE = 3  # PSI, KS, missing-rate increase
 KS_PVALUE_METHOD = "asymptotic Kolmogorov distribution: Q(sqrt(n_ref*n_live/(n_ref+n_live)) * D)"
 
-_KOLMOGOROV_95 = 1.3580986393225505  # scipy.special.kolmogi(0.05)
-_NORMAL_95 = 1.6448536269514722  # one-sided 95 % quantile of N(0, 1)
 _F64 = torch.float64
 
 ArrayLike = Any  # torch.Tensor, numpy array or nested sequences: rows x features
@@ -195,11 +207,23 @@ def _share(count: torch.Tensor, total: int) -> torch.Tensor:
     return count.to(_F64) / torch.tensor(float(total), dtype=_F64, device=count.device)
 
 
-def _chi2_95(df: torch.Tensor) -> torch.Tensor:
-    """95 % quantile of chi-square with ``df`` degrees of freedom (Wilson-Hilferty; 0 for df = 0)."""
-    d = df.to(_F64).clamp(min=1)
-    c = 2 / (9 * d)
-    return torch.where(df > 0, d * (1 - c + _NORMAL_95 * torch.sqrt(c)) ** 3, 0.0)
+def noise_floor_level(n_features: int) -> float:
+    """Per-test false-alarm level of each noise floor: ``FALSE_ALARM_RATE / (3 * n_features)`` (Bonferroni)."""
+    return FALSE_ALARM_RATE / (TESTS_PER_FEATURE * n_features)
+
+
+def _chi2_quantiles(n_bins: torch.Tensor, level: float) -> torch.Tensor:
+    """Per feature the upper ``level`` quantile of chi-square with ``n_bins - 1`` degrees of freedom (0 for 0)."""
+    df = n_bins.cpu().numpy() - 1
+    quantile = np.where(df > 0, scipy_stats.chi2.isf(level, np.maximum(df, 1)), 0.0)
+    return torch.from_numpy(quantile.astype(np.float64)).to(n_bins.device)
+
+
+def _smoothed_proportions(bin_counts: torch.Tensor, n_bins: torch.Tensor) -> torch.Tensor:
+    """``(count + 0.5) / (n + 0.5 B)`` over each row's ``B = n_bins`` bins in use; 0 in the padding bins."""
+    in_use = torch.arange(bin_counts.shape[1], device=bin_counts.device).unsqueeze(0) < n_bins.unsqueeze(1)
+    total = bin_counts.sum(dim=1, keepdim=True).to(_F64) + PSI_PSEUDO_COUNT * n_bins.unsqueeze(1).to(_F64)
+    return torch.where(in_use, (bin_counts.to(_F64) + PSI_PSEUDO_COUNT) / total, 0.0)
 
 
 def _saturate(x: torch.Tensor, half: float) -> torch.Tensor:
@@ -323,7 +347,11 @@ class ReferenceWindow:
     run_start: torch.Tensor
     """features x rows, int32: index in ``sorted_values`` where the run of values equal to this one starts."""
     proportions: torch.Tensor
-    """features x bins, float64: share of each feature's present values per bin (0 in unused bins)."""
+    """features x bins, float64: each feature's smoothed share per bin in use (``_smoothed_proportions``),
+    0 in unused bins."""
+    psi_quantile: torch.Tensor
+    """features, float64: chi-square quantile at ``noise_floor_level(features)`` with ``n_bins - 1`` degrees of
+    freedom; the PSI noise floor is this times ``1/n_ref + 1/n_live``."""
     mean: torch.Tensor
     """features, float64: mean of the present values."""
     sum_sq: torch.Tensor
@@ -361,16 +389,16 @@ class ReferenceWindow:
         del values
         mean, sum_sq = _mean_and_sum_sq(sorted_values, counts)
         edges = _decile_edges(sorted_values, counts, bins)
-        bin_counts = _bin_counts(sorted_values, counts, edges)
-        proportions = bin_counts.to(_F64) / counts.clamp(min=1).to(_F64).unsqueeze(1)
+        n_bins = torch.isfinite(edges).sum(dim=1) + 1
         return cls(
             sorted_values=sorted_values,
             counts=counts,
             run_start=_run_starts(sorted_values),
             rows=sorted_values.shape[1],
             edges=edges,
-            n_bins=torch.isfinite(edges).sum(dim=1) + 1,
-            proportions=proportions,
+            n_bins=n_bins,
+            proportions=_smoothed_proportions(_bin_counts(sorted_values, counts, edges), n_bins),
+            psi_quantile=_chi2_quantiles(n_bins, noise_floor_level(n_features)),
             mean=mean,
             sum_sq=sum_sq,
             names=tuple(str(n) for n in names),
@@ -422,6 +450,9 @@ class FeatureDrift:
     score_psi: float
     score_ks: float
     score_missing: float
+    floor_psi: float
+    floor_ks: float
+    floor_missing: float
     n_reference: int
     n_live: int
 
@@ -456,6 +487,12 @@ class DriftReport:
     """KS term of the drift score, in [0, 1]."""
     score_missing: torch.Tensor
     """Missing-rate term of the drift score, in [0, 1]."""
+    floor_psi: torch.Tensor
+    """PSI noise floor at these window sizes (what no drift exceeds with probability ``level``)."""
+    floor_ks: torch.Tensor
+    """KS statistic noise floor at these window sizes."""
+    floor_missing: torch.Tensor
+    """Missing-rate increase noise floor at these window sizes."""
     feature_score: torch.Tensor
     """Per-feature drift score in [0, 1]: the largest of the three terms."""
     n_reference: torch.Tensor
@@ -465,6 +502,8 @@ class DriftReport:
     reference_rows: int
     live_rows: int
     top_k: int
+    level: float
+    """Per-test false-alarm level of the noise floors: ``noise_floor_level(features)``."""
     score: float
     """Model-level drift score in [0, 1]: mean of the ``top_k`` highest feature scores."""
 
@@ -482,6 +521,9 @@ class DriftReport:
             "score_psi": self.score_psi,
             "score_ks": self.score_ks,
             "score_missing": self.score_missing,
+            "floor_psi": self.floor_psi,
+            "floor_ks": self.floor_ks,
+            "floor_missing": self.floor_missing,
         }
         host = {key: value.tolist() for key, value in columns.items()}
         n_ref, n_live = self.n_reference.tolist(), self.n_live.tolist()
@@ -513,14 +555,13 @@ def drift_stats(reference: ReferenceWindow, live: LiveWindow | ArrayLike, *, top
     live_sorted, n_live = _sort_missing_last(values)
     live_mean, live_sum_sq = _mean_and_sum_sq(live_sorted, n_live)
     n_ref = reference.counts
-    f_live = n_live.to(_F64).unsqueeze(1)
     defined = (n_ref > 0) & (n_live > 0)
 
-    # PSI: live counts per reference bin, proportions floored at PSI_EPSILON in both windows.
-    p_live = _bin_counts(live_sorted, n_live, reference.edges).to(_F64) / f_live.clamp(min=1)
-    p_live = p_live.clamp(min=PSI_EPSILON)
-    p_ref = reference.proportions.clamp(min=PSI_EPSILON)
-    psi = torch.where(defined, ((p_live - p_ref) * torch.log(p_live / p_ref)).sum(dim=1), torch.nan)
+    # PSI: live counts per reference bin, both windows smoothed over the bins in use (padding bins: 0 in both).
+    p_live = _smoothed_proportions(_bin_counts(live_sorted, n_live, reference.edges), reference.n_bins)
+    p_ref = reference.proportions
+    terms = torch.where(p_ref > 0, (p_live - p_ref) * torch.log(p_live / p_ref), 0.0)
+    psi = torch.where(defined, terms.sum(dim=1), torch.nan)
 
     # KS: both ECDFs are step functions. sup (F_live - F_ref) is reached at a live value x (F_live jumps up
     # there, F_ref only rises until the next one); sup (F_ref - F_live) just before one (left limits). With the
@@ -556,13 +597,15 @@ def drift_stats(reference: ReferenceWindow, live: LiveWindow | ArrayLike, *, top
     smd = torch.where(pooled_sd > 0, shift / pooled_sd, torch.where(shift == 0, 0.0, shift * torch.inf))
     smd = torch.where(defined & (dof > 0), smd, torch.nan)
 
-    # Drift score: each effect size beyond its 95 % no-drift noise floor, saturated, then the largest.
-    floor_psi = _chi2_95(reference.n_bins - 1) * inv_n
+    # Drift score: each effect size beyond its no-drift noise floor at the Bonferroni level, saturated, then
+    # the largest; the floors are reported beside the figures.
+    level = noise_floor_level(n_features)
+    floor_psi = reference.psi_quantile * inv_n
     score_psi = torch.where(defined, _saturate(psi - floor_psi, PSI_HALF), 0.0)
-    floor_ks = _KOLMOGOROV_95 * torch.sqrt(inv_n)
+    floor_ks = float(scipy_special.kolmogi(level)) * torch.sqrt(inv_n)
     score_ks = torch.where(defined & (floor_ks < 1), (d - floor_ks).clamp(min=0) / (1 - floor_ks), 0.0)
     pooled_missing = ((reference.rows - n_ref) + (live_rows - n_live)).to(_F64) / (reference.rows + live_rows)
-    floor_missing = _NORMAL_95 * torch.sqrt(
+    floor_missing = float(scipy_special.ndtri(1 - level)) * torch.sqrt(
         pooled_missing * (1 - pooled_missing) * (1 / reference.rows + 1 / live_rows)
     )
     score_missing = _saturate(missing_delta - floor_missing, MISSING_HALF)
@@ -581,40 +624,15 @@ def drift_stats(reference: ReferenceWindow, live: LiveWindow | ArrayLike, *, top
         score_psi=score_psi,
         score_ks=score_ks,
         score_missing=score_missing,
+        floor_psi=torch.where(defined, floor_psi, torch.nan),
+        floor_ks=torch.where(defined, floor_ks, torch.nan),
+        floor_missing=floor_missing,
         feature_score=feature_score,
         n_reference=n_ref,
         n_live=n_live,
         reference_rows=reference.rows,
         live_rows=live_rows,
         top_k=top_k,
+        level=level,
         score=min(max(score, 0.0), 1.0),
     )
-
-
-def _finite_number(value: float, name: str) -> float:
-    """``value`` as a float, or ValueError naming ``name`` if it is not a finite real number."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
-        raise ValueError(f"{name}: must be a real number")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: must be finite")
-    return float(value)
-
-
-def adaptive_threshold(base: float, drift_score: float, k: float = DEFAULT_K, *, lower: float, upper: float) -> float:
-    """Drift-aware decision threshold: ``clamp(base * (1 - k * drift_score), lower, upper)``.
-
-    ``drift_score`` in [0, 1] (``DriftReport.score``), ``k`` in [0, 1] (0.3: full drift lowers the threshold by
-    30 %), ``lower <= upper`` the configured bounds. Raises ValueError naming the offending argument.
-    """
-    base = _finite_number(base, "base")
-    drift_score = _finite_number(drift_score, "drift_score")
-    k = _finite_number(k, "k")
-    lower = _finite_number(lower, "lower")
-    upper = _finite_number(upper, "upper")
-    if not 0.0 <= drift_score <= 1.0:
-        raise ValueError("drift_score: must be in [0, 1]")
-    if not 0.0 <= k <= 1.0:
-        raise ValueError("k: must be in [0, 1]")
-    if lower > upper:
-        raise ValueError("lower: must be <= upper")
-    return min(max(base * (1.0 - k * drift_score), lower), upper)
