@@ -37,8 +37,16 @@ PULL_TENSORS = pb.PullResponse.DESCRIPTOR.fields_by_name["tensors"].number
 PUSH_PULL_TENSORS = pb.PushPullResponse.DESCRIPTOR.fields_by_name["tensors"].number
 
 _meter = metrics.get_meter("guardmesh.paramserver")
-_staleness_hist = _meter.create_histogram("guardmesh.paramserver.staleness", unit="{version}")
-_pushes = _meter.create_counter("guardmesh.paramserver.pushes", unit="{push}")
+# One bucket per version up to 8, so that a bound of 1 or 2 can be told apart; coarser beyond.
+_staleness_hist = _meter.create_histogram(
+    "guardmesh.paramserver.staleness_versions",
+    unit="{version}",
+    description="Versions a push's base version lagged behind the model when it arrived",
+    explicit_bucket_boundaries_advisory=[0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 64, 128, 256, 512, 1024],
+)
+_pushes = _meter.create_counter(
+    "guardmesh.paramserver.pushes", unit="{push}", description="Pushes answered, by outcome (APPLIED, REJECTED_...)"
+)
 
 
 def optimizer_from_pb(msg: pb.OptimizerConfig) -> OptimizerSettings:
