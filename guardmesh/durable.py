@@ -1,26 +1,94 @@
-"""Durable writes with group commit on SQLite (WAL): acknowledge only what is on disk.
+"""Durable writes with group commit on SQLite (WAL) or PostgreSQL: acknowledge only what is committed.
 
-Services hand batches of statements to one committer thread; it writes every batch queued meanwhile in
-ONE transaction (one fsync) and then releases each batch's :class:`Ticket`. A caller answers its RPC only
-after its ticket says durable, so nothing acknowledged is lost on kill -9, while concurrent callers share
-fsyncs. A failed transaction (disk full, I/O error) fails every ticket of it with :class:`StoreFailure`
-and none of its writes is kept.
+A service names its store with one URL: ``sqlite:///relative/or/absolute/path.db`` (the embedded default;
+a plain file path means the same) or ``postgresql://user@host:port/database`` (psycopg 3 with a connection
+pool). The semantics are the same on both, and the domain cores never learn which one they run on:
+
+* Services hand batches of statements to one committer thread; it writes every batch queued meanwhile in
+  ONE transaction (one fsync) and then releases each batch's :class:`Ticket`. A caller answers its RPC
+  only after its ticket says committed, so nothing acknowledged is lost on kill -9, while concurrent
+  callers share commits. A failed transaction (disk full, I/O error, server gone) fails every ticket of
+  it with :class:`StoreFailure` and none of its writes is kept.
+* Statements are written once, in portable SQL with ``?`` placeholders (``INSERT ... ON CONFLICT (...) DO
+  UPDATE``, ``DOUBLE PRECISION``, ``BIGINT``); they are translated once per distinct text for PostgreSQL.
+* The schema is created and migrated at start by versioned :class:`Migration` steps, recorded per
+  component in ``schema_version``; a store whose schema is newer than the code is refused
+  (:class:`SchemaTooNew`). Two processes starting at once migrate one after the other.
+* Fencing: :meth:`GroupCommitLog.fence` makes every later transaction first check that a lease row (see
+  :mod:`guardmesh.leadership`) still carries this writer's epoch, inside the same transaction; a deposed
+  writer's batch is refused (:class:`Fenced`) and none of it lands.
+* Hooks for replicas sharing one store: :meth:`GroupCommitLog.transaction` runs a short transaction on its
+  own connection (leases, compare-and-set), :meth:`GroupCommitLog.notify` adds a PostgreSQL ``NOTIFY`` to
+  a batch (a no-op on SQLite, where one process owns the file) so other replicas can listen for changes.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
+from urllib.parse import unquote, urlsplit
 
 #: One statement and its parameters; a list of parameter tuples runs it with ``executemany``.
 Statement = tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]
+T = TypeVar("T")
+
+#: Seconds a PostgreSQL connection attempt may take before the store counts as unreachable.
+CONNECT_TIMEOUT_S = 5
+#: Seconds a SQLite writer waits for another process's write lock (a standby on the same file).
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used as configured (unreachable, bad URL, schema too new)."""
+
+
+class StoreUnreachable(StoreError):
+    """The store could not be reached at start; the message names host and database, never a password."""
+
+
+class SchemaTooNew(StoreError):
+    """The store's schema was written by newer code than this process knows."""
 
 
 class StoreFailure(RuntimeError):
-    """A commit failed (disk full, I/O error): nothing of that batch was acknowledged."""
+    """A commit failed (disk full, I/O error, server gone): nothing of that batch was acknowledged."""
+
+
+class Fenced(StoreFailure):
+    """A batch of a writer whose lease epoch is no longer current: refused, nothing of it written."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step of a component's schema: ``sql`` (portable; several statements allowed) takes the schema
+    to ``version``. ``sqlite``/``postgresql`` replace ``sql`` on that backend where the dialects differ."""
+
+    version: int
+    sql: str
+    sqlite: str | None = None
+    postgresql: str | None = None
+
+    def for_dialect(self, dialect: str) -> str:
+        """The statements to run on ``dialect`` ("sqlite" or "postgresql")."""
+        override = self.sqlite if dialect == "sqlite" else self.postgresql
+        return self.sql if override is None else override
+
+
+#: The store layer's own tables: the lease rows used by :mod:`guardmesh.leadership` and for fencing.
+LEASE_MIGRATIONS = (
+    Migration(
+        1,
+        "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, address TEXT NOT NULL, "
+        "epoch BIGINT NOT NULL, expires_at DOUBLE PRECISION NOT NULL)",
+    ),
+)
 
 
 class Ticket:
@@ -31,41 +99,335 @@ class Ticket:
         self.error: BaseException | None = None
 
     def done(self, error: BaseException | None) -> None:
-        """Mark durable (or failed)."""
+        """Mark committed (or failed)."""
         self.error = error
         self._event.set()
 
     def wait(self, what: str = "state") -> None:
-        """Block until durable; StoreFailure if the transaction failed."""
+        """Block until committed; StoreFailure (or :class:`Fenced`) if the transaction failed."""
         self._event.wait()
         if self.error is not None:
-            raise StoreFailure(f"{what} could not be written: {self.error}") from self.error
+            kind = Fenced if isinstance(self.error, Fenced) else StoreFailure
+            raise kind(f"{what} could not be written: {self.error}") from self.error
+
+
+class Transaction(Protocol):
+    """One open transaction on either backend (statements in portable SQL with ``?`` placeholders)."""
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        """Run a statement; the number of rows it changed."""
+
+    def executemany(self, sql: str, params: list[tuple[Any, ...]]) -> None:
+        """Run a statement once per parameter tuple."""
+
+    def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a query."""
+
+
+@dataclass(frozen=True)
+class StoreTarget:
+    """A parsed store URL: the backend, and the file (SQLite) or connection string (PostgreSQL)."""
+
+    dialect: str
+    path: Path | None = None
+    conninfo: str = ""
+
+    @property
+    def where(self) -> str:
+        """Host, port, database and user for messages and logs; never the password."""
+        if self.path is not None:
+            return f"sqlite file {self.path}"
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            parts = conninfo_to_dict(self.conninfo)
+        except Exception:
+            return "postgresql (unparsable URL)"
+        host = parts.get("host") or "localhost (socket)"
+        return (
+            f"postgresql host={host} port={parts.get('port') or 5432} database={parts.get('dbname') or '?'} "
+            f"user={parts.get('user') or '?'}"
+        )
+
+
+def parse_store_url(url: str | Path, base_dir: str | Path | None = None) -> StoreTarget:
+    """``sqlite:///rel.db`` (under ``base_dir``), ``sqlite:////abs.db``, a plain path, or ``postgresql://...``.
+
+    StoreError on an unknown scheme, naming it.
+    """
+    if isinstance(url, Path):
+        return StoreTarget("sqlite", _under(url, base_dir))
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("postgresql", "postgres"):
+        return StoreTarget("postgresql", conninfo=url)
+    if scheme == "sqlite":
+        path = unquote(urlsplit(url).path)
+        if not path or path == "/":
+            raise StoreError(f"store url {url!r}: names no file (sqlite:///relative.db or sqlite:////absolute.db)")
+        # sqlite:///x.db -> path "/x.db" (relative, as SQLAlchemy reads it); sqlite:////x.db -> "//x.db".
+        return StoreTarget("sqlite", _under(Path(path[1:]), base_dir))
+    if scheme:
+        raise StoreError(f"store url: unknown scheme {scheme!r} (use sqlite:/// or postgresql://)")
+    return StoreTarget("sqlite", _under(Path(url), base_dir))
+
+
+def _under(path: Path, base_dir: str | Path | None) -> Path:
+    return path if path.is_absolute() or base_dir is None else Path(base_dir) / path
+
+
+_INSERT_OR_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\s+(.*)$", re.IGNORECASE | re.DOTALL)
+
+
+@functools.lru_cache(maxsize=1024)
+def to_postgresql(sql: str) -> str:
+    """The PostgreSQL text of a portable statement: ``?`` -> ``%s``, a literal ``%`` doubled, ``INSERT OR
+    IGNORE`` -> ``INSERT ... ON CONFLICT DO NOTHING``. StoreError for ``INSERT OR REPLACE``, which has no
+    conflict target to translate: write ``INSERT ... ON CONFLICT (key) DO UPDATE`` instead."""
+    if re.match(r"^\s*INSERT\s+OR\s+REPLACE", sql, re.IGNORECASE):
+        raise StoreError(f"not portable: {sql[:60]!r}... (write INSERT ... ON CONFLICT (key) DO UPDATE SET ...)")
+    ignore = _INSERT_OR_IGNORE.match(sql)
+    if ignore:
+        sql = f"INSERT INTO {ignore.group(1).rstrip().rstrip(';')} ON CONFLICT DO NOTHING"
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _SqliteTransaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        return self.db.execute(sql, params).rowcount
+
+    def executemany(self, sql: str, params: list[tuple[Any, ...]]) -> None:
+        self.db.executemany(sql, params)
+
+    def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self.db.execute(sql, params).fetchall()
+
+
+class _PgTransaction:
+    def __init__(self, cursor: Any) -> None:
+        self.cursor = cursor
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        self.cursor.execute(to_postgresql(sql), params)
+        return int(self.cursor.rowcount)
+
+    def executemany(self, sql: str, params: list[tuple[Any, ...]]) -> None:
+        if params:
+            self.cursor.executemany(to_postgresql(sql), params)
+
+    def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        self.cursor.execute(to_postgresql(sql), params)
+        return list(self.cursor.fetchall())
+
+
+class _Backend(Protocol):
+    dialect: str
+    #: Seconds since the epoch on the store's clock, as SQL (one clock for every replica's lease).
+    now_sql: str
+
+    def transaction(self, *, committer: bool = False) -> Any: ...
+
+    def query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]: ...
+
+    def close(self) -> None: ...
+
+
+class _SqliteBackend:
+    """One WAL file; the committer's connection is also the read connection (``db``), as before."""
+
+    dialect = "sqlite"
+    now_sql = "SELECT (julianday('now') - 2440587.5) * 86400.0"
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.synchronous = synchronous
+        self.db = self._connect()
+        self._side: sqlite3.Connection | None = None
+        self._side_lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        return db
+
+    @contextmanager
+    def transaction(self, *, committer: bool = False) -> Iterator[_SqliteTransaction]:
+        # The committer owns ``db``; short side transactions (leases) use a second connection so they do not
+        # interleave with a batch. BEGIN IMMEDIATE takes the write lock first: a fencing check and the
+        # writes after it are then one atomic step even with another process on the file.
+        if committer:
+            yield from self._run(self.db)
+            return
+        with self._side_lock:
+            if self._side is None:
+                self._side = self._connect()
+            yield from self._run(self._side)
+
+    @staticmethod
+    def _run(db: sqlite3.Connection) -> Iterator[_SqliteTransaction]:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield _SqliteTransaction(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return self.db.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        self.db.close()
+        if self._side is not None:
+            self._side.close()
+
+
+class _PostgresBackend:
+    """A psycopg 3 connection pool; each transaction takes a connection and gives it back."""
+
+    dialect = "postgresql"
+    now_sql = "SELECT EXTRACT(EPOCH FROM clock_timestamp())::double precision"
+
+    def __init__(self, target: StoreTarget) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self.target = target
+        try:  # one direct attempt first: its error names the cause (refused, no such database, auth)
+            psycopg.connect(target.conninfo, connect_timeout=CONNECT_TIMEOUT_S).close()
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise StoreUnreachable(f"store unreachable: {target.where}: {reason}") from None
+        self.pool = ConnectionPool(
+            target.conninfo,
+            min_size=1,
+            max_size=8,
+            kwargs={"connect_timeout": CONNECT_TIMEOUT_S},
+            check=ConnectionPool.check_connection,  # a connection broken by a server restart is replaced
+            timeout=CONNECT_TIMEOUT_S * 2,
+            reconnect_timeout=0,  # keep trying while the server is down (it may come back)
+            name="guardmesh-store",
+            open=True,
+        )
+
+    @contextmanager
+    def transaction(self, *, committer: bool = False) -> Iterator[_PgTransaction]:
+        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
+            yield _PgTransaction(cursor)
+
+    def query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with self.pool.connection() as conn, conn.cursor() as cursor:
+            cursor.execute(to_postgresql(sql), params)
+            return list(cursor.fetchall())
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _migrate(backend: _Backend, component: str, migrations: Sequence[Migration], where: str) -> int:
+    """Apply the steps of ``component`` newer than the stored version, all in one transaction."""
+    versions = [m.version for m in migrations]
+    if versions != sorted(set(versions)) or (versions and versions[0] < 1):
+        raise ValueError(f"{component}: migration versions must rise from 1 without repeats: {versions}")
+    known = versions[-1] if versions else 0
+    with backend.transaction() as tx:
+        if backend.dialect == "postgresql":  # two replicas starting at once migrate one after the other
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext('guardmesh schema'))")
+        tx.execute("CREATE TABLE IF NOT EXISTS schema_version (component TEXT PRIMARY KEY, version BIGINT NOT NULL)")
+        rows = tx.fetchall("SELECT version FROM schema_version WHERE component = ?", (component,))
+        current = int(rows[0][0]) if rows else 0
+        if current > known:
+            raise SchemaTooNew(
+                f"{where}: schema of {component!r} is at version {current}, but this code knows versions up to "
+                f"{known}; run the newer guardmesh, or point the store URL at another database"
+            )
+        for m in migrations:
+            if m.version <= current:
+                continue
+            for statement in _statements(m.for_dialect(backend.dialect)):
+                tx.execute(statement)
+        if known > current:
+            tx.execute(
+                "INSERT INTO schema_version (component, version) VALUES (?, ?) "
+                "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+                (component, known),
+            )
+    return known
+
+
+def _statements(script: str) -> list[str]:
+    """A migration's statements (split on ``;``; migrations hold no literal semicolons)."""
+    return [s.strip() for s in script.split(";") if s.strip()]
 
 
 class GroupCommitLog:
-    """A SQLite database (WAL) written by one committer thread with group commit."""
+    """A store written by one committer thread with group commit, on SQLite or PostgreSQL.
 
-    def __init__(self, path: str | Path, schema: str, synchronous: str = "FULL") -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={synchronous}")
-        self.db.executescript(schema)
+    ``target`` is a store URL or a file path (SQLite); ``schema`` the component's migrations (a plain
+    string is taken as migration 1, as older callers pass it); ``component`` names its row in
+    ``schema_version``; ``synchronous`` is SQLite's (``FULL`` survives power loss, ``NORMAL`` kill -9).
+    StoreUnreachable, SchemaTooNew or StoreError when the store cannot be used.
+    """
+
+    def __init__(
+        self,
+        target: str | Path | StoreTarget,
+        schema: str | Sequence[Migration],
+        synchronous: str = "FULL",
+        *,
+        component: str = "service",
+    ) -> None:
+        self.target = target if isinstance(target, StoreTarget) else parse_store_url(target)
+        self.backend: _Backend
+        if self.target.dialect == "sqlite":
+            assert self.target.path is not None
+            sqlite_backend = _SqliteBackend(self.target.path, synchronous)
+            self.backend = sqlite_backend
+            self.path: Path | None = self.target.path
+            #: The SQLite connection (reads of older callers); None on PostgreSQL.
+            self.db: sqlite3.Connection | None = sqlite_backend.db
+        else:
+            self.backend = _PostgresBackend(self.target)
+            self.path = None
+            self.db = None
+        self.dialect = self.backend.dialect
+        migrations = [Migration(1, schema)] if isinstance(schema, str) else list(schema)
+        try:
+            _migrate(self.backend, "guardmesh.leases", LEASE_MIGRATIONS, self.target.where)
+            self.schema_version = _migrate(self.backend, component, migrations, self.target.where)
+        except BaseException:
+            self.backend.close()
+            raise
         self._queue: list[tuple[Sequence[Statement], Ticket]] = []
         self._queue_cond = threading.Condition()
         self._closed = False
+        self._fence: tuple[str, int] | None = None
         #: Transactions committed (several batches may share one: group commit).
         self.transactions = 0
-        self._committer = threading.Thread(target=self._commit_loop, name="sqlite-committer", daemon=True)
+        self._committer = threading.Thread(target=self._commit_loop, name="store-committer", daemon=True)
         self._committer.start()
 
-    def submit(self, statements: Sequence[Statement]) -> Ticket:
-        """Queue ``statements`` for the next transaction; the ticket is set once they are durable.
+    @property
+    def where(self) -> str:
+        """The store for messages: file, or host/port/database/user (never a password)."""
+        return self.target.where
 
-        Batches reach the database in submission order, so a caller that submits under its own lock
-        writes in decision order and can wait for the ticket outside that lock.
+    def fence(self, lease: str, epoch: int | None) -> None:
+        """From the next transaction on, write only while lease row ``lease`` holds ``epoch`` (None: stop
+        checking). Checked inside each transaction, so a takeover between two batches refuses the second."""
+        with self._queue_cond:
+            self._fence = None if epoch is None else (lease, epoch)
+
+    def submit(self, statements: Sequence[Statement]) -> Ticket:
+        """Queue ``statements`` for the next transaction; the ticket is set once they are committed.
+
+        Batches reach the store in submission order, so a caller that submits under its own lock writes in
+        decision order and can wait for the ticket outside that lock.
         """
         ticket = Ticket()
         with self._queue_cond:
@@ -75,9 +437,12 @@ class GroupCommitLog:
             self._queue_cond.notify()
         return ticket
 
-    def write(self, statements: Sequence[Statement], what: str = "state") -> None:
-        """Submit and wait until durable."""
-        self.submit(statements).wait(what)
+    def notify(self, channel: str, payload: str = "") -> Statement:
+        """A statement that wakes PostgreSQL listeners of ``channel`` when its batch commits (a no-op
+        statement on SQLite, where there is nobody else to tell)."""
+        if self.dialect == "postgresql":
+            return ("SELECT pg_notify(?, ?)", (channel, payload))
+        return ("SELECT 1 WHERE 0 = ?", (0,))
 
     def _commit_loop(self) -> None:
         while True:
@@ -87,30 +452,56 @@ class GroupCommitLog:
                 if not self._queue and self._closed:
                     return
                 batch, self._queue = self._queue, []
+                fence = self._fence
             error: BaseException | None = None
             self.transactions += 1
             try:
-                with self.db:  # BEGIN ... COMMIT, rolled back on error
-                    self.db.execute("BEGIN")
+                with self.backend.transaction(committer=True) as tx:
+                    if fence is not None:
+                        _check_fence(tx, *fence)
                     for statements, _ in batch:
                         for sql, params in statements:
                             if isinstance(params, list):
-                                self.db.executemany(sql, params)
+                                tx.executemany(sql, params)
                             else:
-                                self.db.execute(sql, params)
+                                tx.execute(sql, params)
             except BaseException as exc:
                 error = exc
             for _, ticket in batch:
                 ticket.done(error)
 
+    def transaction(self, body: Callable[[Transaction], T]) -> T:
+        """Run ``body`` in one short transaction on its own connection (not the committer's) and commit;
+        StoreFailure if the store cannot be reached or the transaction fails."""
+        try:
+            with self.backend.transaction() as tx:
+                return body(tx)
+        except (StoreError, StoreFailure):
+            raise
+        except Exception as exc:
+            raise StoreFailure(f"{self.where}: {type(exc).__name__}: {exc}") from exc
+
+    def now(self) -> float:
+        """Seconds since the epoch on the store's clock (the one clock every replica's lease uses)."""
+        return float(self.query(self.backend.now_sql)[0][0])
+
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Rows of a read-only query (reads see every committed transaction)."""
-        return self.db.execute(sql, params).fetchall()
+        return self.backend.query(sql, params)
 
     def close(self) -> None:
-        """Flush queued commits, stop the committer and close the database."""
+        """Flush queued commits, stop the committer and close the store."""
         with self._queue_cond:
             self._closed = True
             self._queue_cond.notify()
         self._committer.join(timeout=30)
-        self.db.close()
+        self.backend.close()
+
+
+def _check_fence(tx: Transaction, lease: str, epoch: int) -> None:
+    # The UPDATE takes the lease row's lock (PostgreSQL) or the write lock is already held (SQLite's BEGIN
+    # IMMEDIATE): a takeover cannot slip in between this check and the commit of the batch.
+    if tx.execute("UPDATE leases SET epoch = epoch WHERE name = ? AND epoch = ?", (lease, epoch)) != 1:
+        rows = tx.fetchall("SELECT epoch, holder FROM leases WHERE name = ?", (lease,))
+        now = f"epoch {rows[0][0]} held by {rows[0][1]}" if rows else "no lease row"
+        raise Fenced(f"lease {lease!r}: this writer's epoch {epoch} is stale ({now})")

@@ -9,6 +9,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -19,6 +20,9 @@ from guardmesh.runtime import RunningService, load_definition, start_service
 from guardmesh.sdk.paramserver import ParamServerClient
 from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,3 +123,22 @@ def check_invariant(nodes: spb.ListNodesResponse, reserve_mib: int) -> list[str]
             if total > gpu.device.memory_mib - reserve_mib:
                 out.append(f"{label}: caps {total} > {gpu.device.memory_mib - reserve_mib}")
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the session (tests/postgres.py), stopped and removed at the end."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store on each backend: a SQLite file under tmp_path, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()

@@ -1,8 +1,10 @@
-"""Durable scheduler state in SQLite (WAL): nodes, jobs with their placements, and the event log.
+"""Durable scheduler state: nodes, jobs with their placements, and the event log, on SQLite or PostgreSQL.
 
 Every scheduler operation stages its row changes and commits them in one transaction before it answers,
-so a placement that was acknowledged survives kill -9. Lease deadlines are not stored: on restart every
-lease of a placed job starts a fresh TTL (workers could not renew while the scheduler was down).
+so a placement that was acknowledged survives kill -9. Lease deadlines are not stored: when a scheduler
+starts or takes over as leader every lease of a placed job starts a fresh TTL (workers could not renew
+while no scheduler was serving). The SQL is portable (:mod:`guardmesh.durable`); the core never learns
+which backend it runs on.
 """
 
 from __future__ import annotations
@@ -10,40 +12,69 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from guardmesh.durable import GroupCommitLog, Statement, Ticket
+from guardmesh.durable import GroupCommitLog, Migration, Statement, Ticket
 from services.scheduler.inventory import NodeSpec
 from services.scheduler.jobs import EventKind, Job, JobSpec, JobState, ReplicaPlacement
 
-SCHEMA = """
+#: The scheduler's schema, one step per version. Version 1 is the schema SQLite files had before versions
+#: were recorded (``IF NOT EXISTS``: such a file is adopted as it is).
+MIGRATIONS = (
+    Migration(
+        1,
+        """
 CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
+    seq BIGINT NOT NULL,
     spec TEXT NOT NULL,
     state INTEGER NOT NULL,
     placements TEXT NOT NULL,
     pending_reason TEXT NOT NULL,
-    submitted_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    preemption_deadline REAL,
+    submitted_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    preemption_deadline DOUBLE PRECISION,
     preempted_by TEXT NOT NULL,
     lease_ttl_s INTEGER NOT NULL,
     awaiting TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY, kind INTEGER NOT NULL, job_id TEXT NOT NULL, at REAL NOT NULL, message TEXT NOT NULL
-);
-"""
+    seq BIGINT PRIMARY KEY, kind INTEGER NOT NULL, job_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
+    message TEXT NOT NULL
+)
+""",
+    ),
+    # Nodes come back in registration order on every backend (SQLite files had only their rowid for it).
+    Migration(
+        2,
+        "ALTER TABLE nodes ADD COLUMN position BIGINT NOT NULL DEFAULT 0",
+        sqlite="ALTER TABLE nodes ADD COLUMN position BIGINT NOT NULL DEFAULT 0; UPDATE nodes SET position = rowid",
+    ),
+)
+
+_JOB_COLUMNS = (
+    "job_id, seq, spec, state, placements, pending_reason, submitted_at, updated_at, preemption_deadline, "
+    "preempted_by, lease_ttl_s, awaiting"
+)
+_UPSERT_JOB = (
+    f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _JOB_COLUMNS.split(", ")[1:])
+)
 
 
 class Store:
-    """SQLite persistence. Callers serialise access (the scheduler holds its lock)."""
+    """The scheduler's rows over one :class:`GroupCommitLog`. Callers serialise access (the scheduler
+    holds its lock).
 
-    def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
-        self.log = GroupCommitLog(path, SCHEMA, synchronous)
+    ``target`` is a store URL or SQLite path (the store then owns its log and closes it), or an open log
+    shared with others (a leader's successive cores: closing the store leaves the log open).
+    """
+
+    def __init__(self, target: str | Path | GroupCommitLog, synchronous: str = "FULL") -> None:
+        self.owns_log = not isinstance(target, GroupCommitLog)
+        self.log = open_log(target, synchronous) if not isinstance(target, GroupCommitLog) else target
         self.path = self.log.path
-        self.db = self.log.db
         self._staged: list[Statement] = []
+        self._next_position = int(self.log.query("SELECT COALESCE(MAX(position), 0) FROM nodes")[0][0]) + 1
 
     @property
     def transactions(self) -> int:
@@ -51,16 +82,21 @@ class Store:
         return self.log.transactions
 
     def stage_node(self, spec: NodeSpec) -> None:
-        """Write a node at the next commit."""
+        """Write a node at the next commit (a known node keeps its place in the order)."""
         self._staged.append(
-            ("INSERT OR REPLACE INTO nodes (name, spec) VALUES (?, ?)", (spec.name, json.dumps(spec.to_dict())))
+            (
+                "INSERT INTO nodes (name, spec, position) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
+                (spec.name, json.dumps(spec.to_dict()), self._next_position),
+            )
         )
+        self._next_position += 1
 
     def stage_job(self, job: Job) -> None:
         """Write a job's current state at the next commit."""
         self._staged.append(
             (
-                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _UPSERT_JOB,
                 (
                     job.job_id,
                     job.seq,
@@ -80,25 +116,24 @@ class Store:
 
     def stage_event(self, seq: int, kind: EventKind, job_id: str, at: float, message: str) -> None:
         """Append an event at the next commit."""
-        self._staged.append(("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (seq, int(kind), job_id, at, message)))
+        self._staged.append(
+            (
+                "INSERT INTO events (seq, kind, job_id, at, message) VALUES (?, ?, ?, ?, ?)",
+                (seq, int(kind), job_id, at, message),
+            )
+        )
 
     def commit(self) -> Ticket | None:
-        """Hand everything staged to the committer; the ticket is set once it is durable.
+        """Hand everything staged to the committer; the ticket is set once it is committed.
 
-        Called under the scheduler's lock, so batches reach the database in decision order. Concurrent
-        operations share one transaction and one fsync (group commit); each caller waits on its ticket
-        *outside* the lock before it acknowledges.
+        Called under the scheduler's lock, so batches reach the store in decision order. Concurrent
+        operations share one transaction (group commit); each caller waits on its ticket *outside* the
+        lock before it acknowledges.
         """
         if not self._staged:
             return None
         staged, self._staged = self._staged, []
         return self.log.submit(staged)
-
-    def commit_now(self) -> None:
-        """Commit what is staged and wait for it (used where no lock is held)."""
-        ticket = self.commit()
-        if ticket is not None:
-            ticket.wait("scheduler state")
 
     def mark(self) -> int:
         """Position in the staged writes, for :meth:`rollback_to`."""
@@ -109,14 +144,14 @@ class Store:
         del self._staged[mark:]
 
     def load_nodes(self) -> list[NodeSpec]:
-        """Every stored node."""
-        rows = self.db.execute("SELECT spec FROM nodes ORDER BY rowid").fetchall()
+        """Every stored node, in registration order."""
+        rows = self.log.query("SELECT spec FROM nodes ORDER BY position, name")
         return [NodeSpec.from_dict(json.loads(r[0])) for r in rows]
 
     def load_jobs(self) -> list[Job]:
         """Every stored job, in submission order."""
         out = []
-        for row in self.db.execute("SELECT * FROM jobs ORDER BY seq"):
+        for row in self.log.query(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY seq"):
             (_job_id, seq, spec, state, placements, reason, submitted, updated, deadline, by, ttl, awaiting) = row
             job = Job(
                 spec=JobSpec.from_dict(json.loads(spec)),
@@ -138,13 +173,19 @@ class Store:
 
     def load_events(self, limit: int) -> list[tuple[int, int, str, float, str]]:
         """The newest ``limit`` events, oldest first."""
-        rows = self.db.execute("SELECT * FROM events ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-        return list(reversed(rows))
+        rows = self.log.query("SELECT seq, kind, job_id, at, message FROM events ORDER BY seq DESC LIMIT ?", (limit,))
+        return [(int(s), int(k), str(j), float(a), str(m)) for s, k, j, a, m in reversed(rows)]
 
     def max_event_seq(self) -> int:
         """Highest stored event sequence number (0 if none)."""
-        return int(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+        return int(self.log.query("SELECT COALESCE(MAX(seq), 0) FROM events")[0][0])
 
     def close(self) -> None:
-        """Flush queued commits, stop the committer and close the database."""
-        self.log.close()
+        """Flush queued commits; stop the committer and close the store if this store opened it."""
+        if self.owns_log:
+            self.log.close()
+
+
+def open_log(target: str | Path, synchronous: str = "FULL") -> GroupCommitLog:
+    """The scheduler's log at ``target`` (store URL or SQLite path), schema created or migrated."""
+    return GroupCommitLog(target, MIGRATIONS, synchronous, component="scheduler")

@@ -1,0 +1,225 @@
+"""The store layer (guardmesh/durable.py, guardmesh/leadership.py) on both backends: a SQLite file and a real
+PostgreSQL server started by the tests (tests/postgres.py). Every behaviour runs on each (``store_url``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from guardmesh.durable import (
+    Fenced,
+    GroupCommitLog,
+    Migration,
+    SchemaTooNew,
+    StoreError,
+    StoreFailure,
+    StoreUnreachable,
+    parse_store_url,
+    to_postgresql,
+)
+from guardmesh.leadership import Lease
+from services.scheduler.inventory import GpuDevice, NodeSpec
+from services.scheduler.jobs import EventKind, Job, JobSpec, JobState
+from services.scheduler.store import Store
+
+ITEMS = (Migration(1, "CREATE TABLE items (k TEXT PRIMARY KEY, v BIGINT NOT NULL)"),)
+
+
+def open_items(url: str, migrations: tuple[Migration, ...] = ITEMS) -> GroupCommitLog:
+    return GroupCommitLog(url, migrations, "NORMAL", component="items")
+
+
+def test_acknowledged_batches_are_committed_and_share_transactions(store_url: str) -> None:
+    log = open_items(store_url)
+    try:
+        tickets = []
+        lock = threading.Lock()
+
+        def writer(w: int) -> None:
+            for i in range(25):
+                t = log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", (f"{w}-{i}", i))])
+                with lock:
+                    tickets.append(t)
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for ticket in tickets:
+            ticket.wait()
+        assert log.query("SELECT COUNT(*) FROM items")[0][0] == 100
+        assert 1 <= log.transactions <= 100
+    finally:
+        log.close()
+    # Reopened: everything acknowledged is there, and the migration is not run again.
+    again = open_items(store_url)
+    try:
+        assert again.query("SELECT COUNT(*), SUM(v) FROM items")[0] == (100, 4 * sum(range(25)))
+        assert again.schema_version == 1
+    finally:
+        again.close()
+
+
+def test_a_failed_transaction_fails_its_tickets_and_keeps_none_of_its_writes(store_url: str) -> None:
+    log = open_items(store_url)
+    try:
+        log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("a", 1))]).wait()
+        bad = log.submit(
+            [("INSERT INTO items (k, v) VALUES (?, ?)", ("b", 2)), ("INSERT INTO items (k, v) VALUES (?, ?)", ("a", 3))]
+        )
+        with pytest.raises(StoreFailure, match="could not be written"):
+            bad.wait("items")
+        assert log.query("SELECT k, v FROM items ORDER BY k") == [("a", 1)]
+        # The store still works after a failed transaction.
+        log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("c", 4))]).wait()
+        assert [r[0] for r in log.query("SELECT k FROM items ORDER BY k")] == ["a", "c"]
+    finally:
+        log.close()
+
+
+def test_portable_upsert_and_insert_or_ignore(store_url: str) -> None:
+    log = open_items(store_url)
+    try:
+        upsert = "INSERT INTO items (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
+        log.submit([(upsert, [("x", 1), ("y", 2)]), (upsert, ("x", 10))]).wait()
+        log.submit([("INSERT OR IGNORE INTO items (k, v) VALUES (?, ?)", [("y", 99), ("z", 3)])]).wait()
+        # A literal percent sign survives the placeholder translation.
+        log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("100%", 5))]).wait()
+        assert log.query("SELECT k, v FROM items WHERE k LIKE ? ORDER BY k", ("%",)) == [
+            ("100%", 5),
+            ("x", 10),
+            ("y", 2),
+            ("z", 3),
+        ]
+    finally:
+        log.close()
+
+
+def test_insert_or_replace_is_refused_on_postgresql_with_the_portable_form_named() -> None:
+    with pytest.raises(StoreError, match="ON CONFLICT"):
+        to_postgresql("INSERT OR REPLACE INTO t (a) VALUES (?)")
+    assert to_postgresql("SELECT ? WHERE a LIKE '5%'") == "SELECT %s WHERE a LIKE '5%%'"
+
+
+def test_migrations_run_in_order_once_and_a_newer_schema_is_refused(store_url: str) -> None:
+    log = open_items(store_url)
+    log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("a", 1))]).wait()
+    log.close()
+    step2 = Migration(2, "ALTER TABLE items ADD COLUMN note TEXT NOT NULL DEFAULT 'none'")
+    upgraded = open_items(store_url, (*ITEMS, step2))
+    try:
+        assert upgraded.schema_version == 2
+        assert upgraded.query("SELECT k, v, note FROM items") == [("a", 1, "none")]
+    finally:
+        upgraded.close()
+    # The older code (knows version 1 only) refuses the upgraded store, saying why and what to do.
+    with pytest.raises(SchemaTooNew, match=r"'items' is at version 2, but this code knows versions up to 1"):
+        open_items(store_url)
+    # Migrations must rise from 1.
+    with pytest.raises(ValueError, match="must rise"):
+        open_items(store_url, (step2, ITEMS[0]))
+
+
+def test_a_deposed_writer_is_fenced_and_none_of_its_batch_lands(store_url: str) -> None:
+    first, second = open_items(store_url), open_items(store_url)
+    try:
+        a = Lease(first, "items", "a", "host-a:1", ttl_s=0.5)
+        b = Lease(second, "items", "b", "host-b:2", ttl_s=0.5)
+        state = a.claim()
+        assert state.leader and state.epoch == 1 and a.valid()
+        first.fence("items", a.epoch)
+        first.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("from-a", 1))]).wait()
+        standby = b.claim()
+        assert not standby.leader and standby.address == "host-a:1" and standby.holder == "a"
+        # a stops renewing (paused); b takes over once the lease has expired on the store's clock.
+        deadline = time.monotonic() + 30
+        while not (taken := b.claim()).leader:
+            assert time.monotonic() < deadline, "standby never took over"
+            time.sleep(0.1)
+        assert taken.epoch == 2
+        assert not a.valid()  # a's own conservative clock ran out before b could take over
+        with pytest.raises(Fenced, match="epoch 1 is stale"):
+            first.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("late-from-a", 2))]).wait()
+        # a, waking up, learns it lost the lease and who holds it now.
+        woke = a.claim()
+        assert not woke.leader and woke.holder == "b" and woke.address == "host-b:2"
+        second.fence("items", b.epoch)
+        second.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("from-b", 3))]).wait()
+        assert [r[0] for r in second.query("SELECT k FROM items ORDER BY k")] == ["from-a", "from-b"]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_released_lease_is_taken_at_once_and_renewal_keeps_the_epoch(store_url: str) -> None:
+    first, second = open_items(store_url), open_items(store_url)
+    try:
+        a = Lease(first, "items", "a", "host-a:1", ttl_s=60)
+        b = Lease(second, "items", "b", "host-b:2", ttl_s=60)
+        assert a.claim().epoch == 1
+        assert a.claim().epoch == 1  # a renewal
+        assert not b.claim().leader
+        a.release()
+        assert not a.valid()
+        taken = b.claim()
+        assert taken.leader and taken.epoch == 2
+        assert b.current().address == "host-b:2"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_scheduler_rows_round_trip(store_url: str) -> None:
+    store = Store(store_url)
+    nodes = [
+        NodeSpec(f"node-{c}", (GpuDevice(0, f"GPU-{c}", "A100-80GB", 81920, ""),), (("zone", "a"),), 8000, 64000)
+        for c in "cab"
+    ]
+    try:
+        for n in nodes:
+            store.stage_node(n)
+        spec = JobSpec(job_id="j1", tenant="t", replicas=1, gpus_per_replica=1, memory_mib_per_gpu=1000)
+        job = Job(spec=spec, seq=1, submitted_at=1.5, state=JobState.PENDING, pending_reason="waiting")
+        store.stage_job(job)
+        store.stage_event(1, EventKind.PENDING, "j1", 1.5, "submitted")
+        store.commit().wait()  # type: ignore[union-attr]
+        job.state = JobState.RUNNING
+        store.stage_job(job)  # an update of the same row
+        store.stage_node(nodes[0])  # re-registration keeps the node's place
+        store.commit().wait()  # type: ignore[union-attr]
+    finally:
+        store.close()
+    again = Store(store_url)
+    try:
+        assert [n.name for n in again.load_nodes()] == ["node-c", "node-a", "node-b"]
+        assert again.load_nodes()[0] == nodes[0]
+        (loaded,) = again.load_jobs()
+        assert (loaded.job_id, loaded.state, loaded.submitted_at, loaded.spec) == ("j1", JobState.RUNNING, 1.5, spec)
+        assert again.load_events(10) == [(1, int(EventKind.PENDING), "j1", 1.5, "submitted")]
+        assert again.max_event_seq() == 1
+    finally:
+        again.close()
+
+
+def test_store_urls() -> None:
+    assert parse_store_url("sqlite:///rel/s.db", "/state").path == Path("/state/rel/s.db")
+    assert parse_store_url("sqlite:////abs/s.db", "/state").path == Path("/abs/s.db")
+    assert parse_store_url("plain.db", "/state").path == Path("/state/plain.db")
+    assert parse_store_url("postgresql://u@h/db").dialect == "postgresql"
+    with pytest.raises(StoreError, match="unknown scheme 'mysql'"):
+        parse_store_url("mysql://h/db")
+
+
+def test_unreachable_postgresql_names_host_and_database_never_the_password(postgres_server: object) -> None:
+    from tests.processes import free_port
+
+    url = f"postgresql://alice:s3cret-pw@127.0.0.1:{free_port()}/ledger"
+    with pytest.raises(StoreUnreachable) as caught:
+        open_items(url)
+    message = str(caught.value)
+    assert "host=127.0.0.1" in message and "database=ledger" in message
+    assert "s3cret-pw" not in message
