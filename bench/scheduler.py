@@ -139,7 +139,11 @@ def inflation(policy: PolicyName, nodes: list[NodeSpec], tasks: list[TraceTask],
         arrived += demand_milli(task)
         if job.state == JobState.RUNNING:
             placed += 1
-        elif first_failure is None:
+        else:
+            # A task that does not fit is dropped (the paper's replay), not queued: a queued head would
+            # hold every later task to backfill around it.
+            sched.release(spec.job_id)
+        if job.state != JobState.RUNNING and first_failure is None:
             first_failure = {
                 "arrived_demand_pct": 100.0 * arrived / capacity,
                 "allocated_share": allocated_share(sched),

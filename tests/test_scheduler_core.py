@@ -539,7 +539,8 @@ def test_required_topology_stays_pending_while_preferred_spans() -> None:
     assert "topology group" in req.pending_reason
     assert "best candidate node-a has 1" in req.pending_reason
     assert held(sched, "req") == set()
-    pref = sched.submit(spec("pref", gpus=2, topology=Topology.PREFERRED))
+    # Ranked ahead of the waiting REQUIRED job (a later equal-priority job would queue behind it).
+    pref = sched.submit(spec("pref", gpus=2, topology=Topology.PREFERRED, priority=1))
     assert pref.state == JobState.RUNNING
     assert {g.index for g in pref.placements[0].gpus} == {1, 3}
     assert len({g.topology_group for g in pref.placements[0].gpus}) == 2

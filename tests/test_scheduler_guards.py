@@ -110,3 +110,50 @@ def test_preemption_leaves_the_card_invariant(policy: str) -> None:
     sched.tick()
     assert sched.describe("guar").state == JobState.RUNNING
     assert sched.violations() == []
+
+
+# -- the queue: no starvation -----------------------------------------------------------------------------
+
+
+def test_high_priority_gang_is_not_starved_by_a_stream_of_low_priority_jobs(tmp_path: Path) -> None:
+    """Two 4-GPU nodes, full of single-GPU jobs; a priority-1000 gang of 2 x 4 GPUs waits. As each old job
+    leaves, a later priority -1000 single-GPU job arrives: it must queue behind the gang, not take the card."""
+    with custom_scheduler(tmp_path, **{"scheduler.policy": "best-fit"}) as stub:
+        for name in ("gpu-1", "gpu-2"):
+            stub.RegisterNode(spb.RegisterNodeRequest(node=node_pb(name, 4, CARD_16G)))
+        for i in range(8):
+            assert submit(stub, job_pb(f"old-{i}")).state == spb.JOB_STATE_RUNNING
+        gang = submit(stub, job_pb("gang", gpus=4, replicas=2, gang=True, priority=1000))
+        assert gang.state == spb.JOB_STATE_PENDING
+        for i in range(8):
+            stub.ReleaseJob(spb.ReleaseJobRequest(job_id=f"old-{i}"))
+            low = submit(stub, job_pb(f"low-{i}", priority=-1000))
+            if i < 7:
+                assert low.state == spb.JOB_STATE_PENDING, f"low-{i} skipped the queue"
+                assert "queued behind gang" in low.pending_reason
+                assert describe(stub, "gang").state == spb.JOB_STATE_PENDING
+        assert describe(stub, "gang").state == spb.JOB_STATE_RUNNING
+        assert {j for j in holders(stub)} == {"gang"}
+        # The low-priority jobs wait their turn behind it, in age order, and are placed once room appears.
+        stub.ReleaseJob(spb.ReleaseJobRequest(job_id="gang"))
+        assert {j for j in holders(stub)} == {f"low-{i}" for i in range(8)}
+
+
+def test_a_later_job_backfills_only_where_the_blocked_head_cannot_run() -> None:
+    nodes = [uniform_node("node-a", "A", 2, 16000), uniform_node("node-b", "B", 2, 16000)]
+    sched, _ = make_sched(nodes, policy="first-fit")
+    sched.submit(spec("old", allowed_models=("A",)))
+    head = sched.submit(spec("head", gpus=2, allowed_models=("A",), priority=1000))
+    assert head.state == JobState.PENDING
+    # Fits on node-a's free card too, but that card is the head's: it goes to node-b (model B).
+    assert sched.submit(spec("fill-1", priority=-1000)).placements[0].node == "node-b"
+    assert sched.submit(spec("fill-2", priority=-1000)).placements[0].node == "node-b"
+    # Only node-a's free card is left: the low-priority job waits rather than delay the head.
+    waiting = sched.submit(spec("fill-3", priority=-1000))
+    assert waiting.state == JobState.PENDING and "queued behind head" in waiting.pending_reason
+    sched.release("old")
+    assert sched.describe("head").state == JobState.RUNNING
+    assert sched.describe("fill-3").state == JobState.PENDING
+    # A job ranked ahead of the head is not held back by it.
+    urgent = sched.submit(spec("urgent", priority=1000, qos=Qos.GUARANTEED))
+    assert urgent.state in (JobState.PENDING, JobState.RUNNING) and "queued behind" not in urgent.pending_reason

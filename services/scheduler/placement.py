@@ -438,12 +438,38 @@ def make_policy(name: str) -> Policy:
     return POLICIES[name]()
 
 
-def place_replica(state: ClusterState, shape: ReplicaShape, policy: Policy) -> Choice | None:
-    """The best feasible placement of one replica under ``policy``, or None if none is feasible."""
+def could_host(state: ClusterState, shape: ReplicaShape) -> np.ndarray:
+    """Nodes that could hold one replica of ``shape`` if they were empty (live or not), per node.
+
+    The queue reserves these for a blocked head: a later job may only backfill elsewhere.
+    """
+    key = ("could_host", shape)
+    cached = state.cache.get(key)
+    if cached is not None:
+        return cached
+    ok = np.array([all(labels.get(k) == v for k, v in shape.selector) for labels in state.node_labels], dtype=bool)
+    ok = ok.reshape(len(state.nodes))
+    ok &= (state.node_cpu >= shape.cpu_milli) & (state.node_mem >= shape.host_memory_mib)
+    if shape.gpus:
+        fits_card = model_mask(state, shape) & (state.gpu_usable >= caps_for(state, shape))
+        ok &= np.bincount(state.gpu_node[fits_card], minlength=len(state.nodes)) >= shape.gpus
+    state.cache[key] = ok
+    return ok
+
+
+def place_replica(
+    state: ClusterState, shape: ReplicaShape, policy: Policy, nodes_allowed: np.ndarray | None = None
+) -> Choice | None:
+    """The best feasible placement of one replica under ``policy``, or None if none is feasible.
+
+    ``nodes_allowed`` (a mask over nodes) narrows the candidates, e.g. to backfill around a blocked head.
+    """
     if state.gpu_count == 0:
         return None
     caps = caps_for(state, shape)
     feas = feasible_gpus(state, shape, caps)
+    if nodes_allowed is not None:
+        feas &= nodes_allowed[state.gpu_node]
     cands = np.flatnonzero(feas)
     if cands.shape[0] < shape.gpus:
         return None
@@ -456,7 +482,9 @@ def place_replica(state: ClusterState, shape: ReplicaShape, policy: Policy) -> C
     return _place_multi(state, shape, policy, feas, cands, caps)
 
 
-def place_single_gpu(state: ClusterState, shape: ReplicaShape, policy: Policy) -> Choice | None:
+def place_single_gpu(
+    state: ClusterState, shape: ReplicaShape, policy: Policy, nodes_allowed: np.ndarray | None = None
+) -> Choice | None:
     """Fast path for one-GPU replicas: filter, score and pick in one native pass.
 
     Chooses the same GPU as :func:`place_replica` (the numpy reference) for the built-in policies.
@@ -471,7 +499,9 @@ def place_single_gpu(state: ClusterState, shape: ReplicaShape, policy: Policy) -
         state.gpu_avail,
         state.gpu_nalloc,
         model_mask(state, shape).view(np.uint8),
-        selector_mask(state, shape).view(np.uint8),
+        (selector_mask(state, shape) if nodes_allowed is None else selector_mask(state, shape) & nodes_allowed).view(
+            np.uint8
+        ),
         state.gpu_node,
         state.gpu_model,
         state.gpu_usable,
@@ -488,11 +518,13 @@ def place_single_gpu(state: ClusterState, shape: ReplicaShape, policy: Policy) -
     return Choice(int(state.gpu_node[g]), (int(g),), (int(caps[g]),), float(score), False)
 
 
-def place(state: ClusterState, shape: ReplicaShape, policy: Policy) -> Choice | None:
+def place(
+    state: ClusterState, shape: ReplicaShape, policy: Policy, nodes_allowed: np.ndarray | None = None
+) -> Choice | None:
     """The placement the scheduler uses: the native fast path for one-GPU replicas, else the reference."""
     if shape.gpus == 1 and policy.native_code >= 0:
-        return place_single_gpu(state, shape, policy)
-    return place_replica(state, shape, policy)
+        return place_single_gpu(state, shape, policy, nodes_allowed)
+    return place_replica(state, shape, policy, nodes_allowed)
 
 
 def _place_multi(

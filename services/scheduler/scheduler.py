@@ -46,6 +46,7 @@ from services.scheduler.placement import (
     FirstFit,
     ReplicaShape,
     caps_for,
+    could_host,
     make_policy,
     model_mask,
     pending_reason,
@@ -433,12 +434,16 @@ class Scheduler:
         self.policy.observe(ReplicaShape.of(spec))
         mark = self.store.mark() if self.store is not None else 0
         try:
-            placed = self._try_place(job)
+            # A new job does not skip the queue: behind a blocked head it may only backfill.
+            head = self._queue_head()
+            behind = head if head is not None and head.queue_key() < job.queue_key() else None
+            placed = self._try_place(job, behind)
             if not placed:
                 self.pending[job.job_id] = job
                 if job.state == JobState.PENDING:
                     self._emit(EventKind.PENDING, job, job.pending_reason)
-                self._try_preempt(job)
+                if behind is None:
+                    self._try_preempt(job)
             self._save(job)
         except Exception:
             # An unexpected failure mid-decision: undo this job entirely, in memory and in what is staged.
@@ -450,14 +455,24 @@ class Scheduler:
             raise
         return self.snapshot(job)
 
-    def _try_place(self, job: Job) -> bool:
-        """Place the job's missing replicas (all or none for a gang); True when every replica is placed."""
+    def _queue_head(self) -> Job | None:
+        """The pending job first in queue order (see :meth:`Job.queue_key`), or None."""
+        return min(self.pending.values(), key=Job.queue_key, default=None)
+
+    def _try_place(self, job: Job, behind: Job | None = None) -> bool:
+        """Place the job's missing replicas (all or none for a gang); True when every replica is placed.
+
+        Behind a blocked ``behind`` (the queue's head) the job only backfills: it may use no node that
+        could hold a replica of the head, so it never delays the head's placement. Without run-time
+        estimates this is the only backfill that provably does not.
+        """
         spec = job.spec
         shape = ReplicaShape.of(spec)
+        allowed = None if behind is None else ~could_host(self.state, ReplicaShape.of(behind.spec))
         missing = [r for r in range(spec.replicas) if r not in job.placements]
         placed: list[tuple[int, Choice]] = []
         for r in missing:
-            choice = place(self.state, shape, self.policy)
+            choice = place(self.state, shape, self.policy, allowed)
             if choice is None:
                 break
             self.state.allocate(
@@ -471,10 +486,11 @@ class Scheduler:
             )
             placed.append((r, choice))
         complete = len(placed) == len(missing)
+        queued = f"queued behind {behind.job_id} (backfill only on nodes it cannot use); " if behind else ""
         if spec.gang and not complete:
             self.state.free(job.job_id)  # no partial reservation is ever kept for a gang
             job.pending_reason = (
-                f"gang of {spec.replicas} x {spec.gpus_per_replica} GPUs: only {len(placed)} of "
+                f"{queued}gang of {spec.replicas} x {spec.gpus_per_replica} GPUs: only {len(placed)} of "
                 f"{spec.replicas} replicas fit at once; {pending_reason(self.state, shape)}"
             )
             return False
@@ -492,7 +508,7 @@ class Scheduler:
             self.pending.pop(job.job_id, None)
         else:
             job.pending_reason = (
-                f"{len(job.placements)} of {spec.replicas} replicas placed; {pending_reason(self.state, shape)}"
+                f"{queued}{len(job.placements)} of {spec.replicas} replicas placed; {pending_reason(self.state, shape)}"
             )
         return complete
 
@@ -572,15 +588,18 @@ class Scheduler:
     # -- queue -----------------------------------------------------------------------------------------
 
     def _schedule_pending(self) -> None:
-        """Retry pending jobs in queue order (QoS, priority, age)."""
+        """Retry pending jobs in queue order (QoS, priority, age); once one stays blocked (the head),
+        the rest only backfill around it, and only the head may preempt."""
+        head: Job | None = None
         for job in sorted(self.pending.values(), key=Job.queue_key):
             if job.job_id not in self.pending:
                 continue
             job.awaiting_victims = {v for v in job.awaiting_victims if self.jobs[v].state in HOLDS_ALLOCATION}
             before = (job.state, len(job.placements), job.pending_reason)
-            placed = self._try_place(job)
-            if not placed:
+            placed = self._try_place(job, head)
+            if not placed and head is None:
                 self._try_preempt(job)
+                head = job
             if (job.state, len(job.placements), job.pending_reason) != before:
                 self._save(job)
 
