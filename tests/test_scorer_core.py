@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 
@@ -160,3 +161,90 @@ def test_batcher_passes_model_errors_to_every_waiter() -> None:
         with pytest.raises(RuntimeError, match="device lost"):
             f.result(timeout=10)
     batcher.close()
+
+
+def test_a_lone_request_is_dispatched_at_once_not_after_the_delay() -> None:
+    # A delay of a minute: waiting it would run past the result's timeout. The batcher's own record says why
+    # it dispatched: nothing else was queued or on its way.
+    batcher = DynamicBatcher(lambda rows: rows[:, 0], max_batch_size=64, max_queue_delay_s=60.0)
+    for k in range(3):
+        assert batcher.submit(np.full((1, 2), k, np.float32)).result(timeout=30).tolist() == [k]
+    batcher.close()
+    assert batcher.stats.reason_log == ["idle", "idle", "idle"] and batcher.stats.sizes == [1, 1, 1]
+
+
+def test_announced_callers_are_waited_for_until_the_preferred_size() -> None:
+    batcher = DynamicBatcher(lambda rows: rows[:, 0], max_batch_size=8, preferred_batch_size=4, max_queue_delay_s=60.0)
+    futures = []
+    with contextlib.ExitStack() as callers:
+        for _ in range(4):
+            callers.enter_context(batcher.arriving())
+        for k in range(4):  # each caller "parses", then submits; the worker waits for all four
+            futures.append(batcher.submit(np.full((1, 2), k, np.float32)))
+    assert [f.result(timeout=30).tolist() for f in futures] == [[0], [1], [2], [3]]
+    batcher.close()
+    assert batcher.stats.sizes == [4] and batcher.stats.reason_log == ["preferred"]
+
+
+def test_the_delay_bounds_the_wait_for_a_caller_that_never_comes() -> None:
+    batcher = DynamicBatcher(lambda rows: rows[:, 0], max_batch_size=8, max_queue_delay_s=0.05)
+    with batcher.arriving():  # announced, never submits
+        with batcher.arriving():
+            future = batcher.submit(np.ones((1, 2), np.float32))
+        assert future.result(timeout=30).tolist() == [1.0]
+    batcher.close()
+    assert batcher.stats.reason_log == ["delay"]
+
+
+def test_requests_queued_while_the_model_runs_form_the_next_batch() -> None:
+    started, gate = threading.Event(), threading.Event()
+
+    def model(rows: np.ndarray) -> np.ndarray:
+        started.set()
+        gate.wait(30)
+        return rows[:, 0]
+
+    batcher = DynamicBatcher(model, max_batch_size=64, max_queue_delay_s=0.0)
+    first = batcher.submit(np.zeros((1, 2), np.float32))
+    assert started.wait(30)
+    later = [batcher.submit(np.full((1, 2), k, np.float32)) for k in range(1, 6)]
+    gate.set()
+    assert first.result(timeout=30).tolist() == [0.0]
+    assert [f.result(timeout=30).tolist() for f in later] == [[1.0], [2.0], [3.0], [4.0], [5.0]]
+    batcher.close()
+    assert batcher.stats.sizes == [1, 5]
+
+
+def test_submit_many_fills_whole_batches() -> None:
+    batcher = DynamicBatcher(lambda rows: rows[:, 0], max_batch_size=64, max_queue_delay_s=0.0)
+    rows = np.arange(256 * 2, dtype=np.float32).reshape(256, 2)
+    scores = np.concatenate([f.result(timeout=30) for f in batcher.submit_many(rows)])
+    batcher.close()
+    np.testing.assert_array_equal(scores, rows[:, 0])
+    assert batcher.stats.sizes == [64, 64, 64, 64]
+
+
+def _registry_error(module: torch.nn.Module, features: list[str] = FEATURES) -> str:
+    reg = ModelRegistry(torch.device("cpu"))
+    with pytest.raises(FailedPrecondition) as err:
+        reg.register("risk", "v1", features, ModelFormat.TORCHSCRIPT, torchscript_bytes(module))
+    assert reg.list() == []  # nothing registered
+    return err.value.message
+
+
+def test_registration_checks_the_output_contract_with_readable_errors() -> None:
+    torch.manual_seed(0)
+    logits = torch.nn.Sequential(torch.nn.Linear(len(FEATURES), 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    message = _registry_error(logits)
+    assert "rule: scores are probabilities" in message and "sigmoid" in message
+    two_columns = torch.nn.Sequential(torch.nn.Linear(len(FEATURES), 2), torch.nn.Softmax(dim=1))
+    assert "rule: one score per row" in _registry_error(two_columns)
+    # A model built for 5 inputs registered with 8 features: the TorchScript interpreter's traceback is
+    # reduced to its cause, and the message names the features the model must take.
+    narrow = torch.nn.Sequential(torch.nn.Linear(5, 1), torch.nn.Sigmoid())
+    message = _registry_error(narrow)
+    assert "rule: input width" in message and "(rows, 8)" in message and "f0, f1" in message
+    assert "Traceback" not in message and "\n" not in message and len(message) < 700
+    # A sigmoid model passes, also on rows far from zero.
+    reg = ModelRegistry(torch.device("cpu"))
+    reg.register("risk", "v1", FEATURES, ModelFormat.TORCHSCRIPT, torchscript_bytes(mlp(len(FEATURES), hidden=(4,))))

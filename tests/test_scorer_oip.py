@@ -26,6 +26,7 @@ from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.scorer.oip import (
     SERVICE_NAME,
+    ExecutionStats,
     ModelSignature,
     OpenInferenceServicer,
     TensorSpec,
@@ -75,12 +76,16 @@ class TorchBackend:
     def model_metadata(self, name: str, version: str) -> ModelSignature:
         return SIGNATURE
 
-    def infer(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, name: str, version: str, inputs: dict[str, np.ndarray], request_id: str) -> dict[str, np.ndarray]:
         self.calls.append((name, version))
         x = torch.from_numpy(np.array(inputs["input"]))  # a copy: arrays from the request are read-only
         with torch.no_grad():
             logits = self.modules[version](x)
         return {"logits": logits.numpy(), "probabilities": torch.softmax(logits, dim=-1).numpy()}
+
+    def statistics(self, name: str, version: str) -> ExecutionStats:
+        runs = sum(1 for call in self.calls if call == (name, version))
+        return ExecutionStats(execution_count=runs)
 
 
 def forward(backend: TorchBackend, version: str, x: np.ndarray) -> dict[str, np.ndarray]:

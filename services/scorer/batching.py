@@ -1,23 +1,35 @@
 """Dynamic batching across concurrent requests, in the manner of Triton's dynamic batcher.
 
-Requests wait in a bounded queue; a worker takes the oldest, then keeps taking until the batch holds
-``max_batch_size`` rows or ``max_queue_delay_s`` has passed since the oldest arrived, runs the model once
-and hands each request its rows. A full queue is refused at once (RESOURCE_EXHAUSTED), never buffered
-without bound.
+Requests wait in a bounded queue; one worker per model version forms batches and runs the model once per
+batch. A batch is dispatched as soon as one of these holds, whichever comes first:
+
+* ``preferred``: the rows taken reach ``preferred_batch_size`` (default ``max_batch_size``);
+* ``idle``: no more rows are queued and no caller is on its way to the queue (callers announce themselves
+  with :meth:`DynamicBatcher.arriving` while they parse their request), so a lone caller never waits;
+* ``delay``: ``max_queue_delay_s`` has passed since the oldest row arrived: the upper bound on waiting for
+  callers that announced themselves;
+* ``closing``: the batcher is closing and runs what is left.
+
+While the model runs, new requests queue up and form the next batch, so concurrent callers share batches
+without any waiting. A full queue is refused at once (RESOURCE_EXHAUSTED), never buffered without bound.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from guardmesh.errors import InvalidArgument, ResourceExhausted, Unavailable
+
+#: Why a batch was dispatched (see the module docstring).
+DISPATCH_REASONS = ("preferred", "idle", "delay", "closing")
 
 
 @dataclass
@@ -29,12 +41,17 @@ class _Pending:
 
 @dataclass
 class BatchStats:
-    """What the batcher did (for metrics and tests)."""
+    """What the batcher did (for metrics and tests): batches, rows, and why each batch left."""
 
     batches: int = 0
     rows: int = 0
     largest: int = 0
     sizes: list[int] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+    #: The dispatch reason of each of the first 10,000 batches, in order (parallel to ``sizes``).
+    reason_log: list[str] = field(default_factory=list)
+    #: When the last batch ran (Unix time, seconds; 0: never).
+    last_at: float = 0.0
 
 
 class DynamicBatcher:
@@ -47,23 +64,42 @@ class DynamicBatcher:
         max_batch_size: int = 64,
         max_queue_delay_s: float = 0.002,
         max_queue_rows: int = 4096,
+        preferred_batch_size: int | None = None,
         name: str = "batcher",
     ) -> None:
         if max_batch_size < 1:
             raise InvalidArgument("max_batch_size", "must be >= 1")
         if max_queue_delay_s < 0:
             raise InvalidArgument("max_queue_delay_s", "must be >= 0")
+        preferred = max_batch_size if preferred_batch_size is None else preferred_batch_size
+        if not 1 <= preferred <= max_batch_size:
+            raise InvalidArgument("preferred_batch_size", f"must be 1 to max_batch_size ({max_batch_size})")
         self.run = run
         self.max_batch_size = max_batch_size
+        self.preferred_batch_size = preferred
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_rows = max_queue_rows
         self.queue: deque[_Pending] = deque()
         self.queued_rows = 0
+        self.incoming = 0  # callers between arriving() and submit(): rows that are about to be queued
         self.cond = threading.Condition()
         self.stats = BatchStats()
         self.closed = False
         self.worker = threading.Thread(target=self._loop, name=name, daemon=True)
         self.worker.start()
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Announce a caller that will submit soon (while it parses its request), so the worker may wait
+        for it (up to the delay) instead of dispatching a smaller batch; leaving unannounces it."""
+        with self.cond:
+            self.incoming += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.incoming -= 1
+                self.cond.notify_all()
 
     def submit(self, rows: np.ndarray) -> Future[np.ndarray]:
         """Queue rows (a (n, features) array, n <= max_batch_size); the future gets their n scores."""
@@ -81,19 +117,35 @@ class DynamicBatcher:
                 )
             self.queue.append(_Pending(rows, future, time.monotonic()))
             self.queued_rows += rows.shape[0]
-            self.cond.notify()
+            self.cond.notify_all()
         return future
 
-    def _take(self) -> list[_Pending] | None:
+    def submit_many(self, rows: np.ndarray) -> list[Future[np.ndarray]]:
+        """Queue any number of rows in chunks of at most ``max_batch_size``; one future per chunk, in order.
+
+        All chunks are queued before any is awaited, so a large request fills whole batches. If the queue
+        refuses a later chunk, the earlier chunks still run and the refusal is raised.
+        """
+        return [self.submit(rows[i : i + self.max_batch_size]) for i in range(0, rows.shape[0], self.max_batch_size)]
+
+    def _take(self) -> tuple[list[_Pending], str] | None:
         with self.cond:
             while not self.queue and not self.closed:
                 self.cond.wait()
             if not self.queue:
                 return None
             deadline = self.queue[0].arrived + self.max_queue_delay_s
-            while self.queued_rows < self.max_batch_size and not self.closed:
+            reason = "preferred"
+            while self.queued_rows < self.preferred_batch_size:
+                if self.closed:
+                    reason = "closing"
+                    break
+                if self.incoming == 0:
+                    reason = "idle"  # nothing else is on its way: waiting would only add latency
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    reason = "delay"
                     break
                 self.cond.wait(left)
             batch: list[_Pending] = []
@@ -103,13 +155,14 @@ class DynamicBatcher:
                 size += item.rows.shape[0]
                 batch.append(item)
             self.queued_rows -= size
-            return batch
+            return batch, reason
 
     def _loop(self) -> None:
         while True:
-            batch = self._take()
-            if batch is None:
+            taken = self._take()
+            if taken is None:
                 return
+            batch, reason = taken
             rows = np.concatenate([p.rows for p in batch]) if len(batch) > 1 else batch[0].rows
             try:
                 scores = self.run(rows)
@@ -117,16 +170,22 @@ class DynamicBatcher:
                 for p in batch:
                     p.future.set_exception(exc)
                 continue
-            self.stats.batches += 1
-            self.stats.rows += rows.shape[0]
-            self.stats.largest = max(self.stats.largest, rows.shape[0])
-            if len(self.stats.sizes) < 10_000:
-                self.stats.sizes.append(rows.shape[0])
+            self._count(rows.shape[0], reason)
             start = 0
             for p in batch:
                 n = p.rows.shape[0]
                 p.future.set_result(scores[start : start + n])
                 start += n
+
+    def _count(self, n: int, reason: str) -> None:
+        self.stats.batches += 1
+        self.stats.rows += n
+        self.stats.largest = max(self.stats.largest, n)
+        self.stats.reasons[reason] += 1
+        self.stats.last_at = time.time()
+        if len(self.stats.sizes) < 10_000:
+            self.stats.sizes.append(n)
+            self.stats.reason_log.append(reason)
 
     def close(self) -> None:
         """Finish what is queued, then stop the worker."""

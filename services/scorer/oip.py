@@ -1,11 +1,11 @@
 """The Open Inference Protocol (KServe v2) gRPC API over any model backend.
 
 :class:`OpenInferenceServicer` serves ``inference.GRPCInferenceService`` (ServerLive, ServerReady,
-ModelReady, ServerMetadata, ModelMetadata, ModelInfer) so that existing clients (tritonclient, the kserve
-SDK) talk to the scorer unchanged. It only translates: protobuf tensors to numpy arrays and back, checks
-every request against the model's signature, and raises :mod:`guardmesh.errors` domain errors that the
-runtime turns into status codes. Models run behind the small :class:`InferenceBackend` protocol and know
-nothing of gRPC; this module imports no torch.
+ModelReady, ServerMetadata, ModelMetadata, ModelInfer, and Triton's ModelConfig, RepositoryIndex and
+ModelStatistics) so that existing clients (tritonclient, the kserve SDK) talk to the scorer unchanged.
+It only translates: protobuf tensors to numpy arrays and back, checks every request against the model's
+signature, and raises :mod:`guardmesh.errors` domain errors that the runtime turns into status codes.
+Models run behind the small :class:`InferenceBackend` protocol and know nothing of gRPC; this module imports no torch.
 
 Rules of the wire format (from the spec):
 
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -40,6 +42,7 @@ from guardmesh import __version__
 from guardmesh.errors import InvalidArgument, NotFound, Unavailable
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from inference import model_repository_pb2 as repo_pb
 
 #: The gRPC service this module serves (for ServiceDefinition.service_names, health and reflection).
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -99,13 +102,44 @@ class TensorSpec(NamedTuple):
 
 @dataclass(frozen=True)
 class ModelSignature:
-    """What a model declares: its versions (oldest first; the last is the default), platform and tensors."""
+    """What a model declares: its versions (oldest first; the last is the default), platform and tensors.
+
+    ``max_batch_size`` > 0 says the first dimension of every tensor is the batch (Triton's convention:
+    the model configuration then lists shapes without it); ``parameters`` are served in the model
+    configuration (the scorer's "feature_names").
+    """
 
     name: str
     versions: tuple[str, ...]
     platform: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    parameters: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ExecutionStats:
+    """What the model did at one version, whichever way the rows came in."""
+
+    #: Rows scored.
+    inference_count: int = 0
+    #: Model executions (batches).
+    execution_count: int = 0
+    #: Time of the last execution, milliseconds since the Unix epoch (0: never).
+    last_inference_ms: int = 0
+    #: Executions by batch size.
+    batch_sizes: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass
+class _RequestStats:
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
 
 
 class InferenceBackend(Protocol):
@@ -134,9 +168,24 @@ class InferenceBackend(Protocol):
         """The signature of ``name`` at ``version`` (an empty version: the default one)."""
         ...
 
-    def infer(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model; return at least every output of its signature, by name."""
+    def infer(self, name: str, version: str, inputs: dict[str, np.ndarray], request_id: str) -> dict[str, np.ndarray]:
+        """Run the model on the request (``request_id``: its ``id``, may be empty); return at least every
+        output of its signature, by name."""
         ...
+
+    def statistics(self, name: str, version: str) -> ExecutionStats:
+        """What the model did at ``version`` (for ModelStatistics)."""
+        ...
+
+
+def _config_type(datatype: str) -> int:
+    """The model configuration's DataType of a protocol datatype (BYTES is TYPE_STRING there)."""
+    return int(repo_pb.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"))
+
+
+def _dims(spec: TensorSpec, batched: bool) -> list[int]:
+    """A tensor's dimensions as the model configuration lists them: without the batch dimension."""
+    return list(spec.shape[1:] if batched else spec.shape)
 
 
 def _shape_text(shape: Iterable[int]) -> str:
@@ -249,6 +298,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.server_name = server_name
         self.server_version = server_version
         self.extensions = tuple(extensions)
+        self._stats: dict[tuple[str, str], _RequestStats] = {}
+        self._stats_lock = threading.Lock()
 
     # -- health and metadata -------------------------------------------------------------------------
 
@@ -299,13 +350,31 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Decode, check, run, encode. Errors: NOT_FOUND, UNAVAILABLE, INVALID_ARGUMENT (see the module)."""
         name = request.model_name
         version, signature = self._resolve("model_name", name, request.model_version)
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            response = self._infer(request, name, version, signature)
+            ok = True
+            return response
+        finally:
+            elapsed = time.perf_counter_ns() - started
+            with self._stats_lock:
+                stats = self._stats.setdefault((name, version), _RequestStats())
+                if ok:
+                    stats.success, stats.success_ns = stats.success + 1, stats.success_ns + elapsed
+                else:
+                    stats.fail, stats.fail_ns = stats.fail + 1, stats.fail_ns + elapsed
+
+    def _infer(
+        self, request: pb.ModelInferRequest, name: str, version: str, signature: ModelSignature
+    ) -> pb.ModelInferResponse:
         if not self.backend.model_ready(name, version):
             raise Unavailable(f"model '{name}' version '{version}': not ready")
         _check_parameters("parameters", request.parameters)
         raw = len(request.raw_input_contents) > 0
         inputs = self._decode_inputs(request, signature, raw)
         wanted = self._requested_outputs(request, signature)
-        results = self.backend.infer(name, version, inputs)
+        results = self.backend.infer(name, version, inputs, request.id)
 
         response = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
         outputs: list[tuple[TensorSpec, np.ndarray]] = []
@@ -320,6 +389,80 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response.raw_output_contents.append(encode_raw(spec.datatype, array))
             else:
                 encode_typed(spec.datatype, array, tensor.contents)
+        return response
+
+    # -- Triton's model-repository extension ---------------------------------------------------------
+
+    def ModelConfig(
+        self, request: repo_pb.ModelConfigRequest, context: grpc.ServicerContext
+    ) -> repo_pb.ModelConfigResponse:
+        """The model's configuration in Triton's form. Errors: INVALID_ARGUMENT, NOT_FOUND."""
+        _, signature = self._resolve("name", request.name, request.version)
+        batched = signature.max_batch_size > 0
+        config = repo_pb.ModelConfig(
+            name=signature.name or request.name,
+            platform=signature.platform,
+            backend=signature.platform.split("_", 1)[0],
+            max_batch_size=signature.max_batch_size,
+        )
+        for spec in signature.inputs:
+            config.input.add(name=spec.name, data_type=_config_type(spec.datatype), dims=_dims(spec, batched))
+        for spec in signature.outputs:
+            config.output.add(name=spec.name, data_type=_config_type(spec.datatype), dims=_dims(spec, batched))
+        if batched:
+            config.dynamic_batching.preferred_batch_size.extend(signature.preferred_batch_sizes)
+            config.dynamic_batching.max_queue_delay_microseconds = signature.max_queue_delay_us
+        for key, value in signature.parameters:
+            config.parameters[key].string_value = value
+        return repo_pb.ModelConfigResponse(config=config)
+
+    def RepositoryIndex(
+        self, request: repo_pb.RepositoryIndexRequest, context: grpc.ServicerContext
+    ) -> repo_pb.RepositoryIndexResponse:
+        """Every version of every model: READY or UNAVAILABLE; the default version's reason says so."""
+        response = repo_pb.RepositoryIndexResponse()
+        for name in sorted(self.backend.model_names()):
+            versions = self.backend.model_metadata(name, "").versions
+            for version in versions:
+                ready = bool(self.backend.model_ready(name, version))
+                if request.ready and not ready:
+                    continue
+                response.models.add(
+                    name=name,
+                    version=version,
+                    state="READY" if ready else "UNAVAILABLE",
+                    reason="default" if version == versions[-1] else "",
+                )
+        return response
+
+    def ModelStatistics(
+        self, request: repo_pb.ModelStatisticsRequest, context: grpc.ServicerContext
+    ) -> repo_pb.ModelStatisticsResponse:
+        """Executions and request counts per model version. Errors: NOT_FOUND (unknown model or version)."""
+        if request.name:
+            version, signature = self._resolve("name", request.name, request.version)
+            wanted = [(request.name, v) for v in ((version,) if request.version else signature.versions)]
+        else:
+            wanted = [
+                (n, v) for n in sorted(self.backend.model_names()) for v in self.backend.model_metadata(n, "").versions
+            ]
+        response = repo_pb.ModelStatisticsResponse()
+        for name, version in wanted:
+            executed = self.backend.statistics(name, version)
+            with self._stats_lock:
+                asked = self._stats.get((name, version), _RequestStats())
+                success, success_ns, fail, fail_ns = asked.success, asked.success_ns, asked.fail, asked.fail_ns
+            entry = response.model_stats.add(
+                name=name,
+                version=version,
+                last_inference=executed.last_inference_ms,
+                inference_count=executed.inference_count,
+                execution_count=executed.execution_count,
+            )
+            entry.inference_stats.success.count, entry.inference_stats.success.ns = success, success_ns
+            entry.inference_stats.fail.count, entry.inference_stats.fail.ns = fail, fail_ns
+            for size, count in executed.batch_sizes:
+                entry.batch_stats.add(batch_size=size).compute_infer.count = count
         return response
 
     def _resolve(self, field: str, name: str, version: str) -> tuple[str, ModelSignature]:

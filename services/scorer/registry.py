@@ -151,6 +151,62 @@ def load_module(
         raise InvalidArgument("model", f"cannot load a {fmt.value} model: {type(exc).__name__}: {exc}") from None
 
 
+#: Rows of the synthetic part of the warm-up batch (standard normal, fixed seed), so a model is probed
+#: beyond the few reference rows: a logit head shows values outside [0, 1] on some of them.
+WARMUP_PROBE_ROWS = 64
+
+
+def _readable(exc: Exception) -> str:
+    """The last line of an exception's message: a TorchScript error ends with the Python-level cause,
+    after a long interpreter traceback that helps nobody registering a model."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:400]
+
+
+def check_output(mv: ModelVersion, features: list[str], warmup: torch.Tensor | None, device: torch.device) -> None:
+    """Run the warm-up batch and check the output contract: one probability in [0, 1] per row.
+
+    The batch is the given rows (reference rows) plus :data:`WARMUP_PROBE_ROWS` standard-normal rows.
+    Refusals are FAILED_PRECONDITION naming the rule broken: ``input width`` (the model does not take one
+    column per feature), ``one score per row``, ``finite scores``, ``scores are probabilities``.
+    """
+    n = len(features)
+    shown = ", ".join(features[:20]) + (", ..." if n > 20 else "")
+    who = f"model {mv.name}:{mv.version}"
+    if warmup is not None and (warmup.ndim != 2 or warmup.shape[1] != n):
+        raise InvalidArgument("warmup", f"must have shape (rows, {n})")
+    probe = torch.randn(WARMUP_PROBE_ROWS, n, generator=torch.Generator().manual_seed(0))
+    batch = probe if warmup is None else torch.cat([warmup.to(torch.float32).cpu(), probe])
+    try:
+        with torch.inference_mode():
+            out = mv.module(batch.to(device, torch.float32))
+    except Exception as exc:
+        raise FailedPrecondition(
+            f"{who} failed its warm-up batch (rule: input width): it must take (rows, {n}) float32, one column "
+            f"per feature ({shown}); {_readable(exc)}"
+        ) from None
+    if not isinstance(out, torch.Tensor):
+        raise FailedPrecondition(
+            f"{who}: warm-up output is a {type(out).__name__}, not a tensor (rule: one score per row)"
+        )
+    if out.numel() != batch.shape[0] or out.shape[0] != batch.shape[0]:
+        raise FailedPrecondition(
+            f"{who}: warm-up gave output of shape {tuple(out.shape)} for {batch.shape[0]} rows; expected "
+            f"({batch.shape[0]},) or ({batch.shape[0]}, 1) (rule: one score per row)"
+        )
+    scores = out.reshape(-1).float()
+    if not torch.isfinite(scores).all():
+        raise FailedPrecondition(
+            f"{who}: warm-up gave NaN/Inf scores; expected one finite score per row (rule: finite scores)"
+        )
+    low, high = float(scores.min()), float(scores.max())
+    if low < 0.0 or high > 1.0:
+        raise FailedPrecondition(
+            f"{who}: warm-up scores range over [{low:.4g}, {high:.4g}]; scores must be probabilities in [0, 1] "
+            "(rule: scores are probabilities). A model that ends in logits needs a sigmoid as its last layer"
+        )
+
+
 class ModelRegistry:
     """Thread-safe registry of model lines; scoring reads the active version without locking."""
 
@@ -183,18 +239,7 @@ class ModelRegistry:
                 raise AlreadyExists(f"model {name!r} version {version!r} exists")
         module, raw = load_module(fmt, payload, self.device, arch=arch, n_features=len(features), options=options)
         mv = ModelVersion(name, version, tuple(features), module, fmt, time.time(), raw)
-        batch = warmup if warmup is not None else torch.zeros(4, len(features))
-        if batch.ndim != 2 or batch.shape[1] != len(features):
-            raise InvalidArgument("warmup", f"must have shape (rows, {len(features)})")
-        try:
-            scores = mv(batch.to(self.device, torch.float32))
-        except Exception as exc:
-            raise FailedPrecondition(f"model {name}:{version} failed its warm-up batch: {exc}") from None
-        if scores.shape != (batch.shape[0],) or not torch.isfinite(scores).all():
-            raise FailedPrecondition(
-                f"model {name}:{version} warm-up gave {tuple(scores.shape)} scores"
-                f"{'' if torch.isfinite(scores).all() else ' with NaN/Inf'}; expected one finite score per row"
-            )
+        check_output(mv, features, warmup, self.device)
         with self.lock:
             line = self.lines.setdefault(name, ModelLine())
             if version in line.versions:
@@ -237,6 +282,26 @@ class ModelRegistry:
         if mv is None:
             raise NotFound(f"model {name!r} version {chosen!r} not found")
         return mv
+
+    def active_name(self, name: str) -> str | None:
+        """The active version's name (None when none is active or the model is unknown)."""
+        line = self.lines.get(name)
+        return line.active if line is not None else None
+
+    def activations(self) -> dict[str, tuple[str, list[str]]]:
+        """(active version, activation history) of every model with an active version: what is recorded."""
+        with self.lock:
+            return {n: (line.active, list(line.history)) for n, line in self.lines.items() if line.active}
+
+    def restore_active(self, name: str, version: str, history: list[str]) -> None:
+        """Set a recorded active version and history (at restart); NotFound if any of them is not loaded."""
+        with self.lock:
+            line = self.lines.get(name)
+            known = set(line.versions) if line is not None else set()
+            lost = [v for v in (version, *history) if v not in known]
+            if line is None or lost:
+                raise NotFound(f"model {name!r}: recorded versions {lost} are not loaded")
+            line.active, line.history = version, list(history)
 
     def list(self) -> list[tuple[str, list[str], str | None]]:
         """(name, versions, active) per model line."""

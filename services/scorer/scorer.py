@@ -1,7 +1,11 @@
 """The scorer's core: model lines, the decision path, drift, explanations, feedback and rollback.
 
-No gRPC here: ``server.py`` translates protobuf to these calls. Scoring takes a model line's lock only to
-update windows and counters; the model itself runs in the per-version dynamic batcher.
+No gRPC here: ``server.py`` translates protobuf to these calls. Every way in (one Score, a ScoreBatch, an
+Open Inference Protocol ModelInfer) goes through the same path, once per group of rows: features parsed
+into one array, missing values imputed or refused, rules applied, the remaining rows run by the version's
+dynamic batcher (a large group in chunks of the batch size, all queued before any is awaited), decisions
+against the drift-aware threshold, then the drift window, missing-value monitor and decision log updated
+once for the group under the line's lock.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,7 +26,7 @@ import torch
 from guardmesh.config import ScorerSettings
 from guardmesh.errors import FailedPrecondition, GuardmeshError, InvalidArgument, NotFound
 from services.scorer import drift as drift_mod
-from services.scorer.batching import DynamicBatcher
+from services.scorer.batching import BatchStats, DynamicBatcher
 from services.scorer.decision import Decision, Rule, ThresholdPolicy, decide
 from services.scorer.explain import explain as explain_fn
 from services.scorer.monitoring import CleaningPolicy, DecisionLog, MissingMonitor, RollingF1, VersionHealth
@@ -43,6 +50,42 @@ class VersionConfig:
     reference_rows: int
 
 
+@dataclass(frozen=True)
+class Registration:
+    """Everything a version was registered with: what the registry stores and a restart registers again."""
+
+    model: str
+    version: str
+    features: tuple[str, ...]
+    fmt: ModelFormat
+    payload: bytes
+    config: VersionConfig
+    arch: str = ""
+    options: Mapping[str, object] = field(default_factory=dict)
+    #: Reference rows (rows x features, float32; NaN = missing) or None (the first live rows become it).
+    reference: np.ndarray | None = None
+
+
+class RegistrationStore(Protocol):
+    """Where accepted registrations and the active versions are kept (``persistence.RegistryStore``)."""
+
+    def save_registration(self, registration: Registration) -> None:
+        """Record an accepted registration durably."""
+        ...
+
+    def save_active(self, active: dict[str, tuple[str, list[str]]]) -> None:
+        """Record (active version, activation history) per model durably."""
+        ...
+
+    def registrations(self) -> Iterator[Registration]:
+        """Recorded registrations in the order they were accepted."""
+        ...
+
+    def active(self) -> dict[str, tuple[str, list[str]]]:
+        """The recorded (active version, activation history) per model."""
+        ...
+
+
 @dataclass
 class VersionState:
     """A loaded version with its settings, batcher and feedback health."""
@@ -51,6 +94,40 @@ class VersionState:
     config: VersionConfig
     batcher: DynamicBatcher
     health: VersionHealth
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A version as operators see it."""
+
+    version: str
+    fmt: ModelFormat
+    active: bool
+    labels: int
+    f1: float
+    baseline_f1: float
+
+
+@dataclass(frozen=True)
+class LineInfo:
+    """A model line as operators see it."""
+
+    model: str
+    features: tuple[str, ...]
+    active: str | None
+    versions: tuple[VersionInfo, ...]
+
+
+@dataclass(frozen=True)
+class ScoreCall:
+    """One request to score: its id, its features by name (absent or NaN = missing) and options."""
+
+    model: str
+    request_id: str
+    features: Mapping[str, float]
+    version: str = ""
+    explain: bool = False
+    shadow: bool = False
 
 
 @dataclass
@@ -104,17 +181,47 @@ class ModelLineState:
         self.drift_score = 0.0
         self.rows_since_drift = 0
 
+    def expected(self) -> str:
+        """The features this line takes, for error messages."""
+        shown = ", ".join(self.features[:20]) + (", ..." if len(self.features) > 20 else "")
+        return f"{len(self.features)} features: {shown}"
+
+
+@dataclass
+class _Group:
+    """Rows of one line and version on their way through the decision path (see the module docstring).
+
+    ``errors[i]`` is set for a row refused before the model; such a row is neither scored nor observed.
+    """
+
+    line: ModelLineState
+    state: VersionState
+    raw: np.ndarray  # rows x features as sent, NaN = missing
+    request_ids: list[str]
+    explain: list[bool]
+    shadow: list[bool]
+    errors: list[GuardmeshError | None]
+    rows: np.ndarray = field(init=False)  # after imputation
+    imputed: np.ndarray = field(init=False)
+    ruled: list[Decision | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = self.raw
+        self.imputed = np.zeros(len(self.raw), dtype=bool)
+        self.ruled = [None] * len(self.raw)
+
 
 class Scorer:
     """Serves model lines; see the module docstring."""
 
-    def __init__(self, settings: ScorerSettings, device: torch.device) -> None:
+    def __init__(self, settings: ScorerSettings, device: torch.device, store: RegistrationStore | None = None) -> None:
         self.settings = settings
         self.device = device
         self.registry = ModelRegistry(device)
         self.lines: dict[str, ModelLineState] = {}
         self.lock = threading.Lock()
         self.events: deque[Event] = deque(maxlen=10_000)
+        self.store = store
 
     # -- models ----------------------------------------------------------------------------------------
 
@@ -126,25 +233,24 @@ class Scorer:
             raise NotFound(f"model {model!r} not found")
         return line
 
-    def register(
-        self,
-        model: str,
-        version: str,
-        features: list[str],
-        fmt: ModelFormat,
-        payload: bytes,
-        config: VersionConfig,
-        *,
-        arch: str = "",
-        options: dict[str, object] | None = None,
-        reference: np.ndarray | None = None,
-        activate: bool = False,
-    ) -> VersionState:
-        """Load, warm up and (optionally) activate a version; a refused version changes nothing."""
+    def register(self, registration: Registration, *, activate: bool = False) -> VersionInfo:
+        """Load, warm up, record durably and (optionally) activate a version; a refused one changes nothing."""
+        state = self._load(registration)
+        if self.store is not None:  # durable before the answer: a restart serves it again
+            self.store.save_registration(registration)
+        if activate:
+            self.activate(registration.model, registration.version)
+        return self.version_info(registration.model, state.model.version)
+
+    def _load(self, registration: Registration) -> VersionState:
+        r = registration
+        model, version, features, config, reference = r.model, r.version, list(r.features), r.config, r.reference
         if not 1 <= len(model) <= 128:
             raise InvalidArgument("model", "must be 1 to 128 characters")
         if not 1 <= len(version) <= 64:
             raise InvalidArgument("version", "must be 1 to 64 characters")
+        if not features or len(set(features)) != len(features):
+            raise InvalidArgument("features", "must be a non-empty list of unique names")
         config.policy.validate()
         for i, rule in enumerate(config.rules):
             rule.validate(tuple(features), f"rules[{i}]")
@@ -152,13 +258,20 @@ class Scorer:
             raise InvalidArgument("max_f1_drop", "must be in (0, 1]")
         existing = self.lines.get(model)
         if existing is not None and existing.features != tuple(features):
-            raise InvalidArgument("features", f"must equal the model's features {list(existing.features)}")
+            raise InvalidArgument(
+                "features", f"must equal the model's features ({existing.expected()}); got {len(features)}"
+            )
         if reference is not None and (reference.ndim != 2 or reference.shape[1] != len(features) or len(reference) < 2):
-            raise InvalidArgument("reference", f"must be (rows >= 2, {len(features)}) float32")
+            raise InvalidArgument(
+                "reference",
+                f"must be (rows >= 2, {len(features)}) float32, one column per feature; got {reference.shape}",
+            )
         warmup = None
         if reference is not None:
-            warmup = torch.from_numpy(np.nan_to_num(reference[:8], nan=0.0).astype(np.float32))
-        mv = self.registry.register(model, version, features, fmt, payload, arch=arch, options=options, warmup=warmup)
+            warmup = torch.from_numpy(np.nan_to_num(reference[:64], nan=0.0).astype(np.float32))
+        mv = self.registry.register(
+            model, version, features, r.fmt, r.payload, arch=r.arch, options=dict(r.options), warmup=warmup
+        )
         with self.lock:
             line = self.lines.get(model)
             if line is None:
@@ -183,9 +296,36 @@ class Scorer:
             line.versions[version] = state
             if reference is not None and line.reference is None:
                 self._set_reference(line, reference.astype(np.float32), config)
-        if activate:
-            self.activate(model, version)
         return state
+
+    def restore(self) -> int:
+        """Register every recorded version again (each passes its warm-up again), then restore the recorded
+        active versions and their histories; what cannot be restored is logged and left out. Returns the
+        number of versions restored."""
+        if self.store is None:
+            return 0
+        restored = 0
+        for registration in self.store.registrations():
+            try:
+                self._load(registration)
+                restored += 1
+            except GuardmeshError as err:
+                log.error(
+                    "recorded model version not restored",
+                    extra={"model": registration.model, "version": registration.version, "error": err.message},
+                )
+        for model, (version, history) in self.store.active().items():
+            try:
+                self.registry.restore_active(model, version, history)
+            except GuardmeshError as err:
+                log.error("recorded active version not restored", extra={"model": model, "error": err.message})
+        if restored:
+            log.info("model registry restored", extra={"versions": restored})
+        return restored
+
+    def _save_active(self) -> None:
+        if self.store is not None:
+            self.store.save_active(self.registry.activations())
 
     def _set_reference(self, line: ModelLineState, rows: np.ndarray, config: VersionConfig) -> None:
         line.reference = drift_mod.ReferenceWindow.from_rows(rows, device=self.device, names=list(line.features))
@@ -197,94 +337,286 @@ class Scorer:
         self._event(line.name, "reference_ready", f"reference window of {len(rows)} rows")
 
     def activate(self, model: str, version: str) -> str:
-        """Activate a version."""
+        """Activate a version (recorded durably before the answer)."""
         self._line(model)
-        return self.registry.activate(model, version).version
+        active = self.registry.activate(model, version).version
+        self._save_active()
+        return active
 
     def rollback(self, model: str, reason: str = "requested") -> str:
-        """Re-activate the previous version."""
+        """Re-activate the previous version (recorded durably before the answer)."""
         self._line(model)
         previous = self.registry.active(model).version
         now = self.registry.rollback(model).version
+        self._save_active()
         self._event(model, "rollback", f"{previous} -> {now}: {reason}")
         return now
+
+    def version_info(self, model: str, version: str) -> VersionInfo:
+        """A version's format, whether it serves, and its feedback health."""
+        state = self._state(self._line(model), version)
+        _, _, f1, n = state.health.rolling.metrics()
+        return VersionInfo(
+            version,
+            state.model.fmt,
+            self.registry.active_name(model) == version,
+            n,
+            f1,
+            state.health.baseline_f1 or 0.0,
+        )
+
+    def model_lines(self) -> list[LineInfo]:
+        """Every model line, its features, active version and versions (in registration order)."""
+        out = []
+        for name, versions, active in self.registry.list():
+            line = self.lines.get(name)
+            if line is None:  # registered in the registry, its line not yet made (a registration in flight)
+                continue
+            infos = tuple(self.version_info(name, v) for v in versions if v in line.versions)
+            out.append(LineInfo(name, line.features, active, infos))
+        return out
+
+    def features(self, model: str) -> tuple[str, ...]:
+        """The features of a model, in the order its rows take them."""
+        return self._line(model).features
 
     def _event(self, model: str, kind: str, message: str) -> None:
         self.events.append(Event(model, kind, message, time.time()))
         log.warning("scorer event", extra={"model": model, "kind": kind, "detail": message})
 
-    # -- scoring ---------------------------------------------------------------------------------------
+    def _state(self, line: ModelLineState, version: str) -> VersionState:
+        state = line.versions.get(version)
+        if state is None:  # registered in the registry a moment ago, not yet on the line
+            raise NotFound(f"model {line.name!r} version {version!r} not found")
+        return state
 
-    def _row(self, line: ModelLineState, features: dict[str, float]) -> np.ndarray:
-        row = np.full(len(line.features), np.nan, dtype=np.float32)
-        for name, value in features.items():
-            j = line.index.get(name)
-            if j is None:
-                raise InvalidArgument(
-                    f"features[{name}]", f"is not a feature of {line.name!r} (expects {len(line.features)})"
-                )
-            if math.isinf(value) or abs(value) > FLOAT32_MAX:  # NaN passes: it means missing
-                raise InvalidArgument(
-                    f"features[{name}]",
-                    f"must be finite and fit float32 (|value| <= {FLOAT32_MAX:.8g}; absent or NaN means missing)",
-                )
-            row[j] = value
-        return row
+    # -- scoring ---------------------------------------------------------------------------------------
 
     def score(
         self,
         model: str,
         request_id: str,
-        features: dict[str, float],
+        features: Mapping[str, float],
         *,
         version: str = "",
         explain: bool = False,
         shadow: bool = False,
     ) -> ScoreOutcome:
         """Score one request (see ScoreRequest in the proto); a shadow call leaves no trace in the line."""
-        if not 1 <= len(request_id) <= 256:
-            raise InvalidArgument("request_id", "must be 1 to 256 characters")
-        line = self._line(model)
-        mv = self.registry.active(model, version)
-        state = line.versions[mv.version]
-        raw = self._row(line, features)
-        missing = np.isnan(raw)
-        row = raw
-        imputed = False
-        if missing.any():
-            first_missing = line.features[int(np.argmax(missing))]
-            if state.config.cleaning is CleaningPolicy.REJECT:
-                raise InvalidArgument(f"features[{first_missing}]", "is missing and the cleaning policy rejects")
-            if line.missing is None or np.isnan(line.medians[missing]).any():
-                raise InvalidArgument(
-                    f"features[{first_missing}]", "is missing and there is no reference median to impute it from yet"
-                )
-            cleaned, flags = line.missing.clean(raw[None, :])
-            row, imputed = cleaned[0], bool(flags[0])
-        by_name = {f: float(row[j]) for f, j in line.index.items()}
-        path = f"model:{model}:{mv.version}"
-        ruled = decide(by_name, state.config.rules, 0.0, path, state.config.policy, line.drift_score)
-        if ruled.path.startswith("rule:"):
-            if not shadow:
-                self._observe(line, raw, missing, state.config)
-            return ScoreOutcome(ruled, "", imputed)
-        score = float(state.batcher.submit(row[None, :]).result()[0])
-        decision = decide(by_name, (), score, path, state.config.policy, line.drift_score)
-        # Explained before anything is recorded: a request refused here leaves no trace in the line.
-        explanation = self._explain(line, mv, row) if explain else None
-        if not shadow:  # shadow scores are compared by the caller, never fed back as served decisions
-            self._observe(line, raw, missing, state.config)
-            line.decisions.record(request_id, mv.version, decision.positive)
-        outcome = ScoreOutcome(decision, mv.version, imputed)
-        if explanation is not None:
-            outcome.attributions, outcome.attribution_method = explanation
-        return outcome
+        [result] = self.score_many([ScoreCall(model, request_id, features, version, explain, shadow)])
+        if isinstance(result, GuardmeshError):
+            raise result
+        return result
 
-    def _observe(self, line: ModelLineState, raw: np.ndarray, missing: np.ndarray, config: VersionConfig) -> None:
+    def score_many(self, calls: Sequence[ScoreCall]) -> list[ScoreOutcome | GuardmeshError]:
+        """Score requests together: the calls of each model version go through the path as one group (one
+        parse, the batcher in full batches, one window update). Each call gets its outcome or its error,
+        in order; a refused call leaves no trace."""
+        results: list[ScoreOutcome | GuardmeshError | None] = [None] * len(calls)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, call in enumerate(calls):
+            try:
+                if not 1 <= len(call.request_id) <= 256:
+                    raise InvalidArgument("request_id", "must be 1 to 256 characters")
+                self._line(call.model)
+                version = self.registry.active(call.model, call.version).version
+            except GuardmeshError as err:
+                results[i] = err
+                continue
+            groups.setdefault((call.model, version), []).append(i)
+        for (model, version), members in groups.items():
+            line = self.lines[model]
+            try:
+                state = self._state(line, version)
+            except GuardmeshError as err:
+                for i in members:
+                    results[i] = err
+                continue
+            with state.batcher.arriving():  # the batcher may wait for these rows rather than leave without them
+                group = self._parse(line, state, [calls[i] for i in members])
+                pending = self._prepare(group)
+            for i, outcome in zip(members, self._finish(group, pending, atomic=False), strict=True):
+                results[i] = outcome
+        return [r if r is not None else GuardmeshError("not scored") for r in results]
+
+    def score_rows(
+        self, model: str, rows: np.ndarray, request_ids: Sequence[str], *, version: str = ""
+    ) -> tuple[str, list[ScoreOutcome]]:
+        """Score rows given as an array in the model's feature order (NaN = missing), all or none: the first
+        refused row raises (its message names the row) and nothing is recorded. Returns (version, outcomes)."""
+        line = self._line(model)
+        state = self._state(line, self.registry.active(model, version).version)
+        if rows.ndim != 2 or rows.shape[1] != len(line.features):
+            raise InvalidArgument("rows", f"must be (rows, {len(line.features)}): {line.expected()}")
+        if len(request_ids) != len(rows):
+            raise InvalidArgument("request_ids", "must hold one id per row")
+        raw = np.array(rows, dtype=np.float32)  # a writable copy: the caller's array may be a view of a request
+        if np.isinf(raw).any():
+            bad = np.argwhere(np.isinf(raw))[0]
+            raise InvalidArgument(
+                f"row {int(bad[0])} features[{line.features[int(bad[1])]}]",
+                "must be finite (NaN means missing)",
+            )
+        n = len(raw)
+        group = _Group(line, state, raw, list(request_ids), [False] * n, [False] * n, [None] * n)
+        with state.batcher.arriving():
+            pending = self._prepare(group)
+        outcomes = self._finish(group, pending, atomic=True)
+        return state.model.version, [o for o in outcomes if isinstance(o, ScoreOutcome)]
+
+    def _parse(self, line: ModelLineState, state: VersionState, calls: Sequence[ScoreCall]) -> _Group:
+        """The calls' features as one (calls x features) float32 array; a bad value refuses only its call."""
+        raw = np.full((len(calls), len(line.features)), np.nan, dtype=np.float32)
+        errors: list[GuardmeshError | None] = [None] * len(calls)
+        index = line.index
+        for i, call in enumerate(calls):
+            row = raw[i]
+            for name, value in call.features.items():
+                j = index.get(name)
+                if j is None:
+                    errors[i] = InvalidArgument(
+                        f"features[{name}]", f"is not a feature of {line.name!r} (expects {line.expected()})"
+                    )
+                    break
+                if math.isinf(value) or abs(value) > FLOAT32_MAX:  # NaN passes: it means missing
+                    errors[i] = InvalidArgument(
+                        f"features[{name}]",
+                        f"must be finite and fit float32 (|value| <= {FLOAT32_MAX:.8g}; absent or NaN means missing)",
+                    )
+                    break
+                row[j] = value
+        return _Group(
+            line,
+            state,
+            raw,
+            [c.request_id for c in calls],
+            [c.explain for c in calls],
+            [c.shadow for c in calls],
+            errors,
+        )
+
+    def _prepare(self, group: _Group) -> list[Future[np.ndarray]]:
+        """Impute or refuse missing values, apply the rules, and queue the rows the model decides."""
+        line, config = group.line, group.state.config
+        missing = np.isnan(group.raw)
+        incomplete = np.flatnonzero(missing.any(axis=1))
+        if len(incomplete):
+            rows = group.raw.copy()
+            for i in incomplete:
+                if group.errors[i] is not None:
+                    continue
+                first_missing = line.features[int(np.argmax(missing[i]))]
+                if config.cleaning is CleaningPolicy.REJECT:
+                    group.errors[i] = InvalidArgument(
+                        f"features[{first_missing}]", "is missing and the cleaning policy rejects"
+                    )
+                elif line.missing is None or np.isnan(line.medians[missing[i]]).any():
+                    group.errors[i] = InvalidArgument(
+                        f"features[{first_missing}]",
+                        "is missing and there is no reference median to impute it from yet",
+                    )
+                else:
+                    rows[i] = np.where(missing[i], line.medians, rows[i])
+                    group.imputed[i] = True
+            group.rows = rows
+        model_path = f"model:{line.name}:{group.state.model.version}"
+        for rule in config.rules:  # the first matching rule decides (NaN never matches)
+            with np.errstate(invalid="ignore"):
+                hits = np.flatnonzero(group.rows[:, line.index[rule.feature]] > rule.limit)
+            for i in hits:
+                if group.ruled[i] is None and group.errors[i] is None:
+                    group.ruled[i] = decide(
+                        {rule.feature: float(group.rows[i, line.index[rule.feature]])},
+                        (rule,),
+                        None,
+                        model_path,
+                        config.policy,
+                        line.drift_score,
+                    )
+        scored = self._scored(group)
+        if not scored:
+            return []
+        try:
+            return group.state.batcher.submit_many(group.rows[scored])
+        except GuardmeshError as refused:  # the queue is full (RESOURCE_EXHAUSTED): the model rows share it
+            for k in scored:
+                group.errors[k] = refused
+            return []
+
+    @staticmethod
+    def _scored(group: _Group) -> list[int]:
+        return [i for i in range(len(group.raw)) if group.errors[i] is None and group.ruled[i] is None]
+
+    def _finish(
+        self, group: _Group, pending: list[Future[np.ndarray]], *, atomic: bool
+    ) -> list[ScoreOutcome | GuardmeshError]:
+        """Await the model, decide, explain, then record the group's rows in the line (one lock)."""
+        line, state = group.line, group.state
+        scored = self._scored(group)
+        if atomic:
+            first = next((i for i, e in enumerate(group.errors) if e is not None), None)
+            if first is not None:
+                err = group.errors[first]
+                assert err is not None
+                if isinstance(err, InvalidArgument):
+                    raise InvalidArgument(f"row {first} {err.field}", err.rule)
+                raise err
+        try:
+            scores = np.concatenate([f.result() for f in pending]) if pending else np.empty(0, np.float32)
+        except GuardmeshError as refused:  # the batcher refused (closing): every model row shares it
+            if atomic:
+                raise
+            for i in scored:
+                group.errors[i] = refused
+            scored, scores = [], np.empty(0, np.float32)
+        drift_score = line.drift_score
+        threshold = state.config.policy.threshold(drift_score)
+        path = f"model:{line.name}:{state.model.version}@threshold={threshold:.4f}"
+        outcomes: list[ScoreOutcome | GuardmeshError | None] = [None] * len(group.raw)
+        for i, error in enumerate(group.errors):
+            if error is not None:
+                outcomes[i] = error
+        for i, ruled in enumerate(group.ruled):
+            if ruled is not None:
+                outcomes[i] = ScoreOutcome(ruled, "", bool(group.imputed[i]))
+        for i, s in zip(scored, scores.tolist(), strict=True):
+            outcome = ScoreOutcome(
+                Decision(s, s >= threshold, threshold, path, drift_score), state.model.version, bool(group.imputed[i])
+            )
+            if group.explain[i]:
+                # Explained before anything is recorded: a request refused here leaves no trace in the line.
+                try:
+                    outcome.attributions, outcome.attribution_method = self._explain(line, state.model, group.rows[i])
+                except GuardmeshError as err:
+                    outcomes[i] = err
+                    continue
+            outcomes[i] = outcome
+        observed = [i for i, o in enumerate(outcomes) if isinstance(o, ScoreOutcome) and not group.shadow[i]]
+        if observed:
+            decided = [
+                (group.request_ids[i], o.decision.positive)
+                for i in observed
+                if isinstance(o := outcomes[i], ScoreOutcome) and o.version
+            ]
+            self._observe(line, group.raw[observed], state.config, state.model.version, decided)
+        return [o if o is not None else GuardmeshError("not scored") for o in outcomes]
+
+    def _observe(
+        self,
+        line: ModelLineState,
+        raw: np.ndarray,
+        config: VersionConfig,
+        version: str,
+        decided: list[tuple[str, bool]],
+    ) -> None:
+        """Record rows as sent (NaN = missing) in the live window and monitors, and the model's decisions."""
+        missing = np.isnan(raw)
         with line.lock:
-            line.live.add(raw[None, :])
+            for request_id, positive in decided:
+                line.decisions.record(request_id, version, positive)
+            line.live.add(raw)
             if line.missing is not None:
-                for feature in line.missing.observe(missing[None, :]):
+                for feature in line.missing.observe(missing):
                     rate = float(line.missing.rates()[line.index[feature]])
                     self._event(
                         line.name,
@@ -295,10 +627,20 @@ class Scorer:
                     )
             if line.reference is None and len(line.live) >= config.reference_rows:
                 self._set_reference(line, line.live.values().cpu().numpy().T.astype(np.float32), config)
-            line.rows_since_drift += 1
+            line.rows_since_drift += len(raw)
             if line.reference is not None and line.rows_since_drift >= self.settings.drift_every:
                 line.rows_since_drift = 0
                 line.drift_score = float(drift_mod.drift_stats(line.reference, line.live).score)
+
+    def batch_stats(self, model: str, version: str) -> BatchStats:
+        """What the version's batcher did: batches, rows, sizes and why each batch left."""
+        return self._state(self._line(model), version).batcher.stats
+
+    def live_rows(self, model: str) -> np.ndarray:
+        """The live window's rows (rows x features, oldest first; NaN = missing): what drift is measured on."""
+        line = self._line(model)
+        with line.lock:
+            return line.live.values().cpu().numpy().T.copy()
 
     def _explain(self, line: ModelLineState, mv: ModelVersion, row: np.ndarray) -> tuple[list[tuple[str, float]], str]:
         """(attributions by feature, method); InvalidArgument naming ``explain`` when there are none."""
@@ -314,25 +656,13 @@ class Scorer:
                 )
         else:
             background = torch.zeros(1, len(line.features))
-        x = torch.from_numpy(row).to(self.device)
+        x = torch.from_numpy(np.ascontiguousarray(row)).to(self.device)
         try:
             result = explain_fn(module, x, background.to(self.device))  # type: ignore[arg-type]
         except InvalidArgument as exc:
             raise InvalidArgument("explain", f"no attributions for this request ({exc.field}: {exc.rule})") from None
         attributions = [(f, float(a)) for f, a in zip(line.features, result.attributions.tolist(), strict=True)]
         return attributions, str(result.method)
-
-    def score_many(
-        self, requests: list[tuple[str, str, dict[str, float], str, bool]]
-    ) -> list[ScoreOutcome | GuardmeshError]:
-        """Score requests concurrently through the batchers; each gets its outcome or its error."""
-        out: list[ScoreOutcome | GuardmeshError] = []
-        for model, request_id, features, version, explain in requests:
-            try:
-                out.append(self.score(model, request_id, features, version=version, explain=explain))
-            except GuardmeshError as err:
-                out.append(err)
-        return out
 
     # -- feedback --------------------------------------------------------------------------------------
 

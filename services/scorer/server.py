@@ -1,14 +1,21 @@
-"""gRPC shell of the scorer: ``guardmesh.v1.ScorerService`` and the Open Inference Protocol."""
+"""gRPC shell of the scorer: ``guardmesh.v1.ScorerService`` and the Open Inference Protocol.
+
+Protobuf in, domain calls on :class:`~services.scorer.scorer.Scorer`, protobuf out; nothing here reaches
+into the core's state. Both protocols score through the same core path (rules, batcher, drift window,
+decision log).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import uuid
+from collections import Counter
 from typing import Any
 
 import grpc
 import numpy as np
-import torch
 from opentelemetry import trace
 
 from guardmesh.config import MeshConfig
@@ -24,10 +31,10 @@ from inference import grpc_predict_v2_pb2 as oip_pb
 from inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from services.scorer.decision import Rule, RuleAction, ThresholdPolicy
 from services.scorer.monitoring import CleaningPolicy
-from services.scorer.oip import ModelSignature, OpenInferenceServicer, TensorSpec
+from services.scorer.oip import ExecutionStats, ModelSignature, OpenInferenceServicer, TensorSpec
 from services.scorer.persistence import RegistryStore
-from services.scorer.registry import ModelFormat, ModelLine, pick_device
-from services.scorer.scorer import ScoreOutcome, Scorer, VersionConfig
+from services.scorer.registry import ModelFormat, pick_device
+from services.scorer.scorer import Registration, ScoreCall, ScoreOutcome, Scorer, VersionConfig, VersionInfo
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 4096
@@ -62,6 +69,41 @@ def config_from_pb(req: pb.RegisterModelRequest) -> VersionConfig:
     )
 
 
+def registration_from_pb(request: pb.RegisterModelRequest) -> Registration:
+    """The domain record of a RegisterModel request; INVALID_ARGUMENT naming the field that breaks a rule."""
+    fmt = _FORMATS.get(request.format)
+    if fmt is None:
+        raise InvalidArgument("format", "must be TORCHSCRIPT, TORCH_EXPORT or STATE_DICT")
+    features = tuple(request.features)
+    if not features or len(set(features)) != len(features):
+        raise InvalidArgument("features", "must be a non-empty list of unique names")
+    reference = None
+    if request.HasField("reference"):
+        flat = to_float32("reference", request.reference)
+        shape = tuple(request.reference.shape)
+        if len(shape) != 2 or shape[1] != len(features):
+            raise InvalidArgument(
+                "reference.shape", f"must be [rows, {len(features)}], one column per feature; got {list(shape)}"
+            )
+        reference = flat.reshape(shape)
+    options: dict[str, object] = {}
+    if request.hidden:
+        if any(h < 1 or h > 65536 for h in request.hidden):
+            raise InvalidArgument("hidden", "widths must be 1 to 65,536")
+        options["hidden"] = tuple(request.hidden)
+    return Registration(
+        model=request.model,
+        version=request.version,
+        features=features,
+        fmt=fmt,
+        payload=request.payload,
+        config=config_from_pb(request),
+        arch=request.architecture,
+        options=options,
+        reference=reference,
+    )
+
+
 def outcome_to_pb(o: ScoreOutcome) -> pb.ScoreResponse:
     """Message form of a decision."""
     d = o.decision
@@ -80,12 +122,28 @@ def outcome_to_pb(o: ScoreOutcome) -> pb.ScoreResponse:
     return msg
 
 
+def version_to_pb(v: VersionInfo) -> pb.ModelVersionInfo:
+    """Message form of a version."""
+    return pb.ModelVersionInfo(
+        version=v.version,
+        format=_FORMAT_PB[v.fmt],
+        active=v.active,
+        labels=v.labels,
+        f1=v.f1,
+        baseline_f1=v.baseline_f1,
+    )
+
+
+def call_from_pb(r: pb.ScoreRequest) -> ScoreCall:
+    """The domain form of one ScoreRequest."""
+    return ScoreCall(r.model, r.request_id, r.features, r.version, r.explain, r.shadow)
+
+
 class ScorerServicer(pb_grpc.ScorerServiceServicer):
     """Implements ``guardmesh.v1.ScorerService`` over :class:`Scorer`."""
 
     def __init__(self) -> None:
         self._core: Scorer | None = None
-        self.store: RegistryStore | None = None
 
     @property
     def core(self) -> Scorer:
@@ -94,104 +152,43 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
             raise Unavailable("scorer is starting")
         return self._core
 
-    def _version_info(self, model: str, version: str) -> pb.ModelVersionInfo:
-        state = self.core.lines[model].versions[version]
-        _, _, f1, n = state.health.rolling.metrics()
-        active = self.core.registry.lines[model].active
-        return pb.ModelVersionInfo(
-            version=version,
-            format=_FORMAT_PB[state.model.fmt],
-            active=active == version,
-            labels=n,
-            f1=f1,
-            baseline_f1=state.health.baseline_f1 or 0.0,
-        )
-
-    def _save_active(self) -> None:
-        if self.store is not None:
-            lines = self.core.registry.lines
-            self.store.save_active(
-                {name: (line.active, list(line.history)) for name, line in list(lines.items()) if line.active}
-            )
-
     def RegisterModel(
         self, request: pb.RegisterModelRequest, context: grpc.ServicerContext
     ) -> pb.RegisterModelResponse:
         """See the proto."""
-        response = self._register(request)
-        if self.store is not None:  # durable before the answer: a restart serves it again
-            self.store.save_registration(request)
-            if request.activate:
-                self._save_active()
-        return response
-
-    def _register(self, request: pb.RegisterModelRequest) -> pb.RegisterModelResponse:
-        fmt = _FORMATS.get(request.format)
-        if fmt is None:
-            raise InvalidArgument("format", "must be TORCHSCRIPT, TORCH_EXPORT or STATE_DICT")
-        features = list(request.features)
-        if not features or len(set(features)) != len(features):
-            raise InvalidArgument("features", "must be a non-empty list of unique names")
-        reference = None
-        if request.HasField("reference"):
-            flat = to_float32("reference", request.reference)
-            shape = tuple(request.reference.shape)
-            if len(shape) != 2 or shape[1] != len(features):
-                raise InvalidArgument("reference.shape", f"must be [rows, {len(features)}]")
-            reference = flat.reshape(shape)
-        options: dict[str, object] = {}
-        if request.hidden:
-            if any(h < 1 or h > 65536 for h in request.hidden):
-                raise InvalidArgument("hidden", "widths must be 1 to 65,536")
-            options["hidden"] = tuple(request.hidden)
-        state = self.core.register(
-            request.model,
-            request.version,
-            features,
-            fmt,
-            request.payload,
-            config_from_pb(request),
-            arch=request.architecture,
-            options=options,
-            reference=reference,
-            activate=request.activate,
-        )
-        return pb.RegisterModelResponse(
-            version=self._version_info(request.model, state.model.version), device=str(self.core.device)
-        )
+        info = self.core.register(registration_from_pb(request), activate=request.activate)
+        return pb.RegisterModelResponse(version=version_to_pb(info), device=str(self.core.device))
 
     def ActivateModel(
         self, request: pb.ActivateModelRequest, context: grpc.ServicerContext
     ) -> pb.ActivateModelResponse:
         """See the proto."""
-        active = self.core.activate(request.model, request.version)
-        self._save_active()
-        return pb.ActivateModelResponse(active_version=active)
+        return pb.ActivateModelResponse(active_version=self.core.activate(request.model, request.version))
 
     def RollbackModel(
         self, request: pb.RollbackModelRequest, context: grpc.ServicerContext
     ) -> pb.RollbackModelResponse:
         """See the proto."""
-        active = self.core.rollback(request.model)
-        self._save_active()
-        return pb.RollbackModelResponse(active_version=active)
+        return pb.RollbackModelResponse(active_version=self.core.rollback(request.model))
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         """See the proto."""
         resp = pb.ListModelsResponse(device=str(self.core.device))
-        for name, versions, active in self.core.registry.list():
-            line = resp.models.add(
-                model=name, active_version=active or "", features=list(self.core.lines[name].features)
+        for line in self.core.model_lines():
+            resp.models.add(
+                model=line.model,
+                active_version=line.active or "",
+                features=list(line.features),
+                versions=[version_to_pb(v) for v in line.versions],
             )
-            for v in versions:
-                line.versions.append(self._version_info(name, v))
         return resp
 
-    def _score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        """See the proto."""
         outcome = self.core.score(
             request.model,
             request.request_id,
-            dict(request.features),
+            request.features,
             version=request.version,
             explain=request.explain,
             shadow=request.shadow,
@@ -212,20 +209,25 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
             span.set_attribute("guardmesh.shadow", True)
         return outcome_to_pb(outcome)
 
-    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        """See the proto."""
-        return self._score(request)
-
     def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.ServicerContext) -> pb.ScoreBatchResponse:
-        """See the proto."""
+        """See the proto: the requests go through the scorer together (full batches, one window update)."""
         if not 1 <= len(request.requests) <= MAX_BATCH:
             raise InvalidArgument("requests", f"must hold 1 to {MAX_BATCH} requests")
+        results = self.core.score_many([call_from_pb(r) for r in request.requests])
         resp = pb.ScoreBatchResponse()
-        for r in request.requests:
-            try:
-                resp.results.add(response=self._score(r))
-            except GuardmeshError as err:
-                resp.results.add(error=common_pb2.ErrorStatus(code=err.code.value[0], message=err.message))
+        positive = 0
+        for result in results:
+            if isinstance(result, ScoreOutcome):
+                resp.results.add(response=outcome_to_pb(result))
+                positive += result.decision.positive
+            else:
+                resp.results.add(error=common_pb2.ErrorStatus(code=result.code.value[0], message=result.message))
+        span = trace.get_current_span()
+        span.set_attribute("guardmesh.batch_size", len(results))
+        span.set_attribute("guardmesh.batch_errors", sum(1 for r in results if not isinstance(r, ScoreOutcome)))
+        span.set_attribute("guardmesh.batch_positive", positive)
+        models = sorted({r.model for r in request.requests})
+        span.set_attribute("guardmesh.model", models[0] if len(models) == 1 else ",".join(models[:10]))
         return resp
 
     def Feedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackResponse:
@@ -233,7 +235,6 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
         r = self.core.feedback(request.model, [(lb.request_id, lb.label) for lb in request.labels])
         if r.rolled_back:
             trace.get_current_span().add_event("model rolled back", {"guardmesh.active_version": r.active})
-            self._save_active()
         return pb.FeedbackResponse(
             accepted=r.accepted,
             unknown=r.unknown,
@@ -272,7 +273,7 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
         return pb.ListScorerEventsResponse(
             events=[
                 pb.ScorerEvent(model=e.model, kind=e.kind, message=e.message, at=e.at)
-                for e in self.core.events
+                for e in list(self.core.events)
                 if not request.model or e.model == request.model
             ]
         )
@@ -282,10 +283,28 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
+#: Outputs of a model behind the Open Inference Protocol, one value per row (see ScorerInferenceBackend).
+OIP_OUTPUTS = (
+    TensorSpec("score", "FP32", (-1,)),
+    TensorSpec("decision", "BOOL", (-1,)),
+    TensorSpec("threshold", "FP32", (-1,)),
+    TensorSpec("path", "BYTES", (-1,)),
+    TensorSpec("request_id", "BYTES", (-1,)),
+)
+
+
 class ScorerInferenceBackend:
-    """The scorer's models behind the Open Inference Protocol: input ``features`` [-1, n] FP32 in the
-    model's feature order, output ``score`` [-1] FP32. An empty version means the active one. OIP calls
-    return raw model scores: no rules, thresholds or decision log (that is ScorerService's job)."""
+    """The scorer's models behind the Open Inference Protocol, through the same guards as Score.
+
+    Input ``features`` [-1, n] FP32, one column per feature in the model's order (ModelConfig's parameter
+    "feature_names" lists them; NaN = missing, imputed or refused as in Score). Each row is one decision:
+    rules first, then the model through the version's batcher, the drift-aware threshold, the drift window
+    and the decision log. Outputs per row: ``score`` (the model's score; NaN where a rule decided),
+    ``decision`` (true = positive class), ``threshold`` (NaN where a rule decided), ``path`` (as in Score)
+    and ``request_id`` (``<id>/<row>``, ``id`` being the request's id or a fresh one: the ids Feedback
+    takes). Differences from Score: all or nothing (a refused row refuses the request, naming the row),
+    no explanations, no shadow flag. An empty version means the active one.
+    """
 
     def __init__(self, servicer: ScorerServicer) -> None:
         self.servicer = servicer
@@ -296,31 +315,65 @@ class ScorerInferenceBackend:
 
     def model_names(self) -> list[str]:
         """Models with an active version."""
-        return [name for name, _, active in self.servicer.core.registry.list() if active]
+        return [line.model for line in self.servicer.core.model_lines() if line.active]
 
     def model_ready(self, name: str, version: str) -> bool:
         """Whether the version is loaded."""
-        return version in self.servicer.core.registry.lines.get(name, ModelLine()).versions
+        return any(
+            v.version == version
+            for line in self.servicer.core.model_lines()
+            if line.model == name
+            for v in line.versions
+        )
 
     def model_metadata(self, name: str, version: str) -> ModelSignature:
-        """Versions (active last: the default), inputs and outputs."""
+        """Versions (active last: the default), inputs, outputs and the batching settings."""
         core = self.servicer.core
-        line = core.registry.lines[name]
-        versions = [v for v in line.versions if v != line.active] + ([line.active] if line.active else [])
-        n = len(core.lines[name].features)
+        [line] = [line for line in core.model_lines() if line.model == name]
+        versions = [v.version for v in line.versions if v.version != line.active] + (
+            [line.active] if line.active else []
+        )
+        settings = core.settings
         return ModelSignature(
             name,
             tuple(versions),
             "pytorch_libtorch",
-            (TensorSpec("features", "FP32", (-1, n)),),
-            (TensorSpec("score", "FP32", (-1,)),),
+            (TensorSpec("features", "FP32", (-1, len(line.features))),),
+            OIP_OUTPUTS,
+            max_batch_size=settings.max_batch_size,
+            preferred_batch_sizes=(settings.max_batch_size,),
+            max_queue_delay_us=int(settings.max_queue_delay_ms * 1000),
+            parameters=(("feature_names", json.dumps(list(line.features))),),
         )
 
-    def infer(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Scores of the rows."""
-        mv = self.servicer.core.registry.active(name, version)
-        x = torch.from_numpy(np.array(inputs["features"], dtype=np.float32))  # a writable copy of the view
-        return {"score": mv(x.to(self.servicer.core.device)).float().cpu().numpy()}
+    def infer(self, name: str, version: str, inputs: dict[str, np.ndarray], request_id: str) -> dict[str, np.ndarray]:
+        """Decisions for the rows (see the class docstring)."""
+        rows = inputs["features"]
+        prefix = request_id or uuid.uuid4().hex
+        ids = [f"{prefix}/{i}" for i in range(len(rows))]
+        _, outcomes = self.servicer.core.score_rows(name, rows, ids, version=version)
+        nan = float("nan")
+        return {
+            "score": np.array(
+                [o.decision.score if o.decision.score is not None else nan for o in outcomes], np.float32
+            ),
+            "decision": np.array([o.decision.positive for o in outcomes], dtype=bool),
+            "threshold": np.array(
+                [o.decision.threshold if o.decision.threshold is not None else nan for o in outcomes], np.float32
+            ),
+            "path": np.array([o.decision.path.encode() for o in outcomes], dtype=object),
+            "request_id": np.array([i.encode() for i in ids], dtype=object),
+        }
+
+    def statistics(self, name: str, version: str) -> ExecutionStats:
+        """The version's batcher: rows, executions and their sizes."""
+        stats = self.servicer.core.batch_stats(name, version)
+        return ExecutionStats(
+            inference_count=stats.rows,
+            execution_count=stats.batches,
+            last_inference_ms=int(stats.last_at * 1000),
+            batch_sizes=tuple(sorted(Counter(stats.sizes).items())),
+        )
 
 
 class ScorerBinding:
@@ -339,39 +392,16 @@ class ScorerBinding:
         )
 
     def start(self) -> None:
-        """Pick the device and create the core."""
+        """Pick the device, create the core over the durable registry and restore what it recorded."""
         device = pick_device(self.config.scorer.device)
-        self.servicer._core = Scorer(self.config.scorer, device)
         store = RegistryStore(self.config.state_path(self.config.scorer.registry_dir))
-        self._restore(store)
-        self.servicer.store = store
+        migrate_legacy(store)
+        core = Scorer(self.config.scorer, device, store)
+        core.restore()
+        self.servicer._core = core
         if self.config.metrics.enabled:
-            observe_scorer(self.servicer._core)
+            observe_scorer(core)
         log.info("scorer device", extra={"device": str(device)})
-
-    def _restore(self, store: RegistryStore) -> None:
-        """Register every recorded version again, then activate the recorded active versions."""
-        restored = 0
-        for request in store.registrations():
-            try:
-                self.servicer._register(request)
-                restored += 1
-            except GuardmeshError as err:
-                log.error(
-                    "recorded model version not restored",
-                    extra={"model": request.model, "version": request.version, "error": err.message},
-                )
-        registry = self.servicer.core.registry
-        for model, (version, history) in store.active().items():
-            line = registry.lines.get(model)
-            known = set(line.versions) if line is not None else set()
-            if line is None or version not in known or not set(history) <= known:
-                log.error("recorded active version not restored", extra={"model": model, "version": version})
-                continue
-            with registry.lock:
-                line.active, line.history = version, list(history)
-        if restored:
-            log.info("model registry restored", extra={"versions": restored, "active": store.active()})
 
     def drain(self) -> None:
         """Nothing streams indefinitely here."""
@@ -380,6 +410,27 @@ class ScorerBinding:
         """Stop the batchers."""
         if self.servicer._core is not None:
             self.servicer._core.close()
+
+
+def migrate_legacy(store: RegistryStore) -> int:
+    """Rewrite registrations recorded in the old format (protobuf RegisterModelRequest files) as domain
+    records, keeping their order; the old files are kept aside as ``*.pb.migrated``. An old record that
+    does not parse or breaks a rule is logged and left in place, never fatal. Returns how many moved."""
+    moved = 0
+    for seq, path in store.legacy_records():
+        request = pb.RegisterModelRequest()
+        try:
+            request.ParseFromString(path.read_bytes())
+            registration = registration_from_pb(request)
+        except (GuardmeshError, ValueError, OSError) as exc:  # protobuf's DecodeError is a ValueError
+            log.error("old model registration not migrated", extra={"file": str(path), "error": str(exc)})
+            continue
+        store.save_registration(registration, seq=seq)
+        store.retire_legacy(path)
+        moved += 1
+    if moved:
+        log.info("old model registrations migrated", extra={"records": moved, "folder": str(store.folder)})
+    return moved
 
 
 _SCORER = pb.DESCRIPTOR.services_by_name["ScorerService"].full_name
