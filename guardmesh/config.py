@@ -44,6 +44,8 @@ class ServiceEndpoint(_Section):
     advertise_host: str = ""
     #: Port of the Prometheus scrape endpoint (``/metrics``); 0: none. Paramserver shard i uses port + i.
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    #: ``host:port`` of every replica when several run (static discovery resolves to these); empty: one.
+    replicas: list[str] = Field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -69,6 +71,7 @@ class ClientSettings(_Section):
     max_attempts: int = Field(default=4, ge=1, le=5)
     initial_backoff_s: float = Field(default=0.1, gt=0)
     max_backoff_s: float = Field(default=2.0, gt=0)
+    reresolve_s: float = Field(default=5.0, gt=0, le=3600)
 
 
 class DiscoverySettings(_Section):
@@ -104,7 +107,9 @@ class SchedulerSettings(_Section):
     """The scheduler service (see ``mesh.toml`` for each key's meaning)."""
 
     db_path: str = "scheduler.db"
+    store_url: str = ""
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    leader_lease_s: float = Field(default=5.0, ge=0.5, le=300)
     gpu_reserve_mib: int = Field(default=512, ge=0, le=65536)
     lease_ttl_s: int = Field(default=30, ge=1, le=86400)
     preemption_grace_s: float = Field(default=10.0, ge=0)
@@ -116,6 +121,22 @@ class SchedulerSettings(_Section):
     scale_in_utilization: float = Field(default=0.2, ge=0, lt=1)
     scale_window_s: float = Field(default=300.0, gt=0)
     event_retention: int = Field(default=100_000, ge=100)
+
+
+class ExtenderSettings(_Section):
+    """The scheduler's Kubernetes scheduler extender and controller (see ``mesh.toml`` and docs/kubernetes.md)."""
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = Field(default=8888, ge=0, le=65535)
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+    resource_name: str = "guardmesh.io/gpu-memory-mib"
+    gang_wait_s: float = Field(default=20.0, gt=0, le=600)
+    filtered_pods_kept: int = Field(default=10_000, ge=1)
+    controller: bool = True
+    resync_s: float = Field(default=30.0, gt=0)
 
 
 class ParamServerSettings(_Section):
@@ -191,6 +212,7 @@ class MeshConfig(_Section):
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    extender: ExtenderSettings = ExtenderSettings()
     paramserver: ParamServerSettings = ParamServerSettings()
     scorer: ScorerSettings = ScorerSettings()
     abrouter: ABRouterSettings = ABRouterSettings()
