@@ -1,15 +1,9 @@
 """The monitoring matrix as OpenTelemetry metrics: what each service exports for Prometheus and its alert.
 
-| metric | service | alert (README) |
-| --- | --- | --- |
-| ``guardmesh_scorer_f1`` / ``guardmesh_scorer_f1_drop`` | scorer | drop >= 0.05 of baseline: rollback |
-| ``guardmesh_scorer_feature_missing_rate`` | scorer | > 0.02: cleaning (impute or reject) |
-| ``guardmesh_scorer_drift_score`` | scorer | > 0.5: threshold adapts, investigate |
-| ``guardmesh_scheduler_gpu_utilization`` (by pool) | scheduler | >= 0.9 held: scale out |
-| ``guardmesh_scheduler_pending_jobs`` | scheduler | > 0 for minutes: capacity |
-| ``guardmesh_abrouter_srm_p_value`` | abrouter | < 0.001: sample-ratio mismatch |
-| ``guardmesh_abrouter_guardrail_state`` | abrouter | 1: rolled back to control |
-| ``guardmesh_paramserver_staleness`` / ``_pushes`` | paramserver | rejected share > 0.2: stragglers |
+Names follow Prometheus conventions as OpenTelemetry's exporter writes them (dots become underscores, a
+counter gains ``_total``); a dimensionless share is named ``..._ratio`` in the instrument name itself, since
+the exporter does not add it. The README's monitoring table lists exactly :data:`PROMETHEUS_NAMES`, and
+``deploy/prometheus/alerts.yml`` alerts on them.
 
 Gauges are observed when Prometheus scrapes (callbacks read the live state, nothing is polled meanwhile).
 Each ``observe_*`` function registers the instruments of one service's core; the core knows nothing of it.
@@ -18,13 +12,33 @@ Each ``observe_*`` function registers the instruments of one service's core; the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import grpc
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 Callback = Callable[[CallbackOptions], Iterable[Observation]]
+
+#: Every metric a guardmesh service exports, by the name Prometheus scrapes (histograms also serve
+#: ``_bucket``/``_count``/``_sum``), with the service that exports it. tests/test_monitoring.py scrapes each.
+PROMETHEUS_NAMES: dict[str, str] = {
+    "guardmesh_scorer_f1_ratio": "scorer",
+    "guardmesh_scorer_f1_drop_ratio": "scorer",
+    "guardmesh_scorer_feature_missing_ratio": "scorer",
+    "guardmesh_scorer_drift_score": "scorer",
+    "guardmesh_scheduler_gpu_utilization_ratio": "scheduler",
+    "guardmesh_scheduler_gpu_memory_allocated_ratio": "scheduler",
+    "guardmesh_scheduler_pending_jobs": "scheduler",
+    "guardmesh_abrouter_srm_p_value_ratio": "abrouter",
+    "guardmesh_abrouter_guardrail_state": "abrouter",
+    "guardmesh_abrouter_exposed_units": "abrouter",
+    "guardmesh_paramserver_staleness_versions": "paramserver",
+    "guardmesh_paramserver_pushes_total": "paramserver",
+    "rpc_server_duration_milliseconds": "every service",
+}
 
 
 def _gauge(
@@ -68,31 +82,55 @@ def observe_scorer(core: Any) -> None:
         for name, line in list(core.lines.items()):
             yield Observation(float(line.drift_score), {"model": name})
 
-    _gauge(meter, "guardmesh.scorer.f1", "1", "Rolling F1 of a model version from feedback labels", f1)
-    _gauge(meter, "guardmesh.scorer.f1_drop", "1", "Relative F1 drop from the version's baseline", f1_drop)
-    _gauge(meter, "guardmesh.scorer.feature_missing_rate", "1", "Share of the live window missing a feature", missing)
-    _gauge(meter, "guardmesh.scorer.drift_score", "1", "Drift score between reference and live windows", drift)
+    _gauge(meter, "guardmesh.scorer.f1_ratio", "1", "Rolling F1 of a model version from feedback labels", f1)
+    _gauge(meter, "guardmesh.scorer.f1_drop_ratio", "1", "Relative F1 drop from the version's baseline F1", f1_drop)
+    _gauge(meter, "guardmesh.scorer.feature_missing_ratio", "1", "Share of the live window missing a feature", missing)
+    _gauge(meter, "guardmesh.scorer.drift_score", "", "Drift score between reference and live windows (0-1)", drift)
 
 
 def observe_scheduler(core: Any) -> None:
-    """GPU memory utilisation by pool (GPU model) and pending jobs."""
+    """GPU utilisation (as agents report it from NVML) and allocated GPU memory by pool, and pending jobs."""
     meter = metrics.get_meter("guardmesh.scheduler")
 
-    def utilization() -> Iterable[Observation]:
-        used: dict[str, float] = {}
+    def by_pool() -> tuple[dict[str, list[float]], dict[str, float], dict[str, float]]:
+        busy: dict[str, list[float]] = {}
+        allocated: dict[str, float] = {}
         total: dict[str, float] = {}
         for node in core.list_nodes():
             for gpu in node.gpus:
+                busy.setdefault(gpu.model, []).append(float(gpu.utilization))
                 total[gpu.model] = total.get(gpu.model, 0.0) + gpu.memory_mib
-                used[gpu.model] = used.get(gpu.model, 0.0) + sum(cap for _, _, cap, _ in gpu.allocations)
+                allocated[gpu.model] = allocated.get(gpu.model, 0.0) + sum(cap for _, _, cap, _ in gpu.allocations)
+        return busy, allocated, total
+
+    def utilization() -> Iterable[Observation]:
+        busy, _, _ = by_pool()
+        for pool, shares in busy.items():
+            yield Observation(sum(shares) / len(shares), {"pool": pool})
+
+    def memory_allocated() -> Iterable[Observation]:
+        _, allocated, total = by_pool()
         for pool, cap in total.items():
             if cap:
-                yield Observation(used[pool] / cap, {"pool": pool})
+                yield Observation(allocated[pool] / cap, {"pool": pool})
 
     def pending() -> Iterable[Observation]:
         yield Observation(float(sum(j.state.name == "PENDING" for j in core.list_jobs())), {})
 
-    _gauge(meter, "guardmesh.scheduler.gpu_utilization", "1", "Allocated share of GPU memory by pool", utilization)
+    _gauge(
+        meter,
+        "guardmesh.scheduler.gpu_utilization_ratio",
+        "1",
+        "Mean GPU busy share by pool, as node agents last reported it from NVML (0 where no agent reports)",
+        utilization,
+    )
+    _gauge(
+        meter,
+        "guardmesh.scheduler.gpu_memory_allocated_ratio",
+        "1",
+        "Share of GPU memory allocated to jobs by pool (what the scale-out signal follows)",
+        memory_allocated,
+    )
     _gauge(meter, "guardmesh.scheduler.pending_jobs", "{job}", "Jobs waiting for placement", pending)
 
 
@@ -113,8 +151,84 @@ def observe_abrouter(router: Any) -> None:
         for experiment, count in router.list_experiments():
             yield Observation(float(count), {"experiment": experiment.key})
 
-    _gauge(meter, "guardmesh.abrouter.srm_p_value", "1", "Sample-ratio mismatch p-value of the last audit", srm)
+    _gauge(meter, "guardmesh.abrouter.srm_p_value_ratio", "1", "Sample-ratio mismatch p-value of the last audit", srm)
     _gauge(
-        meter, "guardmesh.abrouter.guardrail_state", "1", "1 when a guardrail sent traffic back to control", guardrail
+        meter, "guardmesh.abrouter.guardrail_state", "", "1 when a guardrail sent traffic back to control", guardrail
     )
     _gauge(meter, "guardmesh.abrouter.exposed_units", "{unit}", "Units with a logged exposure", exposed)
+
+
+# -- per-RPC metrics (OpenTelemetry semantic conventions for RPC servers) ------------------------------------
+
+
+class RpcServerMetrics(grpc.ServerInterceptor):
+    """``rpc.server.duration`` (milliseconds) of every call, with ``rpc.system``, ``rpc.service``,
+    ``rpc.method`` and ``rpc.grpc.status_code``: requests are its count, errors its count by status code.
+
+    One interceptor in the runtime does it for every service; it sees the status a call ended with, including
+    the ones the domain-error mapping and the drain gate set.
+    """
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter("guardmesh.rpc")
+        self._duration = meter.create_histogram(
+            "rpc.server.duration",
+            unit="ms",
+            description="Duration of inbound RPCs, by service, method and gRPC status code",
+        )
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """Wrap the handler's behaviour so that its duration and final status are recorded."""
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        if handler.unary_unary:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary, attributes))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=self._unary(handler.stream_unary, attributes))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=self._stream(handler.unary_stream, attributes))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=self._stream(handler.stream_stream, attributes))
+        return handler
+
+    def _record(self, began: float, context: grpc.ServicerContext, failed: bool, attributes: dict[str, str]) -> None:
+        code = context.code()  # type: ignore[attr-defined]
+        if code is None:  # no status set: the behaviour returned (OK), raised (UNKNOWN) or its caller left
+            code = grpc.StatusCode.OK if not failed else grpc.StatusCode.UNKNOWN
+            if failed and not context.is_active():
+                code = grpc.StatusCode.CANCELLED
+        self._duration.record(
+            (time.perf_counter() - began) * 1000.0, {**attributes, "rpc.grpc.status_code": code.value[0]}
+        )
+
+    def _unary(self, fn: Callable[[Any, grpc.ServicerContext], Any], attributes: dict[str, str]) -> Any:
+        def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
+            began = time.perf_counter()
+            failed = True
+            try:
+                response = fn(request, context)
+                failed = False
+                return response
+            finally:
+                self._record(began, context, failed, attributes)
+
+        return behaviour
+
+    def _stream(self, fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]], attributes: dict[str, str]) -> Any:
+        def behaviour(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            began = time.perf_counter()
+            failed = True
+            try:
+                yield from fn(request, context)
+                failed = False
+            finally:
+                self._record(began, context, failed, attributes)
+
+        return behaviour

@@ -34,6 +34,7 @@ from guardmesh.config import ConfigError, MeshConfig, load_config
 from guardmesh.discovery import Registry, registry_for
 from guardmesh.errors import DomainErrorInterceptor
 from guardmesh.logs import setup_logging
+from guardmesh.monitoring import RpcServerMetrics
 from guardmesh.security import AuthorizationInterceptor, Authorizer, RoleBook, server_credentials
 from guardmesh.tracing import (
     flush_tracing,
@@ -215,7 +216,8 @@ def start_service(
     setup_tracing(definition.name, config.tracing.otlp_endpoint, prometheus=config.metrics.enabled)
     credentials = server_credentials(config, definition.name)
     gate = CallGate()
-    interceptors: list[grpc.ServerInterceptor] = [gate, server_tracing_interceptor()]
+    # Metrics outermost, so that they count the calls the drain gate refuses too.
+    interceptors: list[grpc.ServerInterceptor] = [RpcServerMetrics(), gate, server_tracing_interceptor()]
     if config.security.authorization:
         interceptors.append(AuthorizationInterceptor(Authorizer(RoleBook.load(config), definition.roles)))
     interceptors.append(DomainErrorInterceptor())

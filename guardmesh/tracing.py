@@ -63,7 +63,8 @@ def _setup_metrics(service_name: str, otlp_endpoint: str, prometheus: bool) -> N
     if prometheus:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
-        readers.append(PrometheusMetricReader())
+        # No otel_scope_* labels: the metric names already say which service (and scope) they come from.
+        readers.append(PrometheusMetricReader(scope_info_enabled=False))
     global _meter_provider
     _meter_provider = MeterProvider(resource=Resource.create({"service.name": service_name}), metric_readers=readers)
     metrics.set_meter_provider(_meter_provider)
