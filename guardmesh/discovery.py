@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import consul
 
-from guardmesh.config import MeshConfig
+from guardmesh.config import ConfigError, MeshConfig
 from guardmesh.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,19 @@ class StaticRegistry:
         """Nothing to withdraw."""
 
     def resolve(self, service: str) -> list[Endpoint]:
-        """The configured address of ``service``."""
+        """The configured replicas of ``service`` (``replicas``), else its one ``host:port``."""
         ep = self.config.endpoint(service)
+        if ep.replicas:
+            return [parse_endpoint(a, f"services.{service}.replicas") for a in ep.replicas]
         return [Endpoint(ep.host, ep.port)]
+
+
+def parse_endpoint(address: str, where: str = "address") -> Endpoint:
+    """``host:port`` (``[v6]:port`` too) as an endpoint; ConfigError naming ``where`` if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: {address!r} is not host:port")
+    return Endpoint(host.strip("[]"), int(port))
 
 
 def _parse_consul_addr(addr: str) -> tuple[str, str, int]:

@@ -37,6 +37,8 @@ from urllib.parse import unquote, urlsplit
 
 #: One statement and its parameters; a list of parameter tuples runs it with ``executemany``.
 Statement = tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]
+#: A lease row's name and the epoch a writer must still hold there for its batch to be written.
+Fence = tuple[str, int]
 T = TypeVar("T")
 
 #: Seconds a PostgreSQL connection attempt may take before the store counts as unreachable.
@@ -97,6 +99,8 @@ class Ticket:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.error: BaseException | None = None
+        #: The writer's previous batch: when it failed, this one is failed without being written.
+        self.after: Ticket | None = None
 
     def done(self, error: BaseException | None) -> None:
         """Mark committed (or failed)."""
@@ -403,10 +407,10 @@ class GroupCommitLog:
         except BaseException:
             self.backend.close()
             raise
-        self._queue: list[tuple[Sequence[Statement], Ticket]] = []
+        self._queue: list[tuple[Sequence[Statement], Ticket, Fence | None]] = []
         self._queue_cond = threading.Condition()
         self._closed = False
-        self._fence: tuple[str, int] | None = None
+        self._fence: Fence | None = None
         #: Transactions committed (several batches may share one: group commit).
         self.transactions = 0
         self._committer = threading.Thread(target=self._commit_loop, name="store-committer", daemon=True)
@@ -418,22 +422,29 @@ class GroupCommitLog:
         return self.target.where
 
     def fence(self, lease: str, epoch: int | None) -> None:
-        """From the next transaction on, write only while lease row ``lease`` holds ``epoch`` (None: stop
-        checking). Checked inside each transaction, so a takeover between two batches refuses the second."""
+        """Batches submitted from now on (without a fence of their own) are written only while lease row
+        ``lease`` holds ``epoch`` (None: no check). Checked inside each transaction, so a takeover between
+        two batches refuses the second."""
         with self._queue_cond:
             self._fence = None if epoch is None else (lease, epoch)
 
-    def submit(self, statements: Sequence[Statement]) -> Ticket:
+    def submit(
+        self, statements: Sequence[Statement], fence: Fence | None = None, after: Ticket | None = None
+    ) -> Ticket:
         """Queue ``statements`` for the next transaction; the ticket is set once they are committed.
 
         Batches reach the store in submission order, so a caller that submits under its own lock writes in
-        decision order and can wait for the ticket outside that lock.
+        decision order and can wait for the ticket outside that lock. ``fence`` (lease name, epoch) is
+        checked in the batch's transaction; by default the one :meth:`fence` set when the batch was queued.
+        ``after``: the writer's previous batch; if it failed, this one fails unwritten (fail-stop: nothing
+        decided on top of a lost write reaches the store).
         """
         ticket = Ticket()
+        ticket.after = after
         with self._queue_cond:
             if self._closed:
                 raise RuntimeError("store is closed")
-            self._queue.append((statements, ticket))
+            self._queue.append((statements, ticket, fence or self._fence))
             self._queue_cond.notify()
         return ticket
 
@@ -451,15 +462,19 @@ class GroupCommitLog:
                     self._queue_cond.wait()
                 if not self._queue and self._closed:
                     return
-                batch, self._queue = self._queue, []
-                fence = self._fence
+                # One transaction holds the queued batches of one fence: a writer's batches from before a
+                # takeover never share a transaction (and its fate) with those from after.
+                fence = self._queue[0][2]
+                same = next((i for i, queued in enumerate(self._queue) if queued[2] != fence), len(self._queue))
+                batch, self._queue = self._queue[:same], self._queue[same:]
+            batch = self._drop_after_failure(batch)
             error: BaseException | None = None
             self.transactions += 1
             try:
                 with self.backend.transaction(committer=True) as tx:
                     if fence is not None:
                         _check_fence(tx, *fence)
-                    for statements, _ in batch:
+                    for statements, _, _ in batch:
                         for sql, params in statements:
                             if isinstance(params, list):
                                 tx.executemany(sql, params)
@@ -467,8 +482,21 @@ class GroupCommitLog:
                                 tx.execute(sql, params)
             except BaseException as exc:
                 error = exc
-            for _, ticket in batch:
+            for _, ticket, _ in batch:
                 ticket.done(error)
+
+    @staticmethod
+    def _drop_after_failure(batch: list[tuple[Sequence[Statement], Ticket, Fence | None]]) -> list[Any]:
+        """Fail, unwritten, each batch whose writer's previous batch failed (in order, so it chains)."""
+        kept = []
+        for queued in batch:
+            ticket = queued[1]
+            earlier, ticket.after = ticket.after, None  # checked once; no chain of tickets kept alive
+            if earlier is not None and earlier.error is not None:
+                ticket.done(StoreFailure(f"not written: an earlier write of this writer failed ({earlier.error})"))
+            else:
+                kept.append(queued)
+        return kept
 
     def transaction(self, body: Callable[[Transaction], T]) -> T:
         """Run ``body`` in one short transaction on its own connection (not the committer's) and commit;

@@ -12,10 +12,27 @@ stops acting as leader when it passes without a renewal, before any other replic
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
 from guardmesh.durable import GroupCommitLog, Transaction
+
+#: How a standby's UNAVAILABLE message names the leader; the client factory follows it (guardmesh/client.py).
+_LEADER_IN_MESSAGE = re.compile(r"\bleader=([^\s;,()]+)")
+
+
+def standby_message(service: str, leader_address: str) -> str:
+    """The UNAVAILABLE message of a standby replica: it names the leader so clients can follow it."""
+    if leader_address:
+        return f"{service} replica is a standby; not the leader: leader={leader_address}"
+    return f"{service} replica is a standby and no leader is known yet (one takes over within a lease)"
+
+
+def leader_in_message(message: str) -> str:
+    """The leader address named in a standby's message ("" if none)."""
+    found = _LEADER_IN_MESSAGE.search(message)
+    return found.group(1) if found else ""
 
 
 @dataclass(frozen=True)
@@ -32,7 +49,12 @@ class LeaseState:
 
 
 class Lease:
-    """Claims and renews the lease row ``name`` for ``holder`` (unique per process life) at ``address``."""
+    """Claims and renews the lease row ``name`` for ``holder`` at ``address``.
+
+    ``holder`` must never be live twice at once; it may stay the same across restarts of one replica (its
+    host and port: a restarted replica takes its own row over at once, with a new epoch, instead of
+    waiting for the dead life's lease to lapse).
+    """
 
     def __init__(self, log: GroupCommitLog, name: str, holder: str, address: str, ttl_s: float) -> None:
         self.log = log
@@ -71,13 +93,19 @@ class Lease:
         if not renewed:
             tx.execute(
                 "UPDATE leases SET holder = ?, address = ?, epoch = epoch + 1, expires_at = ? "
-                "WHERE name = ? AND (expires_at < ? OR holder = '')",
-                (self.holder, self.address, expires, self.name, now),
+                "WHERE name = ? AND (expires_at < ? OR holder = '' OR holder = ?)",
+                (self.holder, self.address, expires, self.name, now, self.holder),
             )
         holder, address, epoch = tx.fetchall("SELECT holder, address, epoch FROM leases WHERE name = ?", (self.name,))[
             0
         ]
         return LeaseState(holder == self.holder, int(epoch), str(holder), str(address))
+
+    def forget(self) -> None:
+        """Stop acting as leader locally; the next :meth:`claim` takes a new epoch even if the row is still
+        this holder's, so nothing written under the old epoch can land afterwards."""
+        self.epoch = 0
+        self.valid_until = 0.0
 
     def valid(self) -> bool:
         """Whether this replica may still act as leader by its own conservative clock."""

@@ -244,6 +244,21 @@ def start_service(
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     binding.fail_stop = fail_stop  # type: ignore[attr-defined]  # bindings with a store call it on a failed write
+    role = {"started": False, "serving": True}
+    role_lock = threading.Lock()
+
+    def set_serving(serving: bool) -> None:
+        """A binding that serves in one role only (a scheduler standby does not) says when it does."""
+        with role_lock:
+            role["serving"] = serving
+            if role["started"]:
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in names:
+                    health_servicer.set(name, status)
+
+    binding.set_serving = set_serving  # type: ignore[attr-defined]  # the scheduler's leader election calls it
     binding.add_to_server(server)
     try:
         if credentials is None:
@@ -255,6 +270,7 @@ def start_service(
     if bound == 0:
         raise ConfigError(f"services.{definition.name}.port: cannot bind {host}:{port}")
     server.start()
+    binding.bound_port = bound  # type: ignore[attr-defined]  # a leader publishes its address to standbys
     try:
         binding.start()
     except Exception:
@@ -276,8 +292,13 @@ def start_service(
         ) from exc
     if config.metrics.enabled and endpoint is not None and endpoint.metrics_port:
         running.stop_metrics = start_metrics_endpoint(config.metrics.host, endpoint.metrics_port)
-    for name in names:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    with role_lock:
+        role["started"] = True
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if role["serving"] else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in names:
+            health_servicer.set(name, status)
     log.info("serving", extra={"address": running.address})
     return running
 

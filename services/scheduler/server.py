@@ -1,9 +1,19 @@
-"""gRPC shell of the scheduler: protobuf in, domain calls, protobuf out. No scheduling logic lives here."""
+"""gRPC shell of the scheduler: protobuf in, domain calls, protobuf out. No scheduling logic lives here.
+
+Replicas sharing one store run active/standby (:class:`SchedulerBinding`): the replica holding the
+``scheduler`` lease row (guardmesh/leadership.py) serves; the others answer every call UNAVAILABLE with
+``leader=<address>`` in the message, which the client factory follows, and report health NOT_SERVING so a
+load balancer or Consul sends them no traffic (use health for readiness, not liveness: a standby is
+alive). A replica that takes over loads the state from the store and every job lease starts a fresh TTL.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +23,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
 from guardmesh.config import MeshConfig
+from guardmesh.durable import GroupCommitLog, StoreFailure, parse_store_url
 from guardmesh.errors import GuardmeshError, InvalidArgument, PermissionDenied, Unavailable
+from guardmesh.leadership import Lease, standby_message
 from guardmesh.monitoring import observe_scheduler
 from guardmesh.runtime import ServiceDefinition
 from guardmesh.security import allow, current_principal
@@ -24,10 +36,12 @@ from services.scheduler.inventory import GpuDevice, NodeSpec, load_cluster_file
 from services.scheduler.jobs import Job, JobSpec, JobState, Qos, Topology
 from services.scheduler.scaling import NodeShape, ScaleSignal
 from services.scheduler.scheduler import Event, NodeView, Scheduler
-from services.scheduler.store import Store
+from services.scheduler.store import Store, open_log
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 1000
+#: The lease row the scheduler replicas contend for.
+LEADER_LEASE = "scheduler"
 
 
 def _enum(value: int) -> Any:
@@ -215,13 +229,19 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     def __init__(self) -> None:
         self._core: Scheduler | None = None
         self.draining = threading.Event()
+        #: Set once this replica knows whether it leads; while standby, the leader's address ("" unknown).
+        self.standby = False
+        self.leader_address = ""
 
     @property
     def core(self) -> Scheduler:
-        """The scheduler; UNAVAILABLE until state is restored."""
-        if self._core is None:
+        """The scheduler; UNAVAILABLE until state is restored, and on a standby (naming the leader)."""
+        core = self._core
+        if core is None:
+            if self.standby:
+                raise Unavailable(standby_message("scheduler", self.leader_address))
             raise Unavailable("scheduler is starting")
-        return self._core
+        return core
 
     def RegisterNode(self, request: pb.RegisterNodeRequest, context: grpc.ServicerContext) -> pb.RegisterNodeResponse:
         """See the proto."""
@@ -356,36 +376,138 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                 core.changed.wait_for(moved, timeout=1.0)
 
 
+class _LeaderView:
+    """What metrics read: the current leader core's nodes and jobs (none on a standby)."""
+
+    def __init__(self, servicer: SchedulerServicer) -> None:
+        self._servicer = servicer
+
+    def list_nodes(self) -> list[NodeView]:
+        core = self._servicer._core
+        return core.list_nodes() if core is not None else []
+
+    def list_jobs(self) -> list[Job]:
+        core = self._servicer._core
+        return core.list_jobs() if core is not None else []
+
+
 class SchedulerBinding:
-    """The scheduler's servicer, its store, and the reaper thread that runs ``Scheduler.tick``."""
+    """The scheduler's servicer, its store, leader election, and the reaper thread that runs ``Scheduler.tick``.
+
+    Every replica claims the lease every third of ``scheduler.leader_lease_s``. On winning it, a replica
+    loads a fresh core from the store whose writes carry the new epoch (fencing); on losing it, or when a
+    write fails (store lost, or fenced because another replica took over), it drops its core and stands
+    by, and takes over again (with a new epoch and a fresh load) once it wins the lease back.
+    """
 
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
         self.servicer = SchedulerServicer()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
+        self._elector: threading.Thread | None = None
+        self._role = threading.Lock()
+        self.log: GroupCommitLog | None = None
+        self.lease: Lease | None = None
 
     def add_to_server(self, server: grpc.Server) -> None:
         """Add the servicer."""
         pb_grpc.add_SchedulerServiceServicer_to_server(self.servicer, server)
 
+    @property
+    def address(self) -> str:
+        """Where clients reach this replica: the endpoint's advertised host (or host) and the bound port."""
+        endpoint = self.config.services.get("scheduler")
+        host = (endpoint.advertise_host or endpoint.host) if endpoint is not None else "127.0.0.1"
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        port = getattr(self, "bound_port", 0) or (endpoint.port if endpoint is not None else 0)
+        return f"{host}:{port}"
+
     def start(self) -> None:
-        """Open the store, restore state, load the cluster file, start the reaper."""
+        """Open the store (StoreError if it cannot be used), claim the lease once, start the elector and
+        the reaper. A replica that wins serves at once; one that loses starts as a standby."""
         settings = self.config.scheduler
-        store = Store(self.config.state_path(settings.db_path), settings.sqlite_synchronous)
-        core = Scheduler(settings, store)
-        core.on_fail_stop = getattr(self, "fail_stop", None)
-        if settings.cluster_file:
-            core.register_nodes(load_cluster_file(Path(settings.cluster_file)))
-        self.servicer._core = core
+        url = settings.store_url or settings.db_path
+        self.log = open_log(parse_store_url(url, self.config.mesh.state_dir), settings.sqlite_synchronous)
+        # Host and port cannot be live twice at once; a pid and a nonce keep in-process test servers apart.
+        holder = f"{self.address}/{os.getpid()}/{uuid.uuid4().hex[:8]}" if self.address.endswith(":0") else self.address
+        self.lease = Lease(self.log, LEADER_LEASE, holder, self.address, settings.leader_lease_s)
+        self._elect()
         if self.config.metrics.enabled:
-            observe_scheduler(core)
+            observe_scheduler(_LeaderView(self.servicer))
+        self._elector = threading.Thread(target=self._run_elector, name="scheduler-elector", daemon=True)
+        self._elector.start()
         self._reaper = threading.Thread(target=self._reap, name="scheduler-reaper", daemon=True)
         self._reaper.start()
 
+    def _run_elector(self) -> None:
+        assert self.lease is not None
+        while not self._stop.wait(self.lease.ttl_s / 3):
+            try:
+                self._elect()
+            except Exception:
+                log.exception("leader election round failed")
+
+    def _elect(self) -> None:
+        """One round: claim the lease; take over, stay, or stand by."""
+        assert self.lease is not None
+        try:
+            state = self.lease.claim()
+        except StoreFailure as exc:
+            log.warning("store unreachable; cannot renew the leader lease", extra={"error": str(exc)})
+            if not self.lease.valid():
+                self._step_down(f"store unreachable past the lease: {exc}", leader="")
+            return
+        if state.leader:
+            core = self.servicer._core
+            if core is None or core.failed:
+                self._take_over(state.epoch)
+        else:
+            self._step_down(f"{state.holder} leads (epoch {state.epoch})", leader=state.address)
+
+    def _take_over(self, epoch: int) -> None:
+        assert self.log is not None
+        settings = self.config.scheduler
+        with self._role:
+            # The core's writes carry this epoch: after another replica takes over, none of them lands.
+            core = Scheduler(settings, Store(self.log, fence=(LEADER_LEASE, epoch)))
+            core.on_fail_stop = self._core_failed
+            if settings.cluster_file:
+                core.register_nodes(load_cluster_file(Path(settings.cluster_file)))
+            self.servicer._core = core
+            self.servicer.standby = False
+            self.servicer.leader_address = self.address
+        log.info("leading", extra={"epoch": epoch, "address": self.address, "store": self.log.where})
+        self._set_serving(True)
+
+    def _step_down(self, reason: str, leader: str) -> None:
+        """Stand by: drop the core (its memory may be ahead of the store) and refuse calls naming ``leader``."""
+        with self._role:
+            self.servicer.leader_address = leader
+            self.servicer.standby = True
+            core, self.servicer._core = self.servicer._core, None
+            if core is not None and self.lease is not None:
+                self.lease.forget()  # the next win takes a new epoch: the dropped core can never write again
+        if core is not None:
+            log.warning("standing by", extra={"reason": reason, "leader": leader})
+            core.wake_watchers()
+        self._set_serving(False)
+
+    def _core_failed(self, reason: str) -> None:
+        """A write failed (store lost, or fenced): stand by until the lease is won back."""
+        self._step_down(f"write failed: {reason}", leader="")
+
+    def _set_serving(self, serving: bool) -> None:
+        set_serving = getattr(self, "set_serving", None)  # set by the runtime (guardmesh/runtime.py)
+        if set_serving is not None:
+            set_serving(serving)
+
     def _reap(self) -> None:
-        core = self.servicer.core
         while not self._stop.wait(self.config.scheduler.reap_interval_s):
+            core = self.servicer._core
+            if core is None:
+                continue
             try:
                 for sig in core.tick():
                     log.info(
@@ -407,12 +529,21 @@ class SchedulerBinding:
             self.servicer._core.wake_watchers()
 
     def close(self) -> None:
-        """Stop the reaper and close the store."""
+        """Stop the elector and the reaper, hand the lease back (a standby takes over at once), close the
+        store."""
         self._stop.set()
-        if self._reaper is not None:
-            self._reaper.join(timeout=5)
+        for thread in (self._elector, self._reaper):
+            if thread is not None:
+                thread.join(timeout=5)
         if self.servicer._core is not None:
-            self.servicer._core.close()
+            self.servicer._core.close()  # flushes nothing of its own: the log is shared and closed below
+        if self.lease is not None:
+            try:
+                self.lease.release()
+            except StoreFailure as exc:
+                log.warning("could not hand the leader lease back", extra={"error": str(exc)})
+        if self.log is not None:
+            self.log.close()
 
 
 _SCHEDULER = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from guardmesh.durable import GroupCommitLog, Migration, Statement, Ticket
+from guardmesh.durable import Fence, GroupCommitLog, Migration, Statement, StoreTarget, Ticket
 from services.scheduler.inventory import NodeSpec
 from services.scheduler.jobs import EventKind, Job, JobSpec, JobState, ReplicaPlacement
 
@@ -66,14 +66,19 @@ class Store:
     holds its lock).
 
     ``target`` is a store URL or SQLite path (the store then owns its log and closes it), or an open log
-    shared with others (a leader's successive cores: closing the store leaves the log open).
+    shared with others (a leader's successive cores: closing the store leaves the log open). ``fence``
+    (lease name, epoch): every batch of this store is written only while the lease holds that epoch.
     """
 
-    def __init__(self, target: str | Path | GroupCommitLog, synchronous: str = "FULL") -> None:
+    def __init__(
+        self, target: str | Path | GroupCommitLog, synchronous: str = "FULL", *, fence: Fence | None = None
+    ) -> None:
         self.owns_log = not isinstance(target, GroupCommitLog)
-        self.log = open_log(target, synchronous) if not isinstance(target, GroupCommitLog) else target
+        self.log = target if isinstance(target, GroupCommitLog) else open_log(target, synchronous)
         self.path = self.log.path
+        self.fence = fence
         self._staged: list[Statement] = []
+        self._last: Ticket | None = None
         self._next_position = int(self.log.query("SELECT COALESCE(MAX(position), 0) FROM nodes")[0][0]) + 1
 
     @property
@@ -133,7 +138,9 @@ class Store:
         if not self._staged:
             return None
         staged, self._staged = self._staged, []
-        return self.log.submit(staged)
+        # Chained: once a batch failed, every later batch of this store fails unwritten (fail-stop).
+        self._last = self.log.submit(staged, self.fence, after=self._last)
+        return self._last
 
     def mark(self) -> int:
         """Position in the staged writes, for :meth:`rollback_to`."""
@@ -186,6 +193,6 @@ class Store:
             self.log.close()
 
 
-def open_log(target: str | Path, synchronous: str = "FULL") -> GroupCommitLog:
+def open_log(target: str | Path | StoreTarget, synchronous: str = "FULL") -> GroupCommitLog:
     """The scheduler's log at ``target`` (store URL or SQLite path), schema created or migrated."""
     return GroupCommitLog(target, MIGRATIONS, synchronous, component="scheduler")
