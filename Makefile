@@ -16,7 +16,7 @@ GEN_STAMP := guardmesh/v1/.generated
 NATIVE_STAMP := native/.built
 SERVICES := scheduler paramserver scorer abrouter
 
-.PHONY: install proto native lint breaking test up status down certs demo load bench $(addprefix bench-,$(SERVICES)) clean
+.PHONY: install proto native lint breaking test test-tools up status down certs demo load bench $(addprefix bench-,$(SERVICES)) clean
 
 install: $(STAMP) $(GEN_STAMP) $(NATIVE_STAMP)
 
@@ -50,7 +50,15 @@ lint: install
 breaking: install
 	$(BIN)/buf breaking protos --against '$(BUF_AGAINST),subdir=protos'
 
-test: install
+# System tools the suite runs for real: promtool (Debian's `prometheus` package) checks the alerting rules.
+# Installed when missing and root with apt-get; otherwise the tests that need them fail saying so.
+test-tools:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		echo "installing promtool (apt-get install prometheus)" && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+		echo "promtool missing: install Debian's prometheus package (tests/test_alerts.py needs it)"
+
+test: install test-tools
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # PROFILE=secure: mutual TLS and role-based authorization (guardmesh/profiles/secure.toml).
