@@ -213,8 +213,15 @@ class Scheduler:
                 self.on_fail_stop(self.failed)
             raise Unavailable(f"scheduler store failed ({exc}); restart the scheduler") from exc
 
+    def _stopped(self) -> bool:
+        """True once a write failed, even if no waiter has seen its ticket yet (under the lock)."""
+        last = self.last_ticket
+        if not self.failed and last is not None and last.error is not None:
+            self.failed = str(last.error)
+        return bool(self.failed)
+
     def _check_alive(self) -> None:
-        if self.failed:
+        if self._stopped():
             raise Unavailable(f"scheduler store failed ({self.failed}); restart the scheduler")
 
     def _get(self, job_id: str) -> Job:
@@ -656,8 +663,10 @@ class Scheduler:
 
     def tick(self) -> list[ScaleSignal]:
         """Reclaim lapsed leases, revoke preempted jobs past their deadline, mark silent nodes, and
-        evaluate scale signals. Returns the scale signals that changed."""
+        evaluate scale signals. Returns the scale signals that changed. After a failed write: nothing."""
         with self.lock:
+            if self._stopped():
+                return []  # fail-stop: memory may be ahead of the store, so background work writes nothing
             now = self.clock()
             freed = False
             for job in list(self.jobs.values()):
