@@ -1,22 +1,28 @@
 """OpenTelemetry set-up shared by every service and client.
 
-Each process gets one TracerProvider whose resource carries ``service.name``; spans go to an OTLP gRPC
-endpoint (Jaeger ingests OTLP natively) when one is configured. W3C trace context crosses every hop through
-the gRPC server and client interceptors of ``opentelemetry-instrumentation-grpc``.
+Each process gets one TracerProvider whose resource carries ``service.name``; spans go where the standard
+variables say: ``OTEL_TRACES_EXPORTER`` (``otlp``, ``console``, ``none`` or a comma-separated list; ``otlp``
+when an endpoint is set, else none), ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT``
+(Jaeger ingests OTLP natively), ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` for an application
+(a service's name is its own). W3C trace context crosses every hop through the gRPC server and client
+interceptors of ``opentelemetry-instrumentation-grpc``; health checks are not traced.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import client_interceptor, server_interceptor
+from opentelemetry.instrumentation.grpc import client_interceptor, filters, server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -24,27 +30,66 @@ _provider: TracerProvider | None = None
 _meter_provider: object | None = None
 
 
-def setup_tracing(service_name: str, otlp_endpoint: str = "", prometheus: bool = False) -> TracerProvider:
-    """Create (once per process) the tracer provider for ``service_name`` and make it global.
+def setup_tracing(
+    service_name: str = "", otlp_endpoint: str = "", prometheus: bool = False, env: Mapping[str, str] | None = None
+) -> TracerProvider:
+    """Create (once per process) the tracer provider and make it global.
 
-    With ``otlp_endpoint`` (e.g. ``http://127.0.0.1:4317``) spans are batched to that OTLP gRPC receiver.
-    Later calls return the first provider: a process is one service.
+    ``service_name`` names a service; empty (an application using the SDK), ``OTEL_SERVICE_NAME`` names it,
+    else the script's name. Spans go to the exporters :func:`span_exporters` picks from ``env`` (default
+    ``os.environ``) and ``otlp_endpoint``. Later calls return the first provider: a process is one service.
     """
     global _provider
+    env = os.environ if env is None else env
     with _lock:
         if _provider is not None:
             return _provider
-        provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-        if otlp_endpoint:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            insecure = not otlp_endpoint.startswith("https://")
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure)))
-            log.info("exporting spans", extra={"otlp_endpoint": otlp_endpoint})
+        existing = trace.get_tracer_provider()
+        if isinstance(existing, TracerProvider):  # the application set OpenTelemetry up itself: use its provider
+            _provider = existing
+            return existing
+        name = service_name or env.get("OTEL_SERVICE_NAME") or _script_name()
+        provider = TracerProvider(resource=Resource.create({"service.name": name}))
+        for exporter in span_exporters(otlp_endpoint, env):
+            provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
-        _setup_metrics(service_name, otlp_endpoint, prometheus)
+        _setup_metrics(name, _otlp_endpoint(otlp_endpoint, env), prometheus)
         _provider = provider
         return provider
+
+
+def _script_name() -> str:
+    script = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] not in ("", "-c") else ""
+    return script or "guardmesh-client"
+
+
+def _otlp_endpoint(configured: str, env: Mapping[str, str]) -> str:
+    return configured or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+
+
+def span_exporters(otlp_endpoint: str = "", env: Mapping[str, str] | None = None) -> list[SpanExporter]:
+    """The exporters ``OTEL_TRACES_EXPORTER`` names (``otlp``, ``console``, ``none``; comma-separated); unset,
+    OTLP when an endpoint is configured and none otherwise. An unknown name is logged and skipped."""
+    env = os.environ if env is None else env
+    endpoint = _otlp_endpoint(otlp_endpoint, env)
+    named = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
+    if not named:
+        named = ["otlp"] if endpoint else []
+    exporters: list[SpanExporter] = []
+    for name in named:
+        if name == "none":
+            return []
+        if name == "otlp":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            target = endpoint or "http://localhost:4317"  # the OTLP default
+            exporters.append(OTLPSpanExporter(endpoint=target, insecure=not target.startswith("https://")))
+            log.info("exporting spans", extra={"otlp_endpoint": target})
+        elif name == "console":
+            exporters.append(ConsoleSpanExporter())
+        else:
+            log.warning("OTEL_TRACES_EXPORTER: unknown exporter skipped", extra={"exporter": name})
+    return exporters
 
 
 def _setup_metrics(service_name: str, otlp_endpoint: str, prometheus: bool) -> None:
@@ -91,8 +136,8 @@ def start_metrics_endpoint(host: str, port: int) -> Callable[[], None] | None:
 
 
 def tracer_provider() -> TracerProvider:
-    """The process's provider; a provider without exporter if tracing was never set up."""
-    return _provider if _provider is not None else setup_tracing("guardmesh-client")
+    """The process's provider; set up from the ``OTEL_*`` variables (an application's) if it was not yet."""
+    return _provider if _provider is not None else setup_tracing()
 
 
 def flush_tracing(timeout_ms: int = 5000) -> None:
@@ -114,10 +159,11 @@ def shutdown_tracing() -> None:
 
 
 def server_tracing_interceptor() -> grpc.ServerInterceptor:
-    """Server interceptor: a SERVER span per RPC, parented by the caller's traceparent."""
-    return server_interceptor(tracer_provider=tracer_provider())
+    """Server interceptor: a SERVER span per RPC but health checks, parented by the caller's traceparent."""
+    return server_interceptor(tracer_provider=tracer_provider(), filter_=filters.negate(filters.health_check()))
 
 
 def client_tracing_interceptor() -> object:
-    """Client interceptor: a CLIENT span per call, with traceparent injected into the metadata."""
-    return client_interceptor(tracer_provider=tracer_provider())
+    """Client interceptor: a CLIENT span per call but health checks, with traceparent injected into the
+    metadata; without a current span it is the trace's root."""
+    return client_interceptor(tracer_provider=tracer_provider(), filter_=filters.negate(filters.health_check()))

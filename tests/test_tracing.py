@@ -197,3 +197,77 @@ def test_trace_crosses_two_service_processes_and_is_flushed_on_sigterm(tmp_path:
         and s.trace_id != test_trace_id
         for s in spans
     ), listing
+
+
+LIST_JOBS = "/guardmesh.v1.SchedulerService/ListJobs"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+#: An application that knows nothing of OpenTelemetry: it only uses the SDK, with the standard OTEL_* variables.
+SDK_APP = """
+from guardmesh.sdk import Mesh
+with Mesh() as mesh:
+    print("JOBS", len(mesh.scheduler.list_jobs()), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_sdk_app_request_is_the_trace_root_and_health_checks_are_not_traced(
+    tmp_path: Path, receiver: OtlpReceiver
+) -> None:
+    scheduler_port = free_port()
+    env = _service_env(receiver.endpoint, scheduler_port, tmp_path / "state")
+    log = tmp_path / "scheduler.log"
+    procs: dict[str, subprocess.Popen[str]] = {}
+    try:
+        procs["scheduler"] = _start([sys.executable, "-m", "services.scheduler"], env, log, subprocess.DEVNULL)
+        address = f"127.0.0.1:{scheduler_port}"
+        wait_serving(address, "guardmesh.v1.SchedulerService", 30, procs["scheduler"], log, "scheduler")
+        with grpc.insecure_channel(address) as channel:  # a health check, as a load balancer makes them
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        app_env = {**env, "OTEL_SERVICE_NAME": "checkout-app", "OTEL_BSP_SCHEDULE_DELAY": "500"}
+        app = subprocess.run(
+            [sys.executable, "-c", SDK_APP], cwd=REPO, env=app_env, capture_output=True, text=True, timeout=60
+        )
+        assert app.returncode == 0 and "JOBS 0" in app.stdout, app.stderr[-3000:]
+    finally:
+        codes = _terminate_all(procs, timeout=20)
+    assert codes == {"scheduler": 0}, tail(log)
+
+    def complete(spans: list[ReceivedSpan]) -> bool:
+        return any(s.service_name == "scheduler" and s.name == LIST_JOBS for s in spans) and any(
+            s.service_name == "checkout-app" for s in spans
+        )
+
+    spans = receiver.wait_for(complete, timeout=10)
+    listing = "\n  ".join(str(s) for s in spans)
+    (root,) = [s for s in spans if s.service_name == "checkout-app" and s.name == LIST_JOBS]
+    assert root.kind == "CLIENT" and root.parent_span_id == "", listing  # the app's call is the root
+    (served,) = [s for s in spans if s.service_name == "scheduler" and s.name == LIST_JOBS]
+    assert served.kind == "SERVER", listing
+    assert (served.trace_id, served.parent_span_id) == (root.trace_id, root.span_id), listing
+    assert not [s for s in spans if s.name.startswith("/grpc.health.v1.Health/")], listing
+
+
+@pytest.mark.timeout(120)
+def test_service_honours_otel_traces_exporter_console(tmp_path: Path) -> None:
+    scheduler_port = free_port()
+    env = _service_env("", scheduler_port, tmp_path / "state")
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT")
+    env["OTEL_TRACES_EXPORTER"] = "console"
+    log, out = tmp_path / "scheduler.log", tmp_path / "scheduler.out"
+    procs: dict[str, subprocess.Popen[str]] = {}
+    with out.open("w") as stdout:
+        try:
+            procs["scheduler"] = _start([sys.executable, "-m", "services.scheduler"], env, log, stdout.fileno())
+            address = f"127.0.0.1:{scheduler_port}"
+            wait_serving(address, "guardmesh.v1.SchedulerService", 30, procs["scheduler"], log, "scheduler")
+            with grpc.insecure_channel(address) as channel:
+                spb_grpc.SchedulerServiceStub(channel).ListJobs(spb.ListJobsRequest(), timeout=10)
+        finally:
+            codes = _terminate_all(procs, timeout=20)
+    assert codes == {"scheduler": 0}, tail(log)
+    printed = out.read_text()
+    assert f'"name": "{LIST_JOBS}"' in printed, printed[-3000:]
+    assert '"service.name": "scheduler"' in printed, printed[-3000:]
+    assert HEALTH_CHECK not in printed  # wait_serving's health checks are not traced

@@ -27,6 +27,7 @@ from guardmesh.sdk.abrouter import ABRouterClient
 from guardmesh.sdk.paramserver import ParamServerClient, StepReport
 from guardmesh.sdk.scheduler import Lease, SchedulerClient
 from guardmesh.sdk.scorer import ScorerClient
+from guardmesh.tracing import setup_tracing
 
 if TYPE_CHECKING:
     import torch
@@ -41,12 +42,18 @@ class Mesh:
     ``config`` defaults to :func:`guardmesh.config.load_config`. ``addresses`` overrides discovery per
     service: ``{"scheduler": "10.0.0.5:50061", "paramserver": ["10.0.0.6:50062", "10.0.0.6:50063"]}``
     (a list gives every paramserver shard; otherwise shards come from the configuration).
+
+    Tracing is set up from the standard variables (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``tracing.otlp_endpoint``,
+    ``OTEL_TRACES_EXPORTER`` including ``console``, ``OTEL_SERVICE_NAME``), unless the application set up
+    OpenTelemetry itself first: each call is a CLIENT span, the root of its trace unless the application has a
+    span open, and the services' spans are its children.
     """
 
     def __init__(
         self, config: MeshConfig | None = None, *, addresses: Mapping[str, str | Sequence[str]] | None = None
     ) -> None:
         self.config = config or load_config()
+        setup_tracing(otlp_endpoint=self.config.tracing.otlp_endpoint)
         self.addresses = dict(addresses or {})
         self._lock = threading.Lock()
         self._clients: dict[str, object] = {}
