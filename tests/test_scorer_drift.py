@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,9 @@ from hypothesis import strategies as st
 from scipy import special, stats
 
 from guardmesh.errors import InvalidArgument
+from guardmesh.runtime import load_definition, start_service
+from guardmesh.sdk.scorer import Score, ScorerClient
+from guardmesh.v1 import scorer_pb2 as pb
 from services.scorer.decision import ThresholdPolicy
 from services.scorer.drift import (
     ALERT_LEVEL,
@@ -23,6 +29,9 @@ from services.scorer.drift import (
     kolmogorov_sf,
     noise_floor_level,
 )
+from services.scorer.monitoring import MissingMonitor
+
+from .conftest import make_config
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -401,3 +410,129 @@ def test_a_half_sd_shift_at_1000_rows_scores_above_the_alert_level(features: int
         assert int(report.feature_score.argmax()) == 0
     assert sum(score >= ALERT_LEVEL for score in scores) >= 18, scores
     assert float(np.median(scores)) > 0.6
+
+
+# --- over real gRPC: a served model's drift does not cry wolf; missing-rate alerts once per episode ----------
+
+FEATURES = ["amount", "velocity", "age", "country_risk"]
+
+
+@contextlib.contextmanager
+def served_scorer(tmp_path: Path, **overrides: object) -> Iterator[ScorerClient]:
+    """A real scorer service on an ephemeral port and an SDK client talking to it over gRPC."""
+    config = make_config(tmp_path, **{"services.scorer.port": 0, **overrides})
+    running = start_service(load_definition("scorer"), config, port=0)
+    client = ScorerClient(config, address=running.address)
+    try:
+        yield client
+    finally:
+        client.close()
+        running.stop(grace=0.5)
+
+
+def logistic_model(weights: list[float]) -> torch.nn.Module:
+    layer = torch.nn.Linear(len(weights), 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([weights]))
+        layer.bias.zero_()
+    return torch.nn.Sequential(layer, torch.nn.Sigmoid()).eval()
+
+
+def as_requests(rows: np.ndarray) -> list[dict[str, float]]:
+    return [{f: float(v) for f, v in zip(FEATURES, row, strict=True) if not math.isnan(v)} for row in rows]
+
+
+def test_served_drift_does_not_alarm_under_no_drift_on_a_20_row_window(tmp_path: Path):
+    # The smallest window the issue targets, drift recomputed every 5 rows: each decision carries the drift
+    # score in force. With the earlier fixed 95 % floors and PSI floored at 1e-4, most such windows scored
+    # above 0.5 (60 % at 20 rows).
+    rng = np.random.default_rng(5)
+    with served_scorer(tmp_path, **{"scorer.live_window": 20, "scorer.drift_every": 5}) as client:
+        client.register_module(
+            "risk",
+            "v1",
+            logistic_model([1.0, 0.5, -0.5, 0.2]),
+            FEATURES,
+            activate=True,
+            reference=rng.normal(size=(1_000, 4)).astype(np.float32),
+        )
+        scores = []
+        for _ in range(20):
+            answers = client.score_batch("risk", as_requests(rng.normal(size=(20, 4))))
+            scores += [a.drift_score for a in answers if isinstance(a, Score)]
+        assert len(scores) == 400
+        alarms = sum(s >= ALERT_LEVEL for s in scores)
+        assert alarms <= int(stats.binom.ppf(0.999, len(scores), FALSE_ALARM_RATE)), alarms
+        report = client.stub.GetDriftReport(pb.GetDriftReportRequest(model="risk"))
+        assert report.live_rows == 20 and report.reference_rows == 1_000
+        assert report.noise_floor_level == pytest.approx(noise_floor_level(4))
+        assert report.false_alarm_rate == FALSE_ALARM_RATE and report.alert_level == ALERT_LEVEL
+        for f in report.features:
+            assert f.ks_noise_floor == pytest.approx(
+                special.kolmogi(noise_floor_level(4)) * math.sqrt(1 / 1_000 + 1 / 20)
+            )
+            assert f.psi_noise_floor > 0
+
+        # the same served model does alarm on a real shift of one feature
+        shifted = rng.normal(size=(20, 4))
+        shifted[:, 1] += 3.0
+        client.score_batch("risk", as_requests(shifted))
+        assert client.drift_report("risk").drift_score >= ALERT_LEVEL
+        assert client.score("risk", as_requests(shifted[:1])[0]).drift_score >= ALERT_LEVEL  # decisions use it
+
+
+def test_missing_rate_hovering_at_2_4_to_2_5_percent_alerts_once(tmp_path: Path):
+    rng = np.random.default_rng(6)
+    with served_scorer(tmp_path, **{"scorer.drift_every": 100}) as client:  # live window: 1,000 rows
+        client.register_module(
+            "risk",
+            "v1",
+            logistic_model([1.0, 0.5, -0.5, 0.2]),
+            FEATURES,
+            activate=True,
+            reference=rng.normal(size=(1_000, 4)).astype(np.float32),
+        )
+        rows = rng.normal(size=(3_000, 4))
+        missing = np.zeros(3_000, dtype=bool)
+        for block, count in enumerate([24, 25, 25]):  # velocity: 2.4-2.5 % of each 1,000 rows, at random rows
+            missing[block * 1_000 + rng.choice(1_000, count, replace=False)] = True
+        rows[missing, 1] = np.nan
+        # Small batches: the rate is looked at every 10 rows. Without hysteresis these rows alerted 4 times.
+        for start in range(0, len(rows), 10):
+            answers = client.score_batch("risk", as_requests(rows[start : start + 10]))
+            for i, answer in enumerate(answers, start):
+                assert isinstance(answer, Score)
+                assert answer.imputed == missing[i]  # imputed from the reference median, flagged
+        report = client.stub.GetDriftReport(pb.GetDriftReportRequest(model="risk"))
+        velocity = next(f for f in report.features if f.feature == "velocity")
+        assert velocity.live_missing_rate == pytest.approx(0.025)
+        alerts = [e for e in client.events("risk") if e.kind == "missing_alert"]
+        assert len(alerts) == 1, [e.message for e in alerts]
+        assert "velocity" in alerts[0].message
+
+        # the episode ends only below half the alert rate; a new episode alerts again
+        client.score_batch("risk", as_requests(rng.normal(size=(1_000, 4))))
+        again = rng.normal(size=(200, 4))
+        again[::5, 1] = np.nan  # 40 of the window's 1,000 rows: 4 %
+        client.score_batch("risk", as_requests(again))
+        alerts = [e for e in client.events("risk") if e.kind == "missing_alert"]
+        assert len(alerts) == 2
+
+
+def test_missing_monitor_hysteresis_enter_above_the_rate_leave_below_half_of_it():
+    monitor = MissingMonitor(("a", "b"), np.zeros(2, dtype=np.float32), alert_rate=0.02, window=1_000)
+    assert monitor.clear_rate == pytest.approx(0.01)
+    mask = np.zeros((1_000, 2), dtype=bool)
+    mask[:99:20, 0] = True  # 5 missing in the first 99 rows: too few rows to start an episode
+    assert monitor.observe(mask[:99]) == []
+    mask[99:1_000:40, 0] = True
+    assert monitor.observe(mask[99:100]) == ["a"]  # 100 rows, 6 % missing
+    assert monitor.observe(mask[100:]) == []  # the rate drifts down to ~3 %: still one episode
+    clean = np.zeros((600, 2), dtype=bool)
+    assert monitor.observe(clean) == [] and "a" in monitor.alerted  # ~1.1 %: not yet below 1 %
+    assert monitor.observe(clean[:200]) == [] and "a" not in monitor.alerted  # below 1 %: episode over
+    burst = np.zeros((30, 2), dtype=bool)
+    burst[:, 0] = True
+    assert monitor.observe(burst) == ["a"]  # a new episode
+    with pytest.raises(InvalidArgument, match="clear_rate"):
+        MissingMonitor(("a",), np.zeros(1), alert_rate=0.02, clear_rate=0.03)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,6 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from guardmesh.errors import FailedPrecondition, InvalidArgument
+from guardmesh.sdk.scorer import Score
+from guardmesh.v1 import scorer_pb2 as pb
 from services.scorer.explain import (
     AttributionDrift,
     explain,
@@ -20,6 +24,8 @@ from services.scorer.explain import (
     linear_model,
     linear_shap,
 )
+
+from .test_scorer_drift import served_scorer
 
 # TorchScript is deprecated in recent torch but still how many models ship; its warning is not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
@@ -230,8 +236,10 @@ def test_explain_uses_integrated_gradients_for_a_network() -> None:
 
 def test_integrated_gradients_gives_zero_to_an_ignored_feature() -> None:
     model = smooth_mlp(5, seed=4).double().eval()
+    first = model[0]
+    assert isinstance(first, nn.Linear)
     with torch.no_grad():
-        model[0].weight[:, 2] = 0.0  # nothing flows from feature 2
+        first.weight[:, 2] = 0.0  # nothing flows from feature 2
     gen = torch.Generator().manual_seed(4)
     x = torch.randn((10, 5), generator=gen, dtype=torch.float64) * 3
     background = torch.randn((100, 5), generator=gen, dtype=torch.float64)
@@ -297,9 +305,9 @@ def test_attribution_drift_windows_slide_and_report_means() -> None:
         drift.add_live(torch.zeros(3))
 
 
-def test_attribution_drift_ranks_the_shifted_feature_of_a_trained_mlp_first() -> None:
-    n = 6
-    gen = torch.Generator().manual_seed(7)
+def trained_mlp(n: int, gen: torch.Generator) -> tuple[nn.Sequential, torch.Tensor]:
+    """A small MLP trained (logits out) on labels driven mostly by feature 3, a little by 0 and 1; and its
+    training rows. Features 2, 4, 5 never influence the label."""
     torch.manual_seed(7)
     x_train = torch.randn((2000, n), generator=gen)
     logits = 3.0 * x_train[:, 3] + 0.7 * x_train[:, 0] - 0.5 * x_train[:, 1]
@@ -316,6 +324,13 @@ def test_attribution_drift_ranks_the_shifted_feature_of_a_trained_mlp_first() ->
     with torch.no_grad():
         accuracy = float(((model(x_train).reshape(-1) > 0).float() == y).float().mean())
     assert accuracy > 0.8  # it learned something, mostly from feature 3
+    return model, x_train
+
+
+def test_attribution_drift_ranks_the_shifted_feature_of_a_trained_mlp_first() -> None:
+    n = 6
+    gen = torch.Generator().manual_seed(7)
+    model, x_train = trained_mlp(n, gen)
 
     background = x_train[:300]
     reference = torch.randn((1000, n), generator=gen)
@@ -335,3 +350,54 @@ def test_attribution_drift_ranks_the_shifted_feature_of_a_trained_mlp_first() ->
     # The signed changes account for the change of the mean score (IG completeness, up to its error).
     mean_score_change = float(live_e.score.mean() - ref_e.score.mean())
     assert report.score_change == pytest.approx(mean_score_change, abs=1e-3 + 0.01 * abs(mean_score_change))
+
+
+# --- attribution shift served over real gRPC ----------------------------------------------------------------
+
+
+def test_attribution_shift_is_served_and_names_the_feature_that_moved_decisions(tmp_path: Path) -> None:
+    n = 6
+    names = [f"x{i}" for i in range(n)]
+    gen = torch.Generator().manual_seed(7)
+    logits, _ = trained_mlp(n, gen)
+    model = nn.Sequential(*logits, nn.Sigmoid()).eval()  # served scores are probabilities
+    reference = torch.randn((1_000, n), generator=gen)
+    live = torch.randn((1_000, n), generator=gen)
+    live[:, 3] += 1.5  # the feature that drives decisions moves
+    live[:, 5] += 3.0  # a feature the model ignores moves twice as far: input drift alone ranks it first
+
+    with served_scorer(tmp_path) as client:
+        client.register_module("fraud", "v1", model, names, activate=True, reference=reference.numpy())
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.GetAttributionDrift(pb.GetAttributionDriftRequest(model="fraud"))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # nothing scored yet
+        for start in range(0, 1_000, 250):
+            rows = live[start : start + 250].tolist()
+            answers = client.score_batch("fraud", [dict(zip(names, row, strict=True)) for row in rows])
+            assert all(isinstance(a, Score) for a in answers)
+
+        drift = client.stub.GetAttributionDrift(pb.GetAttributionDriftRequest(model="fraud"))
+        assert (drift.model_version, drift.method, drift.space) == ("v1", "integrated_gradients", "model output")
+        assert drift.reference_rows == 1_000 and drift.live_rows == 1_000
+        shifts = {f.feature: f for f in drift.features}
+        assert [f.feature for f in drift.features] == names
+        assert shifts["x3"].rank == 1 and sorted(f.rank for f in drift.features) == list(range(1, n + 1))
+        assert shifts["x3"].change_mean > 0  # it now pushes scores up
+        assert shifts["x3"].shift > shifts["x5"].shift > 0  # x5 matters a little, x3 most
+        # the signed changes add up to the change of the mean score (IG completeness, up to its error)
+        with torch.no_grad():
+            mean_change = float(model(live).mean() - model(reference).mean())
+        assert drift.score_change == pytest.approx(mean_change, abs=0.01)
+
+        report = client.stub.GetDriftReport(pb.GetDriftReportRequest(model="fraud"))
+        by_feature = {f.feature: f for f in report.features}
+        assert report.attribution_method == "integrated_gradients"
+        assert max(by_feature, key=lambda f: by_feature[f].attribution_shift) == "x3"
+        assert by_feature["x3"].attribution_shift == pytest.approx(shifts["x3"].shift, rel=1e-6)
+        # input drift says x5 moved most; only the attribution shift says x3 is what moved the decisions
+        assert by_feature["x5"].standardized_mean_difference > by_feature["x3"].standardized_mean_difference
+
+        for model_name, version in [("nope", ""), ("fraud", "v9")]:
+            with pytest.raises(grpc.RpcError) as err:
+                client.stub.GetAttributionDrift(pb.GetAttributionDriftRequest(model=model_name, version=version))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -100,6 +100,7 @@ __all__ = [
 
 DEFAULT_LIVE_ROWS = 1_000
 DEFAULT_BINS = 10
+SAMPLE_ROWS = 1_000  # whole reference rows kept for row-wise figures
 PSI_PSEUDO_COUNT = 0.5  # per bin in use, both windows (Jeffreys)
 PSI_HALF = 0.1  # PSI excess scoring 0.5
 MISSING_HALF = 0.1  # missing-rate increase (share of rows) scoring 0.5
@@ -358,6 +359,9 @@ class ReferenceWindow:
     """features, float64: sum of squared deviations from the mean (for the pooled SD of Cohen's d)."""
     names: tuple[str, ...]
     """Feature names (default f0, f1, ...)."""
+    sample: torch.Tensor
+    """rows x features, float64: up to ``SAMPLE_ROWS`` whole reference rows (evenly spaced, in order; NaN =
+    missing), for figures that need rows rather than per-feature values (the attribution shift)."""
 
     @classmethod
     def from_rows(
@@ -378,6 +382,8 @@ class ReferenceWindow:
         if device is None:
             device = rows.device if isinstance(rows, torch.Tensor) else torch.device("cpu")
         values = _features_major(rows, torch.device(device), "rows")
+        step = -(-values.shape[1] // SAMPLE_ROWS)  # ceil: at most SAMPLE_ROWS rows, evenly spaced
+        sample = values[:, ::step].T.contiguous()
         if values.shape[1] == 0:
             raise ValueError("rows: the reference window needs at least one row")
         n_features = values.shape[0]
@@ -402,6 +408,7 @@ class ReferenceWindow:
             mean=mean,
             sum_sq=sum_sq,
             names=tuple(str(n) for n in names),
+            sample=sample,
         )
 
     @classmethod

@@ -33,6 +33,7 @@ __all__ = [
     "Explanation",
     "FeatureAttributionDrift",
     "LinearModel",
+    "attribution_shift",
     "explain",
     "integrated_gradients",
     "is_linear",
@@ -315,6 +316,10 @@ class AttributionDriftReport:
     ranked: list[int]
     reference_rows: int
     live_rows: int
+    #: How the attributions were computed (``Explanation.method``), when known.
+    method: str = ""
+    #: Their units (``Explanation.space``), when known.
+    space: str = ""
 
     @property
     def score_change(self) -> float:
@@ -441,6 +446,59 @@ class AttributionDrift:
         if not bool(torch.isfinite(rows).all()):
             raise InvalidArgument("attributions", "must be finite")
         return rows
+
+
+def attribution_shift(
+    model: nn.Module,
+    reference_rows: torch.Tensor,
+    live_rows: torch.Tensor,
+    baseline: torch.Tensor,
+    fill: torch.Tensor,
+    feature_names: Sequence[str],
+    *,
+    steps: int = 32,
+) -> AttributionDriftReport:
+    """Each feature's attribution shift between reference rows and live rows, as the scorer serves it.
+
+    Both windows are explained the way a scored request is (:func:`explain`, exact linear SHAP or Integrated
+    Gradients) from the same ``baseline`` (the reference mean, ``(n_features,)``), after missing values (NaN)
+    are filled from ``fill`` (the reference medians), as the served path imputes them; a row with a value
+    still missing is left out. The report ranks the features by :attr:`FeatureAttributionDrift.shift`.
+
+    Raises:
+        FailedPrecondition: no complete row in a window, or a baseline that is not finite.
+        InvalidArgument: shapes that do not agree, or a model that cannot be explained (``explain``).
+    """
+    n = len(feature_names)
+    if not bool(torch.isfinite(baseline).all()):
+        raise FailedPrecondition("attribution drift: the reference has a feature with no finite mean")
+    windows = []
+    for field, rows in (("reference", reference_rows), ("live", live_rows)):
+        _check_rows(field, rows, n)
+        rows = rows.reshape(-1, n)
+        rows = torch.where(torch.isnan(rows), fill.to(rows).unsqueeze(0), rows)
+        rows = rows[torch.isfinite(rows).all(dim=1)]
+        if rows.shape[0] == 0:
+            raise FailedPrecondition(f"attribution drift: the {field} window holds no row to explain")
+        windows.append(rows)
+    # The model's own dtype (float32 for served models): its weights do not take float64 inputs.
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    reference, live = (rows.to(dtype) for rows in windows)
+    base = baseline.to(reference).unsqueeze(0)
+    ref_e = explain(model, reference, base, steps=steps)
+    live_e = explain(model, live, base, steps=steps)
+    drift = AttributionDrift(n, window=max(len(reference), len(live)), feature_names=feature_names)
+    drift.add_reference(ref_e.attributions)
+    drift.add_live(live_e.attributions)
+    report = drift.report()
+    return AttributionDriftReport(
+        features=report.features,
+        ranked=report.ranked,
+        reference_rows=report.reference_rows,
+        live_rows=report.live_rows,
+        method=ref_e.method,
+        space=ref_e.space,
+    )
 
 
 def _linear_structure(model: nn.Module) -> tuple[nn.Module, Literal["identity", "sigmoid"]] | None:

@@ -1,9 +1,8 @@
 """Model monitoring: rolling precision/recall/F1 from ground-truth feedback, the F1 rollback trigger, and
-the missing-value alert with its cleaning policy."""
+the missing-value alert (once per episode) with the imputation that cleaning uses."""
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -79,31 +78,56 @@ class DecisionLog:
 
 
 class CleaningPolicy(Enum):
-    """What happens to a request with a missing feature once the feature's missing rate is alarming."""
+    """What happens to a request with a missing feature, per version (a model cannot score a missing value).
+
+    Applies to every request with a missing feature, whether or not the feature's missing rate is alerting.
+    """
 
     IMPUTE = "impute"  # use the reference median and flag the request
     REJECT = "reject"  # refuse the request (INVALID_ARGUMENT naming the feature)
 
 
+#: An episode ends when the feature's missing rate falls below this share of the alert rate.
+CLEAR_FRACTION = 0.5
+#: No episode starts before the window holds this many rows (one missing value in 20 rows is 5 %).
+MIN_ROWS = 100
+
+
 @dataclass
 class MissingMonitor:
-    """Per-feature missing rate over the live window, an alert above ``alert_rate`` (default 2%)."""
+    """Per-feature missing rate over the live window, alerting once per episode (hysteresis).
+
+    An episode of a feature starts when its missing rate over the window rises above ``alert_rate``
+    (default 2 %) with at least ``min_rows`` rows in the window, and ends only when the rate falls below
+    ``clear_rate`` (default ``CLEAR_FRACTION`` x ``alert_rate``, 1 %). A rate hovering around the alert level
+    therefore gives one alert, not one per crossing; a feature alerts again only after it recovered.
+    ``policy`` is the cleaning policy named in the alert (the scorer applies each version's own policy).
+    """
 
     features: tuple[str, ...]
     medians: np.ndarray
     alert_rate: float = 0.02
     window: int = 1000
     policy: CleaningPolicy = CleaningPolicy.IMPUTE
+    clear_rate: float | None = None
+    min_rows: int = MIN_ROWS
     recent: deque[np.ndarray] = field(default_factory=deque)
     alerted: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alert_rate <= 1.0:
             raise InvalidArgument("missing.alert_rate", "must be in [0, 1]")
+        if self.clear_rate is None:
+            self.clear_rate = CLEAR_FRACTION * self.alert_rate
+        self._clear_rate: float = self.clear_rate
+        if not 0.0 <= self.clear_rate <= self.alert_rate:
+            raise InvalidArgument("missing.clear_rate", "must be in [0, alert_rate]")
+        if self.min_rows < 1:
+            raise InvalidArgument("missing.min_rows", "must be >= 1")
         self.counts = np.zeros(len(self.features), dtype=np.int64)
 
     def observe(self, missing: np.ndarray) -> list[str]:
-        """Record one batch's missing mask (rows x features); return features newly over the alert rate.
+        """Record one batch's missing mask (rows x features); return the features whose episode starts now.
 
         Running counts make this O(features) per row, whatever the window.
         """
@@ -113,9 +137,14 @@ class MissingMonitor:
             if len(self.recent) > self.window:
                 self.counts -= self.recent.popleft()
         rates = self.rates()
-        over = rates > self.alert_rate
-        fresh = [f for f, o in zip(self.features, over, strict=True) if o and f not in self.alerted]
-        self.alerted = {f for f, o in zip(self.features, over, strict=True) if o}
+        enough = len(self.recent) >= self.min_rows
+        fresh = [
+            f
+            for f, rate in zip(self.features, rates.tolist(), strict=True)
+            if enough and rate > self.alert_rate and f not in self.alerted
+        ]
+        recovered = {f for f, rate in zip(self.features, rates.tolist(), strict=True) if rate < self._clear_rate}
+        self.alerted = (self.alerted - recovered) | set(fresh)
         return fresh
 
     def rates(self) -> np.ndarray:
@@ -125,14 +154,18 @@ class MissingMonitor:
         return self.counts / len(self.recent)
 
     def clean(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Impute missing values with the reference medians (or reject); return (rows, per-row imputed flag)."""
+        """Impute missing values with the reference medians; return (rows, per-row imputed flag).
+
+        Imputation only: whether a version rejects instead is the caller's per-version decision, not this
+        monitor's (it is shared by every version of the model line). InvalidArgument naming the feature when
+        a missing value has no finite reference median.
+        """
         missing = np.isnan(rows)
         if not missing.any():
             return rows, np.zeros(rows.shape[0], dtype=bool)
-        if self.policy is CleaningPolicy.REJECT:
-            j = int(np.argwhere(missing.any(axis=0))[0][0])
-            raise InvalidArgument(f"features[{self.features[j]}]", "is missing and the cleaning policy rejects")
+        unusable = missing.any(axis=0) & ~np.isfinite(self.medians)
+        if unusable.any():
+            name = self.features[int(np.argmax(unusable))]
+            raise InvalidArgument(f"features[{name}]", "is missing and has no reference median to impute from")
         out = np.where(missing, self.medians[None, :], rows).astype(np.float32)
-        if not all(math.isfinite(m) for m in self.medians):
-            raise InvalidArgument("features", "no reference median to impute from")
         return out, missing.any(axis=1)

@@ -28,6 +28,7 @@ from guardmesh.errors import FailedPrecondition, GuardmeshError, InvalidArgument
 from services.scorer import drift as drift_mod
 from services.scorer.batching import BatchStats, DynamicBatcher
 from services.scorer.decision import Decision, Rule, ThresholdPolicy, decide
+from services.scorer.explain import AttributionDriftReport, attribution_shift
 from services.scorer.explain import explain as explain_fn
 from services.scorer.monitoring import CleaningPolicy, DecisionLog, MissingMonitor, RollingF1, VersionHealth
 from services.scorer.registry import ModelFormat, ModelRegistry, ModelVersion
@@ -714,6 +715,29 @@ class Scorer:
         active = self.registry.active(model)
         threshold = line.versions[active.version].config.policy.threshold(line.drift_score)
         return report, threshold, line.reference.rows, len(line.live)
+
+    def attribution_drift(self, model: str, version: str = "") -> tuple[str, AttributionDriftReport]:
+        """(version explained, each feature's attribution shift between the reference sample and the live
+        window); ``version`` empty: the active one. FAILED_PRECONDITION before both windows hold rows."""
+        line = self._line(model)
+        mv = self.registry.active(model, version)
+        with line.lock:
+            if line.reference is None:
+                raise FailedPrecondition(f"model {model!r} has no reference window yet")
+            if len(line.live) == 0:
+                raise FailedPrecondition(f"model {model!r} has scored no rows yet")
+            reference, live = line.reference, line.live.rows()
+            fill = torch.from_numpy(line.medians.astype(np.float64))
+        module = mv.raw_module if mv.raw_module is not None else mv.module
+        report = attribution_shift(
+            module,  # type: ignore[arg-type]
+            reference.sample.to(self.device),
+            live.to(self.device),
+            reference.mean,
+            fill.to(self.device),
+            line.features,
+        )
+        return mv.version, report
 
     def close(self) -> None:
         """Stop every batcher."""

@@ -30,6 +30,7 @@ from guardmesh.v1 import scorer_pb2_grpc as pb_grpc
 from inference import grpc_predict_v2_pb2 as oip_pb
 from inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from services.scorer.decision import Rule, RuleAction, ThresholdPolicy
+from services.scorer.drift import ALERT_LEVEL, FALSE_ALARM_RATE
 from services.scorer.monitoring import CleaningPolicy
 from services.scorer.oip import ExecutionStats, ModelSignature, OpenInferenceServicer, TensorSpec
 from services.scorer.persistence import RegistryStore
@@ -251,9 +252,21 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
         """See the proto."""
         report, threshold, ref_rows, live_rows = self.core.drift_report(request.model)
         resp = pb.GetDriftReportResponse(
-            drift_score=float(report.score), threshold=threshold, reference_rows=ref_rows, live_rows=live_rows
+            drift_score=float(report.score),
+            threshold=threshold,
+            reference_rows=ref_rows,
+            live_rows=live_rows,
+            noise_floor_level=report.level,
+            false_alarm_rate=FALSE_ALARM_RATE,
+            alert_level=ALERT_LEVEL,
         )
-        for f in report.features():
+        try:  # a model that cannot be explained still has its drift report, without attribution shifts
+            _, attributions = self.core.attribution_drift(request.model)
+            shifts = [f.shift for f in attributions.features]
+            resp.attribution_method = attributions.method
+        except GuardmeshError:
+            shifts = [0.0] * len(report.names)
+        for f, shift in zip(report.features(), shifts, strict=True):
             resp.features.add(
                 feature=f.name,
                 psi=_finite(f.psi),
@@ -263,6 +276,38 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
                 live_missing_rate=f.missing_live,
                 standardized_mean_difference=_finite(f.smd),
                 drift_score=f.score,
+                psi_noise_floor=_finite(f.floor_psi),
+                ks_noise_floor=_finite(f.floor_ks),
+                missing_noise_floor=_finite(f.floor_missing),
+                attribution_shift=shift,
+            )
+        return resp
+
+    def GetAttributionDrift(
+        self, request: pb.GetAttributionDriftRequest, context: grpc.ServicerContext
+    ) -> pb.GetAttributionDriftResponse:
+        """See the proto."""
+        version, report = self.core.attribution_drift(request.model, request.version)
+        resp = pb.GetAttributionDriftResponse(
+            model_version=version,
+            method=report.method,
+            space=report.space,
+            reference_rows=report.reference_rows,
+            live_rows=report.live_rows,
+            score_change=report.score_change,
+        )
+        rank = {feature: i + 1 for i, feature in enumerate(report.ranked)}
+        for f in report.features:
+            resp.features.add(
+                feature=f.name,
+                reference_mean_abs=f.reference_mean_abs,
+                reference_mean=f.reference_mean,
+                live_mean_abs=f.live_mean_abs,
+                live_mean=f.live_mean,
+                change_mean_abs=f.change_mean_abs,
+                change_mean=f.change_mean,
+                shift=f.shift,
+                rank=rank[f.feature],
             )
         return resp
 
