@@ -120,10 +120,10 @@ def report(
 
     from guardmesh.client import open_channel
     from guardmesh.config import load_config
+    from guardmesh.sdk.abrouter import analysis_from_pb
     from guardmesh.v1 import abrouter_pb2 as pb
     from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
     from services.abrouter.report import analysis_table, plot_analysis
-    from services.abrouter.server import analysis_from_pb
 
     console = Console()
     channel = open_channel("abrouter", load_config(config), address=address)

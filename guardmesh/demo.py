@@ -1087,8 +1087,8 @@ class _Demo:
     # -- 7. reports
 
     def reports(self) -> None:
+        from guardmesh.sdk.abrouter import analysis_from_pb
         from services.abrouter.report import analysis_table
-        from services.abrouter.server import analysis_from_pb
 
         report = self.report
         self.phase(7, "reports")

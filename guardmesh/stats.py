@@ -38,6 +38,7 @@ __all__ = [
     "ks_p_value",
     "ks_two_sample",
     "mean_var",
+    "pooled_sd",
     "standardized_mean_difference",
 ]
 
@@ -98,24 +99,31 @@ def mean_var(count: ArrayLike, total: ArrayLike, total_sq: ArrayLike) -> tuple[A
     return mean[()], var[()]
 
 
-def standardized_mean_difference(
-    mean_a: ArrayLike, var_a: ArrayLike, n_a: ArrayLike, mean_b: ArrayLike, var_b: ArrayLike, n_b: ArrayLike
-) -> Any:
-    """``(mean_b - mean_a) / sd_pooled`` (Cohen's d, dof-weighted pooled SD), element-wise; see the module doc.
+def pooled_sd(var_a: ArrayLike, n_a: ArrayLike, var_b: ArrayLike, n_b: ArrayLike) -> Any:
+    """Degrees-of-freedom weighted pooled standard deviation, element-wise; NaN with no degree of freedom.
 
     A sample of one value contributes no spread (its NaN variance counts as 0 with weight 0).
     """
-    ma, mb = np.asarray(mean_a, dtype=np.float64), np.asarray(mean_b, dtype=np.float64)
     na, nb = np.asarray(n_a, dtype=np.float64), np.asarray(n_b, dtype=np.float64)
     wa, wb = np.maximum(na - 1, 0.0), np.maximum(nb - 1, 0.0)
     va = np.where(wa > 0, np.asarray(var_a, dtype=np.float64), 0.0)
     vb = np.where(wb > 0, np.asarray(var_b, dtype=np.float64), 0.0)
     dof = wa + wb
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(dof > 0, np.sqrt((wa * va + wb * vb) / dof), np.nan)[()]
+
+
+def standardized_mean_difference(
+    mean_a: ArrayLike, var_a: ArrayLike, n_a: ArrayLike, mean_b: ArrayLike, var_b: ArrayLike, n_b: ArrayLike
+) -> Any:
+    """``(mean_b - mean_a) / pooled_sd`` (Cohen's d), element-wise; see the module docstring."""
+    ma, mb = np.asarray(mean_a, dtype=np.float64), np.asarray(mean_b, dtype=np.float64)
+    na, nb = np.asarray(n_a, dtype=np.float64), np.asarray(n_b, dtype=np.float64)
+    sd = np.asarray(pooled_sd(var_a, n_a, var_b, n_b))
     diff = mb - ma
     with np.errstate(divide="ignore", invalid="ignore"):
-        sd = np.sqrt((wa * va + wb * vb) / dof)
         d = np.where(sd > 0, diff / sd, np.where(diff == 0, 0.0, np.copysign(np.inf, diff)))
-    return np.where((dof > 0) & (na > 0) & (nb > 0), d, np.nan)[()]
+    return np.where(np.isfinite(sd) & (na > 0) & (nb > 0), d, np.nan)[()]
 
 
 def ks_p_value(statistic: ArrayLike, n_a: ArrayLike, n_b: ArrayLike) -> Any:

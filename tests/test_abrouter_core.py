@@ -12,7 +12,7 @@ import pytest
 from guardmesh.config import ABRouterSettings
 from guardmesh.errors import Unavailable
 from services.abrouter.experiments import ArmSpec, ExperimentSpec, ShadowSpec
-from services.abrouter.router import Router
+from services.abrouter.router import Observation, Router
 from services.abrouter.shadow import ScoreCall, ScoreResult
 from services.abrouter.store import RouterStore
 
@@ -103,9 +103,45 @@ def test_a_failed_write_stops_the_router(tmp_path: Path) -> None:
     store = RouterStore(tmp_path / "r.db", "NORMAL")
     router = Router(ABRouterSettings(), store)
     router.create(ExperimentSpec(key="k", arms=(ArmSpec("a", 0.5), ArmSpec("b", 0.5))))
+    assert store.log.db is not None
     store.log.db.execute("DROP TABLE exposures")  # the next exposure write fails, as on a broken disk
     with pytest.raises(Unavailable, match="store failed"):
         router.assign("u1", {}, ["k"], log_exposure=True)
     with pytest.raises(Unavailable):
         router.assign("u2", {}, ["k"])
+    store.close()
+
+
+def _failing_inserts(store: RouterStore, table: str) -> None:
+    """A real SQLite trigger that aborts every insert into ``table`` (the commit fails, as on a broken disk)."""
+    assert store.log.db is not None
+    store.log.db.execute(
+        f"CREATE TRIGGER fail_{table} BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+    )
+
+
+def test_a_failed_exposure_commit_leaves_memory_unchanged(tmp_path: Path) -> None:
+    store = RouterStore(tmp_path / "r.db", "NORMAL")
+    router = Router(ABRouterSettings(), store)
+    router.create(ExperimentSpec(key="k", arms=(ArmSpec("a", 0.5), ArmSpec("b", 0.5)), sticky_bucketing=True))
+    router.assign("u0", {}, ["k"], log_exposure=True)
+    live = router.live["k"]
+    before = (len(live.table), dict(live.sticky), live.table.exposure_propensities()[0].tolist())
+    _failing_inserts(store, "exposures")
+    with pytest.raises(Unavailable, match="store failed"):
+        router.assign("u1", {}, ["k"], log_exposure=True, numeric={"age": 30.0})
+    assert (len(live.table), dict(live.sticky), live.table.exposure_propensities()[0].tolist()) == before
+    assert live.pending_sticky == {} and "u1" not in live.table and "age" not in live.table.columns().numeric
+    store.close()
+
+
+def test_a_failed_observation_commit_leaves_memory_unchanged(tmp_path: Path) -> None:
+    store = RouterStore(tmp_path / "r.db", "NORMAL")
+    router = Router(ABRouterSettings(), store)
+    router.create(ExperimentSpec(key="k", arms=(ArmSpec("a", 0.5), ArmSpec("b", 0.5)), metrics=("m",)))
+    router.assign("u0", {}, ["k"], log_exposure=True)
+    _failing_inserts(store, "observations")
+    with pytest.raises(Unavailable, match="store failed"):
+        router.record_metrics("k", [Observation("u0", "m", 1.0)])
+    assert router.live["k"].metrics == {}
     store.close()

@@ -1,4 +1,4 @@
-"""abrouter policies without gRPC: Thompson-sampling bandit weights and guardrail rollbacks."""
+"""abrouter policies without gRPC: Thompson-sampling bandit weights (guardrails: test_abrouter_guardrails.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from services.abrouter.bandit import (
     floor_weights,
     thompson_weights,
 )
-from services.abrouter.guardrails import Guardrail, evaluate_guardrail, evaluate_guardrails
 
 # ---------------------------------------------------------------------------------------------- bandit
 
@@ -287,145 +286,3 @@ def test_policy_bad_input() -> None:
         )
     with pytest.raises(ValueError, match=r"^last_update: must be finite"):
         BanditPolicy.restore(2, RewardKind.GAUSSIAN, rewards=[GOOD, GOOD], last_update=math.nan, update_interval_s=1)
-
-
-# ---------------------------------------------------------------------------------------------- guardrails
-
-
-def normal_arms(control_mean: float, arm_mean: float, n: int, sd: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.normal(control_mean, sd, n), rng.normal(arm_mean, sd, n)
-
-
-def test_ten_percent_drop_on_5000_units_trips() -> None:
-    control, arm = normal_arms(10.0, 9.0, 5000, 2.0, seed=1)
-    v = evaluate_guardrail(Guardrail("revenue"), control, arm, 1)
-    assert v.tripped, v.reason
-    assert v.relative_change == pytest.approx(-0.10, abs=0.01)
-    assert v.p_value < 1e-6
-    assert (v.metric, v.arm, v.n_control, v.n_arm) == ("revenue", 1, 5000, 5000)
-    assert v.reason.startswith("worse than bound")
-
-
-def test_one_percent_drop_is_within_bound() -> None:
-    control, arm = normal_arms(10.0, 9.9, 5000, 2.0, seed=2)
-    v = evaluate_guardrail(Guardrail("revenue"), control, arm, 1)
-    assert not v.tripped
-    assert v.reason.startswith("within bound")
-    assert v.p_value > 0.5
-
-
-def test_ten_percent_drop_on_20_units_is_insufficient() -> None:
-    control, arm = normal_arms(10.0, 9.0, 20, 2.0, seed=3)
-    v = evaluate_guardrail(Guardrail("revenue"), control, arm, 1)
-    assert not v.tripped
-    assert v.reason.startswith("insufficient units (n=20")
-    assert math.isfinite(v.p_value)
-
-
-def test_drop_beyond_bound_but_noisy_is_not_significant() -> None:
-    control, arm = normal_arms(10.0, 9.0, 200, 20.0, seed=4)
-    arm = arm - arm.mean() + 9.0  # exactly a 10 % point drop
-    control = control - control.mean() + 10.0
-    v = evaluate_guardrail(Guardrail("revenue"), control, arm, 1)
-    assert v.relative_change == pytest.approx(-0.10)
-    assert not v.tripped
-    assert v.reason.startswith("not significant (p=")
-    assert v.p_value >= 0.05
-
-
-def test_latency_up_ten_percent_trips_lower_is_better() -> None:
-    control, arm = normal_arms(100.0, 110.0, 5000, 15.0, seed=5)
-    latency = Guardrail("latency_ms", higher_is_better=False)
-    v = evaluate_guardrail(latency, control, arm, 2)
-    assert v.tripped, v.reason
-    assert v.relative_change == pytest.approx(-0.10, abs=0.01)
-    assert v.arm == 2
-    # Latency down 10 % is an improvement, not a trip.
-    faster = evaluate_guardrail(latency, control, normal_arms(100.0, 90.0, 5000, 15.0, seed=6)[1], 1)
-    assert not faster.tripped and faster.relative_change > 0 and faster.p_value > 0.99
-    # The same drop on a higher-is-better metric would not trip.
-    assert not evaluate_guardrail(Guardrail("latency_ms"), control, arm, 1).tripped
-
-
-def test_zero_variance_does_not_crash() -> None:
-    g = Guardrail("m", min_units=10)
-    v = evaluate_guardrail(g, np.full(50, 10.0), np.full(50, 8.0), 1)
-    assert v.tripped and v.p_value == 0.0 and v.relative_change == pytest.approx(-0.2)
-    v = evaluate_guardrail(g, np.full(50, 10.0), np.full(50, 10.0), 1)
-    assert not v.tripped and v.relative_change == 0.0 and v.p_value == 1.0
-    v = evaluate_guardrail(g, np.full(50, 10.0), np.random.default_rng(0).normal(9.99, 0.01, 50), 1)
-    assert not v.tripped and math.isfinite(v.p_value)
-
-
-def test_zero_control_mean_uses_pooled_sd() -> None:
-    g = Guardrail("margin", min_units=10)
-    zeros = np.zeros(100)
-    v = evaluate_guardrail(g, zeros, zeros, 1)
-    assert not v.tripped and v.relative_change == 0.0 and not math.isnan(v.p_value)
-    v = evaluate_guardrail(g, zeros, np.full(100, -1.0), 1)
-    assert v.tripped and all(math.isfinite(x) for x in (v.relative_change, v.p_value))
-    rng = np.random.default_rng(3)
-    control = rng.normal(0, 1, 5000)
-    control -= control.mean()  # mean exactly (numerically) zero
-    v = evaluate_guardrail(g, control, rng.normal(-0.5, 1, 5000), 1)
-    assert v.tripped and v.relative_change == pytest.approx(-0.5, abs=0.05)  # Cohen's d
-    v = evaluate_guardrail(g, control, rng.normal(-0.01, 1, 5000), 1)
-    assert not v.tripped and v.reason.startswith("within bound")
-
-
-def test_nan_is_missing_and_empty_arms_are_insufficient() -> None:
-    control, arm = normal_arms(10.0, 9.0, 300, 1.0, seed=7)
-    arm[:250] = np.nan
-    v = evaluate_guardrail(Guardrail("m"), control, arm, 1)
-    assert v.n_arm == 50 and not v.tripped and v.reason.startswith("insufficient units")
-    v = evaluate_guardrail(Guardrail("m"), control, np.array([]), 1)
-    assert v.n_arm == 0 and not v.tripped and math.isnan(v.arm_mean)
-
-
-def test_evaluate_guardrails_all_arms_vs_control() -> None:
-    rng = np.random.default_rng(8)
-    per_metric = {
-        "revenue": [rng.normal(10, 2, 4000), rng.normal(10, 2, 4000), rng.normal(8.5, 2, 4000)],
-        "latency": [rng.normal(100, 10, 4000), rng.normal(120, 10, 4000), rng.normal(100, 10, 4000)],
-        "unused": [np.zeros(3), np.zeros(3)],
-    }
-    verdicts = evaluate_guardrails([Guardrail("revenue"), Guardrail("latency", higher_is_better=False)], per_metric)
-    assert [(v.metric, v.arm, v.tripped) for v in verdicts] == [
-        ("revenue", 1, False),
-        ("revenue", 2, True),
-        ("latency", 1, True),
-        ("latency", 2, False),
-    ]
-    with pytest.raises(ValueError, match=r"^per_metric: no values for guardrail metric 'errors'"):
-        evaluate_guardrails([Guardrail("errors")], per_metric)
-    with pytest.raises(ValueError, match=r"^per_metric\['x'\]: needs control"):
-        evaluate_guardrails([Guardrail("x")], {"x": [np.zeros(3)]})
-
-
-@pytest.mark.parametrize(
-    ("guardrail", "field"),
-    [
-        (Guardrail(""), "metric"),
-        (Guardrail("m", max_relative_drop=0.0), "max_relative_drop"),
-        (Guardrail("m", max_relative_drop=1.0), "max_relative_drop"),
-        (Guardrail("m", max_relative_drop=math.nan), "max_relative_drop"),
-        (Guardrail("m", alpha=0.0), "alpha"),
-        (Guardrail("m", alpha=0.5), "alpha"),
-        (Guardrail("m", min_units=1), "min_units"),
-    ],
-)
-def test_guardrail_validate_names_the_field(guardrail: Guardrail, field: str) -> None:
-    with pytest.raises(ValueError, match=f"^{field}: "):
-        guardrail.validate()
-    with pytest.raises(ValueError, match=f"^{field}: "):
-        evaluate_guardrail(guardrail, np.ones(200), np.ones(200), 1)
-
-
-def test_evaluate_guardrail_bad_values() -> None:
-    with pytest.raises(ValueError, match=r"^control: values must be finite"):
-        evaluate_guardrail(Guardrail("m"), np.array([1.0, np.inf]), np.ones(3), 1)
-    with pytest.raises(ValueError, match=r"^arm_values: must be 1-D"):
-        evaluate_guardrail(Guardrail("m"), np.ones(3), np.ones((3, 2)), 1)
-    with pytest.raises(ValueError, match=r"^arm: must be an integer >= 1"):
-        evaluate_guardrail(Guardrail("m"), np.ones(3), np.ones(3), 0)

@@ -1153,6 +1153,7 @@ def setup_abrouter(ch: grpc.Channel) -> Setup:
         metrics=["conv"],
         mode=apb.ALLOCATION_MODE_BANDIT,
         bandit=apb.BanditConfig(reward_metric="conv", kind=apb.REWARD_KIND_BERNOULLI, update_interval_s=3600),
+        sticky_bucketing=True,  # a bandit requires it
         condition_json='{"country": {"$in": ["US", "CA"]}}',
         hash_attribute="device_id",
     )

@@ -20,6 +20,7 @@ proto message as ``raw`` for the figures they do not lift out.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -39,6 +40,7 @@ _STATES = {
     pb.EXPERIMENT_STATE_ROLLED_BACK: "rolled_back",
 }
 _REWARDS = {"bernoulli": pb.REWARD_KIND_BERNOULLI, "gaussian": pb.REWARD_KIND_GAUSSIAN}
+_METRIC_KINDS = {"event": pb.METRIC_KIND_EVENT, "continuous": pb.METRIC_KIND_CONTINUOUS}
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,28 @@ class Guardrail:
     higher_is_better: bool = True
     #: Relative degradation that trips it, in (0, 1).
     max_relative_drop: float = 0.05
-    #: One-sided significance level of the degradation test.
+    #: One-sided significance level of the sequential (always-valid) degradation test.
     alpha: float = 0.05
     #: Units each arm needs before it can trip.
     min_units: int = 100
+
+
+@dataclass(frozen=True)
+class GuardrailCheck:
+    """One guardrail, one treatment arm against control, at one look (see ``GuardrailVerdict`` in the proto)."""
+
+    metric: str
+    arm: str
+    n_control: int
+    n_arm: int
+    #: Relative change in the better direction (negative = worse).
+    relative_change: float
+    #: Always-valid upper confidence bound of the relative change; trips below -max_relative_drop.
+    upper_bound: float
+    #: Always-valid one-sided p-value of "worse than the bound".
+    sequential_p_value: float
+    tripped: bool
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -94,10 +114,12 @@ class ExperimentOptions(TypedDict, total=False):
     namespace: tuple[str, float, float]
     #: Holdout ``(name, share)``.
     holdout: tuple[str, float]
-    #: Keep each unit's first arm when weights change.
+    #: Keep each unit's first arm when weights change (default: True for a bandit, which requires it).
     sticky: bool
     #: Metrics that may be recorded.
     metrics: Sequence[str]
+    #: What a metric's value per unit is: "event" (sum, silent units 0; the default) or "continuous" (mean).
+    metric_kinds: Mapping[str, Literal["event", "continuous"]]
     #: Guardrails on those metrics.
     guardrails: Sequence[Guardrail]
     #: Thompson-sampling allocation instead of fixed weights.
@@ -119,8 +141,8 @@ def experiment_spec(
 ) -> pb.ExperimentSpec:
     """Build an ``ExperimentSpec``. ``arms`` maps names to weights (control first) or lists :class:`Arm`.
 
-    Weights must sum to 1: the router refuses them otherwise (INVALID_ARGUMENT), as it does every other
-    broken rule.
+    Weights must sum to 1 within GrowthBook's slack (0.99..1.01; the router stores them normalised): the router
+    refuses them otherwise (INVALID_ARGUMENT), as it does every other broken rule.
     """
     arm_list = [Arm(n, float(w)) for n, w in arms.items()] if isinstance(arms, Mapping) else list(arms)
     versions = dict(options.get("model_versions", {}))
@@ -137,8 +159,9 @@ def experiment_spec(
         hash_attribute=options.get("hash_attribute", "id"),
         hash_version=options.get("hash_version", 0),
         condition_json=condition if isinstance(condition, str) else json.dumps(dict(condition)),
-        sticky_bucketing=options.get("sticky", False),
+        sticky_bucketing=options.get("sticky", "bandit" in options),
         metrics=list(options.get("metrics", ())),
+        metric_kinds={name: _METRIC_KINDS[kind] for name, kind in options.get("metric_kinds", {}).items()},
         guardrails=[
             pb.Guardrail(
                 metric=g.metric,
@@ -384,6 +407,115 @@ class Analysis:
         raise KeyError(f"no analysis of metric {metric!r}" + (f" for arm {treatment!r}" if treatment else ""))
 
 
+@dataclass(frozen=True)
+class Interval:
+    """A confidence interval."""
+
+    low: float
+    high: float
+
+    @property
+    def width(self) -> float:
+        """``high - low``."""
+        return self.high - self.low
+
+    def contains(self, value: float) -> bool:
+        """Whether ``low <= value <= high``."""
+        return self.low <= value <= self.high
+
+
+@dataclass(frozen=True)
+class DailyEffect:
+    """The effect among units active on one whole day since their first exposure."""
+
+    day: int
+    effect: float
+    n_control: int
+    n_treatment: int
+
+
+@dataclass(frozen=True)
+class MetricAnalysis:
+    """One metric, one treatment arm against control (see the module docstring for every definition)."""
+
+    metric: str
+    control: int
+    treatment: int
+    n_control: int
+    n_treatment: int
+    control_mean: float
+    treatment_mean: float
+    effect: float
+    relative_effect: float
+    ci: Interval
+    p_value: float
+    prob_treatment_better: float
+    cuped_effect: float | None
+    cuped_ci: Interval | None
+    variance_reduction: float | None
+    winsorized_effect: float
+    effect_without_top: float
+    top_share_of_effect: float
+    position_corrected_effect: float | None
+    weighted_effect: float | None
+    daily: tuple[DailyEffect, ...]
+    novelty_slope: float
+    novelty_p_value: float
+    novelty: bool
+    corrected_effect: float
+    correction_factor: float
+    primacy: bool = False
+    """Mirror of ``novelty``: the effect grows (slope > 0, p < 0.05, early < late)."""
+    early_effect: float = math.nan
+    """Inverse-variance mean of the daily effects of days 0-2."""
+    late_effect: float = math.nan
+    """Inverse-variance mean of the daily effects of the last third of the usable days."""
+    ci_method: str = ""
+    """How ``ci`` was computed (path and resamples)."""
+    detail: str = ""
+    """Human-readable findings: novelty/primacy, heavy users, position bias, correction factor."""
+
+
+# --------------------------------------------------------------------------------------------------- validation
+
+
+def _nan_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def analysis_from_pb(m: pb.MetricAnalysis, arms: Sequence[str]) -> MetricAnalysis:
+    """The full record of one metric's analysis from its message (reports such as ``abrouter report`` render it)."""
+    cuped = None if math.isnan(m.cuped_ci.low) else Interval(m.cuped_ci.low, m.cuped_ci.high)
+    return MetricAnalysis(
+        metric=m.metric,
+        control=list(arms).index(m.control),
+        treatment=list(arms).index(m.treatment),
+        n_control=m.n_control,
+        n_treatment=m.n_treatment,
+        control_mean=m.control_mean,
+        treatment_mean=m.treatment_mean,
+        effect=m.effect,
+        relative_effect=m.relative_effect,
+        ci=Interval(m.ci.low, m.ci.high),
+        p_value=m.p_value,
+        prob_treatment_better=m.prob_treatment_better,
+        cuped_effect=_nan_none(m.cuped_effect),
+        cuped_ci=cuped,
+        variance_reduction=_nan_none(m.variance_reduction),
+        winsorized_effect=m.winsorized_effect,
+        effect_without_top=m.effect_without_top,
+        top_share_of_effect=m.top_share_of_effect,
+        position_corrected_effect=_nan_none(m.position_corrected_effect),
+        weighted_effect=_nan_none(m.weighted_effect),
+        daily=tuple(DailyEffect(d.day, d.effect, d.n_control, d.n_treatment) for d in m.daily),
+        novelty_slope=m.novelty_slope,
+        novelty_p_value=m.novelty_p_value,
+        novelty=m.novelty,
+        corrected_effect=m.corrected_effect,
+        correction_factor=m.correction_factor,
+    )
+
+
 def covariates_pb(covariates: Mapping[str, float | int | str | bool] | None) -> pb.Covariates:
     """``Covariates`` from a dict: numbers are numeric covariates, strings (and booleans) categorical."""
     out = pb.Covariates()
@@ -619,6 +751,25 @@ class ABRouterClient:
             raw=resp,
         )
 
+    def guardrail_status(self, experiment: str) -> tuple[str, list[GuardrailCheck]]:
+        """The experiment's state and each guardrail at this look (sequential p-value and upper bound)."""
+        resp = self.stub.GetGuardrailStatus(pb.GetGuardrailStatusRequest(key=experiment))
+        checks = [
+            GuardrailCheck(
+                v.metric,
+                v.arm,
+                v.n_control,
+                v.n_arm,
+                v.relative_change,
+                v.upper_bound,
+                v.sequential_p_value,
+                v.tripped,
+                v.reason,
+            )
+            for v in resp.verdicts
+        ]
+        return _STATES[resp.state], checks
+
     def analyze(
         self,
         experiment: str,
@@ -635,7 +786,8 @@ class ABRouterClient:
     ) -> Analysis:
         """Analyse the recorded metrics: effects with bootstrap CIs, CUPED, novelty, corrections.
 
-        Zeros mean the server's defaults (2,000 resamples, 95%, winsorising at 0.99, "sum").
+        Zeros mean the server's defaults (2,000 resamples, 95%, winsorising at 0.99, each metric's declared
+        kind: "sum" for event metrics, "mean" for continuous ones; a different ``aggregate`` is refused).
         Errors: NOT_FOUND, INVALID_ARGUMENT (unknown metric or covariate), FAILED_PRECONDITION (an arm
         has no exposed unit).
         """

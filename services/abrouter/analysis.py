@@ -123,6 +123,8 @@ from typing import Any
 import numpy as np
 from scipy import special, stats
 
+from guardmesh.sdk.abrouter import DailyEffect, Interval, MetricAnalysis
+
 __all__ = [
     "AGGREGATES",
     "BETA_DRAWS",
@@ -189,78 +191,6 @@ class MetricInput:
     """float64 per unit: reweighting or IPW weights (1.0 = none)."""
     aggregate: str = "sum"
     """Per-unit aggregation of observations: "sum" (no observation = 0) or "mean" (no observation = left out)."""
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A confidence interval."""
-
-    low: float
-    high: float
-
-    @property
-    def width(self) -> float:
-        """``high - low``."""
-        return self.high - self.low
-
-    def contains(self, value: float) -> bool:
-        """Whether ``low <= value <= high``."""
-        return self.low <= value <= self.high
-
-
-@dataclass(frozen=True)
-class DailyEffect:
-    """The effect among units active on one whole day since their first exposure."""
-
-    day: int
-    effect: float
-    n_control: int
-    n_treatment: int
-
-
-@dataclass(frozen=True)
-class MetricAnalysis:
-    """One metric, one treatment arm against control (see the module docstring for every definition)."""
-
-    metric: str
-    control: int
-    treatment: int
-    n_control: int
-    n_treatment: int
-    control_mean: float
-    treatment_mean: float
-    effect: float
-    relative_effect: float
-    ci: Interval
-    p_value: float
-    prob_treatment_better: float
-    cuped_effect: float | None
-    cuped_ci: Interval | None
-    variance_reduction: float | None
-    winsorized_effect: float
-    effect_without_top: float
-    top_share_of_effect: float
-    position_corrected_effect: float | None
-    weighted_effect: float | None
-    daily: tuple[DailyEffect, ...]
-    novelty_slope: float
-    novelty_p_value: float
-    novelty: bool
-    corrected_effect: float
-    correction_factor: float
-    primacy: bool = False
-    """Mirror of ``novelty``: the effect grows (slope > 0, p < 0.05, early < late)."""
-    early_effect: float = math.nan
-    """Inverse-variance mean of the daily effects of days 0-2."""
-    late_effect: float = math.nan
-    """Inverse-variance mean of the daily effects of the last third of the usable days."""
-    ci_method: str = ""
-    """How ``ci`` was computed (path and resamples)."""
-    detail: str = ""
-    """Human-readable findings: novelty/primacy, heavy users, position bias, correction factor."""
-
-
-# --------------------------------------------------------------------------------------------------- validation
 
 
 def _int_array(value: object, name: str) -> np.ndarray:

@@ -94,10 +94,17 @@ class GrowableArray:
 
 
 class ExposureTable:
-    """First exposure per unit of one experiment, as growable columns. Not thread-safe: the router locks."""
+    """First exposure per unit of one experiment, as growable columns, plus the propensity of every exposure
+    (a unit seen again after a bandit moved the weights was seen with another propensity). Not thread-safe: the
+    router locks.
+    """
 
     def __init__(self) -> None:
         self._index: dict[str, int] = {}
+        self._arm_counts: dict[int, int] = {}
+        #: Every exposure, first or not: the unit's row and the propensity it was served with.
+        self._exposure_rows = GrowableArray(np.int64)
+        self._exposure_propensity = GrowableArray(np.float64)
         self._units: list[str] = []
         self._arms = GrowableArray(np.int16)
         self._buckets = GrowableArray(np.float64)
@@ -134,10 +141,16 @@ class ExposureTable:
         categorical: Mapping[str, str],
         config_version: int = 0,
     ) -> bool:
-        """Record the unit's exposure; False (and nothing changes) if it was exposed before."""
-        if unit in self._index:
+        """Record the unit's exposure; False if it was exposed before (only its propensity is kept then)."""
+        known = self._index.get(unit)
+        if known is not None:
+            self._exposure_rows.append(known)
+            self._exposure_propensity.append(propensity)
             return False
         row = len(self._units)
+        self._exposure_rows.append(row)
+        self._exposure_propensity.append(propensity)
+        self._arm_counts[arm] = self._arm_counts.get(arm, 0) + 1
         self._index[unit] = row
         self._units.append(unit)
         self._arms.append(arm)
@@ -162,6 +175,14 @@ class ExposureTable:
             codes.size = row + 1
             codes.set(row, code)
         return True
+
+    def arm_counts(self, n_arms: int) -> list[int]:
+        """Exposed units per arm (kept as units are added, no pass over the table)."""
+        return [self._arm_counts.get(a, 0) for a in range(n_arms)]
+
+    def exposure_propensities(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every exposure in log order: (the unit's row, the propensity it was served with); copies."""
+        return self._exposure_rows.view().copy(), self._exposure_propensity.view().copy()
 
     def config_versions(self) -> np.ndarray:
         """Config version each unit was first exposed under (a copy)."""

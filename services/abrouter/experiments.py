@@ -19,12 +19,14 @@ from typing import Any
 from guardmesh.errors import InvalidArgument
 from services.abrouter.bandit import RewardKind
 from services.abrouter.guardrails import Guardrail
+from services.abrouter.metrics import MetricKind
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 NAME_LIMIT = 64
-#: Weights must sum to one within this tolerance (GrowthBook's SDK silently falls back to equal weights
-#: outside 0.99..1.01; the router refuses instead, so what is configured is what runs).
-WEIGHT_TOLERANCE = 1e-6
+#: Weights must sum to one within this tolerance, GrowthBook's (its SDK accepts sums in 0.99..1.01 and silently
+#: falls back to equal weights outside; the router refuses instead, so what is configured is what runs). An
+#: accepted sum is normalised to exactly 1 (``ExperimentSpec.normalized``), so propensities are probabilities.
+WEIGHT_SUM_RANGE = (0.99, 1.01)
 
 
 class ExperimentState(StrEnum):
@@ -102,6 +104,8 @@ class ExperimentSpec:
     holdout: HoldoutSpec | None = None
     sticky_bucketing: bool = False
     metrics: tuple[str, ...] = ()
+    #: Declared kind of a metric (what its value per unit is); a metric not listed is an EVENT metric.
+    metric_kinds: dict[str, MetricKind] = field(default_factory=dict)
     guardrails: tuple[Guardrail, ...] = ()
     mode: AllocationMode = AllocationMode.FIXED
     bandit: BanditSpec | None = None
@@ -119,6 +123,10 @@ class ExperimentSpec:
     def weights(self) -> tuple[float, ...]:
         """Configured weights, by arm."""
         return tuple(a.weight for a in self.arms)
+
+    def kind_of(self, metric: str) -> MetricKind:
+        """The declared kind of ``metric`` (EVENT unless declared otherwise)."""
+        return self.metric_kinds.get(metric, MetricKind.EVENT)
 
     def arm_index(self, name: str) -> int | None:
         """Index of the arm called ``name``."""
@@ -143,8 +151,8 @@ class ExperimentSpec:
             if not (math.isfinite(arm.weight) and 0 <= arm.weight <= 1):
                 raise InvalidArgument(f"spec.arms[{i}].weight", f"must be in [0, 1], got {arm.weight}")
         total = math.fsum(self.weights)
-        if abs(total - 1.0) > WEIGHT_TOLERANCE:
-            raise InvalidArgument("spec.arms.weight", f"weights must sum to 1 (within 1e-6), got {total:.9g}")
+        if not WEIGHT_SUM_RANGE[0] <= total <= WEIGHT_SUM_RANGE[1]:  # GrowthBook's comparison, same floats
+            raise InvalidArgument("spec.arms.weight", f"weights must sum to 1 (within 0.99..1.01), got {total:.9g}")
         if not (math.isfinite(self.coverage) and 0 <= self.coverage <= 1):
             raise InvalidArgument("spec.coverage", f"must be in [0, 1], got {self.coverage}")
         if not 1 <= len(self.hash_attribute) <= NAME_LIMIT:
@@ -171,6 +179,13 @@ class ExperimentSpec:
             if metric in metric_names:
                 raise InvalidArgument(f"spec.metrics[{i}]", f"duplicate metric '{metric}'")
             metric_names.add(metric)
+        for name, kind in self.metric_kinds.items():
+            if name not in metric_names:
+                raise InvalidArgument(f"spec.metric_kinds[{name}]", f"'{name}' is not in spec.metrics")
+            if not isinstance(kind, MetricKind):
+                raise InvalidArgument(
+                    f"spec.metric_kinds[{name}]", "must be METRIC_KIND_EVENT or METRIC_KIND_CONTINUOUS"
+                )
         for i, guardrail in enumerate(self.guardrails):
             if guardrail.metric not in metric_names:
                 raise InvalidArgument(f"spec.guardrails[{i}].metric", f"'{guardrail.metric}' is not in spec.metrics")
@@ -191,10 +206,22 @@ class ExperimentSpec:
         if self.stop_at and self.stop_at <= self.start_at:
             raise InvalidArgument("spec.stop_at", "must be after spec.start_at")
 
+    def normalized(self) -> ExperimentSpec:
+        """This (validated) spec with its arm weights divided by their sum, so they sum to 1."""
+        total = math.fsum(self.weights)
+        if total == 1.0:
+            return self
+        return replace(self, arms=tuple(replace(a, weight=a.weight / total) for a in self.arms))
+
     def _validate_bandit(self, metric_names: set[str]) -> None:
         bandit = self.bandit
         if bandit is None:
             raise InvalidArgument("spec.bandit", "required when spec.mode is ALLOCATION_MODE_BANDIT")
+        if not self.sticky_bucketing:
+            raise InvalidArgument(
+                "spec.sticky_bucketing",
+                "must be true for a bandit: its weights move, and exposed units must keep their arm",
+            )
         if bandit.reward_metric not in metric_names:
             raise InvalidArgument("spec.bandit.reward_metric", f"'{bandit.reward_metric}' is not in spec.metrics")
         if not (math.isfinite(bandit.update_interval_s) and bandit.update_interval_s > 0):
@@ -224,6 +251,7 @@ class ExperimentSpec:
             holdout=HoldoutSpec(**d["holdout"]) if d.get("holdout") else None,
             sticky_bucketing=d.get("sticky_bucketing", False),
             metrics=tuple(d.get("metrics", ())),
+            metric_kinds={k: MetricKind(v) for k, v in d.get("metric_kinds", {}).items()},
             guardrails=tuple(Guardrail(**g) for g in d.get("guardrails", ())),
             mode=AllocationMode(d.get("mode", "fixed")),
             bandit=BanditSpec(**{**bandit, "kind": RewardKind(bandit["kind"])}) if bandit else None,

@@ -2,10 +2,12 @@
 bandits and shadow traffic. No gRPC here: the server translates messages and errors.
 
 State lives in memory (experiments, sticky records, each experiment's first exposures as numpy columns,
-metric observations) and every change is written to SQLite before it is acknowledged. A change is
-validated completely before any state is touched, so a refused call leaves nothing behind. A failed
-write stops the router (fail-stop): memory would be ahead of disk, so it answers UNAVAILABLE until it is
-restarted from what is durable.
+metric observations and their per-arm statistics) and every change is written to SQLite before it is
+acknowledged. A change is validated completely before any state is touched, so a refused call leaves nothing
+behind. Exposures and observations reach memory only after their commit is durable (while in flight, a sticky
+arm is held as pending so a concurrent assignment of the same unit agrees), so a failed commit leaves memory
+as it was. A failed write also stops the router (fail-stop): it answers UNAVAILABLE until it is restarted from
+what is durable.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from services.abrouter.bandit import BanditPolicy
 from services.abrouter.columns import ExposureColumns, ExposureTable, GrowableArray
 from services.abrouter.experiments import AllocationMode, Experiment, ExperimentSpec, ExperimentState
 from services.abrouter.guardrails import GuardrailVerdict, evaluate_guardrails
+from services.abrouter.metrics import ArmStatistics
 from services.abrouter.shadow import ScoreCall, ScoreFn, ScoreResult, ShadowMirror
 from services.abrouter.store import ExposureRow, ObservationRow, RouterStore
 
@@ -78,14 +81,16 @@ class AnalysisOptions:
     position_covariate: str = ""
     reweight_covariates: tuple[str, ...] = ()
     inverse_propensity: bool = False
-    aggregate: str = "sum"
+    aggregate: str = ""  # empty: each metric's declared kind
     seed: int = 0
 
 
 @dataclass
 class _MetricLog:
-    """Observations of one metric of one experiment: exposure row, value, time; pre-period sums by unit."""
+    """Observations of one metric of one experiment: exposure row, value, time; pre-period sums by unit; the
+    per-arm statistics of the per-unit values (the metric's declared kind) that the guardrails read."""
 
+    statistics: ArmStatistics
     rows: GrowableArray = field(default_factory=lambda: GrowableArray(np.int64))
     values: GrowableArray = field(default_factory=lambda: GrowableArray(np.float64))
     at: GrowableArray = field(default_factory=lambda: GrowableArray(np.float64))
@@ -99,6 +104,8 @@ class _Live:
     experiment: Experiment
     table: ExposureTable = field(default_factory=ExposureTable)
     sticky: dict[str, int] = field(default_factory=dict)
+    #: Sticky arms of assignments whose commit is in flight: unit -> (arm, number of requests waiting on it).
+    pending_sticky: dict[str, tuple[int, int]] = field(default_factory=dict)
     metrics: dict[str, _MetricLog] = field(default_factory=dict)
     bandit: BanditPolicy | None = None
     #: Config version from which the weights in force apply (SRM compares units exposed since then).
@@ -290,6 +297,7 @@ class Router:
         """Create an experiment at version 1."""
         self._check_alive()
         spec.validate()
+        spec = spec.normalized()
         now = self.clock()
         with self.lock:
             if spec.key in self.live:
@@ -307,6 +315,7 @@ class Router:
         """Replace the spec; version + 1. A rolled-back experiment runs again with the new spec."""
         self._check_alive()
         spec.validate()
+        spec = spec.normalized()
         with self.lock:
             st = self._get(spec.key)
             cur = st.experiment
@@ -330,6 +339,8 @@ class Router:
             if (spec.mode, spec.bandit, len(spec.arms)) != (cur.spec.mode, cur.spec.bandit, len(cur.spec.arms)):
                 st.bandit = self._new_live(exp).bandit
                 self._replay_rewards(st)
+            if any(spec.kind_of(m) != cur.spec.kind_of(m) for m in st.metrics):
+                self._rebuild_statistics(st)
             self._event("config_changed", spec.key, f"updated to version {exp.version}: {comment}", statements)
             ticket = self._submit(statements)
         self._durable(ticket)
@@ -413,46 +424,65 @@ class Router:
             values = [hash_value_of(st.experiment, unit_id, attributes) for st in targets]
             out: list[tuple[AssignmentResult, bool]] = []
             statements: list[Statement] = []
-            exposures: list[ExposureRow] = []
+            exposures: list[tuple[_Live, ExposureRow]] = []
+            held: list[tuple[_Live, str]] = []  # pending sticky arms this call holds until its commit ends
             for st, value in zip(targets, values, strict=True):
                 exp = st.experiment
-                sticky_arm = st.sticky.get(value) if exp.spec.sticky_bucketing else None
+                sticky = exp.spec.sticky_bucketing
+                sticky_arm = None
+                if sticky:
+                    sticky_arm = st.sticky.get(value)
+                    if sticky_arm is None and value in st.pending_sticky:
+                        sticky_arm = st.pending_sticky[value][0]
                 result = assign(exp, value, attributes, now, sticky_arm)
-                if result.in_experiment and exp.spec.sticky_bucketing and sticky_arm is None:
-                    st.sticky[value] = result.arm_index
+                if result.in_experiment and sticky and value not in st.sticky:
+                    arm, waiting = st.pending_sticky.get(value, (result.arm_index, 0))
+                    st.pending_sticky[value] = (arm, waiting + 1)
+                    held.append((st, value))
                     statements.append(RouterStore.sticky(exp.key, [(value, result.arm_index, now)]))
-                logged = False
-                if log_exposure and result.in_experiment:
-                    logged = True
-                    exposures.append(
-                        ExposureRow(
-                            exp.key,
-                            value,
-                            result.arm_index,
-                            result.bucket,
-                            result.propensity,
-                            now,
-                            exp.version,
-                            numeric,
-                            categorical,
-                        )
-                    )
-                    st.table.add(
+                logged = bool(log_exposure and result.in_experiment)
+                if logged:
+                    row = ExposureRow(
+                        exp.key,
                         value,
                         result.arm_index,
                         result.bucket,
-                        now,
                         result.propensity,
+                        now,
+                        exp.version,
                         numeric,
                         categorical,
-                        exp.version,
                     )
+                    exposures.append((st, row))
                 out.append((result, logged))
             if exposures:
-                statements.append(RouterStore.exposures(exposures))
+                statements.append(RouterStore.exposures([row for _, row in exposures]))
             ticket = self._submit(statements)
-        self._durable(ticket)
+        try:
+            self._durable(ticket)
+        except BaseException:
+            with self.lock:
+                self._release_pending(held, keep=False)
+            raise
+        with self.lock:  # durable: now memory may show it
+            self._release_pending(held, keep=True)
+            for st, row in exposures:
+                st.table.add(
+                    row.unit, row.arm, row.bucket, row.at, row.propensity, numeric, categorical, row.config_version
+                )
         return out
+
+    @staticmethod
+    def _release_pending(held: list[tuple[_Live, str]], *, keep: bool) -> None:
+        """Let go of this call's pending sticky arms; ``keep``: its commit is durable, record them as sticky."""
+        for st, value in held:
+            arm, waiting = st.pending_sticky[value]
+            if keep:
+                st.sticky.setdefault(value, arm)
+            if waiting > 1:
+                st.pending_sticky[value] = (arm, waiting - 1)
+            else:
+                del st.pending_sticky[value]
 
     @staticmethod
     def _check_unit(
@@ -560,20 +590,37 @@ class Router:
 
     # -- metrics -------------------------------------------------------------------------------------------------
 
+    def _statistics(self, st: _Live, metric: str) -> ArmStatistics:
+        spec = st.experiment.spec
+        return ArmStatistics(spec.kind_of(metric), len(spec.arms))
+
     def _apply_observation(self, st: _Live, obs: ObservationRow) -> None:
-        mlog = st.metrics.setdefault(obs.metric, _MetricLog())
+        mlog = st.metrics.get(obs.metric)
+        if mlog is None:
+            mlog = st.metrics[obs.metric] = _MetricLog(self._statistics(st, obs.metric))
         if obs.pre:
             mlog.pre[obs.unit] = mlog.pre.get(obs.unit, 0.0) + obs.value
             return
-        row = st.table.unit_rows([obs.unit])[0]
+        row = int(st.table.unit_rows([obs.unit])[0])
         mlog.rows.append(row)
         mlog.values.append(obs.value)
         mlog.at.append(obs.at)
+        arm = st.table.arm_of(obs.unit)
+        if arm is None:
+            return
+        mlog.statistics.observe(row, arm, obs.value)
         spec = st.experiment.spec
         if st.bandit is not None and spec.bandit is not None and obs.metric == spec.bandit.reward_metric:
-            arm = st.table.arm_of(obs.unit)
-            if arm is not None:
-                st.bandit.record(arm, obs.value)
+            st.bandit.record(arm, obs.value)
+
+    def _rebuild_statistics(self, st: _Live) -> None:
+        """Per-arm statistics of every metric again from its observations (a metric's declared kind changed)."""
+        arms = st.table.columns().arms
+        for metric, mlog in st.metrics.items():
+            mlog.statistics = self._statistics(st, metric)
+            for row, value in zip(mlog.rows.view(), mlog.values.view(), strict=True):
+                if row >= 0:
+                    mlog.statistics.observe(int(row), int(arms[row]), float(value))
 
     def _replay_rewards(self, st: _Live) -> None:
         spec = st.experiment.spec
@@ -625,10 +672,11 @@ class Router:
                         if kind == "bernoulli" and o.value not in (0.0, 1.0):
                             raise InvalidArgument(f"{where}.value", "a Bernoulli bandit's reward must be 0 or 1")
                 rows.append(ObservationRow(key, o.unit_id, o.metric, o.value, o.timestamp or now, o.pre_period))
-            for row in rows:
-                self._apply_observation(st, row)
             ticket = self._submit([RouterStore.observations(rows)])
         self._durable(ticket)
+        with self.lock:  # durable: now memory may show it (exposures are never removed, so the checks still hold)
+            for row in rows:
+                self._apply_observation(st, row)
         return len(rows)
 
     # -- audits ----------------------------------------------------------------------------------------------------
@@ -732,8 +780,16 @@ class Router:
             for i, m in enumerate(options.metrics):
                 if m not in exp.spec.metrics:
                     raise InvalidArgument(f"metrics[{i}]", f"'{m}' is not a metric of experiment '{key}'")
-            columns = st.table.columns()
             wanted = options.metrics or tuple(m for m in exp.spec.metrics if m in st.metrics)
+            for m in wanted:
+                declared = exp.spec.kind_of(m)
+                if options.aggregate and options.aggregate != declared.aggregate:
+                    raise InvalidArgument(
+                        "aggregate",
+                        f"metric '{m}' is declared {declared.name} (per-unit {declared.aggregate}); "
+                        f"'{options.aggregate}' would count it differently from its guardrails (leave it empty)",
+                    )
+            columns = st.table.columns()
             logs = {
                 m: (
                     st.metrics[m].rows.view().copy(),
@@ -772,7 +828,7 @@ class Router:
                     unit_pre=unit_pre,
                     unit_position=position,
                     unit_weights=weights,
-                    aggregate=options.aggregate or "sum",
+                    aggregate=exp.spec.kind_of(metric).aggregate,
                 )
             )
         try:
@@ -837,21 +893,23 @@ class Router:
             except Exception:
                 log.exception("periodic check failed")
 
-    def _per_unit_values(self, st: _Live, metric: str) -> list[np.ndarray]:
-        mlog = st.metrics.get(metric)
-        n_arms = len(st.experiment.spec.arms)
-        if mlog is None or not len(st.table):
-            return [np.empty(0) for _ in range(n_arms)]
-        rows = mlog.rows.view()
-        keep = rows >= 0
-        rows, values = rows[keep], mlog.values.view()[keep]
-        n_units = len(st.table)
-        sums = np.bincount(rows, weights=values, minlength=n_units)
-        counts = np.bincount(rows, minlength=n_units)
-        arms = st.table.columns().arms
-        seen = counts > 0
-        means = np.divide(sums, counts, out=np.zeros_like(sums), where=seen)
-        return [means[seen & (arms == a)] for a in range(n_arms)]
+    def _guardrail_verdicts(self, st: _Live) -> list[GuardrailVerdict]:
+        """This look at the experiment's guardrails, from the per-arm statistics (O(arms) per guardrail)."""
+        spec = st.experiment.spec
+        n_arms = len(spec.arms)
+        exposed = st.table.arm_counts(n_arms)
+        per_metric = {}
+        for g in spec.guardrails:
+            mlog = st.metrics.get(g.metric)
+            statistics = mlog.statistics if mlog is not None else self._statistics(st, g.metric)
+            per_metric[g.metric] = [statistics.moments(a, exposed[a]) for a in range(n_arms)]
+        return evaluate_guardrails(spec.guardrails, per_metric)
+
+    def guardrail_status(self, key: str) -> tuple[list[GuardrailVerdict], Experiment]:
+        """Every guardrail of an experiment at this look (nothing is rolled back here)."""
+        with self.lock:
+            st = self._get(key)
+            return self._guardrail_verdicts(st), st.experiment
 
     def check_guardrails(self) -> list[GuardrailVerdict]:
         """Evaluate every running experiment's guardrails; roll back those that trip (with an event)."""
@@ -863,8 +921,7 @@ class Router:
                 exp = st.experiment
                 if exp.state is not ExperimentState.RUNNING or not exp.spec.guardrails:
                     continue
-                per_metric = {g.metric: self._per_unit_values(st, g.metric) for g in exp.spec.guardrails}
-                found = evaluate_guardrails(exp.spec.guardrails, per_metric)
+                found = self._guardrail_verdicts(st)
                 verdicts.extend(found)
                 tripped = [v for v in found if v.tripped]
                 if not tripped:
@@ -872,7 +929,7 @@ class Router:
                 v = tripped[0]
                 reason = (
                     f"guardrail {v.metric}: arm '{exp.spec.arms[v.arm].name}' {v.relative_change:+.1%} vs control "
-                    f"(p={v.p_value:.2g}); {v.reason}"
+                    f"(upper bound {v.bound:+.1%}, sequential p={v.p_value:.2g}); {v.reason}"
                 )
                 control_only = tuple(1.0 if i == 0 else 0.0 for i in range(len(exp.spec.arms)))
                 rolled = exp.with_changes(

@@ -22,11 +22,11 @@ from guardmesh.config import MeshConfig
 from guardmesh.errors import GuardmeshError, InvalidArgument, Unavailable
 from guardmesh.monitoring import observe_abrouter
 from guardmesh.runtime import ServiceDefinition
+from guardmesh.sdk.abrouter import MetricAnalysis
 from guardmesh.security import allow
 from guardmesh.v1 import abrouter_pb2 as pb
 from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
 from guardmesh.v1 import scorer_pb2, scorer_pb2_grpc
-from services.abrouter.analysis import DailyEffect, Interval, MetricAnalysis
 from services.abrouter.assignment import AssignmentResult
 from services.abrouter.audit import AuditReport, BalanceResult, TestResult
 from services.abrouter.bandit import RewardKind
@@ -41,7 +41,8 @@ from services.abrouter.experiments import (
     NamespaceSpec,
     ShadowSpec,
 )
-from services.abrouter.guardrails import Guardrail
+from services.abrouter.guardrails import Guardrail, GuardrailVerdict
+from services.abrouter.metrics import MetricKind
 from services.abrouter.router import AnalysisOptions, Observation, Router
 from services.abrouter.shadow import ScoreCall, ScoreResult
 from services.abrouter.store import RouterStore
@@ -55,6 +56,12 @@ _STATES = {
 }
 _KINDS = {pb.REWARD_KIND_BERNOULLI: RewardKind.BERNOULLI, pb.REWARD_KIND_GAUSSIAN: RewardKind.GAUSSIAN}
 _KINDS_PB = {v: k for k, v in _KINDS.items()}
+_METRIC_KINDS = {
+    pb.METRIC_KIND_UNSPECIFIED: MetricKind.EVENT,
+    pb.METRIC_KIND_EVENT: MetricKind.EVENT,
+    pb.METRIC_KIND_CONTINUOUS: MetricKind.CONTINUOUS,
+}
+_METRIC_KINDS_PB = {MetricKind.EVENT: pb.METRIC_KIND_EVENT, MetricKind.CONTINUOUS: pb.METRIC_KIND_CONTINUOUS}
 _EVENTS = {
     "config_changed": pb.ROUTER_EVENT_KIND_CONFIG_CHANGED,
     "srm_alert": pb.ROUTER_EVENT_KIND_SRM_ALERT,
@@ -120,6 +127,11 @@ def spec_from_pb(m: pb.ExperimentSpec) -> ExperimentSpec:
             min_weight=m.bandit.min_weight,
             min_rewards=m.bandit.min_rewards,
         )
+    metric_kinds = {}
+    for name, kind in m.metric_kinds.items():
+        if kind not in _METRIC_KINDS:
+            raise InvalidArgument(f"spec.metric_kinds[{name}]", f"unknown MetricKind {kind}")
+        metric_kinds[name] = _METRIC_KINDS[kind]
     return ExperimentSpec(
         key=m.key,
         arms=tuple(ArmSpec(a.name, a.weight, a.model_version) for a in m.arms),
@@ -134,6 +146,7 @@ def spec_from_pb(m: pb.ExperimentSpec) -> ExperimentSpec:
         holdout=HoldoutSpec(m.holdout.name, m.holdout.share) if m.HasField("holdout") else None,
         sticky_bucketing=m.sticky_bucketing,
         metrics=tuple(m.metrics),
+        metric_kinds=metric_kinds,
         guardrails=tuple(
             Guardrail(
                 metric=g.metric,
@@ -165,6 +178,7 @@ def spec_to_pb(s: ExperimentSpec) -> pb.ExperimentSpec:
         condition_json=json.dumps(s.condition) if s.condition else "",
         sticky_bucketing=s.sticky_bucketing,
         metrics=list(s.metrics),
+        metric_kinds={name: _METRIC_KINDS_PB[kind] for name, kind in s.metric_kinds.items()},
         mode=pb.ALLOCATION_MODE_BANDIT if s.mode is AllocationMode.BANDIT else pb.ALLOCATION_MODE_FIXED,
         model=s.model,
         shadow=pb.ShadowConfig(version=s.shadow.version, fraction=s.shadow.fraction),
@@ -314,6 +328,23 @@ def analysis_to_pb(a: MetricAnalysis, arms: Sequence[str]) -> pb.MetricAnalysis:
     for d in a.daily:
         m.daily.add(day=d.day, effect=d.effect, n_control=d.n_control, n_treatment=d.n_treatment)
     return m
+
+
+def verdict_to_pb(v: GuardrailVerdict, arms: Sequence[str]) -> pb.GuardrailVerdict:
+    """Message form of one guardrail verdict."""
+    return pb.GuardrailVerdict(
+        metric=v.metric,
+        arm=arms[v.arm],
+        n_control=v.n_control,
+        n_arm=v.n_arm,
+        control_mean=v.control_mean,
+        arm_mean=v.arm_mean,
+        relative_change=v.relative_change,
+        upper_bound=v.bound,
+        sequential_p_value=v.p_value,
+        tripped=v.tripped,
+        reason=v.reason,
+    )
 
 
 def _attributes(m: Any, field: str = "attributes") -> dict[str, Any]:
@@ -496,7 +527,7 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
             position_covariate=request.position_covariate,
             reweight_covariates=tuple(request.reweight_covariates),
             inverse_propensity=request.inverse_propensity,
-            aggregate=request.aggregate or "sum",
+            aggregate=request.aggregate,
             seed=request.seed,
         )
         results, exp, exposed = self.router.analyze(request.key, options)
@@ -518,6 +549,16 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
             errors=s.errors,
             decision_agreement=s.decision_agreement,
             mean_abs_score_diff=s.mean_abs_score_diff,
+        )
+
+    def GetGuardrailStatus(
+        self, request: pb.GetGuardrailStatusRequest, context: grpc.ServicerContext
+    ) -> pb.GetGuardrailStatusResponse:
+        """See the proto."""
+        verdicts, exp = self.router.guardrail_status(request.key)
+        arms = [a.name for a in exp.spec.arms]
+        return pb.GetGuardrailStatusResponse(
+            verdicts=[verdict_to_pb(v, arms) for v in verdicts], state=_STATES[exp.state]
         )
 
     def ListRouterEvents(
@@ -615,40 +656,3 @@ SERVICE = ServiceDefinition(
     # Applications get assignments and send metrics; experiments, audits and analyses are admin's.
     roles=allow(_ABROUTER, ("app",), "Assign", "AssignBatch", "Route", "RecordMetrics"),
 )
-
-
-def _nan_none(value: float) -> float | None:
-    return None if math.isnan(value) else value
-
-
-def analysis_from_pb(m: pb.MetricAnalysis, arms: Sequence[str]) -> MetricAnalysis:
-    """Domain form of one metric's analysis (for reports rendered by a client)."""
-    cuped = None if math.isnan(m.cuped_ci.low) else Interval(m.cuped_ci.low, m.cuped_ci.high)
-    return MetricAnalysis(
-        metric=m.metric,
-        control=list(arms).index(m.control),
-        treatment=list(arms).index(m.treatment),
-        n_control=m.n_control,
-        n_treatment=m.n_treatment,
-        control_mean=m.control_mean,
-        treatment_mean=m.treatment_mean,
-        effect=m.effect,
-        relative_effect=m.relative_effect,
-        ci=Interval(m.ci.low, m.ci.high),
-        p_value=m.p_value,
-        prob_treatment_better=m.prob_treatment_better,
-        cuped_effect=_nan_none(m.cuped_effect),
-        cuped_ci=cuped,
-        variance_reduction=_nan_none(m.variance_reduction),
-        winsorized_effect=m.winsorized_effect,
-        effect_without_top=m.effect_without_top,
-        top_share_of_effect=m.top_share_of_effect,
-        position_corrected_effect=_nan_none(m.position_corrected_effect),
-        weighted_effect=_nan_none(m.weighted_effect),
-        daily=tuple(DailyEffect(d.day, d.effect, d.n_control, d.n_treatment) for d in m.daily),
-        novelty_slope=m.novelty_slope,
-        novelty_p_value=m.novelty_p_value,
-        novelty=m.novelty,
-        corrected_effect=m.corrected_effect,
-        correction_factor=m.correction_factor,
-    )

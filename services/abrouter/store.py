@@ -162,11 +162,11 @@ class RouterStore:
 
     def load_sticky(self) -> Iterator[tuple[str, str, int]]:
         """(key, unit, arm) of every sticky record."""
-        yield from self.log.db.execute("SELECT key, unit, arm FROM sticky")
+        yield from self.log.query("SELECT key, unit, arm FROM sticky")
 
     def load_exposures(self) -> Iterator[ExposureRow]:
         """Every exposure, in log order."""
-        cursor = self.log.db.execute(
+        cursor = self.log.query(
             "SELECT key, unit, arm, bucket, propensity, at, config_version, covariates FROM exposures ORDER BY seq"
         )
         for key, unit, arm, bucket, propensity, at, version, cov in cursor:
@@ -175,13 +175,13 @@ class RouterStore:
 
     def load_observations(self) -> Iterator[ObservationRow]:
         """Every metric observation, in log order."""
-        cursor = self.log.db.execute("SELECT key, unit, metric, value, at, pre FROM observations ORDER BY seq")
+        cursor = self.log.query("SELECT key, unit, metric, value, at, pre FROM observations ORDER BY seq")
         for key, unit, metric, value, at, pre in cursor:
             yield ObservationRow(key, unit, metric, value, at, bool(pre))
 
     def load_shadow(self) -> Iterator[tuple[str, float, float, bool, bool]]:
         """(key, live score, shadow score, live decision, shadow decision) of every comparison."""
-        cursor = self.log.db.execute(
+        cursor = self.log.query(
             "SELECT key, live_score, shadow_score, live_decision, shadow_decision FROM shadow ORDER BY seq"
         )
         for key, ls, ss, ld, sd in cursor:
