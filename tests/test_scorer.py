@@ -4,6 +4,7 @@ missing values, feedback-driven rollback, and bad input."""
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -298,7 +299,7 @@ def test_score_batch_and_concurrent_clients_share_batches(scorer) -> None:  # ty
         t.join()
     np.testing.assert_allclose([results[i] for i in range(64)], expected, rtol=1e-5)
     core = running.binding.servicer.core  # type: ignore[attr-defined]
-    stats = core.lines["risk"].versions["v1"].batcher.stats
+    stats = core.batch_stats("risk", "v1")
     assert stats.rows == 64 + 64 and stats.batches < 128  # concurrent requests were batched together
 
 
@@ -355,5 +356,306 @@ def test_registered_versions_and_the_active_one_survive_a_restart(tmp_path: Path
         with open_channel("scorer", config, address=running.address) as ch:
             [line] = pb_grpc.ScorerServiceStub(ch).ListModels(pb.ListModelsRequest()).models
             assert line.active_version == "v1"  # the rollback was recorded too
+    finally:
+        running.stop(grace=0.5)
+
+
+def _rows_request(rows: np.ndarray, prefix: str, **kw: object) -> pb.ScoreBatchRequest:
+    return pb.ScoreBatchRequest(
+        requests=[
+            pb.ScoreRequest(
+                model="risk",
+                request_id=f"{prefix}{i}",
+                features={f: float(v) for f, v in zip(FEATURES, r, strict=True) if not np.isnan(v)},
+                **kw,  # type: ignore[arg-type]
+            )
+            for i, r in enumerate(rows)
+        ]
+    )
+
+
+def test_score_batch_of_256_rows_is_four_model_runs_with_the_same_answers(scorer) -> None:  # type: ignore[no-untyped-def]
+    running, _, stub = scorer
+    model = logistic([1.0, -1.0, 0.5, 0.0], 0.1)
+    register(
+        stub, "v1", model, activate=True, rules=[pb.ScoringRule(name="big", feature="amount", limit=2.0, block=True)]
+    )
+    rows = np.random.default_rng(6).standard_normal((256, 4)).astype(np.float32)
+    batch = stub.ScoreBatch(_rows_request(rows, "b"))
+    core = running.binding.servicer.core  # type: ignore[attr-defined]
+    stats = core.batch_stats("risk", "v1")
+    ruled = int((rows[:, 0] > 2.0).sum())
+    assert ruled > 0
+    # One model run per max_batch_size (64) of the rows the rules left to the model.
+    assert stats.rows == 256 - ruled and stats.batches == -(-(256 - ruled) // 64)
+    assert stats.sizes[:-1] == [64] * (stats.batches - 1)
+    expected = model(torch.from_numpy(rows))[:, 0].detach().numpy()
+    for row, result, want in zip(rows, batch.results, expected, strict=True):
+        r = result.response
+        if row[0] > 2.0:
+            assert r.path == "rule:big" and r.decision and r.model_version == ""
+        else:
+            assert r.score == pytest.approx(float(want), rel=1e-5) and r.model_version == "v1"
+    assert core.live_rows("risk").shape == (256, 4)  # every row is in the drift window, once
+
+
+def _burst(
+    stub: pb_grpc.ScorerServiceStub, requests: list[pb.ScoreRequest], clients: int
+) -> dict[str, pb.ScoreResponse]:
+    """Send ``requests`` from ``clients`` threads released together; the answers by request id."""
+    import threading
+
+    got: dict[str, pb.ScoreResponse] = {}
+    go = threading.Barrier(clients)
+
+    def client(k: int) -> None:
+        go.wait()
+        for r in requests[k::clients]:
+            got[r.request_id] = stub.Score(r)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
+
+
+def test_a_burst_of_concurrent_calls_decides_exactly_as_the_same_calls_one_by_one(tmp_path: Path) -> None:
+    model = logistic([1.5, -1.0, 0.5, 0.25], -0.1)
+    rng = np.random.default_rng(7)
+    warm = rng.standard_normal((100, 4)).astype(np.float32)
+    warm[:, 1] += 1.0  # drifted: the threshold in force is below its base
+    burst = rng.standard_normal((96, 4)).astype(np.float32)
+    burst[::7, 2] = np.nan  # missing: imputed from the reference median
+    burst[::11, 0] = 4.0  # rule-decided
+    servers = []
+    answers: list[dict[str, pb.ScoreResponse]] = []
+    for mode in ("one_by_one", "burst"):
+        config = make_config(tmp_path / mode, **{"services.scorer.port": 0, "scorer.drift_every": 100})
+        running = start_service(load_definition("scorer"), config, port=0)
+        channel = open_channel("scorer", config, address=running.address)
+        stub = pb_grpc.ScorerServiceStub(channel)
+        servers.append((running, channel))
+        register(
+            stub,
+            "v1",
+            model,
+            activate=True,
+            rules=[pb.ScoringRule(name="big", feature="amount", limit=3.0, block=True)],
+        )
+        stub.ScoreBatch(_rows_request(warm, "w"))  # 100 rows: drift is computed once, then not during the burst
+        requests = _rows_request(burst, "r").requests
+        got: dict[str, pb.ScoreResponse] = {}
+        if mode == "one_by_one":
+            for r in requests:
+                got[r.request_id] = stub.Score(r)
+        else:
+            got = _burst(stub, list(requests), clients=16)
+        answers.append(got)
+    cores = [running.binding.servicer.core for running, _ in servers]  # type: ignore[attr-defined]
+    try:
+        sequential, concurrent = answers
+        assert sequential.keys() == concurrent.keys() and len(sequential) == 96
+        assert any(r.path.startswith("rule:") for r in sequential.values())
+        assert any(r.imputed for r in sequential.values())
+        assert 0 < sequential["r1"].threshold < 0.5  # the drifted threshold, not the base
+        for rid, one in sequential.items():
+            other = concurrent[rid]
+            assert (other.decision, other.path, other.model_version, other.imputed) == (
+                one.decision,
+                one.path,
+                one.model_version,
+                one.imputed,
+            ), rid
+            assert other.threshold == one.threshold and other.drift_score == one.drift_score
+            assert other.score == pytest.approx(one.score, rel=1e-6, abs=1e-7)
+        # The drift windows hold the same rows (as sent, NaN = missing), whatever order they arrived in.
+        windows = [np.nan_to_num(core.live_rows("risk"), nan=-1e9) for core in cores]
+        assert windows[0].shape == (196, 4)
+        np.testing.assert_array_equal(*(w[np.lexsort(w.T[::-1])] for w in windows))
+        # The decision logs hold the same decisions: labels for every request are matched on both.
+        reports = [
+            pb_grpc.ScorerServiceStub(channel).Feedback(
+                pb.FeedbackRequest(model="risk", labels=[pb.Label(request_id=rid, label=True) for rid in sequential])
+            )
+            for _, channel in servers
+        ]
+        assert reports[0].accepted == reports[1].accepted == sum(1 for r in sequential.values() if r.model_version)
+        assert (reports[0].precision, reports[0].recall) == (reports[1].precision, reports[1].recall)
+    finally:
+        for running, channel in servers:
+            channel.close()
+            running.stop(grace=0.5)
+
+
+def _infer(oip_stub: object, rows: np.ndarray, request_id: str = "") -> object:
+    from inference import grpc_predict_v2_pb2 as oip
+
+    request = oip.ModelInferRequest(model_name="risk", id=request_id)
+    tensor_in = request.inputs.add()
+    tensor_in.name, tensor_in.datatype = "features", "FP32"
+    tensor_in.shape.extend(rows.shape)
+    request.raw_input_contents.append(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+    return oip_stub.ModelInfer(request)  # type: ignore[attr-defined]
+
+
+def test_open_inference_protocol_goes_through_rules_drift_and_the_decision_log(scorer) -> None:  # type: ignore[no-untyped-def]
+    from inference import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    running, config, stub = scorer
+    model = logistic([1.0, 0.5, 0.0, 0.0], 0.0)
+    register(
+        stub,
+        "v1",
+        model,
+        activate=True,
+        threshold=pb.ThresholdConfig(base=0.5, k=0.3),
+        rules=[pb.ScoringRule(name="huge-amount", feature="amount", limit=6.0, block=True)],
+    )
+    channel = open_channel("scorer", config, address=running.address)
+    oip_stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    rng = np.random.default_rng(8)
+    shifted = rng.standard_normal((600, 4)).astype(np.float32)
+    shifted[:, 1] += 3.8  # the shopping-festival shift, through OIP only
+    shifted[5, 0] = 9.0  # a rule decides this row
+    for k in range(10):
+        resp = _infer(oip_stub, shifted[k * 60 : (k + 1) * 60], request_id=f"oip{k}")
+        outputs = {o.name: i for i, o in enumerate(resp.outputs)}
+        assert list(outputs) == ["score", "decision", "threshold", "path", "request_id"]
+        scores = np.frombuffer(resp.raw_output_contents[outputs["score"]], dtype="<f4")
+        decisions = np.frombuffer(resp.raw_output_contents[outputs["decision"]], dtype="?")
+        if k == 0:
+            assert np.isnan(scores[5]) and decisions[5]  # the rule decided, the model did not score
+            expected = model(torch.from_numpy(shifted[:60]))[:, 0].detach().numpy()
+            keep = np.arange(60) != 5
+            np.testing.assert_allclose(scores[keep], expected[keep], rtol=1e-5)
+    report = stub.GetDriftReport(pb.GetDriftReportRequest(model="risk"))
+    by_feature = {f.feature: f for f in report.features}
+    assert report.live_rows == 600 and report.drift_score > 0.5 and by_feature["velocity"].ks_statistic > 0.8
+    assert report.threshold < 0.45  # the threshold moved with the drift the OIP rows caused
+    last = np.frombuffer(resp.raw_output_contents[outputs["threshold"]], dtype="<f4")
+    assert np.all(last < 0.5)  # and OIP decisions used it
+    # Decisions are in the decision log under "<id>/<row>": labels sent through Feedback find them.
+    labels = [pb.Label(request_id=f"oip{k}/{i}", label=True) for k in range(10) for i in range(60)]
+    fed = stub.Feedback(pb.FeedbackRequest(model="risk", labels=labels))
+    assert fed.accepted == 599 and fed.unknown == 1  # the rule-decided row is not a model decision
+    # A row with an infinite value refuses the whole request, naming the row and feature; nothing is recorded.
+    bad = np.zeros((3, 4), np.float32)
+    bad[2, 3] = np.inf
+    with pytest.raises(grpc.RpcError) as err:
+        _infer(oip_stub, bad)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "row 2 features[foreign]" in err.value.details()
+    assert stub.GetDriftReport(pb.GetDriftReportRequest(model="risk")).live_rows == 600
+    channel.close()
+
+
+def test_tritonclient_discovers_features_repository_and_statistics(scorer) -> None:  # type: ignore[no-untyped-def]
+    from .test_scorer_oip import triton
+
+    running, _, stub = scorer
+    register(stub, "v1", logistic([1.0, 0, 0, 0], 0.0))
+    register(stub, "v2", logistic([0.5, 0, 0, 0], 0.0), activate=True)
+    rows = np.random.default_rng(9).standard_normal((5, 4)).astype(np.float32)
+    config, index, infer, stats, unknown = triton(
+        running.address,
+        {"call": "get_model_config", "model": "risk"},
+        {"call": "get_model_repository_index"},
+        {"call": "infer", "model": "risk", "inputs": [{"name": "features", "datatype": "FP32", "data": rows.tolist()}]},
+        {"call": "get_inference_statistics", "model": "risk"},
+        {"call": "get_model_config", "model": "nope"},
+    )
+    c = config["ok"]
+    assert json.loads(c["parameters"]["feature_names"]) == FEATURES
+    assert c["max_batch_size"] == 64 and c["platform"] == "pytorch_libtorch"
+    assert c["inputs"] == [{"name": "features", "data_type": 11, "dims": [4]}]  # TYPE_FP32, batch dim left out
+    assert [o["name"] for o in c["outputs"]] == ["score", "decision", "threshold", "path", "request_id"]
+    assert index["ok"] == [
+        {"name": "risk", "version": "v1", "state": "READY", "reason": ""},
+        {"name": "risk", "version": "v2", "state": "READY", "reason": "default"},
+    ]
+    answer = infer["ok"]
+    assert answer["model_version"] == "v2" and answer["outputs"]["path"]["data"][0].startswith("model:risk:v2@")
+    assert [rid.rsplit("/", 1)[1] for rid in answer["outputs"]["request_id"]["data"]] == ["0", "1", "2", "3", "4"]
+    by_version = {s["version"]: s for s in stats["ok"]}
+    assert by_version["v2"]["inference_count"] == 5 and by_version["v2"]["execution_count"] == 1
+    assert by_version["v2"]["success"] == 1 and by_version["v2"]["batch_stats"] == {"5": 1}
+    assert by_version["v1"]["inference_count"] == 0 and by_version["v1"]["last_inference"] == 0
+    assert unknown["error"]["status"] == "StatusCode.NOT_FOUND"
+
+
+def test_registration_refuses_logits_and_wrong_widths_and_scoring_names_the_features(scorer) -> None:  # type: ignore[no-untyped-def]
+    from guardmesh.sdk.scorer import ScorerClient
+
+    running, _, stub = scorer
+    logits = torch.nn.Linear(4, 1)  # no sigmoid: scores outside [0, 1]
+    with pytest.raises(grpc.RpcError) as err:
+        register(stub, "v1", logits, activate=True)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "rule: scores are probabilities" in err.value.details()
+    wide = torch.nn.Sequential(torch.nn.Linear(6, 1), torch.nn.Sigmoid())
+    with pytest.raises(grpc.RpcError) as err:
+        register(stub, "v1", wide, activate=True)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = err.value.details()
+    assert "rule: input width" in details and "amount, velocity, age_days, foreign" in details
+    assert "Traceback" not in details
+    assert stub.ListModels(pb.ListModelsRequest()).models == []  # nothing half-registered
+    register(stub, "v1", logistic([1.0, 0, 0, 0], 0.0), activate=True)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Score(pb.ScoreRequest(model="risk", request_id="a", features={"amount": 1.0, "speed": 2.0}))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "features[speed]" in err.value.details() and "4 features: amount, velocity, age_days, foreign" in (
+        err.value.details()
+    )
+    with ScorerClient(address=running.address) as client:
+        with pytest.raises(TypeError, match=r"features: must be a mapping of feature name to value.*got a list"):
+            client.score("risk", [1.0, 2.0, 3.0, 4.0])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"features\[amount\]: must be a number"):
+            client.score("risk", {"amount": "high"})  # type: ignore[dict-item]
+        assert client.score("risk", {"amount": 1.0}).model_version == "v1"
+
+
+def test_a_registry_folder_in_the_old_format_is_migrated(tmp_path: Path) -> None:
+    config = make_config(tmp_path, **{"services.scorer.port": 0})
+    folder = config.state_path(config.scorer.registry_dir)
+    folder.mkdir(parents=True)
+    # What the scorer used to write: the RegisterModelRequest itself, and the active versions.
+    for seq, (version, weights) in enumerate((("v1", [1.0, 0, 0, 0]), ("v2", [-1.0, 0, 0, 0])), start=1):
+        old = pb.RegisterModelRequest(
+            model="risk",
+            version=version,
+            features=FEATURES,
+            format=pb.MODEL_FORMAT_TORCHSCRIPT,
+            payload=torchscript(logistic(weights, 0.0)),
+            reference=tensor(reference_rows(50)),
+            threshold=pb.ThresholdConfig(base=0.7),
+            rules=[pb.ScoringRule(name="huge", feature="amount", limit=5.0, block=True)],
+        )
+        (folder / f"{seq:08d}-{b'risk'.hex()}-{version.encode().hex()}.pb").write_bytes(old.SerializeToString())
+    (folder / "active.json").write_text('{"risk": {"active": "v2", "history": ["v1"]}}')
+    running = start_service(load_definition("scorer"), config, port=0)
+    try:
+        with open_channel("scorer", config, address=running.address) as channel:
+            stub = pb_grpc.ScorerServiceStub(channel)
+            [line] = stub.ListModels(pb.ListModelsRequest()).models
+            assert line.active_version == "v2" and [v.version for v in line.versions] == ["v1", "v2"]
+            out = score(stub, "a", np.array([2.0, 0.0, 0.0, 0.0]))
+            assert out.model_version == "v2" and out.threshold == pytest.approx(0.7)
+            assert score(stub, "b", np.array([9.0, 0.0, 0.0, 0.0])).path == "rule:huge"
+            assert stub.RollbackModel(pb.RollbackModelRequest(model="risk")).active_version == "v1"
+    finally:
+        running.stop(grace=0.5)
+    assert sorted(p.name.split("-")[0] for p in folder.glob("*.pb.migrated")) == ["00000001", "00000002"]
+    assert not list(folder.glob("*.pb"))
+    assert sorted(p.name.split("-")[0] for p in folder.iterdir() if p.is_dir()) == ["00000001", "00000002"]
+    record = json.loads(next(folder.glob("00000001-*/registration.json")).read_text())
+    assert record["model"] == "risk" and record["threshold"]["base"] == pytest.approx(0.7)
+    # A restart reads the new records only, and still has the rollback.
+    running = start_service(load_definition("scorer"), config, port=0)
+    try:
+        with open_channel("scorer", config, address=running.address) as channel:
+            [line] = pb_grpc.ScorerServiceStub(channel).ListModels(pb.ListModelsRequest()).models
+            assert line.active_version == "v1" and [v.version for v in line.versions] == ["v1", "v2"]
     finally:
         running.stop(grace=0.5)

@@ -143,6 +143,11 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 def tensors(items):
     return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
 
+def plain(array):
+    if array.dtype == object:  # BYTES
+        return [item.decode() for item in array.reshape(-1)]
+    return array.tolist()
+
 def call(client, op):
     kind = op["call"]
     if kind in ("is_server_live", "is_server_ready"):
@@ -156,6 +161,22 @@ def call(client, op):
         m = client.get_model_metadata(op["model"], op.get("version", ""))
         return {"name": m.name, "versions": list(m.versions), "platform": m.platform,
                 "inputs": tensors(m.inputs), "outputs": tensors(m.outputs)}
+    if kind == "get_model_config":
+        c = client.get_model_config(op["model"], op.get("version", "")).config
+        return {"name": c.name, "platform": c.platform, "max_batch_size": c.max_batch_size,
+                "inputs": [{"name": t.name, "data_type": t.data_type, "dims": list(t.dims)} for t in c.input],
+                "outputs": [{"name": t.name, "data_type": t.data_type, "dims": list(t.dims)} for t in c.output],
+                "preferred_batch_size": list(c.dynamic_batching.preferred_batch_size),
+                "parameters": {k: v.string_value for k, v in c.parameters.items()}}
+    if kind == "get_model_repository_index":
+        return [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason}
+                for m in client.get_model_repository_index().models]
+    if kind == "get_inference_statistics":
+        stats = client.get_inference_statistics(op.get("model", ""), op.get("version", "")).model_stats
+        return [{"name": m.name, "version": m.version, "inference_count": m.inference_count,
+                 "execution_count": m.execution_count, "success": m.inference_stats.success.count,
+                 "fail": m.inference_stats.fail.count, "last_inference": m.last_inference,
+                 "batch_stats": {b.batch_size: b.compute_infer.count for b in m.batch_stats}} for m in stats]
     if kind == "infer":
         inputs = []
         for spec in op["inputs"]:
@@ -176,7 +197,7 @@ def call(client, op):
             "id": response.id,
             "raw_count": len(response.raw_output_contents),
             "outputs": {o.name: {"datatype": o.datatype, "shape": list(o.shape),
-                                 "data": result.as_numpy(o.name).tolist()} for o in response.outputs},
+                                 "data": plain(result.as_numpy(o.name))} for o in response.outputs},
             "order": [o.name for o in response.outputs],
         }
     raise ValueError(kind)

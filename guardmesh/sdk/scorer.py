@@ -52,6 +52,26 @@ def status_code(number: int) -> grpc.StatusCode:
     return _CODES.get(number, grpc.StatusCode.UNKNOWN)
 
 
+def feature_values(features: Mapping[str, float]) -> dict[str, float]:
+    """``features`` as the request carries them; TypeError naming the rule for anything but a mapping of
+    feature names to numbers (a list of values in model order is refused: the order is easy to get wrong)."""
+    if not isinstance(features, Mapping):
+        raise TypeError(
+            f"features: must be a mapping of feature name to value, e.g. {{'amount': 12.5}}; got a "
+            f"{type(features).__name__} (for values in the model's order, zip them with its features: "
+            "ScorerClient.list_models() lists them)"
+        )
+    values: dict[str, float] = {}
+    for name, value in features.items():
+        if not isinstance(name, str):
+            raise TypeError(f"features: names must be str, got {type(name).__name__} {name!r}")
+        try:
+            values[name] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"features[{name}]: must be a number, got {type(value).__name__} {value!r}") from None
+    return values
+
+
 def new_request_id() -> str:
     """A fresh random request id (what :meth:`ScorerClient.score` uses when none is given)."""
     return uuid.uuid4().hex
@@ -416,7 +436,7 @@ class ScorerClient:
         return pb.ScoreRequest(
             model=model,
             request_id=request_id or new_request_id(),
-            features={k: float(v) for k, v in features.items()},
+            features=feature_values(features),
             version=version,
             experiment=experiment,
             arm=arm,
