@@ -9,7 +9,7 @@ a) FGD's workload-inflation view (Weng et al., "Beware of Fragmentation", USENIX
    in-process scheduler until the arrived GPU demand reaches 130% of the cluster's GPU capacity; at each
    arrived-demand level we read the share of GPU capacity allocated (and its complement, the unallocated
    share), and the allocated share when the first task no longer fits.
-b) Decisions per second in process: ``Scheduler.submit`` (no store) over the trace's GPU tasks in creation
+b) Decisions per second in process: ``Scheduler.submit`` (no store) over the trace's tasks in creation
    order with no departures, per policy; then the fgd replay again through a SQLite store, as the service
    writes, to show the store's share of a gRPC submit.
 c) The same replay through the gRPC service from one client process, the server running in its own
@@ -82,14 +82,17 @@ BATCH_SIZE = 500
 
 
 def job_spec(task: TraceTask, job_id: str) -> JobSpec:
-    """The job a trace task becomes (one replica; every job BURSTABLE, so the replay never preempts)."""
+    """The job a trace task becomes (one replica; every job BURSTABLE, so the replay never preempts).
+
+    A CPU-only task (num_gpu == 0) asks for no GPU: it is placed by CPU and host memory, so the CPU it
+    takes on a GPU node (stranding that node's GPUs) shows in the replay."""
     single = task.num_gpu == 1
     return JobSpec(
         job_id=job_id,
         tenant="alibaba",
         replicas=1,
         gpus_per_replica=task.num_gpu,
-        share_milli=task.gpu_milli if single else 1000,
+        share_milli=None if task.num_gpu == 0 else task.gpu_milli if single else 1000,
         qos=Qos.BURSTABLE,
         allow_sharing=single and task.gpu_milli < 1000,
         allowed_models=task.gpu_spec,
@@ -260,6 +263,7 @@ def engine_decisions(policy: PolicyName, nodes: list[NodeSpec], tasks: list[Trac
                     not shape.exclusive,
                     shape.cpu_milli,
                     shape.host_memory_mib,
+                    node=choice.node,
                 )
         best = max(best, len(specs) / (time.perf_counter() - t0))
     return best
@@ -379,14 +383,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not set(modes) <= {"FULL", "NORMAL"}:
         ap.error(f"--grpc-sync: modes are FULL and NORMAL (got {args.grpc_sync!r})")
 
-    all_tasks = load_alibaba_pods(args.trace)
-    tasks = [t for t in all_tasks if t.num_gpu > 0]
+    tasks = load_alibaba_pods(args.trace)
     nodes = load_alibaba_nodes(args.nodes)
     gpus = sum(len(n.gpus) for n in nodes)
     models = sorted({g.model for n in nodes for g in n.gpus})
+    cpu_only = sum(1 for t in tasks if t.num_gpu == 0)
     print(
-        f"trace {args.trace}: {len(all_tasks)} tasks; {len(all_tasks) - len(tasks)} CPU-only tasks "
-        f"(num_gpu == 0) skipped: the scheduler places GPU work; {len(tasks)} GPU tasks replayed"
+        f"trace {args.trace}: {len(tasks)} tasks, {cpu_only} of them CPU-only (num_gpu == 0: placed by CPU "
+        "and host memory on the GPU nodes, where they strand GPUs)"
     )
     print(f"nodes {args.nodes}: {len(nodes)} GPU nodes, {gpus} GPUs, models {', '.join(models)}")
     print(
@@ -432,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(demand {_pct(at_fail and at_fail / 100)}; per seed {seeds_fail})"
         )
 
-    print(f"\nb) in-process decisions/s, {len(tasks)} GPU tasks in creation order, median of {args.repeats}")
+    print(f"\nb) in-process decisions/s, {len(tasks)} tasks in creation order, median of {args.repeats}")
     dec = {}
     for policy in POLICIES:
         dec[policy] = decisions(policy, nodes, tasks, args.repeats)
@@ -593,8 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "gpu_reserve_mib": 0,
             "qos": "all BURSTABLE (no preemption)",
             "departures": "none",
-            "cpu_only_tasks_skipped": len(all_tasks) - len(tasks),
-            "gpu_tasks": len(tasks),
+            "cpu_only_tasks": cpu_only,
+            "tasks": len(tasks),
             "seeds": seeds,
             "sampling": "tasks drawn with replacement, same draws for every policy per seed",
         },

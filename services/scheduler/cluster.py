@@ -71,6 +71,8 @@ class ClusterState:
         self.listeners: list[Callable[[np.ndarray], None]] = []
         #: CPU and host memory charged per (job, replica): (node name, cpu milli, host MiB).
         self.charges: dict[tuple[str, int], tuple[str, int, int]] = {}
+        #: Replicas placed without GPUs (CPU and host memory only), per job.
+        self.host_only: dict[str, set[int]] = {}
         self.node_labels: list[dict[str, str]] = []
         self._build_arrays()
 
@@ -168,6 +170,7 @@ class ClusterState:
         sim.allocs = [dict(a) for a in self.allocs]
         sim.job_gpus = {job: list(held) for job, held in self.job_gpus.items()}
         sim.charges = dict(self.charges)
+        sim.host_only = {job: set(reps) for job, reps in self.host_only.items()}
         sim.listeners = []
         return sim
 
@@ -309,12 +312,19 @@ class ClusterState:
         shared: bool,
         cpu_milli: int = 0,
         host_memory_mib: int = 0,
+        node: int | None = None,
     ) -> None:
         """Give ``gpus`` (all on one node) to one replica with the given memory caps.
 
-        The caller checked feasibility; CPU and host memory are charged to the node.
+        The caller checked feasibility; CPU and host memory are charged to the node. A replica with no
+        GPU names its ``node``.
         """
-        node = int(self.gpu_node[gpus[0]])
+        if gpus:
+            node = int(self.gpu_node[gpus[0]])
+        elif node is None:
+            raise ValueError("a replica without GPUs needs its node")
+        else:
+            self.host_only.setdefault(job_id, set()).add(replica)
         self.charges[(job_id, replica)] = (self.nodes[node].name, cpu_milli, host_memory_mib)
         self.node_cpu_used[node] += cpu_milli
         self.node_mem_used[node] += host_memory_mib
@@ -323,8 +333,8 @@ class ClusterState:
             self.node_mem_free[node] -= host_memory_mib
         for g, cap in zip(gpus, caps, strict=True):
             self._apply(g, Allocation(job_id, replica, cap, shared), notify=False)
-        idx = np.asarray(gpus, dtype=np.int64)
-        self._refresh(idx)
+        if gpus:
+            self._refresh(np.asarray(gpus, dtype=np.int64))
         self._notify(np.array([node], dtype=np.int32))
 
     def free(self, job_id: str, replica: int | None = None) -> list[int]:
@@ -343,7 +353,13 @@ class ClusterState:
             if not alloc.shared:
                 self.gpu_exclusive[g] = False
             touched.append(g)
-        for rep in {rep for rep, _ in held if replica is None or rep == replica}:
+        host_only = self.host_only.get(job_id, set())
+        freed_host = {rep for rep in host_only if replica is None or rep == replica}
+        if freed_host:
+            host_only -= freed_host
+            if not host_only:
+                del self.host_only[job_id]
+        for rep in {rep for rep, _ in held if replica is None or rep == replica} | freed_host:
             charge = self.charges.pop((job_id, rep), None)
             if charge is None:
                 continue

@@ -216,22 +216,34 @@ class TraceTask:
     deletion_time: int
 
 
+#: Columns every pod list has; the others (gpu_spec, qos, times) are optional and default to empty or 0.
+TRACE_REQUIRED_COLUMNS = ("name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli")
+
+
 def load_alibaba_pods(path: str | Path) -> list[TraceTask]:
-    """Tasks of the trace's pod list, in creation order."""
+    """Tasks of the trace's pod list, in creation order.
+
+    Published variants differ in their optional columns (some have no ``gpu_spec``): a missing optional
+    column reads as empty (any GPU model, no QoS, time 0); a missing required column is InvalidArgument.
+    """
     out = []
     with Path(path).open(newline="") as fh:
-        for row in csv.DictReader(fh):
+        reader = csv.DictReader(fh)
+        missing = [c for c in TRACE_REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise InvalidArgument(f"{path}", f"pod list lacks required column(s) {', '.join(missing)}")
+        for row in reader:
             out.append(
                 TraceTask(
                     name=row["name"],
-                    cpu_milli=int(row["cpu_milli"]),
-                    memory_mib=int(row["memory_mib"]),
-                    num_gpu=int(row["num_gpu"]),
-                    gpu_milli=int(row["gpu_milli"]),
-                    gpu_spec=tuple(s for s in row["gpu_spec"].split("|") if s),
-                    qos=row["qos"],
-                    creation_time=int(row["creation_time"] or 0),
-                    deletion_time=int(row["deletion_time"] or 0),
+                    cpu_milli=int(row["cpu_milli"] or 0),
+                    memory_mib=int(row["memory_mib"] or 0),
+                    num_gpu=int(row["num_gpu"] or 0),
+                    gpu_milli=int(row["gpu_milli"] or 0),
+                    gpu_spec=tuple(s for s in (row.get("gpu_spec") or "").split("|") if s),
+                    qos=row.get("qos") or "",
+                    creation_time=int(row.get("creation_time") or 0),
+                    deletion_time=int(row.get("deletion_time") or 0),
                 )
             )
     return out

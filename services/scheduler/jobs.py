@@ -89,11 +89,21 @@ class JobSpec:
             raise InvalidArgument("job.owner", "at most 128 characters")
         if not 1 <= self.replicas <= MAX_REPLICAS:
             raise InvalidArgument("job.replicas", f"must be 1 to {MAX_REPLICAS} (got {self.replicas})")
-        if not 1 <= self.gpus_per_replica <= MAX_GPUS_PER_REPLICA:
+        if not 0 <= self.gpus_per_replica <= MAX_GPUS_PER_REPLICA:
             raise InvalidArgument(
-                "job.gpus_per_replica", f"must be 1 to {MAX_GPUS_PER_REPLICA} (got {self.gpus_per_replica})"
+                "job.gpus_per_replica",
+                f"must be 0 (no GPU) to {MAX_GPUS_PER_REPLICA} (got {self.gpus_per_replica})",
             )
-        if (self.memory_mib_per_gpu is None) == (self.share_milli is None):
+        if self.gpus_per_replica == 0:
+            if self.memory_mib_per_gpu is not None or self.share_milli is not None:
+                raise InvalidArgument("job.gpu_memory", "must be unset when gpus_per_replica = 0 (no GPU)")
+            if self.cpu_milli == 0 and self.host_memory_mib == 0:
+                raise InvalidArgument(
+                    "job.cpu_milli_per_replica",
+                    "a job with no GPU must ask for CPU or host memory (cpu_milli_per_replica or "
+                    "host_memory_mib_per_replica > 0)",
+                )
+        elif (self.memory_mib_per_gpu is None) == (self.share_milli is None):
             raise InvalidArgument("job.gpu_memory", "set exactly one of memory_mib_per_gpu and gpu_share_milli")
         if self.memory_mib_per_gpu is not None and not 1 <= self.memory_mib_per_gpu <= MAX_MEMORY_MIB:
             raise InvalidArgument(

@@ -212,10 +212,22 @@ class Policy(ABC):
     ) -> float:
         """Score of placing a multi-GPU replica on ``gpus`` of ``node``."""
 
+    def host_scores(self, state: ClusterState, nodes: np.ndarray, task: tuple[float, float]) -> np.ndarray:
+        """Scores of placing a replica with no GPU (``task``: CPU milli, host MiB) on ``nodes``."""
+        return host_packing(state, nodes, task)
+
     def node_rank(self, state: ClusterState, nodes: np.ndarray) -> np.ndarray:
         """Cheap vectorised pre-ranking of candidate nodes for multi-GPU replicas (lower first)."""
         sums = np.add.reduceat(state.gpu_room, state.node_first)[nodes] if len(state.nodes) else nodes
         return np.asarray(sums, dtype=np.float64)
+
+
+def host_packing(state: ClusterState, nodes: np.ndarray, task: tuple[float, float]) -> np.ndarray:
+    """Share of CPU plus share of host memory a node keeps free after ``task`` (best fit: lowest first)."""
+    cpu_free, mem_free = host_free(state)
+    cpu = (cpu_free[nodes] - task[0]) / np.maximum(state.node_cpu[nodes], 1)
+    mem = (mem_free[nodes] - task[1]) / np.maximum(state.node_mem[nodes], 1)
+    return np.asarray(cpu + mem, dtype=np.float64)
 
 
 class FirstFit(Policy):
@@ -223,6 +235,10 @@ class FirstFit(Policy):
 
     name = "first-fit"
     native_code = 0
+
+    def host_scores(self, state: ClusterState, nodes: np.ndarray, task: tuple[float, float]) -> np.ndarray:
+        """Inventory order."""
+        return nodes.astype(np.float64)
 
     def gpu_scores(
         self, state: ClusterState, cands: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
@@ -319,6 +335,8 @@ class FragmentationAware(Policy):
 
     def observe(self, shape: ReplicaShape) -> None:
         """Learn the workload; rebuild the class tables every ``refresh_every`` shapes."""
+        if shape.gpus == 0:
+            return  # a task class is a GPU demand; CPU-only jobs are felt through the nodes' free CPU
         self.workload.observe(shape.class_key, shape.cpu_milli, shape.host_memory_mib)
         self._since_refresh += 1
         if self._since_refresh >= self.refresh_every:
@@ -429,6 +447,17 @@ class FragmentationAware(Policy):
         )
         return float(after - before)
 
+    def host_scores(self, state: ClusterState, nodes: np.ndarray, task: tuple[float, float]) -> np.ndarray:
+        """Growth of the node's expected fragmentation from the CPU and host memory taken (the GPUs it
+        strands), for the best-fit pre-ranked candidates; best fit breaks ties."""
+        packing = host_packing(state, nodes, task)
+        out = np.full(nodes.shape[0], np.inf)
+        none = np.zeros(0, dtype=np.int64)
+        for i in np.argsort(packing, kind="stable")[:MULTI_GPU_NODES_EVALUATED]:
+            delta = self.set_score(state, int(nodes[i]), none, np.zeros(0, dtype=np.float32), task)
+            out[i] = delta * 1e3 + packing[i]
+        return out
+
 
 POLICIES: dict[str, type[Policy]] = {"first-fit": FirstFit, "best-fit": BestFit, "fgd": FragmentationAware}
 
@@ -518,10 +547,27 @@ def place_single_gpu(
     return Choice(int(state.gpu_node[g]), (int(g),), (int(caps[g]),), float(score), False)
 
 
+def place_host_only(
+    state: ClusterState, shape: ReplicaShape, policy: Policy, nodes_allowed: np.ndarray | None = None
+) -> Choice | None:
+    """A replica with no GPU: the node with the CPU and host memory free that ``policy`` scores best."""
+    ok = node_mask(state, shape)
+    if nodes_allowed is not None:
+        ok &= nodes_allowed
+    nodes = np.flatnonzero(ok)
+    if nodes.shape[0] == 0:
+        return None
+    scores = policy.host_scores(state, nodes, (float(shape.cpu_milli), float(shape.host_memory_mib)))
+    i = int(np.argmin(scores))
+    return Choice(int(nodes[i]), (), (), float(scores[i]), False)
+
+
 def place(
     state: ClusterState, shape: ReplicaShape, policy: Policy, nodes_allowed: np.ndarray | None = None
 ) -> Choice | None:
     """The placement the scheduler uses: the native fast path for one-GPU replicas, else the reference."""
+    if shape.gpus == 0:
+        return place_host_only(state, shape, policy, nodes_allowed)
     if shape.gpus == 1 and policy.native_code >= 0:
         return place_single_gpu(state, shape, policy, nodes_allowed)
     return place_replica(state, shape, policy, nodes_allowed)
@@ -590,6 +636,8 @@ def pending_reason(state: ClusterState, shape: ReplicaShape) -> str:
     """Why one replica of ``shape`` cannot be placed now, naming the best candidate node."""
     if state.gpu_count == 0:
         return "the cluster has no registered GPUs"
+    if shape.gpus == 0:
+        return f"no live node has {shape.cpu_milli} CPU milli and {shape.host_memory_mib} MiB host memory free"
     nodes_ok = node_mask(state, shape)
     if not nodes_ok.any():
         parts = []

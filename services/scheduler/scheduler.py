@@ -163,6 +163,7 @@ class Scheduler:
                         job.spec.allow_sharing,
                         job.spec.cpu_milli,
                         job.spec.host_memory_mib,
+                        node=self.state.node_index[rp.node],
                     )
                     # Workers could not renew while we were down: every lease starts a fresh TTL.
                     job.lease_expiry[rp.replica] = now + job.lease_ttl_s
@@ -356,6 +357,14 @@ class Scheduler:
         if state.gpu_count == 0:
             raise FailedPrecondition("the cluster has no registered GPUs; register nodes first")
         shape = ReplicaShape.of(spec)
+        if shape.gpus == 0:
+            if not could_host(state, shape).any():
+                raise InvalidArgument(
+                    "job.cpu_milli_per_replica",
+                    f"no node has {spec.cpu_milli} CPU milli and {spec.host_memory_mib} MiB host memory "
+                    "(with the selector) even when empty",
+                )
+            return
         key = ("static", shape.models, shape.memory_mib, shape.share_milli)
         cached = state.cache.get(key)
         if cached is None:
@@ -490,6 +499,7 @@ class Scheduler:
                 spec.allow_sharing,
                 spec.cpu_milli,
                 spec.host_memory_mib,
+                node=choice.node,
             )
             placed.append((r, choice))
         complete = len(placed) == len(missing)
@@ -568,6 +578,7 @@ class Scheduler:
                 spec.allow_sharing,
                 spec.cpu_milli,
                 spec.host_memory_mib,
+                node=choice.node,
             )
         if not chosen:
             return
