@@ -19,6 +19,8 @@ from guardmesh.runtime import RunningService, load_definition, start_service
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import scorer_pb2 as pb
 from guardmesh.v1 import scorer_pb2_grpc as pb_grpc
+from inference import grpc_predict_v2_pb2 as oip
+from inference import grpc_predict_v2_pb2_grpc as oip_grpc
 
 from .conftest import make_config
 
@@ -26,11 +28,11 @@ FEATURES = ["amount", "velocity", "age_days", "foreign"]
 
 
 def logistic(weights: list[float], bias: float) -> torch.nn.Module:
-    model = torch.nn.Sequential(torch.nn.Linear(len(weights), 1), torch.nn.Sigmoid())
+    layer = torch.nn.Linear(len(weights), 1)
     with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([weights]))
-        model[0].bias.fill_(bias)
-    return model.eval()
+        layer.weight.copy_(torch.tensor([weights]))
+        layer.bias.fill_(bias)
+    return torch.nn.Sequential(layer, torch.nn.Sigmoid()).eval()
 
 
 def torchscript(model: torch.nn.Module) -> bytes:
@@ -304,9 +306,6 @@ def test_score_batch_and_concurrent_clients_share_batches(scorer) -> None:  # ty
 
 
 def test_open_inference_protocol_serves_the_active_version(scorer) -> None:  # type: ignore[no-untyped-def]
-    from inference import grpc_predict_v2_pb2 as oip
-    from inference import grpc_predict_v2_pb2_grpc as oip_grpc
-
     running, config, stub = scorer
     model = logistic([1.0, 2.0, -1.0, 0.5], 0.0)
     register(stub, "v1", model, activate=True)
@@ -489,20 +488,18 @@ def test_a_burst_of_concurrent_calls_decides_exactly_as_the_same_calls_one_by_on
             running.stop(grace=0.5)
 
 
-def _infer(oip_stub: object, rows: np.ndarray, request_id: str = "") -> object:
-    from inference import grpc_predict_v2_pb2 as oip
-
+def _infer(
+    oip_stub: oip_grpc.GRPCInferenceServiceStub, rows: np.ndarray, request_id: str = ""
+) -> oip.ModelInferResponse:
     request = oip.ModelInferRequest(model_name="risk", id=request_id)
     tensor_in = request.inputs.add()
     tensor_in.name, tensor_in.datatype = "features", "FP32"
     tensor_in.shape.extend(rows.shape)
     request.raw_input_contents.append(np.ascontiguousarray(rows, dtype="<f4").tobytes())
-    return oip_stub.ModelInfer(request)  # type: ignore[attr-defined]
+    return oip_stub.ModelInfer(request)
 
 
 def test_open_inference_protocol_goes_through_rules_drift_and_the_decision_log(scorer) -> None:  # type: ignore[no-untyped-def]
-    from inference import grpc_predict_v2_pb2_grpc as oip_grpc
-
     running, config, stub = scorer
     model = logistic([1.0, 0.5, 0.0, 0.0], 0.0)
     register(
