@@ -5,7 +5,8 @@ function returning a :class:`Binding` that adds its servicers); the runtime does
 
 * standard health checking (``grpc.health.v1``): NOT_SERVING while starting and draining, SERVING when
   ready, for the empty name, the short service name and each proto service;
-* server reflection for every proto service, so grpcurl can list and call everything;
+* server reflection (v1 and v1alpha) for every proto service with its comments, so grpcurl can list,
+  describe and call everything;
 * OpenTelemetry server spans, domain errors mapped to status codes, message limits and keepalive;
 * registration in discovery, and on SIGTERM/SIGINT a graceful drain: stop accepting, finish in-flight
   RPCs within the grace period, flush spans, deregister.
@@ -27,7 +28,6 @@ from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from guardmesh.client import channel_options
 from guardmesh.config import ConfigError, MeshConfig, load_config
@@ -35,6 +35,7 @@ from guardmesh.discovery import Registry, registry_for
 from guardmesh.errors import DomainErrorInterceptor
 from guardmesh.logs import setup_logging
 from guardmesh.monitoring import RpcServerMetrics
+from guardmesh.reflection import enable_reflection
 from guardmesh.security import AuthorizationInterceptor, Authorizer, RoleBook, server_credentials
 from guardmesh.tracing import (
     flush_tracing,
@@ -232,9 +233,7 @@ def start_service(
     names = ("", definition.name, *definition.service_names)
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(
-        (*definition.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((*definition.service_names, health.SERVICE_NAME), server)
     binding = definition.build(config)
 
     def fail_stop(reason: str) -> None:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2 as rpb
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from guardmesh.client import open_channel
@@ -139,6 +141,52 @@ def test_reflection_lists_every_scheduler_method(scheduler_service) -> None:  # 
     expected = {m.name for m in spb.DESCRIPTOR.services_by_name["SchedulerService"].methods}
     assert desc is not None
     assert methods == expected and len(expected) == 13
+
+
+def _reflect(channel: grpc.Channel, version: str, **request: object) -> rpb.ServerReflectionResponse:
+    """One request on ``grpc.reflection.<version>.ServerReflection`` (v1 and v1alpha share their messages)."""
+    info = channel.stream_stream(
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+        request_serializer=rpb.ServerReflectionRequest.SerializeToString,
+        response_deserializer=rpb.ServerReflectionResponse.FromString,
+    )
+    (answer,) = list(info(iter([rpb.ServerReflectionRequest(**request)]), timeout=10))  # type: ignore[arg-type]
+    return answer
+
+
+def _leading_comment(file: descriptor_pb2.FileDescriptorProto, path: list[int]) -> str:
+    return next((loc.leading_comments for loc in file.source_code_info.location if list(loc.path) == path), "")
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_lists_and_describes_with_the_proto_comments(scheduler_service, version: str) -> None:  # type: ignore[no-untyped-def]
+    with grpc.insecure_channel(scheduler_service.address) as ch:
+        listed = {s.name for s in _reflect(ch, version, list_services="").list_services_response.service}
+        assert {
+            "guardmesh.v1.SchedulerService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= listed
+        answer = _reflect(ch, version, file_containing_symbol="guardmesh.v1.SchedulerService")
+        files = {
+            f.name: f
+            for f in map(
+                descriptor_pb2.FileDescriptorProto.FromString, answer.file_descriptor_response.file_descriptor_proto
+            )
+        }
+        v1_file = _reflect(ch, version, file_containing_symbol="grpc.reflection.v1.ServerReflection")
+    scheduler = files["guardmesh/v1/scheduler.proto"]
+    assert "guardmesh/v1/common.proto" in files  # imports come along
+    service = next(i for i, s in enumerate(scheduler.service) if s.name == "SchedulerService")
+    method = next(i for i, m in enumerate(scheduler.service[service].method) if m.name == "SubmitJob")
+    # FileDescriptorProto.service = 6, ServiceDescriptorProto.method = 2; message_type = 4, field = 2.
+    assert "Submits a job." in _leading_comment(scheduler, [6, service, 2, method])
+    spec = next(i for i, m in enumerate(scheduler.message_type) if m.name == "JobSpec")
+    assert "Job id: 1 to 128 characters" in _leading_comment(scheduler, [4, spec, 2, 0])
+    (reflection_file,) = v1_file.file_descriptor_response.file_descriptor_proto
+    v1 = descriptor_pb2.FileDescriptorProto.FromString(reflection_file)
+    assert v1.package == "grpc.reflection.v1" and v1.service[0].method[0].input_type.startswith(".grpc.reflection.v1.")
 
 
 def test_sigterm_drain_finishes_in_flight_rpc(tmp_path: Path) -> None:

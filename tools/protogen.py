@@ -1,6 +1,8 @@
 """Generate Python code (messages, gRPC stubs, type stubs) from ``protos/`` into ``guardmesh/v1/``.
 
-Used by ``make proto`` and by the package build (``setup.py``), so both produce the same files.
+Used by ``make proto`` and by the package build (``setup.py``), so both produce the same files. Beside the
+code it writes :data:`DESCRIPTOR_SET` (every file with its imports and its comments, ``--include_source_info``):
+server reflection serves those, so ``grpcurl describe`` shows the documented contracts.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 OUT = ROOT
+#: The descriptor set with source info, relative to the output root.
+DESCRIPTOR_SET = Path("guardmesh/v1/descriptors.binpb")
 
 
 def generate(root: Path = ROOT) -> list[Path]:
@@ -30,6 +34,9 @@ def generate(root: Path = ROOT) -> list[Path]:
         f"--python_out={root}",
         f"--pyi_out={root}",
         f"--grpc_python_out={root}",
+        f"--descriptor_set_out={root / DESCRIPTOR_SET}",
+        "--include_source_info",
+        "--include_imports",
         *[str(p.relative_to(proto_root)) for p in protos],
     ]
     code = protoc.main(args)
@@ -40,7 +47,7 @@ def generate(root: Path = ROOT) -> list[Path]:
         rel = proto.relative_to(proto_root).with_suffix("")
         generated += [root / f"{rel}_pb2.py", root / f"{rel}_pb2_grpc.py", root / f"{rel}_pb2.pyi"]
         # Packages for the generated modules (guardmesh/v1/__init__.py is part of the source tree).
-    return generated
+    return [*generated, root / DESCRIPTOR_SET]
 
 
 if __name__ == "__main__":
