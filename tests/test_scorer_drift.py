@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import special, stats
 
+from guardmesh import stats as shared_stats
 from guardmesh.errors import InvalidArgument
 from guardmesh.runtime import load_definition, start_service
 from guardmesh.sdk.scorer import Score, ScorerClient
@@ -26,7 +27,6 @@ from services.scorer.drift import (
     LiveWindow,
     ReferenceWindow,
     drift_stats,
-    kolmogorov_sf,
     noise_floor_level,
 )
 from services.scorer.monitoring import MissingMonitor
@@ -116,13 +116,6 @@ def test_ks_pvalue_is_close_to_scipy_asymp_on_service_sized_windows():
         assert abs(report.ks_pvalue[f].item() - peer.pvalue) < 0.009
 
 
-def test_kolmogorov_sf_matches_scipy():
-    x = torch.cat([torch.linspace(0, 4, 4001, dtype=torch.float64), torch.tensor([1e-6, 0.05, 10.0, torch.nan])])
-    ours = kolmogorov_sf(x).numpy()
-    peer = special.kolmogorov(x.numpy())
-    np.testing.assert_allclose(ours, peer, rtol=0, atol=1e-12, equal_nan=True)
-
-
 @settings(max_examples=40, deadline=None)
 @given(
     n_ref=st.integers(1, 500),
@@ -166,6 +159,9 @@ def test_missing_rates_are_exact_and_other_figures_skip_missing_values():
     assert report.n_live.tolist() == [350, 400, 0]
     a, b = ref[137:, 0], live[50:, 0]
     assert report.ks_statistic[0].item() == pytest.approx(stats.ks_2samp(a, b).statistic, abs=1e-12)
+    shared = shared_stats.ks_two_sample(a, b)  # the one KS the audit and guardrails use too
+    assert report.ks_statistic[0].item() == pytest.approx(shared.statistic, abs=1e-12)
+    assert report.ks_pvalue[0].item() == pytest.approx(shared.p_value, abs=1e-12)
     assert report.smd[0].item() == pytest.approx(cohens_d(ref[:, 0], live[:, 0]), abs=1e-12)
     assert report.smd[1].item() == pytest.approx(cohens_d(ref[:, 1], live[:, 1]), abs=1e-12)
     # the fully missing feature: undefined statistics, but the missing-rate jump drives its score

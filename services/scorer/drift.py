@@ -33,8 +33,12 @@ Jeffreys / Krichevsky-Trofimov estimate ``(count + 0.5) / (n + 0.5 B)``) before
 ``PSI = sum((p_live - p_ref) * ln(p_live / p_ref))``, so an empty bin adds a bounded term that shrinks with
 the window instead of ``ln`` of a tiny floor (with a 1e-4 floor one empty bin of a 20-row window added 0.69).
 
-KS p-value
-----------
+KS p-value, Cohen's d, mean and variance: guardmesh.stats
+---------------------------------------------------------
+The drift report computes what only it can do fast (sorting, the exact D and PSI of every feature at once, on
+the reference's device) and takes the rest from :mod:`guardmesh.stats`, the one implementation that the A/B
+router's audit and guardrails use too: ``ks_p_value`` for D, ``mean_var`` from each window's count, sum and
+sum of squares, ``standardized_mean_difference`` for Cohen's d (the per-feature vectors go to the host and back).
 ``ks_pvalue = Q(sqrt(en) * D)`` with ``en = n_ref * n_live / (n_ref + n_live)`` and Q the survival function of
 the Kolmogorov distribution (``scipy.special.kolmogorov``, the limit law of sqrt(en) * D). Note that
 ``scipy.stats.ks_2samp(method="asymp")`` uses ``kstwo.sf(D, round(en))`` instead, the exact one-sample law at
@@ -72,7 +76,6 @@ scored: PSI and D already see a location shift, and d alone misses changes of sh
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +84,8 @@ import numpy as np
 import torch
 from scipy import special as scipy_special
 from scipy import stats as scipy_stats
+
+from guardmesh import stats as shared_stats
 
 __all__ = [
     "ALERT_LEVEL",
@@ -94,7 +99,6 @@ __all__ = [
     "LiveWindow",
     "ReferenceWindow",
     "drift_stats",
-    "kolmogorov_sf",
     "noise_floor_level",
 ]
 
@@ -194,13 +198,19 @@ def _run_starts(sorted_values: torch.Tensor) -> torch.Tensor:
     return torch.cummax(torch.where(new, index, 0), dim=1).values
 
 
-def _mean_and_sum_sq(ordered: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and sum of squared deviations of the present values of sorted, +inf padded rows (NaN mean for
-    a row without any)."""
+def _mean_var(ordered: torch.Tensor, counts: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the mean and sample variance of the present values of sorted, +inf padded rows, on the host:
+    count, sum and sum of squares summed on the device, then ``guardmesh.stats.mean_var``."""
     present = torch.arange(ordered.shape[1], device=ordered.device).unsqueeze(0) < counts.unsqueeze(1)
-    mean = torch.where(present, ordered, 0.0).sum(dim=1) / counts.to(_F64)
-    dev = torch.where(present, ordered - mean.unsqueeze(1), 0.0)
-    return mean, torch.linalg.vecdot(dev, dev)
+    values = torch.where(present, ordered, 0.0)
+    total, total_sq = values.sum(dim=1), torch.linalg.vecdot(values, values)
+    mean, var = shared_stats.mean_var(counts.cpu().numpy(), total.cpu().numpy(), total_sq.cpu().numpy())
+    return np.asarray(mean, dtype=np.float64).reshape(-1), np.asarray(var, dtype=np.float64).reshape(-1)
+
+
+def _on(like: torch.Tensor, values: Any) -> torch.Tensor:
+    """Host figures (a numpy array or scalar per feature) as a float64 tensor of ``like``'s shape and device."""
+    return torch.from_numpy(np.asarray(values, dtype=np.float64).reshape(like.shape)).to(like.device)
 
 
 def _share(count: torch.Tensor, total: int) -> torch.Tensor:
@@ -230,26 +240,6 @@ def _smoothed_proportions(bin_counts: torch.Tensor, n_bins: torch.Tensor) -> tor
 def _saturate(x: torch.Tensor, half: float) -> torch.Tensor:
     """``1 - 2**(-max(x, 0)/half)``: 0 at 0, 0.5 at ``half``, tending to 1; NaN counts as 0."""
     return 1 - torch.exp2(-torch.nan_to_num(x, nan=0.0).clamp(min=0) / half)
-
-
-def kolmogorov_sf(x: torch.Tensor) -> torch.Tensor:
-    """Survival function of the Kolmogorov distribution, P(K > x), elementwise in float64.
-
-    Equals ``scipy.special.kolmogorov`` to ~1e-15: for x < 1 the theta-function form
-    ``1 - sqrt(2 pi)/x * sum exp(-(2k-1)^2 pi^2 / (8 x^2))``, else ``2 * sum (-1)^(k-1) exp(-2 k^2 x^2)``; both
-    series have converged to double precision with the terms used. x <= 0 gives 1; NaN stays NaN.
-    """
-    x = x.to(_F64)
-    k = torch.arange(1, 11, dtype=_F64, device=x.device)
-    small = x < 1.0
-    xs = torch.where(small, x, 1.0).clamp(min=1e-3).unsqueeze(-1)  # below 1e-3 every term underflows to 0
-    odd = 2 * k - 1
-    cdf_small = math.sqrt(2 * math.pi) / xs.squeeze(-1) * torch.exp(-(odd**2) * math.pi**2 / (8 * xs**2)).sum(-1)
-    xl = torch.where(small, 1.0, x).unsqueeze(-1)
-    sign = torch.where(k % 2 == 1, 1.0, -1.0)
-    sf_large = 2 * (sign * torch.exp(-2 * k**2 * xl**2)).sum(-1)
-    sf = torch.where(small, 1 - cdf_small, sf_large).clamp(0.0, 1.0)
-    return torch.where(x <= 0, 1.0, sf)
 
 
 class LiveWindow:
@@ -354,9 +344,9 @@ class ReferenceWindow:
     """features, float64: chi-square quantile at ``noise_floor_level(features)`` with ``n_bins - 1`` degrees of
     freedom; the PSI noise floor is this times ``1/n_ref + 1/n_live``."""
     mean: torch.Tensor
-    """features, float64: mean of the present values."""
-    sum_sq: torch.Tensor
-    """features, float64: sum of squared deviations from the mean (for the pooled SD of Cohen's d)."""
+    """features, float64: mean of the present values (NaN for a feature with none)."""
+    variance: torch.Tensor
+    """features, float64: sample variance of the present values (NaN with fewer than 2)."""
     names: tuple[str, ...]
     """Feature names (default f0, f1, ...)."""
     sample: torch.Tensor
@@ -393,7 +383,7 @@ class ReferenceWindow:
             raise ValueError(f"names: {len(names)} names for {n_features} features")
         sorted_values, counts = _sort_missing_last(values)
         del values
-        mean, sum_sq = _mean_and_sum_sq(sorted_values, counts)
+        mean, variance = _mean_var(sorted_values, counts)
         edges = _decile_edges(sorted_values, counts, bins)
         n_bins = torch.isfinite(edges).sum(dim=1) + 1
         return cls(
@@ -405,8 +395,8 @@ class ReferenceWindow:
             n_bins=n_bins,
             proportions=_smoothed_proportions(_bin_counts(sorted_values, counts, edges), n_bins),
             psi_quantile=_chi2_quantiles(n_bins, noise_floor_level(n_features)),
-            mean=mean,
-            sum_sq=sum_sq,
+            mean=torch.from_numpy(mean).to(sorted_values.device),
+            variance=torch.from_numpy(variance).to(sorted_values.device),
             names=tuple(str(n) for n in names),
             sample=sample,
         )
@@ -560,7 +550,7 @@ def drift_stats(reference: ReferenceWindow, live: LiveWindow | ArrayLike, *, top
         raise ValueError("live: the window holds no rows")
 
     live_sorted, n_live = _sort_missing_last(values)
-    live_mean, live_sum_sq = _mean_and_sum_sq(live_sorted, n_live)
+    live_mean, live_var = _mean_var(live_sorted, n_live)
     n_ref = reference.counts
     defined = (n_ref > 0) & (n_live > 0)
 
@@ -590,7 +580,8 @@ def drift_stats(reference: ReferenceWindow, live: LiveWindow | ArrayLike, *, top
     d = torch.maximum(live_above, ref_above).clamp(min=0).to(_F64) / (n_ref * n_live).to(_F64)
     d = torch.where(defined, d, torch.nan)
     inv_n = 1 / n_ref.to(_F64) + 1 / n_live.to(_F64)  # 1 / en; inf when a window has no present value
-    pvalue = kolmogorov_sf(d / torch.sqrt(inv_n))
+    n_ref_host, n_live_host = n_ref.cpu().numpy(), n_live.cpu().numpy()
+    pvalue = _on(d, shared_stats.ks_p_value(d.cpu().numpy(), n_ref_host, n_live_host))
 
     # Missing rates (share of rows).
     missing_ref = reference.missing_rate
@@ -598,11 +589,10 @@ def drift_stats(reference: ReferenceWindow, live: LiveWindow | ArrayLike, *, top
     missing_delta = missing_live - missing_ref
 
     # Cohen's d with the pooled SD; a zero SD gives 0 for equal means, +-inf otherwise.
-    dof = (n_ref + n_live - 2).to(_F64)
-    pooled_sd = torch.sqrt((reference.sum_sq + live_sum_sq) / dof)
-    shift = live_mean - reference.mean
-    smd = torch.where(pooled_sd > 0, shift / pooled_sd, torch.where(shift == 0, 0.0, shift * torch.inf))
-    smd = torch.where(defined & (dof > 0), smd, torch.nan)
+    ref_mean, ref_var = reference.mean.cpu().numpy(), reference.variance.cpu().numpy()
+    smd = _on(
+        d, shared_stats.standardized_mean_difference(ref_mean, ref_var, n_ref_host, live_mean, live_var, n_live_host)
+    )
 
     # Drift score: each effect size beyond its no-drift noise floor at the Bonferroni level, saturated, then
     # the largest; the floors are reported beside the figures.
