@@ -979,7 +979,7 @@ def test_sustained_utilisation_gives_scale_out_only_after_the_window() -> None:
     assert (sig.pool, sig.direction, sig.nodes) == ("A", ScaleDirection.OUT, 1)
     assert sig.utilization == pytest.approx(1.0)
     assert sig.shape == NodeShape("A", 2, 16000)
-    assert "utilisation" in sig.reason
+    assert "allocated share" in sig.reason
     assert sched.scale_signals() == [sig]
     assert len(changes) == 1  # an unchanged signal is not repeated
 

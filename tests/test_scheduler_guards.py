@@ -11,6 +11,7 @@ from services.scheduler.inventory import uniform_node
 from services.scheduler.jobs import JobState, Qos
 from services.scheduler.placement import ReplicaShape
 from services.scheduler.preemption import fewest_victims
+from services.scheduler.scaling import ScaleDirection
 from tests.conftest import node_pb
 from tests.test_scheduler_core import make_sched, spec
 from tests.test_scheduler_grpc import custom_scheduler, describe, holders, job_pb, submit
@@ -157,3 +158,23 @@ def test_a_later_job_backfills_only_where_the_blocked_head_cannot_run() -> None:
     # A job ranked ahead of the head is not held back by it.
     urgent = sched.submit(spec("urgent", priority=1000, qos=Qos.GUARANTEED))
     assert urgent.state in (JobState.PENDING, JobState.RUNNING) and "queued behind" not in urgent.pending_reason
+
+
+# -- scale-out by utilisation: a node count from the demand ----------------------------------------------
+
+
+@pytest.mark.parametrize(("threshold", "expected"), [(0.9, 1), (0.6, 3), (0.5, 4)])
+def test_sustained_scale_out_recommends_the_nodes_that_bring_the_share_to_the_threshold(
+    threshold: float, expected: int
+) -> None:
+    """Four full 2-GPU nodes: allocated 128,000 MiB of 128,000. At threshold t the pool needs
+    128,000 / t MiB, i.e. ceil(4 / t - 4) more nodes: 0.44 -> 1, 2.67 -> 3, 4 -> 4."""
+    nodes = [uniform_node(f"node-{i}", "A", 2, 16000) for i in range(4)]
+    sched, clock = make_sched(nodes, scale_window_s=10.0, scale_out_utilization=threshold, scale_in_utilization=0.1)
+    for i in range(8):
+        sched.submit(spec(f"x{i}"))
+    sched.tick()
+    clock.advance(11.0)
+    changed = sched.tick()
+    assert [(s.pool, s.direction, s.nodes) for s in changed] == [("A", ScaleDirection.OUT, expected)]
+    assert changed[0].utilization == pytest.approx(1.0)

@@ -1,9 +1,12 @@
 """Scale signals and capacity planning.
 
-A pool is all GPUs of one model. Its utilisation is the allocated share of its allocatable memory (a card
-held by a job that does not share counts as full). When utilisation stays at or above the scale-out
-threshold over the whole window, or pending demand cannot be placed, the advisor recommends adding nodes;
-when it stays at or below the scale-in threshold over the window with nothing pending, removing idle ones.
+A pool is all GPUs of one model. The signals follow its allocated share: the share of its allocatable
+memory held by jobs (a card held by a job that does not share counts as full); the GPUs' busy share as
+NVML reports it is a separate figure (the ``gpu_utilization_ratio`` metric), since a card can be fully
+allocated and idle. When the allocated share stays at or above the scale-out threshold over the whole
+window, the advisor recommends the nodes that bring it back to the threshold (from the demand, at least
+one); when pending demand cannot be placed, the nodes that demand needs; when the share stays at or below
+the scale-in threshold over the window with nothing pending, removing idle nodes (keeping one spare).
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ class ScaleAdvisor:
         self.current: dict[str, ScaleSignal] = {}
 
     @staticmethod
-    def utilization(state: ClusterState) -> dict[str, float]:
+    def allocated_share(state: ClusterState) -> dict[str, float]:
         """Allocated share of allocatable memory per pool."""
         out = {}
         for m, model in enumerate(state.models):
@@ -119,7 +122,7 @@ class ScaleAdvisor:
     def evaluate(self, state: ClusterState, pending: list[JobSpec], now: float) -> list[ScaleSignal]:
         """Sample utilisation and return the signals that changed since the last evaluation."""
         changed = []
-        util = self.utilization(state)
+        util = self.allocated_share(state)
         demand: dict[str, list[JobSpec]] = {}
         for job in pending:
             demand.setdefault(self._pool_of(state, job), []).append(job)
@@ -142,6 +145,18 @@ class ScaleAdvisor:
                 self.current[pool] = signal
                 changed.append(signal)
         return changed
+
+    def nodes_to_threshold(self, state: ClusterState, pool: str, shape: NodeShape, share: float) -> int:
+        """Nodes of ``shape`` after which the pool's allocated memory (``share`` of its allocatable memory
+        today) is at most the scale-out threshold: ceil((allocated / threshold - allocatable) / node's
+        allocatable), and at least 1."""
+        mask = state.gpu_model == state.model_index[pool]
+        usable = float(state.gpu_usable[mask].sum())
+        per_node = shape.gpus * max(shape.memory_mib_per_gpu - self.reserve_mib, 0)
+        if per_node <= 0:
+            return 1
+        missing = usable * share / self.out_threshold - usable
+        return max(1, math.ceil(missing / per_node - 1e-9))
 
     def _pool_of(self, state: ClusterState, job: JobSpec) -> str:
         allowed = [m for m in sorted(job.allowed_models) if m in state.model_index]
@@ -169,9 +184,15 @@ class ScaleAdvisor:
                 f"a {shape.gpus}x{shape.model} node frees {plan.free_memory_mib_per_node} MiB"
             )
             return ScaleSignal(pool, ScaleDirection.OUT, nodes, shape, u, reason, now)
-        if full_window and min(s[1] for s in samples) >= self.out_threshold:
-            reason = f"utilisation >= {self.out_threshold:.0%} for the whole {self.window_s:g}s window"
-            return ScaleSignal(pool, ScaleDirection.OUT, 1, shape, u, reason, now)
+        sustained = min(s[1] for s in samples)
+        if full_window and sustained >= self.out_threshold:
+            nodes = self.nodes_to_threshold(state, pool, shape, sustained)
+            reason = (
+                f"allocated share >= {self.out_threshold:.0%} for the whole {self.window_s:g}s window "
+                f"(at least {sustained:.1%}): {nodes} {shape.gpus}x{shape.model} node(s) bring it to "
+                f"{self.out_threshold:.0%}"
+            )
+            return ScaleSignal(pool, ScaleDirection.OUT, nodes, shape, u, reason, now)
         if full_window and max(s[1] for s in samples) <= self.in_threshold:
             m = state.model_index[pool]
             idle = 0
