@@ -345,19 +345,20 @@ def _round_trip_stages(servicer: Any, model: str, n: int, chunk: int, streamed: 
     """The stages of one round trip as the SDK and the servicer run them (``guardmesh.wire`` on both ends),
     without the transport. A push stage frames a new step id each time (a repeated step is not applied)."""
     ctx: Any = _Context()
-    shard = servicer.models[model]
+    shard = servicer.core.models[model]
     grad = np.full(n, 1e-3, dtype=np.float32)
     steps = itertools.count(1)
     sink = _Sink()
     client: Any = ParamServerClient.__new__(ParamServerClient)  # the SDK's message building, without channels
     client.model, client.worker_id, client.versions, client.incarnations = model, "prof", [0], [""]
+    client.session = "prof"
     client.threshold, client.chunk, client.stubs = 4 * n - 1 if streamed else 4 * n, chunk, [sink]
 
     def apply_only() -> Any:
         return shard.push("apply-only", shard.version, next(steps), {"w": grad})
 
     def client_push() -> list[bytes]:
-        client._push_shard(0, {"w": grad}, next(steps))
+        client._push_shard(0, {"w": grad}, next(steps), 0.0)
         return sink.last
 
     if not streamed:
@@ -409,7 +410,7 @@ def profile(sizes: Sequence[int], top: int = 15) -> None:
         config = load_config(env={}).with_overrides({"mesh.state_dir": tmp, "grpc.max_message_mib": MAX_MESSAGE_MIB})
         threshold = int(config.paramserver.stream_threshold_mib * MIB)
         servicer = ParamServerServicer(config)
-        servicer.start()
+        servicer.core.start()
         for n in sizes:
             reps = 20 if n <= SIZES[0] else 5
             model = f"prof-{label(n)}"
@@ -432,7 +433,7 @@ def profile(sizes: Sequence[int], top: int = 15) -> None:
                     fn()
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(top)
-            del servicer.models[model]
+            del servicer.core.models[model]
             gc.collect()
 
 

@@ -113,7 +113,7 @@ def test_poisoned_push_rejected_and_never_applied(ps: tuple[RunningService, Mesh
     np.testing.assert_allclose(c.pull().tensors["w"], [-0.1, 0.1, -0.1], rtol=1e-5)
 
 
-def test_sync_mode_averages_workers_and_rejects_late(ps: tuple[RunningService, MeshConfig]) -> None:
+def test_sync_mode_averages_workers_and_answers_the_backup_late(ps: tuple[RunningService, MeshConfig]) -> None:
     running, config = ps
     workers = [client(running, config, worker=f"w{i}") for i in range(3)]
     workers[0].create({"w": np.zeros(2)}, sgd(1.0), sync(2, backup_workers=1))
@@ -124,8 +124,11 @@ def test_sync_mode_averages_workers_and_rejects_late(ps: tuple[RunningService, M
     r1 = workers[1].push({"w": np.array([3.0, 5.0])})[0]
     assert r1.outcome == pb.PUSH_OUTCOME_APPLIED and r1.version == 1
     np.testing.assert_allclose(workers[0].pull(min_versions=[1], timeout=5).tensors["w"], [-2.0, -4.0])
-    with pytest.raises(StalePush):  # the backup worker lost the race for version 0
-        workers[2].push({"w": np.array([9.0, 9.0])})
+    late = workers[2].push({"w": np.array([9.0, 9.0])})[0]  # the backup worker lost the race for version 0
+    assert late.outcome == pb.PUSH_OUTCOME_LATE and late.version == 1 and late.staleness == 1
+    np.testing.assert_allclose(workers[2].pull().tensors["w"], [-2.0, -4.0])  # nothing of it applied
+    stats = pb_grpc.ParamServerServiceStub(workers[2].channels[0]).GetStats(pb.GetStatsRequest(model="m"))
+    assert stats.pushes_late == 1 and stats.pushes_accepted == 2 and stats.pushes_rejected_stale == 0
 
 
 def test_pull_waits_for_min_version(ps: tuple[RunningService, MeshConfig]) -> None:
@@ -377,12 +380,12 @@ def test_checkpoint_restore_and_corrupt_replica_skipped(tmp_path: Path) -> None:
         c.pull()
     resp = pb_grpc.ParamServerServiceStub(c.channels[0]).Checkpoint(pb.CheckpointRequest(model="m"))
     assert resp.version == 3 and len(resp.locations) == 2 and len(resp.sha256) == 64
+    old_incarnation, session = c.incarnations[0], c.session
+    c.push({"w": np.ones(3)}, step_id=3)  # version 4: in the final checkpoint of the graceful stop only
     saved = c.pull().tensors["w"].copy()
-    old_incarnation = c.incarnations[0]
-    c.push({"w": np.ones(3)}, step_id=3)  # version 4, not checkpointed
     running.stop(grace=0.5)
     c.close()
-    # Corrupt the newest file of replica a: the restore must skip it and use replica b.
+    # Corrupt the newest file of replica a (the final checkpoint): the restore must skip it and use replica b.
     replica_a = tmp_path / "state" / "checkpoints" / "replica-a" / "shard-0" / "m"
     data_file = sorted(replica_a.glob("*.safetensors"))[-1]
     data_file.write_bytes(data_file.read_bytes()[:-10] + b"0123456789")
@@ -390,22 +393,25 @@ def test_checkpoint_restore_and_corrupt_replica_skipped(tmp_path: Path) -> None:
     try:
         c = client(running, config)
         info = pb_grpc.ParamServerServiceStub(c.channels[0]).DescribeModel(pb.DescribeModelRequest(model="m")).model
-        assert info.version == 3 and info.restored_version == 3 and info.incarnation != old_incarnation
+        assert info.version == 4 and info.restored_version == 4 and info.incarnation != old_incarnation
+        assert info.restore_cause == ""  # its own final checkpoint: nothing lost, nothing to roll back
         np.testing.assert_array_equal(c.pull().tensors["w"], saved)
         stats = pb_grpc.ParamServerServiceStub(c.channels[0]).GetStats(pb.GetStatsRequest(model="m"))
         assert any("corrupt" in e and "replica-a" in e for e in stats.events)
-        # The step-id window survived: a retry of step 2 is not applied again.
-        assert c.push({"w": np.ones(3)}, step_id=2)[0].outcome == pb.PUSH_OUTCOME_DUPLICATE
-        # A worker still at version 4 is told to re-pull (ABORTED), then continues.
-        c.versions = [4]
+        # The step-id window survived: a retry of step 3 (same worker and session) is not applied again.
+        c.session = session
+        with pytest.warns(UserWarning, match="DUPLICATE"):  # this client never sent step 3
+            assert c.push({"w": np.ones(3)}, step_id=3)[0].outcome == pb.PUSH_OUTCOME_DUPLICATE
+        # A worker still at version 5 is told to re-pull (ABORTED), then continues.
+        c.versions = [5]
         with pytest.raises(StalePush) as err:
             c.push({"w": np.ones(3)}, step_id=10)
         assert err.value.code == grpc.StatusCode.ABORTED
         c.pull()
-        assert c.push({"w": np.ones(3)}, step_id=11)[0].version == 4
+        assert c.push({"w": np.ones(3)}, step_id=11)[0].version == 5
         # Re-creating the identical model after a restart attaches to the restored state.
         c.create({"w": np.zeros(3)}, adam(0.1), asynchronous(), checkpoint_every=0)
-        assert c.versions == [4]
+        assert c.versions == [5]
     finally:
         running.stop(grace=0.5)
 
@@ -463,29 +469,6 @@ def test_hash_ring_moves_few_names_when_a_shard_is_added() -> None:
     assert moved < len(names) * 0.4  # ideal 1/4; naive modulo would move ~3/4
 
 
-def test_throughput_drop_raises_one_event_per_drop() -> None:
-    from services.paramserver.shard import ThroughputMonitor
-
-    mon = ThroughputMonitor(window_s=10.0, drop_share=0.5)
-    now = 0.0
-    for _ in range(3):  # a healthy 10 pushes/s, checked every 10 s
-        for _ in range(100):
-            now += 0.1
-            mon.record(now)
-        assert mon.check(now) is None
-    assert mon.baseline == pytest.approx(10.0, rel=0.05)
-    for _ in range(30):  # the straggling cluster: 3 pushes/s
-        now += 1 / 3
-        mon.record(now)
-    event = mon.check(now)
-    assert event is not None and "fell to" in event and "3.0/s" in event
-    assert mon.check(now) is None  # once per drop
-    for _ in range(100):
-        now += 0.1
-        mon.record(now)
-    assert mon.check(now) is None and not mon.dropped  # recovered: re-armed
-
-
 def test_checkpoint_to_fsspec_url_replica(tmp_path: Path) -> None:
     import fsspec
 
@@ -500,7 +483,7 @@ def test_checkpoint_to_fsspec_url_replica(tmp_path: Path) -> None:
     c.pull()
     c.push({"w": np.ones(2)}, step_id=0)
     resp = pb_grpc.ParamServerServiceStub(c.channels[0]).Checkpoint(pb.CheckpointRequest(model="m"))
-    assert resp.locations[0] == "memory://ckpt/shard-0"
+    assert resp.locations[0] == "memory://ckpt"  # the replica location as configured
     running.stop(grace=0.5)
     c.close()
     # Lose the local replica entirely: the fsspec one restores the model.

@@ -218,7 +218,7 @@ def test_a_server_answers_its_buffer_and_the_values_follow_every_push(
     running, config = ps
     c = client(running, config)
     c.create({"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3)}, sgd(0.5), asynchronous())
-    shard = running.binding.servicer.models["m"]  # type: ignore[attr-defined]
+    shard = running.binding.servicer.core.models["m"]  # type: ignore[attr-defined]
     assert shard.answers is not None
     expected_w, expected_b = np.arange(6.0).reshape(2, 3), np.ones(3)
     for step in range(1, 21):
@@ -277,7 +277,7 @@ def test_a_restored_shard_answers_the_restored_parameters(tmp_path: Path) -> Non
     running = start_service(load_definition("paramserver"), config, port=0)
     try:
         c = client(running, config, "w1")  # another worker: w0's step ids 1-4 are in the restored window
-        shard = running.binding.servicer.models["m"]  # type: ignore[attr-defined]
+        shard = running.binding.servicer.core.models["m"]  # type: ignore[attr-defined]
         assert shard.answers is not None and shard.version == 4
         pulled = c.pull()
         np.testing.assert_array_equal(pulled.tensors["w"], np.full(64, -1.0))

@@ -11,6 +11,12 @@ A training loop needs a few lines::
 
 Tensors are spread over the shards by consistent hashing on their names; each shard keeps its own
 version, and a push carries, per shard, the version its gradients were computed on.
+
+Each client is one session (a random id): step ids are deduplicated per worker and session, so a worker
+restarted under the same worker id is applied, not taken for a retry; a DUPLICATE answer for a step this
+client never sent is warned about. A push carries its L2 norm over every shard, which clipping scales by.
+When a shard restarted from a checkpoint cut (kill -9), the client rolls the other shards back to the same
+cut before it pulls (RestoreCut), so a model is never a mix of versions.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
 import time
+import uuid
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +53,8 @@ from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("guardmesh.sdk.paramserver")
 VIRTUAL_NODES = 64
+#: Step ids remembered per client to tell a retry (DUPLICATE expected) from a collision (warned about).
+SENT_STEPS = 4096
 #: Arrays the caller wants tensors pulled into, by name (see :meth:`ParamServerClient.pull`).
 Into = dict[str, np.ndarray] | None
 
@@ -215,6 +226,8 @@ class ParamServerClient:
     pinned: bool = True
     #: id(parameter) -> (a weak reference to it, its page-locked buffers by kind); dropped with the parameter.
     _staging: dict[int, tuple[weakref.ref[Any], dict[str, Any]]] = field(default_factory=dict)
+    #: This client's session (see PushRequest.session): a new one per client, so per process.
+    session: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self) -> None:
         self.ring = HashRing(len(self.addresses))
@@ -228,6 +241,13 @@ class ParamServerClient:
         self.threshold = int(self.config.paramserver.stream_threshold_mib * (1 << 20))
         # Chunks stay well under the message limit (headers and field tags need room too).
         self.chunk = min(4 << 20, (self.config.grpc.max_message_mib << 20) - (1 << 16))
+        #: (shard, step id) of the pushes sent, newest last: a DUPLICATE answer for one is a retry's.
+        self._sent: OrderedDict[tuple[int, int], None] = OrderedDict()
+        #: The model's clip norm (from DescribeModel or CreateModel); None until known.
+        self.clip_norm: float | None = None
+        #: Per shard, (restore_cause, restored_version) as last described; causes rolled back already.
+        self._restores: dict[int, tuple[str, int]] = {}
+        self._handled: set[str] = set()
 
     @classmethod
     def connect(
@@ -246,6 +266,11 @@ class ParamServerClient:
         """Close the channels."""
         for c in self.channels:
             c.close()
+
+    def leave(self) -> None:
+        """Leave a SYNC model on every shard: versions stop waiting for this worker (LeaveSync)."""
+        for stub in self.stubs:
+            stub.LeaveSync(pb.LeaveSyncRequest(model=self.model, worker_id=self.worker_id))
 
     # -- creation --------------------------------------------------------------------------------------
 
@@ -269,6 +294,8 @@ class ParamServerClient:
                 )
             )
         infos = []
+        holders = [i for i, part in enumerate(per_shard) if part]  # a checkpoint cut needs each of them
+        self.clip_norm = optimizer.clip_norm
         for i, stub in enumerate(self.stubs):
             if not per_shard[i]:
                 continue
@@ -278,6 +305,7 @@ class ParamServerClient:
                 optimizer=optimizer,
                 consistency=consistency,
                 checkpoint_every=checkpoint_every,
+                cut_shards=holders,
             )
             if sum(len(t.tensor.data) for t in per_shard[i]) <= self.threshold:
                 info = stub.CreateModel(request).model
@@ -322,7 +350,32 @@ class ParamServerClient:
         self.wire_bytes[i] = sum(
             int(np.prod(t.shape)) * (4 if t.dtype == common_pb2.D_TYPE_FLOAT32 else 2) for t in info.tensors
         )
+        self.clip_norm = info.optimizer.clip_norm
+        self._restores[i] = (info.restore_cause, info.restored_version)
         return info
+
+    def _roll_back_peers(self) -> bool:
+        """After a shard restarted from a checkpoint cut, roll every other shard back to that cut (once per
+        restart, whichever client does it: RestoreCut is idempotent per cause). True if a shard rolled back
+        (what was pulled before is then of the wrong cut)."""
+        rolled = False
+        for i, (cause, version) in list(self._restores.items()):
+            if not cause or cause in self._handled:
+                continue
+            for j, stub in enumerate(self.stubs):
+                if j == i:
+                    continue
+                try:
+                    resp = stub.RestoreCut(pb.RestoreCutRequest(model=self.model, version=version, cause=cause))
+                except grpc.RpcError as err:
+                    if err.code() == grpc.StatusCode.NOT_FOUND:  # the model has no part on that shard
+                        continue
+                    raise
+                if resp.rolled_back:
+                    log.warning("shard %d rolled back to cut v%d: shard %d restarted from it", j, version, i)
+                rolled |= resp.rolled_back
+            self._handled.add(cause)
+        return rolled
 
     def _pull_shard(
         self, i: int, min_version: int, timeout: float | None, into: Into = None
@@ -349,6 +402,7 @@ class ParamServerClient:
             log.warning(
                 "shard %d restarted (incarnation %s -> %s, version %d)", i, self.incarnations[i], incarnation, version
             )
+            self._describe(i)  # restored from a cut? then the other shards roll back to it
         self.versions[i] = version
         self.incarnations[i] = incarnation
         if version >= self.awaiting[i]:
@@ -365,13 +419,15 @@ class ParamServerClient:
         tensor's size: a streamed answer's chunks land there directly, with no buffer of their own) and
         returned as them; the others are views of the received bytes (read-only) or new arrays.
         """
-        tensors: dict[str, np.ndarray] = {}
-        wanted = min_versions or self.awaiting
-        for i in range(len(self.stubs)):
-            version, incarnation, part = self._pull_shard(i, wanted[i], timeout, into)
-            self._pulled(i, version, incarnation)
-            tensors.update(part)
-        return PullResult(tensors, list(self.versions), list(self.incarnations))
+        while True:
+            tensors: dict[str, np.ndarray] = {}
+            wanted = min_versions or self.awaiting
+            for i in range(len(self.stubs)):
+                version, incarnation, part = self._pull_shard(i, wanted[i], timeout, into)
+                self._pulled(i, version, incarnation)
+                tensors.update(part)
+            if not self._roll_back_peers():
+                return PullResult(tensors, list(self.versions), list(self.incarnations))
 
     def pull_into(self, module: object, min_versions: list[int] | None = None) -> PullResult:
         """Copy the server's parameters into a ``torch.nn.Module`` in place."""
@@ -400,15 +456,48 @@ class ParamServerClient:
                     raise StalePush(i, details[0], err.code()) from err  # type: ignore[arg-type]
             raise
 
+    def _global_norm(self, grads: dict[str, np.ndarray]) -> float:
+        """The push's L2 norm over every shard's part when the model clips (0 otherwise: not needed)."""
+        if self.clip_norm is None:
+            self._describe(0)
+        if not self.clip_norm:
+            return 0.0
+        return math.sqrt(math.fsum(float(np.dot(g.reshape(-1), g.reshape(-1))) for g in grads.values()))
+
+    def _sending(self, i: int, step: int) -> bool:
+        """Record that step ``step`` goes to shard ``i``; True if it went there before (a retry)."""
+        key = (i, step)
+        before = key in self._sent
+        self._sent[key] = None
+        self._sent.move_to_end(key)
+        while len(self._sent) > SENT_STEPS:
+            self._sent.popitem(last=False)
+        return before
+
+    def _answered(self, i: int, step: int, retry: bool, result: pb.PushResponse) -> None:
+        """Warn about a DUPLICATE answer to a push this client had not sent before: the shard took it for a
+        retry of another process's push (same worker id and session), so it was not applied."""
+        if result.outcome == pb.PUSH_OUTCOME_DUPLICATE and not retry:
+            message = (
+                f"shard {i} answered DUPLICATE to step {step} of worker {self.worker_id!r} (session {self.session}), "
+                "which this client had not sent: the push was NOT applied. Another client uses the same worker id "
+                "and session, or the step ids repeat."
+            )
+            log.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=4)
+
     def push(self, grads: dict[str, np.ndarray], step_id: int | None = None) -> list[pb.PushResponse]:
         """Push gradients computed on the last pulled versions. Raises StalePush to ask for a re-pull."""
         step = next(self._steps) if step_id is None else step_id
         results = []
+        norm = self._global_norm(grads)
         for i, part in enumerate(self._split(grads)):
             if not part:
                 continue
+            retry = self._sending(i, step)
             with self._stale_pushes_raised(i):
-                result = self._push_shard(i, part, step)
+                result = self._push_shard(i, part, step, norm)
+            self._answered(i, step, retry, result)
             results.append(result)
             buffered = result.outcome == pb.PUSH_OUTCOME_BUFFERED
             self.awaiting[i] = result.version + 1 if buffered else 0
@@ -430,18 +519,23 @@ class ParamServerClient:
         step = next(self._steps) if step_id is None else step_id
         results: list[pb.PushResponse] = []
         tensors: dict[str, np.ndarray] = {}
+        norm = self._global_norm(grads)
         for i, part in enumerate(self._split(grads)):
             if not part:
                 version, incarnation, out = self._pull_shard(i, self.awaiting[i], timeout, into)
             else:
+                retry = self._sending(i, step)
                 with self._stale_pushes_raised(i):
-                    result, version, incarnation, out = self._push_pull_shard(i, part, step, timeout, into)
+                    result, version, incarnation, out = self._push_pull_shard(i, part, step, timeout, into, norm)
+                self._answered(i, step, retry, result)
                 results.append(result)
             self._pulled(i, version, incarnation)
             tensors.update(out)
+        if self._roll_back_peers():  # a shard restarted from a cut: what was answered mixes cuts
+            return results, self.pull(timeout=timeout, into=into)
         return results, PullResult(tensors, list(self.versions), list(self.incarnations))
 
-    def _push_head(self, i: int, step: int) -> bytes:
+    def _push_head(self, i: int, step: int, norm: float) -> bytes:
         """A PushRequest (or PushPullRequest: the same fields) without gradients, serialized."""
         return pb.PushRequest(
             model=self.model,
@@ -449,15 +543,17 @@ class ParamServerClient:
             base_version=self.versions[i],
             step_id=step,
             incarnation=self.incarnations[i],  # a restore since the pull makes the server refuse it
+            session=self.session,
+            global_norm=norm,
         ).SerializeToString()
 
-    def _push_message(self, i: int, part: dict[str, np.ndarray], step: int) -> bytes:
-        frames = wire.Frames(self._push_head(i, step))
+    def _push_message(self, i: int, part: dict[str, np.ndarray], step: int, norm: float) -> bytes:
+        frames = wire.Frames(self._push_head(i, step, norm))
         for n, g in part.items():
             frames.named_tensor(5, n, common_pb2.D_TYPE_FLOAT32, g.shape, g)
         return frames.join()  # the join is the gradients' one copy
 
-    def _push_messages(self, i: int, part: dict[str, np.ndarray], step: int) -> Iterator[bytes]:
+    def _push_messages(self, i: int, part: dict[str, np.ndarray], step: int, norm: float) -> Iterator[bytes]:
         """A streamed push: a header, then chunks of each gradient (each chunk copied once, into its message)."""
         head = pb.PushStreamRequest()
         head.header.model = self.model
@@ -465,6 +561,8 @@ class ParamServerClient:
         head.header.worker_id = self.worker_id
         head.header.step_id = step
         head.header.incarnation = self.incarnations[i]
+        head.header.session = self.session
+        head.header.global_norm = norm
         for n, g in part.items():
             head.header.tensors.add(name=n, dtype=common_pb2.D_TYPE_FLOAT32, shape=list(g.shape))
         yield head.SerializeToString()
@@ -473,23 +571,23 @@ class ParamServerClient:
             for off in range(0, raw.size, self.chunk):
                 yield b"".join(wire.tensor_chunk(2, t, off, raw[off : off + self.chunk]))
 
-    def _push_shard(self, i: int, part: dict[str, np.ndarray], step: int) -> pb.PushResponse:
+    def _push_shard(self, i: int, part: dict[str, np.ndarray], step: int, norm: float) -> pb.PushResponse:
         if sum(g.nbytes for g in part.values()) <= self.threshold:
-            return self.stubs[i].Push(self._push_message(i, part, step))
-        return self.stubs[i].PushStream(self._push_messages(i, part, step)).result
+            return self.stubs[i].Push(self._push_message(i, part, step, norm))
+        return self.stubs[i].PushStream(self._push_messages(i, part, step, norm)).result
 
     def _push_pull_shard(
-        self, i: int, part: dict[str, np.ndarray], step: int, timeout: float | None, into: Into
+        self, i: int, part: dict[str, np.ndarray], step: int, timeout: float | None, into: Into, norm: float
     ) -> tuple[pb.PushResponse, int, str, dict[str, np.ndarray]]:
         stub = self.stubs[i]
         if self.wire_bytes[i] < 0:
             self._describe(i)
         if max(self.wire_bytes[i], sum(g.nbytes for g in part.values())) <= self.threshold:
-            resp = stub.PushPull(self._push_message(i, part, step), timeout=timeout)
+            resp = stub.PushPull(self._push_message(i, part, step, norm), timeout=timeout)
             out = {nt.name: _received(nt, into) for nt in resp.tensors}
             return resp.result.to_message(pb.PushResponse), resp.version, resp.incarnation, out
         version, incarnation, out, header = _assemble(
-            stub.PushPullStream(self._push_messages(i, part, step), timeout=timeout), into
+            stub.PushPullStream(self._push_messages(i, part, step, norm), timeout=timeout), into
         )
         return header.result.to_message(pb.PushResponse), version, incarnation, out
 

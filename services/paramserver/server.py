@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import uuid
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -15,15 +15,16 @@ from opentelemetry import metrics, trace
 
 from guardmesh import wire
 from guardmesh.config import MeshConfig
-from guardmesh.errors import AlreadyExists, GuardmeshError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from guardmesh.errors import GuardmeshError, InvalidArgument, ResourceExhausted
 from guardmesh.runtime import ServiceDefinition
 from guardmesh.security import allow
-from guardmesh.tensors import MAX_ELEMENTS, WIRE_DTYPES, check_shape, decode, to_float32
+from guardmesh.tensors import WIRE_DTYPES, check_shape, decode, to_float32
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import paramserver_pb2 as pb
 from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
-from services.paramserver.checkpoint import CheckpointError, CheckpointStore
-from services.paramserver.gradients import Gradient, Segments
+from services.paramserver.chunks import assemble, assemble_chunks, chunked_float32, collect_chunks, header_elements
+from services.paramserver.core import ModelSpec, ParamServerCore
+from services.paramserver.gradients import Gradient
 from services.paramserver.memory import keep_freed_memory
 from services.paramserver.optimizer import OptimizerKind, OptimizerSettings
 from services.paramserver.shard import ConsistencySettings, Mode, ModelShard, PushResult, TensorMeta
@@ -93,7 +94,9 @@ def consistency_from_pb(msg: pb.ConsistencyConfig) -> ConsistencySettings:
         mode = Mode(msg.mode)
     except ValueError:
         raise InvalidArgument("consistency.mode", "must be SYNC, BOUNDED_STALENESS or ASYNC") from None
-    settings = ConsistencySettings(mode, msg.workers, msg.backup_workers, msg.max_staleness, msg.scale_lr_by_staleness)
+    settings = ConsistencySettings(
+        mode, msg.workers, msg.backup_workers, msg.max_staleness, msg.scale_lr_by_staleness, msg.straggler_timeout_s
+    )
     settings.validate()
     return settings
 
@@ -106,6 +109,7 @@ def consistency_to_pb(s: ConsistencySettings) -> pb.ConsistencyConfig:
         backup_workers=s.backup_workers,
         max_staleness=s.max_staleness,
         scale_lr_by_staleness=s.scale_lr_by_staleness,
+        straggler_timeout_s=s.straggler_timeout_s,
     )
 
 
@@ -119,6 +123,8 @@ def _info(shard: ModelShard) -> pb.ModelInfo:
         consistency=consistency_to_pb(shard.consistency),
         checkpoint_every=shard.checkpoint_every,
         restored_version=shard.restored_version,
+        cut_shards=list(shard.cut_shards),
+        restore_cause=shard.restore_cause,
     )
 
 
@@ -136,148 +142,15 @@ def _wait_budget(context: grpc.ServicerContext) -> float | None:
     return max(0.0, remaining - min(0.25, 0.1 * remaining))
 
 
-def header_elements(field: str, dtype: int, shape: tuple[int, ...]) -> int:
-    """Element count of a tensor announced in a stream header (its data follows in chunks).
-
-    The rules of :func:`guardmesh.tensors.check_shape` without the byte length: a wire dtype, dimensions
-    >= 0 and at most ``MAX_ELEMENTS`` elements (exact integers: no int64 wrap-around).
-    """
-    if dtype not in WIRE_DTYPES:
-        raise InvalidArgument(f"{field}.dtype", "must be float32, float16 or bfloat16")
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{field}.shape", f"dimensions must be >= 0 (got {len(shape)} dimensions)")
-    if 0 in shape:
-        return 0
-    count = 1
-    for d in shape:  # stops as soon as the bound is passed: a product of thousands of huge dimensions is slow
-        count *= d
-        if count > MAX_ELEMENTS:
-            raise InvalidArgument(f"{field}.shape", f"at most {MAX_ELEMENTS} elements ({len(shape)} dimensions)")
-    return count
-
-
-def collect_chunks(sizes: list[int], chunks: Iterator[Any]) -> list[list[tuple[int, memoryview]]]:
-    """In-order chunks of each tensor as (byte offset, bytes) without copying them; INVALID_ARGUMENT for gaps,
-    overflow or anything but chunks after the header. ``sizes`` are the tensors' byte lengths."""
-    parts: list[list[tuple[int, memoryview]]] = [[] for _ in sizes]
-    filled = [0] * len(sizes)
-    for c in chunks:
-        if c is None:
-            raise InvalidArgument("chunk", "only chunks may follow the header")
-        if not 0 <= c.tensor < len(sizes):
-            raise InvalidArgument("chunk.tensor", f"must index the header's {len(sizes)} tensors")
-        if c.offset != filled[c.tensor]:
-            raise InvalidArgument("chunk.offset", f"expected {filled[c.tensor]} (chunks arrive in order)")
-        data = memoryview(c.data)
-        end = c.offset + data.nbytes
-        if end > sizes[c.tensor]:
-            raise InvalidArgument("chunk.data", "overflows the tensor's byte length")
-        if data.nbytes:
-            parts[c.tensor].append((c.offset, data))
-        filled[c.tensor] = end
-    for i, n in enumerate(sizes):
-        if filled[i] != n:
-            raise InvalidArgument(f"header.tensors[{i}]", f"received {filled[i]} of {n} bytes")
-    return parts
-
-
-def assemble(field: str, size: int, parts: list[tuple[int, memoryview]]) -> np.ndarray:
-    """One buffer of ``size`` bytes from validated chunks (:func:`collect_chunks`): their one copy."""
-    try:
-        out = np.empty(size, dtype=np.uint8)
-    except (MemoryError, ValueError):
-        raise ResourceExhausted(f"{field}: {size} bytes cannot be allocated on this shard") from None
-    for offset, data in parts:
-        out[offset : offset + data.nbytes] = np.frombuffer(data, dtype=np.uint8)
-    return out
-
-
-def assemble_chunks(sizes: list[int], chunks: Iterator[Any]) -> list[np.ndarray]:
-    """Fill one buffer per tensor from in-order chunks; INVALID_ARGUMENT for gaps, overflow or extras."""
-    parts = collect_chunks(sizes, chunks)
-    return [assemble(f"header.tensors[{i}]", n, p) for i, (n, p) in enumerate(zip(sizes, parts, strict=True))]
-
-
-def chunked_float32(parts: list[tuple[int, memoryview]], count: int) -> Segments | None:
-    """A float32 gradient as views of its chunks, when every chunk holds whole, 4-byte aligned elements
-    (the SDK's chunks do); None when it must be assembled."""
-    views = []
-    for offset, data in parts:
-        if offset % 4 or data.nbytes % 4:
-            return None
-        values = np.frombuffer(data, dtype="<f4")
-        if values.ctypes.data % 4:
-            return None
-        views.append((offset // 4, values))
-    return Segments(tuple(views), count)
-
-
 class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
     """Implements ``guardmesh.v1.ParamServerService``."""
 
-    def __init__(self, config: MeshConfig) -> None:
+    def __init__(self, config: MeshConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.settings = config.paramserver
-        self.incarnation = uuid.uuid4().hex
-        self.models: dict[str, ModelShard] = {}
-        self.lock = threading.Lock()
-        self.store: CheckpointStore | None = None
-        self.ckpt_lock = threading.Lock()
-        self.ckpt_pending: set[str] = set()
-        self.ckpt_again: set[str] = set()
-        self.ready = False
-
-    # -- lifecycle -------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Open the checkpoint store and restore every model found there."""
-        shard = f"shard-{self.settings.shard_index}"
-        locations = [
-            (loc if "://" in loc else str(self.config.state_path(loc))) + f"/{shard}"
-            for loc in self.settings.checkpoint_locations
-        ]
-        self.store = CheckpointStore(locations, self.settings.min_replicas)
-        for model in self.store.models():
-            restored = self.store.restore(model)
-            if restored is None:
-                log.error("no verified checkpoint", extra={"model": model})
-                continue
-            md = restored.metadata
-            tensors = {
-                n: (TensorMeta(int(dt), tuple(shape)), restored.arrays[f"param/{n}"])
-                for n, (dt, shape) in md["meta"].items()
-            }
-            opt = OptimizerSettings(**{**md["optimizer"], "kind": OptimizerKind(md["optimizer"]["kind"])})
-            cons = ConsistencySettings(**{**md["consistency"], "mode": Mode(md["consistency"]["mode"])})
-            shard_obj = ModelShard(
-                model,
-                tensors,
-                opt,
-                cons,
-                md["checkpoint_every"],
-                self.incarnation,
-                step_window=self.settings.step_id_window,
-                throughput_window_s=self.settings.throughput_window_s,
-                throughput_drop_share=self.settings.throughput_drop_share,
-                answer_limit=self._answer_limit(),
-            )
-            shard_obj.load_checkpoint(restored.version, restored.arrays, md)
-            for s in restored.skipped:
-                shard_obj.events.append(f"restore skipped {s}")
-            shard_obj.events.append(f"restored v{restored.version} from {restored.location}")
-            self.models[model] = shard_obj
-            log.info("restored model", extra={"model": model, "version": restored.version, "skipped": restored.skipped})
-        self.ready = True
+        self.core = ParamServerCore(config, self._answer_limit(), clock)
 
     def _shard(self, model: str) -> ModelShard:
-        if not self.ready:
-            raise Unavailable("paramserver is starting")
-        if not model:
-            raise InvalidArgument("model", "must not be empty")
-        shard = self.models.get(model)
-        if shard is None:
-            raise NotFound(f"model {model!r} not found on this shard")
-        return shard
+        return self.core.shard(model)
 
     # -- RPCs ------------------------------------------------------------------------------------------
 
@@ -306,8 +179,6 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
 
     def CreateModel(self, request: pb.CreateModelRequest, context: grpc.ServicerContext) -> pb.CreateModelResponse:
         """See the proto."""
-        if not self.ready:
-            raise Unavailable("paramserver is starting")
         if not MODEL_RE.match(request.model):
             raise InvalidArgument("model", "must be 1 to 128 characters of [A-Za-z0-9._-]")
         optimizer = optimizer_from_pb(request.optimizer)
@@ -327,31 +198,10 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
             if not np.isfinite(values).all():
                 raise InvalidArgument(f"{field}.tensor", "initial values must be finite")
             tensors[nt.name] = (TensorMeta(nt.tensor.dtype, tuple(nt.tensor.shape)), values)
-        with self.lock:
-            existing = self.models.get(request.model)
-            if existing is not None:
-                same = (
-                    {n: m for n, (m, _) in tensors.items()} == existing.meta
-                    and existing.optimizer_settings == optimizer
-                    and existing.consistency == consistency
-                    and existing.checkpoint_every == request.checkpoint_every
-                )
-                if not same:
-                    raise AlreadyExists(f"model {request.model!r} exists with different tensors or settings")
-                return pb.CreateModelResponse(model=_info(existing))
-            shard = ModelShard(
-                request.model,
-                tensors,
-                optimizer,
-                consistency,
-                request.checkpoint_every,
-                self.incarnation,
-                step_window=self.settings.step_id_window,
-                throughput_window_s=self.settings.throughput_window_s,
-                throughput_drop_share=self.settings.throughput_drop_share,
-                answer_limit=self._answer_limit(),
-            )
-            self.models[request.model] = shard
+        spec = ModelSpec(
+            request.model, tensors, optimizer, consistency, request.checkpoint_every, list(request.cut_shards)
+        )
+        shard = self.core.create(spec)
         return pb.CreateModelResponse(model=_info(shard))
 
     def DescribeModel(
@@ -438,9 +288,7 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         span.set_attribute("guardmesh.push_outcome", result.outcome.name)
         _staleness_hist.record(result.staleness, {"model": shard.name})
         _pushes.add(1, {"model": shard.name, "outcome": result.outcome.name})
-        every = shard.checkpoint_every
-        if every and result.outcome.name == "APPLIED" and result.version % every == 0:
-            self._checkpoint_async(shard)
+        self.core.wait_for_writer()
 
     def _record_rejection(self, shard: ModelShard, err: GuardmeshError) -> None:
         span = trace.get_current_span()
@@ -449,12 +297,14 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         span.set_attribute("guardmesh.version", shard.version)
         _pushes.add(1, {"model": shard.name, "outcome": f"REJECTED_{err.code.name}"})
 
-    def _apply_push(
-        self, shard: ModelShard, worker: str, base: int, step: int, incarnation: str, grads: Mapping[str, Gradient]
-    ) -> PushResult:
-        """Apply a decoded push to ``shard`` and record its outcome (metrics, span, checkpoint)."""
+    def _apply_push(self, shard: ModelShard, head: Any, base: int, grads: Mapping[str, Gradient]) -> PushResult:
+        """Apply a decoded push to ``shard`` and record its outcome (metrics, span). ``head``: the PushRequest,
+        PushPullRequest or StreamHeader (worker, step, incarnation, session, global norm); ``base``: its base
+        version (``version`` in a StreamHeader)."""
         try:
-            result = shard.push(worker, base, step, grads, incarnation)
+            result = shard.push(
+                head.worker_id, base, head.step_id, grads, head.incarnation, head.session, head.global_norm
+            )
         except GuardmeshError as err:
             self._record_rejection(shard, err)
             raise
@@ -471,9 +321,7 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
             if nt.name in grads:
                 raise InvalidArgument(f"gradients[{i}].name", f"duplicate gradient {nt.name!r}")
             grads[nt.name] = to_float32(f"gradients[{i}].tensor", nt.tensor)
-        result = self._apply_push(
-            shard, request.worker_id, request.base_version, request.step_id, request.incarnation, grads
-        )
+        result = self._apply_push(shard, request, request.base_version, grads)
         return shard, result
 
     def _push_stream(self, request_iterator: Iterator[Any]) -> tuple[ModelShard, PushResult]:
@@ -502,9 +350,7 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
             in_place = chunked_float32(parts[i], sizes[i] // 4) if info.dtype == common_pb2.D_TYPE_FLOAT32 else None
             # float32 in whole aligned elements stays in its chunks (no copy, no allocation); otherwise one copy
             grads[info.name] = in_place or decode(info.dtype, assemble(f"header.tensors[{i}]", sizes[i], parts[i]).data)
-        return shard, self._apply_push(
-            shard, header.worker_id, header.version, header.step_id, header.incarnation, grads
-        )
+        return shard, self._apply_push(shard, header, header.version, grads)
 
     def _completed(self, shard: ModelShard, result: PushResult, context: grpc.ServicerContext) -> None:
         """After a push, wait (within the deadline) for the version that includes it: SYNC's barrier."""
@@ -551,45 +397,19 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
         self._completed(shard, result, context)
         yield from shard.framed([], self._stream_frames(shard, self._default_chunk(), _result_pb(result)))
 
-    def _write_checkpoint(self, shard: ModelShard) -> tuple[int, str, list[str]]:
-        assert self.store is not None
-        with self.ckpt_lock:
-            version, arrays, metadata = shard.checkpoint_payload()
-            digest, written = self.store.save(shard.name, version, arrays, metadata)
-            log.info("checkpoint written", extra={"model": shard.name, "version": version, "locations": written})
-            return version, digest, written
-
-    def _checkpoint_async(self, shard: ModelShard) -> None:
-        """Checkpoint in the background; a request during a write is served by one more write after it."""
-        with self.lock:
-            if shard.name in self.ckpt_pending:
-                self.ckpt_again.add(shard.name)
-                return
-            self.ckpt_pending.add(shard.name)
-
-        def run() -> None:
-            while True:
-                try:
-                    self._write_checkpoint(shard)
-                except Exception as exc:
-                    shard.events.append(f"checkpoint failed: {exc}")
-                    log.error("checkpoint failed", extra={"model": shard.name, "error": str(exc)})
-                with self.lock:
-                    if shard.name not in self.ckpt_again:
-                        self.ckpt_pending.discard(shard.name)
-                        return
-                    self.ckpt_again.discard(shard.name)
-
-        threading.Thread(target=run, name=f"ckpt-{shard.name}", daemon=True).start()
-
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:
         """See the proto."""
-        shard = self._shard(request.model)
-        try:
-            version, digest, written = self._write_checkpoint(shard)
-        except CheckpointError as exc:
-            raise Unavailable(str(exc)) from None
+        version, digest, written = self.core.checkpoint(request.model)
         return pb.CheckpointResponse(version=version, locations=written, sha256=digest)
+
+    def RestoreCut(self, request: pb.RestoreCutRequest, context: grpc.ServicerContext) -> pb.RestoreCutResponse:
+        """See the proto."""
+        shard, rolled_back = self.core.restore_cut(request.model, request.version, request.cause)
+        return pb.RestoreCutResponse(model=_info(shard), rolled_back=rolled_back)
+
+    def LeaveSync(self, request: pb.LeaveSyncRequest, context: grpc.ServicerContext) -> pb.LeaveSyncResponse:
+        """See the proto."""
+        return pb.LeaveSyncResponse(version=self._shard(request.model).leave(request.worker_id))
 
     def GetStats(self, request: pb.GetStatsRequest, context: grpc.ServicerContext) -> pb.GetStatsResponse:
         """See the proto."""
@@ -600,6 +420,8 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
             pushes_rejected_stale=st["rejected_stale"],
             pushes_rejected_nonfinite=st["rejected_nonfinite"],
             pushes_duplicate=st["duplicates"],
+            pushes_late=st["late"],
+            sync_members=st["members"],
             staleness=[pb.StalenessBucket(staleness=i, count=c) for i, c in enumerate(st["staleness"]) if c],
             push_rate=st["rate"],
             events=st["events"],
@@ -610,10 +432,10 @@ class ParamServerServicer(pb_grpc.ParamServerServiceServicer):
 
 
 class ParamServerBinding:
-    """Servicer plus the monitor thread that watches push throughput."""
+    """Servicer plus the monitor thread that completes timed-out SYNC versions and watches push throughput."""
 
-    def __init__(self, config: MeshConfig) -> None:
-        self.servicer = ParamServerServicer(config)
+    def __init__(self, config: MeshConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.servicer = ParamServerServicer(config, clock)
         self.config = config
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -636,25 +458,28 @@ class ParamServerBinding:
     def start(self) -> None:
         """Tune the heap for message buffers, restore from checkpoints and start the throughput monitor."""
         keep_freed_memory(self.config.paramserver.heap_keep_mib)
-        self.servicer.start()
+        self.servicer.core.start()
         self._monitor = threading.Thread(target=self._watch, name="paramserver-monitor", daemon=True)
         self._monitor.start()
 
+    def watch(self) -> None:
+        """One round of the monitor (see ``ParamServerCore.watch``)."""
+        for model, event in self.servicer.core.watch():
+            log.warning("throughput drop", extra={"model": model, "event": event})
+
     def _watch(self) -> None:
         while not self._stop.wait(self.config.paramserver.monitor_interval_s):
-            for shard in list(self.servicer.models.values()):
-                event = shard.watch_throughput()
-                if event:
-                    log.warning("throughput drop", extra={"model": shard.name, "event": event})
+            self.watch()
 
     def drain(self) -> None:
         """Nothing streams indefinitely here."""
 
     def close(self) -> None:
-        """Stop the monitor."""
+        """Stop the monitor, then write a final checkpoint of every model (no call is in flight any more)."""
         self._stop.set()
         if self._monitor is not None:
             self._monitor.join(timeout=5)
+        self.servicer.core.close()
 
 
 _PARAMSERVER = pb.DESCRIPTOR.services_by_name["ParamServerService"].full_name
@@ -677,5 +502,7 @@ SERVICE = ServiceDefinition(
         "PushPull",
         "PushPullStream",
         "GetStats",
+        "RestoreCut",
+        "LeaveSync",
     ),
 )
