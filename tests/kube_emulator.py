@@ -19,7 +19,7 @@ import threading
 from types import TracebackType
 from typing import Any
 
-from kmock import KubernetesEmulator, Server
+from kmock import KubernetesEmulator, ResourceInfo, Server
 from kubernetes import client
 
 
@@ -51,6 +51,8 @@ class KubeEmulator:
             self._stop = asyncio.Event()
             async with KubernetesEmulator() as kube, Server(kube) as server:
                 self.kube = kube
+                for plural in ("pods", "nodes", "events", "bindings"):  # listable before their first object
+                    kube.resources[f"v1/{plural}"] = ResourceInfo()
                 kube[lambda r: r.method == "POST" and str(r.url.path).endswith("/eviction")] << self._evict
                 self.url = str(server.url).rstrip("/")
                 self._ready.set()

@@ -318,7 +318,12 @@ class Controller:
     def _watch_pods(self) -> None:
         while not self._stop.is_set():
             try:
-                stream = watch.Watch().stream(self.api.core.list_pod_for_all_namespaces, timeout_seconds=30)
+                # The watch ends after a resync period (the server's timeout, or the client's read timeout if
+                # the server ignores it), so stop() never waits longer than that.
+                timeout = max(1, int(self.settings.resync_s))
+                stream = watch.Watch().stream(
+                    self.api.core.list_pod_for_all_namespaces, timeout_seconds=timeout, _request_timeout=timeout
+                )
                 for _ in stream:
                     self._kick.set()
                     with self.core.changed:
