@@ -191,8 +191,11 @@ class _FollowingCall:
         self._args = args
         self._kwargs = kwargs
         self._bound: tuple[DeadlineChannel, Any] | None = None
+        self._current()  # bound now, as a plain stub's calls are
 
     def _current(self) -> Any:
+        if self._channel.closed:  # as gRPC says it (and grpcio crashes on a call made on a closed channel)
+            raise ValueError("Cannot invoke RPC on closed channel!")
         inner = self._channel.current
         bound = self._bound
         if bound is None or bound[0] is not inner:
@@ -261,6 +264,11 @@ class FollowingChannel(grpc.Channel):
     def current(self) -> DeadlineChannel:
         """The channel calls go to now."""
         return self._inner
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed.is_set()
 
     def _refresh_loop(self) -> None:
         while not self._closed.is_set():

@@ -137,3 +137,11 @@ def test_static_replicas_follow_the_leader(tmp_path: Path, start: Callable[[Mesh
                     time.sleep(0.2)
         assert pointed.leader in ("", standby.address)
         assert pointed.target == standby.address
+
+
+def test_a_call_on_a_closed_channel_raises_as_grpc_does(tmp_path: Path) -> None:
+    channel = open_channel("scheduler", make_config(tmp_path), address="127.0.0.1:1")
+    stub = spb_grpc.SchedulerServiceStub(channel)
+    channel.close()
+    with pytest.raises(ValueError, match="closed channel"):  # not a crash of the process
+        stub.ListJobs(spb.ListJobsRequest())
