@@ -51,3 +51,12 @@ def setup_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def terminal_console(stderr: bool = False) -> Any:
+    """A rich console for command output: the terminal's width in a terminal; piped (no terminal), no width
+    limit and no colour, so tables never truncate cells to ``M…`` whatever COLUMNS says."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(file=stream, width=None if stream.isatty() else 100_000, stderr=stderr)
