@@ -7,7 +7,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
@@ -30,7 +30,6 @@ from services.paramserver.optimizer import OptimizerKind, OptimizerSettings
 from services.paramserver.shard import ConsistencySettings, Mode, ModelShard, PushResult, TensorMeta
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 MODEL_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_CHUNK = 4 << 20
 #: Field numbers of the tensors in the unary answers (what ``ModelShard.answer`` frames them as).
