@@ -8,8 +8,10 @@ Consul discovery and ``OTEL_EXPORTER_OTLP_ENDPOINT`` the trace endpoint, as user
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -272,8 +274,33 @@ def _validate(data: dict[str, Any]) -> MeshConfig:
         problems = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"])
-            problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            problem = f"{where}: {err['msg']} (got {err.get('input')!r})"
+            if err["type"] == "extra_forbidden":
+                problem += _did_you_mean([str(p) for p in err["loc"]])
+            problems.append(problem)
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def _known_keys(path: list[str]) -> list[str]:
+    """The keys the section at ``path`` accepts (its model's fields; a service's under ``services.<name>``)."""
+    model: Any = MeshConfig
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:  # a key of a mapping (services.<name>): its value type
+            args = typing.get_args(model)
+            model = args[-1] if args else None
+            continue
+        model = field.annotation
+    if typing.get_origin(model) is dict:
+        model = typing.get_args(model)[-1]
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    """`` (did you mean 'section.key'?)`` for the valid key nearest to a mistyped one, else ``""``."""
+    *section, key = loc
+    close = difflib.get_close_matches(key, _known_keys(section), n=1, cutoff=0.6)
+    return f" (did you mean '{'.'.join([*section, close[0]])}'?)" if close else ""
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

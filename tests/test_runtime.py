@@ -418,3 +418,28 @@ def test_reflection_lists_scorer_and_open_inference_services(tmp_path: Path) -> 
         assert _health(running.address, "scorer") == health_pb2.HealthCheckResponse.SERVING
     finally:
         running.stop(grace=0.5)
+
+
+@pytest.mark.parametrize(
+    ("variable", "suggestion"),
+    [
+        ("GUARDMESH__SCHEDULER__POLCY", "did you mean 'scheduler.policy'?"),
+        ("GUARDMESH__SERVICES__SCORER__METRICS_PROT", "did you mean 'services.scorer.metrics_port'?"),
+        ("GUARDMESH__PARAMSERVR__SHARDS", "did you mean 'paramserver'?"),
+    ],
+)
+def test_config_typo_suggests_the_nearest_valid_key(variable: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(env={variable: "1"})
+    assert suggestion in str(err.value)
+
+
+def test_config_file_typo_suggests_the_nearest_valid_key_and_nothing_when_none_is_near(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.toml"
+    path.write_text("[grpc]\ngrace = 3\nwibble = 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    message = str(err.value)
+    assert "grpc.grace: Extra inputs are not permitted (got 3) (did you mean 'grpc.grace_s'?)" in message
+    (wibble,) = [problem for problem in message.split("; ") if "grpc.wibble" in problem]
+    assert wibble.endswith("grpc.wibble: Extra inputs are not permitted (got 1)")  # no key is near: no guess
