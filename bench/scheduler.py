@@ -260,7 +260,7 @@ def engine_decisions(policy: PolicyName, nodes: list[NodeSpec], tasks: list[Trac
                     0,
                     list(choice.gpus),
                     list(choice.caps),
-                    not shape.exclusive,
+                    shape.allow_sharing,
                     shape.cpu_milli,
                     shape.host_memory_mib,
                     node=choice.node,

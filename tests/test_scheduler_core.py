@@ -159,7 +159,7 @@ def test_first_fit_takes_lowest_index_and_best_fit_the_fuller_node() -> None:
     for name, expected in (("first-fit", 0), ("best-fit", 3)):
         state = cluster(uniform_node("node-a", "A", 2, 16000), uniform_node("node-b", "A", 2, 16000))
         policy = bound(name, state)
-        state.allocate("busy", 0, [2], [16000], shared=False)
+        state.allocate("busy", 0, [2], [16000], allow_sharing=False)
         choice = place_replica(state, shape(), policy)
         assert choice is not None
         assert choice.gpus == (expected,), name
@@ -170,7 +170,7 @@ def test_first_fit_takes_lowest_index_and_best_fit_the_fuller_node() -> None:
     for i in range(4):
         choice = place_replica(state, shape(), policy)
         assert choice is not None
-        state.allocate(f"j{i}", 0, list(choice.gpus), list(choice.caps), shared=False)
+        state.allocate(f"j{i}", 0, list(choice.gpus), list(choice.caps), allow_sharing=False)
         taken.append(choice.gpus[0])
     assert taken == [0, 1, 2, 3]
     assert place_replica(state, shape(), policy) is None
@@ -180,7 +180,7 @@ def test_best_fit_packs_shared_job_onto_the_fuller_card() -> None:
     for name, expected in (("best-fit", 1), ("first-fit", 0)):
         state = cluster(uniform_node("node-a", "A", 2, 10000))
         policy = bound(name, state)
-        state.allocate("pre", 0, [1], [4000], shared=True)
+        state.allocate("pre", 0, [1], [4000], allow_sharing=True)
         choice = place_replica(state, shape(share=300, allow_sharing=True), policy)
         assert choice is not None
         assert choice.gpus == (expected,), name
@@ -191,7 +191,7 @@ def fgd_trained_state(policy_name: str) -> tuple[ClusterState, Any]:
     """One node with two 10,000 MiB cards; card 0 holds a 40% shared job (room 600), card 1 is idle."""
     state = cluster(uniform_node("node-a", "A", 2, 10000))
     policy = bound(policy_name, state)
-    state.allocate("pre", 0, [0], [4000], shared=True)
+    state.allocate("pre", 0, [0], [4000], allow_sharing=True)
     # The workload: 60% of jobs take 60% of a card, 40% take 30% of a card (all shared).
     big, small = shape(share=600, allow_sharing=True), shape(share=300, allow_sharing=True)
     for _ in range(60):
@@ -215,13 +215,13 @@ def test_fgd_avoids_fragmenting_where_best_fit_does() -> None:
         choice = place_replica(state, small, policy)
         assert choice is not None
         outcomes[name] = choice.gpus
-        state.allocate("small", 0, list(choice.gpus), list(choice.caps), shared=True)
+        state.allocate("small", 0, list(choice.gpus), list(choice.caps), allow_sharing=True)
         placed_big = 0
         for i in range(2):
             c = place_replica(state, big, policy)
             if c is None:
                 break
-            state.allocate(f"big{i}", 0, list(c.gpus), list(c.caps), shared=True)
+            state.allocate(f"big{i}", 0, list(c.gpus), list(c.caps), allow_sharing=True)
             placed_big += 1
         outcomes[name + ":big"] = placed_big
         assert state.violations() == []
@@ -1039,7 +1039,7 @@ def test_plan_follows_ceil_requested_over_free_per_node() -> None:
     assert plan.requested_memory_mib == 240000
     assert plan.free_memory_mib_per_node == free
     assert plan.nodes_by_memory == math.ceil(240000 / free) == 1
-    assert plan.nodes_by_exclusive_gpus == 0
+    assert plan.nodes_by_unshared_gpus == 0
     assert plan.nodes_needed == 1
     jobs = [spec("b", replicas=10, mem=70000, allow_sharing=True), spec("c", replicas=2, share=500, allow_sharing=True)]
     plan = sched.plan(node, jobs)
@@ -1049,7 +1049,7 @@ def test_plan_follows_ceil_requested_over_free_per_node() -> None:
     # Exclusive whole cards: 9 GPUs on 4-GPU nodes need 3 nodes even though memory fits in 1.
     plan = sched.plan(node, [spec("d", replicas=9, mem=1000)])
     assert plan.nodes_by_memory == 1
-    assert plan.nodes_by_exclusive_gpus == 3
+    assert plan.nodes_by_unshared_gpus == 3
     assert plan.nodes_needed == 3
     with pytest.raises(InvalidArgument) as exc:
         sched.plan(NodeShape("", 4, 81920), [])
@@ -1231,7 +1231,7 @@ def test_fused_single_gpu_kernel_agrees_with_numpy_reference(parallel: bool, mon
                 int(rng.choice([0, 8192])),
                 Topology.PREFERRED,
             )
-            shape = replace(shape, exclusive=shape.share_milli == 1000)
+            shape = replace(shape, allow_sharing=shape.share_milli < 1000)
             pol.observe(shape)
             ref, fast = place_replica(state, shape, pol), place_single_gpu(state, shape, pol)
             assert (ref is None) == (fast is None), (policy, step)
@@ -1244,7 +1244,7 @@ def test_fused_single_gpu_kernel_agrees_with_numpy_reference(parallel: bool, mon
                 0,
                 list(fast.gpus),
                 list(fast.caps),
-                not shape.exclusive,
+                shape.allow_sharing,
                 shape.cpu_milli,
                 shape.host_memory_mib,
             )

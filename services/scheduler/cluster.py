@@ -4,7 +4,7 @@ GPUs of all nodes lie in one flat index (node by node, each node's GPUs in index
 placement decision reads is an array over that index; every change goes through :meth:`allocate` and
 :meth:`free`, which keep the arrays, the per-GPU allocation lists and the change listeners consistent.
 
-The card invariant lives here: a GPU holds one allocation unless every allocation on it is shared, and the
+The card invariant lives here: a GPU holds one allocation unless every allocation on it allows sharing, and the
 caps on it never add up to more than its memory minus the reserve. :meth:`violations` checks it.
 """
 
@@ -29,7 +29,7 @@ class Allocation:
     job_id: str
     replica: int
     cap_mib: int
-    shared: bool
+    allow_sharing: bool
 
 
 class ClusterState:
@@ -42,7 +42,7 @@ class ClusterState:
     gpu_used: np.ndarray
     gpu_util: np.ndarray
     gpu_nalloc: np.ndarray
-    gpu_exclusive: np.ndarray
+    gpu_unshareable: np.ndarray
     gpu_model: np.ndarray
     gpu_node: np.ndarray
     gpu_group: np.ndarray
@@ -104,7 +104,7 @@ class ClusterState:
             "gpu_used": np.zeros(count, dtype=np.int64),
             "gpu_util": np.zeros(count, dtype=np.float64),
             "gpu_nalloc": np.zeros(count, dtype=np.int32),
-            "gpu_exclusive": np.zeros(count, dtype=bool),
+            "gpu_unshareable": np.zeros(count, dtype=bool),
             "gpu_model": np.array([self.model_index[g.model] for g in gpus], dtype=np.int32).reshape(count),
             "gpu_node": np.repeat(np.arange(node0, node0 + len(nodes), dtype=np.int32), ngpu),
             "gpu_group": np.array(gids, dtype=np.int32).reshape(count),
@@ -277,7 +277,7 @@ class ClusterState:
             for g in gpus.tolist():
                 usable = int(self.gpu_usable[g])
                 held = max(int(self.gpu_caps[g]), int(self.gpu_used[g]))
-                avail = 0 if self.gpu_exclusive[g] else max(usable - held, 0)
+                avail = 0 if self.gpu_unshareable[g] else max(usable - held, 0)
                 self.gpu_avail[g] = avail
                 old = float(self.gpu_room[g])
                 self.gpu_room[g] = avail * 1000.0 / usable if usable > 0 else 0.0
@@ -286,7 +286,7 @@ class ClusterState:
         usable = self.gpu_usable[gpus]
         held = np.maximum(self.gpu_caps[gpus], self.gpu_used[gpus])
         avail = np.maximum(usable - held, 0)
-        avail[self.gpu_exclusive[gpus]] = 0
+        avail[self.gpu_unshareable[gpus]] = 0
         self.gpu_avail[gpus] = avail
         room = np.where(usable > 0, avail * 1000.0 / np.maximum(usable, 1), 0.0)
         self.gpu_room[gpus] = room.astype(np.float32)
@@ -296,8 +296,8 @@ class ClusterState:
         self.allocs[g][(alloc.job_id, alloc.replica)] = alloc
         self.gpu_caps[g] += alloc.cap_mib
         self.gpu_nalloc[g] += 1
-        if not alloc.shared:
-            self.gpu_exclusive[g] = True
+        if not alloc.allow_sharing:
+            self.gpu_unshareable[g] = True
         self.job_gpus.setdefault(alloc.job_id, []).append((alloc.replica, g))
         if notify:
             self._refresh(np.array([g]))
@@ -309,7 +309,7 @@ class ClusterState:
         replica: int,
         gpus: list[int],
         caps: list[int],
-        shared: bool,
+        allow_sharing: bool,
         cpu_milli: int = 0,
         host_memory_mib: int = 0,
         node: int | None = None,
@@ -332,7 +332,7 @@ class ClusterState:
             self.node_cpu_free[node] -= cpu_milli
             self.node_mem_free[node] -= host_memory_mib
         for g, cap in zip(gpus, caps, strict=True):
-            self._apply(g, Allocation(job_id, replica, cap, shared), notify=False)
+            self._apply(g, Allocation(job_id, replica, cap, allow_sharing), notify=False)
         if gpus:
             self._refresh(np.asarray(gpus, dtype=np.int64))
         self._notify(np.array([node], dtype=np.int32))
@@ -350,8 +350,8 @@ class ClusterState:
                 continue
             self.gpu_caps[g] -= alloc.cap_mib
             self.gpu_nalloc[g] -= 1
-            if not alloc.shared:
-                self.gpu_exclusive[g] = False
+            if not alloc.allow_sharing:
+                self.gpu_unshareable[g] = False
             touched.append(g)
         host_only = self.host_only.get(job_id, set())
         freed_host = {rep for rep in host_only if replica is None or rep == replica}
@@ -406,9 +406,9 @@ class ClusterState:
             node, pos = self.gpu_device(g)
             label = f"{node.name}/gpu{node.gpus[pos].index}"
             values = list(gpu_allocs.values())
-            if len(values) > 1 and not all(a.shared for a in values):
+            if len(values) > 1 and not all(a.allow_sharing for a in values):
                 jobs = sorted({a.job_id for a in values})
-                out.append(f"{label}: exclusive job shares the card with {jobs}")
+                out.append(f"{label}: a job that does not allow sharing shares the card with {jobs}")
             total = sum(a.cap_mib for a in values)
             if total > int(self.gpu_usable[g]):
                 out.append(f"{label}: caps {total} MiB exceed {int(self.gpu_usable[g])} MiB allocatable")

@@ -132,11 +132,6 @@ class JobSpec:
                 raise InvalidArgument("job.node_selector", "keys must be 1 to 63 characters")
 
     @property
-    def exclusive(self) -> bool:
-        """True when the job's cards must host no other job."""
-        return not self.allow_sharing
-
-    @property
     def total_gpus(self) -> int:
         """GPUs asked by all replicas together."""
         return self.replicas * self.gpus_per_replica

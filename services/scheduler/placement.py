@@ -39,7 +39,7 @@ class ReplicaShape:
     gpus: int
     memory_mib: int | None
     share_milli: int | None
-    exclusive: bool
+    allow_sharing: bool
     models: frozenset[str]
     selector: tuple[tuple[str, str], ...]
     cpu_milli: int
@@ -54,7 +54,7 @@ class ReplicaShape:
     @property
     def class_key(self) -> tuple[int, bool, int | None, int | None]:
         """Key of the shape's task class in the workload distribution."""
-        return (self.gpus, self.exclusive, self.share_milli, self.memory_mib)
+        return (self.gpus, self.allow_sharing, self.share_milli, self.memory_mib)
 
     def describe_need(self) -> str:
         """The per-GPU need in words."""
@@ -62,7 +62,7 @@ class ReplicaShape:
             need = f"{self.memory_mib} MiB"
         else:
             need = f"{(self.share_milli or 0) / 10:g}% of a card"
-        kind = "idle" if self.exclusive else "shareable"
+        kind = "shareable" if self.allow_sharing else "idle"
         plural = "s" if self.gpus > 1 else ""
         return f"{self.gpus} {kind} GPU{plural} with >= {need} allocatable"
 
@@ -73,7 +73,7 @@ def _shape_of(spec: JobSpec) -> ReplicaShape:
         gpus=spec.gpus_per_replica,
         memory_mib=spec.memory_mib_per_gpu,
         share_milli=spec.share_milli,
-        exclusive=spec.exclusive,
+        allow_sharing=spec.allow_sharing,
         models=frozenset(spec.allowed_models),
         selector=spec.node_selector,
         cpu_milli=spec.cpu_milli,
@@ -153,7 +153,7 @@ def node_mask(state: ClusterState, shape: ReplicaShape) -> np.ndarray:
 def feasible_gpus(state: ClusterState, shape: ReplicaShape, caps: np.ndarray) -> np.ndarray:
     """The filter: GPUs that can take one of the replica's GPUs right now."""
     ok = state.gpu_avail >= caps
-    if shape.exclusive:
+    if not shape.allow_sharing:
         ok &= state.gpu_nalloc == 0
     ok &= model_mask(state, shape)
     ok &= node_mask(state, shape)[state.gpu_node]
@@ -162,7 +162,7 @@ def feasible_gpus(state: ClusterState, shape: ReplicaShape, caps: np.ndarray) ->
 
 def take_milli(state: ClusterState, shape: ReplicaShape, gpus: np.ndarray, caps: np.ndarray) -> np.ndarray:
     """Room (thousandths of allocatable memory) each candidate GPU loses if the replica lands on it."""
-    if shape.exclusive:
+    if not shape.allow_sharing:
         return state.gpu_room[gpus].astype(np.float32)
     usable = np.maximum(state.gpu_usable[gpus], 1)
     return (caps[gpus] * 1000.0 / usable).astype(np.float32)
@@ -360,9 +360,9 @@ class FragmentationAware(Policy):
         usable = np.zeros(nmodels, dtype=np.int64)
         np.maximum.at(usable, state.gpu_model, state.gpu_usable)
         d = np.zeros((len(classes), nmodels), dtype=np.float32)
-        for c, (gpus, exclusive, share, mem) in enumerate(keys):
+        for c, (gpus, allow_sharing, share, mem) in enumerate(keys):
             for m in range(nmodels):
-                if exclusive or gpus > 1:
+                if not allow_sharing or gpus > 1:
                     d[c, m] = 1000.0
                 elif share is not None:
                     d[c, m] = float(share)
@@ -523,7 +523,7 @@ def place_single_gpu(
     caps = caps_for(state, shape)
     g, score = _frag.select_single_gpu(
         policy.native_code,
-        shape.exclusive,
+        not shape.allow_sharing,  # the kernel's flag: only an idle card will do
         caps,
         state.gpu_avail,
         state.gpu_nalloc,

@@ -59,9 +59,9 @@ def fits_without(
     """Would one replica of ``shape`` fit on ``node`` if the jobs ``gone`` held nothing? (Pure.)
 
     The same rules as the placement filter (``placement.feasible_gpus``): memory after the larger of the
-    caps and the observed use, exclusive cards, allowed models, the selector, the node's CPU and host
-    memory, and a required topology group. ``held_host`` (from :func:`host_held`) saves a scan of the
-    charges when called many times.
+    caps and the observed use, cards held by a job that does not allow sharing, allowed models, the
+    selector, the node's CPU and host memory, and a required topology group. ``held_host`` (from
+    :func:`host_held`) saves a scan of the charges when called many times.
     """
     gone = list(gone)
     if held_host is None:
@@ -70,7 +70,7 @@ def fits_without(
     count = int(state.node_ngpu[node])
     caps_held = state.gpu_caps[first : first + count].copy()
     nalloc = state.gpu_nalloc[first : first + count].copy()
-    exclusive = state.gpu_exclusive[first : first + count].copy()
+    unshareable = state.gpu_unshareable[first : first + count].copy()
     cpu_free = int(state.node_cpu[node] - state.node_cpu_used[node])
     mem_free = int(state.node_mem[node] - state.node_mem_used[node])
     for job_id in gone:
@@ -82,8 +82,8 @@ def fits_without(
                 continue
             caps_held[g - first] -= alloc.cap_mib
             nalloc[g - first] -= 1
-            if not alloc.shared:
-                exclusive[g - first] = False
+            if not alloc.allow_sharing:
+                unshareable[g - first] = False
         cpu, mem = held_host.get(job_id, {}).get(node, (0, 0))
         cpu_free += cpu
         mem_free += mem
@@ -93,9 +93,9 @@ def fits_without(
         return True
     usable = state.gpu_usable[first : first + count]
     held = np.maximum(caps_held, state.gpu_used[first : first + count])
-    avail = np.where(exclusive, 0, np.maximum(usable - held, 0))
+    avail = np.where(unshareable, 0, np.maximum(usable - held, 0))
     ok = (avail >= caps_for(state, shape)[first : first + count]) & model_mask(state, shape)[first : first + count]
-    if shape.exclusive:
+    if not shape.allow_sharing:
         ok &= nalloc == 0
     if shape.topology == Topology.REQUIRED and shape.gpus > 1:
         groups = state.gpu_group[first : first + count][ok]

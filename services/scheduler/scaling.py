@@ -59,30 +59,31 @@ class CapacityPlan:
     requested_memory_mib: int
     free_memory_mib_per_node: int
     nodes_by_memory: int
-    nodes_by_exclusive_gpus: int
+    nodes_by_unshared_gpus: int
 
     @property
     def nodes_needed(self) -> int:
         """The larger of the two figures."""
-        return max(self.nodes_by_memory, self.nodes_by_exclusive_gpus)
+        return max(self.nodes_by_memory, self.nodes_by_unshared_gpus)
 
 
 def plan_capacity(shape: NodeShape, jobs: list[JobSpec], reserve_mib: int) -> CapacityPlan:
-    """nodes needed = ceil(requested memory / free memory per node), and whole cards for exclusive jobs."""
+    """nodes needed = ceil(requested memory / free memory per node), and whole cards for the jobs that do not
+    allow sharing."""
     usable = max(shape.memory_mib_per_gpu - reserve_mib, 0)
     requested = 0
-    exclusive_gpus = 0
+    unshared_gpus = 0
     for job in jobs:
         if job.memory_mib_per_gpu is not None:
             per_gpu = job.memory_mib_per_gpu
         else:
             per_gpu = usable * (job.share_milli or 0) // 1000
         requested += job.total_gpus * per_gpu
-        if job.exclusive:
-            exclusive_gpus += job.total_gpus
+        if not job.allow_sharing:
+            unshared_gpus += job.total_gpus
     free = shape.gpus * usable
     by_memory = math.ceil(requested / free) if free > 0 and requested else 0
-    by_gpus = math.ceil(exclusive_gpus / shape.gpus) if exclusive_gpus else 0
+    by_gpus = math.ceil(unshared_gpus / shape.gpus) if unshared_gpus else 0
     return CapacityPlan(requested, free, by_memory, by_gpus)
 
 

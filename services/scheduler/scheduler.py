@@ -315,7 +315,7 @@ class Scheduler:
         for j, dev in enumerate(spec.gpus):
             g = first + j
             allocs = tuple(
-                (a.job_id, a.replica, a.cap_mib, a.shared)
+                (a.job_id, a.replica, a.cap_mib, a.allow_sharing)
                 for a in sorted(self.state.allocs[g].values(), key=lambda a: (a.job_id, a.replica))
             )
             gpus.append(

@@ -350,7 +350,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             requested_memory_mib=plan.requested_memory_mib,
             free_memory_mib_per_node=plan.free_memory_mib_per_node,
             nodes_by_memory=plan.nodes_by_memory,
-            nodes_by_exclusive_gpus=plan.nodes_by_exclusive_gpus,
+            nodes_by_exclusive_gpus=plan.nodes_by_unshared_gpus,
             nodes_needed=plan.nodes_needed,
         )
 
