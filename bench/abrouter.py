@@ -11,13 +11,23 @@ c) Full audit (SRM, bucket uniformity, id-structure tests, covariate balance ove
    by day/week/season/device) of 1M logged exposures: target < 1 s. Peer: the textbook scipy route on the
    same arrays (``scipy.stats.chisquare``, ``chi2_contingency`` on ``np.unique`` cross tables, ``ks_2samp``
    for every covariate, overall only).
+d) The sequential guardrail (``services.abrouter.guardrails``, the served function) over 30 looks at a growing
+   sample of a conversion metric (30 % in control): the share of runs in which any look rolls back when the arm
+   is exactly at the bound (the least favourable null; target <= alpha = 0.05, with its Clopper-Pearson 95 %
+   upper bound) and when there is no difference, and the power at a true 5 % drop against a 1 % bound. Peer:
+   the fixed-sample guardrail it replaced (one-sided Welch test at alpha plus "change beyond the bound", checked
+   at every look), on the same simulated runs.
 
-    python -m bench.abrouter [--seconds 5] [--ids 1000000]
+    python -m bench.abrouter [--seconds 5] [--ids 1000000] [--runs 2000] [--parts abcd]
+
+With ``--parts`` naming fewer parts, the records of the other parts are kept from the existing results file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import multiprocessing as mp
 import statistics
 import sys
@@ -32,11 +42,13 @@ from growthbook.core import chooseVariation, gbhash, getBucketRanges
 from scipy import stats
 
 from bench.processes import ECHO_SERVICE, echo_process, service_process
-from bench.records import best_of, record, write_records
+from bench.records import RESULTS, best_of, record, write_records
+from guardmesh.stats import Moments
 from services.abrouter.assignment import assign_batch
 from services.abrouter.audit import full_audit
 from services.abrouter.columns import CategoricalColumn, ExposureColumns
 from services.abrouter.experiments import ArmSpec, Experiment, ExperimentSpec, ExperimentState
+from services.abrouter.guardrails import Guardrail, evaluate_guardrail
 
 SPEC = ExperimentSpec(key="bench-exp", arms=(ArmSpec("control", 0.5), ArmSpec("treatment", 0.5)))
 
@@ -227,15 +239,111 @@ def audit_bench(n: int) -> list[dict[str, Any]]:
     ]
 
 
+def _fixed_test_trips(c: Moments, a: Moments, drop: float, alpha: float, min_units: int) -> bool:
+    """The peer: the replaced fixed-sample guardrail (higher is better, control mean > 0) at one look."""
+    if min(c.count, a.count) < min_units:
+        return False
+    relative = (a.mean - c.mean) / c.mean
+    limit = a.mean - (1 - drop) * c.mean
+    se = math.sqrt(a.variance / a.count + (1 - drop) ** 2 * c.variance / c.count)
+    return relative <= -drop and (limit < 0 if se == 0 else stats.norm.cdf(limit / se) < alpha)
+
+
+def _rollback_shares(
+    pc: float, pa: float, drop: float, runs: int, per_look: int, seed: int, looks: int = 30
+) -> tuple[float, float]:
+    """Shares of runs (Bernoulli arms, ``per_look`` more units per arm each look) rolled back at any look:
+    (sequential guardrail, fixed-sample peer)."""
+    rng = np.random.default_rng(seed)
+    guardrail = Guardrail("conversion", max_relative_drop=drop, alpha=0.05, min_units=100)
+    control = rng.binomial(per_look, pc, (runs, looks)).cumsum(axis=1)
+    arm = rng.binomial(per_look, pa, (runs, looks)).cumsum(axis=1)
+    ours = peer = 0
+    for r in range(runs):
+        ours_tripped = peer_tripped = False
+        for k in range(looks):
+            n = per_look * (k + 1)
+            c = Moments(n, float(control[r, k]), float(control[r, k]))  # 0/1 values: sum of squares = sum
+            a = Moments(n, float(arm[r, k]), float(arm[r, k]))
+            ours_tripped = ours_tripped or evaluate_guardrail(guardrail, c, a, 1).tripped
+            peer_tripped = peer_tripped or _fixed_test_trips(c, a, drop, 0.05, 100)
+            if ours_tripped and peer_tripped:
+                break
+        ours += ours_tripped
+        peer += peer_tripped
+    return ours / runs, peer / runs
+
+
+def guardrail_bench(runs: int) -> list[dict[str, Any]]:
+    """d) false-rollback rate over 30 looks and power of the sequential guardrail vs the fixed-sample one."""
+    peer = "fixed-sample Welch guardrail checked at every look (replaced)"
+    at_bound, at_bound_peer = _rollback_shares(0.30, 0.30 * 0.95, 0.05, runs, per_look=300, seed=1)
+    null_01, null_01_peer = _rollback_shares(0.30, 0.30, 0.01, runs, per_look=300, seed=2)
+    null_05, null_05_peer = _rollback_shares(0.30, 0.30, 0.05, runs, per_look=300, seed=3)
+    power, power_peer = _rollback_shares(0.30, 0.30 * 0.95, 0.01, runs, per_look=1000, seed=4)
+    upper = float(stats.beta.ppf(0.95, at_bound * runs + 1, runs - at_bound * runs))  # Clopper-Pearson
+    print(
+        f"guardrail over 30 looks, {runs} runs: false rollback at the bound {at_bound:.4f} (fixed {at_bound_peer:.4f}),"
+        f" no difference drop 0.01 {null_01:.4f} ({null_01_peer:.4f}), drop 0.05 {null_05:.4f} ({null_05_peer:.4f});"
+        f" power at a true 5 % drop vs a 1 % bound {power:.3f} ({power_peer:.3f})"
+    )
+    lower = {"higher_is_better": False}
+    return [
+        record(
+            "guardrail_false_rollback_30_looks_at_bound_0.05",
+            "share of runs",
+            at_bound,
+            peer,
+            at_bound_peer,
+            None,
+            **lower,
+        ),
+        record("guardrail_false_rollback_upper95_vs_alpha", "share of runs", upper, "alpha", 0.05, 1.0, **lower),
+        record(
+            "guardrail_false_rollback_30_looks_no_difference_0.01",
+            "share of runs",
+            null_01,
+            peer,
+            null_01_peer,
+            None,
+            **lower,
+        ),
+        record(
+            "guardrail_false_rollback_30_looks_no_difference_0.05",
+            "share of runs",
+            null_05,
+            peer,
+            null_05_peer,
+            None,
+            **lower,
+        ),
+        record("guardrail_power_true_5pct_drop_bound_0.01_30k_units", "share of runs", power, peer, power_peer, None),
+    ]
+
+
 def main() -> int:
-    """Run every part and write ``bench/results/abrouter.json``."""
+    """Run the parts asked for and write ``bench/results/abrouter.json`` (other parts' records kept)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--ids", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=2000, help="simulated experiments per guardrail figure")
+    parser.add_argument("--parts", default="abcd", help="which parts to run (letters a-d)")
     args = parser.parse_args()
-    records = in_process(args.ids)
-    records += audit_bench(args.ids)
-    records += over_grpc(args.seconds)
+    parts = {
+        "a": lambda: in_process(args.ids),
+        "c": lambda: audit_bench(args.ids),
+        "b": lambda: over_grpc(args.seconds),
+        "d": lambda: guardrail_bench(args.runs),
+    }
+    records: list[dict[str, Any]] = []
+    for letter, run in parts.items():
+        if letter in args.parts:
+            records += run()
+    path = RESULTS / "abrouter.json"
+    if set(parts) - set(args.parts) and path.exists():
+        ran = {r["name"] for r in records}
+        kept = [r for r in json.loads(path.read_text(encoding="utf-8")) if r["name"] not in ran]
+        records = kept + records
     write_records("abrouter", records)
     return 0
 
