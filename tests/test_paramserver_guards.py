@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -27,6 +28,7 @@ from guardmesh.sdk.paramserver import (
     bounded_staleness,
     sync,
 )
+from guardmesh.v1 import common_pb2
 from guardmesh.v1 import paramserver_pb2 as pb
 from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
 from services.paramserver.server import ParamServerBinding
@@ -366,3 +368,65 @@ def test_staleness_scaled_learning_rate_matches_torch_with_the_scaled_rate(
         opt.param_groups[0]["lr"] = 0.1 / max(1, ahead)
         opt.step()
     np.testing.assert_allclose(fast.pull().tensors["w"], ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+# -- bad input on the new fields and methods ------------------------------------------------------------------
+
+
+def test_bad_sessions_norms_cuts_and_leaves_are_refused_naming_the_field_and_change_nothing(
+    ps: tuple[RunningService, MeshConfig],
+) -> None:
+    running, config = ps
+    c = client(running, config)
+    c.create({"w": np.zeros(2)}, sgd1(), asynchronous())
+    stub = pb_grpc.ParamServerServiceStub(c.channels[0])
+    tensor = pb.NamedTensor(
+        name="w", tensor=common_pb2.Tensor(dtype=common_pb2.D_TYPE_FLOAT32, shape=[2], data=b"\0" * 8)
+    )
+
+    def refused(call: Callable[[], object], code: grpc.StatusCode, words: str) -> None:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == code and words in (err.value.details() or ""), err.value.details()
+
+    push = pb.PushRequest(model="m", worker_id="w", base_version=0, step_id=0, gradients=[tensor])
+    refused(lambda: stub.Push(pb.PushRequest(**_fields(push), session="s" * 129)), INVALID, "session")
+    refused(lambda: stub.Push(pb.PushRequest(**_fields(push), global_norm=-1.0)), INVALID, "global_norm")
+    refused(lambda: stub.Push(pb.PushRequest(**_fields(push), global_norm=float("nan"))), INVALID, "global_norm")
+    refused(lambda: stub.RestoreCut(pb.RestoreCutRequest(model="m", version=0, cause="")), INVALID, "cause")
+    refused(lambda: stub.RestoreCut(pb.RestoreCutRequest(model="m", version=-1, cause="x")), INVALID, "version")
+    refused(
+        lambda: stub.RestoreCut(pb.RestoreCutRequest(model="m", version=7, cause="x")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "no verified checkpoint",
+    )
+    refused(lambda: stub.LeaveSync(pb.LeaveSyncRequest(model="m", worker_id="")), INVALID, "worker_id")
+    create = pb.CreateModelRequest(
+        model="other", tensors=[tensor], optimizer=sgd1(), consistency=asynchronous(), cut_shards=[1, 2]
+    )
+    refused(lambda: stub.CreateModel(create), INVALID, "cut_shards")
+    refused(
+        lambda: stub.CreateModel(pb.CreateModelRequest(**{**_fields(create), "cut_shards": [0, 0]})),
+        INVALID,
+        "cut_shards",
+    )
+    timed = pb.ConsistencyConfig(mode=pb.CONSISTENCY_MODE_SYNC, workers=1, straggler_timeout_s=-1)
+    refused(
+        lambda: stub.CreateModel(pb.CreateModelRequest(**{**_fields(create), "cut_shards": [0], "consistency": timed})),
+        INVALID,
+        "straggler_timeout_s",
+    )
+    info = stub.DescribeModel(pb.DescribeModelRequest(model="m")).model
+    assert info.version == 0 and info.restored_version == -1 and list(info.cut_shards) == [0]
+    np.testing.assert_array_equal(c.pull().tensors["w"], [0.0, 0.0])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.DescribeModel(pb.DescribeModelRequest(model="other"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _fields(msg: Any) -> dict[str, Any]:
+    """A message's set fields, to build a variant of it."""
+    return {f.name: v for f, v in msg.ListFields()}
