@@ -656,3 +656,21 @@ def test_a_registry_folder_in_the_old_format_is_migrated(tmp_path: Path) -> None
             assert line.active_version == "v1" and [v.version for v in line.versions] == ["v1", "v2"]
     finally:
         running.stop(grace=0.5)
+
+
+def test_a_lone_score_call_is_not_held_for_the_queue_delay(tmp_path: Path) -> None:
+    # A one-minute delay: a call held for it would run past the call's deadline.
+    config = make_config(tmp_path, **{"services.scorer.port": 0, "scorer.max_queue_delay_ms": 60_000.0})
+    running = start_service(load_definition("scorer"), config, port=0)
+    try:
+        with open_channel("scorer", config, address=running.address) as channel:
+            stub = pb_grpc.ScorerServiceStub(channel)
+            register(stub, "v1", logistic([1.0, 0, 0, 0], 0.0), activate=True)
+            for i in range(3):
+                request = pb.ScoreRequest(model="risk", request_id=f"a{i}", features={"amount": float(i)})
+                assert stub.Score(request, timeout=30).model_version == "v1"
+            stub.ScoreBatch(_rows_request(reference_rows(10), "b"), timeout=30)
+        stats = running.binding.servicer.core.batch_stats("risk", "v1")  # type: ignore[attr-defined]
+        assert stats.reason_log == ["idle"] * 4 and stats.sizes == [1, 1, 1, 10]
+    finally:
+        running.stop(grace=0.5)

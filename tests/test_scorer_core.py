@@ -248,3 +248,16 @@ def test_registration_checks_the_output_contract_with_readable_errors() -> None:
     # A sigmoid model passes, also on rows far from zero.
     reg = ModelRegistry(torch.device("cpu"))
     reg.register("risk", "v1", FEATURES, ModelFormat.TORCHSCRIPT, torchscript_bytes(mlp(len(FEATURES), hidden=(4,))))
+
+
+def test_an_arrival_ends_when_its_rows_are_queued() -> None:
+    batcher = DynamicBatcher(lambda rows: rows[:, 0], max_batch_size=4, max_queue_delay_s=60.0, max_queue_rows=8)
+    with batcher.arriving() as arrival:
+        assert batcher.incoming == 1
+        futures = batcher.submit_many(np.ones((6, 2), np.float32), arrival)
+        assert arrival.done and batcher.incoming == 0  # the worker need not wait for this caller any more
+    assert [f.result(timeout=30).shape for f in futures] == [(4,), (2,)]
+    with batcher.arriving() as arrival, pytest.raises(ResourceExhausted):  # refused: nothing queued
+        batcher.submit_many(np.ones((9, 2), np.float32), arrival)
+    assert batcher.incoming == 0 and batcher.queued_rows == 0
+    batcher.close()

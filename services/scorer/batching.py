@@ -33,6 +33,13 @@ DISPATCH_REASONS = ("preferred", "idle", "delay", "closing")
 
 
 @dataclass
+class Arrival:
+    """A caller announced by :meth:`DynamicBatcher.arriving`; ``done`` once its rows are queued."""
+
+    done: bool = False
+
+
+@dataclass
 class _Pending:
     rows: np.ndarray
     future: Future[np.ndarray]
@@ -89,44 +96,63 @@ class DynamicBatcher:
         self.worker.start()
 
     @contextmanager
-    def arriving(self) -> Iterator[None]:
+    def arriving(self) -> Iterator[Arrival]:
         """Announce a caller that will submit soon (while it parses its request), so the worker may wait
-        for it (up to the delay) instead of dispatching a smaller batch; leaving unannounces it."""
+        for it (up to the delay) instead of dispatching a smaller batch. Passing the arrival to
+        :meth:`submit_many` ends the announcement in the same step as the rows are queued (no second
+        wake-up of the worker); leaving the block ends it otherwise."""
+        arrival = Arrival()
         with self.cond:
             self.incoming += 1
         try:
-            yield
+            yield arrival
         finally:
-            with self.cond:
-                self.incoming -= 1
-                self.cond.notify_all()
+            if not arrival.done:
+                with self.cond:
+                    self._arrived(arrival)
+                    self.cond.notify_all()
 
-    def submit(self, rows: np.ndarray) -> Future[np.ndarray]:
+    def _arrived(self, arrival: Arrival | None) -> None:
+        if arrival is not None and not arrival.done:  # under self.cond
+            arrival.done = True
+            self.incoming -= 1
+
+    def submit(self, rows: np.ndarray, arrival: Arrival | None = None) -> Future[np.ndarray]:
         """Queue rows (a (n, features) array, n <= max_batch_size); the future gets their n scores."""
-        if rows.ndim != 2 or rows.shape[0] < 1:
-            raise InvalidArgument("rows", "must be a non-empty (rows, features) array")
-        if rows.shape[0] > self.max_batch_size:
-            raise InvalidArgument("rows", f"at most {self.max_batch_size} rows per request (got {rows.shape[0]})")
-        future: Future[np.ndarray] = Future()
-        with self.cond:
-            if self.closed:
-                raise Unavailable("the model version is being unloaded")
-            if self.queued_rows + rows.shape[0] > self.max_queue_rows:
-                raise ResourceExhausted(
-                    f"scoring queue full ({self.queued_rows} rows waiting, bound {self.max_queue_rows}); retry later"
-                )
-            self.queue.append(_Pending(rows, future, time.monotonic()))
-            self.queued_rows += rows.shape[0]
-            self.cond.notify_all()
-        return future
+        return self.submit_many(rows, arrival, _limit=True)[0]
 
-    def submit_many(self, rows: np.ndarray) -> list[Future[np.ndarray]]:
+    def submit_many(
+        self, rows: np.ndarray, arrival: Arrival | None = None, *, _limit: bool = False
+    ) -> list[Future[np.ndarray]]:
         """Queue any number of rows in chunks of at most ``max_batch_size``; one future per chunk, in order.
 
-        All chunks are queued before any is awaited, so a large request fills whole batches. If the queue
-        refuses a later chunk, the earlier chunks still run and the refusal is raised.
+        All chunks are queued at once, so a large request fills whole batches; a queue without room for
+        all of them refuses them all (RESOURCE_EXHAUSTED), and queues nothing.
         """
-        return [self.submit(rows[i : i + self.max_batch_size]) for i in range(0, rows.shape[0], self.max_batch_size)]
+        n = rows.shape[0] if rows.ndim == 2 else 0
+        if n < 1:
+            raise InvalidArgument("rows", "must be a non-empty (rows, features) array")
+        if _limit and n > self.max_batch_size:
+            raise InvalidArgument("rows", f"at most {self.max_batch_size} rows per request (got {n})")
+        chunks = [rows[i : i + self.max_batch_size] for i in range(0, n, self.max_batch_size)]
+        futures: list[Future[np.ndarray]] = [Future() for _ in chunks]
+        with self.cond:
+            try:
+                if self.closed:
+                    raise Unavailable("the model version is being unloaded")
+                if self.queued_rows + n > self.max_queue_rows:
+                    raise ResourceExhausted(
+                        f"scoring queue full ({self.queued_rows} rows waiting, bound {self.max_queue_rows}); "
+                        "retry later"
+                    )
+                now = time.monotonic()
+                for chunk, future in zip(chunks, futures, strict=True):
+                    self.queue.append(_Pending(chunk, future, now))
+                self.queued_rows += n
+            finally:
+                self._arrived(arrival)
+                self.cond.notify_all()
+        return futures
 
     def _take(self) -> tuple[list[_Pending], str] | None:
         with self.cond:

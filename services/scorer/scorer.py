@@ -26,7 +26,7 @@ import torch
 from guardmesh.config import ScorerSettings
 from guardmesh.errors import FailedPrecondition, GuardmeshError, InvalidArgument, NotFound
 from services.scorer import drift as drift_mod
-from services.scorer.batching import BatchStats, DynamicBatcher
+from services.scorer.batching import Arrival, BatchStats, DynamicBatcher
 from services.scorer.decision import Decision, Rule, ThresholdPolicy, decide
 from services.scorer.explain import AttributionDriftReport, attribution_shift
 from services.scorer.explain import explain as explain_fn
@@ -433,9 +433,9 @@ class Scorer:
                 for i in members:
                     results[i] = err
                 continue
-            with state.batcher.arriving():  # the batcher may wait for these rows rather than leave without them
+            with state.batcher.arriving() as arrival:  # the batcher may wait for these rows, not leave without
                 group = self._parse(line, state, [calls[i] for i in members])
-                pending = self._prepare(group)
+                pending = self._prepare(group, arrival)
             for i, outcome in zip(members, self._finish(group, pending, atomic=False), strict=True):
                 results[i] = outcome
         return [r if r is not None else GuardmeshError("not scored") for r in results]
@@ -460,8 +460,8 @@ class Scorer:
             )
         n = len(raw)
         group = _Group(line, state, raw, list(request_ids), [False] * n, [False] * n, [None] * n)
-        with state.batcher.arriving():
-            pending = self._prepare(group)
+        with state.batcher.arriving() as arrival:
+            pending = self._prepare(group, arrival)
         outcomes = self._finish(group, pending, atomic=True)
         return state.model.version, [o for o in outcomes if isinstance(o, ScoreOutcome)]
 
@@ -496,7 +496,7 @@ class Scorer:
             errors,
         )
 
-    def _prepare(self, group: _Group) -> list[Future[np.ndarray]]:
+    def _prepare(self, group: _Group, arrival: Arrival) -> list[Future[np.ndarray]]:
         """Impute or refuse missing values, apply the rules, and queue the rows the model decides."""
         line, config = group.line, group.state.config
         missing = np.isnan(group.raw)
@@ -538,7 +538,7 @@ class Scorer:
         if not scored:
             return []
         try:
-            return group.state.batcher.submit_many(group.rows[scored])
+            return group.state.batcher.submit_many(group.rows[scored], arrival)
         except GuardmeshError as refused:  # the queue is full (RESOURCE_EXHAUSTED): the model rows share it
             for k in scored:
                 group.errors[k] = refused
