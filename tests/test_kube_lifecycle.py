@@ -19,12 +19,17 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from guardmesh.client import open_channel
 from guardmesh.config import ExtenderSettings, SchedulerSettings
+from guardmesh.runtime import load_definition, start_service
+from guardmesh.v1 import scheduler_pb2 as spb
+from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 from services.scheduler.extender import Extender, ExtenderHttpServer, job_id_of
 from services.scheduler.jobs import JobSpec, JobState, Qos
 from services.scheduler.kube import GPUS_ANNOTATION, Controller, KubeApi, PodFacts
 from services.scheduler.scheduler import Scheduler
 from services.scheduler.store import Store
+from tests.conftest import make_config
 from tests.kube_emulator import KubeEmulator
 
 RESOURCE = "guardmesh.io/gpu-memory-mib"
@@ -320,3 +325,48 @@ def test_malformed_node_annotation_is_reported_and_skipped(kube: KubeEmulator, v
     done = Controller(core, KubeApi(kube.api_client())).reconcile()
     assert done.registered == ["good"]
     assert len(done.errors) == 1 and "node bad: annotation guardmesh.io/gpus must be a JSON list" in done.errors[0]
+
+
+def test_the_scheduler_service_serves_the_extender_and_reconciles_when_enabled(
+    kube: KubeEmulator, v1: client.CoreV1Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "stand-in", "cluster": {"server": kube.url}}],
+        "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": "c", "context": {"cluster": "stand-in", "user": "u"}}],
+        "current-context": "c",
+    }
+    (tmp_path / "kubeconfig").write_text(json.dumps(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    overrides = {"extender.enabled": True, "extender.host": "127.0.0.1", "extender.port": 0, "extender.resync_s": 1.0}
+    running = start_service(load_definition("scheduler"), make_config(tmp_path, **overrides), port=0)
+    try:
+        side = running.binding.kube  # type: ignore[attr-defined]
+        base = f"http://127.0.0.1:{side.http.port}"
+        gpu_node(v1, "gpu-a", 1, 40960)  # the running controller registers it from its annotation
+        pod = gpu_pod(v1, "svc-pod", 10000)
+        deadline = time.monotonic() + 60
+        while True:
+            req = urllib.request.Request(
+                f"{base}/filter", data=json.dumps({"Pod": pod, "NodeNames": ["gpu-a"]}).encode()
+            )
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                if json.loads(resp.read())["NodeNames"] == ["gpu-a"]:
+                    break
+            assert time.monotonic() < deadline, "the controller did not register the annotated node"
+            time.sleep(0.1)
+        args = {"PodName": "svc-pod", "PodNamespace": NS, "PodUID": "uid-svc-pod", "Node": "gpu-a"}
+        req = urllib.request.Request(f"{base}/bind", data=json.dumps(args).encode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert json.loads(resp.read()) == {"Error": ""}
+        channel = open_channel("scheduler", running.config, address=running.address)
+        try:
+            stub = spb_grpc.SchedulerServiceStub(channel)
+            job = stub.DescribeJob(spb.DescribeJobRequest(job_id=job_id_of("uid-svc-pod")), timeout=30).job
+            assert job.state == spb.JOB_STATE_RUNNING
+        finally:
+            channel.close()
+    finally:
+        running.stop(grace=0.5)

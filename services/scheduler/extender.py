@@ -70,6 +70,10 @@ class BadRequest(Exception):
     """The request document breaks the protocol or a field's rule; the message names the field."""
 
 
+class NotLeader(BadRequest):
+    """This scheduler replica stands by: the leader answers (the Service routes to ready pods only)."""
+
+
 class ClusterApi(Protocol):
     """What bind needs of the Kubernetes API (``services.scheduler.kube.KubeApi`` is the real one)."""
 
@@ -298,13 +302,14 @@ class Extender:
 
     def __init__(
         self,
-        core: Scheduler,
+        core: Scheduler | Callable[[], Scheduler | None],
         api: ClusterApi | None,
         settings: ExtenderSettings | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.core = core
+        #: The core, or how to find the leading one (None while this replica stands by).
+        self._core_of: Callable[[], Scheduler | None] = core if callable(core) else (lambda: core)
         self.api = api
         self.settings = settings or ExtenderSettings()
         self.clock = clock
@@ -317,6 +322,14 @@ class Extender:
         #: Outcome of a group's bind round, by (namespace, group) then uid: "" (bound) or the error.
         self._outcomes: dict[tuple[str, str], dict[str, str]] = {}
         self._group_changed = threading.Condition()
+
+    @property
+    def core(self) -> Scheduler:
+        """The scheduler core decisions are made with; NotLeader on a standby replica."""
+        core = self._core_of()
+        if core is None:
+            raise NotLeader("this guardmesh scheduler replica is a standby; retry against the leader")
+        return core
 
     # -- documents in ----------------------------------------------------------------------------------
 
@@ -369,8 +382,9 @@ class Extender:
         unresolvable: dict[str, str] = {}
         passed: list[str] = []
         shape = ReplicaShape.of(pod.spec)
-        with self.core.lock:
-            state = self.core.state
+        core = self.core
+        with core.lock:
+            state = core.state
             counts = np.zeros(0, dtype=np.int64)
             static = counts
             if state.gpu_count:
@@ -425,15 +439,16 @@ class Extender:
         if pod is None:
             return [{"Host": name, "Score": MIN_PRIORITY} for name in names]
         shape = ReplicaShape.of(pod.spec)
-        with self.core.lock:
-            state = self.core.state
+        core = self.core
+        with core.lock:
+            state = core.state
             index = [state.node_index.get(name, -1) for name in names]
             ok = np.zeros(len(names), dtype=bool)
             if state.gpu_count:
                 counts = _node_counts(state, shape, feasible_gpus(state, shape, caps_for(state, shape)))
                 ok = np.array([n >= 0 and counts[n] >= shape.gpus for n in index], dtype=bool)
             nodes = np.array([n for n, good in zip(index, ok, strict=True) if good], dtype=np.int64)
-            scores = _node_scores(state, self.core.policy, shape, nodes) if nodes.shape[0] else np.zeros(0)
+            scores = _node_scores(state, core.policy, shape, nodes) if nodes.shape[0] else np.zeros(0)
         mapped = iter(to_priority(scores))
         return [
             {"Host": name, "Score": next(mapped) if good else MIN_PRIORITY}
@@ -767,7 +782,7 @@ class _Handler(BaseHTTPRequestHandler):
         except BadRequest as err:
             # filter, bind and preempt carry the error in their own document; prioritize has none: 400.
             if verb == "prioritize":
-                self._answer(400, {"Error": str(err)})
+                self._answer(503 if isinstance(err, NotLeader) else 400, {"Error": str(err)})
             else:
                 self._answer(200, {"Error": str(err)} | ({"NodeNameToMetaVictims": {}} if verb == "preempt" else {}))
         except Exception as exc:  # never a traceback on the wire; the log keeps it

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ from kubernetes.client.rest import ApiException
 
 from guardmesh.config import ExtenderSettings
 from guardmesh.errors import GuardmeshError
-from services.scheduler.extender import JOB_ANNOTATION, NODE_LABEL, pod_uid_of
+from services.scheduler.extender import JOB_ANNOTATION, NODE_LABEL, Extender, pod_uid_of, serve_extender
 from services.scheduler.inventory import GpuDevice, NodeSpec
 from services.scheduler.jobs import HOLDS_ALLOCATION, JobState
 from services.scheduler.scheduler import Scheduler
@@ -335,6 +336,39 @@ class Controller:
                 self._stop.wait(1.0)
 
 
+class KubernetesSide:
+    """The extender endpoint and the controller of one scheduler process, following its leadership: the
+    endpoint listens on every replica (a standby answers that it stands by and reports NOT_SERVING, so the
+    Service routes to the leader); the controller runs only beside the leading core."""
+
+    def __init__(self, settings: ExtenderSettings, api: KubeApi | None = None) -> None:
+        self.settings = settings
+        self.api = api or in_cluster_api()
+        self._core: Scheduler | None = None
+        self.extender = Extender(lambda: self._core, self.api, settings)
+        self.http = serve_extender(self.extender)
+        self.controller: Controller | None = None
+
+    def lead(self, core: Scheduler) -> None:
+        """This replica leads with ``core``: answer with it and reconcile it."""
+        self.stand_by()
+        self._core = core
+        if self.settings.controller:
+            self.controller = Controller(core, self.api, self.settings).start()
+
+    def stand_by(self) -> None:
+        """This replica stands by: refuse verbs, stop reconciling."""
+        self._core = None
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    def close(self) -> None:
+        """Stop everything."""
+        self.stand_by()
+        self.http.stop()
+
+
 def in_cluster_api() -> KubeApi:
     """The API client from the pod's service account (or ``~/.kube/config`` outside a cluster)."""
     from kubernetes import config as kube_config
@@ -342,5 +376,5 @@ def in_cluster_api() -> KubeApi:
     try:
         kube_config.load_incluster_config()
     except kube_config.ConfigException:
-        kube_config.load_kube_config()
+        kube_config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # read now, not at import
     return KubeApi(client.ApiClient())

@@ -409,6 +409,8 @@ class SchedulerBinding:
         self._role = threading.Lock()
         self.log: GroupCommitLog | None = None
         self.lease: Lease | None = None
+        #: kube-scheduler extender endpoint and controller when ``[extender] enabled`` (services/scheduler/kube.py).
+        self.kube: Any = None
 
     def add_to_server(self, server: grpc.Server) -> None:
         """Add the servicer."""
@@ -433,6 +435,10 @@ class SchedulerBinding:
         # Host and port cannot be live twice at once; a pid and a nonce keep in-process test servers apart.
         holder = f"{self.address}/{os.getpid()}/{uuid.uuid4().hex[:8]}" if self.address.endswith(":0") else self.address
         self.lease = Lease(self.log, LEADER_LEASE, holder, self.address, settings.leader_lease_s)
+        if self.config.extender.enabled:
+            from services.scheduler.kube import KubernetesSide  # the kubernetes client only where it is used
+
+            self.kube = KubernetesSide(self.config.extender)
         self._elect()
         if self.config.metrics.enabled:
             observe_scheduler(_LeaderView(self.servicer))
@@ -478,6 +484,8 @@ class SchedulerBinding:
             self.servicer._core = core
             self.servicer.standby = False
             self.servicer.leader_address = self.address
+            if self.kube is not None:
+                self.kube.lead(core)
         log.info("leading", extra={"epoch": epoch, "address": self.address, "store": self.log.where})
         self._set_serving(True)
 
@@ -486,6 +494,8 @@ class SchedulerBinding:
         with self._role:
             self.servicer.leader_address = leader
             self.servicer.standby = True
+            if self.kube is not None:
+                self.kube.stand_by()
             core, self.servicer._core = self.servicer._core, None
             if core is not None and self.lease is not None:
                 self.lease.forget()  # the next win takes a new epoch: the dropped core can never write again
@@ -535,6 +545,8 @@ class SchedulerBinding:
         for thread in (self._elector, self._reaper):
             if thread is not None:
                 thread.join(timeout=5)
+        if self.kube is not None:
+            self.kube.close()
         if self.servicer._core is not None:
             self.servicer._core.close()  # flushes nothing of its own: the log is shared and closed below
         if self.lease is not None:
