@@ -7,4 +7,7 @@ COPY . .
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir torch --index-url ${TORCH_INDEX} && pip install --no-cache-dir .
 ENV GUARDMESH__MESH__STATE_DIR=/var/lib/guardmesh
+# An unprivileged user owns the state folder (a fresh named volume takes its ownership from the image).
+RUN useradd --uid 10001 --create-home guardmesh && mkdir -p /var/lib/guardmesh && chown guardmesh /var/lib/guardmesh
+USER 10001
 ENTRYPOINT ["guardmesh"]

@@ -166,3 +166,26 @@ def test_the_mesh_config_is_valid_and_shards_match_the_statefulset(overlay: str,
     assert named(overlay, "StatefulSet", "paramserver")["spec"]["replicas"] == shards
     for name, port in GRPC_SERVICES.items():
         assert config.services[name].port == port and config.services[name].host == f"guardmesh-{name}"
+
+
+def test_docker_compose_keeps_state_publishes_metrics_checks_health_and_restarts() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    config = load_config(env={})
+    for name in GRPC_SERVICES:
+        entry = compose["services"][name]
+        metrics = config.services[name].metrics_port
+        assert (
+            f"{metrics}:{metrics}" in entry["ports"] and entry["environment"]["GUARDMESH__METRICS__HOST"] == "0.0.0.0"
+        )
+        probe = " ".join(entry["healthcheck"]["test"])
+        assert f"health_status('127.0.0.1:{config.services[name].port}', '{name}')" in probe
+        assert entry["restart"] == "unless-stopped"
+        (volume,) = entry["volumes"]
+        source, target = volume.split(":")
+        assert target == "/var/lib/guardmesh" and source in compose["volumes"]  # a named volume, not a bind
+    assert {"scheduler-state", "scorer-state"} <= set(compose["volumes"])
+
+
+def test_dockerignore_keeps_the_venv_and_the_mesh_state_out_of_the_image() -> None:
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"}
+    assert {".venv", ".mesh", "**/.mesh", "certs"} <= ignored
