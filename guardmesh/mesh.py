@@ -2,6 +2,11 @@
 
 State lives under ``mesh.state_dir`` (``.mesh/`` by default): ``mesh.json`` with pids and addresses, and
 one log file per service. ``make up``, ``make status`` and ``make down`` call these functions.
+
+``GUARDMESH_REPLICAS=N`` (``make up REPLICAS=N``) runs N scheduler replicas, replica i on ``port + 100 i``
+(one leads, the others stand by); ``GUARDMESH_STORE=postgres`` (``STORE=postgres``) starts a local
+PostgreSQL server with its data under the state folder (guardmesh/localpg.py) and points the scheduler's
+store at it; ``make down`` stops it after the services.
 """
 
 from __future__ import annotations
@@ -22,11 +27,16 @@ from rich.console import Console
 from rich.table import Table
 
 from guardmesh.config import MeshConfig, load_config
+from guardmesh.localpg import LocalPostgres
 from guardmesh.runtime import KNOWN_SERVICES
 from guardmesh.security import channel_credentials
 
 console = Console()
 JAEGER_OTLP = "http://127.0.0.1:4317"
+#: The local PostgreSQL server's port for ``make up STORE=postgres`` (``GUARDMESH_POSTGRES_PORT`` overrides it).
+POSTGRES_PORT = 55432
+#: Port step between scheduler replicas (``port + 100 i``; ``port + i`` are the paramserver's shards).
+REPLICA_PORT_STEP = 100
 
 
 @dataclass
@@ -37,6 +47,8 @@ class ProcessRecord:
     address: str
     pid: int
     log: str
+    #: Where its state lives when it is not the default SQLite file (host and database, no password).
+    store: str = ""
 
 
 def _state_file(config: MeshConfig) -> Path:
@@ -96,10 +108,12 @@ def _port_key(service: str) -> str:
     return f"GUARDMESH__SERVICES__{service.upper()}__PORT"
 
 
-def instances(config: MeshConfig) -> list[tuple[str, str, dict[str, str]]]:
+def instances(config: MeshConfig, replicas: int = 1, store_url: str = "") -> list[tuple[str, str, dict[str, str]]]:
     """(service, instance name, environment overrides) of every process the mesh runs.
 
-    The parameter server runs one process per shard, shard i on ``port + i``.
+    The parameter server runs one process per shard, shard i on ``port + i``; with ``replicas`` > 1 the
+    scheduler runs that many replicas, replica i on ``port + 100 i``, on ``store_url`` (default: its
+    SQLite file, which replicas on one machine can share).
     """
     out = []
     service_env: dict[str, str] = {}
@@ -116,9 +130,46 @@ def instances(config: MeshConfig) -> list[tuple[str, str, dict[str, str]]]:
                 if metrics_port:
                     env["GUARDMESH__SERVICES__PARAMSERVER__METRICS_PORT"] = str(metrics_port + i)
                 out.append((service, f"paramserver-{i}", env))
+        elif service == "scheduler" and (replicas > 1 or store_url):
+            endpoint = config.services[service]
+            addresses = [f"{endpoint.host}:{endpoint.port + REPLICA_PORT_STEP * i}" for i in range(replicas)]
+            for i in range(replicas):
+                env = {
+                    _port_key(service): str(endpoint.port + REPLICA_PORT_STEP * i),
+                    "GUARDMESH__SERVICES__SCHEDULER__REPLICAS": json.dumps(addresses),
+                }
+                if store_url:
+                    env["GUARDMESH__SCHEDULER__STORE_URL"] = store_url
+                if endpoint.metrics_port:
+                    env["GUARDMESH__SERVICES__SCHEDULER__METRICS_PORT"] = str(
+                        endpoint.metrics_port + REPLICA_PORT_STEP * i
+                    )
+                out.append((service, f"scheduler-{i}", env))
         else:
             out.append((service, service, {}))
     return out
+
+
+def _local_postgres(config: MeshConfig) -> LocalPostgres:
+    port = int(os.environ.get("GUARDMESH_POSTGRES_PORT") or POSTGRES_PORT)
+    return LocalPostgres(Path(config.mesh.state_dir).resolve() / "postgres", port)
+
+
+def _start_postgres(config: MeshConfig) -> tuple[ProcessRecord, str]:
+    """Start (creating it the first time) the mesh's PostgreSQL server; its record and the scheduler's URL."""
+    server = _local_postgres(config)
+    if not server.pid() or not pid_alive(server.pid()):
+        server.init()
+        server.start()
+    url = server.ensure_database("guardmesh_scheduler")
+    record = ProcessRecord("postgres", f"127.0.0.1:{server.port}", server.pid(), str(server.log), store="postgresql")
+    return record, url
+
+
+def _settled(service: str, address: str, config: MeshConfig) -> bool:
+    """Started: SERVING, or a scheduler replica standing by (NOT_SERVING by design, see services/scheduler)."""
+    health = health_status(address, service, config=config)
+    return health == "SERVING" or (service == "scheduler" and health == "NOT_SERVING")
 
 
 def _start_jaeger(config: MeshConfig, env: dict[str, str]) -> ProcessRecord | None:
@@ -179,6 +230,13 @@ def up(config: MeshConfig | None = None, timeout: float = 90.0) -> list[ProcessR
     logs = Path(config.mesh.state_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    replicas = int(env.get("GUARDMESH_REPLICAS") or 1)
+    store = env.get("GUARDMESH_STORE") or "sqlite"
+    if replicas < 1 or store not in ("sqlite", "postgres"):
+        raise RuntimeError(f"REPLICAS={replicas} STORE={store}: REPLICAS >= 1, STORE sqlite or postgres")
+    store_url = ""
+    if store == "postgres":
+        records["postgres"], store_url = _start_postgres(config)
     ensure_certs(config)
     if "jaeger" not in records and not env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         jaeger = _start_jaeger(config, env)
@@ -186,7 +244,8 @@ def up(config: MeshConfig | None = None, timeout: float = 90.0) -> list[ProcessR
             records["jaeger"] = jaeger
     elif "jaeger" in records:
         env.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", JAEGER_OTLP)
-    for service, instance, extra in instances(config):
+    mesh_instances = instances(config, replicas, store_url)
+    for service, instance, extra in mesh_instances:
         if instance in records:
             continue
         log = logs / f"{instance}.log"
@@ -198,17 +257,25 @@ def up(config: MeshConfig | None = None, timeout: float = 90.0) -> list[ProcessR
             start_new_session=True,
         )
         port = extra.get(_port_key(service), str(config.services[service].port))
-        records[instance] = ProcessRecord(instance, f"{config.services[service].host}:{port}", proc.pid, str(log))
+        address = f"{config.services[service].host}:{port}"
+        where = "postgresql guardmesh_scheduler" if "GUARDMESH__SCHEDULER__STORE_URL" in extra else ""
+        records[instance] = ProcessRecord(instance, address, proc.pid, str(log), store=where)
     _write_records(config, list(records.values()))
     deadline = time.monotonic() + timeout
-    for service, instance, _ in instances(config):
+    for service, instance, _ in mesh_instances:
         rec = records[instance]
-        while health_status(rec.address, service, config=config) != "SERVING":
+        while not _settled(service, rec.address, config):
             if not pid_alive(rec.pid):
                 raise RuntimeError(f"{instance} exited during start; see {rec.log}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{instance} not SERVING after {timeout:.0f}s; see {rec.log}")
             time.sleep(0.2)
+    # Replicas report NOT_SERVING while starting too: wait until one of them leads.
+    replicas_of = [records[i].address for s, i, _ in mesh_instances if s == "scheduler"]
+    while replicas_of and not any(health_status(a, "scheduler", config=config) == "SERVING" for a in replicas_of):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no scheduler replica leads after {timeout:.0f}s; see {logs}")
+        time.sleep(0.2)
     status(config)
     return list(records.values())
 
@@ -217,19 +284,23 @@ def status(config: MeshConfig | None = None) -> list[tuple[ProcessRecord, str]]:
     """Print and return (process, health) for every recorded process."""
     config = config or load_config()
     table = Table(title="guardmesh local mesh")
-    for col in ("service", "address", "pid", "health", "log file"):
+    for col in ("service", "address", "pid", "health", "role", "store", "log file"):
         table.add_column(col)
     rows = []
     for rec in read_records(config):
         if not pid_alive(rec.pid):
             health = "EXITED"
-        elif rec.service == "jaeger":
+        elif rec.service in ("jaeger", "postgres"):
             health = "RUNNING"
         else:
             health = health_status(rec.address, rec.service.split("-")[0], config=config)
         rows.append((rec, health))
-        color = "green" if health in ("SERVING", "RUNNING") else "red"
-        table.add_row(rec.service, rec.address, str(rec.pid), f"[{color}]{health}[/{color}]", rec.log)
+        # A scheduler replica that serves holds the leader lease; the others stand by (NOT_SERVING by design).
+        role = ""
+        if rec.service.startswith("scheduler"):
+            role = "leader" if health == "SERVING" else "standby" if health == "NOT_SERVING" else ""
+        color = "green" if health in ("SERVING", "RUNNING") or role == "standby" else "red"
+        table.add_row(rec.service, rec.address, str(rec.pid), f"[{color}]{health}[/{color}]", role, rec.store, rec.log)
     if not rows:
         console.print("no mesh processes recorded; run `make up`")
     else:
@@ -242,15 +313,21 @@ def down(config: MeshConfig | None = None, timeout: float | None = None) -> None
     config = config or load_config()
     timeout = config.grpc.grace_s + 5 if timeout is None else timeout
     records = read_records(config)
-    for rec in records:
+    # The store stops last: the services hand their leases back and flush into it while they drain.
+    services = [r for r in records if r.service != "postgres"]
+    for rec in services:
         if pid_alive(rec.pid):
             os.kill(rec.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    for rec in records:
+    for rec in services:
         while pid_alive(rec.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if pid_alive(rec.pid):
             console.print(f"[red]{rec.service} (pid {rec.pid}) ignored SIGTERM; sending SIGKILL[/red]")
             os.kill(rec.pid, signal.SIGKILL)
         console.print(f"stopped {rec.service} (pid {rec.pid})")
+    for rec in records:
+        if rec.service == "postgres" and pid_alive(rec.pid):
+            _local_postgres(config).stop("fast")
+            console.print(f"stopped postgres (pid {rec.pid})")
     _state_file(config).unlink(missing_ok=True)

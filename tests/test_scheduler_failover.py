@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -288,3 +289,51 @@ def test_store_unreachable_at_start_names_host_and_database_not_the_password(tmp
     out = proc.log_tail()
     assert "host=127.0.0.1" in out and "database=placements" in out, out
     assert "hunter2-secret" not in out
+
+
+def test_mesh_up_runs_replicas_on_a_local_postgres_and_down_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make up REPLICAS=2 STORE=postgres`` (the scheduler only, on free ports): one replica leads, the other
+    stands by; after kill -9 of the leader the other leads; ``make down`` stops the replicas and the server."""
+    from guardmesh import mesh
+
+    for key in [k for k in os.environ if k.startswith(("GUARDMESH", "OTEL_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("GUARDMESH_REPLICAS", "2")
+    monkeypatch.setenv("GUARDMESH_STORE", "postgres")
+    monkeypatch.setenv("GUARDMESH_POSTGRES_PORT", str(free_port()))
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")  # no Jaeger start
+    state = Path("/tmp") / f"guardmesh-mesh-{os.getpid()}"  # the postgres user must reach it
+    config = make_config(
+        state,
+        **{
+            "mesh.state_dir": str(state),
+            "services.scheduler.port": free_port(),
+            "services.scheduler.metrics_port": 0,
+            "services.paramserver.enabled": False,
+            "services.scorer.enabled": False,
+            "services.abrouter.enabled": False,
+        },
+    )
+    try:
+        mesh.up(config, timeout=180)
+
+        def roles() -> dict[str, str]:
+            return {rec.service: health for rec, health in mesh.status(config)}
+
+        first = roles()
+        assert first["postgres"] == "RUNNING"
+        assert sorted(v for k, v in first.items() if k.startswith("scheduler-")) == ["NOT_SERVING", "SERVING"]
+        records = {r.service: r for r in mesh.read_records(config)}
+        leader = next(k for k, v in first.items() if v == "SERVING")
+        other = next(k for k in first if k.startswith("scheduler-") and k != leader)
+        os.kill(records[leader].pid, signal.SIGKILL)
+        wait_for("the standby to lead", lambda: roles()[other] == "SERVING", 60)
+        mesh.down(config)
+        wait_for("postgres to stop", lambda: not mesh.pid_alive(records["postgres"].pid), 60)
+        assert not mesh.pid_alive(records[other].pid)
+    finally:
+        with contextlib.suppress(Exception):
+            mesh.down(config)
+        shutil.rmtree(state, ignore_errors=True)
