@@ -1,11 +1,21 @@
-"""Scorer drift benchmark: ``drift_stats`` beside scipy + numpy per feature, measured in the same run.
+"""Scorer drift benchmark: false alarms under no drift, power under a shift, and ``drift_stats`` beside scipy +
+numpy per feature, measured in the same run.
 
-``python -m bench.drift_bench`` prints the figures; ``run()`` returns them as records (dicts with ``name``,
-``unit``, ``ours``, ``peer``, ``peer_value``, ``higher_is_better``, ``target``, plus ``ratio`` and
+``python -m bench.drift_bench`` prints the figures; ``--write`` also replaces the drift records (names starting
+with "drift") in ``bench/results/scorer.json``, keeping the others. ``run()`` returns them as records (dicts with
+``name``, ``unit``, ``ours``, ``peer``, ``peer_value``, ``higher_is_better``, ``target``, plus ``ratio`` and
 ``machine``) and writes nothing.
 
-The workload of the issue: 100 features, a 10,000-row live window against a 100,000-row reference, 1 % of the
-values missing, 20 of the features small integers (heavy ties), a third of the features shifted.
+False alarms (issue #18.9): under no drift, the share of live windows whose model drift score reaches the alert
+level (0.5), for windows of 20, 50, 100 and 1,000 rows and 1, 10, 50 and 100 features, against a 1,000-row
+reference (the scorer's default reference taken from live traffic; a fresh one every 20 windows). Features cycle
+continuous, heavily tied (6 integers: few bins, empty ones on small windows) and one-decimal values. The
+figure's peer is the limit the issue sets (5 %); each record also carries the alarm count, the windows, the
+Clopper-Pearson 95 % upper bound of the share and the share of windows scoring above 0 at all. Power: the
+median model score when one feature shifts by 0.5 SD in a 1,000-row window, beside the alert level.
+
+Timing: the workload of the issue, 100 features, a 10,000-row live window against a 100,000-row reference, 1 %
+of the values missing, 20 of the features small integers (heavy ties), a third of the features shifted.
 
 * ours: ``drift_stats(reference, live)`` with the ``ReferenceWindow`` prepared beforehand, as the service
   holds it, and the rows in a ``LiveWindow``: PSI, KS statistic and p-value, missing rates, Cohen's d and the
@@ -23,6 +33,8 @@ of several runs, ours and the peer interleaved. Threads: torch uses its intra-op
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import time
 from typing import Any
@@ -31,8 +43,15 @@ import numpy as np
 import torch
 from scipy import stats
 
-from bench.records import best_of, record
-from services.scorer.drift import PSI_PSEUDO_COUNT, LiveWindow, ReferenceWindow, drift_stats
+from bench.records import RESULTS, best_of, record, write_records
+from services.scorer.drift import (
+    ALERT_LEVEL,
+    FALSE_ALARM_RATE,
+    PSI_PSEUDO_COUNT,
+    LiveWindow,
+    ReferenceWindow,
+    drift_stats,
+)
 
 FEATURES = 100
 REF_ROWS = 100_000
@@ -42,6 +61,76 @@ MISSING = 0.01
 REPEATS = 7
 TARGET = 5.0
 TOLERANCE = 1e-6
+WINDOWS = (20, 50, 100, 1_000)
+FEATURE_COUNTS = (1, 10, 50, 100)
+NULL_REFERENCE_ROWS = 1_000
+NULL_RUNS = 400  # windows per (window size, feature count)
+REFERENCE_EVERY = 20  # windows per reference drawn
+POWER_RUNS = 50
+
+
+def null_rows(rng: np.random.Generator, rows: int, features: int) -> np.ndarray:
+    """rows x features under no drift: continuous, heavily tied and one-decimal columns in turn."""
+    data = rng.normal(size=(rows, features))
+    data[:, 1::3] = rng.integers(0, 6, size=data[:, 1::3].shape)
+    data[:, 2::3] = np.round(data[:, 2::3] * 1.5, 1)
+    return data
+
+
+def false_alarms(runs: int = NULL_RUNS, seed: int = 1) -> list[dict[str, Any]]:
+    """One record per (window size, feature count): the share of no-drift windows scoring >= the alert level."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for features in FEATURE_COUNTS:
+        for window in WINDOWS:
+            scores = np.empty(runs)
+            for run in range(runs):
+                if run % REFERENCE_EVERY == 0:
+                    reference = ReferenceWindow.from_rows(null_rows(rng, NULL_REFERENCE_ROWS, features))
+                scores[run] = drift_stats(reference, null_rows(rng, window, features)).score
+            alarms = int((scores >= ALERT_LEVEL).sum())
+            rec = record(
+                f"drift false alarms under no drift, {window}-row window, {features} features",
+                "share of windows >= 0.5",
+                alarms / runs,
+                f"limit of issue #18.9 ({FALSE_ALARM_RATE:.0%})",
+                FALSE_ALARM_RATE,
+                1.0,
+                higher_is_better=False,
+            )
+            rec["higher_is_better"] = False
+            rec["windows"] = runs
+            rec["alarms"] = alarms
+            rec["upper_95"] = float(stats.beta.ppf(0.95, alarms + 1, runs - alarms))  # Clopper-Pearson
+            rec["share_above_zero"] = float((scores > 0).mean())
+            records.append(rec)
+    return records
+
+
+def power(runs: int = POWER_RUNS, seed: int = 2) -> list[dict[str, Any]]:
+    """Median model score and share >= the alert level when one feature shifts by 0.5 SD, 1,000 rows."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for features in (1, 10, 100):
+        scores = np.empty(runs)
+        for run in range(runs):
+            reference = ReferenceWindow.from_rows(rng.normal(size=(1_000, features)))
+            live = rng.normal(size=(1_000, features))
+            live[:, 0] += 0.5
+            scores[run] = drift_stats(reference, live).score
+        rec = record(
+            f"drift power: one feature shifted 0.5 SD, 1,000-row window, {features} features (median score)",
+            "drift score",
+            float(np.median(scores)),
+            "alert level",
+            ALERT_LEVEL,
+            1.0,
+        )
+        rec["higher_is_better"] = True
+        rec["share_alerting"] = float((scores >= ALERT_LEVEL).mean())
+        rec["runs"] = runs
+        records.append(rec)
+    return records
 
 
 def make_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +231,14 @@ def bench_device(device: str, ref: np.ndarray, live: np.ndarray, peer: Peer) -> 
 def run() -> list[dict[str, Any]]:
     """All records of this benchmark (nothing is written); values are checked against the peer."""
     records, _ = run_with_details()
-    return records
+    return false_alarms() + power() + records
+
+
+def write_drift_records(records: list[dict[str, Any]]) -> None:
+    """Replace the drift records of ``bench/results/scorer.json`` (names starting with "drift"), keep the rest."""
+    path = RESULTS / "scorer.json"
+    kept = [r for r in json.loads(path.read_text()) if not r["name"].startswith("drift")] if path.exists() else []
+    write_records("scorer", kept + records)
 
 
 def run_with_details() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -154,7 +250,20 @@ def run_with_details() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return [rec for rec, _ in pairs], [info for _, info in pairs]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="replace the drift records of results/scorer.json")
+    parser.add_argument("--runs", type=int, default=NULL_RUNS, help="no-drift windows per size and feature count")
+    args = parser.parse_args(argv)
+    alarms = false_alarms(args.runs)
+    for r in alarms:
+        print(
+            f"{r['name']}: {r['alarms']}/{r['windows']} = {r['ours']:.3f} (95 % upper {r['upper_95']:.3f}; "
+            f"limit {r['peer_value']:.2f}); above 0: {r['share_above_zero']:.3f}"
+        )
+    powers = power()
+    for r in powers:
+        print(f"{r['name']}: {r['ours']:.3f} (alert level {ALERT_LEVEL}); alerting {r['share_alerting']:.0%}")
     print(f"drift: torch threads {torch.get_num_threads()} ({os.cpu_count()} CPUs); scipy/numpy 1 thread")
     records, details = run_with_details()
     for r, info in zip(records, details, strict=True):
@@ -168,6 +277,8 @@ def main() -> None:
             f" p-value (Kolmogorov limit vs scipy kstwo) {info['pvalue_max_abs_diff']:.2g};"
             f" reference prepared once in {info['reference_prep_ms']:.0f} ms; model score {info['score']:.3f}"
         )
+    if args.write:
+        write_drift_records(alarms + powers + records)
 
 
 if __name__ == "__main__":
