@@ -384,6 +384,9 @@ def test_attribution_shift_is_served_and_names_the_feature_that_moved_decisions(
         assert shifts["x3"].rank == 1 and sorted(f.rank for f in drift.features) == list(range(1, n + 1))
         assert shifts["x3"].change_mean > 0  # it now pushes scores up
         assert shifts["x3"].shift > shifts["x5"].shift > 0  # x5 matters a little, x3 most
+        through_sdk = client.attribution_drift("fraud")  # the SDK's view of the same RPC
+        assert through_sdk.ranked()[0] == "x3" and through_sdk.method == "integrated_gradients"
+        assert through_sdk.features["x3"].shift == pytest.approx(shifts["x3"].shift, rel=1e-9)
         # the signed changes add up to the change of the mean score (IG completeness, up to its error)
         with torch.no_grad():
             mean_change = float(model(live).mean() - model(reference).mean())

@@ -221,6 +221,45 @@ class DriftReport:
 
 
 @dataclass(frozen=True)
+class AttributionShift:
+    """How one feature's attributions moved between the reference and the live window (attribution units)."""
+
+    reference_mean_abs: float
+    reference_mean: float
+    live_mean_abs: float
+    live_mean: float
+    #: Gained (+) or lost (-) importance.
+    change_mean_abs: float
+    #: The feature's share of the change of the mean score.
+    change_mean: float
+    #: max(|change_mean|, |change_mean_abs|): the ranking key.
+    shift: float
+    #: 1 for the feature that moved most.
+    rank: int
+
+
+@dataclass(frozen=True)
+class AttributionDrift:
+    """Which features account for the change of a version's scores between the reference and live window."""
+
+    model_version: str
+    #: "linear_shap" or "integrated_gradients".
+    method: str
+    #: "log-odds", "raw score" or "model output".
+    space: str
+    reference_rows: int
+    live_rows: int
+    #: Change of the mean score between the windows (the sum of every feature's change_mean).
+    score_change: float
+    #: Per feature, in feature order.
+    features: dict[str, AttributionShift]
+
+    def ranked(self) -> list[str]:
+        """Feature names, the one that moved most first."""
+        return sorted(self.features, key=lambda f: self.features[f].rank)
+
+
+@dataclass(frozen=True)
 class ScorerEvent:
     """A scorer event: "rollback", "missing_alert", "reference_ready" ..."""
 
@@ -518,6 +557,33 @@ class ScorerClient:
                     f.live_missing_rate,
                     f.standardized_mean_difference,
                     f.drift_score,
+                )
+                for f in resp.features
+            },
+        )
+
+    def attribution_drift(self, model: str, version: str = "") -> AttributionDrift:
+        """Each feature's attribution shift between the reference and the live window, for ``version`` (empty:
+        the active one). Errors: NOT_FOUND, FAILED_PRECONDITION (no rows yet), INVALID_ARGUMENT (a model
+        that cannot be explained)."""
+        resp = self.stub.GetAttributionDrift(pb.GetAttributionDriftRequest(model=model, version=version))
+        return AttributionDrift(
+            model_version=resp.model_version,
+            method=resp.method,
+            space=resp.space,
+            reference_rows=resp.reference_rows,
+            live_rows=resp.live_rows,
+            score_change=resp.score_change,
+            features={
+                f.feature: AttributionShift(
+                    f.reference_mean_abs,
+                    f.reference_mean,
+                    f.live_mean_abs,
+                    f.live_mean,
+                    f.change_mean_abs,
+                    f.change_mean,
+                    f.shift,
+                    f.rank,
                 )
                 for f in resp.features
             },
