@@ -20,12 +20,18 @@ SERVICES := scheduler paramserver scorer abrouter
 
 install: $(STAMP) $(GEN_STAMP) $(NATIVE_STAMP)
 
+# The first `make up` installs for a few minutes: each step says what it does (pip shows download progress).
 $(STAMP): pyproject.toml setup.py
+	@echo "guardmesh install [1/5]: virtual environment $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q "$(TORCH_REQ)" $(PIP_TORCH_ARGS)
+	@echo "guardmesh install [2/5]: $(TORCH_REQ) (the largest download)"
+	$(BIN)/pip install --progress-bar on "$(TORCH_REQ)" $(PIP_TORCH_ARGS)
+	@echo "guardmesh install [3/5]: build tools (Cython, numpy, grpcio-tools)"
 	$(BIN)/pip install -q "Cython>=3.0" "numpy>=1.26" "grpcio-tools>=1.62"
+	@echo "guardmesh install [4/5]: guardmesh and its dependencies (generates the protobuf code)"
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	@echo "guardmesh install [5/5]: the Open Inference Protocol test peer"
 	# tritonclient is only the test peer of the Open Inference Protocol; its metadata pins protobuf<7, which
 	# would downgrade the runtime below the generated code, so it comes without its dependency pins.
 	$(BIN)/pip install -q --no-deps "tritonclient[grpc]>=2.40" "ml-dtypes>=0.3" "python-rapidjson>=1.10"

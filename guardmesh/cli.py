@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -109,26 +110,93 @@ def certs(
     typer.echo(f"wrote the CA, certificates, tokens/ and roles.toml to {folder}")
 
 
-@mesh_app.command()
-def up(config: ConfigOpt = None) -> None:
-    """Start every enabled service as its own process and wait until each is SERVING."""
-    from guardmesh import mesh
+#: Nodes that ``mesh up`` registers when no ``scheduler.cluster_file`` is configured (labelled simulated).
+SIMULATED_CLUSTER = Path(__file__).resolve().parent / "simulated_cluster.toml"
+#: Under ``mesh.state_dir``: the config file the mesh was started with, for ``status`` and ``down``.
+PROFILE_FILE = "profile"
+
+
+def _mesh_config(config: str | None) -> tuple[MeshConfig, str | None]:
+    """The configuration for a mesh command: ``--config``, else GUARDMESH_CONFIG, else the one ``up`` used."""
     from guardmesh.config import load_config
 
+    if config is None and not os.environ.get("GUARDMESH_CONFIG"):
+        remembered = Path(load_config().mesh.state_dir) / PROFILE_FILE
+        if remembered.exists():
+            config = remembered.read_text().strip() or None
+    return load_config(config), config
+
+
+def _register_simulated_cluster(cfg: MeshConfig) -> None:
+    """Register :data:`SIMULATED_CLUSTER` when the scheduler has no node yet and no cluster file is set."""
+    from guardmesh import mesh
+    from guardmesh.client import open_channel
+    from guardmesh.v1 import scheduler_pb2 as pb
+    from guardmesh.v1 import scheduler_pb2_grpc as pb_grpc
+    from services.scheduler.agent import run_agent
+
+    if "scheduler" not in mesh.enabled_services(cfg) or cfg.scheduler.cluster_file:
+        return
+    with open_channel("scheduler", cfg) as channel:
+        if pb_grpc.SchedulerServiceStub(channel).ListNodes(pb.ListNodesRequest()).nodes:
+            return
+    run_agent(cfg, cluster_file=SIMULATED_CLUSTER, once=True)
+    mesh.console.print(
+        f"registered a [bold]simulated[/bold] cluster ({SIMULATED_CLUSTER.name}: 2 x 4 A100-80GB, 1 x 2 T4; "
+        "label guardmesh.io/simulated=true): nothing runs on these GPUs. Real nodes: `guardmesh agent` on each "
+        "(`--no-simulated-cluster` to skip)."
+    )
+
+
+def _print_metrics_endpoints(cfg: MeshConfig) -> None:
+    from guardmesh import mesh
+
+    for service, instance, extra in mesh.instances(cfg):
+        port = extra.get(f"GUARDMESH__SERVICES__{service.upper()}__METRICS_PORT") or cfg.services[service].metrics_port
+        if port and cfg.metrics.enabled:
+            mesh.console.print(f"  metrics of {instance}: http://{cfg.metrics.host}:{port}/metrics")
+
+
+@mesh_app.command()
+def up(
+    config: ConfigOpt = None,
+    simulated_cluster: Annotated[
+        bool, typer.Option(help="Register a small simulated GPU cluster when the scheduler has no node.")
+    ] = True,
+) -> None:
+    """Start every enabled service as its own process and wait until each is SERVING."""
+    from guardmesh import mesh
+    from guardmesh.logs import terminal_console
+
+    cfg, path = _mesh_config(config)
+    mesh.console = terminal_console()
+    if path:  # the service processes read the same file
+        os.environ["GUARDMESH_CONFIG"] = str(Path(path).resolve())
     try:
-        mesh.up(load_config(config))
+        mesh.up(cfg)
     except RuntimeError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
+    remembered = Path(cfg.mesh.state_dir) / PROFILE_FILE
+    remembered.write_text(str(Path(path).resolve()) if path else "")
+    if simulated_cluster:
+        _register_simulated_cluster(cfg)
+    _print_metrics_endpoints(cfg)
 
 
 @mesh_app.command()
 def status(config: ConfigOpt = None) -> None:
-    """Print service, address, pid, health and log file of each mesh process."""
+    """Print service, address, pid, health, log file and metrics endpoint of each mesh process, with the
+    configuration the mesh was started with unless ``--config`` or GUARDMESH_CONFIG names another."""
     from guardmesh import mesh
-    from guardmesh.config import load_config
+    from guardmesh.logs import terminal_console
 
-    rows = mesh.status(load_config(config))
+    cfg, path = _mesh_config(config)
+    mesh.console = terminal_console()
+    if path:
+        mesh.console.print(f"configuration: {path}")
+    rows = mesh.status(cfg)
+    _print_metrics_endpoints(cfg)
     raise typer.Exit(0 if all(h in ("SERVING", "RUNNING") for _, h in rows) else 1)
 
 
@@ -136,9 +204,12 @@ def status(config: ConfigOpt = None) -> None:
 def down(config: ConfigOpt = None) -> None:
     """Stop the mesh with SIGTERM and wait."""
     from guardmesh import mesh
-    from guardmesh.config import load_config
+    from guardmesh.logs import terminal_console
 
-    mesh.down(load_config(config))
+    cfg, _ = _mesh_config(config)
+    mesh.console = terminal_console()
+    mesh.down(cfg)
+    (Path(cfg.mesh.state_dir) / PROFILE_FILE).unlink(missing_ok=True)
 
 
 abrouter_app = typer.Typer(help="A/B router reports.", no_args_is_help=True)
@@ -206,9 +277,8 @@ def _call(service: str, config: str | None, address: str | None, fn: Callable[[g
     import grpc
 
     from guardmesh.client import open_channel
-    from guardmesh.config import load_config
 
-    cfg: MeshConfig = load_config(config)
+    cfg, _ = _mesh_config(config)
     with open_channel(service, cfg, address=address) as channel:
         try:
             return fn(channel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -166,3 +167,52 @@ def test_mesh_up_secure_profile_is_mtls_with_roles(tmp_path: Path) -> None:
     finally:
         down = _cli("mesh", "down", env=env)
     assert down.returncode == 0, down.stderr
+
+
+def test_mesh_remembers_its_profile_registers_a_simulated_cluster_and_shows_metrics(tmp_path: Path) -> None:
+    """`make up` with a TLS profile, then `make status` and the listings with no profile named: they use the
+    one the mesh was started with (a plain client could not even connect). The scheduler gets the simulated
+    cluster, labelled as such; status shows each process's metrics endpoint."""
+    port, metrics_port = free_port(), free_port()
+    (tmp_path / "tls.toml").write_text(
+        '[mesh]\nstate_dir = ".mesh"\n[security]\nmode = "tls"\n'
+        f"[services.scheduler]\nport = {port}\nmetrics_port = {metrics_port}\n"
+        "[services.paramserver]\nenabled = false\n[services.scorer]\nenabled = false\n"
+        "[services.abrouter]\nenabled = false\n[grpc]\ndrain_delay_s = 0.1\n"
+    )
+    env = clean_env({"PYTHONPATH": str(REPO)})  # no GUARDMESH_CONFIG, no COLUMNS
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", "from guardmesh.cli import app; app()", *args],
+            cwd=tmp_path,  # the default state folder .mesh is the test's
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+    try:
+        up = cli("mesh", "up", "--config", "tls.toml")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "simulated" in up.stdout
+        assert health_status(f"127.0.0.1:{port}", "scheduler") == "UNREACHABLE"  # TLS only
+
+        status = cli("mesh", "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "SERVING" in status.stdout and str(tmp_path / "tls.toml") in status.stdout
+        assert f"http://127.0.0.1:{metrics_port}/metrics" in status.stdout
+
+        nodes = cli("nodes", "list", "--output", "json")
+        assert nodes.returncode == 0, nodes.stderr
+        listed = {n["spec"]["name"]: n["spec"].get("labels", {}) for n in json.loads(nodes.stdout)["nodes"]}
+        assert set(listed) == {"sim-dgx-0", "sim-dgx-1", "sim-t4-0"}
+        assert all(labels["guardmesh.io/simulated"] == "true" for labels in listed.values())
+
+        again = cli("mesh", "up", "--config", "tls.toml")  # the nodes exist: nothing registered twice
+        assert again.returncode == 0 and "simulated" not in again.stdout, again.stdout + again.stderr
+    finally:
+        down = cli("mesh", "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped scheduler" in down.stdout
+    assert not (tmp_path / ".mesh" / "profile").exists()
