@@ -512,7 +512,10 @@ READ_ONLY = {
     "ModelReady",
     "ServerMetadata",
     "ModelMetadata",
-    "ModelInfer",
+    "ModelConfig",
+    "ModelStatistics",
+    "RepositoryIndex",
+    # ModelInfer is not read-only: its rows go through the scorer's guards (drift window, decision log).
     "GetExperiment",
     "ListExperiments",
     "GetExperimentHistory",
