@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -731,6 +732,11 @@ class Extender:
 class _Handler(BaseHTTPRequestHandler):
     server: ExtenderHttpServer
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        """No Nagle delay: an answer's header and body writes must not wait for the peer's delayed ACK."""
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("extender http " + format, *args)
