@@ -1,5 +1,5 @@
 """Model monitoring: rolling precision/recall/F1 from ground-truth feedback, the F1 rollback trigger, and
-the missing-value alert (once per episode) with the imputation that cleaning uses."""
+the missing-value alert (once per episode)."""
 
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ class MissingMonitor:
     (default 2 %) with at least ``min_rows`` rows in the window, and ends only when the rate falls below
     ``clear_rate`` (default ``CLEAR_FRACTION`` x ``alert_rate``, 1 %). A rate hovering around the alert level
     therefore gives one alert, not one per crossing; a feature alerts again only after it recovered.
-    ``policy`` is the cleaning policy named in the alert (the scorer applies each version's own policy).
+    ``medians`` are the reference medians the scorer imputes from; ``policy`` is the cleaning policy named in
+    the alert (the scorer applies each version's own policy to every request with a missing value).
     """
 
     features: tuple[str, ...]
@@ -152,20 +153,3 @@ class MissingMonitor:
         if not self.recent:
             return np.zeros(len(self.features))
         return self.counts / len(self.recent)
-
-    def clean(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Impute missing values with the reference medians; return (rows, per-row imputed flag).
-
-        Imputation only: whether a version rejects instead is the caller's per-version decision, not this
-        monitor's (it is shared by every version of the model line). InvalidArgument naming the feature when
-        a missing value has no finite reference median.
-        """
-        missing = np.isnan(rows)
-        if not missing.any():
-            return rows, np.zeros(rows.shape[0], dtype=bool)
-        unusable = missing.any(axis=0) & ~np.isfinite(self.medians)
-        if unusable.any():
-            name = self.features[int(np.argmax(unusable))]
-            raise InvalidArgument(f"features[{name}]", "is missing and has no reference median to impute from")
-        out = np.where(missing, self.medians[None, :], rows).astype(np.float32)
-        return out, missing.any(axis=1)
