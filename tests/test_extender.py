@@ -376,3 +376,33 @@ def test_gang_binds_all_together_or_none(served: Any, core: Scheduler) -> None:
     assert errors == {"m0": "", "m1": "", "m2": ""}
     assert sorted(b[1] for b in api.bindings) == ["m0", "m1", "m2"]
     assert all(core.describe(job_id_of(uid)).state == JobState.RUNNING for _, uid, _ in pods)
+
+
+def test_tls_endpoint_with_client_certificates(core: Scheduler, tmp_path: Any) -> None:
+    import ssl
+
+    from guardmesh.certs import generate
+    from services.scheduler.extender import tls_context
+
+    generate(tmp_path, ["scheduler"])
+    settings = ExtenderSettings(
+        port=0,
+        cert_file=str(tmp_path / "scheduler.pem"),
+        key_file=str(tmp_path / "scheduler-key.pem"),
+        client_ca_file=str(tmp_path / "ca.pem"),
+    )
+    server = ExtenderHttpServer(Extender(core, RecordingApi(), settings), "127.0.0.1", 0, tls_context(settings)).start()
+    try:
+        url = f"https://localhost:{server.port}/filter"
+        body = json.dumps({"Pod": k8s_pod("p1", "uid-1", 20000), "NodeNames": ["big-a"]}).encode()
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        ctx.load_cert_chain(str(tmp_path / "client-admin.pem"), str(tmp_path / "client-admin-key.pem"))
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30, context=ctx) as resp:
+            assert json.loads(resp.read())["NodeNames"] == ["big-a"]
+        anonymous = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))  # no client certificate
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30, context=anonymous).read()
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="set both or neither"):
+        tls_context(ExtenderSettings(cert_file=str(tmp_path / "scheduler.pem")))

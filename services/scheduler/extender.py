@@ -810,8 +810,15 @@ class ExtenderHttpServer(ThreadingHTTPServer):
         super().__init__((host, port), _Handler)
         self.extender = extender
         if tls is not None:
-            self.socket = tls.wrap_socket(self.socket, server_side=True)
+            # The handshake happens on the connection's own thread, so a slow client never blocks accept().
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
         self._thread: threading.Thread | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed (a refused TLS handshake, a peer that hung up): log it, briefly."""
+        log.warning(
+            "extender connection failed", extra={"peer": str(client_address)}, exc_info=log.isEnabledFor(logging.DEBUG)
+        )
 
     @property
     def port(self) -> int:
