@@ -490,10 +490,11 @@ def test_bandit_moves_weight_to_the_better_arm_and_logs_propensities(router: Stu
 
 
 def _logistic_torchscript(weights: list[float], bias: float) -> bytes:
-    model = torch.nn.Sequential(torch.nn.Linear(len(weights), 1), torch.nn.Sigmoid())
+    linear = torch.nn.Linear(len(weights), 1)
+    model = torch.nn.Sequential(linear, torch.nn.Sigmoid())
     with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([weights]))
-        model[0].bias.fill_(bias)
+        linear.weight.copy_(torch.tensor([weights]))
+        linear.bias.fill_(bias)
     buf = io.BytesIO()
     torch.jit.save(torch.jit.script(model.eval()), buf)
     return buf.getvalue()

@@ -2,9 +2,10 @@
 
 No state is read except the optional sticky record, so every replica and every restart gives the same
 arm. The order follows GrowthBook: the hash value of the experiment's hash attribute; a sticky bucket
-skips targeting; namespace, targeting condition (GrowthBook's own ``evalCondition``, so migrated
-conditions mean the same), the holdout; then the bucket ``gbhash(seed or key, value, version)`` and the
-first bucket range that holds it. Hashing is the Cython kernel in ``native/abhash.pyx``.
+skips targeting; namespace, targeting condition (GrowthBook's reference semantics, its JS SDK's
+``evalCondition``: :mod:`services.abrouter.targeting`, so migrated conditions enrol the same units), the
+holdout; then the bucket ``gbhash(seed or key, value, version)`` and the first bucket range that holds it.
+Hashing is the Cython kernel in ``native/abhash.pyx``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from growthbook.core import evalCondition
 
 from guardmesh.errors import InvalidArgument
 from native import abhash
 from services.abrouter.experiments import Experiment, ExperimentState
+from services.abrouter.targeting import eval_condition
 
 ID_LIMIT = 256
 HOLDOUT_PREFIX = "__holdout__"
@@ -105,14 +106,14 @@ def assign(
             spec.hash_version,
             experiment.version,
             "sticky",
-            experiment.weights[sticky_arm],
+            experiment.propensities()[sticky_arm],
             value,
         )
     if spec.namespace is not None:
         ns = abhash.hash_value("__" + spec.namespace.name, value, 1)
         if not spec.namespace.start <= ns < spec.namespace.end:
             return _out(experiment, value, bucket, "not_in_namespace")
-    if spec.condition and not evalCondition(dict(attributes), spec.condition):
+    if spec.condition and not eval_condition(attributes, spec.condition):
         return _out(experiment, value, bucket, "not_targeted")
     holdout = spec.holdout
     if holdout is not None and abhash.hash_value(HOLDOUT_PREFIX + holdout.name, value, 2) < holdout.share:
@@ -128,7 +129,7 @@ def assign(
                 spec.hash_version,
                 experiment.version,
                 "assigned",
-                experiment.weights[index],
+                experiment.propensities()[index],
                 value,
             )
     return _out(experiment, value, bucket, "not_covered")

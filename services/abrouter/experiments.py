@@ -23,9 +23,10 @@ from services.abrouter.metrics import MetricKind
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 NAME_LIMIT = 64
-#: Weights must sum to one within this tolerance, GrowthBook's (its SDK accepts sums in 0.99..1.01 and silently
-#: falls back to equal weights outside; the router refuses instead, so what is configured is what runs). An
-#: accepted sum is normalised to exactly 1 (``ExperimentSpec.normalized``), so propensities are probabilities.
+#: Weights must sum to one within GrowthBook's slack (its SDK accepts sums in 0.99..1.01 and silently falls back
+#: to equal weights outside; the router refuses instead, so what is configured is what runs). Bucket ranges use
+#: the weights as configured, as GrowthBook's ``getBucketRanges`` does (a unit lands in the arm GrowthBook gives
+#: it); the propensities are normalised to sum to 1 (``Experiment.propensities``).
 WEIGHT_SUM_RANGE = (0.99, 1.01)
 
 
@@ -206,13 +207,6 @@ class ExperimentSpec:
         if self.stop_at and self.stop_at <= self.start_at:
             raise InvalidArgument("spec.stop_at", "must be after spec.start_at")
 
-    def normalized(self) -> ExperimentSpec:
-        """This (validated) spec with its arm weights divided by their sum, so they sum to 1."""
-        total = math.fsum(self.weights)
-        if total == 1.0:
-            return self
-        return replace(self, arms=tuple(replace(a, weight=a.weight / total) for a in self.arms))
-
     def _validate_bandit(self, metric_names: set[str]) -> None:
         bandit = self.bandit
         if bandit is None:
@@ -296,8 +290,14 @@ class Experiment:
         return bucket_ranges(self.weights, self.spec.coverage)
 
     def propensities(self) -> tuple[float, ...]:
-        """Probability of each arm for a unit that is in the experiment."""
-        return self.weights
+        """Probability of each arm for a unit that is in the experiment: each bucket range's share of the
+        covered part of [0, 1), so weights summing to 0.99..1.01 give probabilities summing to 1."""
+        lengths = [max(0.0, min(end, 1.0) - start) for start, end in self.ranges()]
+        total = math.fsum(lengths)
+        if total <= 0:  # zero coverage: nobody is in, the configured split is the only answer
+            total_w = math.fsum(self.weights)
+            return tuple(w / total_w for w in self.weights)
+        return tuple(length / total for length in lengths)
 
     def with_changes(self, **changes: Any) -> Experiment:
         """A copy with the version bumped and the given fields changed."""

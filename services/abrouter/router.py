@@ -297,7 +297,6 @@ class Router:
         """Create an experiment at version 1."""
         self._check_alive()
         spec.validate()
-        spec = spec.normalized()
         now = self.clock()
         with self.lock:
             if spec.key in self.live:
@@ -315,7 +314,6 @@ class Router:
         """Replace the spec; version + 1. A rolled-back experiment runs again with the new spec."""
         self._check_alive()
         spec.validate()
-        spec = spec.normalized()
         with self.lock:
             st = self._get(spec.key)
             cur = st.experiment
@@ -709,7 +707,7 @@ class Router:
             columns = st.table.columns()
             versions = st.table.config_versions()
             other_arms = self._other_arms(st, columns, others)
-            weights = st.experiment.weights
+            weights = st.experiment.propensities()  # normalised: GrowthBook allows sums of 0.99..1.01
             ranges = st.experiment.ranges()
             version = st.experiment.spec.hash_version
             since = st.weights_since
