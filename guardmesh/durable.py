@@ -29,7 +29,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -127,6 +127,13 @@ class Transaction(Protocol):
     def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Rows of a query."""
 
+    def pipeline(self) -> AbstractContextManager[Any]:
+        """Send the statements run inside without waiting for each answer (PostgreSQL's pipeline mode;
+        nothing on SQLite). Errors surface when it ends; row counts inside it are not known yet."""
+
+    def execute_counted(self, sql: str, params: tuple[Any, ...] = ()) -> Callable[[], int]:
+        """Run a statement; a function giving the rows it changed (call it after any pipeline ends)."""
+
 
 @dataclass(frozen=True)
 class StoreTarget:
@@ -199,6 +206,13 @@ class _SqliteTransaction:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
+    def pipeline(self) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def execute_counted(self, sql: str, params: tuple[Any, ...] = ()) -> Callable[[], int]:
+        count = self.execute(sql, params)
+        return lambda: count
+
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         return self.db.execute(sql, params).rowcount
 
@@ -212,6 +226,14 @@ class _SqliteTransaction:
 class _PgTransaction:
     def __init__(self, cursor: Any) -> None:
         self.cursor = cursor
+
+    def pipeline(self) -> AbstractContextManager[Any]:
+        return self.cursor.connection.pipeline()  # type: ignore[no-any-return]
+
+    def execute_counted(self, sql: str, params: tuple[Any, ...] = ()) -> Callable[[], int]:
+        cursor = self.cursor.connection.cursor()  # its own cursor: its count survives later statements
+        cursor.execute(to_postgresql(sql), params)
+        return lambda: int(cursor.rowcount)
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         self.cursor.execute(to_postgresql(sql), params)
@@ -292,7 +314,8 @@ class _SqliteBackend:
 
 
 class _PostgresBackend:
-    """A psycopg 3 connection pool; each transaction takes a connection and gives it back."""
+    """A psycopg 3 connection pool for reads and side transactions; the committer keeps one connection of
+    its own (no pool checkout and health probe per group commit), opened again after it breaks."""
 
     dialect = "postgresql"
     now_sql = "SELECT EXTRACT(EPOCH FROM clock_timestamp())::double precision"
@@ -318,11 +341,26 @@ class _PostgresBackend:
             name="guardmesh-store",
             open=True,
         )
+        self._committer: Any = None
 
     @contextmanager
     def transaction(self, *, committer: bool = False) -> Iterator[_PgTransaction]:
-        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
-            yield _PgTransaction(cursor)
+        if not committer:
+            with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
+                yield _PgTransaction(cursor)
+            return
+        import psycopg
+
+        if self._committer is None or self._committer.closed or self._committer.broken:
+            self._committer = psycopg.connect(self.target.conninfo, connect_timeout=CONNECT_TIMEOUT_S)
+        conn = self._committer
+        try:
+            with conn.transaction(), conn.cursor() as cursor:
+                yield _PgTransaction(cursor)
+        except BaseException:
+            if conn.broken:  # the server went away: the next batch connects again
+                conn.close()
+            raise
 
     def query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self.pool.connection() as conn, conn.cursor() as cursor:
@@ -330,6 +368,8 @@ class _PostgresBackend:
             return list(cursor.fetchall())
 
     def close(self) -> None:
+        if self._committer is not None:
+            self._committer.close()
         self.pool.close()
 
 
@@ -472,14 +512,18 @@ class GroupCommitLog:
             self.transactions += 1
             try:
                 with self.backend.transaction(committer=True) as tx:
-                    if fence is not None:
-                        _check_fence(tx, *fence)
-                    for statements, _, _ in batch:
-                        for sql, params in statements:
-                            if isinstance(params, list):
-                                tx.executemany(sql, params)
-                            else:
-                                tx.execute(sql, params)
+                    # The fence check travels with the batch (one round trip on PostgreSQL); a stale epoch
+                    # raises before COMMIT, so none of the batch is kept.
+                    with tx.pipeline():
+                        fenced = None if fence is None else _fence_check(tx, *fence)
+                        for statements, _, _ in batch:
+                            for sql, params in statements:
+                                if isinstance(params, list):
+                                    tx.executemany(sql, params)
+                                else:
+                                    tx.execute(sql, params)
+                    if fenced is not None:
+                        fenced()
             except BaseException as exc:
                 error = exc
             for _, ticket, _ in batch:
@@ -526,10 +570,18 @@ class GroupCommitLog:
         self.backend.close()
 
 
-def _check_fence(tx: Transaction, lease: str, epoch: int) -> None:
-    # The UPDATE takes the lease row's lock (PostgreSQL) or the write lock is already held (SQLite's BEGIN
-    # IMMEDIATE): a takeover cannot slip in between this check and the commit of the batch.
-    if tx.execute("UPDATE leases SET epoch = epoch WHERE name = ? AND epoch = ?", (lease, epoch)) != 1:
-        rows = tx.fetchall("SELECT epoch, holder FROM leases WHERE name = ?", (lease,))
-        now = f"epoch {rows[0][0]} held by {rows[0][1]}" if rows else "no lease row"
-        raise Fenced(f"lease {lease!r}: this writer's epoch {epoch} is stale ({now})")
+def _fence_check(tx: Transaction, lease: str, epoch: int) -> Callable[[], None]:
+    """Touch the lease row if it still holds ``epoch``; the returned function raises Fenced if it did not.
+
+    The UPDATE takes the lease row's lock (PostgreSQL) or the write lock is already held (SQLite's BEGIN
+    IMMEDIATE): a takeover cannot slip in between this check and the commit of the batch.
+    """
+    touched = tx.execute_counted("UPDATE leases SET epoch = epoch WHERE name = ? AND epoch = ?", (lease, epoch))
+
+    def verify() -> None:
+        if touched() != 1:
+            rows = tx.fetchall("SELECT epoch, holder FROM leases WHERE name = ?", (lease,))
+            now = f"epoch {rows[0][0]} held by {rows[0][1]}" if rows else "no lease row"
+            raise Fenced(f"lease {lease!r}: this writer's epoch {epoch} is stale ({now})")
+
+    return verify
