@@ -84,7 +84,12 @@ down: install
 demo: install
 	$(BIN)/guardmesh demo
 
-# Every service's main RPCs from a multi-process load generator (bench/results/load.json).
+# RECORD=1: `make load` and the benchmarks replace the tracked bench/results/*.json; without it a run writes
+# bench/results/local/ (ignored by git), so trying them changes nothing committed.
+RECORD ?=
+export GUARDMESH_BENCH_RECORD = $(RECORD)
+
+# Every service's main RPCs from a multi-process load generator (bench/results/load.json with RECORD=1).
 load: install
 	$(PY) -m bench.load
 

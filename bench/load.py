@@ -706,8 +706,10 @@ def report(header: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps([header, *rows], indent=2) + "\n", encoding="utf-8")
+    from bench.records import results_path, say_where
+
+    path = results_path(RESULTS.name)
+    path.write_text(json.dumps([header, *rows], indent=2) + "\n", encoding="utf-8")
     table = Table(
         title=f"guardmesh load: {header['processes']} processes x {header['threads_per_process']} threads, "
         f"{header['duration_s']:g} s per run ({header['machine']})"
@@ -737,7 +739,7 @@ def report(header: dict[str, Any], rows: list[dict[str, Any]]) -> None:
             errors,
         )
     Console(width=160).print(table)
-    print(f"wrote {RESULTS}")
+    say_where(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,27 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Set to 1 (``make bench-... RECORD=1``, ``make load RECORD=1``) to replace the tracked files in ``RESULTS``;
+#: otherwise a run writes under ``RESULTS / "local"`` (ignored by git), so trying a benchmark changes nothing
+#: that is committed.
+RECORD_ENV = "GUARDMESH_BENCH_RECORD"
+
+
+def results_path(name: str) -> Path:
+    """Where this run writes result file ``name``: ``bench/results/<name>`` when recording, else
+    ``bench/results/local/<name>``."""
+    recording = os.environ.get(RECORD_ENV, "") not in ("", "0")
+    folder = RESULTS if recording else RESULTS / "local"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+def say_where(path: Path) -> None:
+    """Print where results went, and how to record them when they did not replace the tracked file."""
+    if path.parent == RESULTS:
+        print(f"wrote {path} (recorded)")
+    else:
+        print(f"wrote {path}; not recorded: {RECORD_ENV}=1 (make ... RECORD=1) replaces {RESULTS / path.name}")
 
 
 @cache
@@ -75,9 +96,8 @@ def _fmt(value: float | None) -> str:
 
 
 def write_records(service: str, records: list[dict[str, Any]]) -> Path:
-    """Write ``bench/results/<service>.json`` and print the records as a table; return the path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{service}.json"
+    """Write ``<service>.json`` (see :func:`results_path`) and print the records as a table; return the path."""
+    path = results_path(f"{service}.json")
     path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
     table = Table(title=f"{service} benchmark ({machine()})")
     for col in ("name", "unit", "ours", "peer", "peer value", "ratio", "target", "met"):
@@ -97,7 +117,7 @@ def write_records(service: str, records: list[dict[str, Any]]) -> Path:
             met,
         )
     Console(width=200).print(table)
-    print(f"wrote {path}")
+    say_where(path)
     return path
 
 
