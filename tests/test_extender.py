@@ -406,3 +406,49 @@ def test_tls_endpoint_with_client_certificates(core: Scheduler, tmp_path: Any) -
         server.stop()
     with pytest.raises(ValueError, match="set both or neither"):
         tls_context(ExtenderSettings(cert_file=str(tmp_path / "scheduler.pem")))
+
+
+# The JSON documents of kube-scheduler's own compatibility test (extender/v1 types_test.go, TestCompatibility).
+FIXTURE_PREEMPTION_ARGS = (
+    '{"Pod":{"metadata":{"name":"podname","creationTimestamp":null},"spec":{"containers":null},"status":{}},'
+    '"NodeNameToVictims":{"foo":{"Pods":[{"metadata":{"name":"podname","creationTimestamp":null},'
+    '"spec":{"containers":null},"status":{}}],"NumPDBViolations":1}},'
+    '"NodeNameToMetaVictims":{"foo":{"Pods":[{"UID":"myuid"}],"NumPDBViolations":1}}}'
+)
+FIXTURE_PREEMPTION_RESULT = '{"NodeNameToMetaVictims":{"foo":{"Pods":[{"UID":"myuid"}],"NumPDBViolations":1}}}'
+FIXTURE_ARGS = (
+    '{"Pod":{"metadata":{"name":"podname","creationTimestamp":null},"spec":{"containers":null},"status":{}},'
+    '"Nodes":{"metadata":{},"items":[{"metadata":{"name":"nodename","creationTimestamp":null},"spec":{},'
+    '"status":{"daemonEndpoints":{"kubeletEndpoint":{"Port":0}},"nodeInfo":{"machineID":"","systemUUID":"",'
+    '"bootID":"","kernelVersion":"","osImage":"","containerRuntimeVersion":"","kubeletVersion":"",'
+    '"kubeProxyVersion":"","operatingSystem":"","architecture":""}}}]},"NodeNames":["node1"]}'
+)
+FIXTURE_BINDING_ARGS = '{"PodName":"mypodname","PodNamespace":"mypodnamespace","PodUID":"mypoduid","Node":"mynode"}'
+
+
+@pytest.mark.parametrize("lower", [False, True])
+def test_kube_schedulers_own_fixtures_decode_and_answer_in_its_shape(served: Any, lower: bool) -> None:
+    base, _, _ = served
+
+    def send(verb: str, doc: str) -> Any:
+        return post(base, verb, None, raw=(doc.lower() if lower else doc).encode())
+
+    # The fixture pod asks for no GPU memory: preempt passes kube-scheduler's victims through unchanged,
+    # which is exactly the fixture's ExtenderPreemptionResult.
+    # Whatever the case of the keys sent, the answer uses Go's field names.
+    status, doc, _ = send("preempt", FIXTURE_PREEMPTION_ARGS)
+    assert status == 200 and doc == json.loads(FIXTURE_PREEMPTION_RESULT)
+    # filter: Node objects in, the same Node objects out (a CPU-only pod passes every node).
+    status, doc, _ = send("filter", FIXTURE_ARGS)
+    nodes = json.loads(FIXTURE_ARGS if not lower else FIXTURE_ARGS.lower())[("Nodes" if not lower else "nodes")]
+    assert status == 200 and doc == {
+        "Nodes": nodes,
+        "NodeNames": None,
+        "FailedNodes": {},
+        "FailedAndUnresolvableNodes": {},
+        "Error": "",
+    }
+    status, doc, _ = send("bind", FIXTURE_BINDING_ARGS)
+    assert status == 200 and set(doc) == {"Error"} and "was never filtered by this extender" in doc["Error"]
+    status, doc, _ = send("prioritize", FIXTURE_ARGS)
+    assert (status, doc) == (200, [{"Host": "nodename", "Score": 0}])

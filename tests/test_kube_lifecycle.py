@@ -147,6 +147,9 @@ def test_pod_lifecycle_filter_prioritize_bind_annotate_delete_release(
     assert notes["guardmesh.io/gpu-uuids"] == grant.uuid and grant.uuid.startswith(f"GPU-{node}-")
     assert notes["guardmesh.io/gpu-memory-cap-mib"] == "30000"
     assert json.loads(notes["guardmesh.io/env"])["CUDA_VISIBLE_DEVICES"] == grant.uuid
+    # One annotation per variable, for the downward API to map onto the container's environment.
+    assert notes["guardmesh.io/env.CUDA_VISIBLE_DEVICES"] == grant.uuid
+    assert notes["guardmesh.io/env.GUARDMESH_GPU_MEMORY_CAP_MIB"] == "30000"
 
     # A second 30 GiB pod goes to the other card or node: the first one's memory is held.
     node2, error2 = cluster.schedule(gpu_pod(v1, "trainer-1", 30000), ["gpu-a", "gpu-b"])

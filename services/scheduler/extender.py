@@ -59,6 +59,9 @@ JOB_ANNOTATION = ANNOTATION + "job-id"
 UUIDS_ANNOTATION = ANNOTATION + "gpu-uuids"
 CAPS_ANNOTATION = ANNOTATION + "gpu-memory-cap-mib"
 ENV_ANNOTATION = ANNOTATION + "env"
+#: One annotation per variable too (``guardmesh.io/env.CUDA_VISIBLE_DEVICES``), so that a pod's spec can map
+#: each onto an environment variable with the downward API (resolved when the container starts, after bind).
+ENV_VAR_ANNOTATION = ANNOTATION + "env."
 #: Largest request body read (a NodeList of thousands of full Node objects stays well below it), bytes.
 MAX_BODY_BYTES = 64 << 20
 #: Victim sets up to this size are searched exhaustively for the fewest; larger ones greedily.
@@ -184,7 +187,11 @@ def pod_request(pod: Any, resource: str) -> PodRequest | None:
     spec = field(pod, "spec") or {}
     annotations = {str(k): str(v) for k, v in (field(meta, "annotations") or {}).items()}
     mib = _memory_request(spec, resource)
-    ours = sorted(k for k in annotations if k.startswith(ANNOTATION) and k not in _OUTPUT_ANNOTATIONS)
+    ours = sorted(
+        k
+        for k in annotations
+        if k.startswith(ANNOTATION) and k not in _OUTPUT_ANNOTATIONS and not k.startswith(ENV_VAR_ANNOTATION)
+    )
     if mib is None or mib == 0:
         if ours:
             raise BadRequest(
@@ -230,12 +237,13 @@ _OUTPUT_ANNOTATIONS = frozenset({JOB_ANNOTATION, UUIDS_ANNOTATION, CAPS_ANNOTATI
 
 def worker_annotations(placement: ReplicaPlacement, job: Job) -> dict[str, str]:
     """What bind writes on the pod: the job, GPU UUIDs, memory caps and the environment the worker applies."""
+    env = placement.env(job.spec.allow_sharing)
     return {
         JOB_ANNOTATION: job.job_id,
         UUIDS_ANNOTATION: ",".join(g.uuid for g in placement.gpus),
         CAPS_ANNOTATION: ",".join(str(g.memory_cap_mib) for g in placement.gpus),
-        ENV_ANNOTATION: json.dumps(placement.env(job.spec.allow_sharing), sort_keys=True),
-    }
+        ENV_ANNOTATION: json.dumps(env, sort_keys=True),
+    } | {ENV_VAR_ANNOTATION + name: value for name, value in env.items()}
 
 
 # -- feasibility and scores over the core's state --------------------------------------------------------
