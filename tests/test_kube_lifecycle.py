@@ -214,7 +214,9 @@ def test_expired_lease_evicts_the_pod(kube: KubeEmulator, v1: client.CoreV1Api) 
     c = Cluster(kube, core)
     try:
         c.controller.reconcile()
-        assert c.schedule(gpu_pod(v1, "idle", 10000), ["gpu-a"])[1] == ""
+        # The pod's worker renews its lease itself (through the SDK): the controller leaves it alone.
+        assert c.schedule(gpu_pod(v1, "idle", 10000, {"guardmesh.io/lease-ttl-s": "5"}), ["gpu-a"])[1] == ""
+        assert c.controller.reconcile().renewed == []
         now[0] += 10  # the worker never renewed
         core.tick()
         assert core.describe(job_id_of("uid-idle")).state == JobState.LEASE_EXPIRED
@@ -373,3 +375,26 @@ def test_the_scheduler_service_serves_the_extender_and_reconciles_when_enabled(
             channel.close()
     finally:
         running.stop(grace=0.5)
+
+
+def test_the_controller_renews_the_lease_of_a_pod_that_does_not_speak_guardmesh(
+    kube: KubeEmulator, v1: client.CoreV1Api
+) -> None:
+    gpu_node(v1, "gpu-a", 1, 40960)
+    now = [1000.0]
+    core = Scheduler(SchedulerSettings(gpu_reserve_mib=0, lease_ttl_s=5), clock=lambda: now[0])
+    c = Cluster(kube, core)
+    try:
+        c.controller.reconcile()
+        assert c.schedule(gpu_pod(v1, "plain", 10000), ["gpu-a"])[1] == ""
+        job_id = job_id_of("uid-plain")
+        assert c.controller.period <= 5 / 3  # passes come often enough for the lease
+        for _ in range(4):  # 16 s, three times the TTL, with a pass every 4 s
+            now[0] += 4
+            assert c.controller.reconcile().renewed == [job_id]
+            core.tick()
+        assert core.describe(job_id).state == JobState.RUNNING and kube.evictions == []
+        v1.delete_namespaced_pod("plain", NS)
+        assert c.controller.reconcile().released == [job_id]
+    finally:
+        c.close()

@@ -12,7 +12,9 @@ Pod annotations (all optional): ``guardmesh.io/gpus`` (GPUs per pod, default 1),
 (``true`` default: cards may host other pods; ``false``: idle cards only), ``guardmesh.io/qos``
 (``guaranteed`` | ``burstable`` | ``best-effort``), ``guardmesh.io/topology`` (``preferred`` |
 ``required`` | ``none``), ``guardmesh.io/gpu-models`` (comma-separated), ``guardmesh.io/pod-group`` and
-``guardmesh.io/pod-group-size`` (a gang: its pods bind all together or not at all).
+``guardmesh.io/pod-group-size`` (a gang: its pods bind all together or not at all), ``guardmesh.io/lease-ttl-s``
+(the pod's worker renews its job's lease through the SDK with this TTL, and a lapsed lease evicts the pod;
+without it the controller renews the lease while the pod exists, so pods need not speak guardmesh).
 """
 
 from __future__ import annotations
@@ -223,6 +225,8 @@ def pod_request(pod: Any, resource: str) -> PodRequest | None:
         allow_sharing=_choice_annotation(annotations, ANNOTATION + "sharing", {"true": True, "false": False}, True),
         allowed_models=models,
         topology=_choice_annotation(annotations, ANNOTATION + "topology", _TOPOLOGY, Topology.PREFERRED),
+        # 0: the scheduler's default TTL, renewed by the controller (see the module docstring).
+        lease_ttl_s=_int_annotation(annotations, ANNOTATION + "lease-ttl-s", 0, 1, 86_400),
         owner="kubernetes",
     )
     try:

@@ -7,7 +7,8 @@ the API server and the jobs from the scheduler core, and closes the gap idempote
 * node inventory: a node's ``guardmesh.io/gpus`` annotation (JSON list of GPUs, written by the node agent
   DaemonSet or an operator) registers it with guardmesh, labelled ``guardmesh.io/node=<name>`` so that
   the extender can pin a pod's job to it; a node the agent registered over gRPC gets the label added;
-* a pod deleted, or finished (``Succeeded`` / ``Failed``), releases its job;
+* a pod deleted, or finished (``Succeeded`` / ``Failed``), releases its job; while it exists, the controller
+  renews its job's lease unless the pod asked its worker to (``guardmesh.io/lease-ttl-s``);
 * a job guardmesh preempts, or whose lease expired, evicts its pod through the Eviction API (so
   PodDisruptionBudgets are honoured) with a Kubernetes Event carrying the reason;
 * a reservation whose pod never got it (the process stopped between reserving and annotating the pod) is
@@ -175,6 +176,7 @@ class Pass:
 
     registered: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    renewed: list[str] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -201,6 +203,8 @@ class Controller:
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: Longest time between passes: the resync period, and a third of the lease the controller renews.
+        self.period = min(self.settings.resync_s, core.settings.lease_ttl_s / 3)
 
     # -- one pass ----------------------------------------------------------------------------------------
 
@@ -249,6 +253,9 @@ class Controller:
                 if job.state in HOLDS_ALLOCATION and gone:
                     self.core.release(job.job_id)
                     done.released.append(job.job_id)
+                elif job.state == JobState.RUNNING and pod is not None and not job.spec.lease_ttl_s:
+                    self.core.renew(job.job_id, 0)  # the pod exists: that is its liveness
+                    done.renewed.append(job.job_id)
                 elif job.state == JobState.PREEMPTING and pod is not None:
                     why = f"guardmesh preempted job {job.job_id} for guaranteed job {job.preempted_by}"
                     self._evict(pod, job.job_id, "Preempted", why, done)
@@ -302,10 +309,10 @@ class Controller:
 
         while not self._stop.is_set():
             with self.core.changed:
-                self.core.changed.wait_for(woken, timeout=min(1.0, self.settings.resync_s))
+                self.core.changed.wait_for(woken, timeout=min(1.0, self.period))
             if self._stop.is_set():
                 return
-            due = time.monotonic() - last >= self.settings.resync_s
+            due = time.monotonic() - last >= self.period
             if not (due or self._kick.is_set() or self.core.event_seq != seen):
                 continue
             self._kick.clear()
