@@ -178,3 +178,19 @@ def test_bandits_require_sticky_bucketing_and_keep_exposed_units_on_their_arm(ro
         )
     )
     assert accepted.recorded == 300
+
+
+def test_audit_windows_by_every_logged_categorical_covariate(router: Stub) -> None:
+    create(router, "sites")
+    rng = np.random.default_rng(4)
+    for i in range(400):
+        covariates = pb.Covariates(numeric={"age": float(rng.normal(50, 10))}, categorical={"site": f"s{i % 2}"})
+        assign_one(router, "sites", f"u{i}", covariates=covariates)
+    report = router.AuditExperiment(pb.AuditExperimentRequest(key="sites", min_sample=100))
+    windows = {b.window for b in report.balance if b.covariate == "age"}
+    assert {"site:s0", "site:s1"} <= windows
+    assert "arm_share:site" in {t.name for t in report.clustering}
+    code, details = code_of(
+        lambda: router.AuditExperiment(pb.AuditExperimentRequest(key="sites", window_covariates=["device"]))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("window_covariates[0]:")

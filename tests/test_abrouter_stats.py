@@ -5,6 +5,7 @@ from another experiment, a shifted covariate, an over-represented device, an imb
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -516,3 +517,35 @@ def test_covered_uniformity_accepts_partial_coverage_and_catches_impossible_valu
     impossible = np.concatenate([covered, [0.3]])
     bad = covered_uniformity(impossible, ranges, 10_000)
     assert bad.alert and "outside every covered range" in bad.detail
+
+
+def test_per_value_windows_for_any_categorical_covariate_not_only_device() -> None:
+    """An imbalance confined to one site (a covariate not named "device") is seen in its own window."""
+    rng = np.random.default_rng(21)
+    n = 40_000
+    x = rng.normal(size=n)
+    sites = ("berlin", "lyon", "oslo", "porto")
+    site = rng.integers(0, 4, n).astype(np.int32)
+    # berlin (1/4 of units): treatment over-samples high x; elsewhere slightly the other way; overall balanced
+    p_treat = 0.5 + np.where(site == 0, 0.15, -0.05) * np.sign(x)
+    arms = (rng.random(n) < p_treat).astype(int)
+    cols = replace(make_cols(n, 21, arms=arms, numeric={"x": x}), categorical={"site": CategoricalColumn(site, sites)})
+    assert not {r.covariate: r for r in audit.covariate_balance(cols)}["x"].imbalanced
+    windowed = {r.window: r for r in audit.balance_over_windows(cols, windows=()) if r.covariate == "x"}
+    assert set(windowed) == {f"site:{s}" for s in sites}
+    assert windowed["site:berlin"].imbalanced and windowed["site:berlin"].effect_size > 0.2
+    report = audit.full_audit(cols, [0.5, 0.5])
+    assert any("site:berlin" in reason for reason in report.reasons)
+    assert "arm_share:site" in {t.name for t in report.clustering}
+
+
+def test_an_id_like_categorical_gets_windows_only_when_named() -> None:
+    n = 3000
+    visitors = tuple(f"v{i}" for i in range(audit.MAX_WINDOW_VALUES + 1))
+    codes = (np.arange(n) % len(visitors)).astype(np.int32)
+    cols = replace(make_cols(n, 22), categorical={"visitor": CategoricalColumn(codes, visitors)})
+    arms = cols.arms.astype(np.intp)
+    _, prepared, notes = audit._prepare(cols, arms, 2, (), None, None)
+    assert prepared == [] and notes == [f"visitor: {len(visitors)} values, more than 1000: no windows by it"]
+    _, prepared, notes = audit._prepare(cols, arms, 2, (), ("visitor",), None)
+    assert [p.kind for p in prepared] == ["visitor"] and notes == []

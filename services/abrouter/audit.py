@@ -14,8 +14,9 @@ one arm over-represented in winter; one scanner model over-represented in one ar
   blocks, prefix, last character), of the arm the unit has in other experiments (carry-over), and of the
   time window or device of the exposure (arm shares by window);
 * **covariate balance**: every treatment arm against control for every covariate, overall and within each
-  day / ISO week / meteorological season and each value of chosen categorical covariates (``device``), so an
-  imbalance confined to one season that washes out overall is still seen.
+  day / ISO week / meteorological season and each value of the categorical covariates (every one logged, or
+  those named: ``device``, ``site``, ``scanner`` ...), so an imbalance confined to one season or one site that
+  washes out overall is still seen.
 
 Conventions
 -----------
@@ -73,6 +74,7 @@ __all__ = [
     "HASH_RESOLUTIONS",
     "ID_SAMPLE_MAX",
     "ID_SAMPLE_SEED",
+    "MAX_WINDOW_VALUES",
     "MIN_EXPECTED",
     "TIME_WINDOWS",
     "AuditReport",
@@ -98,6 +100,8 @@ ID_SAMPLE_MAX = 200_000
 ID_SAMPLE_SEED = 20_261_120
 #: Contingency columns whose smallest expected count is below this are merged into "other".
 MIN_EXPECTED = 5.0
+#: A categorical covariate with more values than this gets no per-value windows unless named (id-like values).
+MAX_WINDOW_VALUES = 1000
 TIME_WINDOWS = ("day", "week", "season")
 
 _SECONDS_PER_DAY = 86_400.0
@@ -766,11 +770,15 @@ def _prepare(
     arms: np.ndarray,
     n_arms: int,
     windows: Sequence[str],
-    by_categorical: Sequence[str],
+    by_categorical: Sequence[str] | None,
     overall: str | None,
 ) -> tuple[list[_Base], list[_Prepared], list[str]]:
     """Bases and groupings: ``overall`` (one window of all units, if named), the time windows, then one
-    grouping per categorical name; and notes on names in ``by_categorical`` that ``cols`` has no column for."""
+    grouping per categorical name; and notes on names in ``by_categorical`` that ``cols`` has no column for.
+
+    ``by_categorical`` None means every categorical covariate of ``cols`` with at most
+    ``MAX_WINDOW_VALUES`` values (an id-like covariate with more is noted and left out; name it to include it).
+    """
     unknown = [w for w in windows if w not in TIME_WINDOWS]
     if unknown:
         raise ValueError(f"windows: unknown {unknown}; choose from {list(TIME_WINDOWS)}")
@@ -786,6 +794,16 @@ def _prepare(
             position = {name: i for i, name in enumerate(names)}
             lut = np.array([position[label] for label in labels] + [len(names)], dtype=np.intp)
             prepared.append(_group(kind, names, 0, bases[0], lut))
+    if by_categorical is None:
+        chosen: list[str] = []
+        for name, values in cols.categorical.items():
+            if len(values.vocabulary) > MAX_WINDOW_VALUES:
+                notes.append(
+                    f"{name}: {len(values.vocabulary)} values, more than {MAX_WINDOW_VALUES}: no windows by it"
+                )
+            else:
+                chosen.append(name)
+        by_categorical = chosen
     for name in dict.fromkeys(by_categorical):
         column = cols.categorical.get(name)
         if column is None:
@@ -861,7 +879,7 @@ def arm_share_over_windows(
     *,
     alpha: float = 0.001,
     windows: Sequence[str] = TIME_WINDOWS,
-    by_categorical: Sequence[str] = ("device",),
+    by_categorical: Sequence[str] | None = None,
 ) -> list[TestResult]:
     """``arm_share_by_window`` for the windows of ``balance_over_windows``: "arm_share:day", ... "arm_share:device"."""
     _check_alpha(alpha)
@@ -1267,12 +1285,13 @@ def balance_over_windows(
     control: int = 0,
     alpha: float = 0.01,
     windows: Sequence[str] = TIME_WINDOWS,
-    by_categorical: Sequence[str] = ("device",),
+    by_categorical: Sequence[str] | None = None,
     min_n: int = 20,
 ) -> list[BalanceResult]:
     """``covariate_balance`` within each UTC day / ISO week / meteorological season and each value of the
-    named categorical covariates ("device:CT-1000"); windows with fewer than ``min_n`` units per arm are
-    skipped, and names in ``by_categorical`` that ``cols`` has no column for are ignored."""
+    categorical covariates ("device:CT-1000", "site:berlin"; ``by_categorical`` None: every one logged, see
+    ``_prepare``); windows with fewer than ``min_n`` units per arm are skipped, and names in ``by_categorical``
+    that ``cols`` has no column for are ignored."""
     arms, n_arms = _balance_setup(cols, control, alpha, min_n)
     bases, prepared, _ = _prepare(cols, arms, n_arms, windows, by_categorical, None)
     return _balance(cols, arms, n_arms, bases, prepared, control, alpha, min_n)
@@ -1302,7 +1321,7 @@ def full_audit(
     min_sample: int = 1000,
     min_deviation: float = 0.01,
     windows: Sequence[str] = TIME_WINDOWS,
-    by_categorical: Sequence[str] = ("device",),
+    by_categorical: Sequence[str] | None = None,
     ranges: Sequence[tuple[float, float]] | None = None,
     resolution: int = 10_000,
 ) -> AuditReport:

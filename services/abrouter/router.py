@@ -692,9 +692,15 @@ class Router:
         return out
 
     def audit(
-        self, key: str, others: Sequence[str] = (), min_sample: int = 0, min_deviation: float = 0.0
+        self,
+        key: str,
+        others: Sequence[str] = (),
+        min_sample: int = 0,
+        min_deviation: float = 0.0,
+        window_covariates: Sequence[str] = (),
     ) -> audit_mod.AuditReport:
-        """Full audit of the experiment's exposure log."""
+        """Full audit of the experiment's exposure log; per-value windows of ``window_covariates`` (empty: every
+        categorical covariate logged)."""
         min_sample = min_sample or self.settings.audit_min_sample
         min_deviation = min_deviation or self.settings.audit_min_deviation
         if min_sample < 0 or not 0 <= min_deviation < 1:
@@ -705,6 +711,11 @@ class Router:
                 if k not in self.live:
                     raise NotFound(f"other_experiments[{i}]: experiment '{k}' does not exist")
             columns = st.table.columns()
+            for i, name in enumerate(window_covariates):
+                if name not in columns.categorical:
+                    raise InvalidArgument(
+                        f"window_covariates[{i}]", f"'{name}' was never logged as a categorical covariate"
+                    )
             versions = st.table.config_versions()
             other_arms = self._other_arms(st, columns, others)
             weights = st.experiment.propensities()  # normalised: GrowthBook allows sums of 0.99..1.01
@@ -719,6 +730,7 @@ class Router:
             min_deviation=min_deviation,
             ranges=ranges,
             resolution=1000 if version == 1 else 10_000,
+            by_categorical=tuple(window_covariates) or None,
         )
         if (versions < since).any():  # weights changed: SRM compares only units exposed under today's weights
             counts = np.bincount(columns.arms[versions >= since], minlength=len(weights))

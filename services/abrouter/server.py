@@ -483,7 +483,11 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
     ) -> pb.AuditExperimentResponse:
         """See the proto."""
         report = self.router.audit(
-            request.key, list(request.other_experiments), request.min_sample, request.min_deviation
+            request.key,
+            list(request.other_experiments),
+            request.min_sample,
+            request.min_deviation,
+            list(request.window_covariates),
         )
         span = trace.get_current_span()
         span.set_attribute("guardmesh.srm_p_value", report.srm.p_value)
