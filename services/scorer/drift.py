@@ -51,7 +51,8 @@ Drift score and its noise floors
 Each effect size first loses its *noise floor*: the value sampling noise alone exceeds with probability
 ``level = FALSE_ALARM_RATE / (3 * features)`` at these window sizes (``FALSE_ALARM_RATE`` = 0.05; three tests
 per feature, Bonferroni over all of them). So under no drift the chance that *any* feature scores above 0 is
-at most about 5 % whatever the window size and feature count, and the model score rarely leaves 0; a tiny
+about 5 % whatever the window size and feature count (the floors are approximations: 2-9 % measured over
+windows of 20-1,000 rows, 1-100 features, 0-20 % missing), and the model score rarely leaves 0; a tiny
 shift on a huge window stays tiny too. With ``sat(x, h) = 1 - 2 ** (-max(x, 0) / h)`` (0 at 0, 0.5 at h):
 
 * ``score_psi = sat(PSI - floor_psi, 0.1)``: PSI 0.1 above the floor scores 0.5, 0.25 above 0.82;
@@ -62,8 +63,11 @@ shift on a huge window stays tiny too. With ``sat(x, h) = 1 - 2 ** (-max(x, 0) /
   ``floor_ks = kolmogi(level) * sqrt(1/n_ref + 1/n_live)`` (the Kolmogorov limit law, conservative on small
   windows and with ties);
 * ``score_missing = sat(missing_live - missing_ref - floor_missing, 0.1)``: only increases count, a rise of
-  10 percentage points above the floor scores 0.5; ``floor_missing = z(level) * sqrt(p (1 - p) (1/rows_ref +
-  1/rows_live))`` with p the pooled missing rate and z the standard normal's upper quantile;
+  10 percentage points above the floor scores 0.5; with p the pooled missing rate, ``floor_missing`` is the
+  larger of the normal bound ``z(level) * sqrt(p (1 - p) (1/rows_ref + 1/rows_live))`` (z the standard
+  normal's upper quantile: noise in both windows) and the exact binomial one ``binom.isf(level, rows_live, p)
+  / rows_live - p`` (the live count's skewed tail on small windows and rare missing values, where the normal
+  bound alone let 70 % of 20-row windows of 100 features with 1 % missing score above 0);
 * ``score = max(score_psi, score_ks, score_missing)`` per feature (an undefined term, e.g. D of a feature
   missing everywhere in the live window, counts as 0).
 
@@ -602,9 +606,12 @@ def drift_stats(reference: ReferenceWindow, live: LiveWindow | ArrayLike, *, top
     floor_ks = float(scipy_special.kolmogi(level)) * torch.sqrt(inv_n)
     score_ks = torch.where(defined & (floor_ks < 1), (d - floor_ks).clamp(min=0) / (1 - floor_ks), 0.0)
     pooled_missing = ((reference.rows - n_ref) + (live_rows - n_live)).to(_F64) / (reference.rows + live_rows)
-    floor_missing = float(scipy_special.ndtri(1 - level)) * torch.sqrt(
+    normal_floor = float(scipy_special.ndtri(1 - level)) * torch.sqrt(
         pooled_missing * (1 - pooled_missing) * (1 / reference.rows + 1 / live_rows)
     )
+    pooled_host = pooled_missing.cpu().numpy()
+    binomial_floor = _on(pooled_missing, scipy_stats.binom.isf(level, live_rows, pooled_host) / live_rows - pooled_host)
+    floor_missing = torch.maximum(normal_floor, binomial_floor)
     score_missing = _saturate(missing_delta - floor_missing, MISSING_HALF)
     feature_score = torch.stack([score_psi, score_ks, score_missing]).amax(dim=0).clamp(0.0, 1.0)
     score = float(torch.topk(feature_score, top_k).values.mean())
