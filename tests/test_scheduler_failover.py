@@ -70,7 +70,10 @@ def replica(tmp_path: Path, name: str, store_url: str, **env: str) -> ServicePro
     )
 
 
-def spec(job_id: str, ttl_s: int = 600) -> spb.JobSpec:
+TTL_S = 600
+
+
+def spec(job_id: str, ttl_s: int = TTL_S) -> spb.JobSpec:
     return spb.JobSpec(
         job_id=job_id,
         tenant="failover",
@@ -181,6 +184,7 @@ def test_kill9_of_the_leader_under_load_loses_nothing_acknowledged(
     try:
         wait_for("work on the first leader", lambda: len(placed) + len(released) >= 12)
         before = len(placed) + len(released)
+        killed_at = time.time()
         a.kill9()
         wait_for("b to lead", lambda: b.health() == "SERVING")
         wait_for("work on the new leader", lambda: len(placed) + len(released) >= before + 12)
@@ -195,6 +199,9 @@ def test_kill9_of_the_leader_under_load_loses_nothing_acknowledged(
             job = direct.DescribeJob(spb.DescribeJobRequest(job_id=job_id)).job
             assert job.state == spb.JOB_STATE_RUNNING, (job_id, spb.JobState.Name(job.state))
             assert placements(job) == where, job_id
+            # Every lease restarted its TTL when b took over (after the kill), renewed since or not.
+            expires = job.placements[0].lease_expires_at.ToNanoseconds() / 1e9
+            assert expires > killed_at + TTL_S, (job_id, expires - killed_at)
         for job_id in released:
             job = direct.DescribeJob(spb.DescribeJobRequest(job_id=job_id)).job
             assert job.state == spb.JOB_STATE_RELEASED, (job_id, spb.JobState.Name(job.state))
