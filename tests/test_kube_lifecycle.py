@@ -398,3 +398,31 @@ def test_the_controller_renews_the_lease_of_a_pod_that_does_not_speak_guardmesh(
         assert c.controller.reconcile().released == [job_id]
     finally:
         c.close()
+
+
+def test_gang_members_scheduled_one_by_one_are_spread_so_the_group_fits(
+    cluster: Cluster, kube: KubeEmulator, v1: client.CoreV1Api
+) -> None:
+    # kube-scheduler schedules members one at a time; each waits in bind. Were the waiting members invisible
+    # to filter, all three would be sent to the same (best-scored) node and the group could never bind.
+    results: dict[str, tuple[str, str]] = {}
+
+    def schedule(name: str, pod: dict[str, Any]) -> None:
+        results[name] = cluster.schedule(pod, ["gpu-a", "gpu-b"])
+
+    threads = []
+    for i in range(3):
+        pod = gpu_pod(v1, f"g{i}", 40000, GANG)
+        t = threading.Thread(target=schedule, args=(f"g{i}", pod))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 60
+        while i < 2 and sum(len(m) for m in cluster.extender._groups.values()) < i + 1:
+            assert time.monotonic() < deadline, "a member did not reach bind"
+            time.sleep(0.02)
+    for t in threads:
+        t.join(120)
+    assert {name: error for name, (_, error) in results.items()} == {"g0": "", "g1": "", "g2": ""}
+    placed = sorted(node for node, _ in results.values())
+    assert placed == ["gpu-a", "gpu-a", "gpu-b"] or placed == ["gpu-a", "gpu-b", "gpu-b"]
+    assert binding_targets(kube) == {name: node for name, (node, _) in results.items()}

@@ -27,7 +27,8 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -396,7 +397,10 @@ class Extender:
         passed: list[str] = []
         shape = ReplicaShape.of(pod.spec)
         core = self.core
-        with core.lock:
+        # A gang member sees the room its waiting group mates will take (and only it sees it: nothing is
+        # held for other pods), so kube-scheduler does not stack the whole group on one card.
+        waiting = self._waiting_members(pod)
+        with core.lock, self._members_placed(core, waiting):
             state = core.state
             counts = np.zeros(0, dtype=np.int64)
             static = counts
@@ -453,7 +457,8 @@ class Extender:
             return [{"Host": name, "Score": MIN_PRIORITY} for name in names]
         shape = ReplicaShape.of(pod.spec)
         core = self.core
-        with core.lock:
+        waiting = self._waiting_members(pod)
+        with core.lock, self._members_placed(core, waiting):
             state = core.state
             index = [state.node_index.get(name, -1) for name in names]
             ok = np.zeros(len(names), dtype=bool)
@@ -607,31 +612,45 @@ class Extender:
                     )
                 self._group_changed.wait(left)
 
+    def _waiting_members(self, pod: PodRequest) -> list[tuple[PodRequest, str]]:
+        """The other members of ``pod``'s group waiting in bind, with the nodes they were given."""
+        if not pod.group:
+            return []
+        with self._group_changed:
+            members = self._groups.get((pod.namespace, pod.group), {})
+            return [member for uid, member in members.items() if uid != pod.uid]
+
+    @contextmanager
+    def _members_placed(self, core: Scheduler, members: list[tuple[PodRequest, str]]) -> Iterator[str]:
+        """Under the core's lock: ``members`` placed on their nodes on a scratch allocation while the block
+        runs (undone after it). Yields "" or why a member does not fit beside the others."""
+        state = core.state
+        scratch: list[str] = []
+        failure = ""
+        try:
+            for pod, node in members:
+                if self._held(pod, node) is not None:
+                    continue
+                # The same choice submit will make: the policy's placement pinned to the node.
+                choice = place(state, ReplicaShape.of(pod.pinned(node)), core.policy) if self._fits(pod, node) else None
+                if choice is None:
+                    failure = f"pod {pod.key} does not fit on {node} beside the rest of its group"
+                    break
+                held = f"scratch:{pod.uid}"
+                state.allocate(held, 0, list(choice.gpus), list(choice.caps), pod.spec.allow_sharing, 0, 0)
+                scratch.append(held)
+            yield failure
+        finally:
+            for held in scratch:
+                state.free(held)
+
     def _bind_members(self, members: list[tuple[PodRequest, str]]) -> dict[str, str]:
         """Reserve every member on its node, or none; then publish them. Error per uid ("" when bound)."""
         core = self.core
         with core.lock:
-            state = core.state
-            tentative: list[str] = []
-            failure = ""
-            try:  # try the group on a scratch allocation first so that a partial group is never submitted
-                for i, (pod, node) in enumerate(members):
-                    if self._held(pod, node) is not None:
-                        continue
-                    if not self._fits(pod, node):
-                        failure = f"pod {pod.key} does not fit on {node} beside the rest of its group"
-                        break
-                    # The same choice submit will make: the policy's placement pinned to the node.
-                    choice = place(state, ReplicaShape.of(pod.pinned(node)), core.policy)
-                    if choice is None:
-                        failure = f"pod {pod.key} does not fit on {node} beside the rest of its group"
-                        break
-                    scratch = f"gang-check-{i}"
-                    state.allocate(scratch, 0, list(choice.gpus), list(choice.caps), pod.spec.allow_sharing, 0, 0)
-                    tentative.append(scratch)
-            finally:
-                for scratch in tentative:
-                    state.free(scratch)
+            # Try the group on a scratch allocation first so that a partial group is never submitted.
+            with self._members_placed(core, members) as failure:
+                pass
             if failure:
                 group = members[0][0]
                 message = f"pod group {group.namespace}/{group.group}: {failure}; no pod of the group was bound"
