@@ -175,11 +175,11 @@ class RunningService:
         self._stopped.set()
         grace = self.config.grpc.grace_s if grace is None else grace
         log.info("draining", extra={"grace_s": grace})
-        deadline = time.monotonic() + grace
         self.health.enter_graceful_shutdown()
         if self.registration_id:
             self.registry.deregister(self.registration_id)
         time.sleep(self.config.grpc.drain_delay_s)
+        deadline = time.monotonic() + grace  # the grace for calls in flight starts after the delay
         # gRPC core's shutdown kills the calls that arrived but that the serving thread has not taken up yet
         # (their clients see CANCELLED; under load there are many). So first refuse new calls with UNAVAILABLE
         # while the serving thread keeps taking them up, until none has come for a while; only then stop.
