@@ -1,5 +1,7 @@
 """Scorer benchmark: Score over gRPC with 1, 16 and 64 concurrent clients, dynamic batching on vs off, for
-an MLP (100 features, 256-256 hidden); and the drift statistics vs scipy + numpy (bench.drift_bench).
+an MLP (100 features, 256-256 hidden); ScoreBatch of 256 rows vs the same 256 rows as Score calls one after
+another (and the model executions each took, from the server's own OIP ModelStatistics); and the drift
+statistics vs scipy + numpy (bench.drift_bench).
 
 Each configuration runs the scorer as its own process (``python -m services.scorer``); the clients are
 threads of this process, each sending one request at a time for a fixed duration. "Batching off" is the
@@ -8,12 +10,17 @@ channels, same request bytes) against a bare grpcio echo in its own process: wha
 can deliver here with no server work, so the most any batching could reach.
 
     python -m bench.scorer [--seconds 6]
+
+Records of other benchmarks in bench/results/scorer.json (names this run does not produce, e.g. the drift
+false-alarm figures) are kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import statistics
 import threading
 import time
 from typing import Any
@@ -22,12 +29,14 @@ import numpy as np
 import torch
 
 from bench.processes import ECHO_SERVICE, echo_process, service_process
-from bench.records import record, write_records
+from bench.records import RESULTS, record, results_path, write_records
 from guardmesh.client import open_channel
 from guardmesh.config import load_config
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import scorer_pb2 as pb
 from guardmesh.v1 import scorer_pb2_grpc as pb_grpc
+from inference import grpc_predict_v2_pb2_grpc as oip_grpc
+from inference import model_repository_pb2 as repo_pb
 from services.scorer.registry import mlp
 
 FEATURES = [f"x{i}" for i in range(100)]
@@ -94,12 +103,65 @@ def run_clients(address: str, clients: int, seconds: float, echo: bool = False) 
     }
 
 
-def serve_and_measure(batching: bool, seconds: float) -> dict[int, dict[str, float]]:
-    """Start a scorer (batching on or off), load the MLP, measure every client count."""
+def batch_vs_single(address: str, repeats: int = 5) -> dict[str, float]:
+    """ScoreBatch of 256 rows vs the same 256 rows as Score calls one after another (one client): the
+    median wall time of ``repeats`` rounds each, and the model executions one round took (ModelStatistics)."""
+    config = load_config(env={})
+    rows = np.random.default_rng(2).standard_normal((256, len(FEATURES))).astype(np.float32)
+    channel = open_channel("scorer", config, address=address)
+    stub = pb_grpc.ScorerServiceStub(channel)
+    oip = oip_grpc.GRPCInferenceServiceStub(channel)
+
+    def executions() -> int:
+        stats = oip.ModelStatistics(repo_pb.ModelStatisticsRequest(name="bench", version="v1"))
+        return int(stats.model_stats[0].execution_count)
+
+    def requests(tag: str) -> list[pb.ScoreRequest]:
+        return [
+            pb.ScoreRequest(
+                model="bench", request_id=f"{tag}-{i}", features=dict(zip(FEATURES, map(float, r), strict=True))
+            )
+            for i, r in enumerate(rows)
+        ]
+
+    batch_ms, single_ms = [], []
+    batch_runs = single_runs = 0
+    for k in range(repeats):
+        batch = pb.ScoreBatchRequest(requests=requests(f"b{k}"))
+        before = executions()
+        t0 = time.perf_counter()
+        stub.ScoreBatch(batch)
+        batch_ms.append((time.perf_counter() - t0) * 1000)
+        batch_runs = executions() - before
+        single = requests(f"s{k}")
+        before = executions()
+        t0 = time.perf_counter()
+        for r in single:
+            stub.Score(r)
+        single_ms.append((time.perf_counter() - t0) * 1000)
+        single_runs = executions() - before
+    channel.close()
+    out = {
+        "batch_ms": statistics.median(batch_ms),
+        "single_ms": statistics.median(single_ms),
+        "batch_runs": float(batch_runs),
+        "single_runs": float(single_runs),
+    }
+    print(
+        f"ScoreBatch of 256 rows: {out['batch_ms']:7.1f} ms in {batch_runs} model runs;"
+        f" 256 Score calls: {out['single_ms']:7.1f} ms in {single_runs} model runs"
+    )
+    return out
+
+
+def serve_and_measure(batching: bool, seconds: float) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    """Start a scorer (batching on or off), load the MLP, measure every client count and (batching on)
+    ScoreBatch vs Score calls."""
     overrides = {"GUARDMESH__SCORER__DEVICE": "auto", "GUARDMESH__SCORER__DRIFT_EVERY": "1000000"}
     if not batching:
         overrides["GUARDMESH__SCORER__MAX_BATCH_SIZE"] = "1"
     out: dict[int, dict[str, float]] = {}
+    batch: dict[str, float] = {}
     with service_process("scorer", overrides) as address:
         config = load_config(env={})
         channel = open_channel("scorer", config, address=address)
@@ -128,7 +190,9 @@ def serve_and_measure(batching: bool, seconds: float) -> dict[int, dict[str, flo
                 f"batching {mode} {clients:3d} clients: {r['qps']:8,.0f} req/s  p50 {r['p50_ms']:6.2f} ms"
                 f"  p99 {r['p99_ms']:6.2f} ms  ({device})"
             )
-    return out
+        if batching:
+            batch = batch_vs_single(address)
+    return out, batch
 
 
 def echo_ceiling(clients: int, seconds: float) -> dict[str, float]:
@@ -146,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write bench/results/scorer.json."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=6.0, help="measurement time per client count")
+    ap.add_argument("--skip-drift", action="store_true", help="leave the drift statistics records as they are")
+    ap.add_argument("--note", default="", help="a note on every record of this run (e.g. how loaded the machine was)")
     args = ap.parse_args(argv)
-    on = serve_and_measure(True, args.seconds)
-    off = serve_and_measure(False, args.seconds)
+    on, batch = serve_and_measure(True, args.seconds)
+    off, _ = serve_and_measure(False, args.seconds)
     ceiling = echo_ceiling(64, args.seconds)
     records: list[dict[str, Any]] = [
         record(
@@ -168,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 on[clients]["qps"],
                 "same server with max_batch_size = 1 (same run)",
                 off[clients]["qps"],
-                5.0 if clients == 64 else None,
+                5.0 if clients == 64 else 0.9 if clients == 1 else None,
             )
         )
         records.append(
@@ -193,14 +259,45 @@ def main(argv: list[str] | None = None) -> int:
                 higher_is_better=False,
             )
         )
+    records.append(
+        record(
+            f"ScoreBatch of 256 rows, one call ({batch['batch_runs']:.0f} model runs) vs 256 Score calls one after "
+            f"another ({batch['single_runs']:.0f} model runs), MLP 100-256-256, median of 5",
+            "ms",
+            batch["batch_ms"],
+            "256 Score calls, one client (same server, same run)",
+            batch["single_ms"],
+            None,
+            higher_is_better=False,
+        )
+    )
     from bench import drift_bench
 
-    for r in drift_bench.run():
+    for r in [] if args.skip_drift else drift_bench.run():
         records.append(
             record(r["name"], r["unit"], r["ours"], r["peer"], r["peer_value"], r["target"], r["higher_is_better"])
         )
-    write_records("scorer", records)
+    if args.note:
+        for r in records:
+            r["note"] = args.note
+    write_records("scorer", keep_others(records))
     return 0
+
+
+def keep_others(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of bench/results/scorer.json that this run did not produce (other benchmarks write
+    there too), followed by this run's."""
+    existing: list[dict[str, Any]] = []
+    for path in (results_path("scorer.json"), RESULTS / "scorer.json"):  # where this run writes, else the record
+        try:
+            existing = json.loads(path.read_text())
+            break
+        except (OSError, ValueError):
+            continue
+    ours = {r["name"] for r in records}
+    varying = "ScoreBatch of 256 rows"  # its name carries the run's model-run counts
+    kept = [r for r in existing if r.get("name") not in ours and not str(r.get("name", "")).startswith(varying)]
+    return kept + records
 
 
 if __name__ == "__main__":

@@ -554,11 +554,12 @@ def test_tritonclient_discovers_features_repository_and_statistics(scorer) -> No
     register(stub, "v1", logistic([1.0, 0, 0, 0], 0.0))
     register(stub, "v2", logistic([0.5, 0, 0, 0], 0.0), activate=True)
     rows = np.random.default_rng(9).standard_normal((5, 4)).astype(np.float32)
-    config, index, infer, stats, unknown = triton(
+    config, index, infer, refused, stats, unknown = triton(
         running.address,
         {"call": "get_model_config", "model": "risk"},
         {"call": "get_model_repository_index"},
         {"call": "infer", "model": "risk", "inputs": [{"name": "features", "datatype": "FP32", "data": rows.tolist()}]},
+        {"call": "infer", "model": "risk", "inputs": [{"name": "features", "datatype": "FP32", "data": [[1.0] * 3]}]},
         {"call": "get_inference_statistics", "model": "risk"},
         {"call": "get_model_config", "model": "nope"},
     )
@@ -576,7 +577,12 @@ def test_tritonclient_discovers_features_repository_and_statistics(scorer) -> No
     assert [rid.rsplit("/", 1)[1] for rid in answer["outputs"]["request_id"]["data"]] == ["0", "1", "2", "3", "4"]
     by_version = {s["version"]: s for s in stats["ok"]}
     assert by_version["v2"]["inference_count"] == 5 and by_version["v2"]["execution_count"] == 1
-    assert by_version["v2"]["success"] == 1 and by_version["v2"]["batch_stats"] == {"5": 1}
+    assert refused["error"]["status"] == "StatusCode.INVALID_ARGUMENT"  # 3 columns for 4 features
+    assert refused["error"]["message"].endswith(
+        'does not match the model\'s [-1, 4] (columns: feature_names ["amount", "velocity", "age_days", "foreign"])'
+    )
+    assert by_version["v2"]["success"] == 1 and by_version["v2"]["fail"] == 1
+    assert by_version["v2"]["batch_stats"] == {"5": 1}
     assert by_version["v1"]["inference_count"] == 0 and by_version["v1"]["last_inference"] == 0
     assert unknown["error"]["status"] == "StatusCode.NOT_FOUND"
 

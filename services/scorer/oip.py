@@ -511,8 +511,11 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if any(d < 0 for d in shape):
                 raise InvalidArgument(where, f"shape {_shape_text(shape)} has a negative dimension")
             if len(shape) != len(spec.shape) or any(w not in (-1, d) for w, d in zip(spec.shape, shape, strict=True)):
+                columns = dict(signature.parameters).get("feature_names")
                 raise InvalidArgument(
-                    where, f"shape {_shape_text(shape)} does not match the model's {_shape_text(spec.shape)}"
+                    where,
+                    f"shape {_shape_text(shape)} does not match the model's {_shape_text(spec.shape)}"
+                    + (f" (columns: feature_names {columns})" if columns else ""),
                 )
             if raw:
                 if tensor.HasField("contents"):

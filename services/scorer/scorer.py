@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -330,7 +331,9 @@ class Scorer:
 
     def _set_reference(self, line: ModelLineState, rows: np.ndarray, config: VersionConfig) -> None:
         line.reference = drift_mod.ReferenceWindow.from_rows(rows, device=self.device, names=list(line.features))
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            # A feature missing from every reference row has no median (NaN): imputing it is refused later.
+            warnings.simplefilter("ignore", RuntimeWarning)
             line.medians = np.nanmedian(rows, axis=0).astype(np.float32)
         line.missing = MissingMonitor(
             line.features, line.medians, config.missing_alert_rate, self.settings.live_window, config.cleaning
