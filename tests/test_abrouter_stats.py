@@ -289,7 +289,8 @@ def test_balance_flags_a_shifted_covariate_and_an_over_represented_device() -> N
     assert lesion_r.statistic == pytest.approx(stats.ks_2samp(a, b).statistic, abs=1e-12)
     en = a.size * b.size / (a.size + b.size)
     assert lesion_r.p_value == pytest.approx(special.kolmogorov(np.sqrt(en) * lesion_r.statistic))
-    smd = (b.mean() - a.mean()) / np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
+    pooled = np.sqrt(((a.size - 1) * a.var(ddof=1) + (b.size - 1) * b.var(ddof=1)) / (a.size + b.size - 2))
+    smd = (b.mean() - a.mean()) / pooled  # Cohen's d (guardmesh.stats)
     assert lesion_r.effect_size == pytest.approx(smd) and (lesion_r.n_a, lesion_r.n_b) == (a.size, b.size)
     assert not results["age"].imbalanced
     dev = results["device"]

@@ -124,6 +124,7 @@ import numpy as np
 from scipy import special, stats
 
 from guardmesh.sdk.abrouter import DailyEffect, Interval, MetricAnalysis
+from guardmesh.stats import mean_var
 
 __all__ = [
     "AGGREGATES",
@@ -294,10 +295,11 @@ def _check_options(control: int, treatment: int, confidence: float, n_resamples:
 
 
 def _mean_var(x: np.ndarray) -> tuple[float, float]:
-    """Mean and variance (ddof=1; NaN with fewer than 2 values)."""
+    """Mean and variance (ddof=1; NaN with fewer than 2 values): ``guardmesh.stats.mean_var`` of the values
+    centred at their mean (a shift changes no variance, and centring keeps every digit)."""
     m = float(x.mean())
-    v = float(np.square(x - m).sum() / (x.shape[0] - 1)) if x.shape[0] > 1 else math.nan
-    return m, v
+    c = x - m
+    return m, float(mean_var(x.shape[0], float(c.sum()), float(c @ c))[1])
 
 
 def _se2(vt: float, nt: int, vc: float, nc: int) -> float:
@@ -514,9 +516,8 @@ def _daily_trend(
     total = np.bincount(cell, weights=per_unit, minlength=size).reshape(-1, 2)
     square = np.bincount(cell, weights=per_unit * per_unit, minlength=size).reshape(-1, 2)
     shown = (count > 0).all(axis=1)
+    mean, var = mean_var(count, total, square)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / count
-        var = np.maximum(square - count * mean * mean, 0.0) / (count - 1)
         effect = mean[:, 1] - mean[:, 0]
         se2 = var[:, 1] / count[:, 1] + var[:, 0] / count[:, 0]
     daily = tuple(

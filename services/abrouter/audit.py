@@ -28,11 +28,12 @@ Conventions
   "device:CT-1000", is left out). Effect size: Cramér's V.
 * Numeric covariates: two-sample Kolmogorov-Smirnov, NaN (and +-inf, which no covariate should hold either)
   left out. The statistic D equals
-  ``scipy.stats.ks_2samp(a, b).statistic``; the p-value is the asymptotic ``Q(sqrt(en) * D)`` with
-  ``en = n_a n_b / (n_a + n_b)`` and Q the Kolmogorov survival function (``scipy.special.kolmogorov``), as in
-  the scorer's drift module: scipy's own p-values (exact below 10,000 units, ``kstwo.sf`` above) cost from
+  ``scipy.stats.ks_2samp(a, b).statistic``; the p-value is ``guardmesh.stats.ks_p_value``, the asymptotic
+  ``Q(sqrt(en) * D)`` with ``en = n_a n_b / (n_a + n_b)`` and Q the Kolmogorov survival function, shared with
+  the scorer's drift: scipy's own p-values (exact below 10,000 units, ``kstwo.sf`` above) cost from
   milliseconds to a third of a second *each*, and an audit runs hundreds of them. Effect size: the
-  standardised mean difference ``(mean_b - mean_a) / sqrt((var_a + var_b) / 2)`` (sample variances).
+  standardised mean difference of ``guardmesh.stats`` (Cohen's d, degrees-of-freedom weighted pooled SD),
+  from each window's count, sum and sum of squares (``guardmesh.stats.mean_var``).
 * Speed: a full audit of a million exposures must stay well under a second, so nothing loops over units in
   Python. Each numeric covariate is ranked once (one sort of packed 64-bit keys); per window grouping the
   KS statistics of all windows come from one sort of 32-bit ``window | rank | arm`` keys and one cumulative
@@ -66,8 +67,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from scipy import special, stats
+from scipy import stats
 
+from guardmesh.stats import ks_p_value, mean_var, standardized_mean_difference
 from services.abrouter.columns import ExposureColumns
 
 __all__ = [
@@ -1098,14 +1100,6 @@ def _categorical_codes(name: str, codes: np.ndarray, k: int) -> np.ndarray:
     return np.where(c < 0, k, c).astype(np.intp)
 
 
-def _smd(mean_a: float, mean_b: float, var_a: float, var_b: float) -> float:
-    diff = mean_b - mean_a
-    sd = math.sqrt((var_a + var_b) / 2.0)
-    if sd > 0:
-        return diff / sd
-    return 0.0 if diff == 0 else math.copysign(math.inf, diff)
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What every per-covariate task needs."""
@@ -1148,18 +1142,18 @@ def _numeric_task(
         agg = _coarsen(per_base[prep.base], prep.lut, len(prep.names) + 1)
         counts = agg[:, :, 0].astype(np.int64)
         d = _ks_in_grouping(r, prep, counts, plan.arm_bits, control, plan.treatments)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mean = agg[:, :, 1] / counts
-            var = np.maximum((agg[:, :, 2] - agg[:, :, 1] * mean) / (counts - 1), 0.0)
-        mean += r.center
+        mean, var = mean_var(counts, agg[:, :, 1], agg[:, :, 2])  # of the centred values: the same variance
+        mean = mean + r.center
         for g, j in zip(*np.nonzero(pair_ok), strict=True):
             t = plan.treatments[j]
             n_a, n_b = int(counts[g, control]), int(counts[g, t])
             if n_a < plan.min_n or n_b < plan.min_n:
                 continue
             stat = float(d[g, j])
-            p = float(special.kolmogorov(math.sqrt(n_a * n_b / (n_a + n_b)) * stat))
-            effect = _smd(float(mean[g, control]), float(mean[g, t]), float(var[g, control]), float(var[g, t]))
+            p = float(ks_p_value(stat, n_a, n_b))
+            effect = float(
+                standardized_mean_difference(mean[g, control], var[g, control], n_a, mean[g, t], var[g, t], n_b)
+            )
             result = BalanceResult(name, prep.names[g], control, t, "ks", stat, p, effect, n_a, n_b, p < plan.alpha)
             found.append(((pi, int(g), int(j), index), result))
     return found

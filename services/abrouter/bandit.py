@@ -43,6 +43,8 @@ from enum import StrEnum
 
 import numpy as np
 
+from guardmesh.stats import mean_var
+
 #: Prior variance for Gaussian rewards when the data give none (fewer than 2 rewards, or all rewards equal).
 FALLBACK_VARIANCE = 1.0
 
@@ -194,7 +196,7 @@ def _posterior_draws(
     mu0 = sum_all / n_all if n_all > 0 else 0.0
     var0 = FALLBACK_VARIANCE
     if n_all >= 2:
-        pooled = (float(total_sq.sum()) - sum_all * sum_all / n_all) / (n_all - 1)
+        pooled = float(mean_var(n_all, sum_all, float(total_sq.sum()))[1])  # all rewards together
         if pooled > 0 and math.isfinite(pooled):
             var0 = pooled
     has = n > 0
