@@ -148,15 +148,6 @@ def _register_simulated_cluster(cfg: MeshConfig) -> None:
     )
 
 
-def _print_metrics_endpoints(cfg: MeshConfig) -> None:
-    from guardmesh import mesh
-
-    for service, instance, extra in mesh.instances(cfg):
-        port = extra.get(f"GUARDMESH__SERVICES__{service.upper()}__METRICS_PORT") or cfg.services[service].metrics_port
-        if port and cfg.metrics.enabled:
-            mesh.console.print(f"  metrics of {instance}: http://{cfg.metrics.host}:{port}/metrics")
-
-
 @mesh_app.command()
 def up(
     config: ConfigOpt = None,
@@ -181,12 +172,11 @@ def up(
     remembered.write_text(str(Path(path).resolve()) if path else "")
     if simulated_cluster:
         _register_simulated_cluster(cfg)
-    _print_metrics_endpoints(cfg)
 
 
 @mesh_app.command()
 def status(config: ConfigOpt = None) -> None:
-    """Print service, address, pid, health, log file and metrics endpoint of each mesh process, with the
+    """Print service, address, pid, health, metrics endpoint and log file of each mesh process, with the
     configuration the mesh was started with unless ``--config`` or GUARDMESH_CONFIG names another."""
     from guardmesh import mesh
     from guardmesh.logs import terminal_console
@@ -196,7 +186,6 @@ def status(config: ConfigOpt = None) -> None:
     if path:
         mesh.console.print(f"configuration: {path}")
     rows = mesh.status(cfg)
-    _print_metrics_endpoints(cfg)
     raise typer.Exit(0 if all(h in ("SERVING", "RUNNING") for _, h in rows) else 1)
 
 

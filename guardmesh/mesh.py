@@ -49,6 +49,8 @@ class ProcessRecord:
     log: str
     #: Where its state lives when it is not the default SQLite file (host and database, no password).
     store: str = ""
+    #: Its Prometheus endpoint (``http://host:port/metrics``), empty when it serves none.
+    metrics: str = ""
 
 
 def _state_file(config: MeshConfig) -> Path:
@@ -259,7 +261,13 @@ def up(config: MeshConfig | None = None, timeout: float = 90.0) -> list[ProcessR
         port = extra.get(_port_key(service), str(config.services[service].port))
         address = f"{config.services[service].host}:{port}"
         where = "postgresql guardmesh_scheduler" if "GUARDMESH__SCHEDULER__STORE_URL" in extra else ""
-        records[instance] = ProcessRecord(instance, address, proc.pid, str(log), store=where)
+        metrics_port = int(extra.get(f"GUARDMESH__SERVICES__{service.upper()}__METRICS_PORT", 0)) or (
+            config.services[service].metrics_port
+        )
+        metrics = (
+            f"http://{config.metrics.host}:{metrics_port}/metrics" if config.metrics.enabled and metrics_port else ""
+        )
+        records[instance] = ProcessRecord(instance, address, proc.pid, str(log), store=where, metrics=metrics)
     _write_records(config, list(records.values()))
     deadline = time.monotonic() + timeout
     for service, instance, _ in mesh_instances:
@@ -284,7 +292,7 @@ def status(config: MeshConfig | None = None) -> list[tuple[ProcessRecord, str]]:
     """Print and return (process, health) for every recorded process."""
     config = config or load_config()
     table = Table(title="guardmesh local mesh")
-    for col in ("service", "address", "pid", "health", "role", "store", "log file"):
+    for col in ("service", "address", "pid", "health", "role", "store", "metrics", "log file"):
         table.add_column(col)
     rows = []
     for rec in read_records(config):
@@ -300,7 +308,8 @@ def status(config: MeshConfig | None = None) -> list[tuple[ProcessRecord, str]]:
         if rec.service.startswith("scheduler"):
             role = "leader" if health == "SERVING" else "standby" if health == "NOT_SERVING" else ""
         color = "green" if health in ("SERVING", "RUNNING") or role == "standby" else "red"
-        table.add_row(rec.service, rec.address, str(rec.pid), f"[{color}]{health}[/{color}]", role, rec.store, rec.log)
+        cells = (rec.service, rec.address, str(rec.pid), f"[{color}]{health}[/{color}]", role, rec.store, rec.metrics)
+        table.add_row(*cells, rec.log)
     if not rows:
         console.print("no mesh processes recorded; run `make up`")
     else:
