@@ -85,7 +85,15 @@ def wait_for_cut(state: Path, version: int) -> None:
 
 
 def describe(c: ParamServerClient, shard: int) -> pb.ModelInfo:
-    return pb_grpc.ParamServerServiceStub(c.channels[shard]).DescribeModel(pb.DescribeModelRequest(model=MODEL)).model
+    """DescribeModel on one shard; after a restart it waits (within a minute) for the channel to reconnect
+    instead of failing fast while the channel backs off from the refused connections of the dead process."""
+    stub = pb_grpc.ParamServerServiceStub(c.channels[shard])
+    return stub.DescribeModel(pb.DescribeModelRequest(model=MODEL), wait_for_ready=True, timeout=60).model
+
+
+def restart(proc: ServiceProcess, c: ParamServerClient, shard: int) -> None:
+    proc.start(timeout_s=120, service="paramserver")
+    describe(c, shard)  # c's channel is connected again
 
 
 def start_model(tmp_path: Path, procs: list[ServiceProcess], steps: int) -> ParamServerClient:
@@ -105,7 +113,7 @@ def test_kill9_of_one_shard_rolls_both_back_to_the_newest_complete_cut(
     wait_for_cut(shards[0].state, 20)
     assert max(cut_versions(shards[0].state)) == 20  # 25 never reached
     shards[1].kill9()
-    shards[1].start(timeout_s=120, service="paramserver")
+    restart(shards[1], c, 1)
     restarted = describe(c, 1)
     assert restarted.restored_version == 20 and restarted.restore_cause == restarted.incarnation
     pulled = c.pull()  # the client sees the restart and rolls shard 0 back to the same cut
@@ -131,7 +139,7 @@ def test_sigterm_of_one_shard_loses_nothing_acknowledged_and_a_later_kill9_resto
     c = start_model(tmp_path, shards, 23)
     wait_for_cut(shards[0].state, 20)
     assert shards[1].stop(timeout_s=60) == 0  # SIGTERM: drained, final checkpoint at version 23
-    shards[1].start(timeout_s=120, service="paramserver")
+    restart(shards[1], c, 1)
     restarted = describe(c, 1)
     assert restarted.restored_version == 23 and restarted.restore_cause == ""
     pulled = c.pull()
@@ -142,7 +150,7 @@ def test_sigterm_of_one_shard_loses_nothing_acknowledged_and_a_later_kill9_resto
     # The final checkpoint served its one start: a kill -9 now restores the newest complete cut again.
     step(c)
     shards[1].kill9()
-    shards[1].start(timeout_s=120, service="paramserver")
+    restart(shards[1], c, 1)
     pulled = c.pull()
     assert pulled.versions == [20, 20]
     np.testing.assert_array_equal(pulled.tensors[A], pulled.tensors[B])
@@ -151,9 +159,30 @@ def test_sigterm_of_one_shard_loses_nothing_acknowledged_and_a_later_kill9_resto
         step(c)
     for p in shards:
         assert p.stop(timeout_s=60) == 0
-    for p in shards:
-        p.start(timeout_s=120, service="paramserver")
+    for i, p in enumerate(shards):
+        restart(p, c, i)
     whole = trainer(tmp_path, shards, "w2").pull()
     assert whole.versions == [22, 22]
     np.testing.assert_array_equal(whole.tensors[A], np.full(4, -0.5 * 22))
     np.testing.assert_array_equal(whole.tensors[A], whole.tensors[B])
+
+
+@pytest.mark.timeout(600)
+def test_a_cut_whose_manifest_was_never_written_is_still_restored_when_every_shard_file_is_there(
+    tmp_path: Path, shards: list[ServiceProcess]
+) -> None:
+    c = start_model(tmp_path, shards, 12)
+    wait_for_cut(shards[0].state, 10)
+    for replica in ("replica-a", "replica-b"):  # as if the last writer died between its file and the manifest
+        (shards[0].state / "checkpoints" / replica / "cuts" / MODEL / "v000000000010.json").unlink()
+    assert 10 not in cut_versions(shards[0].state)
+    for p in shards:
+        p.kill9()
+    for i, p in enumerate(shards):
+        restart(p, c, i)
+    pulled = trainer(tmp_path, shards, "w1").pull()
+    assert pulled.versions == [10, 10]
+    np.testing.assert_array_equal(pulled.tensors[A], np.full(4, -0.5 * 10))
+    np.testing.assert_array_equal(pulled.tensors[A], pulled.tensors[B])
+    assert 10 in cut_versions(shards[0].state)  # the manifest was written when the cut was found complete
+    c.close()

@@ -29,10 +29,11 @@ def _start(server: ServiceProcess) -> None:
 
 
 def _checkpoints(state: Path, model: str) -> list[int]:
-    """Versions with a cut manifest in either replica (written after the shards' files and their manifests)."""
+    """Versions with a manifest in either replica (a manifest is written after its tensors; on one shard each
+    file is a complete cut)."""
     found = set()
     for replica in ("replica-a", "replica-b"):
-        folder = state / "checkpoints" / replica / "cuts" / model
+        folder = state / "checkpoints" / replica / "shard-0" / model
         found |= {int(p.stem[1:]) for p in folder.glob("v*.json")} if folder.exists() else set()
     return sorted(found)
 

@@ -14,7 +14,8 @@ model; when all are there it writes the cut manifest (whichever shard finishes l
 finish together both write the same manifest, atomically). A file is written before the check, so of two
 shards finishing at once at least one sees both files.
 
-Restore takes the newest complete cut whose file of this shard verifies. The one exception is the final
+Restore takes the newest complete cut whose file of this shard verifies (a version whose every shard file is
+there counts, its manifest written then if the writer died before it). The one exception is the final
 checkpoint a graceful stop (SIGTERM) writes: when it is this shard's newest file, it is what the next
 start restores (nothing acknowledged is lost), and that start marks it used, so a later kill -9 restores
 a cut again. A corrupt, partial or unreachable replica is skipped and reported.
@@ -100,7 +101,9 @@ class CheckpointStore:
         the minimum of replicas."""
         payload = st_save(arrays, metadata={"guardmesh": json.dumps(metadata)})
         digest = hashlib.sha256(payload).hexdigest()
-        manifest = json.dumps({"version": version, "sha256": digest, "bytes": len(payload), "final": final}).encode()
+        manifest = json.dumps(
+            {"version": version, "sha256": digest, "bytes": len(payload), "final": final, "cut_shards": cut_shards}
+        ).encode()
         written, failures = [], []
         for loc in self.locations:
             try:
@@ -268,6 +271,13 @@ class CheckpointStore:
                             skipped.append(f"{loc}: unreadable manifest {path} ({exc})")
             except Exception as exc:
                 skipped.append(f"{loc}: unreachable ({type(exc).__name__}: {exc})")
+        # A version whose every shard file is there is a complete cut even if the process that wrote the last
+        # file died before the cut's manifest (written now): always so for a model on this shard alone.
+        for v in sorted((v for v in own if v > max(cuts, default=-1)), reverse=True):
+            shards = next((m["cut_shards"] for _, m in own[v] if "cut_shards" in m), None)
+            if shards is not None and self.complete_cut(model, v, shards):
+                cuts.add(v)
+                break
         order: list[tuple[int, bool]] = []
         if version is None:
             newest = max(own, default=None)
