@@ -37,10 +37,12 @@ class ProbeBinding:
         self.calls = {"Flaky": 0, "Fail": 0}
         self.flaky_failures = 2
         self.started = 0  # Slow calls a handler began
+        self._started_lock = threading.Lock()  # handlers run on several threads: += alone could lose counts
 
     def add_to_server(self, server: grpc.Server) -> None:
         def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
-            self.started += 1
+            with self._started_lock:
+                self.started += 1
             time.sleep(float(request.decode() or "1"))
             return b"done"
 
