@@ -18,6 +18,7 @@ from guardmesh.sdk.scorer import Score
 from guardmesh.v1 import scorer_pb2 as pb
 from services.scorer.explain import (
     AttributionDrift,
+    attribution_shift,
     explain,
     integrated_gradients,
     is_linear,
@@ -404,3 +405,29 @@ def test_attribution_shift_is_served_and_names_the_feature_that_moved_decisions(
             with pytest.raises(grpc.RpcError) as err:
                 client.stub.GetAttributionDrift(pb.GetAttributionDriftRequest(model=model_name, version=version))
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_attribution_shift_of_a_linear_model_is_its_weight_times_the_mean_shift() -> None:
+    # Known answer: for f(x) = w.x + b, exact SHAP gives w_i (x_i - baseline_i), so the change of the mean
+    # attribution between two windows is w_i (mean_live_i - mean_ref_i), whatever the baseline.
+    gen = torch.Generator().manual_seed(3)
+    layer = nn.Linear(3, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2.0, -1.0, 0.5]]))
+    reference = torch.randn((400, 3), generator=gen, dtype=torch.float64)
+    live = torch.randn((300, 3), generator=gen, dtype=torch.float64) + torch.tensor([0.0, 1.0, 0.0])
+    live[:50, 2] = torch.nan  # missing: filled from `fill` as the served path imputes
+    live[50, :] = torch.nan  # a row that stays incomplete (no fill for feature 0 either) is left out
+    fill = torch.tensor([torch.nan, 0.0, 4.0], dtype=torch.float64)
+    live[50, 1:] = 0.0
+    report = attribution_shift(layer, reference, live, reference.mean(dim=0), fill, ["a", "b", "c"])
+    assert report.method == "linear_shap" and report.space == "raw score"
+    assert report.reference_rows == 400 and report.live_rows == 299
+    kept = torch.cat([live[:50], live[51:]])
+    kept[:, 2] = torch.where(torch.isnan(kept[:, 2]), 4.0, kept[:, 2])
+    expected = layer.weight[0].detach().double() * (kept.mean(dim=0) - reference.mean(dim=0))
+    changes = torch.tensor([f.change_mean for f in report.features], dtype=torch.float64)
+    torch.testing.assert_close(changes, expected, rtol=1e-5, atol=1e-5)
+    assert report.features[report.ranked[0]].name == "b"  # shifted by 1 SD with weight -1: the largest move
+    with pytest.raises(FailedPrecondition, match="no finite mean"):
+        attribution_shift(layer, reference, live, torch.full((3,), torch.nan), fill, ["a", "b", "c"])
