@@ -18,13 +18,16 @@ pool). The semantics are the same on both, and the domain cores never learn whic
   :mod:`guardmesh.leadership`) still carries this writer's epoch, inside the same transaction; a deposed
   writer's batch is refused (:class:`Fenced`) and none of it lands.
 * Hooks for replicas sharing one store: :meth:`GroupCommitLog.transaction` runs a short transaction on its
-  own connection (leases, compare-and-set), :meth:`GroupCommitLog.notify` adds a PostgreSQL ``NOTIFY`` to
-  a batch (a no-op on SQLite, where one process owns the file) so other replicas can listen for changes.
+  own connection (leases, compare-and-set); :meth:`GroupCommitLog.notify` adds a ``NOTIFY`` to a batch and
+  :meth:`GroupCommitLog.listen` hears it once committed (PostgreSQL: every process on the store; SQLite:
+  this log's listeners), so replicas learn of a change without polling (a periodic re-read stays the
+  safety net).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import sqlite3
 import threading
@@ -40,6 +43,8 @@ Statement = tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]
 #: A lease row's name and the epoch a writer must still hold there for its batch to be written.
 Fence = tuple[str, int]
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: Seconds a PostgreSQL connection attempt may take before the store counts as unreachable.
 CONNECT_TIMEOUT_S = 5
@@ -451,6 +456,7 @@ class GroupCommitLog:
         self._queue_cond = threading.Condition()
         self._closed = False
         self._fence: Fence | None = None
+        self._local_listeners: dict[str, list[Callable[[str | None], None]]] = {}
         #: Transactions committed (several batches may share one: group commit).
         self.transactions = 0
         self._committer = threading.Thread(target=self._commit_loop, name="store-committer", daemon=True)
@@ -489,11 +495,24 @@ class GroupCommitLog:
         return ticket
 
     def notify(self, channel: str, payload: str = "") -> Statement:
-        """A statement that wakes PostgreSQL listeners of ``channel`` when its batch commits (a no-op
-        statement on SQLite, where there is nobody else to tell)."""
+        """A statement that tells :meth:`listen` callbacks of ``channel`` once its batch commits (PostgreSQL
+        ``NOTIFY``: every process listening on the store; SQLite: the listeners of this log)."""
         if self.dialect == "postgresql":
             return ("SELECT pg_notify(?, ?)", (channel, payload))
-        return ("SELECT 1 WHERE 0 = ?", (0,))
+        return (_SQLITE_NOTIFY, (channel, payload))
+
+    def listen(self, channel: str, callback: Callable[[str | None], None]) -> Listener:
+        """Call ``callback(payload)`` for every committed :meth:`notify` of ``channel``, at least once (a
+        process may also hear its own); ``callback(None)`` after a lost connection to the store, when
+        notifications may have been missed: re-read the state. Payloads are hints, never the state
+        itself. Callbacks run on the listener's thread (PostgreSQL) or the committer's (SQLite): keep them
+        short."""
+        if self.dialect == "postgresql":
+            assert isinstance(self.backend, _PostgresBackend)
+            return _PgListener(self.backend.target.conninfo, channel, callback)
+        listener = Listener(lambda: self._local_listeners.get(channel, []).remove(callback))
+        self._local_listeners.setdefault(channel, []).append(callback)
+        return listener
 
     def _commit_loop(self) -> None:
         while True:
@@ -526,8 +545,20 @@ class GroupCommitLog:
                         fenced()
             except BaseException as exc:
                 error = exc
+            if error is None and self._local_listeners:
+                self._tell_local(batch)
             for _, ticket, _ in batch:
                 ticket.done(error)
+
+    def _tell_local(self, batch: list[tuple[Sequence[Statement], Ticket, Fence | None]]) -> None:
+        for statements, _, _ in batch:
+            for sql, params in statements:
+                if sql is _SQLITE_NOTIFY and isinstance(params, tuple):
+                    for callback in list(self._local_listeners.get(params[0], [])):
+                        try:
+                            callback(params[1])
+                        except Exception:
+                            log.exception("store listener failed", extra={"channel": params[0]})
 
     @staticmethod
     def _drop_after_failure(batch: list[tuple[Sequence[Statement], Ticket, Fence | None]]) -> list[Any]:
@@ -568,6 +599,63 @@ class GroupCommitLog:
             self._queue_cond.notify()
         self._committer.join(timeout=30)
         self.backend.close()
+
+
+#: SQLite's stand-in for NOTIFY: a harmless query the committer recognises (by identity) after the commit.
+_SQLITE_NOTIFY = "SELECT ? AS channel, ? AS payload"
+
+
+class Listener:
+    """A :meth:`GroupCommitLog.listen` registration; :meth:`close` ends it."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+
+    def close(self) -> None:
+        """Stop listening."""
+        self._stop()
+
+
+class _PgListener(Listener):
+    """``LISTEN`` on a connection of its own, on a thread; after a lost connection it connects again and
+    calls back with None (notifications may have been missed)."""
+
+    def __init__(self, conninfo: str, channel: str, callback: Callable[[str | None], None]) -> None:
+        self._closed = threading.Event()
+        super().__init__(self._closed.set)
+        self.conninfo = conninfo
+        self.channel = channel
+        self.callback = callback
+        self._listening = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"store-listen-{channel}", daemon=True)
+        self._thread.start()
+        self._listening.wait(CONNECT_TIMEOUT_S * 2)
+
+    def _run(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        lost = False
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    self._listening.set()
+                    if lost:
+                        self.callback(None)
+                        lost = False
+                    while not self._closed.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            self.callback(note.payload)
+            except psycopg.Error as exc:
+                lost = True
+                log.warning("store listener lost its connection", extra={"channel": self.channel, "error": str(exc)})
+                self._closed.wait(1.0)
+
+    def close(self) -> None:
+        """Stop listening (within half a second)."""
+        super().close()
+        self._thread.join(timeout=5)
 
 
 def _fence_check(tx: Transaction, lease: str, epoch: int) -> Callable[[], None]:

@@ -223,3 +223,58 @@ def test_unreachable_postgresql_names_host_and_database_never_the_password(postg
     message = str(caught.value)
     assert "host=127.0.0.1" in message and "database=ledger" in message
     assert "s3cret-pw" not in message
+
+
+def test_listeners_hear_committed_notifications_only(store_url: str) -> None:
+    first = open_items(store_url)
+    heard: list[str | None] = []
+    listener = first.listen("items", heard.append)
+    try:
+        first.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("a", 1)), first.notify("items", "a")]).wait()
+        # A failed batch's notification is never heard.
+        with pytest.raises(StoreFailure):
+            first.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("a", 2)), first.notify("items", "dup")]).wait()
+        first.submit([first.notify("other", "x"), first.notify("items", "b")]).wait()
+        deadline = time.monotonic() + 30
+        while heard.count("a") < 1 or heard.count("b") < 1:
+            assert time.monotonic() < deadline, heard
+            time.sleep(0.05)
+        assert "dup" not in heard and "x" not in heard
+    finally:
+        listener.close()
+        first.close()
+
+
+def test_another_process_on_postgresql_hears_a_notification(postgres_server: object) -> None:
+    from tests.postgres import PostgresServer
+
+    assert isinstance(postgres_server, PostgresServer)
+    url = postgres_server.create_database()
+    writer, reader = open_items(url), open_items(url)  # two logs: two connections, as two replicas have
+    heard: list[str | None] = []
+    listener = reader.listen("items", heard.append)
+    try:
+        writer.submit([writer.notify("items", "changed")]).wait()
+        deadline = time.monotonic() + 30
+        while "changed" not in heard:
+            assert time.monotonic() < deadline, heard
+            time.sleep(0.05)
+        # The server restarts: the listener connects again and says notifications may have been missed.
+        postgres_server.stop("fast")
+        postgres_server.start()
+        deadline = time.monotonic() + 60
+        while None not in heard:
+            assert time.monotonic() < deadline, heard
+            time.sleep(0.1)
+        try:  # the writer's connection died with the server: its first batch fails, unacknowledged
+            writer.submit([writer.notify("items", "after-restart")]).wait()
+        except StoreFailure:
+            writer.submit([writer.notify("items", "after-restart")]).wait()
+        deadline = time.monotonic() + 30
+        while "after-restart" not in heard:
+            assert time.monotonic() < deadline, heard
+            time.sleep(0.05)
+    finally:
+        listener.close()
+        writer.close()
+        reader.close()
