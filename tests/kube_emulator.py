@@ -6,8 +6,9 @@ over HTTP with Kubernetes' URL layout (create, get, list, patch, delete, watch).
 Consul double, and it is NOT a Kubernetes API server. Known gaps, so that no test asserts them:
 
 * creating a Binding stores a ``bindings`` object but does NOT set the pod's ``spec.nodeName``;
-* the Eviction subresource is answered here with a Success status and recorded in ``evictions``; the pod
-  is NOT deleted (a real server deletes it when no PodDisruptionBudget forbids it);
+* the Eviction subresource is answered here with a Success status and recorded in ``evictions`` (or refused
+  with 429 while ``refuse_evictions`` is set, as a real server refuses one a PodDisruptionBudget forbids);
+  the pod is NOT deleted (a real server deletes it after an accepted eviction);
 * no admission, no validation, no resourceVersion conflicts, no garbage collection, no kubelet (pods keep
   whatever ``status`` a test writes).
 """
@@ -19,8 +20,18 @@ import threading
 from types import TracebackType
 from typing import Any
 
-from kmock import KubernetesEmulator, ResourceInfo, Server
+import attrs
+from kmock import KubernetesEmulator, KubernetesError, ResourceInfo, Server
 from kubernetes import client
+
+
+@attrs.frozen
+class _BudgetRefusal(KubernetesError):
+    """What a real server answers an eviction a PodDisruptionBudget forbids (rendered as a 429 Status)."""
+
+    status: int = 429
+    reason: str = "TooManyRequests"
+    message: str = "Cannot evict pod as it would violate the pod's disruption budget."
 
 
 class KubeEmulator:
@@ -30,6 +41,8 @@ class KubeEmulator:
         self.url = ""
         #: (namespace, pod name) of every eviction asked for, in order.
         self.evictions: list[tuple[str, str]] = []
+        #: While set, evictions are refused with 429 as a PodDisruptionBudget makes a real server refuse them.
+        self.refuse_evictions = False
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -38,8 +51,10 @@ class KubeEmulator:
         #: The emulator (its ``objects`` hold what was created, bindings included).
         self.kube: Any = None
 
-    def _evict(self, request: Any) -> dict[str, Any]:
+    def _evict(self, request: Any) -> Any:
         parts = str(request.url.path).strip("/").split("/")  # api/v1/namespaces/<ns>/pods/<name>/eviction
+        if self.refuse_evictions:
+            raise _BudgetRefusal()
         self.evictions.append((parts[3], parts[5]))
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
 

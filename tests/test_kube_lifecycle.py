@@ -195,6 +195,12 @@ def test_guardmesh_preemption_evicts_the_pod_with_an_event(
     preempting = [j.job_id for j in cluster.core.list_jobs(state=JobState.PREEMPTING)]
     assert len(preempting) == 1  # the fewest victims: one pod's card
     victim = "b" + str(["uid-b0", "uid-b1", "uid-b2", "uid-b3"].index(preempting[0][4:]))
+    kube.refuse_evictions = True  # a PodDisruptionBudget forbids it for now: no Event, retried next pass
+    done = cluster.controller.reconcile()
+    assert done.evicted == [] and len(done.errors) == 1 and "429" in done.errors[0]
+    assert v1.list_namespaced_event(NS).items == []
+    assert cluster.core.describe(preempting[0]).state == JobState.PREEMPTING
+    kube.refuse_evictions = False
     done = cluster.controller.reconcile()
     assert done.evicted == [f"{NS}/{victim}"]
     assert kube.evictions == [(NS, victim)]

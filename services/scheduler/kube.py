@@ -277,8 +277,10 @@ class Controller:
             return  # already going
         if pod.annotations.get(JOB_ANNOTATION) not in (None, job_id):
             return  # the pod holds a later reservation; this job is history
-        self.api.record_event(pod, reason, message)
+        # Evict first: a refused eviction (a PodDisruptionBudget answers 429) is retried next pass, and the
+        # Event is recorded once the eviction was accepted.
         self.api.evict_pod(pod.namespace, pod.name)
+        self.api.record_event(pod, reason, message)
         done.evicted.append(f"{pod.namespace}/{pod.name}")
 
     # -- running ---------------------------------------------------------------------------------------
