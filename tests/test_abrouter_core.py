@@ -5,6 +5,7 @@ the router instead of acknowledging what is not on disk."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 from guardmesh.config import ABRouterSettings
 from guardmesh.errors import Unavailable
 from services.abrouter.experiments import ArmSpec, ExperimentSpec, ShadowSpec
+from services.abrouter.guardrails import Guardrail
+from services.abrouter.metrics import MetricKind
 from services.abrouter.router import Observation, Router
 from services.abrouter.shadow import ScoreCall, ScoreResult
 from services.abrouter.store import RouterStore
@@ -145,3 +148,49 @@ def test_a_failed_observation_commit_leaves_memory_unchanged(tmp_path: Path) -> 
         router.record_metrics("k", [Observation("u0", "m", 1.0)])
     assert router.live["k"].metrics == {}
     store.close()
+
+
+def test_every_exposure_keeps_its_propensity_also_after_a_restart(tmp_path: Path) -> None:
+    store = RouterStore(tmp_path / "r.db", "NORMAL")
+    router = Router(ABRouterSettings(), store)
+    spec = ExperimentSpec(key="k", arms=(ArmSpec("a", 0.5), ArmSpec("b", 0.5)), sticky_bucketing=True)
+    router.create(spec)
+    [(first, _)] = router.assign("u0", {}, ["k"], log_exposure=True)
+    router.update(replace(spec, arms=(ArmSpec("a", 0.2), ArmSpec("b", 0.8))))
+    [(again, _)] = router.assign("u0", {}, ["k"], log_exposure=True)
+    assert again.arm_index == first.arm_index and again.propensity != first.propensity
+    rows, propensities = router.live["k"].table.exposure_propensities()
+    assert rows.tolist() == [0, 0] and propensities.tolist() == [first.propensity, again.propensity]
+    store.close()
+    restored = Router(ABRouterSettings(), RouterStore(tmp_path / "r.db", "NORMAL"))
+    restored.restore()
+    rows, propensities = restored.live["k"].table.exposure_propensities()
+    assert rows.tolist() == [0, 0] and propensities.tolist() == [first.propensity, again.propensity]
+    assert restored.store is not None
+    restored.store.close()
+
+
+def test_guardrail_statistics_follow_a_changed_metric_kind_and_a_restart(tmp_path: Path) -> None:
+    store = RouterStore(tmp_path / "r.db", "NORMAL")
+    router = Router(ABRouterSettings(), store)
+    spec = ExperimentSpec(
+        key="k",
+        arms=(ArmSpec("a", 0.5), ArmSpec("b", 0.5)),
+        metrics=("m",),
+        guardrails=(Guardrail("m", min_units=2),),
+    )
+    router.create(spec)
+    for i in range(40):
+        router.assign(f"u{i}", {}, ["k"], log_exposure=True)
+    router.record_metrics("k", [Observation(f"u{i}", "m", 2.0) for i in range(0, 40, 4)])
+    [event] = router.guardrail_status("k")[0]
+    assert event.n_control + event.n_arm == 40  # EVENT: every exposed unit counts
+    router.update(replace(spec, metric_kinds={"m": MetricKind.CONTINUOUS}))
+    [continuous] = router.guardrail_status("k")[0]
+    assert continuous.n_control + continuous.n_arm == 10 and continuous.control_mean == 2.0  # observed units only
+    store.close()
+    restored = Router(ABRouterSettings(), RouterStore(tmp_path / "r.db", "NORMAL"))
+    restored.restore()
+    assert restored.guardrail_status("k")[0] == [continuous]
+    assert restored.store is not None
+    restored.store.close()
