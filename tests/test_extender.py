@@ -357,7 +357,7 @@ def test_preempt_with_full_victim_pods_when_not_node_cache_capable(served: Any, 
 
 
 def test_gang_binds_all_together_or_none(served: Any, core: Scheduler) -> None:
-    base, _, api = served
+    base, ext, api = served
     group = {"guardmesh.io/pod-group": "g", "guardmesh.io/pod-group-size": "3"}
     pods = [("m0", "uid-m0", "big-a"), ("m1", "uid-m1", "big-a"), ("m2", "uid-m2", "big-b")]
     for name, uid, node in pods:
@@ -376,6 +376,7 @@ def test_gang_binds_all_together_or_none(served: Any, core: Scheduler) -> None:
     assert errors == {"m0": "", "m1": "", "m2": ""}
     assert sorted(b[1] for b in api.bindings) == ["m0", "m1", "m2"]
     assert all(core.describe(job_id_of(uid)).state == JobState.RUNNING for _, uid, _ in pods)
+    assert (ext._groups, ext._outcomes, ext._binding) == ({}, {}, set())  # nothing left behind
 
 
 def test_tls_endpoint_with_client_certificates(core: Scheduler, tmp_path: Any) -> None:

@@ -335,6 +335,8 @@ class Extender:
         self._groups: dict[tuple[str, str], dict[str, tuple[PodRequest, str]]] = {}
         #: Outcome of a group's bind round, by (namespace, group) then uid: "" (bound) or the error.
         self._outcomes: dict[tuple[str, str], dict[str, str]] = {}
+        #: Groups whose members are being reserved and published now.
+        self._binding: set[tuple[str, str]] = set()
         self._group_changed = threading.Condition()
 
     @property
@@ -587,12 +589,21 @@ class Extender:
         with self._group_changed:
             members = self._groups.setdefault(key, {})
             members[pod.uid] = (pod, node)
-            if len(members) >= pod.group_size:
+            complete = len(members) >= pod.group_size
+            if complete:
                 del self._groups[key]
-                outcome = self._bind_members(list(members.values()))
-                self._outcomes[key] = outcome
+                self._binding.add(key)  # its members wait for the outcome, past their deadline if need be
+        if complete:
+            # Outside the group lock: the Kubernetes API calls must not hold up other groups or filters.
+            outcome = self._bind_members(list(members.values()))
+            with self._group_changed:
+                self._binding.discard(key)
+                own = outcome.pop(pod.uid, "")
+                if outcome:
+                    self._outcomes[key] = outcome
                 self._group_changed.notify_all()
-                return outcome.get(pod.uid, "")
+            return own
+        with self._group_changed:
             while True:
                 outcome = self._outcomes.get(key, {})
                 if pod.uid in outcome:
@@ -601,7 +612,7 @@ class Extender:
                         self._outcomes.pop(key, None)
                     return error
                 left = deadline - self.clock()
-                if left <= 0:
+                if left <= 0 and key not in self._binding:
                     waiting = self._groups.get(key, {})
                     waiting.pop(pod.uid, None)
                     if not waiting:
@@ -610,7 +621,7 @@ class Extender:
                         f"pod group {pod.namespace}/{pod.group}: {len(waiting) + 1} of {pod.group_size} pods asked "
                         f"to bind within {self.settings.gang_wait_s:g} s; nothing was reserved"
                     )
-                self._group_changed.wait(left)
+                self._group_changed.wait(max(left, 0.05))
 
     def _waiting_members(self, pod: PodRequest) -> list[tuple[PodRequest, str]]:
         """The other members of ``pod``'s group waiting in bind, with the nodes they were given."""
