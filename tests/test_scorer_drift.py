@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -551,3 +552,30 @@ def test_missing_monitor_hysteresis_enter_above_the_rate_leave_below_half_of_it(
     assert monitor.observe(burst) == ["a"]  # a new episode
     with pytest.raises(InvalidArgument, match="clear_rate"):
         MissingMonitor(("a",), np.zeros(1), alert_rate=0.02, clear_rate=0.03)
+
+
+def test_cleaning_follows_each_versions_policy_and_the_alert_names_it(tmp_path: Path):
+    rng = np.random.default_rng(8)
+    with served_scorer(tmp_path) as client:
+        reference = rng.normal(size=(1_000, 4)).astype(np.float32)
+        model = logistic_model([1.0, 0.5, -0.5, 0.2])
+        # v1 rejects and sets the reference (and so the model line's missing-value monitor)
+        client.register_module("risk", "v1", model, FEATURES, activate=True, reference=reference, cleaning="reject")
+        client.register_module("risk", "v2", model, FEATURES, reference=reference, cleaning="impute")
+        incomplete = {"amount": 1.0, "age": 0.0, "country_risk": 0.0}  # velocity missing
+        with pytest.raises(grpc.RpcError) as err:
+            client.score("risk", incomplete)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "features[velocity]" in err.value.details()
+        client.activate("risk", "v2")
+        imputed = client.score("risk", incomplete)
+        assert imputed.imputed and imputed.model_version == "v2"
+        with pytest.raises(grpc.RpcError) as err:  # a call pinned to v1 still gets v1's policy
+            client.score("risk", incomplete, version="v1")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        rows = rng.normal(size=(200, 4))
+        rows[::10, 1] = np.nan  # 10 % missing
+        answers = client.score_batch("risk", as_requests(rows))
+        assert all(isinstance(a, Score) and a.imputed == math.isnan(r[1]) for a, r in zip(answers, rows, strict=True))
+        alerts = [e.message for e in client.events("risk") if e.kind == "missing_alert"]
+        assert len(alerts) == 1 and "velocity" in alerts[0] and "policy impute (version v2)" in alerts[0]

@@ -626,8 +626,8 @@ class Scorer:
                         line.name,
                         "missing_alert",
                         f"feature {feature} missing in {rate:.1%} of the live window "
-                        f"(> {line.missing.alert_rate:.0%}); "
-                        f"policy {line.missing.policy.value}",
+                        f"(> {line.missing.alert_rate:.0%}; one alert until it falls below "
+                        f"{line.missing.clear_rate:.1%}); policy {config.cleaning.value} (version {version})",
                     )
             if line.reference is None and len(line.live) >= config.reference_rows:
                 self._set_reference(line, line.live.values().cpu().numpy().T.astype(np.float32), config)
