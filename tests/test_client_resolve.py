@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,28 +17,18 @@ import pytest
 
 from guardmesh.client import FollowingChannel, open_channel
 from guardmesh.config import MeshConfig
-from guardmesh.runtime import RunningService, load_definition, start_service
+from guardmesh.runtime import RunningService
 from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
+from tests import test_discovery
 from tests.conftest import make_config, node_pb
 from tests.consul_double import ConsulDouble
 
+#: The fixture of real scheduler servers, stopped afterwards (one definition, in test_discovery).
+start = test_discovery.start
+
 #: How long a change of instances may take to reach the client (re-resolution every 0.3 s here).
 FOLLOW_WITHIN_S = 15.0
-
-
-@pytest.fixture
-def start() -> Iterator[Callable[[MeshConfig], RunningService]]:
-    started: list[RunningService] = []
-
-    def _start(config: MeshConfig) -> RunningService:
-        running = start_service(load_definition("scheduler"), config, port=0)
-        started.append(running)
-        return running
-
-    yield _start
-    for running in started:
-        running.stop(grace=1.0)
 
 
 def served_by(stub: spb_grpc.SchedulerServiceStub) -> str:
@@ -93,7 +83,11 @@ def test_consul_passing_set_is_followed(
             # The instance that went away gets no more calls, and no call fails meanwhile.
             window = seen_within(stub, lambda w: "at-a" not in w, calls=20)
             assert window <= {"at-b", "at-c"}
-            assert str(a.port) not in channel.target  # type: ignore[attr-defined]
+            # ... and the next re-resolution drops it from the channel's target.
+            end = time.monotonic() + FOLLOW_WITHIN_S
+            while f":{a.port}" in channel.target:
+                assert time.monotonic() < end, channel.target
+                time.sleep(0.1)
     finally:
         consul.stop()
 
