@@ -189,3 +189,18 @@ def test_docker_compose_keeps_state_publishes_metrics_checks_health_and_restarts
 def test_dockerignore_keeps_the_venv_and_the_mesh_state_out_of_the_image() -> None:
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"}
     assert {".venv", ".mesh", "**/.mesh", "certs"} <= ignored
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployments_on_a_read_write_once_claim_run_one_pod_and_recreate(overlay: str) -> None:
+    claims = {c["metadata"]["name"]: c for c in of_kind(overlay, "PersistentVolumeClaim")}
+    on_claims = 0
+    for deployment in of_kind(overlay, "Deployment"):
+        volumes = deployment["spec"]["template"]["spec"].get("volumes", [])
+        names = [v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v]
+        if any(claims[n]["spec"]["accessModes"] == ["ReadWriteOnce"] for n in names):
+            on_claims += 1
+            # Two pods cannot mount it on different nodes: a rolling update would wait forever.
+            assert deployment["spec"]["replicas"] == 1, deployment["metadata"]["name"]
+            assert deployment["spec"]["strategy"]["type"] == "Recreate", deployment["metadata"]["name"]
+    assert on_claims == 2  # the scorer's and the abrouter's state
