@@ -536,7 +536,7 @@ def test_missing_rate_hovering_at_2_4_to_2_5_percent_alerts_once(tmp_path: Path)
 
 
 def test_missing_monitor_hysteresis_enter_above_the_rate_leave_below_half_of_it():
-    monitor = MissingMonitor(("a", "b"), np.zeros(2, dtype=np.float32), alert_rate=0.02, window=1_000)
+    monitor = MissingMonitor(("a", "b"), alert_rate=0.02, window=1_000)
     assert monitor.clear_rate == pytest.approx(0.01)
     mask = np.zeros((1_000, 2), dtype=bool)
     mask[:99:20, 0] = True  # 5 missing in the first 99 rows: too few rows to start an episode
@@ -551,7 +551,7 @@ def test_missing_monitor_hysteresis_enter_above_the_rate_leave_below_half_of_it(
     burst[:, 0] = True
     assert monitor.observe(burst) == ["a"]  # a new episode
     with pytest.raises(InvalidArgument, match="clear_rate"):
-        MissingMonitor(("a",), np.zeros(1), alert_rate=0.02, clear_rate=0.03)
+        MissingMonitor(("a",), alert_rate=0.02, clear_rate=0.03)
 
 
 def test_cleaning_follows_each_versions_policy_and_the_alert_names_it(tmp_path: Path):

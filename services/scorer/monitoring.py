@@ -101,15 +101,13 @@ class MissingMonitor:
     (default 2 %) with at least ``min_rows`` rows in the window, and ends only when the rate falls below
     ``clear_rate`` (default ``CLEAR_FRACTION`` x ``alert_rate``, 1 %). A rate hovering around the alert level
     therefore gives one alert, not one per crossing; a feature alerts again only after it recovered.
-    ``medians`` are the reference medians the scorer imputes from; ``policy`` is the cleaning policy named in
-    the alert (the scorer applies each version's own policy to every request with a missing value).
+    Cleaning is not the monitor's: the scorer applies each version's own policy to every request with a
+    missing value, whether or not the feature is alerting.
     """
 
     features: tuple[str, ...]
-    medians: np.ndarray
     alert_rate: float = 0.02
     window: int = 1000
-    policy: CleaningPolicy = CleaningPolicy.IMPUTE
     clear_rate: float | None = None
     min_rows: int = MIN_ROWS
     recent: deque[np.ndarray] = field(default_factory=deque)

@@ -335,9 +335,7 @@ class Scorer:
             # A feature missing from every reference row has no median (NaN): imputing it is refused later.
             warnings.simplefilter("ignore", RuntimeWarning)
             line.medians = np.nanmedian(rows, axis=0).astype(np.float32)
-        line.missing = MissingMonitor(
-            line.features, line.medians, config.missing_alert_rate, self.settings.live_window, config.cleaning
-        )
+        line.missing = MissingMonitor(line.features, config.missing_alert_rate, self.settings.live_window)
         self._event(line.name, "reference_ready", f"reference window of {len(rows)} rows")
 
     def activate(self, model: str, version: str) -> str:
@@ -454,6 +452,11 @@ class Scorer:
             raise InvalidArgument("rows", f"must be (rows, {len(line.features)}): {line.expected()}")
         if len(request_ids) != len(rows):
             raise InvalidArgument("request_ids", "must hold one id per row")
+        if len(rows) > self.settings.max_queue_rows:
+            raise InvalidArgument(
+                "rows",
+                f"at most {self.settings.max_queue_rows} rows per request (scorer.max_queue_rows); got {len(rows)}",
+            )
         raw = np.array(rows, dtype=np.float32)  # a writable copy: the caller's array may be a view of a request
         if np.isinf(raw).any():
             bad = np.argwhere(np.isinf(raw))[0]
