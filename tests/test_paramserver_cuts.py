@@ -186,3 +186,19 @@ def test_a_cut_whose_manifest_was_never_written_is_still_restored_when_every_sha
     np.testing.assert_array_equal(pulled.tensors[A], pulled.tensors[B])
     assert 10 in cut_versions(shards[0].state)  # the manifest was written when the cut was found complete
     c.close()
+
+
+@pytest.mark.timeout(600)
+def test_kill9_before_the_first_periodic_cut_rolls_back_to_the_creation(
+    tmp_path: Path, shards: list[ServiceProcess]
+) -> None:
+    c = start_model(tmp_path, shards, 3)
+    wait_for_cut(shards[0].state, 0)  # the creation is the first cut
+    shards[0].kill9()
+    restart(shards[0], c, 0)
+    pulled = c.pull()
+    assert pulled.versions == [0, 0]
+    np.testing.assert_array_equal(pulled.tensors[A], np.zeros(4))
+    np.testing.assert_array_equal(pulled.tensors[B], np.zeros(4))
+    step(c)
+    assert c.pull().versions == [1, 1]

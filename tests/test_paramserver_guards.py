@@ -87,6 +87,26 @@ def test_a_duplicate_answer_to_a_step_this_client_never_sent_is_warned_about(
     np.testing.assert_allclose(third.pull().tensors["w"], [-2.0, -2.0])
 
 
+def test_sync_a_worker_restarted_after_pushing_for_a_version_is_told_its_push_is_counted(
+    ps: tuple[RunningService, MeshConfig],
+) -> None:
+    running, config = ps
+    a, b = client(running, config, worker="a"), client(running, config, worker="b")
+    a.create({"w": np.zeros(1)}, sgd1(), sync(2))
+    for c in (a, b):
+        c.pull()
+    assert a.push({"w": np.array([2.0])})[0].outcome == pb.PUSH_OUTCOME_BUFFERED
+    a_again = client(running, config, worker="a")  # a's process restarted: a new session, step ids from 0
+    a_again.pull()
+    with pytest.warns(UserWarning, match="previous process of this worker already pushed for this version"):
+        again = a_again.push({"w": np.array([100.0])})[0]
+    assert again.outcome == pb.PUSH_OUTCOME_DUPLICATE and again.version == 0
+    assert b.push({"w": np.array([4.0])})[0].outcome == pb.PUSH_OUTCOME_APPLIED
+    np.testing.assert_allclose(a_again.pull().tensors["w"], [-3.0])  # (2 + 4) / 2: a's first life counted once
+    assert a_again.push({"w": np.array([1.0])})[0].outcome == pb.PUSH_OUTCOME_BUFFERED  # the next version: its own
+    assert stats(a).pushes_accepted == 3
+
+
 # -- #17.8: clipping by the global norm -----------------------------------------------------------------------
 
 

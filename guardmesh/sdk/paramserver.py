@@ -481,7 +481,8 @@ class ParamServerClient:
             message = (
                 f"shard {i} answered DUPLICATE to step {step} of worker {self.worker_id!r} (session {self.session}), "
                 "which this client had not sent: the push was NOT applied. Another client uses the same worker id "
-                "and session, or the step ids repeat."
+                "and session, the step ids repeat, or (SYNC) a previous process of this worker already pushed for "
+                "this version."
             )
             log.warning(message)
             warnings.warn(message, UserWarning, stacklevel=4)

@@ -190,7 +190,10 @@ class ParamServerCore:
                 return existing
             shard = self._new_shard(spec)
             self.models[spec.name] = shard
-            return shard
+        if spec.checkpoint_every and shard.on_snapshot is not None:
+            # Version 0 is a multiple too: a kill -9 before the first periodic cut rolls back to the creation.
+            shard.on_snapshot(shard.checkpoint_payload())
+        return shard
 
     # -- checkpoints -----------------------------------------------------------------------------------
 

@@ -259,6 +259,8 @@ class ModelShard:
         self.seen: dict[str, OrderedDict[str, OrderedDict[int, PushResult]]] = {}
         #: SYNC: the current version's pushes by worker, with the norm each is clipped by (0: unknown).
         self.sync_buffer: dict[str, tuple[dict[str, np.ndarray], float]] = {}
+        #: SYNC: the session of each buffered push.
+        self.sync_sessions: dict[str, str] = {}
         self.membership = SyncMembership(consistency.workers, consistency.straggler_timeout)
         self.clock = clock
         #: Called under the lock with each checkpoint payload taken at a multiple of ``checkpoint_every``.
@@ -453,12 +455,12 @@ class ModelShard:
                     details=[self._detail(base_version, bound)],
                 )
             elif c.mode == Mode.SYNC:
-                result = self._push_sync(worker, staleness, grads, global_norm)
+                result = self._push_sync(worker, session, staleness, grads, global_norm)
             else:
                 scale = 1.0 / max(1, staleness) if c.scale_lr_by_staleness else 1.0
                 self._apply([grads], [1.0], scale, [global_norm])
                 result = PushResult(Outcome.APPLIED, self.version, staleness, scale)
-            if result.outcome != Outcome.LATE:
+            if result.outcome in (Outcome.APPLIED, Outcome.BUFFERED):
                 self.accepted += 1
                 self.throughput.record(self.clock())
             self._remember(worker, session, step_id, result)
@@ -477,8 +479,16 @@ class ModelShard:
         while len(window) > self.step_window:
             window.popitem(last=False)
 
-    def _push_sync(self, worker: str, staleness: int, grads: Mapping[str, Gradient], norm: float) -> PushResult:
-        if worker in self.sync_buffer:
+    def _push_sync(
+        self, worker: str, session: str, staleness: int, grads: Mapping[str, Gradient], norm: float
+    ) -> PushResult:
+        held = self.sync_sessions.get(worker)
+        if held is not None and held != session:
+            # The worker restarted (a new session) after its previous life pushed for this version: that push
+            # stands for the worker; this one is not applied and waits for the version like it (the SDK warns).
+            self.duplicates += 1
+            return PushResult(Outcome.DUPLICATE, self.version, staleness, 1.0, self.version + 1)
+        if held is not None:
             raise FailedPrecondition(
                 f"worker {worker} already pushed for version {self.version} under another step id",
                 details=[self._detail(self.version, 0)],
@@ -493,6 +503,7 @@ class ModelShard:
         if not self.sync_buffer:
             self.membership.first_push = now
         self.sync_buffer[worker] = ({n: contiguous(g) for n, g in grads.items()}, norm)
+        self.sync_sessions[worker] = session
         if len(self.sync_buffer) < self.membership.quorum():
             return PushResult(Outcome.BUFFERED, self.version, staleness, 1.0)
         self._complete_sync()
@@ -502,6 +513,7 @@ class ModelShard:
         """Apply the average of the buffered SYNC pushes as one step (under the lock)."""
         buffered = list(self.sync_buffer.values())
         self.sync_buffer.clear()
+        self.sync_sessions.clear()
         self.membership.first_push = None
         self._apply([g for g, _ in buffered], [1.0 / len(buffered)] * len(buffered), 1.0, [n for _, n in buffered])
 
@@ -627,6 +639,7 @@ class ModelShard:
                     (int(s), PushResult(Outcome(o), v, st, lr)) for s, o, v, st, lr in win
                 )
             self.sync_buffer.clear()
+            self.sync_sessions.clear()
             self.membership = SyncMembership(self.consistency.workers, self.consistency.straggler_timeout)
             self.cond.notify_all()
 
