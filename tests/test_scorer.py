@@ -543,6 +543,9 @@ def test_open_inference_protocol_goes_through_rules_drift_and_the_decision_log(s
     with pytest.raises(grpc.RpcError) as err:
         _infer(oip_stub, bad)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "row 2 features[foreign]" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # more rows than the queue can ever hold: not retryable
+        _infer(oip_stub, np.zeros((4097, 4), np.float32))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 4096 rows" in err.value.details()
     assert stub.GetDriftReport(pb.GetDriftReportRequest(model="risk")).live_rows == 600
     channel.close()
 

@@ -257,7 +257,29 @@ def test_an_arrival_ends_when_its_rows_are_queued() -> None:
         futures = batcher.submit_many(np.ones((6, 2), np.float32), arrival)
         assert arrival.done and batcher.incoming == 0  # the worker need not wait for this caller any more
     assert [f.result(timeout=30).shape for f in futures] == [(4,), (2,)]
-    with batcher.arriving() as arrival, pytest.raises(ResourceExhausted):  # refused: nothing queued
-        batcher.submit_many(np.ones((9, 2), np.float32), arrival)
-    assert batcher.incoming == 0 and batcher.queued_rows == 0
+    started, gate = threading.Event(), threading.Event()
+
+    def held(rows: np.ndarray) -> np.ndarray:
+        started.set()
+        gate.wait(30)
+        return rows[:, 0]
+
+    blocked = DynamicBatcher(held, max_batch_size=4, max_queue_rows=8)
+    running = blocked.submit(np.ones((4, 2), np.float32))  # taken by the worker, which waits on the gate
+    assert started.wait(30)
+    queued = blocked.submit_many(np.ones((4, 2), np.float32))
+    with blocked.arriving() as arrival, pytest.raises(ResourceExhausted):  # refused: nothing more queued
+        blocked.submit_many(np.ones((5, 2), np.float32), arrival)
+    assert blocked.incoming == 0 and blocked.queued_rows == 4
+    gate.set()
+    assert running.result(timeout=30).shape == (4,) and queued[0].result(timeout=30).shape == (4,)
+    blocked.close()
+    batcher.close()
+
+
+def test_more_rows_than_the_queue_bound_are_invalid_not_retryable() -> None:
+    batcher = DynamicBatcher(lambda rows: rows[:, 0], max_batch_size=4, max_queue_rows=8)
+    with pytest.raises(InvalidArgument, match=r"rows: at most 8 rows at once, the queue bound \(got 9\)"):
+        batcher.submit_many(np.ones((9, 2), np.float32))
+    assert batcher.queued_rows == 0 and batcher.stats.batches == 0
     batcher.close()

@@ -127,13 +127,16 @@ class DynamicBatcher:
         """Queue any number of rows in chunks of at most ``max_batch_size``; one future per chunk, in order.
 
         All chunks are queued at once, so a large request fills whole batches; a queue without room for
-        all of them refuses them all (RESOURCE_EXHAUSTED), and queues nothing.
+        all of them refuses them all (RESOURCE_EXHAUSTED, or INVALID_ARGUMENT for more rows than the queue
+        bound), and queues nothing.
         """
         n = rows.shape[0] if rows.ndim == 2 else 0
         if n < 1:
             raise InvalidArgument("rows", "must be a non-empty (rows, features) array")
         if _limit and n > self.max_batch_size:
             raise InvalidArgument("rows", f"at most {self.max_batch_size} rows per request (got {n})")
+        if n > self.max_queue_rows:  # could never be queued: not a reason to retry
+            raise InvalidArgument("rows", f"at most {self.max_queue_rows} rows at once, the queue bound (got {n})")
         chunks = [rows[i : i + self.max_batch_size] for i in range(0, n, self.max_batch_size)]
         futures: list[Future[np.ndarray]] = [Future() for _ in chunks]
         with self.cond:
