@@ -457,11 +457,6 @@ class Scorer:
                 "rows",
                 f"at most {self.settings.max_queue_rows} rows per request (scorer.max_queue_rows); got {len(rows)}",
             )
-        if len(rows) > self.settings.max_queue_rows:
-            raise InvalidArgument(
-                "rows",
-                f"at most {self.settings.max_queue_rows} rows per request (scorer.max_queue_rows); got {len(rows)}",
-            )
         raw = np.array(rows, dtype=np.float32)  # a writable copy: the caller's array may be a view of a request
         if np.isinf(raw).any():
             bad = np.argwhere(np.isinf(raw))[0]
