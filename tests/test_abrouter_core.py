@@ -194,3 +194,44 @@ def test_guardrail_statistics_follow_a_changed_metric_kind_and_a_restart(tmp_pat
     assert restored.guardrail_status("k")[0] == [continuous]
     assert restored.store is not None
     restored.store.close()
+
+
+def test_concurrent_assignments_agree_while_weights_move(tmp_path: Path) -> None:
+    """Sticky arms reach memory only after their commit; while it is in flight a concurrent assignment of the
+    same unit (after a weight change) must still get the arm being committed."""
+    store = RouterStore(tmp_path / "r.db", "FULL")  # fsync per commit: a wide window while one is in flight
+    router = Router(ABRouterSettings(), store)
+    spec = ExperimentSpec(key="k", arms=(ArmSpec("a", 0.5), ArmSpec("b", 0.5)), sticky_bucketing=True)
+    router.create(spec)
+    units = [f"u{i}" for i in range(4)]
+    seen: dict[str, set[int]] = {u: set() for u in units}
+    stop = threading.Event()
+
+    def flip() -> None:
+        heavy = False
+        while not stop.is_set():
+            w = (0.1, 0.9) if heavy else (0.9, 0.1)
+            router.update(replace(spec, arms=(ArmSpec("a", w[0]), ArmSpec("b", w[1]))))
+            heavy = not heavy
+
+    def worker(seed: int) -> None:
+        for i in range(300):
+            unit = units[(seed * 7 + i) % len(units)]
+            [(result, _)] = router.assign(unit, {}, ["k"], log_exposure=True)
+            seen[unit].add(result.arm_index)
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    workers = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    flipper.join()
+    live = router.live["k"]
+    assert all(len(arms) == 1 for arms in seen.values()), {u: a for u, a in seen.items() if len(a) > 1}
+    assert live.pending_sticky == {} and live.pending_exposures == 0
+    assert {u: live.sticky[u] for u in units} == {u: next(iter(a)) for u, a in seen.items()}
+    assert len(live.table.exposure_propensities()[0]) == 6 * 300
+    store.close()

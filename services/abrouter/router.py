@@ -106,6 +106,8 @@ class _Live:
     sticky: dict[str, int] = field(default_factory=dict)
     #: Sticky arms of assignments whose commit is in flight: unit -> (arm, number of requests waiting on it).
     pending_sticky: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Exposures whose commit is in flight (arms cannot be added or removed meanwhile).
+    pending_exposures: int = 0
     metrics: dict[str, _MetricLog] = field(default_factory=dict)
     bandit: BanditPolicy | None = None
     #: Config version from which the weights in force apply (SRM compares units exposed since then).
@@ -323,7 +325,7 @@ class Router:
                 raise FailedPrecondition(
                     f"expected_version: experiment '{spec.key}' is at version {cur.version}, not {expected_version}"
                 )
-            if len(spec.arms) != len(cur.spec.arms) and (st.table.__len__() or st.sticky):
+            if len(spec.arms) != len(cur.spec.arms) and (len(st.table) or st.sticky or st.pending_exposures):
                 raise FailedPrecondition(
                     f"spec.arms: experiment '{spec.key}' has exposures; arms can be reweighted, not added or removed"
                 )
@@ -455,16 +457,21 @@ class Router:
                 out.append((result, logged))
             if exposures:
                 statements.append(RouterStore.exposures([row for _, row in exposures]))
+            for st, _ in exposures:
+                st.pending_exposures += 1
             ticket = self._submit(statements)
         try:
             self._durable(ticket)
         except BaseException:
             with self.lock:
                 self._release_pending(held, keep=False)
+                for st, _ in exposures:
+                    st.pending_exposures -= 1
             raise
         with self.lock:  # durable: now memory may show it
             self._release_pending(held, keep=True)
             for st, row in exposures:
+                st.pending_exposures -= 1
                 st.table.add(
                     row.unit, row.arm, row.bucket, row.at, row.propensity, numeric, categorical, row.config_version
                 )
