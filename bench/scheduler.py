@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 
 from bench.processes import service_process
-from bench.records import RESULTS, record, write_records
+from bench.records import record, results_path, say_where, write_records
 from guardmesh.client import open_channel
 from guardmesh.config import SchedulerSettings, load_config
 from guardmesh.v1 import scheduler_pb2 as pb
@@ -608,9 +608,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "grpc": grpc_runs,
         "elapsed_s": time.perf_counter() - began,
     }
-    path = RESULTS / "scheduler_curves.json"
+    path = results_path("scheduler_curves.json")
     path.write_text(json.dumps(curves, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {path} ({curves['elapsed_s']:.0f} s)")
+    print(f"elapsed {curves['elapsed_s']:.0f} s")
+    say_where(path)
     return 0
 
 
