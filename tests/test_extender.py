@@ -230,11 +230,16 @@ def test_bind_reserves_pins_to_the_node_and_publishes_caps_and_env(served: Any, 
 
 
 def test_cpu_only_pod_passes_through_every_node(served: Any, core: Scheduler) -> None:
-    base, _, _ = served
+    base, _, api = served
     before = snapshot(core)
     status, doc, _ = post(base, "filter", {"Pod": k8s_pod("web", "uid-web", None), "NodeNames": ["small", "cpu-only"]})
     assert (status, doc["NodeNames"], doc["FailedNodes"], doc["Error"]) == (200, ["small", "cpu-only"], {}, "")
     assert snapshot(core) == before
+    # A bind for it (kube-scheduler binds such pods itself) is refused, saying why; nothing changes.
+    args = {"PodName": "web", "PodNamespace": "team-a", "PodUID": "uid-web", "Node": "small"}
+    status, doc, _ = post(base, "bind", args)
+    assert status == 200 and "asks for no guardmesh.io/gpu-memory-mib: guardmesh has nothing to reserve" in doc["Error"]
+    assert snapshot(core) == before and api.bindings == []
 
 
 @pytest.mark.parametrize(

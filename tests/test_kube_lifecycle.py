@@ -24,7 +24,7 @@ from guardmesh.config import ExtenderSettings, SchedulerSettings
 from guardmesh.runtime import load_definition, start_service
 from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
-from services.scheduler.extender import Extender, ExtenderHttpServer, job_id_of
+from services.scheduler.extender import Extender, ExtenderHttpServer, PodRequest, job_id_of
 from services.scheduler.jobs import JobSpec, JobState, Qos
 from services.scheduler.kube import GPUS_ANNOTATION, Controller, KubeApi, PodFacts
 from services.scheduler.scheduler import Scheduler
@@ -306,8 +306,10 @@ def test_restart_reconciles_from_the_api_server_and_the_store(
     # A reservation made just before a crash, before its pod was annotated or bound.
     orphan = gpu_pod(v1, "orphan", 20000)
     c.post("filter", {"Pod": orphan, "NodeNames": ["gpu-a"]})
+    request = c.extender.filtered["uid-orphan"]
+    assert isinstance(request, PodRequest)
     with c.core.lock:
-        c.extender._reserve(c.extender.filtered["uid-orphan"], "gpu-a")
+        c.extender._reserve(request, "gpu-a")
     c.close()
     c.core.close()
 

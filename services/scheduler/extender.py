@@ -329,7 +329,7 @@ class Extender:
         self.clock = clock
         self.resource = self.settings.resource_name
         #: Pods seen by filter, by UID (bind needs the pod, and kube-scheduler sends only its name).
-        self.filtered: OrderedDict[str, PodRequest] = OrderedDict()
+        self.filtered: OrderedDict[str, PodRequest | str] = OrderedDict()
         self._filtered_lock = threading.Lock()
         #: Pod groups waiting in bind: (namespace, group) -> {uid: (pod, node)}.
         self._groups: dict[tuple[str, str], dict[str, tuple[PodRequest, str]]] = {}
@@ -349,10 +349,12 @@ class Extender:
 
     # -- documents in ----------------------------------------------------------------------------------
 
-    def _remember(self, pod: PodRequest) -> None:
+    def _remember(self, pod: PodRequest | str) -> None:
+        """Keep a filtered pod for bind (a CPU-only pod by its UID alone, to say why bind refuses it)."""
+        uid = pod if isinstance(pod, str) else pod.uid
         with self._filtered_lock:
-            self.filtered[pod.uid] = pod
-            self.filtered.move_to_end(pod.uid)
+            self.filtered[uid] = pod
+            self.filtered.move_to_end(uid)
             while len(self.filtered) > self.settings.filtered_pods_kept:
                 self.filtered.popitem(last=False)
 
@@ -392,6 +394,9 @@ class Extender:
         except BadRequest as err:
             return self._filter_result([], None, {}, {}, str(err))
         if pod is None:  # a CPU-only pod: nothing of ours to check
+            uid = field(field(field(args, "Pod") or {}, "metadata") or {}, "uid")
+            if isinstance(uid, str) and uid:
+                self._remember(uid)
             return self._filter_result(names, items, {}, {}, "")
         self._remember(pod)
         failed: dict[str, str] = {}
@@ -498,6 +503,11 @@ class Extender:
                 raise BadRequest(f"ExtenderBindingArgs.{key}: must be a non-empty string")
         with self._filtered_lock:
             pod = self.filtered.get(values["PodUID"])
+        if isinstance(pod, str):
+            raise BadRequest(
+                f"pod {values['PodNamespace']}/{values['PodName']} asks for no {self.resource}: guardmesh has "
+                f"nothing to reserve for it; kube-scheduler binds such pods itself (managedResources)"
+            )
         if pod is None or (pod.namespace, pod.name) != (values["PodNamespace"], values["PodName"]):
             raise BadRequest(
                 f"pod {values['PodNamespace']}/{values['PodName']} (uid {values['PodUID']}) was never filtered by "
