@@ -4,6 +4,7 @@ weights: test_abrouter_targeting.py)."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
+from guardmesh.sdk.abrouter import ABRouterClient, Bandit, Guardrail
 from guardmesh.v1 import abrouter_pb2 as pb
 
 from .test_abrouter import Stub, assign_one, code_of, create, spec, start_router
@@ -194,3 +196,28 @@ def test_audit_windows_by_every_logged_categorical_covariate(router: Stub) -> No
         lambda: router.AuditExperiment(pb.AuditExperimentRequest(key="sites", window_covariates=["device"]))
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("window_covariates[0]:")
+
+
+def test_sdk_declares_metric_kinds_bandits_sticky_and_reads_guardrail_status(tmp_path: Path) -> None:
+    running, config, _, channel = start_router(tmp_path)
+    try:
+        with ABRouterClient(config, address=running.address) as ab:
+            ab.create_experiment(
+                "sdk",
+                {"control": 0.5, "treatment": 0.5},
+                metrics=["latency_ms"],
+                metric_kinds={"latency_ms": "continuous"},
+                guardrails=[Guardrail("latency_ms", higher_is_better=False, min_units=2)],
+            )
+            exp = ab.create_experiment("sdk-bandit", {"a": 0.5, "b": 0.5}, metrics=["r"], bandit=Bandit("r"))
+            assert exp.spec.sticky_bucketing  # the SDK asks for what a bandit requires
+            for i in range(20):
+                ab.assign_one(f"u{i}", "sdk", log_exposure=True)
+            ab.record_metrics("sdk", [(f"u{i}", "latency_ms", 100.0 + i % 3) for i in range(0, 20, 2)])
+            state, checks = ab.guardrail_status("sdk")
+            assert state == "running" and [c.metric for c in checks] == ["latency_ms"]
+            assert checks[0].n_control + checks[0].n_arm == 10 and not checks[0].tripped
+            assert math.isfinite(checks[0].upper_bound) and 0.0 <= checks[0].sequential_p_value <= 1.0
+    finally:
+        channel.close()
+        running.stop(grace=0.5)
