@@ -145,6 +145,11 @@ def test_clipping_scales_every_shard_by_the_global_norm(
     c.push({a: np.array([0.3]), b: np.array([0.4])})  # norm 0.5 <= 1: not scaled
     after = c.pull().tensors
     np.testing.assert_allclose([after[a][0], after[b][0]], [-0.9, -1.2], rtol=1e-6)
+    # A client that attached without pulling learns that the model clips before its first push.
+    fresh = ParamServerClient.connect("m", worker_id="fresh", config=config, addresses=[s.address for s in shards])
+    fresh.push({a: np.array([3.0]), b: np.array([4.0])})
+    after = c.pull().tensors
+    np.testing.assert_allclose([after[a][0], after[b][0]], [-1.5, -2.0], rtol=1e-6)
 
 
 def test_sync_clips_each_push_by_its_global_norm_before_averaging(

@@ -456,13 +456,16 @@ class ParamServerClient:
                     raise StalePush(i, details[0], err.code()) from err  # type: ignore[arg-type]
             raise
 
-    def _global_norm(self, grads: dict[str, np.ndarray]) -> float:
-        """The push's L2 norm over every shard's part when the model clips (0 otherwise: not needed)."""
+    def _global_norm(self, parts: list[dict[str, np.ndarray]]) -> float:
+        """The L2 norm of a push (its parts by shard) over every shard when the model clips (0 otherwise: not
+        needed)."""
         if self.clip_norm is None:
-            self._describe(0)
+            self._describe(next((i for i, part in enumerate(parts) if part), 0))
         if not self.clip_norm:
             return 0.0
-        return math.sqrt(math.fsum(float(np.dot(g.reshape(-1), g.reshape(-1))) for g in grads.values()))
+        return math.sqrt(
+            math.fsum(float(np.dot(g.reshape(-1), g.reshape(-1))) for part in parts for g in part.values())
+        )
 
     def _sending(self, i: int, step: int) -> bool:
         """Record that step ``step`` goes to shard ``i``; True if it went there before (a retry)."""
@@ -491,8 +494,9 @@ class ParamServerClient:
         """Push gradients computed on the last pulled versions. Raises StalePush to ask for a re-pull."""
         step = next(self._steps) if step_id is None else step_id
         results = []
-        norm = self._global_norm(grads)
-        for i, part in enumerate(self._split(grads)):
+        parts = self._split(grads)
+        norm = self._global_norm(parts)
+        for i, part in enumerate(parts):
             if not part:
                 continue
             retry = self._sending(i, step)
@@ -520,8 +524,9 @@ class ParamServerClient:
         step = next(self._steps) if step_id is None else step_id
         results: list[pb.PushResponse] = []
         tensors: dict[str, np.ndarray] = {}
-        norm = self._global_norm(grads)
-        for i, part in enumerate(self._split(grads)):
+        parts = self._split(grads)
+        norm = self._global_norm(parts)
+        for i, part in enumerate(parts):
             if not part:
                 version, incarnation, out = self._pull_shard(i, self.awaiting[i], timeout, into)
             else:
