@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -384,7 +385,7 @@ def test_analyze_experiment_covers_every_metric_and_treatment_arm():
 
 
 def good_input(**changes: object) -> MetricInput:
-    fields = {
+    fields: dict[str, Any] = {
         "metric": "m",
         "unit_arms": np.array([0, 0, 1, 1]),
         "obs_unit": np.array([0, 1, 2, 3]),

@@ -139,7 +139,7 @@ def test_targeting_condition_is_growthbooks() -> None:
     rng = random.Random(5)
     for i in range(500):
         attrs = {"id": f"u{i}", "country": rng.choice(["US", "CA", "FR"]), "age": rng.randint(10, 40)}
-        ours = assign(exp, attrs["id"], attrs, now=1.0)
+        ours = assign(exp, str(attrs["id"]), attrs, now=1.0)
         theirs = GrowthBook(attributes=attrs).run(gb_exp)
         assert ours.in_experiment == theirs.inExperiment
         assert ours.reason in ("assigned", "not_targeted")
@@ -205,7 +205,7 @@ def test_hash_attribute_and_bad_ids() -> None:
     with pytest.raises(InvalidArgument, match=r"unit_ids\[1\]"):
         assign_batch(by_id, ["ok", ""], 1.0)
     with pytest.raises(TypeError, match=r"values\[0\]"):
-        abhash.assign_many("s", [3], 2, np.array([0.0]), np.array([1.0]))
+        abhash.assign_many("s", [3], 2, np.array([0.0]), np.array([1.0]))  # type: ignore[list-item]
 
 
 @pytest.mark.parametrize(

@@ -108,7 +108,7 @@ def test_srm_zero_weight_arms() -> None:
 )
 def test_srm_rejects_bad_input(counts: list[float], weights: list[float], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
-        audit.sample_ratio_test(counts, weights)
+        audit.sample_ratio_test(counts, weights)  # type: ignore[arg-type]  # bad input on purpose
 
 
 # ---------------------------------------------------------------------------------------------------- uniformity
@@ -212,7 +212,8 @@ def test_id_features_match_a_per_string_reference(alphabet: str, fixed_length: b
         assert feats.suffix_labels[feats.suffix[i]] == s[-1:], s
     assert [ids[i] for i in audit._lexical_order(ids, feats)] == sorted(ids)
     numbered = [f"{p}-{v}" for p, v in zip(rng.choice(["a", "bb"], 500), rng.integers(0, 10**15, 500), strict=True)]
-    assert audit._id_features(numbered).trailing.tolist() == [int(s.split("-")[1]) for s in numbered]
+    trailing = audit._id_features(numbered).trailing
+    assert trailing is not None and trailing.tolist() == [int(s.split("-")[1]) for s in numbered]
 
 
 # ---------------------------------------------------------------------------------------------------- carry-over
