@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import cache
 from typing import Any
 
 import grpc
@@ -161,6 +162,16 @@ def observe_abrouter(router: Any) -> None:
 # -- per-RPC metrics (OpenTelemetry semantic conventions for RPC servers) ------------------------------------
 
 
+@cache
+def _rpc_server_duration() -> metrics.Histogram:
+    """The process's one ``rpc.server.duration`` instrument (every server of the process records into it)."""
+    return metrics.get_meter("guardmesh.rpc").create_histogram(
+        "rpc.server.duration",
+        unit="ms",
+        description="Duration of inbound RPCs, by service, method and gRPC status code",
+    )
+
+
 class RpcServerMetrics(grpc.ServerInterceptor):
     """``rpc.server.duration`` (milliseconds) of every call, with ``rpc.system``, ``rpc.service``,
     ``rpc.method`` and ``rpc.grpc.status_code``: requests are its count, errors its count by status code.
@@ -170,12 +181,7 @@ class RpcServerMetrics(grpc.ServerInterceptor):
     """
 
     def __init__(self) -> None:
-        meter = metrics.get_meter("guardmesh.rpc")
-        self._duration = meter.create_histogram(
-            "rpc.server.duration",
-            unit="ms",
-            description="Duration of inbound RPCs, by service, method and gRPC status code",
-        )
+        self._duration = _rpc_server_duration()
 
     def intercept_service(
         self,
