@@ -53,12 +53,17 @@ def start_router(tmp_path: Path, **overrides: object) -> tuple[RunningService, M
     return running, config, pb_grpc.ABRouterServiceStub(channel), channel
 
 
-@pytest.fixture
-def router(tmp_path: Path) -> Iterator[Stub]:
+def serve_router(tmp_path: Path) -> Iterator[Stub]:
+    """A router over real gRPC for the length of a test (the body of every ``router`` fixture)."""
     running, _, stub, channel = start_router(tmp_path)
     yield stub
     channel.close()
     running.stop(grace=0.5)
+
+
+@pytest.fixture
+def router(tmp_path: Path) -> Iterator[Stub]:
+    yield from serve_router(tmp_path)
 
 
 def spec(key: str = "exp", weights: tuple[float, ...] = (0.5, 0.5), **kw: object) -> pb.ExperimentSpec:

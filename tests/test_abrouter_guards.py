@@ -16,15 +16,20 @@ import pytest
 from guardmesh.sdk.abrouter import ABRouterClient, Bandit, Guardrail
 from guardmesh.v1 import abrouter_pb2 as pb
 
-from .test_abrouter import Stub, assign_one, code_of, create, spec, start_router
+from .test_abrouter import (
+    Stub,
+    assign_one,
+    code_of,
+    create,
+    serve_router,
+    spec,
+    start_router,
+)
 
 
 @pytest.fixture
 def router(tmp_path: Path) -> Iterator[Stub]:
-    running, _, stub, channel = start_router(tmp_path)
-    yield stub
-    channel.close()
-    running.stop(grace=0.5)
+    yield from serve_router(tmp_path)
 
 
 def _wait_state(stub: Stub, key: str, state: int, timeout: float = 30.0) -> pb.Experiment:

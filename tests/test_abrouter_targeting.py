@@ -19,9 +19,20 @@ from native import abhash
 from services.abrouter.experiments import ArmSpec, Experiment, ExperimentSpec, ExperimentState, bucket_ranges
 from services.abrouter.targeting import eval_condition
 
-from .test_abrouter import Stub, assign_one, code_of, create, start_router
+from .test_abrouter import (
+    Stub,
+    assign_one,
+    code_of,
+    create,
+    serve_router,
+)
 
 CASES = json.loads((Path(__file__).parent / "data" / "growthbook_cases.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def router(tmp_path: Path) -> Iterator[Stub]:
+    yield from serve_router(tmp_path)
 
 
 @pytest.mark.parametrize(("name", "condition", "attributes", "expected"), CASES["evalCondition"], ids=lambda v: "")
@@ -96,14 +107,6 @@ def test_propensities_are_the_normalised_covered_shares() -> None:
     over = ExperimentSpec(key="k", arms=(ArmSpec("a", 0.5), ArmSpec("b", 0.51)))
     exp = Experiment(over, 1, ExperimentState.RUNNING, over.weights, 0.0, 0.0)
     assert exp.propensities() == pytest.approx((0.5, 0.5))  # the last range is cut at 1, as GrowthBook's
-
-
-@pytest.fixture
-def router(tmp_path: Path) -> Iterator[Stub]:
-    running, _, stub, channel = start_router(tmp_path)
-    yield stub
-    channel.close()
-    running.stop(grace=0.5)
 
 
 def _attrs(**values: Any) -> dict[str, Any]:
