@@ -192,26 +192,31 @@ def test_reflection_lists_and_describes_with_the_proto_comments(scheduler_servic
 
 
 def test_sigterm_drain_finishes_in_flight_rpc(tmp_path: Path) -> None:
-    config, definition, _ = _probe(tmp_path, **{"grpc.drain_delay_s": 0.5})
+    config, definition, made = _probe(tmp_path, **{"grpc.drain_delay_s": 0.5})
     running = start_service(definition, config, port=0)
     channel = open_channel("probe", config, address=running.address)
     result: dict[str, object] = {}
 
     def slow_call() -> None:
         try:
-            result["value"] = _call(channel, "Slow", b"1.0")
+            result["value"] = _call(channel, "Slow", b"3.0", timeout=60)
         except grpc.RpcError as err:  # pragma: no cover - the assertion below reports it
             result["error"] = err.code()
 
     caller = threading.Thread(target=slow_call)
     caller.start()
-    time.sleep(0.3)  # the call is in flight
-    stopper = threading.Thread(target=running.stop, kwargs={"grace": 5.0})
+    deadline = time.monotonic() + 30
+    while made["binding"].started < 1 and time.monotonic() < deadline:  # wait until a handler runs it
+        time.sleep(0.01)
+    assert made["binding"].started == 1
+    stopper = threading.Thread(target=running.stop, kwargs={"grace": 30.0})
     stopper.start()
-    time.sleep(0.1)
-    assert _health(running.address) == health_pb2.HealthCheckResponse.NOT_SERVING
-    caller.join(10)
-    stopper.join(10)
+    health = health_pb2.HealthCheckResponse.SERVING
+    while health == health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+        health = _health(running.address)
+    assert health == health_pb2.HealthCheckResponse.NOT_SERVING
+    caller.join(60)
+    stopper.join(60)
     assert result == {"value": b"done"}
     with pytest.raises(grpc.RpcError) as err:
         _call(channel, "Echo", b"x", timeout=1)
