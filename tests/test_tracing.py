@@ -271,3 +271,51 @@ def test_service_honours_otel_traces_exporter_console(tmp_path: Path) -> None:
     assert f'"name": "{LIST_JOBS}"' in printed, printed[-3000:]
     assert '"service.name": "scheduler"' in printed, printed[-3000:]
     assert HEALTH_CHECK not in printed  # wait_serving's health checks are not traced
+
+
+#: An application that set OpenTelemetry up itself before using the SDK: the SDK's spans go to its provider.
+OWN_PROVIDER_APP = """
+import sys
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+
+import grpc
+from guardmesh.sdk import Mesh
+
+with Mesh(addresses={"scheduler": sys.argv[1]}) as mesh:
+    try:
+        mesh.scheduler.list_jobs()
+    except grpc.RpcError as err:
+        print("CODE", err.code().name)
+print("SPANS", [(s.name, s.kind.name) for s in exporter.get_finished_spans()])
+"""
+
+
+def test_sdk_keeps_the_tracer_provider_an_app_set_up_itself() -> None:
+    env = clean_env(
+        {
+            "PYTHONPATH": str(REPO),
+            "GUARDMESH__CLIENT__MAX_ATTEMPTS": "1",
+            "GUARDMESH__CLIENT__DEADLINE_S": "2",
+            "OTEL_TRACES_EXPORTER": "console",  # would print spans if the SDK set up its own provider
+        }
+    )
+    app = subprocess.run(
+        [sys.executable, "-c", OWN_PROVIDER_APP, f"127.0.0.1:{free_port()}"],  # nothing listens there
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert app.returncode == 0, app.stderr[-3000:]
+    assert "CODE UNAVAILABLE" in app.stdout
+    assert f"('{LIST_JOBS}', 'CLIENT')" in app.stdout, app.stdout
+    assert '"name":' not in app.stdout  # no console exporter of the SDK's own
