@@ -3,9 +3,10 @@ an MLP (100 features, 256-256 hidden); ScoreBatch of 256 rows vs the same 256 ro
 another (and the model executions each took, from the server's own OIP ModelStatistics); and the drift
 statistics vs scipy + numpy (bench.drift_bench).
 
-Each configuration runs the scorer as its own process (``python -m services.scorer``); the clients are
-threads of this process, each sending one request at a time for a fixed duration. "Batching off" is the
-same server with ``scorer.max_batch_size = 1``. The ceiling record runs the same 64-client harness (same
+Both configurations run side by side, each the scorer as its own process (``python -m services.scorer``),
+measured in interleaved rounds (median reported); the clients are threads of this process, each sending
+one request at a time for a fixed duration. "Batching off" is the same server with
+``scorer.max_batch_size = 1``. The ceiling record runs the same 64-client harness (same
 channels, same request bytes) against a bare grpcio echo in its own process: what this harness and gRPC
 can deliver here with no server work, so the most any batching could reach.
 
@@ -154,45 +155,60 @@ def batch_vs_single(address: str, repeats: int = 5) -> dict[str, float]:
     return out
 
 
-def serve_and_measure(batching: bool, seconds: float) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
-    """Start a scorer (batching on or off), load the MLP, measure every client count and (batching on)
-    ScoreBatch vs Score calls."""
-    overrides = {"GUARDMESH__SCORER__DEVICE": "auto", "GUARDMESH__SCORER__DRIFT_EVERY": "1000000"}
-    if not batching:
-        overrides["GUARDMESH__SCORER__MAX_BATCH_SIZE"] = "1"
-    out: dict[int, dict[str, float]] = {}
-    batch: dict[str, float] = {}
-    with service_process("scorer", overrides) as address:
-        config = load_config(env={})
-        channel = open_channel("scorer", config, address=address)
-        stub = pb_grpc.ScorerServiceStub(channel)
-        reference = np.random.default_rng(1).standard_normal((1000, len(FEATURES))).astype("<f4")
-        stub.RegisterModel(
-            pb.RegisterModelRequest(
-                model="bench",
-                version="v1",
-                features=FEATURES,
-                format=pb.MODEL_FORMAT_TORCHSCRIPT,
-                payload=model_payload(),
-                activate=True,
-                reference=common_pb2.Tensor(
-                    dtype=common_pb2.D_TYPE_FLOAT32, shape=list(reference.shape), data=reference.tobytes()
-                ),
-            )
+def load_model(address: str) -> str:
+    """Register and activate the MLP on the scorer at ``address``; return the device it runs on."""
+    config = load_config(env={})
+    channel = open_channel("scorer", config, address=address)
+    stub = pb_grpc.ScorerServiceStub(channel)
+    reference = np.random.default_rng(1).standard_normal((1000, len(FEATURES))).astype("<f4")
+    stub.RegisterModel(
+        pb.RegisterModelRequest(
+            model="bench",
+            version="v1",
+            features=FEATURES,
+            format=pb.MODEL_FORMAT_TORCHSCRIPT,
+            payload=model_payload(),
+            activate=True,
+            reference=common_pb2.Tensor(
+                dtype=common_pb2.D_TYPE_FLOAT32, shape=list(reference.shape), data=reference.tobytes()
+            ),
         )
-        device = stub.ListModels(pb.ListModelsRequest()).device
-        channel.close()
+    )
+    device = stub.ListModels(pb.ListModelsRequest()).device
+    channel.close()
+    return device
+
+
+def serve_and_measure(
+    seconds: float, rounds: int
+) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, float]], dict[str, float]]:
+    """Start two scorers side by side, batching on and off (``max_batch_size = 1``), load the MLP on both,
+    and measure every client count in ``rounds`` interleaved rounds (on, off; off, on; ...) so that both
+    see the same machine; per figure the median over the rounds. Then ScoreBatch vs Score calls (on)."""
+    base = {"GUARDMESH__SCORER__DEVICE": "auto", "GUARDMESH__SCORER__DRIFT_EVERY": "1000000"}
+    results: dict[str, dict[int, dict[str, float]]] = {"on": {}, "off": {}}
+    with (
+        service_process("scorer", base) as on_address,
+        service_process("scorer", {**base, "GUARDMESH__SCORER__MAX_BATCH_SIZE": "1"}) as off_address,
+    ):
+        addresses = {"on": on_address, "off": off_address}
+        device = load_model(on_address)
+        load_model(off_address)
         for clients in CLIENTS:
-            out[clients] = run_clients(address, clients, seconds)
-            mode = "on " if batching else "off"
-            r = out[clients]
-            print(
-                f"batching {mode} {clients:3d} clients: {r['qps']:8,.0f} req/s  p50 {r['p50_ms']:6.2f} ms"
-                f"  p99 {r['p99_ms']:6.2f} ms  ({device})"
-            )
-        if batching:
-            batch = batch_vs_single(address)
-    return out, batch
+            taken: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+            for k in range(rounds):
+                for mode in ("on", "off") if k % 2 == 0 else ("off", "on"):  # neither always goes first
+                    taken[mode].append(run_clients(addresses[mode], clients, seconds))
+            for mode in ("on", "off"):
+                r = results[mode][clients] = {
+                    key: statistics.median(t[key] for t in taken[mode]) for key in taken[mode][0]
+                }
+                print(
+                    f"batching {mode:3s} {clients:3d} clients: {r['qps']:8,.0f} req/s  p50 {r['p50_ms']:6.2f} ms"
+                    f"  p99 {r['p99_ms']:6.2f} ms  ({device}; median of {rounds} interleaved rounds)"
+                )
+        batch = batch_vs_single(on_address)
+    return results["on"], results["off"], batch
 
 
 def echo_ceiling(clients: int, seconds: float) -> dict[str, float]:
@@ -210,11 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write bench/results/scorer.json."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=6.0, help="measurement time per client count")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per client count (median reported)")
     ap.add_argument("--skip-drift", action="store_true", help="leave the drift statistics records as they are")
     ap.add_argument("--note", default="", help="a note on every record of this run (e.g. how loaded the machine was)")
     args = ap.parse_args(argv)
-    on, batch = serve_and_measure(True, args.seconds)
-    off, _ = serve_and_measure(False, args.seconds)
+    on, off, batch = serve_and_measure(args.seconds, args.rounds)
     ceiling = echo_ceiling(64, args.seconds)
     records: list[dict[str, Any]] = [
         record(

@@ -169,6 +169,10 @@ class RegistryStore:
                 continue
             yield registration
 
+    def has_record(self, seq: int) -> bool:
+        """Whether a registration with sequence number ``seq`` is recorded in the current format."""
+        return any(p.is_dir() and self._seq(p) == seq for p in self.folder.iterdir())
+
     def legacy_records(self) -> list[tuple[int, Path]]:
         """(sequence, path) of registrations in the old format (protobuf requests, ``*.pb``), oldest first."""
         return sorted((s, p) for p in self.folder.glob("*.pb") if (s := self._seq(p)) is not None)

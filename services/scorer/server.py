@@ -463,6 +463,9 @@ def migrate_legacy(store: RegistryStore) -> int:
     does not parse or breaks a rule is logged and left in place, never fatal. Returns how many moved."""
     moved = 0
     for seq, path in store.legacy_records():
+        if store.has_record(seq):  # migrated before a crash kept the old file: only retiring it was left
+            store.retire_legacy(path)
+            continue
         request = pb.RegisterModelRequest()
         try:
             request.ParseFromString(path.read_bytes())
