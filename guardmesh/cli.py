@@ -217,17 +217,16 @@ def report(
 ) -> None:
     """Audit and analyse experiment KEY: the audit summary, the multi-metric table, and PNG plots."""
     import grpc
-    from rich.console import Console
 
     from guardmesh.client import open_channel
-    from guardmesh.config import load_config
+    from guardmesh.logs import terminal_console
     from guardmesh.sdk.abrouter import analysis_from_pb
     from guardmesh.v1 import abrouter_pb2 as pb
     from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
     from services.abrouter.report import analysis_table, plot_analysis
 
-    console = Console()
-    channel = open_channel("abrouter", load_config(config), address=address)
+    console = terminal_console()
+    channel = open_channel("abrouter", _mesh_config(config)[0], address=address)
     stub = pb_grpc.ABRouterServiceStub(channel)
     try:
         audit = stub.AuditExperiment(pb.AuditExperimentRequest(key=key))
