@@ -9,10 +9,11 @@ with "drift") in ``bench/results/scorer.json``, keeping the others. ``run()`` re
 False alarms (issue #18.9): under no drift, the share of live windows whose model drift score reaches the alert
 level (0.5), for windows of 20, 50, 100 and 1,000 rows and 1, 10, 50 and 100 features, against a 1,000-row
 reference (the scorer's default reference taken from live traffic; a fresh one every 20 windows). Features cycle
-continuous, heavily tied (6 integers: few bins, empty ones on small windows) and one-decimal values. The
-figure's peer is the limit the issue sets (5 %); each record also carries the alarm count, the windows, the
-Clopper-Pearson 95 % upper bound of the share and the share of windows scoring above 0 at all. Power: the
-median model score when one feature shifts by 0.5 SD in a 1,000-row window, beside the alert level.
+continuous, heavily tied (6 integers: few bins, empty ones on small windows) and one-decimal values, with 1 %
+of the values missing. The figure's peer is the limit the issue sets (5 %); each record also carries the
+alarm count, the windows, the Clopper-Pearson 95 % upper bound of the share and the share of windows scoring
+above 0 at all. Power: the median model score when one feature shifts by 0.5 SD in a 1,000-row window, beside
+the alert level.
 
 Timing: the workload of the issue, 100 features, a 10,000-row live window against a 100,000-row reference, 1 %
 of the values missing, 20 of the features small integers (heavy ties), a third of the features shifted.
@@ -67,13 +68,15 @@ NULL_REFERENCE_ROWS = 1_000
 NULL_RUNS = 400  # windows per (window size, feature count)
 REFERENCE_EVERY = 20  # windows per reference drawn
 POWER_RUNS = 50
+NULL_MISSING = 0.01  # share of values missing under no drift (small windows: one missing value is 5 % of 20)
 
 
 def null_rows(rng: np.random.Generator, rows: int, features: int) -> np.ndarray:
-    """rows x features under no drift: continuous, heavily tied and one-decimal columns in turn."""
+    """rows x features under no drift: continuous, heavily tied and one-decimal columns in turn, 1 % missing."""
     data = rng.normal(size=(rows, features))
     data[:, 1::3] = rng.integers(0, 6, size=data[:, 1::3].shape)
     data[:, 2::3] = np.round(data[:, 2::3] * 1.5, 1)
+    data[rng.random(data.shape) < NULL_MISSING] = np.nan
     return data
 
 

@@ -51,7 +51,7 @@ Drift score and its noise floors
 Each effect size first loses its *noise floor*: the value sampling noise alone exceeds with probability
 ``level = FALSE_ALARM_RATE / (3 * features)`` at these window sizes (``FALSE_ALARM_RATE`` = 0.05; three tests
 per feature, Bonferroni over all of them). So under no drift the chance that *any* feature scores above 0 is
-about 5 % whatever the window size and feature count (the floors are approximations: 2-9 % measured over
+about 5 % whatever the window size and feature count (the floors are approximations: 2-12 % measured over
 windows of 20-1,000 rows, 1-100 features, 0-20 % missing), and the model score rarely leaves 0; a tiny
 shift on a huge window stays tiny too. With ``sat(x, h) = 1 - 2 ** (-max(x, 0) / h)`` (0 at 0, 0.5 at h):
 
@@ -98,6 +98,7 @@ __all__ = [
     "FALSE_ALARM_RATE",
     "KS_PVALUE_METHOD",
     "PSI_PSEUDO_COUNT",
+    "SAMPLE_ROWS",
     "DriftReport",
     "FeatureDrift",
     "LiveWindow",
