@@ -120,7 +120,9 @@ def _mesh_config(config: str | None) -> tuple[MeshConfig, str | None]:
     """The configuration for a mesh command: ``--config``, else GUARDMESH_CONFIG, else the one ``up`` used."""
     from guardmesh.config import load_config
 
-    if config is None and not os.environ.get("GUARDMESH_CONFIG"):
+    if config is None:
+        config = os.environ.get("GUARDMESH_CONFIG") or None  # `make up PROFILE=...` names it so
+    if config is None:
         remembered = Path(load_config().mesh.state_dir) / PROFILE_FILE
         if remembered.exists():
             config = remembered.read_text().strip() or None

@@ -193,7 +193,9 @@ def test_mesh_remembers_its_profile_registers_a_simulated_cluster_and_shows_metr
         )
 
     try:
-        up = cli("mesh", "up", "--config", "tls.toml")
+        env["GUARDMESH_CONFIG"] = "tls.toml"  # as `make up PROFILE=...` names the profile
+        up = cli("mesh", "up")
+        del env["GUARDMESH_CONFIG"]
         assert up.returncode == 0, up.stdout + up.stderr
         assert "simulated" in up.stdout
         assert health_status(f"127.0.0.1:{port}", "scheduler") == "UNREACHABLE"  # TLS only
