@@ -35,8 +35,11 @@ LONG_JOB = "nightly-resnet152-imagenet-finetune-tenant-research-vision-0001"
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Iterator[dict[str, RunningService]]:
+def services(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, RunningService]]:
     """A scheduler with a node and a running job, a scorer with a model, an abrouter with an experiment."""
+    # The commands read this (empty: the defaults), not a profile remembered by a `make up` in the repository.
+    (tmp_path / "mesh.toml").write_text("")
+    monkeypatch.setenv("GUARDMESH_CONFIG", str(tmp_path / "mesh.toml"))
     config = make_config(tmp_path, **{"services.scorer.port": 0, "services.abrouter.port": 0})
     running: dict[str, RunningService] = {}
     try:
@@ -142,9 +145,9 @@ def test_describe_unknown_names_the_missing_thing(services: dict[str, RunningSer
     assert result.exit_code == 2 and "--state: unknown state 'SLEEPING'" in result.output
 
 
-def test_piped_table_is_whole_without_columns(services: dict[str, RunningService]) -> None:
+def test_piped_table_is_whole_without_columns(services: dict[str, RunningService], tmp_path: Path) -> None:
     """A real process writing into a pipe, no COLUMNS in its environment: the job id is printed whole."""
-    env = clean_env({})
+    env = clean_env({"GUARDMESH_CONFIG": str(tmp_path / "mesh.toml")})
     env.pop("COLUMNS", None)
     proc = subprocess.run(
         [
