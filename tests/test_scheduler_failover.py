@@ -217,6 +217,8 @@ def test_a_paused_leader_is_fenced_when_it_resumes(
     assert a.proc is not None
     stub_a = spb_grpc.SchedulerServiceStub(a.channel())  # a plain channel: no retries, no following
     stub_a.SubmitJob(spb.SubmitJobRequest(job=spec("before-pause")), timeout=20)
+    watch = stub_a.WatchJob(spb.WatchJobRequest(job_id="before-pause"), timeout=120)
+    assert next(watch).job.spec.job_id == "before-pause"  # the snapshot; the stream stays open
     os.kill(a.proc.pid, signal.SIGSTOP)
     # Sent while a is paused: it waits in a's socket until a resumes.
     late = stub_a.SubmitJob.future(spb.SubmitJobRequest(job=spec("sent-to-paused-leader")), timeout=120)
@@ -227,6 +229,11 @@ def test_a_paused_leader_is_fenced_when_it_resumes(
     with pytest.raises(grpc.RpcError) as refused:
         late.result()
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+    # The watch stream on the deposed leader ends UNAVAILABLE (to be opened again on the leader).
+    with pytest.raises(grpc.RpcError) as ended:
+        for _ in watch:
+            pass
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
     wait_for("a to stand by naming b", lambda: leader_in_message(unavailable_message(a.address)) == b.address)
     assert a.health() == "NOT_SERVING"
     # Nothing of the refused call reached the store; what was acknowledged is there.

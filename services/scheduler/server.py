@@ -321,12 +321,14 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchJobResponse]:
         """See the proto."""
         self._check_owner(request.job_id)
-        stopped = lambda: self.draining.is_set() or not context.is_active()  # noqa: E731
-        for ev, job in self.core.watch(request.job_id, stopped):
+        core = self.core
+        stopped = lambda: self.draining.is_set() or not context.is_active() or self._core is not core  # noqa: E731
+        for ev, job in core.watch(request.job_id, stopped):
             msg = pb.WatchJobResponse(job=job_to_pb(job))
             if ev is not None:
                 msg.event.CopyFrom(event_to_pb(ev))
             yield msg
+        self._check_still_leading(core)
 
     def RenewLease(self, request: pb.RenewLeaseRequest, context: grpc.ServicerContext) -> pb.RenewLeaseResponse:
         """See the proto."""
@@ -374,6 +376,13 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                     yield pb.WatchScaleSignalsResponse(signal=signal_to_pb(sig))
             with core.changed:
                 core.changed.wait_for(moved, timeout=1.0)
+            self._check_still_leading(core)
+
+    def _check_still_leading(self, core: Scheduler) -> None:
+        """A stream of a core this replica no longer serves (it stood by) ends UNAVAILABLE, naming the
+        leader, so the watcher opens it again there rather than waiting on a core nothing changes."""
+        if self._core is not core and not self.draining.is_set():
+            raise Unavailable(standby_message("scheduler", self.leader_address))
 
 
 class _LeaderView:
