@@ -687,3 +687,38 @@ def test_a_lone_score_call_is_not_held_for_the_queue_delay(tmp_path: Path) -> No
         assert stats.reason_log == ["idle"] * 4 and stats.sizes == [1, 1, 1, 10]
     finally:
         running.stop(grace=0.5)
+
+
+def test_a_score_batch_across_models_answers_each_request_from_its_own_model(scorer) -> None:  # type: ignore[no-untyped-def]
+    running, _, stub = scorer
+    risk, fraud = logistic([1.0, 0, 0, 0], 0.0), logistic([0, 0, 0, 2.0], -1.0)
+    register(stub, "v1", risk, activate=True)
+    stub.RegisterModel(
+        pb.RegisterModelRequest(
+            model="fraud",
+            version="f1",
+            features=FEATURES,
+            format=pb.MODEL_FORMAT_TORCHSCRIPT,
+            payload=torchscript(fraud),
+            activate=True,
+        )
+    )
+    rows = np.random.default_rng(10).standard_normal((6, 4)).astype(np.float32)
+    models = ["risk", "fraud", "nope", "risk", "fraud", "risk"]
+    batch = stub.ScoreBatch(
+        pb.ScoreBatchRequest(
+            requests=[
+                pb.ScoreRequest(model=m, request_id=f"x{i}", features=dict(zip(FEATURES, map(float, r), strict=True)))
+                for i, (m, r) in enumerate(zip(models, rows, strict=True))
+            ]
+        )
+    )
+    for m, row, result in zip(models, rows, batch.results, strict=True):
+        if m == "nope":
+            assert result.error.code == grpc.StatusCode.NOT_FOUND.value[0] and "nope" in result.error.message
+            continue
+        want = float((risk if m == "risk" else fraud)(torch.from_numpy(row[None, :])).detach()[0, 0])
+        assert result.response.score == pytest.approx(want, rel=1e-5)
+        assert result.response.model_version == ("v1" if m == "risk" else "f1")
+    core = running.binding.servicer.core  # type: ignore[attr-defined]
+    assert core.batch_stats("risk", "v1").sizes == [3] and core.batch_stats("fraud", "f1").sizes == [2]

@@ -426,7 +426,8 @@ class Scorer:
                 results[i] = err
                 continue
             groups.setdefault((call.model, version), []).append(i)
-        for (model, version), members in groups.items():
+        queued: list[tuple[list[int], _Group, list[Future[np.ndarray]]]] = []
+        for (model, version), members in groups.items():  # every group queued before any is awaited
             line = self.lines[model]
             try:
                 state = self._state(line, version)
@@ -436,7 +437,8 @@ class Scorer:
                 continue
             with state.batcher.arriving() as arrival:  # the batcher may wait for these rows, not leave without
                 group = self._parse(line, state, [calls[i] for i in members])
-                pending = self._prepare(group, arrival)
+                queued.append((members, group, self._prepare(group, arrival)))
+        for members, group, pending in queued:
             for i, outcome in zip(members, self._finish(group, pending, atomic=False), strict=True):
                 results[i] = outcome
         return [r if r is not None else GuardmeshError("not scored") for r in results]
