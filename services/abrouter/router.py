@@ -429,12 +429,7 @@ class Router:
             for st, value in zip(targets, values, strict=True):
                 exp = st.experiment
                 sticky = exp.spec.sticky_bucketing
-                sticky_arm = None
-                if sticky:
-                    sticky_arm = st.sticky.get(value)
-                    if sticky_arm is None and value in st.pending_sticky:
-                        sticky_arm = st.pending_sticky[value][0]
-                result = assign(exp, value, attributes, now, sticky_arm)
+                result = assign(exp, value, attributes, now, self._sticky_arm(st, value))
                 if result.in_experiment and sticky and value not in st.sticky:
                     arm, waiting = st.pending_sticky.get(value, (result.arm_index, 0))
                     st.pending_sticky[value] = (arm, waiting + 1)
@@ -476,6 +471,16 @@ class Router:
                     row.unit, row.arm, row.bucket, row.at, row.propensity, numeric, categorical, row.config_version
                 )
         return out
+
+    @staticmethod
+    def _sticky_arm(st: _Live, value: str) -> int | None:
+        """The unit's sticky arm: durable, or held by an assignment whose commit is in flight; None if none."""
+        if not st.experiment.spec.sticky_bucketing:
+            return None
+        arm = st.sticky.get(value)
+        if arm is None and value in st.pending_sticky:
+            arm = st.pending_sticky[value][0]
+        return arm
 
     @staticmethod
     def _release_pending(held: list[tuple[_Live, str]], *, keep: bool) -> None:
@@ -546,7 +551,7 @@ class Router:
             self._check_unit(unit_id, numeric, categorical, 0.0)
             value = hash_value_of(exp, unit_id, attributes)
             now = self.clock()
-            planned = assign(exp, value, attributes, now, st.sticky.get(value) if exp.spec.sticky_bucketing else None)
+            planned = assign(exp, value, attributes, now, self._sticky_arm(st, value))
         spec = exp.spec
         arm_index = planned.arm_index if planned.in_experiment else 0
         version = spec.arms[arm_index].model_version
