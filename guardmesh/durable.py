@@ -417,9 +417,10 @@ def _statements(script: str) -> list[str]:
 class GroupCommitLog:
     """A store written by one committer thread with group commit, on SQLite or PostgreSQL.
 
-    ``target`` is a store URL or a file path (SQLite); ``schema`` the component's migrations (a plain
-    string is taken as migration 1, as older callers pass it); ``component`` names its row in
-    ``schema_version``; ``synchronous`` is SQLite's (``FULL`` survives power loss, ``NORMAL`` kill -9).
+    ``target`` is a store URL or a file path (SQLite); ``schema`` the component's migrations, or, as older
+    callers pass it, one script of ``IF NOT EXISTS`` statements run at every start and not versioned;
+    ``component`` names its row in ``schema_version``; ``synchronous`` is SQLite's (``FULL`` survives power
+    loss, ``NORMAL`` kill -9).
     StoreUnreachable, SchemaTooNew or StoreError when the store cannot be used.
     """
 
@@ -445,10 +446,15 @@ class GroupCommitLog:
             self.path = None
             self.db = None
         self.dialect = self.backend.dialect
-        migrations = [Migration(1, schema)] if isinstance(schema, str) else list(schema)
         try:
             _migrate(self.backend, "guardmesh.leases", LEASE_MIGRATIONS, self.target.where)
-            self.schema_version = _migrate(self.backend, component, migrations, self.target.where)
+            if isinstance(schema, str):  # an unversioned script: idempotent, run as a whole every time
+                with self.backend.transaction() as tx:
+                    for statement in _statements(schema):
+                        tx.execute(statement)
+                self.schema_version = 0
+            else:
+                self.schema_version = _migrate(self.backend, component, list(schema), self.target.where)
         except BaseException:
             self.backend.close()
             raise

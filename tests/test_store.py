@@ -278,3 +278,16 @@ def test_another_process_on_postgresql_hears_a_notification(postgres_server: obj
         listener.close()
         writer.close()
         reader.close()
+
+
+def test_an_unversioned_schema_script_runs_at_every_start(store_url: str) -> None:
+    """Older callers pass one script of IF NOT EXISTS statements: a table added to it later is created."""
+    first = GroupCommitLog(store_url, "CREATE TABLE IF NOT EXISTS a (k TEXT PRIMARY KEY)", component="legacy")
+    first.close()
+    grown = "CREATE TABLE IF NOT EXISTS a (k TEXT PRIMARY KEY); CREATE TABLE IF NOT EXISTS b (k TEXT PRIMARY KEY)"
+    second = GroupCommitLog(store_url, grown, component="legacy")
+    try:
+        second.submit([("INSERT INTO b (k) VALUES (?)", ("x",))]).wait()
+        assert second.query("SELECT k FROM b") == [("x",)] and second.schema_version == 0
+    finally:
+        second.close()
