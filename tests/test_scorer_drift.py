@@ -481,6 +481,10 @@ def test_served_drift_does_not_alarm_under_no_drift_on_a_20_row_window(tmp_path:
         assert alarms <= int(stats.binom.ppf(0.999, len(scores), FALSE_ALARM_RATE)), alarms
         report = client.stub.GetDriftReport(pb.GetDriftReportRequest(model="risk"))
         assert report.live_rows == 20 and report.reference_rows == 1_000
+        through_sdk = client.drift_report("risk")
+        assert through_sdk.noise_floor_level == report.noise_floor_level and through_sdk.alert_level == ALERT_LEVEL
+        assert through_sdk.features["velocity"].ks_noise_floor == report.features[1].ks_noise_floor > 0
+        assert through_sdk.attribution_method == "linear_shap"  # a logistic model: exact SHAP
         assert report.noise_floor_level == pytest.approx(noise_floor_level(4))
         assert report.false_alarm_rate == FALSE_ALARM_RATE and report.alert_level == ALERT_LEVEL
         for f in report.features:

@@ -203,6 +203,12 @@ class FeatureDrift:
     live_missing_rate: float
     standardized_mean_difference: float
     drift_score: float
+    #: What sampling noise alone exceeds with probability ``DriftReport.noise_floor_level`` at these windows.
+    psi_noise_floor: float = 0.0
+    ks_noise_floor: float = 0.0
+    missing_noise_floor: float = 0.0
+    #: The feature's attribution shift (see :meth:`ScorerClient.attribution_drift`); 0 when not explained.
+    attribution_shift: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,12 @@ class DriftReport:
     reference_rows: int
     live_rows: int
     features: dict[str, FeatureDrift]
+    #: Per-test false-alarm level of the noise floors (0.05 / (3 x features)).
+    noise_floor_level: float = 0.0
+    #: Model drift score at and above which the scorer alerts.
+    alert_level: float = 0.0
+    #: How ``attribution_shift`` was computed; empty when the model could not be explained.
+    attribution_method: str = ""
 
     def most_drifted(self, n: int = 3) -> list[str]:
         """Names of the ``n`` features with the highest drift score."""
@@ -557,9 +569,16 @@ class ScorerClient:
                     f.live_missing_rate,
                     f.standardized_mean_difference,
                     f.drift_score,
+                    f.psi_noise_floor,
+                    f.ks_noise_floor,
+                    f.missing_noise_floor,
+                    f.attribution_shift,
                 )
                 for f in resp.features
             },
+            noise_floor_level=resp.noise_floor_level,
+            alert_level=resp.alert_level,
+            attribution_method=resp.attribution_method,
         )
 
     def attribution_drift(self, model: str, version: str = "") -> AttributionDrift:
