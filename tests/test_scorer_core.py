@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save as st_save
 
+from guardmesh.config import load_config
 from guardmesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.scorer.batching import DynamicBatcher
+from services.scorer.decision import ThresholdPolicy
+from services.scorer.monitoring import CleaningPolicy
+from services.scorer.persistence import RegistryStore
 from services.scorer.registry import ModelFormat, ModelRegistry, mlp, pick_device
+from services.scorer.scorer import Registration, Scorer, VersionConfig
 
 FEATURES = [f"f{i}" for i in range(8)]
 
@@ -283,3 +290,28 @@ def test_more_rows_than_the_queue_bound_are_invalid_not_retryable() -> None:
         batcher.submit_many(np.ones((9, 2), np.float32))
     assert batcher.queued_rows == 0 and batcher.stats.batches == 0
     batcher.close()
+
+
+class FullDiskStore(RegistryStore):
+    """Stand-in for a registry folder on a full disk: every registration write fails as the OS would."""
+
+    def save_registration(self, registration: Registration, *, seq: int | None = None) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_version_whose_record_cannot_be_written_is_not_served(tmp_path: Path) -> None:
+    settings = load_config(env={}).scorer
+    core = Scorer(settings, torch.device("cpu"), FullDiskStore(tmp_path / "models"))
+    config = VersionConfig(ThresholdPolicy(), (), CleaningPolicy.IMPUTE, 0.02, None, 0.05, 1000)
+    payload = torchscript_bytes(mlp(len(FEATURES), hidden=(4,)).eval())
+    registration = Registration("risk", "v1", tuple(FEATURES), ModelFormat.TORCHSCRIPT, payload, config)
+    with pytest.raises(OSError, match="No space left"):
+        core.register(registration, activate=True)
+    assert core.model_lines() == [] and core.registry.list() == []
+    with pytest.raises(NotFound):
+        core.score("risk", "r1", dict.fromkeys(FEATURES, 0.0), version="v1")
+    # With room on the disk again, the same version registers.
+    core.store = RegistryStore(tmp_path / "models")
+    assert core.register(registration, activate=True).active
+    assert [r.version for r in core.store.registrations()] == ["v1"]
+    core.close()

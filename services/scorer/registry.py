@@ -283,6 +283,18 @@ class ModelRegistry:
             raise NotFound(f"model {name!r} version {chosen!r} not found")
         return mv
 
+    def remove(self, name: str, version: str) -> None:
+        """Forget a version that never served (neither active nor in the history); a line left empty goes."""
+        with self.lock:
+            line = self.lines.get(name)
+            if line is None or version not in line.versions:
+                return
+            if line.active == version or version in line.history:
+                raise FailedPrecondition(f"model {name!r} version {version!r} has served; it cannot be removed")
+            del line.versions[version]
+            if not line.versions:
+                del self.lines[name]
+
     def active_name(self, name: str) -> str | None:
         """The active version's name (None when none is active or the model is unknown)."""
         line = self.lines.get(name)

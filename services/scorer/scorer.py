@@ -239,7 +239,11 @@ class Scorer:
         """Load, warm up, record durably and (optionally) activate a version; a refused one changes nothing."""
         state = self._load(registration)
         if self.store is not None:  # durable before the answer: a restart serves it again
-            self.store.save_registration(registration)
+            try:
+                self.store.save_registration(registration)
+            except BaseException:
+                self._unload(registration.model, registration.version)  # not durable, so not served either
+                raise
         if activate:
             self.activate(registration.model, registration.version)
         return self.version_info(registration.model, state.model.version)
@@ -299,6 +303,18 @@ class Scorer:
             if reference is not None and line.reference is None:
                 self._set_reference(line, reference.astype(np.float32), config)
         return state
+
+    def _unload(self, model: str, version: str) -> None:
+        """Take back a version that was loaded but never answered for (its record could not be written)."""
+        line = self.lines[model]
+        with line.lock:
+            state = line.versions.pop(version, None)
+        self.registry.remove(model, version)
+        with self.lock:
+            if not line.versions and self.lines.get(model) is line:
+                del self.lines[model]
+        if state is not None:
+            state.batcher.close()
 
     def restore(self) -> int:
         """Register every recorded version again (each passes its warm-up again), then restore the recorded
