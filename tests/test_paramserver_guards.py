@@ -100,7 +100,8 @@ def test_sync_a_worker_restarted_after_pushing_for_a_version_is_told_its_push_is
     a_again.pull()
     with pytest.warns(UserWarning, match="previous process of this worker already pushed for this version"):
         again = a_again.push({"w": np.array([100.0])})[0]
-    assert again.outcome == pb.PUSH_OUTCOME_DUPLICATE and again.version == 0
+    assert again.outcome == pb.PUSH_OUTCOME_DUPLICATE and again.version == 0 and again.completes == 1
+    assert a_again.awaiting == [1]  # its next pull waits for the version its first life's push completes
     assert b.push({"w": np.array([4.0])})[0].outcome == pb.PUSH_OUTCOME_APPLIED
     np.testing.assert_allclose(a_again.pull().tensors["w"], [-3.0])  # (2 + 4) / 2: a's first life counted once
     assert a_again.push({"w": np.array([1.0])})[0].outcome == pb.PUSH_OUTCOME_BUFFERED  # the next version: its own

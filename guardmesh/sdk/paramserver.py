@@ -504,8 +504,11 @@ class ParamServerClient:
                 result = self._push_shard(i, part, step, norm)
             self._answered(i, step, retry, result)
             results.append(result)
-            buffered = result.outcome == pb.PUSH_OUTCOME_BUFFERED
-            self.awaiting[i] = result.version + 1 if buffered else 0
+            # A buffered SYNC push (or a restarted worker's DUPLICATE of one) completes a later version: the next
+            # pull waits for it. ``completes`` is 0 from a server that does not send it.
+            buffered = result.version + 1 if result.outcome == pb.PUSH_OUTCOME_BUFFERED else 0
+            completes = max(result.completes, buffered)
+            self.awaiting[i] = completes if completes > result.version else 0
         return results
 
     def push_pull(

@@ -128,7 +128,13 @@ def _info(shard: ModelShard) -> pb.ModelInfo:
 
 
 def _result_pb(r: PushResult) -> pb.PushResponse:
-    return pb.PushResponse(outcome=int(r.outcome), version=r.version, staleness=r.staleness, lr_scale=r.lr_scale)  # type: ignore[arg-type]
+    return pb.PushResponse(
+        outcome=int(r.outcome),  # type: ignore[arg-type]
+        version=r.version,
+        staleness=r.staleness,
+        lr_scale=r.lr_scale,
+        completes=r.completes,
+    )
 
 
 def _wait_budget(context: grpc.ServicerContext) -> float | None:
