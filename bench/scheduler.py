@@ -38,7 +38,8 @@ from typing import Any, Literal
 import numpy as np
 
 from bench.processes import service_process
-from bench.records import record, results_path, say_where, write_records
+from bench.records import RESULTS, record, results_path, say_where, write_records
+from bench.workload_mixes import MIXES, study
 from guardmesh.client import open_channel
 from guardmesh.config import SchedulerSettings, load_config
 from guardmesh.v1 import scheduler_pb2 as pb
@@ -53,6 +54,7 @@ from services.scheduler.inventory import (
 )
 from services.scheduler.jobs import JobSpec, JobState, Qos
 from services.scheduler.placement import ReplicaShape, make_policy, place
+from services.scheduler.preemption import fewest_victims
 from services.scheduler.scheduler import Scheduler
 from services.scheduler.server import node_spec_to_pb, spec_to_pb
 from services.scheduler.store import Store
@@ -269,6 +271,138 @@ def engine_decisions(policy: PolicyName, nodes: list[NodeSpec], tasks: list[Trac
     return best
 
 
+# -- d) workload mixes and the preemption search -----------------------------------------------------------
+
+#: The default policy may leave at most this much more of the GPU capacity unallocated than the better of
+#: first-fit and best-fit on any mix, and must leave at least this share less than best-fit on the default.
+MIX_TOLERANCE = 0.0025
+DEFAULT_GAIN_OVER_BEST_FIT = 0.10
+
+
+def mix_targets(name: str, mix: dict[str, Any], point: str = "100") -> dict[str, Any]:
+    """Issue 17's targets on one mix, from the means over seeds."""
+    share = {p: mix["unallocated_share"][p][point]["mean"] for p in POLICIES}
+    better = min(share["first-fit"], share["best-fit"])
+    ok = share["fgd"] <= better + MIX_TOLERANCE
+    verdict = f"default {100 * share['fgd']:.2f}% vs better peer {100 * better:.2f}%: {'met' if ok else 'NOT met'}"
+    out: dict[str, Any] = {"default": share["fgd"], "better_peer": better, "within_tolerance": ok}
+    if name == "default":
+        gain = 1 - share["fgd"] / share["best-fit"] if share["best-fit"] else 0.0
+        out["less_than_best_fit"] = gain
+        out["gain_met"] = gain >= DEFAULT_GAIN_OVER_BEST_FIT
+        verdict += f"; {100 * gain:.1f}% less than best-fit ({'met' if out['gain_met'] else 'NOT met'})"
+    out["verdict"] = verdict
+    return out
+
+
+def mix_records(mixes: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per mix: the default policy against the better of first-fit and best-fit."""
+    out = []
+    for name, m in mixes.items():
+        t = m["targets"]
+        out.append(
+            record(
+                f"mix {name}: unallocated GPU share at 100% arrived demand, default (fgd) vs better of "
+                "first-fit/best-fit (mean of seeds; target: at most +0.25 points)",
+                "share of GPU capacity",
+                t["default"],
+                "better of first-fit and best-fit (same run)",
+                t["better_peer"],
+                None,
+                higher_is_better=False,
+            )
+        )
+        if name == "default":
+            bf = m["unallocated_share"]["best-fit"]["100"]["mean"]
+            out.append(
+                record(
+                    "mix default: unallocated GPU share at 100% arrived demand, default (fgd) vs best-fit "
+                    "(target: at least 10% less)",
+                    "share of GPU capacity",
+                    t["default"],
+                    "best-fit (same run)",
+                    bf,
+                    1 / (1 - DEFAULT_GAIN_OVER_BEST_FIT),
+                    higher_is_better=False,
+                )
+            )
+    return out
+
+
+def preemption_search_time(nodes: list[NodeSpec], repeats: int = 5) -> dict[str, Any]:
+    """Time the victim search on the trace's cluster with every GPU held by a best-effort job.
+
+    Two shapes: a guaranteed 8-GPU replica (whole nodes) and a guaranteed half-card replica. The peer is
+    one placement decision of the same half-card shape on the same state (it finds nothing: every card is
+    full), so the ratio says how many placement decisions one victim search costs.
+    """
+    sched = fresh_scheduler("fgd", nodes)
+    for n, node in enumerate(nodes):
+        sched.submit(
+            JobSpec(
+                job_id=f"be-{n}",
+                tenant="bench",
+                replicas=1,
+                gpus_per_replica=len(node.gpus),
+                share_milli=1000,
+                qos=Qos.BEST_EFFORT,
+                allowed_models=(node.gpus[0].model,),
+                node_selector=(),
+            )
+        )
+    eligible = {j.job_id for j in sched.jobs.values() if j.state == JobState.RUNNING}
+    timings: dict[str, float] = {}
+    sizes: dict[str, int] = {}
+    for label, spec in (
+        ("8 GPUs", JobSpec("g8", "bench", 1, 8, share_milli=1000, qos=Qos.GUARANTEED)),
+        ("half a card", JobSpec("g1", "bench", 1, 1, share_milli=500, qos=Qos.GUARANTEED, allow_sharing=True)),
+    ):
+        shape = ReplicaShape.of(spec)
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            plan = fewest_victims(sched.state, shape, eligible, sched._victim_order)
+            runs.append(time.perf_counter() - t0)
+        timings[label] = statistics.median(runs)
+        sizes[label] = len(plan or [])
+    half = ReplicaShape.of(JobSpec("p", "bench", 1, 1, share_milli=500, allow_sharing=True))
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        place(sched.state, half, sched.policy)
+        runs.append(time.perf_counter() - t0)
+    decision = statistics.median(runs)
+    summary = ", ".join(f"{k}: {1000 * v:.1f} ms ({sizes[k]} victim(s))" for k, v in timings.items())
+    summary += f"; one placement decision {1000 * decision:.2f} ms"
+    return {
+        "nodes": len(nodes),
+        "jobs": len(eligible),
+        "seconds": timings,
+        "victims": sizes,
+        "placement_decision_seconds": decision,
+        "summary": summary,
+        "record": record(
+            f"preemption victim search, {len(nodes)} nodes all held by best-effort jobs, guaranteed 8-GPU "
+            "replica (median)",
+            "seconds",
+            timings["8 GPUs"],
+            "one placement decision on the same state (same run)",
+            decision,
+            None,
+            higher_is_better=False,
+        ),
+    }
+
+
+def kept_records() -> list[dict[str, Any]]:
+    """Records other benchmarks keep in scheduler.json (bench.extender's), to write back unchanged."""
+    path = results_path("scheduler.json")
+    path = path if path.exists() else RESULTS / "scheduler.json"
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text()) if r["name"].startswith("extender")]
+
+
 # -- c) the gRPC service -----------------------------------------------------------------------------------
 
 
@@ -378,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="sqlite_synchronous modes for the store and gRPC replays, comma-separated; empty skips both",
     )
     ap.add_argument("--profile", action="store_true", help="only cProfile the in-process fgd replay")
+    ap.add_argument("--mix-seeds", type=int, default=10, help="seeds per workload mix and policy (default 10)")
+    ap.add_argument("--mixes", default="", help="only these workload mixes, comma-separated (default all)")
     args = ap.parse_args(argv)
     modes = [m.strip().upper() for m in args.grpc_sync.split(",") if m.strip()]
     if not set(modes) <= {"FULL", "NORMAL"}:
@@ -409,6 +545,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     began = time.perf_counter()
+    chosen = [m for m in MIXES if not args.mixes or m.name in args.mixes.split(",")]
+    print(
+        f"\nworkload mixes from the trace, {args.mix_seeds} seeds each, unallocated GPU share at 100% arrived "
+        "demand (mean±stdev); tasks that do not fit are dropped"
+    )
+    mixes = study(chosen, POLICIES, tasks, nodes, list(range(args.mix_seeds)), progress=print)
+    for name, m in mixes.items():
+        m["targets"] = mix_targets(name, m)
+        print(f"   {name:<28} {m['targets']['verdict']}")
+    preempt = preemption_search_time(nodes)
+    print(f"\npreemption search on {len(nodes)} nodes: {preempt['summary']}")
     trace_demand = sum(demand_milli(t) for t in tasks) / (1000 * gpus)
     print(
         f"\na) workload inflation to {MAX_DEMAND_PCT}% of GPU capacity, {args.seeds} seed(s) "
@@ -585,7 +732,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     None,
                 )
             )
-    write_records("scheduler", records)
+    records += mix_records(mixes)
+    records.append(preempt["record"])
+    write_records("scheduler", records + kept_records())
 
     curves = {
         "assumptions": {
@@ -603,6 +752,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sampling": "tasks drawn with replacement, same draws for every policy per seed",
         },
         "inflation": infl,
+        "workload_mixes": mixes,
+        "preemption_search": {k: v for k, v in preempt.items() if k != "record"},
         "decisions": dec,
         "decisions_with_store": stored,
         "grpc": grpc_runs,

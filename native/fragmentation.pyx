@@ -5,8 +5,9 @@ A GPU's remaining room ``r`` is measured in thousandths of its allocatable memor
 class ``c`` asking ``k[c]`` GPUs with ``d[c, model]`` thousandths each (and, optionally, ``cls_cpu[c]`` CPU
 and ``cls_mem[c]`` host memory), a node's fragmentation is the sum of ``r`` over its GPUs that cannot serve
 the class (``r < d``), or over all of its GPUs when the class cannot run on the node at all: fewer than
-``k[c]`` GPUs can serve it, or the node lacks the CPU or host memory. The expected fragmentation weighs
-classes by their popularity ``p[c]``.
+``k[c]`` GPUs can serve it, or the node lacks the CPU or host memory. A class counts nothing on a node
+whose GPUs are all of models it can never use (``d > 1000``). The expected fragmentation weighs classes by
+their popularity ``p[c]``.
 
 The scheduler keeps three per-node aggregates up to date (``refresh_nodes``) so that the change of
 expected fragmentation for placing on one GPU costs O(classes) (``single_gpu_delta``). Host resources are
@@ -16,6 +17,22 @@ optional everywhere: without them only GPUs decide whether a class can run.
 import numpy as np
 cimport cython
 from cython.parallel cimport prange
+from libc.math cimport floor
+
+#: A demand above this (``d`` is at most 1000 for a class that fits) marks a model the class can never use
+#: (not allowed, or its cards are too small): a node's GPUs of such a model are left out of the class's
+#: fragmentation, so filling them neither rewards nor costs the placement.
+cdef float NEVER_FITS = 1000.5
+
+#: FGD's growth of fragmentation is compared in steps of this many popularity-weighted thousandths of a
+#: GPU: candidates within one step tie, and the tie goes to packing (a replica that allows sharing: the node
+#: left with the least room) or to inventory order (others), which keeps whole nodes free for whole-card
+#: and multi-GPU replicas. Chosen on the workload-mix study (bench/workload_mixes.py).
+FGD_QUANTUM = 200.0
+cdef double _QUANTUM = FGD_QUANTUM
+#: Scale of the quantised growth against the tie-break (node room < 1e6 thousandths).
+FGD_STEP = 1e6
+cdef double _STEP = FGD_STEP
 
 
 @cython.boundscheck(False)
@@ -31,10 +48,15 @@ def refresh_nodes(
     float[:, ::1] sum_frag,
     float[::1] sum_r,
 ):
-    """Recompute ``count_fit[n, c]``, ``sum_frag[n, c]`` and ``sum_r[n]`` for each node in ``nodes``."""
+    """Recompute ``count_fit[n, c]``, ``sum_frag[n, c]`` and ``sum_r[n]`` for each node in ``nodes``.
+
+    ``count_fit[n, c]`` is -1 when class ``c`` can use none of node ``n``'s GPUs (every one of a model with
+    ``d > 1000``): the class then counts nothing on the node.
+    """
     cdef Py_ssize_t i, j, c, n, g, first, ng
     cdef Py_ssize_t nc = d.shape[0]
     cdef float rg, dc, total
+    cdef bint applicable
     with nogil:
         for i in range(nodes.shape[0]):
             n = nodes[i]
@@ -54,6 +76,14 @@ def refresh_nodes(
                         count_fit[n, c] += 1
                     else:
                         sum_frag[n, c] += rg
+            for c in range(nc):
+                applicable = False
+                for j in range(ng):
+                    if d[c, gpu_model[first + j]] <= NEVER_FITS:
+                        applicable = True
+                        break
+                if not applicable:
+                    count_fit[n, c] = -1
             sum_r[n] = total
 
 
@@ -73,11 +103,13 @@ cdef inline float _delta(
         ra = 0
     sr_after = sum_r_n - rg + ra
     for c in range(nc):
+        cf = count_fit[n * nc + c]
+        if cf < 0:
+            continue  # the class can use none of the node's GPUs: their room is no loss to it
         dc = d[c * nmodels + model]
         if host:
             host_before = cpu_free >= cls_cpu[c] and mem_free >= cls_mem[c]
             host_after = cpu_free - task_cpu >= cls_cpu[c] and mem_free - task_mem >= cls_mem[c]
-        cf = count_fit[n * nc + c]
         if cf >= k[c] and host_before:
             before = sum_frag[n * nc + c]
         else:
@@ -180,17 +212,22 @@ def node_fragmentation(
     cdef float total = 0, frag, dc, acc = 0
     cdef int cf
     cdef bint host = cls_cpu is not None and cls_mem is not None
+    cdef bint applicable
     for j in range(ng):
         total = total + r_node[j]
     for c in range(nc):
         cf = 0
         frag = 0
+        applicable = False
         for j in range(ng):
             dc = d[c, model_node[j]]
+            applicable = applicable or dc <= NEVER_FITS
             if r_node[j] >= dc:
                 cf += 1
             else:
                 frag = frag + r_node[j]
+        if not applicable:
+            continue
         if cf < k[c] or (host and (cpu_free < cls_cpu[c] or mem_free < cls_mem[c])):
             frag = total
         acc = acc + p[c] * frag
@@ -273,7 +310,11 @@ cdef void _scan(const ScanArgs* a, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t* bes
                 last_take = take
                 last_model = a.gpu_model[g]
                 last_delta = delta
-            score = delta
+            score = floor(<double>delta / _QUANTUM + 0.5) * _STEP
+            if a.exclusive:
+                score = score + g
+            else:
+                score = score + (a.node_room[n] - take)
         if best < 0 or score < best_score:
             best = g
             best_score = score
@@ -317,7 +358,8 @@ def select_single_gpu(
     """Filter and score every GPU for a one-GPU replica in one pass; return (best GPU or -1, its score).
 
     ``policy``: 0 first-fit (inventory order), 1 best-fit (least node room, then least GPU room after
-    placement), 2 FGD (least growth of expected node fragmentation). Feasible: the node is usable
+    placement), 2 FGD (least growth of expected node fragmentation, in steps of ``FGD_QUANTUM``; ties to
+    the fullest node for a replica that allows sharing, else to inventory order). Feasible: the node is usable
     (``node_ok``; and, given ``cpu_free``/``mem_free``, has ``task_cpu``/``task_mem`` free), the model is
     allowed, ``avail >= cap``, and for an exclusive replica the card holds no allocation. Large clusters
     are scanned in two halves in parallel (OpenMP); the halves combine exactly as one scan would.

@@ -236,7 +236,7 @@ def test_fgd_score_matches_definition_on_the_example() -> None:
     state, policy = fgd_trained_state("fgd")
     cands = np.array([0, 1], dtype=np.int64)
     take = np.array([300.0, 300.0], dtype=np.float32)
-    scores = policy.gpu_scores(state, cands, take)
+    scores = policy.fragmentation_growth(state, cands, take)
     assert scores[0] == pytest.approx(0.6 * 300, abs=1e-3)
     assert scores[1] == pytest.approx(0.0, abs=1e-3)
 
@@ -252,10 +252,13 @@ def f32(x: float) -> float:
 
 def ref_node_fragmentation(rooms: list[float], models: list[int], d: np.ndarray, k: np.ndarray, p: np.ndarray) -> float:
     """The .pyx definition, slowly: per class, sum of r over GPUs that cannot serve it, or over all GPUs
-    when fewer than k of them can; weighted by popularity."""
+    when fewer than k of them can; nothing when every GPU is of a model it can never use (d > 1000);
+    weighted by popularity."""
     total = sum(rooms)
     acc = 0.0
     for c in range(d.shape[0]):
+        if all(float(d[c, m]) > 1000.5 for m in models):
+            continue
         serving = [j for j in range(len(rooms)) if rooms[j] >= float(d[c, models[j]])]
         if len(serving) < int(k[c]):
             frag_c = total
@@ -326,7 +329,8 @@ def test_native_kernels_match_python_reference(case: dict[str, Any]) -> None:
         assert sum_r[i] == pytest.approx(sum(rooms), abs=1e-2)
         for c in range(nc):
             fits = [rooms[j] >= float(d[c, models[j]]) for j in range(len(rooms))]
-            assert count_fit[i, c] == sum(fits)
+            never = all(float(d[c, m]) > 1000.5 for m in models)
+            assert count_fit[i, c] == (-1 if never else sum(fits))
             assert sum_frag[i, c] == pytest.approx(sum(x for x, f in zip(rooms, fits, strict=True) if not f), abs=1e-2)
         native = frag.node_fragmentation(
             np.ascontiguousarray(r[node_slice(i)]), np.ascontiguousarray(gpu_model[node_slice(i)]), d, k, p
@@ -1120,10 +1124,13 @@ def ref_host_fragmentation(
     cls_cpu: np.ndarray,
     cls_mem: np.ndarray,
 ) -> float:
-    """FGD's full definition: a class the node cannot host for lack of CPU or memory sees all room as fragments."""
+    """FGD's full definition: a class the node cannot host for lack of CPU or memory sees all room as fragments
+    (a class that can use none of the node's GPUs sees none)."""
     total = sum(rooms)
     acc = 0.0
     for c in range(d.shape[0]):
+        if all(float(d[c, m]) > 1000.5 for m in models):
+            continue
         serving = [j for j in range(len(rooms)) if rooms[j] >= float(d[c, models[j]])]
         hostable = cpu >= float(cls_cpu[c]) and mem >= float(cls_mem[c])
         if len(serving) < int(k[c]) or not hostable:

@@ -178,3 +178,27 @@ def test_sustained_scale_out_recommends_the_nodes_that_bring_the_share_to_the_th
     changed = sched.tick()
     assert [(s.pool, s.direction, s.nodes) for s in changed] == [("A", ScaleDirection.OUT, expected)]
     assert changed[0].utilization == pytest.approx(1.0)
+
+
+# -- the default policy: FGD's task classes respect allowed models ---------------------------------------
+
+
+def test_fgd_task_classes_respect_allowed_models() -> None:
+    """The workload is jobs that may only run on model A (whole cards). A half-card job that may run
+    anywhere costs class A-only half a card on node-a (model A) and nothing on node-b (model B, which the
+    class can never use): FGD sends it to node-b. A model-blind class would see the two cards as equal and
+    take node-a, the first in inventory order."""
+    nodes = [uniform_node("node-a", "A", 1, 16000), uniform_node("node-b", "B", 1, 16000)]
+    sched, _ = make_sched(nodes, policy="fgd")
+    a_only = ReplicaShape.of(spec("probe", allowed_models=("A",)))
+    for _ in range(200):
+        sched.policy.observe(a_only)
+    assert a_only.class_key[-1] == frozenset({"A"})
+    job = sched.submit(spec("anywhere", share=500, allow_sharing=True))
+    assert job.placements[0].node == "node-b"
+    # The class sees model B's room as never usable: d > 1000 there, a card's demand on model A.
+    policy = sched.policy
+    row = policy._keys.index(a_only.class_key)  # type: ignore[attr-defined]
+    d = policy.d  # type: ignore[attr-defined]
+    assert d[row, sched.state.model_index["A"]] == 1000.0
+    assert d[row, sched.state.model_index["B"]] > 1000.0

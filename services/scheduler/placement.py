@@ -32,6 +32,10 @@ SPAN_PENALTY = 1e12
 MULTI_GPU_NODES_EVALUATED = 32
 
 
+#: A task class of FGD's workload: GPUs, allows sharing, share (thousandths), memory (MiB), allowed models.
+TaskClass = tuple[int, bool, int | None, int | None, frozenset[str]]
+
+
 @dataclass(frozen=True)
 class ReplicaShape:
     """What one replica needs, independent of where it goes."""
@@ -52,9 +56,10 @@ class ReplicaShape:
         return _shape_of(spec)
 
     @property
-    def class_key(self) -> tuple[int, bool, int | None, int | None]:
-        """Key of the shape's task class in the workload distribution."""
-        return (self.gpus, self.allow_sharing, self.share_milli, self.memory_mib)
+    def class_key(self) -> TaskClass:
+        """Key of the shape's task class in the workload distribution (allowed models included: a class
+        that may only use some models cannot use the room on the others)."""
+        return (self.gpus, self.allow_sharing, self.share_milli, self.memory_mib, self.models)
 
     def describe_need(self) -> str:
         """The per-GPU need in words."""
@@ -202,9 +207,15 @@ class Policy(ABC):
 
     @abstractmethod
     def gpu_scores(
-        self, state: ClusterState, cands: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
+        self,
+        state: ClusterState,
+        cands: np.ndarray,
+        take: np.ndarray,
+        task: tuple[float, float] = (0.0, 0.0),
+        allow_sharing: bool = False,
     ) -> np.ndarray:
-        """Scores of single-GPU placements on ``cands`` taking ``take`` thousandths each."""
+        """Scores of single-GPU placements on ``cands`` taking ``take`` thousandths each (``task``: the
+        replica's CPU milli and host MiB; ``allow_sharing``: the replica's)."""
 
     @abstractmethod
     def set_score(
@@ -241,7 +252,12 @@ class FirstFit(Policy):
         return nodes.astype(np.float64)
 
     def gpu_scores(
-        self, state: ClusterState, cands: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
+        self,
+        state: ClusterState,
+        cands: np.ndarray,
+        take: np.ndarray,
+        task: tuple[float, float] = (0.0, 0.0),
+        allow_sharing: bool = False,
     ) -> np.ndarray:
         """Inventory position."""
         return cands.astype(np.float64)
@@ -264,7 +280,12 @@ class BestFit(Policy):
     native_code = 1
 
     def gpu_scores(
-        self, state: ClusterState, cands: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
+        self,
+        state: ClusterState,
+        cands: np.ndarray,
+        take: np.ndarray,
+        task: tuple[float, float] = (0.0, 0.0),
+        allow_sharing: bool = False,
     ) -> np.ndarray:
         """Node room after placement, then GPU room after placement."""
         node_room = np.add.reduceat(state.gpu_room, state.node_first).astype(np.float64)
@@ -284,26 +305,26 @@ class Workload:
     """The recent distribution of job shapes (FGD's target workload), as task classes."""
 
     def __init__(self, window: int = 2000, max_classes: int = 16) -> None:
-        self.recent: deque[tuple[int, bool, int | None, int | None]] = deque(maxlen=window)
+        self.recent: deque[TaskClass] = deque(maxlen=window)
         self.max_classes = max_classes
         #: Running mean CPU (milli) and host memory (MiB) per class key.
-        self.host: dict[tuple[int, bool, int | None, int | None], tuple[float, float, int]] = {}
+        self.host: dict[TaskClass, tuple[float, float, int]] = {}
 
-    def observe(self, key: tuple[int, bool, int | None, int | None], cpu: float = 0.0, mem: float = 0.0) -> None:
+    def observe(self, key: TaskClass, cpu: float = 0.0, mem: float = 0.0) -> None:
         """Count one submitted shape with its CPU and host memory per replica."""
         self.recent.append(key)
         c, m, n = self.host.get(key, (0.0, 0.0, 0))
         self.host[key] = ((c * n + cpu) / (n + 1), (m * n + mem) / (n + 1), min(n + 1, 1000))
 
-    def host_demand(self, key: tuple[int, bool, int | None, int | None]) -> tuple[float, float]:
+    def host_demand(self, key: TaskClass) -> tuple[float, float]:
         """Mean CPU and host memory of a class."""
         c, m, _ = self.host.get(key, (0.0, 0.0, 0))
         return c, m
 
-    def classes(self) -> list[tuple[tuple[int, bool, int | None, int | None], float]]:
+    def classes(self) -> list[tuple[TaskClass, float]]:
         """The most frequent classes with their popularity (summing to 1)."""
         if not self.recent:
-            return [((1, True, 1000, None), 1.0)]
+            return [((1, False, 1000, None, frozenset()), 1.0)]
         top = Counter(self.recent).most_common(self.max_classes)
         total = sum(c for _, c in top)
         return [(key, c / total) for key, c in top]
@@ -325,7 +346,7 @@ class FragmentationAware(Policy):
         self.d = np.zeros((0, 0), dtype=np.float32)
         self.cls_cpu = np.zeros(0, dtype=np.float64)
         self.cls_mem = np.zeros(0, dtype=np.float64)
-        self._keys: list[tuple[int, bool, int | None, int | None]] = []
+        self._keys: list[TaskClass] = []
 
     def attach(self, state: ClusterState) -> None:
         """Subscribe to the state's changes and build the aggregates."""
@@ -360,9 +381,11 @@ class FragmentationAware(Policy):
         usable = np.zeros(nmodels, dtype=np.int64)
         np.maximum.at(usable, state.gpu_model, state.gpu_usable)
         d = np.zeros((len(classes), nmodels), dtype=np.float32)
-        for c, (gpus, allow_sharing, share, mem) in enumerate(keys):
+        for c, (gpus, allow_sharing, share, mem, models) in enumerate(keys):
             for m in range(nmodels):
-                if not allow_sharing or gpus > 1:
+                if models and (m >= len(state.models) or state.models[m] not in models):
+                    d[c, m] = 1001.0  # a model the class may not use: its room is a fragment to the class
+                elif not allow_sharing or gpus > 1:
                     d[c, m] = 1000.0
                 elif share is not None:
                     d[c, m] = float(share)
@@ -405,9 +428,25 @@ class FragmentationAware(Policy):
             self._refresh(nodes)
 
     def gpu_scores(
+        self,
+        state: ClusterState,
+        cands: np.ndarray,
+        take: np.ndarray,
+        task: tuple[float, float] = (0.0, 0.0),
+        allow_sharing: bool = False,
+    ) -> np.ndarray:
+        """Growth of expected fragmentation of the candidate's node, in steps of ``FGD_QUANTUM``; within a
+        step, the fullest node for a replica that allows sharing, else inventory order (see the kernel)."""
+        growth = self.fragmentation_growth(state, cands, take, task)
+        steps = np.floor(growth / _frag.FGD_QUANTUM + 0.5) * _frag.FGD_STEP
+        if allow_sharing:
+            return steps + (state.node_room[state.gpu_node[cands]] - take.astype(np.float64))
+        return steps + cands.astype(np.float64)
+
+    def fragmentation_growth(
         self, state: ClusterState, cands: np.ndarray, take: np.ndarray, task: tuple[float, float] = (0.0, 0.0)
     ) -> np.ndarray:
-        """Growth of expected fragmentation of the candidate's node."""
+        """Growth of expected fragmentation of the candidate's node (FGD's own score)."""
         out = np.empty(cands.shape[0], dtype=np.float32)
         _frag.single_gpu_delta(
             np.ascontiguousarray(cands, dtype=np.int64),
@@ -448,12 +487,18 @@ class FragmentationAware(Policy):
         return float(after - before)
 
     def host_scores(self, state: ClusterState, nodes: np.ndarray, task: tuple[float, float]) -> np.ndarray:
-        """Growth of the node's expected fragmentation from the CPU and host memory taken (the GPUs it
-        strands), for the best-fit pre-ranked candidates; best fit breaks ties."""
+        """Growth of the node's expected fragmentation from the CPU and host memory taken (the GPU room it
+        strands); best fit by CPU and host memory breaks ties. A node with no GPU room left strands nothing
+        (growth 0), so those are taken first; otherwise the nodes with the least GPU room are evaluated."""
         packing = host_packing(state, nodes, task)
+        room = state.node_room[nodes]
         out = np.full(nodes.shape[0], np.inf)
+        full = room <= 0
+        if full.any():
+            out[full] = packing[full]
+            return out
         none = np.zeros(0, dtype=np.int64)
-        for i in np.argsort(packing, kind="stable")[:MULTI_GPU_NODES_EVALUATED]:
+        for i in np.lexsort((packing, room))[:MULTI_GPU_NODES_EVALUATED]:
             delta = self.set_score(state, int(nodes[i]), none, np.zeros(0, dtype=np.float32), task)
             out[i] = delta * 1e3 + packing[i]
         return out
@@ -504,7 +549,7 @@ def place_replica(
         return None
     if shape.gpus == 1:
         take = take_milli(state, shape, cands, caps)
-        scores = policy.gpu_scores(state, cands, take, (shape.cpu_milli, shape.host_memory_mib))
+        scores = policy.gpu_scores(state, cands, take, (shape.cpu_milli, shape.host_memory_mib), shape.allow_sharing)
         i = int(np.argmin(scores))
         g = int(cands[i])
         return Choice(int(state.gpu_node[g]), (g,), (int(caps[g]),), float(scores[i]), False)
@@ -611,7 +656,7 @@ def _choose_on_node(
     gpus = first + np.flatnonzero(feas[first : first + int(state.node_ngpu[node])])
     take = take_milli(state, shape, gpus, caps)
     task = (float(shape.cpu_milli), float(shape.host_memory_mib))
-    prefs = policy.gpu_scores(state, gpus, take, task)
+    prefs = policy.gpu_scores(state, gpus, take, task, shape.allow_sharing)
     spans = False
     if shape.topology != Topology.NONE:
         groups = state.gpu_group[gpus]

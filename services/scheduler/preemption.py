@@ -28,7 +28,7 @@ import numpy as np
 
 from services.scheduler.cluster import ClusterState
 from services.scheduler.jobs import Topology
-from services.scheduler.placement import ReplicaShape, caps_for, model_mask, selector_mask
+from services.scheduler.placement import ReplicaShape, caps_for, could_host, model_mask, selector_mask
 
 #: Victim sets examined exactly on one node before the greedy fallback (C(12, 3) = 220, C(16, 4) = 1,820).
 EXACT_SETS_PER_NODE = 2048
@@ -174,7 +174,10 @@ def fewest_victims(
         return fits_without(state, shape, node, gone, held)
 
     best: tuple[tuple[int, list[tuple[int, ...]]], list[str]] | None = None
+    possible = could_host(state, shape)  # a node too small even when empty needs no search
     for node, victims in sorted(victims_by_node(state, eligible).items()):
+        if not possible[node]:
+            continue
         limit = best[0][0] if best is not None else len(victims)
         chosen = _on_node(fits, node, victims, order, limit)
         if chosen is None:
