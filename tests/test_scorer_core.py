@@ -315,3 +315,31 @@ def test_a_version_whose_record_cannot_be_written_is_not_served(tmp_path: Path) 
     assert core.register(registration, activate=True).active
     assert [r.version for r in core.store.registrations()] == ["v1"]
     core.close()
+
+
+class ActiveWriteFails(RegistryStore):
+    """Stand-in for a registry folder whose active-versions file can no longer be written (full disk)."""
+
+    def save_active(self, active: dict[str, tuple[str, list[str]]]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_an_activation_that_cannot_be_recorded_changes_nothing(tmp_path: Path) -> None:
+    settings = load_config(env={}).scorer
+    store = RegistryStore(tmp_path / "models")
+    core = Scorer(settings, torch.device("cpu"), store)
+    config = VersionConfig(ThresholdPolicy(), (), CleaningPolicy.IMPUTE, 0.02, None, 0.05, 1000)
+    for version in ("v1", "v2"):
+        payload = torchscript_bytes(mlp(len(FEATURES), hidden=(4,)).eval())
+        core.register(Registration("risk", version, tuple(FEATURES), ModelFormat.TORCHSCRIPT, payload, config))
+    core.activate("risk", "v1")
+    core.activate("risk", "v2")
+    core.store = ActiveWriteFails(tmp_path / "models")
+    with pytest.raises(OSError, match="No space left"):
+        core.rollback("risk")
+    with pytest.raises(OSError, match="No space left"):
+        core.activate("risk", "v1")
+    assert core.registry.active("risk").version == "v2" and core.registry.lines["risk"].history == ["v1"]
+    assert core.score("risk", "r1", dict.fromkeys(FEATURES, 0.0)).version == "v2"
+    assert store.active() == {"risk": ("v2", ["v1"])}  # what was recorded is what serves
+    core.close()

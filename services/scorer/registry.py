@@ -207,6 +207,10 @@ def check_output(mv: ModelVersion, features: list[str], warmup: torch.Tensor | N
         )
 
 
+#: Called with every model's (active version, activation history) as a change will leave them.
+CommitActive = Callable[[dict[str, tuple[str, list[str]]]], None]
+
+
 class ModelRegistry:
     """Thread-safe registry of model lines; scoring reads the active version without locking."""
 
@@ -247,28 +251,40 @@ class ModelRegistry:
             line.versions[version] = mv
         return mv
 
-    def activate(self, name: str, version: str) -> ModelVersion:
-        """Make ``version`` the one that serves; the previous one is remembered for rollback."""
+    def activate(self, name: str, version: str, commit: CommitActive | None = None) -> ModelVersion:
+        """Make ``version`` the one that serves; the previous one is remembered for rollback.
+
+        ``commit`` (e.g. a durable write) gets every model's (active, history) as they will be and runs
+        before anything changes; if it raises, nothing changes.
+        """
         with self.lock:
             line = self.lines.get(name)
             if line is None or version not in line.versions:
                 raise NotFound(f"model {name!r} version {version!r} not found")
             if line.active != version:
-                if line.active is not None:
-                    line.history.append(line.active)
-                line.active = version
+                history = line.history + ([line.active] if line.active is not None else [])
+                self._commit(commit, name, version, history)
+                line.active, line.history = version, history
             return line.versions[version]
 
-    def rollback(self, name: str) -> ModelVersion:
-        """Re-activate the previously active version."""
+    def rollback(self, name: str, commit: CommitActive | None = None) -> ModelVersion:
+        """Re-activate the previously active version (``commit`` as in :meth:`activate`)."""
         with self.lock:
             line = self.lines.get(name)
             if line is None:
                 raise NotFound(f"model {name!r} not found")
             if not line.history:
                 raise FailedPrecondition(f"model {name!r} has no earlier active version to roll back to")
-            line.active = line.history.pop()
+            history = line.history[:-1]
+            self._commit(commit, name, line.history[-1], history)
+            line.active, line.history = line.history[-1], history
             return line.versions[line.active]
+
+    def _commit(self, commit: CommitActive | None, name: str, active: str, history: list[str]) -> None:
+        if commit is not None:  # under self.lock: no other change can come between the plan and the write
+            planned = {n: (line.active, list(line.history)) for n, line in self.lines.items() if line.active}
+            planned[name] = (active, list(history))
+            commit(planned)
 
     def active(self, name: str, version: str = "") -> ModelVersion:
         """The active version (or a named one)."""
@@ -299,11 +315,6 @@ class ModelRegistry:
         """The active version's name (None when none is active or the model is unknown)."""
         line = self.lines.get(name)
         return line.active if line is not None else None
-
-    def activations(self) -> dict[str, tuple[str, list[str]]]:
-        """(active version, activation history) of every model with an active version: what is recorded."""
-        with self.lock:
-            return {n: (line.active, list(line.history)) for n, line in self.lines.items() if line.active}
 
     def restore_active(self, name: str, version: str, history: list[str]) -> None:
         """Set a recorded active version and history (at restart); NotFound if any of them is not loaded."""

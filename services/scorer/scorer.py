@@ -32,7 +32,7 @@ from services.scorer.decision import Decision, Rule, ThresholdPolicy, decide
 from services.scorer.explain import AttributionDriftReport, attribution_shift
 from services.scorer.explain import explain as explain_fn
 from services.scorer.monitoring import CleaningPolicy, DecisionLog, MissingMonitor, RollingF1, VersionHealth
-from services.scorer.registry import ModelFormat, ModelRegistry, ModelVersion
+from services.scorer.registry import CommitActive, ModelFormat, ModelRegistry, ModelVersion
 
 log = logging.getLogger(__name__)
 #: Largest magnitude a feature value may have: rows are float32, a larger double would become +-Inf.
@@ -341,9 +341,9 @@ class Scorer:
             log.info("model registry restored", extra={"versions": restored})
         return restored
 
-    def _save_active(self) -> None:
-        if self.store is not None:
-            self.store.save_active(self.registry.activations())
+    def _commit_active(self) -> CommitActive | None:
+        """What makes an activation change durable before it takes effect (nothing without a store)."""
+        return self.store.save_active if self.store is not None else None
 
     def _set_reference(self, line: ModelLineState, rows: np.ndarray, config: VersionConfig) -> None:
         line.reference = drift_mod.ReferenceWindow.from_rows(rows, device=self.device, names=list(line.features))
@@ -355,18 +355,15 @@ class Scorer:
         self._event(line.name, "reference_ready", f"reference window of {len(rows)} rows")
 
     def activate(self, model: str, version: str) -> str:
-        """Activate a version (recorded durably before the answer)."""
+        """Activate a version (recorded durably before it serves; a failed write changes nothing)."""
         self._line(model)
-        active = self.registry.activate(model, version).version
-        self._save_active()
-        return active
+        return self.registry.activate(model, version, self._commit_active()).version
 
     def rollback(self, model: str, reason: str = "requested") -> str:
-        """Re-activate the previous version (recorded durably before the answer)."""
+        """Re-activate the previous version (recorded durably before it serves; a failed write changes nothing)."""
         self._line(model)
         previous = self.registry.active(model).version
-        now = self.registry.rollback(model).version
-        self._save_active()
+        now = self.registry.rollback(model, self._commit_active()).version
         self._event(model, "rollback", f"{previous} -> {now}: {reason}")
         return now
 
