@@ -39,7 +39,7 @@ import numpy as np
 
 from bench.processes import service_process
 from bench.records import RESULTS, record, results_path, say_where, write_records
-from bench.workload_mixes import MIXES, study
+from bench.workload_mixes import MIXES, study, task_spec
 from guardmesh.client import open_channel
 from guardmesh.config import SchedulerSettings, load_config
 from guardmesh.v1 import scheduler_pb2 as pb
@@ -83,24 +83,8 @@ BATCH_SIZE = 500
 # -- the trace ---------------------------------------------------------------------------------------------
 
 
-def job_spec(task: TraceTask, job_id: str) -> JobSpec:
-    """The job a trace task becomes (one replica; every job BURSTABLE, so the replay never preempts).
-
-    A CPU-only task (num_gpu == 0) asks for no GPU: it is placed by CPU and host memory, so the CPU it
-    takes on a GPU node (stranding that node's GPUs) shows in the replay."""
-    single = task.num_gpu == 1
-    return JobSpec(
-        job_id=job_id,
-        tenant="alibaba",
-        replicas=1,
-        gpus_per_replica=task.num_gpu,
-        share_milli=None if task.num_gpu == 0 else task.gpu_milli if single else 1000,
-        qos=Qos.BURSTABLE,
-        allow_sharing=single and task.gpu_milli < 1000,
-        allowed_models=task.gpu_spec,
-        cpu_milli=task.cpu_milli,
-        host_memory_mib=task.memory_mib,
-    )
+#: The job a trace task becomes (one replica, BURSTABLE; a CPU-only task asks for no GPU).
+job_spec = task_spec
 
 
 def demand_milli(task: TraceTask) -> int:

@@ -113,7 +113,9 @@ def draw_mix(mix: Mix, tasks: Sequence[TraceTask], nodes: Sequence[NodeSpec], se
 
 
 def task_spec(task: TraceTask, job_id: str) -> JobSpec:
-    """The job a trace task becomes (as ``bench.scheduler.job_spec``: one replica, BURSTABLE)."""
+    """The job a trace task becomes: one replica; every job BURSTABLE, so a replay never preempts. A
+    CPU-only task (num_gpu == 0) asks for no GPU: it is placed by CPU and host memory, so the CPU it takes
+    on a GPU node (stranding that node's GPUs) shows in the replay."""
     single = task.num_gpu == 1
     return JobSpec(
         job_id=job_id,
