@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from guardmesh.config import SchedulerSettings
 from guardmesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from native import fragmentation as frag
+from native import fragmentation as frag  # type: ignore[attr-defined]
 from services.scheduler.cluster import ClusterState
 from services.scheduler.inventory import GpuDevice, NodeSpec, uniform_node
 from services.scheduler.jobs import HOLDS_ALLOCATION, TERMINAL, EventKind, JobSpec, JobState, Qos, Topology
@@ -209,7 +209,7 @@ def test_fgd_avoids_fragmenting_where_best_fit_does() -> None:
     fit everywhere, growth 0. FGD picks card 1; best-fit packs onto the fuller card 0."""
     small = shape(share=300, allow_sharing=True)
     big = shape(share=600, allow_sharing=True)
-    outcomes = {}
+    outcomes: dict[str, Any] = {}
     for name in ("fgd", "best-fit"):
         state, policy = fgd_trained_state(name)
         choice = place_replica(state, small, policy)
@@ -246,7 +246,7 @@ def test_fgd_score_matches_definition_on_the_example() -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def f32(x: float) -> float:
+def f32(x: float | np.floating[Any]) -> float:
     return float(np.float32(x))
 
 
@@ -946,7 +946,8 @@ def test_watch_snapshot_does_not_block_other_callers() -> None:
     items = list(stream)
     t.join(5)
     assert finished, "release() blocked while a watcher held its snapshot"
-    assert [e.kind for e, _ in items] == [EventKind.RELEASED]
+    assert [e.kind for e, _ in items if e is not None] == [EventKind.RELEASED]
+    assert all(e is not None for e, _ in items)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -956,7 +957,7 @@ def test_watch_snapshot_does_not_block_other_callers() -> None:
 
 def tick_every(sched: Scheduler, clock: FakeClock, period: float, until: float) -> list[tuple[float, Any]]:
     """Tick like the reaper (period not a divisor of the window) until ``until``; (time, signal) changes."""
-    out = []
+    out: list[tuple[float, Any]] = []
     while clock() + period <= until:
         clock.advance(period)
         out.extend((clock(), s) for s in sched.tick())
@@ -1238,7 +1239,7 @@ def test_fused_single_gpu_kernel_agrees_with_numpy_reference(parallel: bool, mon
                 int(rng.choice([0, 8192])),
                 Topology.PREFERRED,
             )
-            shape = replace(shape, allow_sharing=shape.share_milli < 1000)
+            shape = replace(shape, allow_sharing=(shape.share_milli or 1000) < 1000)
             pol.observe(shape)
             ref, fast = place_replica(state, shape, pol), place_single_gpu(state, shape, pol)
             assert (ref is None) == (fast is None), (policy, step)

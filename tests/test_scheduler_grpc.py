@@ -409,7 +409,7 @@ def test_bad_inputs_return_status_and_change_nothing(
         return next(stub.WatchJob(spb.WatchJobRequest(job_id=job_id), timeout=5))
 
     shape = spb.NodeShape(model=MODEL, gpus=4, memory_mib_per_gpu=CARD)
-    cases: list[tuple[str, Callable[[], Any], Code, str | None]] = [
+    cases: list[tuple[str, Callable[[], Any], grpc.StatusCode, str | None]] = [
         ("node name", lambda: register(stub, node_pb("bad name", 1, CARD)), Code.INVALID_ARGUMENT, "node.name"),
         ("node no gpus", lambda: register(stub, spb.NodeSpec(name="empty")), Code.INVALID_ARGUMENT, "node.gpus"),
         (
@@ -484,7 +484,7 @@ def test_bad_inputs_return_status_and_change_nothing(
         ("describe unknown", lambda: describe(stub, "nope"), Code.NOT_FOUND, None),
         ("release empty", lambda: stub.ReleaseJob(spb.ReleaseJobRequest()), Code.INVALID_ARGUMENT, "job_id"),
         ("release unknown", lambda: stub.ReleaseJob(spb.ReleaseJobRequest(job_id="nope")), Code.NOT_FOUND, None),
-        ("list state", lambda: stub.ListJobs(spb.ListJobsRequest(state=42)), Code.INVALID_ARGUMENT, "state"),
+        ("list state", lambda: stub.ListJobs(spb.ListJobsRequest(state=42)), Code.INVALID_ARGUMENT, "state"),  # type: ignore[arg-type]
         (
             "renew pending",
             lambda: stub.RenewLease(spb.RenewLeaseRequest(job_id="wait")),
