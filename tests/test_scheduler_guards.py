@@ -202,3 +202,19 @@ def test_fgd_task_classes_respect_allowed_models() -> None:
     d = policy.d  # type: ignore[attr-defined]
     assert d[row, sched.state.model_index["A"]] == 1000.0
     assert d[row, sched.state.model_index["B"]] > 1000.0
+
+
+def test_past_the_exact_bound_the_greedy_fallback_is_pruned_to_a_minimal_set() -> None:
+    """Eight cards each shared by four best-effort jobs: a whole card needs four victims. Sets of up to
+    three among 32 jobs exceed the exact bound, so the greedy fallback runs; pruning leaves exactly the
+    four jobs of one card (minimal by inclusion, and here the smallest)."""
+    sched, _ = make_sched([uniform_node("node-a", "A", 8, 16000)], policy="first-fit")
+    for i in range(32):
+        sched.submit(spec(f"be-{i}", mem=4000, allow_sharing=True, qos=Qos.BEST_EFFORT))
+    assert len(sched.list_jobs(state=JobState.RUNNING)) == 32
+    g = sched.submit(spec("guar", qos=Qos.GUARANTEED))
+    assert len(g.awaiting_victims) == 4
+    cards = {
+        gpu.index for nv in sched.list_nodes() for gpu in nv.gpus for a in gpu.allocations if a[0] in g.awaiting_victims
+    }
+    assert len(cards) == 1
