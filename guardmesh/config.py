@@ -200,6 +200,8 @@ class ABRouterSettings(_Section):
     shadow_queue: int = Field(default=1024, ge=1)
     shadow_workers: int = Field(default=2, ge=1, le=64)
     event_retention: int = Field(default=100_000, ge=100)
+    store_url: str = ""
+    config_resync_s: float = Field(default=5.0, gt=0, le=3600)
 
 
 class MeshConfig(_Section):

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from guardmesh.config import ABRouterSettings
-from guardmesh.durable import Statement, StoreFailure, Ticket
+from guardmesh.durable import Listener, Statement, StoreFailure, Ticket
 from guardmesh.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from guardmesh.leadership import Lease
 from native import abhash
 from services.abrouter import analysis as analysis_mod
 from services.abrouter import audit as audit_mod
@@ -37,7 +38,7 @@ from services.abrouter.experiments import AllocationMode, Experiment, Experiment
 from services.abrouter.guardrails import GuardrailVerdict, evaluate_guardrails
 from services.abrouter.metrics import ArmStatistics
 from services.abrouter.shadow import ScoreCall, ScoreFn, ScoreResult, ShadowMirror
-from services.abrouter.store import ExposureRow, ObservationRow, RouterStore
+from services.abrouter.store import CONFIG_CHANNEL, ExposureRow, ObservationRow, RouterStore
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,12 @@ class Router:
             )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Replicas on one store: a config change heard (or the resync interval passed) wakes the watcher.
+        self._config_changed = threading.Event()
+        self._config_thread: threading.Thread | None = None
+        self._listener: Listener | None = None
+        #: The lease that elects the one replica running guardrails, bandit updates and audits (shared store).
+        self.monitor_lease: Lease | None = None
         self.last_audits: dict[str, audit_mod.AuditReport] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -220,16 +227,34 @@ class Router:
                 since, last = version, exp.weights
         return since
 
-    def start(self) -> None:
-        """Start the periodic guardrail, bandit and audit checks."""
+    def start(self, replica: str = "") -> None:
+        """Start the periodic guardrail, bandit and audit checks, and the watch for config changes made by
+        other replicas. On a shared store, ``replica`` (host:port, unique among live replicas) names this
+        one in the lease that elects who runs the checks, so each decision is taken once."""
+        if self.store is not None:
+            if self.store.shared:
+                self._listener = self.store.log.listen(CONFIG_CHANNEL, lambda _key: self._config_changed.set())
+                ttl = max(3 * self.settings.guardrail_interval_s, 2.0)
+                self.monitor_lease = Lease(self.store.log, "abrouter-monitor", replica or "abrouter", replica, ttl)
+            self._config_thread = threading.Thread(target=self._watch_config, name="abrouter-config", daemon=True)
+            self._config_thread.start()
         self._thread = threading.Thread(target=self._loop, name="abrouter-monitor", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         """Stop the background work (the store is closed by its owner)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._config_changed.set()
+        if self._listener is not None:
+            self._listener.close()
+        for thread in (self._thread, self._config_thread):
+            if thread is not None:
+                thread.join(timeout=10)
+        if self.monitor_lease is not None and self.monitor_lease.valid():
+            try:
+                self.monitor_lease.release()
+            except StoreFailure:
+                log.warning("could not release the monitor lease; it lapses on its own")
         if self.mirror is not None:
             self.mirror.close()
 
@@ -281,11 +306,82 @@ class Router:
     def _write_experiment(
         self, st: _Live, exp: Experiment, change: str, comment: str, statements: list[Statement]
     ) -> None:
-        rows = RouterStore.experiment(exp, change, comment)  # serialized first: a failure here changes nothing
+        rows = self._experiment_rows(exp, change, comment)  # serialized first: a failure here changes nothing
         if exp.weights != st.experiment.weights:
             st.weights_since = exp.version
         st.experiment = exp
         statements.extend(rows)
+
+    def _experiment_rows(self, exp: Experiment, change: str, comment: str) -> list[Statement]:
+        rows = RouterStore.experiment(exp, change, comment)
+        if self.store is not None:
+            rows.append(self.store.config_notice(exp.key))
+        return rows
+
+    # -- replicas on one store ---------------------------------------------------------------------------------
+
+    def _watch_config(self) -> None:
+        """Apply experiments changed by other replicas: at once when notified (PostgreSQL), and at every
+        resync interval as the safety net (the only way on SQLite, where it polls the versions)."""
+        assert self.store is not None
+        notified = self.store.log.dialect == "postgresql"  # SQLite hears only its own process: poll
+        interval = self.settings.config_resync_s if notified else min(0.5, self.settings.config_resync_s)
+        while not self._stop.is_set():
+            self._config_changed.wait(interval)
+            self._config_changed.clear()
+            if self._stop.is_set() or self._failed:
+                return
+            try:
+                self.sync_config()
+            except StoreFailure as exc:  # the store is away: memory stays as it was, the next round retries
+                log.warning("config resync failed", extra={"error": str(exc)})
+
+    def sync_config(self) -> list[str]:
+        """Take in every experiment whose stored version is newer than this replica's; the keys taken in."""
+        if self.store is None:
+            return []
+        stored = self.store.versions()
+        with self.lock:
+            stale = [k for k, v in stored.items() if k not in self.live or self.live[k].experiment.version < v]
+        taken = []
+        for key in stale:
+            with self.lock:
+                if self._sync_key(key):
+                    taken.append(key)
+        if taken:
+            log.info("config taken from the store", extra={"experiments": taken})
+        return taken
+
+    def _sync_key(self, key: str) -> bool:
+        """(Under the lock.) Take in the stored state of ``key`` if it is newer than memory's; whether it was."""
+        if self.store is None:
+            return False
+        exp = self.store.load_experiment(key)
+        if exp is None:
+            return False
+        st = self.live.get(key)
+        if st is None:
+            st = self.live[key] = self._new_live(exp)
+            st.weights_since = self._weights_since(key)
+            return True
+        cur = st.experiment
+        if exp.version <= cur.version:
+            return False
+        if exp.weights != cur.weights:
+            st.weights_since = exp.version
+        st.experiment = exp
+        if (exp.spec.mode, exp.spec.bandit, len(exp.spec.arms)) != (cur.spec.mode, cur.spec.bandit, len(cur.spec.arms)):
+            st.bandit = self._new_live(exp).bandit
+            self._replay_rewards(st)
+        if any(exp.spec.kind_of(m) != cur.spec.kind_of(m) for m in st.metrics):
+            self._rebuild_statistics(st)
+        return True
+
+    def _before_config_write(self, key: str) -> None:
+        """(Under the lock.) On a shared store, judge a change against the newest stored version (another
+        replica may have changed the experiment since this one heard of it)."""
+        if self.store is not None and self.store.shared:
+            self._sync_key(key)
 
     # -- experiments -------------------------------------------------------------------------------------------
 
@@ -301,10 +397,11 @@ class Router:
         spec.validate()
         now = self.clock()
         with self.lock:
+            self._before_config_write(spec.key)
             if spec.key in self.live:
                 raise AlreadyExists(f"experiment '{spec.key}' already exists")
             exp = Experiment(spec, 1, ExperimentState.RUNNING, spec.weights, now, now)
-            statements = list(RouterStore.experiment(exp, "created", ""))  # before memory: a failure leaves none
+            statements = self._experiment_rows(exp, "created", "")  # before memory: a failure leaves none
             st = self._new_live(exp)
             self.live[spec.key] = st
             self._event("config_changed", spec.key, f"created with weights {list(spec.weights)}", statements)
@@ -317,6 +414,7 @@ class Router:
         self._check_alive()
         spec.validate()
         with self.lock:
+            self._before_config_write(spec.key)
             st = self._get(spec.key)
             cur = st.experiment
             if cur.state is ExperimentState.STOPPED:
@@ -350,6 +448,7 @@ class Router:
         """Stop: control for everyone, not in the experiment."""
         self._check_alive()
         with self.lock:
+            self._before_config_write(key)
             st = self._get(key)
             if st.experiment.state is ExperimentState.STOPPED:
                 raise FailedPrecondition(f"experiment '{key}' is already stopped")
@@ -472,14 +571,19 @@ class Router:
                 )
         return out
 
-    @staticmethod
-    def _sticky_arm(st: _Live, value: str) -> int | None:
-        """The unit's sticky arm: durable, or held by an assignment whose commit is in flight; None if none."""
+    def _sticky_arm(self, st: _Live, value: str) -> int | None:
+        """The unit's sticky arm: durable, or held by an assignment whose commit is in flight; None if none.
+        On a shared store a unit this replica has not seen is looked up there (another replica may have
+        recorded its arm), so every replica gives a unit the same arm."""
         if not st.experiment.spec.sticky_bucketing:
             return None
         arm = st.sticky.get(value)
         if arm is None and value in st.pending_sticky:
             arm = st.pending_sticky[value][0]
+        if arm is None and self.store is not None and self.store.shared:
+            arm = self.store.sticky_arm(st.experiment.key, value)
+            if arm is not None:
+                st.sticky[value] = arm
         return arm
 
     @staticmethod
@@ -900,10 +1004,25 @@ class Router:
 
     # -- periodic checks --------------------------------------------------------------------------------------------
 
+    def _leads_monitor(self) -> bool:
+        """Whether this replica runs the periodic checks now: always alone; on a shared store only while it
+        holds the monitor lease (so a rollback or bandit update is decided once, not once per replica)."""
+        if self.monitor_lease is None:
+            return True
+        try:
+            return self.monitor_lease.claim().leader
+        except StoreFailure as exc:
+            log.warning("monitor lease claim failed", extra={"error": str(exc)})
+            return False
+
     def _loop(self) -> None:
         last_audit = self.clock()
         while not self._stop.wait(self.settings.guardrail_interval_s):
+            if not self._leads_monitor():
+                continue
             try:
+                if self.monitor_lease is not None:
+                    self.sync_config()  # decide on the newest stored versions, not on what was last heard
                 self.check_guardrails()
                 self.update_bandits()
                 interval = self.settings.audit_interval_s

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +21,7 @@ from opentelemetry import trace
 
 from guardmesh.client import open_channel
 from guardmesh.config import MeshConfig
+from guardmesh.durable import parse_store_url
 from guardmesh.errors import GuardmeshError, InvalidArgument, Unavailable
 from guardmesh.monitoring import observe_abrouter
 from guardmesh.runtime import ServiceDefinition
@@ -631,11 +634,14 @@ class ABRouterBinding:
     def start(self) -> None:
         """Open the store, restore state, start the periodic checks."""
         settings = self.config.abrouter
-        self.store = RouterStore(self.config.state_path(settings.db_path), settings.sqlite_synchronous)
+        url = settings.store_url or str(self.config.state_path(settings.db_path))
+        self.store = RouterStore(parse_store_url(url, self.config.mesh.state_dir), settings.sqlite_synchronous)
         router = Router(settings, self.store, scoring=self.scorer)
         router.on_fail_stop = getattr(self, "fail_stop", None)
         router.restore()
-        router.start()
+        # One holder per live process: host, bound port and pid (two lives of one port never overlap).
+        port = getattr(self, "bound_port", 0)
+        router.start(replica=f"{socket.gethostname()}:{port}/{os.getpid()}")
         if self.config.metrics.enabled:
             observe_abrouter(router)
         self.servicer._router = router
