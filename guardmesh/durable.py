@@ -342,7 +342,7 @@ class _PostgresBackend:
             kwargs={"connect_timeout": CONNECT_TIMEOUT_S},
             check=ConnectionPool.check_connection,  # a connection broken by a server restart is replaced
             timeout=CONNECT_TIMEOUT_S * 2,
-            reconnect_timeout=0,  # keep trying while the server is down (it may come back)
+            reconnect_timeout=0,  # no background retry loop; a later request connects anew (tested: store back)
             name="guardmesh-store",
             open=True,
         )
