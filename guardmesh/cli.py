@@ -220,42 +220,34 @@ def report(
     """Audit and analyse experiment KEY: the audit summary, the multi-metric table, and PNG plots."""
     import grpc
 
-    from guardmesh.client import open_channel
     from guardmesh.logs import terminal_console
-    from guardmesh.sdk.abrouter import analysis_from_pb
-    from guardmesh.v1 import abrouter_pb2 as pb
-    from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
-    from services.abrouter.report import analysis_table, plot_analysis
+    from guardmesh.sdk.abrouter import ABRouterClient, analysis_from_pb
+    from guardmesh.sdk.report import analysis_table, plot_analysis
 
     console = terminal_console()
-    channel = open_channel("abrouter", _mesh_config(config)[0], address=address)
-    stub = pb_grpc.ABRouterServiceStub(channel)
     try:
-        audit = stub.AuditExperiment(pb.AuditExperimentRequest(key=key))
-        resp = stub.AnalyzeExperiment(
-            pb.AnalyzeExperimentRequest(
-                key=key, bootstrap_resamples=resamples, reweight_covariates=reweight or [], inverse_propensity=ipw
+        with ABRouterClient(_mesh_config(config)[0], address=address) as router:
+            audit = router.audit(key)
+            analysis = router.analyze(
+                key, bootstrap_resamples=resamples, reweight_covariates=reweight or [], inverse_propensity=ipw
             )
-        )
     except grpc.RpcError as err:
         typer.echo(f"abrouter: {err.code().name}: {err.details()}", err=True)
         raise typer.Exit(1) from None
-    finally:
-        channel.close()
     srm = audit.srm
     console.print(
         f"[bold]{key}[/bold]: {audit.exposures:,} exposed units; SRM p={srm.p_value:.3g} "
         f"({'ALERT' if srm.alert else 'ok'}: {srm.reason}); "
-        f"{len(audit.imbalances)} covariate imbalances; audit {audit.seconds * 1000:.0f} ms"
+        f"{len(audit.imbalances)} covariate imbalances; audit {audit.raw.seconds * 1000:.0f} ms"
     )
     for b in audit.imbalances[:10]:
         console.print(
             f"  imbalance: {b.covariate} [{b.window}] arms {b.arm_a} vs {b.arm_b}: {b.test} p={b.p_value:.2g}, "
             f"effect size {b.effect_size:.3f}"
         )
-    results = [analysis_from_pb(m, list(resp.arms)) for m in resp.metrics]
-    console.print(analysis_table(results, list(resp.arms)))
-    for path in plot_analysis(results, list(resp.arms), out, title=key):
+    results = [analysis_from_pb(m, analysis.arms) for m in analysis.raw.metrics]
+    console.print(analysis_table(results, analysis.arms))
+    for path in plot_analysis(results, analysis.arms, out, title=key):
         console.print(f"wrote {path}")
 
 

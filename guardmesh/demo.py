@@ -1088,7 +1088,7 @@ class _Demo:
 
     def reports(self) -> None:
         from guardmesh.sdk.abrouter import analysis_from_pb
-        from services.abrouter.report import analysis_table
+        from guardmesh.sdk.report import analysis_table
 
         report = self.report
         self.phase(7, "reports")

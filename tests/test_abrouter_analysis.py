@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from rich.console import Console
 from scipy import stats
 
 from services.abrouter import analysis
 from services.abrouter.analysis import (
     DailyEffect,
-    MetricAnalysis,
     MetricInput,
     analyze_experiment,
     analyze_metric,
 )
-from services.abrouter.report import analysis_table, plot_analysis
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def unit_level(
@@ -433,41 +427,3 @@ def test_empty_arm_error_names_the_arm():
     silent = good_input(obs_unit=np.array([0, 1, 0, 1]), aggregate="mean")
     with pytest.raises(ValueError, match=r"arm 1 \(treatment\) has no units with an observation"):
         analyze_metric(silent)
-
-
-# ---------------------------------------------------------------------------------------------------- report
-
-
-@pytest.fixture(scope="module")
-def report_results() -> list[MetricAnalysis]:
-    rng = np.random.default_rng(91)
-    novelty = daily_experiment(np.r_[np.full(3, 0.5), np.zeros(7)], n=3000)
-    arms = np.asarray(novelty.unit_arms)
-    n = arms.shape[0]
-    revenue = unit_level(
-        "revenue",
-        arms,
-        rng.exponential(1.0, n) + 0.1 * arms,
-        unit_pre=rng.exponential(1.0, n),
-        unit_position=rng.integers(0, 3, n),
-        unit_weights=rng.uniform(0.5, 2.0, n),
-    )
-    return [analyze_metric(novelty, n_resamples=200), analyze_metric(revenue, n_resamples=200)]
-
-
-def test_analysis_table_renders_every_metric(report_results):
-    console = Console(record=True, width=250)
-    console.print(analysis_table(report_results, ["control", "new ranker"]))
-    text = console.export_text()
-    for name in ("engagement", "revenue", "new ranker vs control", "novelty", "CUPED"):
-        assert name in text
-    with pytest.raises(ValueError, match=r"^arm_names: "):
-        analysis_table(report_results, ["control"])
-
-
-def test_plot_analysis_writes_png_files(report_results, tmp_path: Path):
-    paths = plot_analysis(report_results, ["control", "new ranker"], tmp_path / "plots", title="Ranker v2")
-    assert [p.name for p in paths] == ["ranker_v2_forest.png", "ranker_v2_daily.png"]
-    for path in paths:
-        data = path.read_bytes()
-        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000

@@ -1,10 +1,14 @@
-"""Human-readable A/B report: the multi-metric table and the plots that show where an effect comes from.
+"""Human-readable A/B report, rendered client-side from an ``AnalyzeExperiment`` answer: the multi-metric table
+and the plots that show where an effect comes from.
+
+Records come from :func:`guardmesh.sdk.abrouter.analysis_from_pb`; ``guardmesh abrouter report KEY`` and the demo
+render them here, so no client imports the service.
 
 The table puts the headline effect beside every correction (CUPED, winsorised, without the top 1 %, position
 post-stratified, weighted) and the correction factor, so a lift carried by slot positions, novelty or a few heavy
 users is visible at a glance. The plots are a forest plot (effect and CI per metric and arm, raw beside corrected)
 and the daily effect by day since first exposure (novelty / primacy). Matplotlib runs through its object API on
-the Agg canvas: no pyplot global state, no display needed, safe to call from a server thread.
+the Agg canvas: no pyplot global state, no display needed, safe to call from any thread.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from matplotlib.figure import Figure
 from rich.console import JustifyMethod
 from rich.table import Table
 
-from services.abrouter.analysis import MetricAnalysis
+from guardmesh.sdk.abrouter import MetricAnalysis
 
 __all__ = ["analysis_table", "plot_analysis"]
 
