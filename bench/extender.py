@@ -9,9 +9,9 @@ the same run on the same cluster state: the in-process placement engine choosing
 (``placement.place``, the filter and score the gRPC service runs). Target: p99 <= 20 ms.
 
 The cluster: 1,000 nodes of 8 x 80 GiB cards, a random half of the cards partly used, policy fgd (the
-default). Records are added to ``bench/results/scheduler.json`` (names starting "extender"), replacing
-earlier extender records and keeping every other record; run it after ``bench.scheduler``, which rewrites
-the file.
+default). Records are added to ``scheduler.json`` (``bench/results/`` with ``GUARDMESH_BENCH_RECORD=1``,
+else ``bench/results/local/``; names starting "extender"), replacing earlier extender records and keeping
+every other record; run it after ``bench.scheduler``, which rewrites the file.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.records import RESULTS, machine, record, write_records
+from bench.records import RESULTS, machine, record, results_path, write_records
 from guardmesh.config import ExtenderSettings, SchedulerSettings
 from services.scheduler.extender import NODE_LABEL, Extender, ExtenderHttpServer
 from services.scheduler.inventory import uniform_node
@@ -125,7 +125,8 @@ def _client(port: int, names: list[str], pods: int, mib: int, objects: bool, out
 
 def client_process_latencies(port: int, names: list[str], pods: int, mib: int, objects: bool) -> list[float]:
     """:func:`http_latencies` from a separate process, as kube-scheduler calls (no GIL shared with the server)."""
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: forking a process with a serving thread can copy a held lock into the child.
+    ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_client, args=(port, names, pods, mib, objects, queue))
     proc.start()
@@ -213,7 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.note:
         for r in records:
             r["machine"] = f"{machine()}; {args.note}"
-    path = RESULTS / "scheduler.json"
+    # Read-modify-write of the file this run writes: bench.scheduler's records in it stay. A local run starts
+    # from the recorded file when it has no local one.
+    path = results_path("scheduler.json")
+    path = path if path.exists() else RESULTS / "scheduler.json"
     kept = [r for r in json.loads(path.read_text()) if not r["name"].startswith("extender")] if path.exists() else []
     write_records("scheduler", kept + records)
     return 0
