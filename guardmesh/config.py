@@ -168,6 +168,9 @@ class ScorerSettings(_Section):
     min_labels: int = Field(default=200, ge=1)
     decision_log: int = Field(default=100_000, ge=100)
     registry_dir: str = "scorer-models"
+    store_url: str = ""
+    artefact_url: str = ""
+    follow_poll_s: float = Field(default=0.25, gt=0, le=60)
 
 
 class SecuritySettings(_Section):

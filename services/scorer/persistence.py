@@ -18,18 +18,24 @@ their sequence number, then :meth:`retire_legacy`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from guardmesh.durable import GroupCommitLog, Migration, StoreFailure, StoreTarget, Ticket, Transaction
+from guardmesh.errors import AlreadyExists, Unavailable
 from services.scorer.decision import Rule, RuleAction, ThresholdPolicy
 from services.scorer.monitoring import CleaningPolicy
 from services.scorer.registry import ModelFormat
@@ -193,3 +199,284 @@ class RegistryStore:
             log.error("unreadable active versions skipped", extra={"file": str(path), "error": str(exc)})
             return {}
         return {str(k): (str(v["active"]), [str(h) for h in v.get("history", [])]) for k, v in data.items()}
+
+
+# -- the shared registry: several replicas on one store ----------------------------------------------------
+
+#: The scorer's schema in the shared store (``guardmesh.durable``): versions (the registration record; the
+#: bytes live in the artefact store, named by their SHA-256), the active version and rollback history per
+#: model, one change counter replicas poll, the decision log and the labelled decisions (the F1 windows).
+_LABEL_ID = "{id}"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS scorer_versions (
+    model TEXT NOT NULL, version TEXT NOT NULL, seq BIGINT NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (model, version)
+);
+CREATE TABLE IF NOT EXISTS scorer_active (model TEXT PRIMARY KEY, active TEXT NOT NULL, history TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS scorer_changes (name TEXT PRIMARY KEY, counter BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS scorer_decisions (
+    model TEXT NOT NULL, request_id TEXT NOT NULL, version TEXT NOT NULL, positive INTEGER NOT NULL,
+    replica TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, PRIMARY KEY (model, request_id)
+);
+CREATE TABLE IF NOT EXISTS scorer_labels (
+    {id}, model TEXT NOT NULL, version TEXT NOT NULL, predicted INTEGER NOT NULL, label INTEGER NOT NULL,
+    replica TEXT NOT NULL, at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS scorer_labels_by_version ON scorer_labels (model, version, id)
+"""
+MIGRATIONS = (
+    Migration(
+        1,
+        _SCHEMA.replace(_LABEL_ID, "id BIGSERIAL PRIMARY KEY"),
+        sqlite=_SCHEMA.replace(_LABEL_ID, "id INTEGER PRIMARY KEY AUTOINCREMENT"),
+    ),
+)
+#: The NOTIFY channel of registry changes (PostgreSQL); SQLite replicas poll the change counter.
+CHANNEL = "scorer_registry"
+#: Labels matched per statement (SQL ``IN`` lists stay short).
+_MATCH_CHUNK = 500
+
+
+class ArtefactStore:
+    """Model bytes and reference rows under an fsspec URL (a local folder by default), each file named by
+    its SHA-256: writing one twice is harmless, and a reader checks what it reads against the name."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` (durably, before returning); its SHA-256 (hex), which names it."""
+        digest = hashlib.sha256(data).hexdigest()
+        final = f"{self.root}/{digest}"
+        if self.fs.exists(final):
+            return digest
+        if self.local:  # atomic and fsync'd, as every other write of the service
+            _atomic_write(Path(final), data)
+        else:  # an object store's put is atomic by itself
+            self.fs.pipe_file(final, data)
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        """The bytes named ``digest``; ValueError if they are missing or do not match it."""
+        data = bytes(self.fs.cat_file(f"{self.root}/{digest}"))
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"artefact {digest} in {self.url} does not match its checksum")
+        return data
+
+
+def _unavailable(exc: StoreFailure) -> Unavailable:
+    return Unavailable(f"scorer store unavailable: {exc}")
+
+
+class SharedRegistry:
+    """The registry, active versions, decision log and labels of every replica, in one store.
+
+    ``log`` is the scorer's :class:`GroupCommitLog` (SQLite or PostgreSQL); ``artefacts`` holds the bytes.
+    Registrations and activations are short transactions (one replica's write is visible to the next read
+    of any other); an activation is a compare-and-set on the model's row, so two replicas deciding on the
+    same state (two F1 rollbacks) change it once. Decisions go through group commit. Store failures are
+    UNAVAILABLE; nothing is changed in memory before the store has it.
+    """
+
+    def __init__(self, log: GroupCommitLog, artefacts: ArtefactStore, replica: str) -> None:
+        self.log = log
+        self.artefacts = artefacts
+        self.replica = replica
+
+    def _run(self, body: Any) -> Any:
+        try:
+            return self.log.transaction(body)
+        except StoreFailure as exc:
+            raise _unavailable(exc) from None
+
+    def _bump(self, tx: Transaction) -> None:
+        tx.execute(
+            "INSERT INTO scorer_changes (name, counter) VALUES ('registry', 1) "
+            "ON CONFLICT (name) DO UPDATE SET counter = scorer_changes.counter + 1"
+        )
+        sql, params = self.log.notify(CHANNEL, self.replica)
+        tx.execute(sql, params)  # type: ignore[arg-type]
+
+    def save_registration(self, registration: Registration) -> None:
+        """Store the bytes, then the record; AlreadyExists if any replica registered that version first."""
+        r = registration
+        record = record_json(r)
+        record["payload_sha256"] = self.artefacts.put(r.payload)
+        if r.reference is not None:
+            rows = st_save({"rows": np.ascontiguousarray(r.reference, dtype=np.float32)})
+            record["reference_sha256"] = self.artefacts.put(rows)
+
+        def insert(tx: Transaction) -> bool:
+            if tx.fetchall("SELECT 1 FROM scorer_versions WHERE model = ? AND version = ?", (r.model, r.version)):
+                return False
+            tx.execute(
+                "INSERT INTO scorer_versions (model, version, seq, record) "
+                "SELECT ?, ?, COALESCE(MAX(seq), 0) + 1, ? FROM scorer_versions",
+                (r.model, r.version, json.dumps(record, sort_keys=True)),
+            )
+            self._bump(tx)
+            return True
+
+        if not self._run(insert):
+            raise AlreadyExists(f"model {r.model!r} version {r.version!r} exists (registered by another replica)")
+
+    def registrations(
+        self, skip: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset()
+    ) -> Iterator[Registration]:
+        """Recorded registrations in the order they were accepted, but those in ``skip`` (already loaded);
+        an unreadable one (artefact missing or corrupt) is logged and left out."""
+        try:
+            rows = self.log.query("SELECT model, version, record FROM scorer_versions ORDER BY seq, model, version")
+        except Exception as exc:
+            raise Unavailable(f"scorer store unavailable: {exc}") from None
+        for model, version, text in rows:
+            if (model, version) in skip:
+                continue
+            try:
+                data = json.loads(text)
+                reference = None
+                if data.get("reference_sha256"):
+                    reference = st_load(self.artefacts.get(data["reference_sha256"]))["rows"]
+                yield registration_from_json(data, self.artefacts.get(data["payload_sha256"]), reference)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error(
+                    "unreadable model registration skipped",
+                    extra={"model": model, "version": version, "error": str(exc)},
+                )
+
+    def active(self) -> dict[str, tuple[str, list[str]]]:
+        """The stored (active version, activation history) of every model."""
+        rows = self.log.query("SELECT model, active, history FROM scorer_active")
+        return {str(m): (str(a), [str(h) for h in json.loads(hist)]) for m, a, hist in rows}
+
+    def save_active(self, active: dict[str, tuple[str, list[str]]]) -> None:
+        """Set the stored active versions of these models as given (used to adopt an old registry folder)."""
+
+        def write(tx: Transaction) -> None:
+            for model, (version, history) in active.items():
+                tx.execute(
+                    "INSERT INTO scorer_active (model, active, history) VALUES (?, ?, ?) "
+                    "ON CONFLICT (model) DO UPDATE SET active = excluded.active, history = excluded.history",
+                    (model, version, json.dumps(history)),
+                )
+            self._bump(tx)
+
+        self._run(write)
+
+    def change_active(self, model: str, expected: tuple[str | None, list[str]], new: tuple[str, list[str]]) -> bool:
+        """Compare-and-set of a model's active version and history: written (True) only if the store still
+        holds ``expected`` (active None: no row yet); False when another replica changed it first."""
+
+        def cas(tx: Transaction) -> bool:
+            version, history = new
+            if expected[0] is None:
+                changed = tx.execute(
+                    "INSERT INTO scorer_active (model, active, history) VALUES (?, ?, ?) "
+                    "ON CONFLICT (model) DO NOTHING",
+                    (model, version, json.dumps(history)),
+                )
+            else:
+                changed = tx.execute(
+                    "UPDATE scorer_active SET active = ?, history = ? WHERE model = ? AND active = ? AND history = ?",
+                    (version, json.dumps(history), model, expected[0], json.dumps(expected[1])),
+                )
+            if changed == 1:
+                self._bump(tx)
+            return changed == 1
+
+        return bool(self._run(cas))
+
+    def changes(self) -> int:
+        """The registry's change counter (rises with every registration and activation of any replica)."""
+        rows = self.log.query("SELECT counter FROM scorer_changes WHERE name = 'registry'")
+        return int(rows[0][0]) if rows else 0
+
+    def listen(self, callback: Any) -> Any:
+        """Call ``callback`` when another replica changes the registry (PostgreSQL NOTIFY; on SQLite only
+        this process's changes: poll :meth:`changes`)."""
+        return self.log.listen(CHANNEL, callback)
+
+    def record_decisions(self, model: str, decided: list[tuple[str, str, bool]]) -> Ticket:
+        """Queue (request id, version, positive) decisions for the next group commit; the ticket says when
+        they are in the store (a later decision for the same request id replaces the earlier one)."""
+        now = time.time()
+        rows = [(model, rid, version, int(positive), self.replica, now) for rid, version, positive in decided]
+        return self.log.submit(
+            [
+                (
+                    "INSERT INTO scorer_decisions (model, request_id, version, positive, replica, at) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model, request_id) DO UPDATE SET "
+                    "version = excluded.version, positive = excluded.positive, replica = excluded.replica, "
+                    "at = excluded.at",
+                    rows,
+                )
+            ]
+        )
+
+    def match_labels(self, model: str, labels: list[tuple[str, bool]]) -> list[tuple[str, bool, bool]]:
+        """Match labels to stored decisions of any replica, in one transaction: each matched decision is
+        taken out of the log (a label counts once, whichever replica got it) and kept as a labelled
+        decision. Returns (version, predicted, label) per matched label, in the order given."""
+
+        def match(tx: Transaction) -> list[tuple[str, bool, bool]]:
+            wanted = list(dict.fromkeys(rid for rid, _ in labels))
+            found: dict[str, tuple[str, bool]] = {}
+            for i in range(0, len(wanted), _MATCH_CHUNK):
+                chunk = wanted[i : i + _MATCH_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                for rid, version, positive in tx.fetchall(
+                    "SELECT request_id, version, positive FROM scorer_decisions "
+                    f"WHERE model = ? AND request_id IN ({marks})",
+                    (model, *chunk),
+                ):
+                    found[str(rid)] = (str(version), bool(positive))
+                tx.execute(f"DELETE FROM scorer_decisions WHERE model = ? AND request_id IN ({marks})", (model, *chunk))
+            matched = []
+            for rid, label in labels:
+                hit = found.pop(rid, None)  # a request id labelled twice in one batch counts once
+                if hit is not None:
+                    matched.append((hit[0], hit[1], label))
+            now = time.time()
+            tx.executemany(
+                "INSERT INTO scorer_labels (model, version, predicted, label, replica, at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(model, v, int(p), int(a), self.replica, now) for v, p, a in matched],
+            )
+            return matched
+
+        return list(self._run(match))
+
+    def labelled(
+        self, model: str, version: str, last: int, first: int
+    ) -> tuple[list[tuple[bool, bool]], list[tuple[bool, bool]]]:
+        """(the first ``first``, the last ``last``) labelled decisions (predicted, label) of a version, oldest
+        first, from every replica: what its F1 baseline and rolling F1 are computed on."""
+        base = "SELECT predicted, label FROM scorer_labels WHERE model = ? AND version = ? ORDER BY id"
+        head = self.log.query(f"{base} LIMIT ?", (model, version, first))
+        tail = self.log.query(f"{base} DESC LIMIT ?", (model, version, last))
+        return [(bool(p), bool(a)) for p, a in head], [(bool(p), bool(a)) for p, a in reversed(tail)]
+
+    def adopt_folder(self, folder: RegistryStore) -> int:
+        """Copy the registrations and active versions of an old registry folder into the store once (what
+        the store already holds is left as it is). Returns how many versions were copied."""
+        known = {(m, v) for m, v in self.log.query("SELECT model, version FROM scorer_versions")}
+        copied = 0
+        for registration in folder.registrations():
+            if (registration.model, registration.version) not in known:
+                self.save_registration(registration)
+                copied += 1
+        stored = self.active()
+        missing = {m: a for m, a in folder.active().items() if m not in stored}
+        if missing:
+            self.save_active(missing)
+        if copied:
+            log.info("registry folder adopted by the store", extra={"versions": copied, "folder": str(folder.folder)})
+        return copied
+
+
+def open_shared_registry(store_url: str | StoreTarget, artefact_url: str, replica: str) -> SharedRegistry:
+    """The scorer's shared registry: its store (schema created or migrated) and artefact store."""
+    log_ = GroupCommitLog(store_url, MIGRATIONS, "FULL", component="scorer")
+    return SharedRegistry(log_, ArtefactStore(artefact_url), replica)

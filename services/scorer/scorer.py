@@ -19,13 +19,14 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from guardmesh.config import ScorerSettings
-from guardmesh.errors import FailedPrecondition, GuardmeshError, InvalidArgument, NotFound
+from guardmesh.durable import StoreFailure
+from guardmesh.errors import AlreadyExists, FailedPrecondition, GuardmeshError, InvalidArgument, NotFound, Unavailable
 from services.scorer import drift as drift_mod
 from services.scorer.batching import Arrival, BatchStats, DynamicBatcher
 from services.scorer.decision import Decision, Rule, ThresholdPolicy, decide
@@ -86,6 +87,50 @@ class RegistrationStore(Protocol):
     def active(self) -> dict[str, tuple[str, list[str]]]:
         """The recorded (active version, activation history) per model."""
         ...
+
+
+@runtime_checkable
+class SharedState(Protocol):
+    """A registry several replicas share (``persistence.SharedRegistry``): besides the registrations, the
+    active versions by compare-and-set, a change counter, the decision log and the labelled decisions."""
+
+    def registrations(self, skip: set[tuple[str, str]] | frozenset[tuple[str, str]] = ...) -> Iterator[Registration]:
+        """Recorded registrations, oldest first, but those in ``skip``."""
+        ...
+
+    def active(self) -> dict[str, tuple[str, list[str]]]:
+        """The stored (active version, activation history) per model."""
+        ...
+
+    def change_active(self, model: str, expected: tuple[str | None, list[str]], new: tuple[str, list[str]]) -> bool:
+        """Compare-and-set of one model's (active, history); False if the store no longer holds ``expected``."""
+        ...
+
+    def changes(self) -> int:
+        """A counter that rises with every change of the registry by any replica."""
+        ...
+
+    def listen(self, callback: Any) -> Any:
+        """Call ``callback`` when the registry may have changed (a hint; the counter is the truth)."""
+        ...
+
+    def record_decisions(self, model: str, decided: list[tuple[str, str, bool]]) -> Any:
+        """Queue (request id, version, positive) decisions; a ticket whose ``wait`` returns once stored."""
+        ...
+
+    def match_labels(self, model: str, labels: list[tuple[str, bool]]) -> list[tuple[str, bool, bool]]:
+        """(version, predicted, label) of each label matched to a stored decision of any replica (used once)."""
+        ...
+
+    def labelled(
+        self, model: str, version: str, last: int, first: int
+    ) -> tuple[list[tuple[bool, bool]], list[tuple[bool, bool]]]:
+        """(first ``first``, last ``last``) (predicted, label) pairs of a version from every replica."""
+        ...
+
+
+class ActiveChanged(FailedPrecondition):
+    """Another replica changed the model's active version first (the compare-and-set found other values)."""
 
 
 @dataclass
@@ -224,6 +269,12 @@ class Scorer:
         self.lock = threading.Lock()
         self.events: deque[Event] = deque(maxlen=10_000)
         self.store = store
+        #: The store when replicas share it: decisions, labels and activations then go through it.
+        self.shared = store if isinstance(store, SharedState) else None
+        self._refresh_lock = threading.Lock()
+        self._seen_changes = -1
+        self._stop_following = threading.Event()
+        self._follower: threading.Thread | None = None
 
     # -- models ----------------------------------------------------------------------------------------
 
@@ -341,9 +392,20 @@ class Scorer:
             log.info("model registry restored", extra={"versions": restored})
         return restored
 
-    def _commit_active(self) -> CommitActive | None:
-        """What makes an activation change durable before it takes effect (nothing without a store)."""
-        return self.store.save_active if self.store is not None else None
+    def _commit_active(self, model: str) -> CommitActive | None:
+        """What makes an activation change durable before it takes effect (nothing without a store). On a
+        shared store, a compare-and-set from what this replica serves: ActiveChanged if another replica
+        changed the model first (then nothing changes here either)."""
+        shared = self.shared
+        if shared is None:
+            return self.store.save_active if self.store is not None else None
+
+        def compare_and_set(planned: dict[str, tuple[str, list[str]]]) -> None:
+            line = self.registry.lines[model]  # called under the registry's lock: this is what serves now
+            if not shared.change_active(model, (line.active, list(line.history)), planned[model]):
+                raise ActiveChanged(f"model {model!r}: another replica changed its active version meanwhile")
+
+        return compare_and_set
 
     def _set_reference(self, line: ModelLineState, rows: np.ndarray, config: VersionConfig) -> None:
         line.reference = drift_mod.ReferenceWindow.from_rows(rows, device=self.device, names=list(line.features))
@@ -357,13 +419,25 @@ class Scorer:
     def activate(self, model: str, version: str) -> str:
         """Activate a version (recorded durably before it serves; a failed write changes nothing)."""
         self._line(model)
-        return self.registry.activate(model, version, self._commit_active()).version
+        try:
+            return self.registry.activate(model, version, self._commit_active(model)).version
+        except ActiveChanged:
+            self.refresh()  # the version asked for is named: activating it over the newer state is safe
+            return self.registry.activate(model, version, self._commit_active(model)).version
 
     def rollback(self, model: str, reason: str = "requested") -> str:
         """Re-activate the previous version (recorded durably before it serves; a failed write changes nothing)."""
         self._line(model)
         previous = self.registry.active(model).version
-        now = self.registry.rollback(model, self._commit_active()).version
+        try:
+            now = self.registry.rollback(model, self._commit_active(model)).version
+        except ActiveChanged:
+            self.refresh()  # never a second step back on top of another replica's change
+            serving = self.registry.active_name(model)
+            raise ActiveChanged(
+                f"model {model!r}: another replica changed its active version meanwhile (it now serves "
+                f"{serving!r}); nothing rolled back here"
+            ) from None
         self._event(model, "rollback", f"{previous} -> {now}: {reason}")
         return now
 
@@ -631,11 +705,17 @@ class Scorer:
         version: str,
         decided: list[tuple[str, bool]],
     ) -> None:
-        """Record rows as sent (NaN = missing) in the live window and monitors, and the model's decisions."""
+        """Record rows as sent (NaN = missing) in the live window and monitors, and the model's decisions
+        (on a shared store the decisions are in the store before the answer, so any replica takes their
+        labels; UNAVAILABLE if they could not be written)."""
         missing = np.isnan(raw)
+        stored = None
         with line.lock:
-            for request_id, positive in decided:
-                line.decisions.record(request_id, version, positive)
+            if self.shared is not None and decided:
+                stored = self.shared.record_decisions(line.name, [(r, version, p) for r, p in decided])
+            else:
+                for request_id, positive in decided:
+                    line.decisions.record(request_id, version, positive)
             line.live.add(raw)
             if line.missing is not None:
                 for feature in line.missing.observe(missing):
@@ -653,6 +733,11 @@ class Scorer:
             if line.reference is not None and line.rows_since_drift >= self.settings.drift_every:
                 line.rows_since_drift = 0
                 line.drift_score = float(drift_mod.drift_stats(line.reference, line.live).score)
+        if stored is not None:  # waited for outside the line's lock: concurrent groups share one commit
+            try:
+                stored.wait("decisions")
+            except StoreFailure as exc:
+                raise Unavailable(f"scorer store unavailable: {exc}") from None
 
     def batch_stats(self, model: str, version: str) -> BatchStats:
         """What the version's batcher did: batches, rows, sizes and why each batch left."""
@@ -694,6 +779,8 @@ class Scorer:
         if not labels:
             raise InvalidArgument("labels", "must not be empty")
         accepted = unknown = 0
+        if self.shared is not None:
+            return self._feedback_shared(model, line, labels)
         active = self.registry.active(model).version
         for request_id, label in labels:
             found = line.decisions.pop(request_id)
@@ -720,6 +807,101 @@ class Scorer:
         return FeedbackResult(
             accepted, unknown, self.registry.active(model).version, rolled_back, precision, recall, f1
         )
+
+    def _feedback_shared(self, model: str, line: ModelLineState, labels: list[tuple[str, bool]]) -> FeedbackResult:
+        """Feedback on a shared store: labels match the decisions of every replica and count once; each
+        touched version's F1 is computed on every replica's labels; a rollback is a compare-and-set, so of
+        replicas that find the same degradation at once one rolls back and the others see it done."""
+        assert self.shared is not None
+        matched = self.shared.match_labels(model, labels)
+        for version in dict.fromkeys([v for v, _, _ in matched] + [self.registry.active(model).version]):
+            state = line.versions.get(version)
+            if state is not None:
+                self._health_from_store(model, version, state)
+        active = self.registry.active(model).version
+        health = line.versions[active].health
+        precision, recall, f1, _ = health.rolling.metrics()
+        rolled_back = False
+        degraded, drop = health.degraded(line.versions[active].config.max_f1_drop)
+        if degraded:
+            try:
+                self.rollback(model, f"F1 {f1:.3f} is {drop:.1%} below its baseline {health.baseline_f1:.3f}")
+                rolled_back = True
+            except ActiveChanged:
+                pass  # another replica changed it first (its rollback of the same degradation); now served here
+            except FailedPrecondition:
+                self._event(model, "degraded", f"F1 dropped {drop:.1%} but no earlier version exists")
+        known = sum(1 for v, _, _ in matched if v in line.versions)
+        return FeedbackResult(
+            known, len(labels) - known, self.registry.active(model).version, rolled_back, precision, recall, f1
+        )
+
+    def _health_from_store(self, model: str, version: str, state: VersionState) -> None:
+        """A version's rolling F1 (and learned baseline) from the labels every replica stored."""
+        assert self.shared is not None
+        health = state.health
+        head, tail = self.shared.labelled(model, version, health.rolling.window, health.min_labels)
+        health.rolling.outcomes = deque(tail)
+        if state.config.baseline_f1 is None and len(head) >= health.min_labels:
+            # The same definition as one process's: F1 of the first min_labels labelled decisions.
+            health.baseline_f1 = RollingF1(health.min_labels, deque(head)).metrics()[2]
+
+    # -- replicas --------------------------------------------------------------------------------------
+
+    def refresh(self) -> int:
+        """Serve what the shared store holds: load versions other replicas registered (each passes its
+        warm-up here too) and take the stored active versions and histories. Returns versions loaded."""
+        shared = self.shared
+        if shared is None:
+            return 0
+        with self._refresh_lock:
+            counter = shared.changes()  # read first: a change made while this runs is seen by the next call
+            loaded = 0
+            known = {(m, v) for m, versions, _ in self.registry.list() for v in versions}
+            for registration in shared.registrations(skip=known):
+                try:
+                    self._load(registration)
+                    loaded += 1
+                except AlreadyExists:
+                    pass  # registered here meanwhile
+                except GuardmeshError as err:
+                    log.error(
+                        "shared model version not loaded",
+                        extra={"model": registration.model, "version": registration.version, "error": err.message},
+                    )
+            for model, (version, history) in shared.active().items():
+                line = self.registry.lines.get(model)
+                if line is not None and (line.active, line.history) == (version, history):
+                    continue
+                try:
+                    self.registry.restore_active(model, version, history)
+                except GuardmeshError as err:
+                    log.error("shared active version not taken", extra={"model": model, "error": err.message})
+            self._seen_changes = counter
+            return loaded
+
+    def follow(self, poll_s: float = 0.25) -> None:
+        """Keep serving what the shared store holds: refresh when a NOTIFY (PostgreSQL) says the registry
+        changed, and check the change counter every ``poll_s`` seconds (SQLite, and the safety net)."""
+        shared = self.shared
+        if shared is None or self._follower is not None:
+            return
+        wake = threading.Event()
+        listener = shared.listen(lambda _payload: wake.set())
+
+        def run() -> None:
+            while not self._stop_following.is_set():
+                wake.wait(poll_s)
+                wake.clear()
+                try:
+                    if shared.changes() != self._seen_changes:
+                        self.refresh()
+                except Exception as exc:  # the store may be away for a while: keep serving, try again
+                    log.warning("scorer could not read the shared registry", extra={"error": str(exc)})
+            listener.close()
+
+        self._follower = threading.Thread(target=run, name="scorer-follow", daemon=True)
+        self._follower.start()
 
     # -- reports ---------------------------------------------------------------------------------------
 
@@ -761,7 +943,10 @@ class Scorer:
         return mv.version, report
 
     def close(self) -> None:
-        """Stop every batcher."""
+        """Stop following the shared store and every batcher."""
+        self._stop_following.set()
+        if self._follower is not None:
+            self._follower.join(timeout=5)
         for line in self.lines.values():
             for state in line.versions.values():
                 state.batcher.close()

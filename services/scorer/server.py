@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import uuid
 from collections import Counter
 from typing import Any
@@ -19,6 +21,7 @@ import numpy as np
 from opentelemetry import trace
 
 from guardmesh.config import MeshConfig
+from guardmesh.durable import parse_store_url
 from guardmesh.errors import GuardmeshError, InvalidArgument, Unavailable
 from guardmesh.monitoring import observe_scorer
 from guardmesh.runtime import ServiceDefinition
@@ -33,7 +36,7 @@ from services.scorer.decision import Rule, RuleAction, ThresholdPolicy
 from services.scorer.drift import ALERT_LEVEL, FALSE_ALARM_RATE
 from services.scorer.monitoring import CleaningPolicy
 from services.scorer.oip import ExecutionStats, ModelSignature, OpenInferenceServicer, TensorSpec
-from services.scorer.persistence import RegistryStore
+from services.scorer.persistence import RegistryStore, SharedRegistry, open_shared_registry
 from services.scorer.registry import ModelFormat, pick_device
 from services.scorer.scorer import Registration, ScoreCall, ScoreOutcome, Scorer, VersionConfig, VersionInfo
 
@@ -428,6 +431,7 @@ class ScorerBinding:
         self.config = config
         self.servicer = ScorerServicer()
         self.extra: list[Any] = []
+        self.store: SharedRegistry | None = None
 
     def add_to_server(self, server: grpc.Server) -> None:
         """Add the servicers: ScorerService and the Open Inference Protocol."""
@@ -439,10 +443,19 @@ class ScorerBinding:
     def start(self) -> None:
         """Pick the device, create the core over the durable registry and restore what it recorded."""
         device = pick_device(self.config.scorer.device)
-        store = RegistryStore(self.config.state_path(self.config.scorer.registry_dir))
-        migrate_legacy(store)
-        core = Scorer(self.config.scorer, device, store)
+        settings = self.config.scorer
+        folder = RegistryStore(self.config.state_path(settings.registry_dir))
+        migrate_legacy(folder)
+        artefacts = settings.artefact_url or str(self.config.state_path("scorer-artefacts"))
+        replica = f"{socket.gethostname()}/{os.getpid()}"
+        store = open_shared_registry(
+            parse_store_url(settings.store_url or "scorer.db", self.config.mesh.state_dir), artefacts, replica
+        )
+        self.store = store
+        store.adopt_folder(folder)  # an older scorer's registry folder is served from the store from now on
+        core = Scorer(settings, device, store)
         core.restore()
+        core.follow(settings.follow_poll_s)
         self.servicer._core = core
         if self.config.metrics.enabled:
             observe_scorer(core)
@@ -455,6 +468,8 @@ class ScorerBinding:
         """Stop the batchers."""
         if self.servicer._core is not None:
             self.servicer._core.close()
+        if self.store is not None:
+            self.store.log.close()
 
 
 def migrate_legacy(store: RegistryStore) -> int:
