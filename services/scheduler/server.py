@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +232,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         #: Set once this replica knows whether it leads; while standby, the leader's address ("" unknown).
         self.standby = False
         self.leader_address = ""
+        #: Whether this replica's leader lease is still valid by its own clock (set by the binding).
+        self.lease_valid: Callable[[], bool] = lambda: True
 
     @property
     def core(self) -> Scheduler:
@@ -241,6 +243,10 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             if self.standby:
                 raise Unavailable(standby_message("scheduler", self.leader_address))
             raise Unavailable("scheduler is starting")
+        if not self.lease_valid():
+            # Not renewed within the lease (store unreachable, or this process was paused): another replica
+            # may take over any moment, so this one answers nothing, reads included, until it renews.
+            raise Unavailable("scheduler replica could not renew its leader lease; retry shortly")
         return core
 
     def RegisterNode(self, request: pb.RegisterNodeRequest, context: grpc.ServicerContext) -> pb.RegisterNodeResponse:
@@ -444,6 +450,7 @@ class SchedulerBinding:
         # Host and port cannot be live twice at once; a pid and a nonce keep in-process test servers apart.
         holder = f"{self.address}/{os.getpid()}/{uuid.uuid4().hex[:8]}" if self.address.endswith(":0") else self.address
         self.lease = Lease(self.log, LEADER_LEASE, holder, self.address, settings.leader_lease_s)
+        self.servicer.lease_valid = self.lease.valid
         if self.config.extender.enabled:
             from services.scheduler.kube import KubernetesSide  # the kubernetes client only where it is used
 
