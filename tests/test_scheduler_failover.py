@@ -351,3 +351,30 @@ def test_mesh_up_runs_replicas_on_a_local_postgres_and_down_stops_it(
         with contextlib.suppress(Exception):
             mesh.down(config)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_write_under_a_superseded_epoch_is_refused_in_the_store(tmp_path: Path, pg_url: str) -> None:
+    """The fence itself, at process level: the lease is taken over in the store behind the leader's back (as a
+    replica on a skewed clock could) while the leader's own clock still says it leads (a long lease: no
+    renewal runs meanwhile). Its next write is refused inside the transaction and nothing of it lands."""
+    with replica(tmp_path, "solo", pg_url, GUARDMESH__SCHEDULER__LEADER_LEASE_S="120") as solo:
+        solo.start()
+        stub = spb_grpc.SchedulerServiceStub(solo.channel())
+        stub.SubmitJob(spb.SubmitJobRequest(job=spec("kept")), timeout=20)
+        with psycopg.connect(pg_url) as conn:
+            conn.execute(
+                "UPDATE leases SET epoch = epoch + 1, holder = 'intruder', address = '10.9.9.9:1', "
+                "expires_at = 1e12 WHERE name = 'scheduler'"
+            )
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SubmitJob(spb.SubmitJobRequest(job=spec("fenced")), timeout=20)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "epoch 1 is stale" in (refused.value.details() or ""), refused.value.details()
+        with psycopg.connect(pg_url) as conn:
+            assert {r[0] for r in conn.execute("SELECT job_id FROM jobs")} == {"kept"}
+        # It stood by at once; the next call names no leader yet, and after its next claim the intruder.
+        assert solo.health() == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as standby:
+            stub.ListJobs(spb.ListJobsRequest(), timeout=20)
+        assert standby.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "standby" in (standby.value.details() or "")
