@@ -92,11 +92,13 @@ def node_object(name: str) -> dict[str, Any]:
     }
 
 
-def http_latencies(port: int, names: list[str], pods: int, mib: int, objects: bool) -> list[float]:
-    """Seconds per pod for filter + prioritize over one keep-alive connection."""
+def http_latencies(port: int, names: list[str], pods: int, mib: int, objects: bool) -> tuple[list[float], list[float]]:
+    """Seconds per pod for filter + prioritize over one keep-alive connection, and, interleaved, for two
+    round trips that do no work (GET /healthz): the floor HTTP and this machine put under any two calls."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     items = [node_object(n) for n in names] if objects else None
     out = []
+    floor = []
     for i in range(pods):
         args: dict[str, Any] = {"Pod": pod(i, mib)}
         if objects:
@@ -115,15 +117,22 @@ def http_latencies(port: int, names: list[str], pods: int, mib: int, objects: bo
         scores = json.loads(conn.getresponse().read())
         out.append(time.perf_counter() - start)
         assert len(scores) == len(passed["NodeNames"] or passed["Nodes"]["items"])
+        start = time.perf_counter()
+        for _ in range(2):
+            conn.request("GET", "/healthz")
+            conn.getresponse().read()
+        floor.append(time.perf_counter() - start)
     conn.close()
-    return out
+    return out, floor
 
 
 def _client(port: int, names: list[str], pods: int, mib: int, objects: bool, out: Any) -> None:
     out.put(http_latencies(port, names, pods, mib, objects))
 
 
-def client_process_latencies(port: int, names: list[str], pods: int, mib: int, objects: bool) -> list[float]:
+def client_process_latencies(
+    port: int, names: list[str], pods: int, mib: int, objects: bool
+) -> tuple[list[float], list[float]]:
     """:func:`http_latencies` from a separate process, as kube-scheduler calls (no GIL shared with the server)."""
     # spawn, not fork: forking a process with a serving thread can copy a held lock into the child.
     ctx = multiprocessing.get_context("spawn")
@@ -131,7 +140,8 @@ def client_process_latencies(port: int, names: list[str], pods: int, mib: int, o
     proc = ctx.Process(target=_client, args=(port, names, pods, mib, objects, queue))
     proc.start()
     try:
-        return list(queue.get(timeout=3600))
+        verbs, floor = queue.get(timeout=3600)
+        return list(verbs), list(floor)
     finally:
         proc.join(timeout=60)
 
@@ -170,9 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         client_process_latencies(server.port, names, 20, mib, objects=False)
         engine_latencies(core, 20, mib)
-        names_only = client_process_latencies(server.port, names, args.pods, mib, objects=False)
+        names_only, floor = client_process_latencies(server.port, names, args.pods, mib, objects=False)
         engine = engine_latencies(core, args.pods, mib)
-        objects = client_process_latencies(server.port, names, max(args.pods // 5, 20), mib, objects=True)
+        objects, _ = client_process_latencies(server.port, names, max(args.pods // 5, 20), mib, objects=True)
     finally:
         server.stop()
     n = f"{args.nodes:,}"
@@ -185,6 +195,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pct(names_only, q),
                 "in-process placement engine choosing a node for the same pod (same run)",
                 pct(engine, q),
+                None,
+                higher_is_better=False,
+            )
+        )
+    for q in (50, 99):
+        records.append(
+            record(
+                f"extender filter+prioritize p{q} over HTTP, one pod, {n} nodes, vs two empty HTTP round trips",
+                "ms",
+                pct(names_only, q),
+                "two GET /healthz round trips on the same connection, interleaved (same run): the HTTP floor",
+                pct(floor, q),
                 None,
                 higher_is_better=False,
             )
