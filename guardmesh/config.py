@@ -205,6 +205,7 @@ class ABRouterSettings(_Section):
     event_retention: int = Field(default=100_000, ge=100)
     store_url: str = ""
     config_resync_s: float = Field(default=5.0, gt=0, le=3600)
+    tail_interval_s: float = Field(default=0.2, gt=0, le=60)
 
 
 class MeshConfig(_Section):

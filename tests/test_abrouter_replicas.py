@@ -28,8 +28,8 @@ from guardmesh.errors import FailedPrecondition
 from guardmesh.v1 import abrouter_pb2 as pb
 from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
 from services.abrouter.experiments import ArmSpec, ExperimentSpec, ExperimentState
-from services.abrouter.router import Router
-from services.abrouter.store import SCHEMA, RouterStore
+from services.abrouter.router import Observation, Router
+from services.abrouter.store import SCHEMA, RouterStore, Tail
 from tests.postgres import PostgresServer
 from tests.processes import ServiceProcess
 
@@ -195,7 +195,7 @@ def test_an_old_sqlite_file_is_adopted_with_its_events(tmp_path: Path) -> None:
     db.close()
     store = RouterStore(path)
     try:
-        assert store.log.schema_version == 2
+        assert store.log.schema_version == 3
         assert store.load_events(10) == [(7, "config_changed", "k", 1.0, "old")]
         assert store.max_event_seq() == 7
     finally:
@@ -255,3 +255,103 @@ def test_two_processes_serve_one_config_and_agree_on_sticky_arms(
         assert len(rows) == 1 and rows[0][0] and rows[0][1] >= 1
     finally:
         store.close()
+
+
+def test_tail_waits_for_a_hole_then_passes_it() -> None:
+    tail = Tail(0, gap_timeout_s=30)
+    assert tail.take([1, 2, 4], now=0.0) == [1, 2, 4]
+    assert tail.low == 2  # 3 may still be committing
+    assert tail.take([4], now=1.0) == []  # 4 again (above low): not taken twice
+    assert tail.take([3, 4, 5], now=2.0) == [3, 5] and tail.low == 5
+    assert tail.take([7], now=3.0) == [7] and tail.low == 5
+    assert tail.take([7], now=20.0) == [] and tail.low == 5
+    assert tail.take([7], now=40.0) == [] and tail.low == 7  # 6 rolled back: passed after the timeout
+
+
+def test_every_core_sees_every_replicas_exposures_and_observations(store_url: str) -> None:
+    a, b = two_cores(store_url)
+    for r in (a, b):
+        r.restore()
+    try:
+        a.create(replace(SPEC, metrics=("m",)))
+        b.sync_config()
+        on_a = [f"a{i}" for i in range(300)]
+        on_b = [f"b{i}" for i in range(200)]
+        for u in on_a:
+            a.assign(u, {}, ["shared"], log_exposure=True)
+        for u in on_b:
+            b.assign(u, {}, ["shared"], log_exposure=True)
+        # b takes in a unit exposed on a on demand: an observation of it sent to b is accepted
+        assert b.record_metrics("shared", [Observation("a0", "m", 1.0)]) == 1
+        assert a.record_metrics("shared", [Observation("b0", "m", 2.0)]) == 1
+        for r in (a, b):
+            r.take_in_others()
+        for r in (a, b):
+            assert r.get("shared")[1] == 500
+            assert r.audit("shared", min_sample=1).exposures == 500
+        audit_a, audit_b = a.audit("shared", min_sample=1), b.audit("shared", min_sample=1)
+        assert audit_a.srm == audit_b.srm and audit_a.uniformity == audit_b.uniformity
+        # every observation counted once in each replica's per-arm statistics
+        for r in (a, b):
+            live = r.live["shared"]
+            stats = live.metrics["m"].statistics
+            assert sum(stats.observed[arm].count for arm in range(2)) == 2
+            assert sum(stats.observed[arm].total for arm in range(2)) == pytest.approx(3.0)
+    finally:
+        close(a, b)
+
+
+def test_a_guardrail_rollback_is_decided_once_across_two_processes(
+    two_processes: tuple[ServiceProcess, ServiceProcess], pg_url: str
+) -> None:
+    a, b = (stub_of(p) for p in two_processes)
+    guard = pb.Guardrail(metric="conversion", higher_is_better=True, max_relative_drop=0.05, min_units=200)
+    spec = pb_spec("risky")
+    spec.metrics.append("conversion")
+    spec.guardrails.append(guard)
+    a.CreateExperiment(pb.CreateExperimentRequest(spec=spec))
+
+    def served(stub: pb_grpc.ABRouterServiceStub) -> bool:
+        try:
+            return stub.GetExperiment(pb.GetExperimentRequest(key="risky")).experiment.version >= 1
+        except grpc.RpcError:
+            return False
+
+    wait_for("b serves 'risky'", lambda: served(b))
+    # exposures through both replicas (no outcome yet: nothing to trip on), then each unit's outcome sent to the
+    # OTHER replica
+    arms = {}
+    for i in range(1200):
+        via = a if i % 2 else b
+        resp = via.Assign(pb.AssignRequest(unit_id=f"user-{i}", experiment_keys=["risky"], log_exposure=True))
+        assert resp.assignments[0].exposure_logged
+        arms[i] = resp.assignments[0].arm_index
+    for i in range(1200):
+        other = b if i % 2 else a
+        converted = (i % 10) < (3 if arms[i] == 0 else 1)  # 30 % vs 10 %
+        other.RecordMetrics(
+            pb.RecordMetricsRequest(
+                experiment_key="risky",
+                observations=[pb.MetricObservation(unit_id=f"user-{i}", metric="conversion", value=float(converted))],
+            )
+        )
+
+    def rolled_back(stub: pb_grpc.ABRouterServiceStub) -> bool:
+        return stub.GetExperiment(pb.GetExperimentRequest(key="risky")).experiment.state == (
+            pb.EXPERIMENT_STATE_ROLLED_BACK
+        )
+
+    wait_for("a serves the rollback", lambda: rolled_back(a))
+    wait_for("b serves the rollback", lambda: rolled_back(b))
+    for stub in (a, b):
+        assert stub.GetExperiment(pb.GetExperimentRequest(key="risky")).experiment.exposed_units == 1200
+        assert stub.AuditExperiment(pb.AuditExperimentRequest(key="risky")).exposures == 1200
+    time.sleep(1.0)  # several more monitor rounds (interval 0.2 s): a second decision would land now
+    store = RouterStore(pg_url)
+    try:
+        tripped = store.log.query("SELECT COUNT(*) FROM events WHERE kind = 'guardrail_tripped' AND key = 'risky'")
+        revisions = store.log.query("SELECT change FROM revisions WHERE key = 'risky' ORDER BY version")
+    finally:
+        store.close()
+    assert tripped[0][0] == 1
+    assert [c for (c,) in revisions] == ["created", "rolled_back"]

@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,7 +39,7 @@ from services.abrouter.experiments import AllocationMode, Experiment, Experiment
 from services.abrouter.guardrails import GuardrailVerdict, evaluate_guardrails
 from services.abrouter.metrics import ArmStatistics
 from services.abrouter.shadow import ScoreCall, ScoreFn, ScoreResult, ShadowMirror
-from services.abrouter.store import CONFIG_CHANNEL, ExposureRow, ObservationRow, RouterStore
+from services.abrouter.store import CONFIG_CHANNEL, ExposureRow, ObservationRow, RouterStore, Tail
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,12 @@ class Router:
         self._listener: Listener | None = None
         #: The lease that elects the one replica running guardrails, bandit updates and audits (shared store).
         self.monitor_lease: Lease | None = None
+        #: This life's name on the exposures and observations it writes (the others' are taken in).
+        self.origin = uuid.uuid4().hex[:16]
+        #: Shared store: how far the exposures and observations of other replicas were taken in.
+        self._tails: dict[str, Tail] = {}
+        self._tail_lock = threading.Lock()
+        self._tail_thread: threading.Thread | None = None
         self.last_audits: dict[str, audit_mod.AuditReport] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -189,7 +196,11 @@ class Router:
             for key, unit, arm in self.store.load_sticky():
                 if key in self.live:
                     self.live[key].sticky[unit] = arm
-            for row in self.store.load_exposures():
+            # A replica on a shared store takes in what the others write from here on (see take_in_others).
+            upto = {t: self.store.max_seq(t) for t in ("exposures", "observations")}
+            if self.store.shared:
+                self._tails = {t: Tail(n) for t, n in upto.items()}
+            for row in self.store.load_exposures(upto["exposures"]):
                 st = self.live.get(row.key)
                 if st is not None:
                     st.table.add(
@@ -202,7 +213,7 @@ class Router:
                         row.categorical,
                         row.config_version,
                     )
-            for obs in self.store.load_observations():
+            for obs in self.store.load_observations(upto["observations"]):
                 st = self.live.get(obs.key)
                 if st is not None:
                     self._apply_observation(st, obs)
@@ -238,6 +249,9 @@ class Router:
                 self.monitor_lease = Lease(self.store.log, "abrouter-monitor", replica or "abrouter", replica, ttl)
             self._config_thread = threading.Thread(target=self._watch_config, name="abrouter-config", daemon=True)
             self._config_thread.start()
+        if self._tails:
+            self._tail_thread = threading.Thread(target=self._tail_loop, name="abrouter-tail", daemon=True)
+            self._tail_thread.start()
         self._thread = threading.Thread(target=self._loop, name="abrouter-monitor", daemon=True)
         self._thread.start()
 
@@ -247,7 +261,7 @@ class Router:
         self._config_changed.set()
         if self._listener is not None:
             self._listener.close()
-        for thread in (self._thread, self._config_thread):
+        for thread in (self._thread, self._config_thread, self._tail_thread):
             if thread is not None:
                 thread.join(timeout=10)
         if self.monitor_lease is not None and self.monitor_lease.valid():
@@ -376,6 +390,52 @@ class Router:
         if any(exp.spec.kind_of(m) != cur.spec.kind_of(m) for m in st.metrics):
             self._rebuild_statistics(st)
         return True
+
+    def _tail_loop(self) -> None:
+        while not self._stop.wait(self.settings.tail_interval_s):
+            if self._failed:
+                return
+            try:
+                self.take_in_others()
+            except StoreFailure as exc:
+                log.warning("taking in other replicas' rows failed", extra={"error": str(exc)})
+            except Exception:
+                log.exception("taking in other replicas' rows failed")
+
+    def take_in_others(self) -> int:
+        """Take into memory the exposures and observations other replicas committed since the last call (so
+        audits, analysis, guardrails and bandits see every replica's); the number taken in."""
+        if not self._tails or self.store is None:
+            return 0
+        with self._tail_lock:
+            # Observations first: each one's exposure committed before it, so it is in the exposures read next.
+            observations = self.store.observations_after(self._tails["observations"].low)
+            exposures = self.store.exposures_after(self._tails["exposures"].low)
+            now = time.monotonic()
+            fresh_exp = set(self._tails["exposures"].take([n for n, _, _ in exposures], now))
+            fresh_obs = set(self._tails["observations"].take([n for n, _, _ in observations], now))
+            taken = 0
+            with self.lock:
+                for n, origin, row in exposures:
+                    st = self.live.get(row.key)
+                    if n in fresh_exp and origin != self.origin and st is not None:
+                        st.table.add(
+                            row.unit,
+                            row.arm,
+                            row.bucket,
+                            row.at,
+                            row.propensity,
+                            row.numeric,
+                            row.categorical,
+                            row.config_version,
+                        )
+                        taken += 1
+                for n, origin, obs in observations:
+                    st = self.live.get(obs.key)
+                    if n in fresh_obs and origin != self.origin and st is not None:
+                        self._apply_observation(st, obs)
+                        taken += 1
+            return taken
 
     def _before_config_write(self, key: str) -> None:
         """(Under the lock.) On a shared store, judge a change against the newest stored version (another
@@ -550,7 +610,7 @@ class Router:
                     exposures.append((st, row))
                 out.append((result, logged))
             if exposures:
-                statements.append(RouterStore.exposures([row for _, row in exposures]))
+                statements.append(RouterStore.exposures([row for _, row in exposures], self.origin))
             for st, _ in exposures:
                 st.pending_exposures += 1
             ticket = self._submit(statements)
@@ -752,6 +812,9 @@ class Router:
         self._check_alive()
         if not 1 <= len(observations) <= MAX_OBSERVATIONS:
             raise InvalidArgument("observations", f"must hold 1 to {MAX_OBSERVATIONS} observations")
+        seen = self.live.get(key) if self._tails else None  # shared store: another replica may have exposed
+        if seen is not None and any(not o.pre_period and seen.table.arm_of(o.unit_id) is None for o in observations):
+            self.take_in_others()  # ... a unit not taken in here yet
         now = self.clock()
         with self.lock:
             st = self._get(key)
@@ -786,7 +849,7 @@ class Router:
                         if kind == "bernoulli" and o.value not in (0.0, 1.0):
                             raise InvalidArgument(f"{where}.value", "a Bernoulli bandit's reward must be 0 or 1")
                 rows.append(ObservationRow(key, o.unit_id, o.metric, o.value, o.timestamp or now, o.pre_period))
-            ticket = self._submit([RouterStore.observations(rows)])
+            ticket = self._submit([RouterStore.observations(rows, self.origin)])
         self._durable(ticket)
         with self.lock:  # durable: now memory may show it (exposures are never removed, so the checks still hold)
             for row in rows:

@@ -68,7 +68,17 @@ MIGRATIONS = (
         "INSERT INTO events_v2 (id, seq, kind, key, at, message) SELECT seq, seq, kind, key, at, message FROM events; "
         "DROP TABLE events; ALTER TABLE events_v2 RENAME TO events",
     ),
+    # Which router life wrote a row: a replica takes in the rows the others wrote (:meth:`RouterStore.tail`).
+    Migration(
+        3,
+        "ALTER TABLE exposures ADD COLUMN origin TEXT NOT NULL DEFAULT ''; "
+        "ALTER TABLE observations ADD COLUMN origin TEXT NOT NULL DEFAULT ''",
+    ),
 )
+
+#: Seconds after which a hole in the row numbers seen by :class:`Tail` is taken as a transaction that rolled
+#: back (its number is never used) rather than one still committing: far above any commit's duration.
+GAP_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -157,11 +167,11 @@ class RouterStore:
         )
 
     @staticmethod
-    def exposures(rows: list[ExposureRow]) -> Statement:
-        """Append exposures."""
+    def exposures(rows: list[ExposureRow], origin: str = "") -> Statement:
+        """Append exposures; ``origin`` names the router life that writes them."""
         return (
-            "INSERT INTO exposures (key, unit, arm, bucket, propensity, at, config_version, covariates) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO exposures (key, unit, arm, bucket, propensity, at, config_version, covariates, origin) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     r.key,
@@ -172,17 +182,18 @@ class RouterStore:
                     r.at,
                     r.config_version,
                     json.dumps({"n": dict(r.numeric), "c": dict(r.categorical)}) if r.numeric or r.categorical else "",
+                    origin,
                 )
                 for r in rows
             ],
         )
 
     @staticmethod
-    def observations(rows: list[ObservationRow]) -> Statement:
-        """Append metric observations."""
+    def observations(rows: list[ObservationRow], origin: str = "") -> Statement:
+        """Append metric observations; ``origin`` names the router life that writes them."""
         return (
-            "INSERT INTO observations (key, unit, metric, value, at, pre) VALUES (?, ?, ?, ?, ?, ?)",
-            [(r.key, r.unit, r.metric, r.value, r.at, int(r.pre)) for r in rows],
+            "INSERT INTO observations (key, unit, metric, value, at, pre, origin) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(r.key, r.unit, r.metric, r.value, r.at, int(r.pre), origin) for r in rows],
         )
 
     @staticmethod
@@ -221,18 +232,52 @@ class RouterStore:
         """(key, unit, arm) of every sticky record."""
         yield from self.log.query("SELECT key, unit, arm FROM sticky")
 
-    def load_exposures(self) -> Iterator[ExposureRow]:
-        """Every exposure, in log order."""
+    def max_seq(self, table: str) -> int:
+        """The highest row number of ``exposures`` or ``observations`` (0 if empty)."""
+        assert table in ("exposures", "observations")
+        return int(self.log.query(f"SELECT COALESCE(MAX(seq), 0) FROM {table}")[0][0])
+
+    def exposures_after(self, seq: int) -> list[tuple[int, str, ExposureRow]]:
+        """(row number, origin, exposure) of the exposures numbered above ``seq``, in number order."""
         cursor = self.log.query(
-            "SELECT key, unit, arm, bucket, propensity, at, config_version, covariates FROM exposures ORDER BY seq"
+            "SELECT seq, origin, key, unit, arm, bucket, propensity, at, config_version, covariates FROM exposures "
+            "WHERE seq > ? ORDER BY seq",
+            (seq,),
+        )
+        out = []
+        for n, origin, key, unit, arm, bucket, propensity, at, version, cov in cursor:
+            parsed: dict[str, Any] = json.loads(cov) if cov else {}
+            row = ExposureRow(key, unit, arm, bucket, propensity, at, version, parsed.get("n", {}), parsed.get("c", {}))
+            out.append((int(n), str(origin), row))
+        return out
+
+    def observations_after(self, seq: int) -> list[tuple[int, str, ObservationRow]]:
+        """(row number, origin, observation) of the observations numbered above ``seq``, in number order."""
+        cursor = self.log.query(
+            "SELECT seq, origin, key, unit, metric, value, at, pre FROM observations WHERE seq > ? ORDER BY seq", (seq,)
+        )
+        return [
+            (int(n), str(origin), ObservationRow(key, unit, metric, value, at, bool(pre)))
+            for n, origin, key, unit, metric, value, at, pre in cursor
+        ]
+
+    def load_exposures(self, upto: int | None = None) -> Iterator[ExposureRow]:
+        """Every exposure (numbered up to ``upto``), in log order."""
+        cursor = self.log.query(
+            "SELECT key, unit, arm, bucket, propensity, at, config_version, covariates FROM exposures "
+            "WHERE seq <= ? ORDER BY seq",
+            (upto if upto is not None else 2**62,),
         )
         for key, unit, arm, bucket, propensity, at, version, cov in cursor:
             parsed: dict[str, Any] = json.loads(cov) if cov else {}
             yield ExposureRow(key, unit, arm, bucket, propensity, at, version, parsed.get("n", {}), parsed.get("c", {}))
 
-    def load_observations(self) -> Iterator[ObservationRow]:
-        """Every metric observation, in log order."""
-        cursor = self.log.query("SELECT key, unit, metric, value, at, pre FROM observations ORDER BY seq")
+    def load_observations(self, upto: int | None = None) -> Iterator[ObservationRow]:
+        """Every metric observation (numbered up to ``upto``), in log order."""
+        cursor = self.log.query(
+            "SELECT key, unit, metric, value, at, pre FROM observations WHERE seq <= ? ORDER BY seq",
+            (upto if upto is not None else 2**62,),
+        )
         for key, unit, metric, value, at, pre in cursor:
             yield ObservationRow(key, unit, metric, value, at, bool(pre))
 
@@ -256,3 +301,36 @@ class RouterStore:
     def close(self) -> None:
         """Flush and close."""
         self.log.close()
+
+
+class Tail:
+    """Which rows of one table a replica has taken in, by row number, when other writers commit out of order.
+
+    Numbers are handed out when a row is inserted, not when it commits, so a reader can see row 12 before a
+    still-committing row 11. :meth:`take` gives the rows not taken yet; every number up to :attr:`low` is
+    settled; a hole above it is waited for up to :data:`GAP_TIMEOUT_S` (a rolled-back insert leaves a hole for
+    good) before the low-water mark passes it.
+    """
+
+    def __init__(self, low: int = 0, gap_timeout_s: float = GAP_TIMEOUT_S) -> None:
+        self.low = low
+        self.gap_timeout_s = gap_timeout_s
+        self._seen: set[int] = set()
+        self._holes: dict[int, float] = {}
+
+    def take(self, numbers: list[int], now: float) -> list[int]:
+        """Of the row numbers read above :attr:`low`, those not taken before (the caller applies them)."""
+        fresh = [n for n in numbers if n > self.low and n not in self._seen]
+        self._seen.update(fresh)
+        top = max(self._seen) if self._seen else self.low
+        for n in range(self.low + 1, top):
+            if n not in self._seen:
+                self._holes.setdefault(n, now)
+        while self.low < top:
+            nxt = self.low + 1
+            if nxt not in self._seen and now - self._holes.get(nxt, now) < self.gap_timeout_s:
+                break  # maybe still committing: wait for it
+            self._seen.discard(nxt)
+            self._holes.pop(nxt, None)
+            self.low = nxt
+        return fresh
