@@ -1,0 +1,88 @@
+"""Two real scorer processes on one real PostgreSQL server (and one artefact folder): a model registered on A
+is listed and served by B; Feedback sent to B for requests A scored is accepted and counts once; a
+rollback on A is served by B within about a second (polled with a deadline, never a timed assertion)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guardmesh.v1 import scorer_pb2 as pb
+from guardmesh.v1 import scorer_pb2_grpc as pb_grpc
+from tests.postgres import PostgresServer
+from tests.processes import ServiceProcess
+
+from .test_scorer import FEATURES, logistic, register, score
+
+
+def replica(tmp_path: Path, name: str, store_url: str) -> ServiceProcess:
+    """One scorer replica (its own port and state folder) on the shared store and artefact folder."""
+    return ServiceProcess(
+        "scorer",
+        tmp_path / name,
+        {
+            "GUARDMESH__SCORER__STORE_URL": store_url,
+            "GUARDMESH__SCORER__ARTEFACT_URL": str(tmp_path / "artefacts"),
+            "GUARDMESH__SCORER__MIN_LABELS": "20",
+            "GUARDMESH__SCORER__DEVICE": "cpu",
+        },
+    )
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
+    url = postgres_server.create_database()
+    a, b = replica(tmp_path, "a", url), replica(tmp_path, "b", url)
+    try:
+        a.start()
+        b.start()
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def wait_for(what: str, check: object, timeout_s: float = 30.0) -> float:
+    """Poll ``check`` until true; the seconds it took (for the failure message only)."""
+    start = time.monotonic()
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() - start < timeout_s, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def active_on(stub: pb_grpc.ScorerServiceStub) -> str:
+    models = stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+    return models[0].active_version if models else ""
+
+
+def test_two_replicas_share_models_feedback_and_rollback(replicas: tuple[ServiceProcess, ServiceProcess]) -> None:
+    a, b = replicas
+    stub_a, stub_b = pb_grpc.ScorerServiceStub(a.channel()), pb_grpc.ScorerServiceStub(b.channel())
+    register(stub_a, "v1", logistic([1.0, 0.0, 0.0, 0.0], 0.0), activate=True)
+    # Listed and served by B (it hears A's NOTIFY; its counter poll is the safety net).
+    wait_for("B to list v1", lambda: active_on(stub_b) == "v1")
+    [line] = stub_b.ListModels(pb.ListModelsRequest()).models
+    assert [v.version for v in line.versions] == ["v1"] and list(line.features) == FEATURES
+    out = score(stub_b, "b-0", np.array([2.0, 0.0, 0.0, 0.0]))
+    assert out.model_version == "v1" and out.score == pytest.approx(1 / (1 + np.exp(-2.0)), rel=1e-5)
+
+    # Cross-replica feedback: A scores, B takes the labels; a label counts once whichever replica gets it.
+    for i in range(10):
+        score(stub_a, f"a-{i}", np.array([1.0, 0.0, 0.0, 0.0]))  # positive decisions
+    labels = [pb.Label(request_id=f"a-{i}", label=True) for i in range(10)]
+    got = stub_b.Feedback(pb.FeedbackRequest(model="risk", labels=labels))
+    assert (got.accepted, got.unknown) == (10, 0) and got.precision == 1.0
+    again = stub_a.Feedback(pb.FeedbackRequest(model="risk", labels=labels))
+    assert (again.accepted, again.unknown) == (0, 10)
+
+    # A rollback on A is served by B: B's ListModels and B's Score answer with v1.
+    register(stub_a, "v2", logistic([-1.0, 0.0, 0.0, 0.0], 0.0), activate=True)
+    wait_for("B to serve v2", lambda: score(stub_b, "probe-v2", np.zeros(4)).model_version == "v2")
+    assert stub_a.RollbackModel(pb.RollbackModelRequest(model="risk")).active_version == "v1"
+    took = wait_for("B to serve v1 after A's rollback", lambda: active_on(stub_b) == "v1", timeout_s=30)
+    assert score(stub_b, "after", np.zeros(4)).model_version == "v1", f"B listed v1 after {took:.2f} s"
