@@ -24,7 +24,6 @@ Everything it started is stopped before it returns, whatever happens. The figure
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import math
@@ -53,19 +52,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from guardmesh import mesh as mesh_mod
-from guardmesh.client import open_channel
 from guardmesh.config import MeshConfig, load_config
-from guardmesh.demo_worker import Heartbeat, load_data
+from guardmesh.demo_worker import load_data
 from guardmesh.runtime import KNOWN_SERVICES
+from guardmesh.sdk import Mesh
+from guardmesh.sdk.abrouter import Arm, ExperimentOptions, Guardrail, Observation, Routed, analysis_from_pb
+from guardmesh.sdk.scheduler import JobState, Lease
+from guardmesh.sdk.scorer import Score
 from guardmesh.tracing import flush_tracing, setup_tracing
 from guardmesh.v1 import abrouter_pb2 as apb
-from guardmesh.v1 import abrouter_pb2_grpc as apb_grpc
-from guardmesh.v1 import common_pb2
-from guardmesh.v1 import paramserver_pb2 as ppb
 from guardmesh.v1 import scheduler_pb2 as spb
-from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
-from guardmesh.v1 import scorer_pb2 as scpb
-from guardmesh.v1 import scorer_pb2_grpc as scpb_grpc
 
 MODEL = "breast-cancer"
 PS_MODEL = "breast-cancer-logreg"
@@ -269,11 +265,6 @@ def _mesh_console(console: Console) -> Iterator[None]:
 # -- small helpers -------------------------------------------------------------------------------------------
 
 
-def _tensor(rows: np.ndarray) -> common_pb2.Tensor:
-    arr = np.ascontiguousarray(rows, dtype="<f4")
-    return common_pb2.Tensor(dtype=common_pb2.D_TYPE_FLOAT32, shape=list(arr.shape), data=arr.tobytes())
-
-
 def _logistic(n_features: int) -> Any:
     import torch
 
@@ -290,24 +281,6 @@ def _evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     tp = float(np.sum(pred & truth))
     f1 = 2 * tp / max(1.0, float(np.sum(pred) + np.sum(truth)))
     return float(np.mean(pred == truth)), f1
-
-
-def _state_dict_bytes(model: Any) -> bytes:
-    from safetensors.torch import save
-
-    return bytes(save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
-
-
-def _torchscript_bytes(model: Any) -> bytes:
-    import warnings
-
-    import torch
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(model.eval()), buf)
-    return buf.getvalue()
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -398,33 +371,36 @@ class _Demo:
         self.report = report
         self.env = env
         self.config: MeshConfig = load_config(env=env)
-        self.channels: list[grpc.Channel] = []
+        #: The SDK's clients of the four services: every call the demo makes goes through them.
+        self.mesh: Mesh | None = None
         self.workers = _Workers(Path(report.state_dir) / "logs")
         self.names, self.x_tr, self.y_tr, self.x_te, self.y_te = load_data()
         self.tracer: Any = None
         self.job_released = False
-        self.launcher: list[Heartbeat] = []
+        self.launcher: Lease | None = None
 
     # -- plumbing
 
-    def channel(self, service: str) -> grpc.Channel:
-        ch = open_channel(service, self.config)
-        self.channels.append(ch)
-        return ch
+    @property
+    def sdk(self) -> Mesh:
+        """The mesh's clients (after :meth:`start_mesh`)."""
+        if self.mesh is None:
+            raise RuntimeError("the mesh is not up yet")
+        return self.mesh
 
     def phase(self, number: int, title: str) -> None:
         self.console.print()
         self.console.rule(f"[bold cyan]{number}. {title}")
 
     def close(self) -> None:
-        for hb in self.launcher:
-            hb.stop()
+        if self.launcher is not None:
+            self.launcher.stop()
         self.workers.stop()
-        if not self.job_released and hasattr(self, "sched"):
-            with suppress(grpc.RpcError):
-                self.sched.ReleaseJob(spb.ReleaseJobRequest(job_id=JOB_ID), timeout=5)
-        for ch in self.channels:
-            ch.close()
+        if self.mesh is not None:
+            if not self.job_released:
+                with suppress(grpc.RpcError):
+                    self.mesh.scheduler.release(JOB_ID)
+            self.mesh.close()
 
     # -- 1. the mesh
 
@@ -443,32 +419,29 @@ class _Demo:
         self.tracer = provider.get_tracer("guardmesh.demo")
         where = f"spans go to {endpoint}" if endpoint else "no OTLP endpoint: spans are not exported"
         self.console.print(f"state, logs and databases in [bold]{self.report.state_dir}[/]; {where}")
-        self.sched = spb_grpc.SchedulerServiceStub(self.channel("scheduler"))
-        self.scorer = scpb_grpc.ScorerServiceStub(self.channel("scorer"))
-        self.router = apb_grpc.ABRouterServiceStub(self.channel("abrouter"))
+        self.mesh = Mesh(self.config)  # after the demo's own tracing set-up, which the SDK then keeps
 
     # -- 2. scheduler
 
     def schedule(self) -> None:
         self.phase(2, "scheduler: a gang of three worker replicas on a simulated GPU inventory")
+        sched = self.sdk.scheduler
         nodes = [("sim-node-a", 4), ("sim-node-b", 4)]
         for name, gpus in nodes:
-            self.sched.RegisterNode(
-                spb.RegisterNodeRequest(
-                    node=spb.NodeSpec(
-                        name=name,
-                        labels={"pool": "demo", "simulated": "true"},
-                        gpus=[
-                            spb.GpuDevice(
-                                index=i,
-                                uuid=f"GPU-{name}-{i:02d}-sim",
-                                model=GPU_MODEL,
-                                memory_mib=GPU_MEMORY_MIB,
-                                topology_group=f"{name}/nvlink{i // 2}",
-                            )
-                            for i in range(gpus)
-                        ],
-                    )
+            sched.register_node(
+                spb.NodeSpec(
+                    name=name,
+                    labels={"pool": "demo", "simulated": "true"},
+                    gpus=[
+                        spb.GpuDevice(
+                            index=i,
+                            uuid=f"GPU-{name}-{i:02d}-sim",
+                            model=GPU_MODEL,
+                            memory_mib=GPU_MEMORY_MIB,
+                            topology_group=f"{name}/nvlink{i // 2}",
+                        )
+                        for i in range(gpus)
+                    ],
                 )
             )
             self.report.nodes.append(name)
@@ -477,34 +450,19 @@ class _Demo:
             "registered with RegisterNode (no real GPU needed)"
         )
         # Another tenant already holds a card exclusively: the gang has to be placed around it.
-        self.sched.SubmitJob(
-            spb.SubmitJobRequest(
-                job=spb.JobSpec(
-                    job_id="research-notebook",
-                    tenant="research",
-                    replicas=1,
-                    gpus_per_replica=1,
-                    memory_mib_per_gpu=30_000,
-                    lease_ttl_s=3600,
-                )
-            )
+        sched.submit("research-notebook", tenant="research", replicas=1, gpus=1, memory_mib=30_000, lease_ttl_s=3600)
+        job = sched.submit(
+            JOB_ID,
+            tenant="demo",
+            qos="guaranteed",
+            replicas=REPLICAS,
+            gpus=1,
+            memory_mib=16_384,
+            gang=True,
+            lease_ttl_s=self.scale.lease_ttl_s,
         )
-        job = self.sched.SubmitJob(
-            spb.SubmitJobRequest(
-                job=spb.JobSpec(
-                    job_id=JOB_ID,
-                    tenant="demo",
-                    qos=spb.QOS_CLASS_GUARANTEED,
-                    replicas=REPLICAS,
-                    gpus_per_replica=1,
-                    memory_mib_per_gpu=16_384,
-                    gang=True,
-                    lease_ttl_s=self.scale.lease_ttl_s,
-                )
-            )
-        ).job
-        self.report.job_state = spb.JobState.Name(job.state)
-        if job.state != spb.JOB_STATE_RUNNING:
+        self.report.job_state = spb.JobState.Name(int(job.state))
+        if job.state != JobState.RUNNING:
             raise RuntimeError(f"the gang job was not placed: {job.pending_reason}")
         table = Table(title=f"gang job {JOB_ID}: {REPLICAS} replicas placed all-or-nothing ({self.report.job_state})")
         for col in ("replica", "node", "GPU UUIDs", "memory cap (MiB)", "fraction", "CUDA_VISIBLE_DEVICES"):
@@ -513,16 +471,16 @@ class _Demo:
             info = {
                 "replica": p.replica,
                 "node": p.node,
-                "gpus": [g.uuid for g in p.gpus],
-                "memory_caps_mib": [g.memory_cap_mib for g in p.gpus],
+                "gpus": p.gpu_uuids,
+                "memory_caps_mib": p.memory_caps_mib,
                 "env": dict(p.env),
             }
             self.report.placements.append(info)
             table.add_row(
                 str(p.replica),
                 p.node,
-                ", ".join(info["gpus"]),
-                ", ".join(str(c) for c in info["memory_caps_mib"]),
+                ", ".join(p.gpu_uuids),
+                ", ".join(str(c) for c in p.memory_caps_mib),
                 ", ".join(f"{g.memory_fraction:.2f}" for g in p.gpus),
                 p.env.get("CUDA_VISIBLE_DEVICES", ""),
             )
@@ -530,14 +488,13 @@ class _Demo:
         usage = Table(title="cards after placement (ListNodes)")
         for col in ("node", "GPU", "allocations", "allocatable MiB"):
             usage.add_column(col)
-        for node in self.sched.ListNodes(spb.ListNodesRequest()).nodes:
+        for node in sched.list_nodes():
             for g in node.gpus:
                 allocs = ", ".join(f"{a.job_id}/{a.replica} cap {a.memory_cap_mib}" for a in g.allocations)
                 usage.add_row(node.spec.name, g.device.uuid, allocs or "[dim]free[/]", str(g.allocatable_mib))
         self.console.print(usage)
         # The launcher holds the leases until the worker processes are up (their imports take seconds).
-        interval = max(0.2, self.scale.lease_ttl_s / 3)
-        self.launcher = [Heartbeat(self.sched, JOB_ID, r, interval).start() for r in range(REPLICAS)]
+        self.launcher = sched.lease(job, release_on_exit=False).start()
         self.console.print(
             f"each worker renews its replica's lease every {self.scale.lease_ttl_s / 3:.1f}s "
             f"(TTL {self.scale.lease_ttl_s}s); a lease not renewed within the TTL would be reclaimed"
@@ -562,33 +519,23 @@ class _Demo:
             loss.backward()
             opt.step()
         self.report.v1_accuracy, _ = _evaluate(v1, self.x_te, self.y_te)
-        self.scorer.RegisterModel(
-            scpb.RegisterModelRequest(
-                model=MODEL,
-                version="v1",
-                features=self.names,
-                format=scpb.MODEL_FORMAT_STATE_DICT,
-                payload=_state_dict_bytes(v1),
-                architecture="logistic",
-                reference=_tensor(self.x_tr),
-                threshold=scpb.ThresholdConfig(base=0.5, k=0.3),
-                activate=True,
-            )
+        self.sdk.scorer.register_module(
+            MODEL, "v1", v1, self.names, reference=self.x_tr, threshold=0.5, drift_k=0.3, activate=True
         )
         self.report.versions.append("v1")
         self.console.print(
-            f"scorer: [bold]v1[/] (production, state_dict 'logistic', test accuracy {self.report.v1_accuracy:.3f}) "
+            f"scorer: [bold]v1[/] (production, TorchScript, test accuracy {self.report.v1_accuracy:.3f}) "
             f"active, with {len(self.x_tr)} training rows as the drift reference"
         )
 
     # -- 3. training
 
     def train(self) -> None:
-        from guardmesh.sdk.paramserver import ParamServerClient, adam, bounded_staleness
+        from guardmesh.sdk.paramserver import adam, bounded_staleness
 
         bound = 2
         self.phase(3, f"paramserver: {REPLICAS} worker processes, BOUNDED_STALENESS (s <= {bound}), one straggler")
-        ps = ParamServerClient.connect(PS_MODEL, worker_id="demo", config=self.config)
+        ps = self.sdk.paramserver(PS_MODEL, worker_id="demo")
         ps.create_from_module(self.initial, optimizer=adam(0.05), consistency=bounded_staleness(bound))
         straggler = REPLICAS - 1
         self.report.straggler = f"worker-{straggler}"
@@ -624,7 +571,7 @@ class _Demo:
         self.report.workers = [results[r] for r in range(REPLICAS)]
         self.report.rejections = {w.worker: w.rejections for w in self.report.workers}
 
-        stats = ps.stubs[0].GetStats(ppb.GetStatsRequest(model=PS_MODEL))
+        stats = ps.stats()
         self.report.pushes_accepted = stats.pushes_accepted
         self.report.pushes_rejected_stale = stats.pushes_rejected_stale
         self.report.staleness_histogram = {int(b.staleness): int(b.count) for b in stats.staleness}
@@ -663,13 +610,12 @@ class _Demo:
             f"[bold red]{stats.pushes_rejected_stale} rejected as stale[/] (staleness > {bound}); "
             f"staleness of arriving pushes {{{hist}}}"
         )
-        job = self.sched.ReleaseJob(spb.ReleaseJobRequest(job_id=JOB_ID)).job
+        job = self.sdk.scheduler.release(JOB_ID)
         self.job_released = True
-        self.report.job_state_after = spb.JobState.Name(job.state)
+        self.report.job_state_after = spb.JobState.Name(int(job.state))
         self.console.print(f"scheduler: every replica done, job {JOB_ID} released -> {self.report.job_state_after}")
 
         pulled = ps.pull()
-        ps.close()
         import torch
 
         self.trained = _logistic(len(self.names))
@@ -687,17 +633,15 @@ class _Demo:
         ready: set[int] = set()
         done: set[int] = set()
         try:
-            self._worker_events(results, ready, done, self.launcher)
+            self._worker_events(results, ready, done)
         finally:
-            for hb in self.launcher:
-                hb.stop()
+            if self.launcher is not None:
+                self.launcher.stop()
         self.workers.send("exit", close=True)  # every replica is done: the workers stop renewing and exit
         for r, proc in self.workers.procs.items():
             results[r].exit_code = proc.wait(timeout=30)
 
-    def _worker_events(
-        self, results: dict[int, WorkerResult], ready: set[int], done: set[int], launcher: list[Heartbeat]
-    ) -> None:
+    def _worker_events(self, results: dict[int, WorkerResult], ready: set[int], done: set[int]) -> None:
         started = False
         deadline = time.monotonic() + 240
         columns = (
@@ -737,8 +681,8 @@ class _Demo:
                         f"CUDA_VISIBLE_DEVICES={msg['cuda_visible_devices']}, shard of {msg['shard_rows']} rows"
                     )
                     if len(ready) == len(results) and not started:
-                        for hb in launcher:  # every worker renews its own lease now
-                            hb.stop()
+                        if self.launcher is not None:  # every worker renews its own lease now
+                            self.launcher.stop()
                         self.workers.send("go")
                         started = True
                 elif event == "step":
@@ -767,34 +711,23 @@ class _Demo:
         import torch
 
         self.phase(4, "scorer: publish v2 beside v1, and a deliberately bad v3")
-        self.scorer.RegisterModel(
-            scpb.RegisterModelRequest(
-                model=MODEL,
-                version="v2",
-                features=self.names,
-                format=scpb.MODEL_FORMAT_STATE_DICT,
-                payload=_state_dict_bytes(self.trained),
-                architecture="logistic",
-                threshold=scpb.ThresholdConfig(base=0.5, k=0.3),
-            )
-        )
+        scorer = self.sdk.scorer
+        scorer.register_module(MODEL, "v2", self.trained, self.names, threshold=0.5, drift_k=0.3)
         bad = _logistic(len(self.names))
         with torch.no_grad():
             for (_, p), (_, q) in zip(bad.named_parameters(), self.trained.named_parameters(), strict=True):
                 p.copy_(-q)
         self.report.v3_accuracy, _ = _evaluate(bad, self.x_te, self.y_te)
         # v3 claims v2's offline F1 as its baseline: the scorer rolls it back when live labels disagree.
-        self.scorer.RegisterModel(
-            scpb.RegisterModelRequest(
-                model=MODEL,
-                version="v3",
-                features=self.names,
-                format=scpb.MODEL_FORMAT_TORCHSCRIPT,
-                payload=_torchscript_bytes(bad),
-                threshold=scpb.ThresholdConfig(base=0.5, k=0.3),
-                baseline_f1=max(0.5, self.report.test_f1),
-                max_f1_drop=0.05,
-            )
+        scorer.register_module(
+            MODEL,
+            "v3",
+            bad,
+            self.names,
+            threshold=0.5,
+            drift_k=0.3,
+            baseline_f1=max(0.5, self.report.test_f1),
+            max_f1_drop=0.05,
         )
         self.report.versions += ["v2", "v3"]
         table = Table(title=f"scorer model {MODEL!r} (ListModels)")
@@ -805,14 +738,14 @@ class _Demo:
             "v2": ("the gang's model from the paramserver", self.report.test_accuracy),
             "v3": ("v2 with its weights negated (bad on purpose)", self.report.v3_accuracy),
         }
-        for line in self.scorer.ListModels(scpb.ListModelsRequest()).models:
+        for line in scorer.list_models():
             if line.model != MODEL:
                 continue
             for v in line.versions:
                 desc, acc = what.get(v.version, ("", math.nan))
                 table.add_row(
                     v.version,
-                    scpb.ModelFormat.Name(v.format).removeprefix("MODEL_FORMAT_"),
+                    v.format,
                     "yes" if v.active else "",
                     _fmt(acc),
                     desc,
@@ -823,26 +756,15 @@ class _Demo:
 
     def experiments(self) -> None:
         self.phase(5, "abrouter: v1 vs v2 (v3 in shadow) and v1 vs v3, with a drift halfway")
-        guardrail = apb.Guardrail(
-            metric="correct", higher_is_better=True, max_relative_drop=0.05, alpha=0.05, min_units=self.scale.min_units
+        guardrail = Guardrail(
+            "correct", higher_is_better=True, max_relative_drop=0.05, alpha=0.05, min_units=self.scale.min_units
         )
-        for key, treatment, shadow in (
-            (EXP_NEW, "v2", apb.ShadowConfig(version="v3", fraction=0.5)),
-            (EXP_BAD, "v3", None),
-        ):
-            spec = apb.ExperimentSpec(
-                key=key,
-                model=MODEL,
-                arms=[
-                    apb.Arm(name="control", weight=0.5, model_version="v1"),
-                    apb.Arm(name="treatment", weight=0.5, model_version=treatment),
-                ],
-                metrics=["correct"],
-                guardrails=[guardrail],
-            )
-            if shadow is not None:
-                spec.shadow.CopyFrom(shadow)
-            self.router.CreateExperiment(apb.CreateExperimentRequest(spec=spec))
+        arms = {EXP_NEW: Arm("treatment", 0.5, "v2"), EXP_BAD: Arm("treatment", 0.5, "v3")}
+        for key, treatment in arms.items():
+            options: ExperimentOptions = {"model": MODEL, "metrics": ["correct"], "guardrails": [guardrail]}
+            if key == EXP_NEW:
+                options["shadow"] = ("v3", 0.5)
+            self.sdk.abrouter.create_experiment(key, [Arm("control", 0.5, "v1"), treatment], **options)
         self.console.print(
             f"[bold]{EXP_NEW}[/]: control -> v1, treatment -> v2, 50% of requests mirrored to v3 in shadow; "
             f"[bold]{EXP_BAD}[/]: control -> v1, treatment -> v3. Metric 'correct' (1 when the served decision "
@@ -851,7 +773,7 @@ class _Demo:
         self._traffic()
 
     def _traffic(self) -> None:
-        scale, report = self.scale, self.report
+        scale, report, router = self.scale, self.report, self.sdk.abrouter
         n = scale.requests
         half = n // 2
         rng = np.random.default_rng(42)
@@ -867,26 +789,22 @@ class _Demo:
 
         def route(i: int) -> dict[str, Any] | None:
             key = EXP_BAD if i % 3 == 2 else EXP_NEW
-            request = apb.RouteRequest(
-                experiment_key=key,
-                unit_id=f"user-{i:05d}",
-                request_id=f"req-{i:05d}",
-                features={f: float(v) for f, v in zip(self.names, rows[i], strict=True)},
-                log_exposure=True,
-                covariates=apb.Covariates(
-                    numeric={"mean_radius": float(rows[i][0])}, categorical={"device": str(devices[i])}
-                ),
-            )
+            unit, request_id = f"user-{i:05d}", f"req-{i:05d}"
+            features = {f: float(v) for f, v in zip(self.names, rows[i], strict=True)}
+            covariates: dict[str, float | int | str | bool] = {
+                "mean_radius": float(rows[i][0]),
+                "device": str(devices[i]),
+            }
             trace_id = ""
             try:
                 if i in traced:
                     with self.tracer.start_as_current_span(
                         "demo.request", attributes={"demo.experiment": key, "demo.shifted": i >= half}
                     ) as span:
-                        resp = self._route(request)
+                        resp = self._route(key, unit, request_id, features, covariates)
                         trace_id = format(span.get_span_context().trace_id, "032x")
                 else:
-                    resp = self._route(request)
+                    resp = self._route(key, unit, request_id, features, covariates)
             except grpc.RpcError as err:
                 with errors_lock:
                     report.route_error_details.setdefault(err.code().name, str(err.details()))
@@ -898,8 +816,8 @@ class _Demo:
             return {
                 "i": i,
                 "key": key,
-                "unit": request.unit_id,
-                "request_id": request.request_id,
+                "unit": unit,
+                "request_id": request_id,
                 "label": bool(labels[i]),
                 "decision": bool(s.decision),
                 "threshold": s.threshold,
@@ -945,8 +863,8 @@ class _Demo:
                     bar.update(task, drift=f"{chunk[-1]['drift']:.2f}", threshold=f"{chunk[-1]['threshold']:.3f}")
                 bar.update(task, completed=hi)
                 if trip_seen_at is None:
-                    exp = self.router.GetExperiment(apb.GetExperimentRequest(key=EXP_BAD)).experiment
-                    if exp.state == apb.EXPERIMENT_STATE_ROLLED_BACK:
+                    exp = router.get_experiment(EXP_BAD)
+                    if exp.state == "rolled_back":
                         trip_seen_at = hi
                         bar.console.print(
                             f"[bold red]guardrail tripped[/] on {EXP_BAD} after {hi} requests: {exp.reason}"
@@ -958,11 +876,11 @@ class _Demo:
             )
         # The guardrail check runs on an interval: give it a moment after the last labels.
         deadline = time.monotonic() + 10
-        exp = self.router.GetExperiment(apb.GetExperimentRequest(key=EXP_BAD)).experiment
-        while exp.state != apb.EXPERIMENT_STATE_ROLLED_BACK and time.monotonic() < deadline:
+        exp = router.get_experiment(EXP_BAD)
+        while exp.state != "rolled_back" and time.monotonic() < deadline:
             time.sleep(0.25)
-            exp = self.router.GetExperiment(apb.GetExperimentRequest(key=EXP_BAD)).experiment
-        report.guardrail_tripped = exp.state == apb.EXPERIMENT_STATE_ROLLED_BACK
+            exp = router.get_experiment(EXP_BAD)
+        report.guardrail_tripped = exp.state == "rolled_back"
         report.guardrail_reason = exp.reason
         if report.guardrail_tripped and trip_seen_at is None:
             self.console.print(f"[bold red]guardrail tripped[/] on {EXP_BAD}: {exp.reason}")
@@ -972,7 +890,7 @@ class _Demo:
             report.bad_arm_served_after_trip = sum(1 for r in served_v3 if r["i"] >= trip_seen_at)
         self.console.print(
             f"{EXP_BAD}: {len(served_v3)} of {len(bad)} requests served by v3 before the rollback; "
-            f"state {apb.ExperimentState.Name(exp.state)}, weights now {list(exp.weights)} (all traffic to control)"
+            f"state {exp.state}, weights now {exp.weights} (all traffic to control)"
         )
 
         pre = [r for r in records if not r["shifted"]]
@@ -1008,12 +926,22 @@ class _Demo:
             f"{report.served_threshold_after:.3f} at the end"
         )
 
-    def _route(self, request: apb.RouteRequest, attempts: int = 3) -> apb.RouteResponse:
+    def _route(
+        self,
+        key: str,
+        unit: str,
+        request_id: str,
+        features: dict[str, float],
+        covariates: dict[str, float | int | str | bool],
+        attempts: int = 3,
+    ) -> Routed:
         """Route, retried on ABORTED: the experiment's config changed (a guardrail rolled it back) while the
         request was being scored, and the router asks for a retry."""
         for attempt in range(attempts):
             try:
-                return self.router.Route(request)
+                return self.sdk.abrouter.route(
+                    key, unit, features, request_id=request_id, log_exposure=True, covariates=covariates
+                )
             except grpc.RpcError as err:
                 if err.code() != grpc.StatusCode.ABORTED or attempt == attempts - 1:
                     raise
@@ -1021,7 +949,7 @@ class _Demo:
 
     def _drift_snapshot(self) -> tuple[float, float]:
         try:
-            r = self.scorer.GetDriftReport(scpb.GetDriftReportRequest(model=MODEL))
+            r = self.sdk.scorer.drift_report(MODEL)
         except grpc.RpcError:
             return math.nan, math.nan
         self.drift = r
@@ -1031,29 +959,24 @@ class _Demo:
         """Ground truth comes back: Feedback to the scorer, the 'correct' metric to the abrouter."""
         if not chunk:
             return
-        self.scorer.Feedback(
-            scpb.FeedbackRequest(
-                model=MODEL, labels=[scpb.Label(request_id=r["request_id"], label=r["label"]) for r in chunk]
-            )
-        )
+        self.sdk.scorer.feedback(MODEL, [(r["request_id"], r["label"]) for r in chunk])
         for key in (EXP_NEW, EXP_BAD):
-            observations = [
-                apb.MetricObservation(
-                    unit_id=r["unit"], metric="correct", value=1.0 if r["decision"] == r["label"] else 0.0
-                )
+            observations: list[Observation | tuple[str, str, float]] = [
+                Observation(r["unit"], "correct", 1.0 if r["decision"] == r["label"] else 0.0)
                 for r in chunk
                 if r["key"] == key and r["logged"]
             ]
             if observations:
-                self.router.RecordMetrics(apb.RecordMetricsRequest(experiment_key=key, observations=observations))
+                self.sdk.abrouter.record_metrics(key, observations)
 
     # -- the scorer's F1 rollback
 
     def promote(self) -> None:
         self.phase(6, "scorer: promote v2, then v3 by mistake: the F1 monitor rolls it back")
-        self.scorer.ActivateModel(scpb.ActivateModelRequest(model=MODEL, version="v2"))
+        scorer = self.sdk.scorer
+        scorer.activate(MODEL, "v2")
         self.console.print("v2 won its experiment: ActivateModel v2")
-        self.scorer.ActivateModel(scpb.ActivateModelRequest(model=MODEL, version="v3"))
+        scorer.activate(MODEL, "v3")
         self.console.print(
             f"an eager operator activates v3 too (it claims F1 {max(0.5, self.report.test_f1):.3f}); "
             f"labels of the next {self.scale.min_labels} decisions come back ..."
@@ -1061,21 +984,14 @@ class _Demo:
         n = self.scale.min_labels
         rng = np.random.default_rng(7)
         idx = rng.integers(0, len(self.x_te), n)
-        requests = [
-            scpb.ScoreRequest(
-                model=MODEL,
-                request_id=f"promo-{j:04d}",
-                features={f: float(v) for f, v in zip(self.names, self.x_te[i], strict=True)},
-            )
-            for j, i in enumerate(idx)
-        ]
-        out = self.scorer.ScoreBatch(scpb.ScoreBatchRequest(requests=requests))
+        rows = [{f: float(v) for f, v in zip(self.names, self.x_te[i], strict=True)} for i in idx]
+        out = scorer.score_batch(MODEL, rows, request_ids=[f"promo-{j:04d}" for j in range(n)])
         labels = [
-            scpb.Label(request_id=req.request_id, label=bool(self.y_te[i] >= 0.5))
-            for req, res, i in zip(requests, out.results, idx, strict=True)
-            if res.WhichOneof("result") == "response"
+            (res.request_id, bool(self.y_te[i] >= 0.5))
+            for res, i in zip(out, idx, strict=True)
+            if isinstance(res, Score)
         ]
-        fb = self.scorer.Feedback(scpb.FeedbackRequest(model=MODEL, labels=labels))
+        fb = scorer.feedback(MODEL, labels)
         self.report.f1_rollback = fb.rolled_back
         self.report.active_version = fb.active_version
         style = "bold red" if fb.rolled_back else "yellow"
@@ -1087,13 +1003,12 @@ class _Demo:
     # -- 7. reports
 
     def reports(self) -> None:
-        from guardmesh.sdk.abrouter import analysis_from_pb
         from guardmesh.sdk.report import analysis_table
 
-        report = self.report
+        report, router = self.report, self.sdk.abrouter
         self.phase(7, "reports")
         # audit
-        audit = self.router.AuditExperiment(apb.AuditExperimentRequest(key=EXP_NEW))
+        audit = router.audit(EXP_NEW).raw  # the whole answer: the table shows every test it ran
         srm = audit.srm
         report.audit = {
             "exposures": audit.exposures,
@@ -1129,31 +1044,26 @@ class _Demo:
         self.console.print(table)
         # analysis
         for key in (EXP_NEW, EXP_BAD):
-            resp = self.router.AnalyzeExperiment(
-                apb.AnalyzeExperimentRequest(
-                    key=key, metrics=["correct"], bootstrap_resamples=self.scale.bootstrap, seed=7
-                )
-            )
-            arms = list(resp.arms)
-            results = [analysis_from_pb(m, arms) for m in resp.metrics]
-            table = analysis_table(results, arms)
-            table.title = f"A/B analysis of {key} ({resp.exposed_units} exposed units)"
+            analysis = router.analyze(key, metrics=["correct"], bootstrap_resamples=self.scale.bootstrap, seed=7)
+            results = [analysis_from_pb(m, analysis.arms) for m in analysis.raw.metrics]
+            table = analysis_table(results, analysis.arms)
+            table.title = f"A/B analysis of {key} ({analysis.exposed_units} exposed units)"
             self.console.print(table)
-            for m in resp.metrics:
+            for e in analysis.effects:
                 report.analysis.append(
                     {
                         "experiment": key,
-                        "metric": m.metric,
-                        "control": m.control,
-                        "treatment": m.treatment,
-                        "n_control": m.n_control,
-                        "n_treatment": m.n_treatment,
-                        "control_mean": m.control_mean,
-                        "treatment_mean": m.treatment_mean,
-                        "effect": m.effect,
-                        "ci": (m.ci.low, m.ci.high),
-                        "p_value": m.p_value,
-                        "prob_treatment_better": m.prob_treatment_better,
+                        "metric": e.metric,
+                        "control": e.control,
+                        "treatment": e.treatment,
+                        "n_control": e.n_control,
+                        "n_treatment": e.n_treatment,
+                        "control_mean": e.control_mean,
+                        "treatment_mean": e.treatment_mean,
+                        "effect": e.effect,
+                        "ci": e.ci,
+                        "p_value": e.p_value,
+                        "prob_treatment_better": e.prob_treatment_better,
                     }
                 )
         # drift
@@ -1165,13 +1075,13 @@ class _Demo:
             )
             for col in ("feature", "PSI", "KS D", "KS p", "SMD (d)", "drift score"):
                 table.add_column(col, justify="right" if col != "feature" else "left")
-            top = sorted(drift.features, key=lambda f: (f.drift_score, f.psi), reverse=True)[:6]
-            for f in top:
+            top = sorted(drift.features.items(), key=lambda kv: (kv[1].drift_score, kv[1].psi), reverse=True)[:6]
+            for feature, f in top:
                 report.top_drift.append(
-                    {"feature": f.feature, "psi": f.psi, "ks": f.ks_statistic, "drift_score": f.drift_score}
+                    {"feature": feature, "psi": f.psi, "ks": f.ks_statistic, "drift_score": f.drift_score}
                 )
                 table.add_row(
-                    f.feature,
+                    feature,
                     _fmt(f.psi),
                     _fmt(f.ks_statistic),
                     f"{f.ks_pvalue:.2g}",
@@ -1184,10 +1094,10 @@ class _Demo:
             self.console.print(f"served accuracy: {acc}")
         # shadow
         deadline = time.monotonic() + 10
-        shadow = self.router.GetShadowReport(apb.GetShadowReportRequest(key=EXP_NEW))
+        shadow = router.shadow_report(EXP_NEW)
         while shadow.compared + shadow.errors + shadow.dropped < shadow.mirrored and time.monotonic() < deadline:
             time.sleep(0.2)
-            shadow = self.router.GetShadowReport(apb.GetShadowReportRequest(key=EXP_NEW))
+            shadow = router.shadow_report(EXP_NEW)
         report.shadow = {
             "version": shadow.shadow_version,
             "mirrored": shadow.mirrored,
@@ -1210,18 +1120,18 @@ class _Demo:
         table = Table(title="router events (ListRouterEvents)")
         for col in ("seq", "kind", "experiment", "message"):
             table.add_column(col)
-        for e in self.router.ListRouterEvents(apb.ListRouterEventsRequest()).events:
-            kind = apb.RouterEventKind.Name(e.kind).removeprefix("ROUTER_EVENT_KIND_")
-            report.router_events.append(f"{kind} {e.experiment_key}: {e.message}")
-            style = "bold red" if e.kind == apb.ROUTER_EVENT_KIND_GUARDRAIL_TRIPPED else ""
-            table.add_row(str(e.seq), f"[{style}]{kind}[/]" if style else kind, e.experiment_key, e.message)
+        for ev in router.events():
+            kind = apb.RouterEventKind.Name(ev.kind).removeprefix("ROUTER_EVENT_KIND_")
+            report.router_events.append(f"{kind} {ev.experiment_key}: {ev.message}")
+            style = "bold red" if ev.kind == apb.ROUTER_EVENT_KIND_GUARDRAIL_TRIPPED else ""
+            table.add_row(str(ev.seq), f"[{style}]{kind}[/]" if style else kind, ev.experiment_key, ev.message)
         self.console.print(table)
         table = Table(title="scorer events (ListScorerEvents)")
         for col in ("kind", "message"):
             table.add_column(col)
-        for e in self.scorer.ListScorerEvents(scpb.ListScorerEventsRequest(model=MODEL)).events:
-            report.scorer_events.append(f"{e.kind}: {e.message}")
-            table.add_row(f"[bold red]{e.kind}[/]" if e.kind == "rollback" else e.kind, e.message)
+        for se in self.sdk.scorer.events(MODEL):
+            report.scorer_events.append(f"{se.kind}: {se.message}")
+            table.add_row(f"[bold red]{se.kind}[/]" if se.kind == "rollback" else se.kind, se.message)
         self.console.print(table)
         # paramserver rejections
         rej = ", ".join(f"{w.worker}{' (straggler)' if w.straggler else ''}: {w.rejections}" for w in report.workers)

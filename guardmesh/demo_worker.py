@@ -5,7 +5,8 @@ mesh's configuration in its environment (``GUARDMESH__*``). The worker:
 
 1. reads its replica's placement from the scheduler and applies its environment (``CUDA_VISIBLE_DEVICES``
    with the GPU UUIDs, memory caps) before torch starts;
-2. renews its replica's lease in a background thread every third of the TTL;
+2. holds its replica's lease with the SDK's :class:`~guardmesh.sdk.scheduler.Lease` (renewed in a background
+   thread every third of the TTL);
 3. loads its shard of the breast-cancer training split (the same split and scaler as the demo) and trains
    the shared logistic regression with :meth:`ParamServerClient.train_step` under bounded staleness; a
    straggler stalls before computing each step's gradients, so its pushes arrive stale, are rejected and
@@ -23,19 +24,15 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import numpy as np
 
-from guardmesh.client import open_channel
 from guardmesh.config import load_config
+from guardmesh.sdk.scheduler import Lease, SchedulerClient
 from guardmesh.tracing import flush_tracing, setup_tracing
-from guardmesh.v1 import scheduler_pb2 as spb
-from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -66,50 +63,6 @@ def load_data(seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray, np.ndar
     )
 
 
-class Heartbeat:
-    """Renews one replica's lease every ``interval_s`` in a daemon thread until stopped or lost."""
-
-    def __init__(self, stub: spb_grpc.SchedulerServiceStub, job_id: str, replica: int, interval_s: float) -> None:
-        self.stub = stub
-        self.job_id = job_id
-        self.replica = replica
-        self.interval_s = interval_s
-        self.renewals = 0
-        self.failures = 0
-        self.lost = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}-{replica}", daemon=True)
-
-    def renew(self) -> None:
-        """One renewal (raises grpc.RpcError)."""
-        timeout = max(1.0, self.interval_s)
-        self.stub.RenewLease(spb.RenewLeaseRequest(job_id=self.job_id, replica=self.replica), timeout=timeout)
-        self.renewals += 1
-
-    def start(self) -> Heartbeat:
-        """Renew now, then every interval in the background."""
-        self.renew()
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.renew()
-            except grpc.RpcError as err:
-                if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    self.failures += 1
-                    continue
-                self.lost = f"{err.code().name}: {err.details()}"
-                return
-
-    def stop(self) -> None:
-        """Stop renewing (the demo releases the job)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one worker; see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__)
@@ -126,13 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_config()
     setup_tracing(f"demo-worker-{args.replica}", config.tracing.otlp_endpoint)
-    channel = open_channel("scheduler", config)
-    stub = spb_grpc.SchedulerServiceStub(channel)
-    job = stub.DescribeJob(spb.DescribeJobRequest(job_id=args.job)).job
-    placement = next(p for p in job.placements if p.replica == args.replica)
-    os.environ.update(placement.env)  # CUDA_VISIBLE_DEVICES and the memory caps, before torch starts
-    ttl = job.lease_ttl_s or config.scheduler.lease_ttl_s
-    heartbeat = Heartbeat(stub, args.job, args.replica, max(0.2, ttl / 3)).start()
+    scheduler = SchedulerClient(config)
+    job = scheduler.describe(args.job)
+    placement = job.placement(args.replica)
+    placement.apply_env()  # CUDA_VISIBLE_DEVICES and the memory caps, before torch starts
+    # The demo releases the job once every replica is done: this worker only renews its own replica.
+    lease = scheduler.lease(job, replicas=[args.replica], release_on_exit=False).start()
 
     import torch
 
@@ -150,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         replica=args.replica,
         pid=os.getpid(),
         node=placement.node,
-        gpus=[g.uuid for g in placement.gpus],
+        gpus=placement.gpu_uuids,
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         shard_rows=len(mine),
     )
@@ -196,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.step_sleep:
             time.sleep(args.step_sleep)
-        if heartbeat.lost:
+        if lease.lost:
             break
     seconds = time.monotonic() - started
     emit(
@@ -208,18 +160,26 @@ def main(argv: list[str] | None = None) -> int:
         loss=loss,
         rejections=rejections,
         stale_steps=stale_steps,
-        renewals=heartbeat.renewals,
-        lease_lost=heartbeat.lost,
+        renewals=lease.renewals,
+        lease_lost=_lost(lease),
         seconds=seconds,
     )
     # A gang holds its cards until every replica is done: keep renewing until the demo says so (a replica
     # whose lease lapsed would take the whole job's allocations with it).
     sys.stdin.readline()
-    heartbeat.stop()
+    lease.stop()
     ps.close()
-    channel.close()
+    scheduler.close()
     flush_tracing()
-    return 0 if not heartbeat.lost else 1
+    return 0 if not lease.lost else 1
+
+
+def _lost(lease: Lease) -> str:
+    """Why the lease was lost ("CODE: details"); empty while it holds."""
+    err = lease.error
+    if not lease.lost:
+        return ""
+    return f"{err.code().name}: {err.details()}" if err is not None else "lost"
 
 
 if __name__ == "__main__":

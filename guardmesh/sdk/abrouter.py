@@ -751,6 +751,17 @@ class ABRouterClient:
             raw=resp,
         )
 
+    def shadow_report(self, experiment: str) -> pb.GetShadowReportResponse:
+        """The experiment's shadow traffic so far: requests mirrored, compared, dropped and failed, and the
+        shadow version's decision agreement with the served answers (NOT_FOUND if unknown)."""
+        return self.stub.GetShadowReport(pb.GetShadowReportRequest(key=experiment))
+
+    def events(self, experiment: str = "", after_seq: int = 0) -> list[pb.RouterEvent]:
+        """Router events (config changes, SRM and balance alerts, guardrail trips, bandit updates), oldest
+        first; of one experiment when ``experiment`` is given, with ``seq`` above ``after_seq``."""
+        request = pb.ListRouterEventsRequest(experiment_key=experiment, after_seq=after_seq)
+        return list(self.stub.ListRouterEvents(request).events)
+
     def guardrail_status(self, experiment: str) -> tuple[str, list[GuardrailCheck]]:
         """The experiment's state and each guardrail at this look (sequential p-value and upper bound)."""
         resp = self.stub.GetGuardrailStatus(pb.GetGuardrailStatusRequest(key=experiment))

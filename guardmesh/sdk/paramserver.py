@@ -267,6 +267,11 @@ class ParamServerClient:
         for c in self.channels:
             c.close()
 
+    def stats(self, shard: int = 0) -> pb.GetStatsResponse:
+        """One shard's push statistics for this model (``GetStats``): its version, the pushes applied and
+        rejected as stale, and the staleness histogram of arriving pushes (NOT_FOUND for an unknown model)."""
+        return self.stubs[shard].GetStats(pb.GetStatsRequest(model=self.model))
+
     def leave(self) -> None:
         """Leave a SYNC model on every shard: versions stop waiting for this worker (LeaveSync)."""
         for stub in self.stubs:

@@ -376,6 +376,15 @@ class SchedulerClient:
         request = pb.ListJobsRequest(tenant=tenant, state=int(state) if state is not None else 0)  # type: ignore[arg-type]
         return [Job.from_pb(j) for j in self.stub.ListJobs(request).jobs]
 
+    def register_node(self, node: pb.NodeSpec) -> None:
+        """Register (or re-register) a node and its GPUs, e.g. a simulated inventory (INVALID_ARGUMENT names
+        the field a malformed spec breaks)."""
+        self.stub.RegisterNode(pb.RegisterNodeRequest(node=node))
+
+    def list_nodes(self) -> list[pb.NodeStatus]:
+        """Every node, by name, with each GPU's allocations and allocatable memory (``NodeStatus`` messages)."""
+        return list(self.stub.ListNodes(pb.ListNodesRequest()).nodes)
+
     def renew(self, job_id: str, replica: int = 0) -> Renewal:
         """Renew one replica's lease once (FAILED_PRECONDITION once the job holds no allocation)."""
         resp = self.stub.RenewLease(pb.RenewLeaseRequest(job_id=job_id, replica=replica))
