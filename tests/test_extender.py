@@ -8,6 +8,7 @@ when unused and every field is present), a Pod and Nodes as the API server seria
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import urllib.error
@@ -16,9 +17,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from guardmesh.config import ExtenderSettings, SchedulerSettings
-from services.scheduler.extender import NODE_LABEL, Extender, ExtenderHttpServer, job_id_of
+from services.scheduler.extender import NODE_LABEL, BadRequest, Extender, ExtenderHttpServer, job_id_of
 from services.scheduler.inventory import uniform_node
 from services.scheduler.jobs import JobSpec, JobState
 from services.scheduler.placement import ReplicaShape, pending_reason
@@ -458,3 +462,110 @@ def test_kube_schedulers_own_fixtures_decode_and_answer_in_its_shape(served: Any
     assert status == 200 and set(doc) == {"Error"} and "was never filtered by this extender" in doc["Error"]
     status, doc, _ = send("prioritize", FIXTURE_ARGS)
     assert (status, doc) == (200, [{"Host": "nodename", "Score": 0}])
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _or_any(valid: Any) -> Any:
+    """A strategy giving a valid value or any JSON in its place."""
+    return st.one_of(st.just(valid) if not isinstance(valid, st.SearchStrategy) else valid, _json)
+
+
+_annotations = st.dictionaries(
+    st.sampled_from(
+        [
+            f"guardmesh.io/{k}"
+            for k in ("gpus", "qos", "sharing", "topology", "pod-group", "pod-group-size", "gpu-models", "lease-ttl-s")
+        ]
+    ),
+    _or_any(st.sampled_from(["1", "2", "true", "required", "guaranteed", "g", "0"])),
+    max_size=3,
+)
+_pod = st.fixed_dictionaries(
+    {
+        "metadata": _or_any(
+            st.fixed_dictionaries(
+                {
+                    "name": _or_any("p"),
+                    "namespace": _or_any("team-a"),
+                    "uid": _or_any("uid-1"),
+                    "annotations": _or_any(_annotations),
+                }
+            )
+        ),
+        "spec": _or_any(
+            st.fixed_dictionaries(
+                {
+                    "priority": _json,
+                    "containers": _or_any(
+                        st.lists(
+                            st.fixed_dictionaries(
+                                {
+                                    "resources": _or_any(
+                                        st.fixed_dictionaries(
+                                            {
+                                                "limits": _or_any(st.fixed_dictionaries({RESOURCE: _or_any("20000")})),
+                                            }
+                                        )
+                                    ),
+                                }
+                            ),
+                            max_size=2,
+                        )
+                    ),
+                }
+            )
+        ),
+    }
+)
+_victims = st.dictionaries(
+    st.sampled_from(["big-a", "small", "ghost"]),
+    _or_any(
+        st.fixed_dictionaries(
+            {
+                "Pods": _or_any(st.lists(_or_any(st.fixed_dictionaries({"UID": _or_any("uid-1")})), max_size=2)),
+                "NumPDBViolations": _json,
+            }
+        )
+    ),
+    max_size=2,
+)
+# Documents in the protocol's shapes with any JSON at any place, so that every branch of the parser is reached.
+_documents = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "Pod": _or_any(_pod),
+            "NodeNames": _or_any(["big-a", "small", "ghost"]),
+            "Nodes": _or_any(st.fixed_dictionaries({"items": _or_any(st.lists(_json, max_size=2))})),
+        }
+    ),
+    st.fixed_dictionaries(
+        {"Pod": _or_any(_pod), "NodeNameToMetaVictims": _or_any(_victims), "NodeNameToVictims": _or_any(_victims)}
+    ),
+    st.fixed_dictionaries(
+        {
+            "PodName": _or_any("p"),
+            "PodNamespace": _or_any("team-a"),
+            "PodUID": _or_any("uid-1"),
+            "Node": _or_any("big-a"),
+        }
+    ),
+)
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=st.one_of(_json, _documents))
+def test_any_json_document_gets_an_answer_never_an_exception(core: Scheduler, doc: Any) -> None:
+    ext = Extender(core, RecordingApi(), ExtenderSettings(gang_wait_s=0.01))
+    before = snapshot(core)
+    for verb in (ext.filter, ext.bind, ext.preempt):
+        answer = verb(doc)
+        assert isinstance(answer, dict)
+    with contextlib.suppress(BadRequest):  # the HTTP layer answers it with 400 and a JSON error
+        ext.prioritize(doc)
+    assert snapshot(core) == before

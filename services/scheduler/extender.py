@@ -91,8 +91,11 @@ class ClusterApi(Protocol):
         """Create the pod's Binding to ``node``."""
 
 
-def field(doc: Mapping[str, Any], name: str) -> Any:
-    """``doc[name]`` matched case-insensitively, as Go's encoding/json decodes (None when absent)."""
+def field(doc: Any, name: str) -> Any:
+    """``doc[name]`` matched case-insensitively, as Go's encoding/json decodes (None when absent or when
+    ``doc`` is not an object)."""
+    if not isinstance(doc, Mapping):
+        return None
     if name in doc:
         return doc[name]
     low = name.lower()
@@ -162,10 +165,12 @@ def _choice_annotation(annotations: Mapping[str, str], key: str, choices: Mappin
 def _memory_request(spec: Mapping[str, Any], resource: str) -> int | None:
     """The pod's GPU memory per GPU, MiB: the extended resource summed over its containers (None: not asked)."""
     total: int | None = None
-    for i, container in enumerate(field(spec, "containers") or []):
-        resources = field(container, "resources") or {}
+    containers = field(spec, "containers")
+    for i, container in enumerate(containers if isinstance(containers, list) else []):
+        resources = field(container, "resources")
         for part in ("limits", "requests"):
-            raw = (field(resources, part) or {}).get(resource)
+            amounts = field(resources, part)
+            raw = amounts.get(resource) if isinstance(amounts, Mapping) else None
             if raw is None:
                 continue
             try:
@@ -188,7 +193,8 @@ def pod_request(pod: Any, resource: str) -> PodRequest | None:
         raise BadRequest("Pod: must be a v1.Pod object")
     meta = field(pod, "metadata") or {}
     spec = field(pod, "spec") or {}
-    annotations = {str(k): str(v) for k, v in (field(meta, "annotations") or {}).items()}
+    given = field(meta, "annotations")
+    annotations = {str(k): str(v) for k, v in given.items()} if isinstance(given, Mapping) else {}
     mib = _memory_request(spec, resource)
     ours = sorted(
         k
@@ -213,7 +219,9 @@ def pod_request(pod: Any, resource: str) -> PodRequest | None:
     group_size = _int_annotation(annotations, ANNOTATION + "pod-group-size", 1 if not group else 0, 1, 4096)
     if group and group_size == 0:
         raise BadRequest(f"Pod.metadata.annotations[{ANNOTATION}pod-group-size]: must be set with pod-group")
-    priority = field(spec, "priority") or 0
+    priority = field(spec, "priority")
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        priority = 0  # kube-scheduler sends the resolved integer priority; anything else counts as none
     models = tuple(m.strip() for m in annotations.get(ANNOTATION + "gpu-models", "").split(",") if m.strip())
     job = JobSpec(
         job_id=job_id_of(uid),
@@ -731,7 +739,10 @@ class Extender:
                 if not isinstance(uid, str) or not uid:
                     raise BadRequest(f"ExtenderPreemptionArgs victims of {node}: Pods[{i}] has no UID")
                 uids.append(uid)
-            out[str(node)] = (uids, int(field(victims, "NumPDBViolations") or 0))
+            pdb = field(victims, "NumPDBViolations") or 0
+            if not isinstance(pdb, int):
+                raise BadRequest(f"ExtenderPreemptionArgs victims of {node}: NumPDBViolations must be an integer")
+            out[str(node)] = (uids, pdb)
         return out
 
     def _fewest(self, pod: PodRequest, node: str, uids: list[str]) -> list[str] | None:
