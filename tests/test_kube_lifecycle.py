@@ -434,3 +434,64 @@ def test_gang_members_scheduled_one_by_one_are_spread_so_the_group_fits(
     placed = sorted(node for node, _ in results.values())
     assert placed == ["gpu-a", "gpu-a", "gpu-b"] or placed == ["gpu-a", "gpu-b", "gpu-b"]
     assert binding_targets(kube) == {name: node for name, (node, _) in results.items()}
+
+
+def test_the_extender_follows_leadership_between_two_scheduler_replicas(
+    kube: KubeEmulator, v1: client.CoreV1Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "stand-in", "cluster": {"server": kube.url}}],
+        "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": "c", "context": {"cluster": "stand-in", "user": "u"}}],
+        "current-context": "c",
+    }
+    (tmp_path / "kubeconfig").write_text(json.dumps(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    gpu_node(v1, "gpu-a", 1, 40960)
+    pod = gpu_pod(v1, "p", 10000)
+    store = f"sqlite:///{tmp_path / 'shared.db'}"
+    overrides = {
+        "scheduler.store_url": store,
+        "scheduler.leader_lease_s": 1.0,
+        "extender.enabled": True,
+        "extender.host": "127.0.0.1",
+        "extender.port": 0,
+        "extender.resync_s": 0.5,
+    }
+    replicas = [
+        start_service(load_definition("scheduler"), make_config(tmp_path / name, **overrides), port=0)
+        for name in ("r1", "r2")
+    ]
+
+    def answer(running: Any) -> dict[str, Any]:
+        port = running.binding.kube.http.port
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/filter", data=json.dumps({"Pod": pod, "NodeNames": ["gpu-a"]}).encode()
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return dict(json.loads(resp.read()))
+
+    try:
+        leaders = [r for r in replicas if not r.binding.servicer.standby]  # type: ignore[attr-defined]
+        assert len(leaders) == 1
+        leader, standby = leaders[0], next(r for r in replicas if r is not leaders[0])
+        assert "standby" in answer(standby)["Error"]
+        assert standby.binding.kube.controller is None  # type: ignore[attr-defined]  # reconciles nothing
+        deadline = time.monotonic() + 60
+        while answer(leader)["NodeNames"] != ["gpu-a"]:  # its controller registered the annotated node
+            assert time.monotonic() < deadline, "the leader's controller did not register the node"
+            time.sleep(0.1)
+        leader.stop(grace=0.5)  # hands the lease back: the standby takes over
+        deadline = time.monotonic() + 60
+        while True:
+            doc = answer(standby)
+            if doc["Error"] == "" and doc["NodeNames"] == ["gpu-a"]:
+                break
+            assert time.monotonic() < deadline, f"the standby did not take over the extender: {doc}"
+            time.sleep(0.1)
+        assert standby.binding.kube.controller is not None  # type: ignore[attr-defined]
+    finally:
+        for r in replicas:
+            r.stop(grace=0.5)
