@@ -86,3 +86,17 @@ def test_two_replicas_share_models_feedback_and_rollback(replicas: tuple[Service
     assert stub_a.RollbackModel(pb.RollbackModelRequest(model="risk")).active_version == "v1"
     took = wait_for("B to serve v1 after A's rollback", lambda: active_on(stub_b) == "v1", timeout_s=30)
     assert score(stub_b, "after", np.zeros(4)).model_version == "v1", f"B listed v1 after {took:.2f} s"
+
+    # Drift: each replica reports its own live window; merged, the pooled windows of both.
+    own_a = stub_a.GetDriftReport(pb.GetDriftReportRequest(model="risk"))
+    own_b = stub_b.GetDriftReport(pb.GetDriftReportRequest(model="risk"))
+    assert len(own_a.replicas) == 1 and len(own_b.replicas) == 1 and own_a.replicas != own_b.replicas
+
+    def merged() -> pb.GetDriftReportResponse:
+        return stub_a.GetDriftReport(pb.GetDriftReportRequest(model="risk", merge_replicas=True))
+
+    # B publishes its window every second: wait for the one holding all of B's rows (no more are scored now).
+    pooled_rows = own_a.live_rows + own_b.live_rows
+    wait_for("B's current live window in the store", lambda: merged().live_rows == pooled_rows)
+    both = merged()
+    assert sorted(both.replicas) == sorted([*own_a.replicas, *own_b.replicas]) and both.live_rows == pooled_rows

@@ -21,6 +21,7 @@ import torch
 from guardmesh.config import load_config
 from guardmesh.durable import GroupCommitLog, SchemaTooNew
 from guardmesh.errors import AlreadyExists, FailedPrecondition
+from services.scorer import drift as drift_mod
 from services.scorer.decision import ThresholdPolicy
 from services.scorer.monitoring import CleaningPolicy
 from services.scorer.persistence import MIGRATIONS, RegistryStore, SharedRegistry, open_shared_registry
@@ -222,3 +223,33 @@ def test_acknowledged_registrations_and_decisions_survive_kill_9(store_url: str,
     finally:
         core.close()
         shared.log.close()
+
+
+def test_a_merged_drift_report_pools_every_replica_live_window(pair: tuple[Scorer, Scorer]) -> None:
+    a, b = pair
+    a.register(registration("v1", [1.0, 0.0]), activate=True)
+    b.refresh()
+    rng = np.random.default_rng(1)
+    rows_a = rng.standard_normal((30, 2)).astype(np.float32)
+    rows_b = (rng.standard_normal((40, 2)) + 1.5).astype(np.float32)  # b sees shifted traffic
+    for i, row in enumerate(rows_a):
+        a.score("risk", f"a{i}", dict(zip(FEATURES, map(float, row), strict=True)))
+    for i, row in enumerate(rows_b):
+        b.score("risk", f"b{i}", dict(zip(FEATURES, map(float, row), strict=True)))
+    own, _, _, own_rows, own_replicas = a.drift_report("risk")
+    assert own_replicas == ["a"] and own_rows == 30
+    b._publish_live(b.lines["risk"])  # what b's follower does every second
+    merged, _, reference_rows, live_rows, replicas = a.drift_report("risk", merge_replicas=True)
+    assert replicas == ["a", "b"] and live_rows == 70 and reference_rows == 50
+    # The definition: the same statistics on the union of the two samples.
+    line = a.lines["risk"]
+    assert line.reference is not None
+    pooled = drift_mod.LiveWindow(2, 70)
+    pooled.add(np.concatenate([rows_a, rows_b]))
+    expected = drift_mod.drift_stats(line.reference, pooled)
+    np.testing.assert_allclose(
+        [f.ks_statistic for f in merged.features()], [f.ks_statistic for f in expected.features()]
+    )
+    np.testing.assert_allclose([f.psi for f in merged.features()], [f.psi for f in expected.features()])
+    assert merged.score == pytest.approx(expected.score)
+    assert merged.features()[0].ks_statistic > own.features()[0].ks_statistic  # b's shift shows only when merged

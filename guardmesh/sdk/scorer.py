@@ -226,6 +226,8 @@ class DriftReport:
     alert_level: float = 0.0
     #: How ``attribution_shift`` was computed; empty when the model could not be explained.
     attribution_method: str = ""
+    #: The replicas whose live windows the report covers (one unless merged; "" without a shared store).
+    replicas: tuple[str, ...] = ()
 
     def most_drifted(self, n: int = 3) -> list[str]:
         """Names of the ``n`` features with the highest drift score."""
@@ -552,9 +554,10 @@ class ScorerClient:
             resp.accepted, resp.unknown, resp.active_version, resp.rolled_back, resp.precision, resp.recall, resp.f1
         )
 
-    def drift_report(self, model: str) -> DriftReport:
-        """Per-feature drift between the reference and the live window (FAILED_PRECONDITION before rows)."""
-        resp = self.stub.GetDriftReport(pb.GetDriftReportRequest(model=model))
+    def drift_report(self, model: str, *, merge_replicas: bool = False) -> DriftReport:
+        """Per-feature drift between the reference and the live window (FAILED_PRECONDITION before rows);
+        ``merge_replicas``: the live window pooled over every replica on the shared store."""
+        resp = self.stub.GetDriftReport(pb.GetDriftReportRequest(model=model, merge_replicas=merge_replicas))
         return DriftReport(
             drift_score=resp.drift_score,
             threshold=resp.threshold,
@@ -579,6 +582,7 @@ class ScorerClient:
             noise_floor_level=resp.noise_floor_level,
             alert_level=resp.alert_level,
             attribution_method=resp.attribution_method,
+            replicas=tuple(resp.replicas),
         )
 
     def attribution_drift(self, model: str, version: str = "") -> AttributionDrift:

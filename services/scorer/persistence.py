@@ -17,6 +17,7 @@ their sequence number, then :meth:`retire_legacy`).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -229,6 +230,12 @@ MIGRATIONS = (
         1,
         _SCHEMA.replace(_LABEL_ID, "id BIGSERIAL PRIMARY KEY"),
         sqlite=_SCHEMA.replace(_LABEL_ID, "id INTEGER PRIMARY KEY AUTOINCREMENT"),
+    ),
+    # Each replica's live window (float32 rows, little-endian, base64), for drift reports merged over replicas.
+    Migration(
+        2,
+        "CREATE TABLE IF NOT EXISTS scorer_live_windows (model TEXT NOT NULL, replica TEXT NOT NULL, "
+        "features BIGINT NOT NULL, rows_b64 TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, PRIMARY KEY (model, replica))",
     ),
 )
 #: The NOTIFY channel of registry changes (PostgreSQL); SQLite replicas poll the change counter.
@@ -457,6 +464,29 @@ class SharedRegistry:
         head = self.log.query(f"{base} LIMIT ?", (model, version, first))
         tail = self.log.query(f"{base} DESC LIMIT ?", (model, version, last))
         return [(bool(p), bool(a)) for p, a in head], [(bool(p), bool(a)) for p, a in reversed(tail)]
+
+    def publish_live(self, model: str, rows: np.ndarray) -> None:
+        """Store this replica's live window of ``model`` (rows x features, float32; NaN = missing)."""
+        data = base64.b64encode(np.ascontiguousarray(rows, dtype="<f4").tobytes()).decode()
+        self._run(
+            lambda tx: tx.execute(
+                "INSERT INTO scorer_live_windows (model, replica, features, rows_b64, at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (model, replica) DO UPDATE SET features = excluded.features, "
+                "rows_b64 = excluded.rows_b64, at = excluded.at",
+                (model, self.replica, int(rows.shape[1]), data, time.time()),
+            )
+        )
+
+    def live_windows(self, model: str, since: float) -> list[tuple[str, np.ndarray]]:
+        """(replica, rows) of each replica's live window of ``model`` published at or after ``since``."""
+        found = self.log.query(
+            "SELECT replica, features, rows_b64 FROM scorer_live_windows WHERE model = ? AND at >= ? ORDER BY replica",
+            (model, since),
+        )
+        return [
+            (str(name), np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(-1, int(n)).astype(np.float32))
+            for name, n, data in found
+        ]
 
     def adopt_folder(self, folder: RegistryStore) -> int:
         """Copy the registrations and active versions of an old registry folder into the store once (what

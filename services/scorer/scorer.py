@@ -128,6 +128,20 @@ class SharedState(Protocol):
         """(first ``first``, last ``last``) (predicted, label) pairs of a version from every replica."""
         ...
 
+    def publish_live(self, model: str, rows: np.ndarray) -> None:
+        """Store this replica's live window (rows x features, float32, NaN = missing) of a model."""
+        ...
+
+    def live_windows(self, model: str, since: float) -> list[tuple[str, np.ndarray]]:
+        """(replica, rows) of every replica's live window of a model published at or after ``since``."""
+        ...
+
+
+#: Seconds between publications of a replica's live windows to the shared store (for merged drift reports).
+LIVE_PUBLISH_S = 1.0
+#: A replica's published live window older than this (seconds) is left out of a merged report (gone replica).
+LIVE_FRESH_S = 60.0
+
 
 class ActiveChanged(FailedPrecondition):
     """Another replica changed the model's active version first (the compare-and-set found other values)."""
@@ -275,6 +289,9 @@ class Scorer:
         self._seen_changes = -1
         self._stop_following = threading.Event()
         self._follower: threading.Thread | None = None
+        #: This replica's name in the shared store ("" without one); rows_seen last published per model.
+        self.replica: str = getattr(store, "replica", "") or ""
+        self._published: dict[str, int] = {}
 
     # -- models ----------------------------------------------------------------------------------------
 
@@ -633,7 +650,8 @@ class Scorer:
         if not scored:
             return []
         try:
-            return group.state.batcher.submit_many(group.rows[scored], arrival)
+            # inline: a lone caller runs its rows on its own thread when the batcher is idle (no hand-offs)
+            return group.state.batcher.submit_many(group.rows[scored], arrival, inline=True)
         except GuardmeshError as refused:  # the queue is full (RESOURCE_EXHAUSTED): the model rows share it
             for k in scored:
                 group.errors[k] = refused
@@ -890,12 +908,17 @@ class Scorer:
         listener = shared.listen(lambda _payload: wake.set())
 
         def run() -> None:
+            published = time.monotonic()
             while not self._stop_following.is_set():
                 wake.wait(poll_s)
                 wake.clear()
                 try:
                     if shared.changes() != self._seen_changes:
                         self.refresh()
+                    if time.monotonic() - published >= LIVE_PUBLISH_S:
+                        published = time.monotonic()
+                        for line in list(self.lines.values()):
+                            self._publish_live(line)
                 except Exception as exc:  # the store may be away for a while: keep serving, try again
                     log.warning("scorer could not read the shared registry", extra={"error": str(exc)})
             listener.close()
@@ -905,19 +928,53 @@ class Scorer:
 
     # -- reports ---------------------------------------------------------------------------------------
 
-    def drift_report(self, model: str) -> tuple[drift_mod.DriftReport, float, int, int]:
-        """(report, threshold in force, reference rows, live rows)."""
+    def drift_report(
+        self, model: str, *, merge_replicas: bool = False
+    ) -> tuple[drift_mod.DriftReport, float, int, int, list[str]]:
+        """(report, threshold in force, reference rows, live rows, replicas whose live windows it covers).
+
+        Without ``merge_replicas`` the report describes this replica's live window. With it (on a shared
+        store), the live window is the pooled rows of every replica's window, each as published within the
+        last :data:`LIVE_FRESH_S` seconds (this replica's is published first, so it is current), compared
+        with this replica's reference window: the same statistics, on the union of the replicas' samples.
+        The threshold in force stays this replica's (it follows its own window's drift score).
+        """
         line = self._line(model)
+        pooled: drift_mod.LiveWindow | None = None
+        replicas = [self.replica]
+        if merge_replicas and self.shared is not None:
+            self._publish_live(line)
+            windows = self.shared.live_windows(model, time.time() - LIVE_FRESH_S)
+            rows = [r for _, r in windows if r.shape[1] == len(line.features) and len(r)]
+            replicas = sorted(name for name, r in windows if r.shape[1] == len(line.features) and len(r))
+            if rows:
+                stacked = np.concatenate(rows)
+                pooled = drift_mod.LiveWindow(len(line.features), len(stacked), device=self.device)
+                pooled.add(stacked)
         with line.lock:
             if line.reference is None:
                 raise FailedPrecondition(f"model {model!r} has no reference window yet")
-            if len(line.live) == 0:
+            live = pooled if pooled is not None else line.live
+            if len(live) == 0:
                 raise FailedPrecondition(f"model {model!r} has scored no rows yet")
-            report = drift_mod.drift_stats(line.reference, line.live)
-            line.drift_score = float(report.score)
+            report = drift_mod.drift_stats(line.reference, live)
+            if pooled is None:
+                line.drift_score = float(report.score)
         active = self.registry.active(model)
         threshold = line.versions[active.version].config.policy.threshold(line.drift_score)
-        return report, threshold, line.reference.rows, len(line.live)
+        return report, threshold, line.reference.rows, len(live), replicas
+
+    def _publish_live(self, line: ModelLineState) -> None:
+        """Put this replica's live window in the shared store (for merged drift reports), if it changed."""
+        if self.shared is None:
+            return
+        with line.lock:
+            seen = line.live.rows_seen
+            if seen == 0 or self._published.get(line.name) == seen:
+                return
+            rows = line.live.rows().cpu().numpy().astype(np.float32)
+        self.shared.publish_live(line.name, rows)
+        self._published[line.name] = seen
 
     def attribution_drift(self, model: str, version: str = "") -> tuple[str, AttributionDriftReport]:
         """(version explained, each feature's attribution shift between the reference sample and the live

@@ -253,8 +253,11 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
         self, request: pb.GetDriftReportRequest, context: grpc.ServicerContext
     ) -> pb.GetDriftReportResponse:
         """See the proto."""
-        report, threshold, ref_rows, live_rows = self.core.drift_report(request.model)
+        report, threshold, ref_rows, live_rows, replicas = self.core.drift_report(
+            request.model, merge_replicas=request.merge_replicas
+        )
         resp = pb.GetDriftReportResponse(
+            replicas=replicas,
             drift_score=float(report.score),
             threshold=threshold,
             reference_rows=ref_rows,
