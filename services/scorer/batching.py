@@ -12,6 +12,11 @@ batch. A batch is dispatched as soon as one of these holds, whichever comes firs
 
 While the model runs, new requests queue up and form the next batch, so concurrent callers share batches
 without any waiting. A full queue is refused at once (RESOURCE_EXHAUSTED), never buffered without bound.
+
+A caller may ask to run its rows itself (``submit_many(..., inline=True)``): when nothing is queued, no other
+caller is on its way and no batch is running, the rows form an ``idle`` batch at once on the caller's thread,
+exactly as the worker would have dispatched them, without the two thread hand-offs (to the worker and back)
+that would otherwise cost more than a small model's forward. Otherwise the rows queue as usual.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ class DynamicBatcher:
         self.cond = threading.Condition()
         self.stats = BatchStats()
         self.closed = False
+        self.running = False  # a batch is running (on the worker or inline on a caller's thread)
         self.worker = threading.Thread(target=self._loop, name=name, daemon=True)
         self.worker.start()
 
@@ -122,13 +128,14 @@ class DynamicBatcher:
         return self.submit_many(rows, arrival, _limit=True)[0]
 
     def submit_many(
-        self, rows: np.ndarray, arrival: Arrival | None = None, *, _limit: bool = False
+        self, rows: np.ndarray, arrival: Arrival | None = None, *, inline: bool = False, _limit: bool = False
     ) -> list[Future[np.ndarray]]:
         """Queue any number of rows in chunks of at most ``max_batch_size``; one future per chunk, in order.
 
         All chunks are queued at once, so a large request fills whole batches; a queue without room for
         all of them refuses them all (RESOURCE_EXHAUSTED, or INVALID_ARGUMENT for more rows than the queue
-        bound), and queues nothing.
+        bound), and queues nothing. With ``inline``, rows that fit one batch while the batcher is idle (see
+        the module docstring) run on this thread before this returns; their future is then already done.
         """
         n = rows.shape[0] if rows.ndim == 2 else 0
         if n < 1:
@@ -139,6 +146,7 @@ class DynamicBatcher:
             raise InvalidArgument("rows", f"at most {self.max_queue_rows} rows at once, the queue bound (got {n})")
         chunks = [rows[i : i + self.max_batch_size] for i in range(0, n, self.max_batch_size)]
         futures: list[Future[np.ndarray]] = [Future() for _ in chunks]
+        run_here = False
         with self.cond:
             try:
                 if self.closed:
@@ -148,18 +156,25 @@ class DynamicBatcher:
                         f"scoring queue full ({self.queued_rows} rows waiting, bound {self.max_queue_rows}); "
                         "retry later"
                     )
-                now = time.monotonic()
-                for chunk, future in zip(chunks, futures, strict=True):
-                    self.queue.append(_Pending(chunk, future, now))
-                self.queued_rows += n
+                self._arrived(arrival)
+                if inline and len(chunks) == 1 and not self.queue and not self.running and self.incoming == 0:
+                    self.running = True  # the worker takes no batch until this one is done
+                    run_here = True
+                else:
+                    now = time.monotonic()
+                    for chunk, future in zip(chunks, futures, strict=True):
+                        self.queue.append(_Pending(chunk, future, now))
+                    self.queued_rows += n
             finally:
                 self._arrived(arrival)
                 self.cond.notify_all()
+        if run_here:
+            self._execute([_Pending(rows, futures[0], 0.0)], "idle")
         return futures
 
     def _take(self) -> tuple[list[_Pending], str] | None:
         with self.cond:
-            while not self.queue and not self.closed:
+            while (not self.queue or self.running) and not (self.closed and not self.running):
                 self.cond.wait()
             if not self.queue:
                 return None
@@ -184,6 +199,7 @@ class DynamicBatcher:
                 size += item.rows.shape[0]
                 batch.append(item)
             self.queued_rows -= size
+            self.running = True
             return batch, reason
 
     def _loop(self) -> None:
@@ -191,20 +207,29 @@ class DynamicBatcher:
             taken = self._take()
             if taken is None:
                 return
-            batch, reason = taken
+            self._execute(*taken)
+
+    def _execute(self, batch: list[_Pending], reason: str) -> None:
+        """Run one batch (``self.running`` is set: by ``_take`` on the worker, by ``submit_many`` inline)
+        and resolve its futures; then let the worker take the next batch."""
+        try:
             rows = np.concatenate([p.rows for p in batch]) if len(batch) > 1 else batch[0].rows
             try:
                 scores = self.run(rows)
             except Exception as exc:
                 for p in batch:
                     p.future.set_exception(exc)
-                continue
+                return
             self._count(rows.shape[0], reason)
             start = 0
             for p in batch:
                 n = p.rows.shape[0]
                 p.future.set_result(scores[start : start + n])
                 start += n
+        finally:
+            with self.cond:
+                self.running = False
+                self.cond.notify_all()
 
     def _count(self, n: int, reason: str) -> None:
         self.stats.batches += 1
