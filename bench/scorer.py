@@ -1,107 +1,87 @@
-"""Scorer benchmark: Score over gRPC with 1, 16 and 64 concurrent clients, dynamic batching on vs off, for
-an MLP (100 features, 256-256 hidden); ScoreBatch of 256 rows vs the same 256 rows as Score calls one after
-another (and the model executions each took, from the server's own OIP ModelStatistics); and the drift
-statistics vs scipy + numpy (bench.drift_bench).
+"""Scorer serving benchmark: guardmesh against NVIDIA Triton and a bare grpcio echo, side by side (issue #22).
 
-Both configurations run side by side, each the scorer as its own process (``python -m services.scorer``),
-measured in interleaved rounds (median reported); the clients are threads of this process, each sending
-one request at a time for a fixed duration. "Batching off" is the same server with
-``scorer.max_batch_size = 1``. The ceiling record runs the same 64-client harness (same
-channels, same request bytes) against a bare grpcio echo in its own process: what this harness and gRPC
-can deliver here with no server work, so the most any batching could reach.
+Every cell of the matrix is measured in the same run, on servers that all run at once, each in its own process:
 
-    python -m bench.scorer [--seconds 6]
+* ``score_on`` / ``score_off``: guardmesh Score (``python -m services.scorer``), dynamic batching on, and off
+  (``scorer.max_batch_size = 1``); ``score_before`` too when ``--before DIR`` names a copy of the repository
+  before a change (the same server from that tree: before/after in one run);
+* ``oip``: guardmesh ModelInfer (Open Inference Protocol) on the batching scorer, raw FP32 rows;
+* ``triton_on`` / ``triton_off``: a real ``tritonserver`` (nvidia-pytriton's, Python backend, CPU) running the same
+  TorchScript module with and without Triton's dynamic batcher (:mod:`bench.triton_server`), the same
+  ModelInfer request bytes as ``oip``;
+* ``echo``: the bare grpcio echo (generic handler on raw bytes) answering the Score request bytes;
 
-Records of other benchmarks in bench/results/scorer.json (names this run does not produce, e.g. the drift
-false-alarm figures) are kept.
+for both models (MLP 100-256-256 and 1024-4096-4096-1) and 1, 16, 64 and 256 concurrent clients. The load
+generator is separate processes (``--load-procs``), each a grpc.aio channel with its share of the clients,
+each client sending one pre-serialised request at a time (no protobuf work in the generator). Per cell:
+throughput, p50, p99, failed calls, and the server's CPU per request (user + system time of the server's
+process tree from /proc over the cell, divided by the calls answered). Rounds are interleaved (the order of the
+targets rotates every round) and the median of the rounds is reported. Both guardmesh scorers compute the drift
+score once per 1,000,000 rows (``drift_every``), as before: every row still enters the live window, the decision
+log and the monitors; the periodic drift recomputation is what is left out.
+
+    python -m bench.scorer [--quick] [--seconds 6] [--rounds 3] [--clients 1,16,64,256] [--before DIR]
+
+``--quick`` measures 1 and 64 clients for 2 s per cell (to prove the benchmark on a loaded machine). The
+records go to bench/results/scorer.json (``RECORD=1``) beside those of other benchmarks (kept); each cell is a
+record with its peer (Triton with dynamic batching, the anchor, for throughput), then the issue's targets.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import io
 import json
+import multiprocessing as mp
+import os
 import statistics
-import threading
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.processes import ECHO_SERVICE, echo_process, service_process
-from bench.records import RESULTS, record, results_path, write_records
+from bench.processes import ECHO_SERVICE, clean_env, free_port, start, stop, wait_serving
+from bench.records import RESULTS, machine, record, results_path, write_records
 from guardmesh.client import open_channel
 from guardmesh.config import load_config
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import scorer_pb2 as pb
 from guardmesh.v1 import scorer_pb2_grpc as pb_grpc
+from inference import grpc_predict_v2_pb2 as oip_pb
 from inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from inference import model_repository_pb2 as repo_pb
 from services.scorer.registry import mlp
 
+#: The two models: name -> (label, features, hidden widths).
+MODELS = {"small": ("MLP 100-256-256", 100, (256, 256)), "heavy": ("MLP 1024-4096-4096-1", 1024, (4096, 4096))}
 FEATURES = [f"x{i}" for i in range(100)]
-CLIENTS = (1, 16, 64)
-
-
-def model_payload() -> bytes:
-    """The MLP (100 -> 256 -> 256 -> 1) as TorchScript."""
-    torch.manual_seed(0)
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(mlp(len(FEATURES), (256, 256)).eval()), buf)
-    return buf.getvalue()
-
-
-def run_clients(address: str, clients: int, seconds: float, echo: bool = False) -> dict[str, float]:
-    """``clients`` threads send Score calls back to back for ``seconds``; return QPS and latency percentiles.
-
-    With ``echo`` the same threads, channels and request bytes go to the bare grpcio echo server instead: the
-    most this client harness and gRPC can do on this machine with no work at all on the server side.
-    """
-    config = load_config(env={})
-    rng = np.random.default_rng(0)
-    rows = rng.standard_normal((256, len(FEATURES))).astype(np.float32)
-    requests = [
-        pb.ScoreRequest(model="bench", request_id=f"r{i}", features=dict(zip(FEATURES, map(float, r), strict=True)))
-        for i, r in enumerate(rows)
-    ]
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    stop = time.monotonic() + seconds
-    barrier = threading.Barrier(clients)
-
-    def client(k: int) -> None:
-        channel = open_channel("scorer", config, address=address)
-        if echo:
-            raw = channel.unary_unary(f"/{ECHO_SERVICE}/Unary")
-            payloads = [r.SerializeToString() for r in requests]
-            call = lambda i: raw(payloads[i % len(payloads)])  # noqa: E731
-        else:
-            stub = pb_grpc.ScorerServiceStub(channel)
-            call = lambda i: stub.Score(requests[i % len(requests)])  # noqa: E731
-        call(k)  # warm the channel
-        barrier.wait()
-        i = k
-        while time.monotonic() < stop:
-            t0 = time.perf_counter()
-            call(i)
-            latencies[k].append(time.perf_counter() - t0)
-            i += clients
-        channel.close()
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - t0
-    flat = np.array([x for lat in latencies for x in lat]) * 1000
-    return {
-        "qps": len(flat) / max(seconds, elapsed - 0.0),
-        "p50_ms": float(np.percentile(flat, 50)),
-        "p99_ms": float(np.percentile(flat, 99)),
-        "calls": float(len(flat)),
-    }
+CLIENTS = (1, 16, 64, 256)
+QUICK_CLIENTS = (1, 64)
+#: Target -> label in the records.
+TARGETS = {
+    "score_on": "guardmesh Score, batching on",
+    "score_off": "guardmesh Score, batching off",
+    "score_before": "guardmesh Score, batching on, code before the change",
+    "oip": "guardmesh ModelInfer (OIP), batching on",
+    "triton_on": "Triton, dynamic batching",
+    "triton_off": "Triton, no batching",
+    "echo": "bare grpcio echo",
+}
+#: Messages as large as the heavy model's registration (84 MB of weights).
+MAX_MESSAGE_MIB = 256
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_MIB << 20),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_MIB << 20),
+]
 
 
 def batch_vs_single(address: str, repeats: int = 5) -> dict[str, float]:
@@ -114,13 +94,13 @@ def batch_vs_single(address: str, repeats: int = 5) -> dict[str, float]:
     oip = oip_grpc.GRPCInferenceServiceStub(channel)
 
     def executions() -> int:
-        stats = oip.ModelStatistics(repo_pb.ModelStatisticsRequest(name="bench", version="v1"))
+        stats = oip.ModelStatistics(repo_pb.ModelStatisticsRequest(name="small", version="v1"))
         return int(stats.model_stats[0].execution_count)
 
     def requests(tag: str) -> list[pb.ScoreRequest]:
         return [
             pb.ScoreRequest(
-                model="bench", request_id=f"{tag}-{i}", features=dict(zip(FEATURES, map(float, r), strict=True))
+                model="small", request_id=f"{tag}-{i}", features=dict(zip(FEATURES, map(float, r), strict=True))
             )
             for i, r in enumerate(rows)
         ]
@@ -155,126 +135,479 @@ def batch_vs_single(address: str, repeats: int = 5) -> dict[str, float]:
     return out
 
 
-def load_model(address: str) -> str:
-    """Register and activate the MLP on the scorer at ``address``; return the device it runs on."""
-    config = load_config(env={})
+# -- the load generator: separate processes, grpc.aio, pre-serialised requests ---------------------------------
+
+
+@dataclass
+class Job:
+    """One cell's share for one load process: ``clients`` concurrent callers of ``method`` at ``address``."""
+
+    address: str
+    method: str
+    payloads: list[bytes]
+    clients: int
+    seconds: float
+    start_at: float  # time.time() at which every process starts sending
+
+
+async def _drive(job: Job) -> tuple[list[float], int]:
+    import grpc  # in the load process
+
+    latencies: list[float] = []
+    failed = 0
+    async with grpc.aio.insecure_channel(job.address, options=GRPC_OPTIONS) as channel:
+        call = channel.unary_unary(job.method)  # bytes in, bytes out: no protobuf work here
+        await call(job.payloads[0], timeout=120)  # connected and warm before the clock starts
+        await asyncio.sleep(max(0.0, job.start_at - time.time()))
+        stop_at = time.monotonic() + job.seconds
+
+        async def client(k: int) -> None:
+            nonlocal failed
+            i = k
+            while time.monotonic() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    await call(job.payloads[i % len(job.payloads)], timeout=60)
+                except grpc.aio.AioRpcError:
+                    failed += 1
+                else:
+                    latencies.append(time.perf_counter() - t0)
+                i += job.clients
+
+        await asyncio.gather(*(client(k) for k in range(job.clients)))
+    return latencies, failed
+
+
+def _load_worker(conn: Connection) -> None:
+    """A load process: runs each Job it receives, answers (latencies in seconds, failed calls)."""
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        try:
+            conn.send(asyncio.run(_drive(job)))
+        except Exception as exc:  # reported to the parent, which raises it
+            conn.send(exc)
+
+
+class LoadGenerator:
+    """``procs`` load processes (spawned once, reused for every cell)."""
+
+    def __init__(self, procs: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs = []
+        for _ in range(procs):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_load_worker, args=(child,), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def run(self, address: str, method: str, payloads: list[bytes], clients: int, seconds: float) -> dict[str, float]:
+        """Spread ``clients`` over the processes, run them together for ``seconds``; throughput and latency."""
+        used = self.conns[: min(clients, len(self.conns))]
+        shares = [clients // len(used) + (1 if k < clients % len(used) else 0) for k in range(len(used))]
+        start_at = time.time() + 1.0
+        for conn, share in zip(used, shares, strict=True):
+            conn.send(Job(address, method, payloads, share, seconds, start_at))
+        latencies: list[float] = []
+        failed = 0
+        for conn in used:
+            answer = conn.recv()
+            if isinstance(answer, Exception):
+                raise answer
+            latencies += answer[0]
+            failed += answer[1]
+        ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+        return {
+            "qps": len(latencies) / seconds,
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "calls": float(len(latencies)),
+            "failed": float(failed),
+        }
+
+    def close(self) -> None:
+        """Stop the load processes."""
+        for conn in self.conns:
+            conn.send(None)
+        for p in self.procs:
+            p.join(timeout=10)
+
+
+# -- servers and their CPU ---------------------------------------------------------------------------------------
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and every live descendant (Triton's backend stubs), /proc."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [c for c, pp in parents.items() if pp == parent and c not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(times.get(p, 0.0) for p in tree)
+
+
+@contextlib.contextmanager
+def scorer_process(overrides: dict[str, str], tree: Path | None = None) -> Iterator[tuple[str, int]]:
+    """``python -m services.scorer`` (from ``tree``, a copy of the repository, when given) on a free port;
+    yield (address, pid) once it serves."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="guardmesh-bench-scorer-") as tmp:
+        env = clean_env(tmp, GUARDMESH__SERVICES__SCORER__PORT=str(port), **overrides)
+        if tree is not None:
+            env["PYTHONPATH"] = str(tree) + os.pathsep + env["PYTHONPATH"]
+        log = Path(tmp) / "service.log"
+        proc = start([sys.executable, "-m", "services.scorer"], env, log)
+        try:
+            wait_serving(f"127.0.0.1:{port}", "scorer", proc, log, timeout=120)
+            yield f"127.0.0.1:{port}", proc.pid
+        finally:
+            stop(proc)
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[tuple[str, int]]:
+    """The bare grpcio echo (``bench.paramserver --echo-server``); yield (address, pid)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="guardmesh-bench-echo-") as tmp:
+        log = Path(tmp) / "echo.log"
+        proc = start([sys.executable, "-m", "bench.paramserver", "--echo-server", str(port)], clean_env(tmp), log)
+        try:
+            wait_serving(f"127.0.0.1:{port}", ECHO_SERVICE, proc, log)
+            yield f"127.0.0.1:{port}", proc.pid
+        finally:
+            stop(proc)
+
+
+def torchscript(model: str) -> bytes:
+    """The model's TorchScript (seeded: the same weights for every server)."""
+    _, n, hidden = MODELS[model]
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(mlp(n, hidden).eval()), buf)
+    return buf.getvalue()
+
+
+def register(address: str, model: str, payload: bytes) -> str:
+    """Register and activate ``model`` on the scorer at ``address``; return the device it runs on."""
+    config = load_config(env={"GUARDMESH__GRPC__MAX_MESSAGE_MIB": str(MAX_MESSAGE_MIB)})
     channel = open_channel("scorer", config, address=address)
     stub = pb_grpc.ScorerServiceStub(channel)
-    reference = np.random.default_rng(1).standard_normal((1000, len(FEATURES))).astype("<f4")
+    n = MODELS[model][1]
+    reference = np.random.default_rng(1).standard_normal((1000, n)).astype("<f4")
     stub.RegisterModel(
         pb.RegisterModelRequest(
-            model="bench",
+            model=model,
             version="v1",
-            features=FEATURES,
+            features=[f"x{i}" for i in range(n)],
             format=pb.MODEL_FORMAT_TORCHSCRIPT,
-            payload=model_payload(),
+            payload=payload,
             activate=True,
             reference=common_pb2.Tensor(
                 dtype=common_pb2.D_TYPE_FLOAT32, shape=list(reference.shape), data=reference.tobytes()
             ),
-        )
+        ),
+        timeout=300,
     )
     device = stub.ListModels(pb.ListModelsRequest()).device
     channel.close()
     return device
 
 
+def request_bodies(model: str, rows: int = 256) -> tuple[list[bytes], list[bytes]]:
+    """The same ``rows`` rows as serialised ScoreRequests and as ModelInferRequests (raw FP32, output ``score``);
+    the ModelInfer model name is a placeholder ``{model}`` swapped per server."""
+    n = MODELS[model][1]
+    data = np.random.default_rng(0).standard_normal((rows, n)).astype(np.float32)
+    names = [f"x{i}" for i in range(n)]
+    score = [
+        pb.ScoreRequest(
+            model=model, request_id=f"r{i}", features=dict(zip(names, map(float, r), strict=True))
+        ).SerializeToString()
+        for i, r in enumerate(data)
+    ]
+    infer = [
+        oip_pb.ModelInferRequest(
+            model_name=model,
+            id=f"r{i}",
+            inputs=[oip_pb.ModelInferRequest.InferInputTensor(name="features", datatype="FP32", shape=[1, n])],
+            outputs=[oip_pb.ModelInferRequest.InferRequestedOutputTensor(name="score")],
+            raw_input_contents=[r.tobytes()],
+        ).SerializeToString()
+        for i, r in enumerate(data)
+    ]
+    return score, infer
+
+
+def renamed(bodies: list[bytes], name: str) -> list[bytes]:
+    """ModelInferRequests for model ``name`` instead."""
+    out = []
+    for body in bodies:
+        request = oip_pb.ModelInferRequest.FromString(body)
+        request.model_name = name
+        out.append(request.SerializeToString())
+    return out
+
+
+SCORE_METHOD = "/guardmesh.v1.ScorerService/Score"
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
 def serve_and_measure(
-    seconds: float, rounds: int
-) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, float]], dict[str, float]]:
-    """Start two scorers side by side, batching on and off (``max_batch_size = 1``), load the MLP on both,
-    and measure every client count in ``rounds`` interleaved rounds (on, off; off, on; ...) so that both
-    see the same machine; per figure the median over the rounds. Then ScoreBatch vs Score calls (on)."""
-    base = {"GUARDMESH__SCORER__DEVICE": "auto", "GUARDMESH__SCORER__DRIFT_EVERY": "1000000"}
-    results: dict[str, dict[int, dict[str, float]]] = {"on": {}, "off": {}}
-    with (
-        service_process("scorer", base) as on_address,
-        service_process("scorer", {**base, "GUARDMESH__SCORER__MAX_BATCH_SIZE": "1"}) as off_address,
+    clients: tuple[int, ...], seconds: float, rounds: int, load_procs: int, before: Path | None, threads: int
+) -> tuple[dict[tuple[str, int, str], dict[str, float]], dict[str, float], str]:
+    """Start every server, register both models, and measure every (model, clients, target) cell in ``rounds``
+    interleaved rounds; per figure the median of the rounds. Also ScoreBatch vs Score calls on ``score_on``."""
+    from bench.triton_server import triton_process
+
+    payloads = {m: torchscript(m) for m in MODELS}
+    base = {
+        "GUARDMESH__SCORER__DEVICE": "auto",
+        "GUARDMESH__SCORER__DRIFT_EVERY": "1000000",
+        "GUARDMESH__GRPC__MAX_MESSAGE_MIB": str(MAX_MESSAGE_MIB),
+    }
+    if threads:
+        base["GUARDMESH__SCORER__TORCH_THREADS"] = str(threads)
+    triton_models = {f"{m}_{mode}": (payloads[m], MODELS[m][1], mode == "on") for m in MODELS for mode in ("on", "off")}
+    results: dict[tuple[str, int, str], dict[str, float]] = {}
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, tuple[str, int]] = {
+            "score_on": stack.enter_context(scorer_process(base)),
+            "score_off": stack.enter_context(scorer_process({**base, "GUARDMESH__SCORER__MAX_BATCH_SIZE": "1"})),
+            "echo": stack.enter_context(echo_server()),
+        }
+        if before is not None:
+            servers["score_before"] = stack.enter_context(scorer_process(base, before))
+        address, proc = stack.enter_context(triton_process(triton_models, torch_threads=threads))
+        servers["triton_on"] = servers["triton_off"] = (address, proc.pid)
+        servers["oip"] = servers["score_on"]
+        device = ""
+        for target in ("score_on", "score_off", "score_before"):
+            if target in servers:
+                for m in MODELS:
+                    device = register(servers[target][0], m, payloads[m])
+        load = LoadGenerator(load_procs)
+        stack.callback(load.close)
+        targets = [t for t in TARGETS if t in servers]
+        for model in MODELS:
+            score, infer = request_bodies(model)
+            bodies = {
+                "score_on": (SCORE_METHOD, score),
+                "score_off": (SCORE_METHOD, score),
+                "score_before": (SCORE_METHOD, score),
+                "echo": (f"/{ECHO_SERVICE}/Unary", score),
+                "oip": (INFER_METHOD, infer),
+                "triton_on": (INFER_METHOD, renamed(infer, f"{model}_on")),
+                "triton_off": (INFER_METHOD, renamed(infer, f"{model}_off")),
+            }
+            for n in clients:
+                taken: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
+                for k in range(rounds):
+                    for target in targets[k % len(targets) :] + targets[: k % len(targets)]:  # rotate the order
+                        method, body = bodies[target]
+                        pid = servers[target][1]
+                        cpu0 = tree_cpu_s(pid)
+                        r = load.run(servers[target][0], method, body, n, seconds)
+                        r["cpu_ms_per_request"] = (tree_cpu_s(pid) - cpu0) * 1000 / max(r["calls"], 1.0)
+                        taken[target].append(r)
+                for target in targets:
+                    r = results[(model, n, target)] = {
+                        key: statistics.median(t[key] for t in taken[target]) for key in taken[target][0]
+                    }
+                    print(
+                        f"{model:5s} {n:3d} clients  {TARGETS[target]:52s} {r['qps']:8,.0f} req/s"
+                        f"  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms"
+                        f"  CPU {r['cpu_ms_per_request']:6.3f} ms/req  failed {r['failed']:.0f}",
+                        flush=True,
+                    )
+        batch = batch_vs_single(servers["score_on"][0])
+    return results, batch, device
+
+
+def matrix_records(
+    results: dict[tuple[str, int, str], dict[str, float]], clients: tuple[int, ...], rounds: int, device: str
+) -> list[dict[str, Any]]:
+    """One record per cell (throughput beside Triton with dynamic batching, the anchor; latency, CPU and
+    failures as fields), then the targets of issue #22 (each against its peer in the same run)."""
+    out: list[dict[str, Any]] = []
+    for (model, n, target), r in results.items():
+        anchor = results[(model, n, "triton_on")]
+        rec = record(
+            f"Serving matrix: {MODELS[model][0]}, {n} clients, {TARGETS[target]}",
+            "requests/s",
+            r["qps"],
+            "Triton, dynamic batching (same run)",
+            anchor["qps"],
+            None,
+        )
+        rec.update(
+            p50_ms=r["p50_ms"],
+            p99_ms=r["p99_ms"],
+            server_cpu_ms_per_request=r["cpu_ms_per_request"],
+            failed_calls=r["failed"],
+            rounds=rounds,
+            device=device,
+        )
+        out.append(rec)
+
+    def cell(model: str, n: int, target: str) -> dict[str, float] | None:
+        return results.get((model, n, target))
+
+    def goal(
+        name: str, unit: str, ours: float, peer: str, value: float, goal: float | None, higher: bool = True
+    ) -> None:
+        out.append(record(f"Target (#22): {name}", unit, ours, peer, value, goal, higher_is_better=higher))
+
+    small, heavy = MODELS["small"][0], MODELS["heavy"][0]
+    if (
+        (s := cell("small", 64, "score_on"))
+        and (t := cell("small", 64, "triton_off"))
+        and (e := cell("small", 64, "echo"))
     ):
-        addresses = {"on": on_address, "off": off_address}
-        device = load_model(on_address)
-        load_model(off_address)
-        for clients in CLIENTS:
-            taken: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
-            for k in range(rounds):
-                for mode in ("on", "off") if k % 2 == 0 else ("off", "on"):  # neither always goes first
-                    taken[mode].append(run_clients(addresses[mode], clients, seconds))
-            for mode in ("on", "off"):
-                r = results[mode][clients] = {
-                    key: statistics.median(t[key] for t in taken[mode]) for key in taken[mode][0]
-                }
-                print(
-                    f"batching {mode:3s} {clients:3d} clients: {r['qps']:8,.0f} req/s  p50 {r['p50_ms']:6.2f} ms"
-                    f"  p99 {r['p99_ms']:6.2f} ms  ({device}; median of {rounds} interleaved rounds)"
+        goal(
+            f"Score, {small}, 64 clients, vs Triton without batching",
+            "requests/s",
+            s["qps"],
+            "Triton, no batching (same run)",
+            t["qps"],
+            1.0,
+        )
+        goal(
+            f"Score, {small}, 64 clients, vs the bare echo",
+            "requests/s",
+            s["qps"],
+            "bare grpcio echo (same run)",
+            e["qps"],
+            0.7,
+        )
+        goal(
+            f"Score p99, {small}, 64 clients, vs the bare echo's (<= 1.5x)",
+            "ms",
+            s["p99_ms"],
+            "bare grpcio echo p99 (same run)",
+            e["p99_ms"],
+            1 / 1.5,
+            higher=False,
+        )
+        goal(
+            f"server CPU per Score request, {small}, 64 clients, vs the echo's (<= 2x)",
+            "ms",
+            s["cpu_ms_per_request"],
+            "bare grpcio echo (same run)",
+            e["cpu_ms_per_request"],
+            0.5,
+            higher=False,
+        )
+        a = cell("small", 64, "triton_on")
+        assert a is not None
+        goal(
+            f"anchor: Score, {small}, 64 clients, vs Triton with dynamic batching",
+            "requests/s",
+            s["qps"],
+            "Triton, dynamic batching (same run)",
+            a["qps"],
+            None,
+        )
+    if (
+        (s := cell("heavy", 64, "score_on"))
+        and (t := cell("heavy", 64, "triton_on"))
+        and (o := cell("heavy", 64, "score_off"))
+    ):
+        goal(
+            f"Score batching on, {heavy}, 64 clients, vs Triton with dynamic batching",
+            "requests/s",
+            s["qps"],
+            "Triton, dynamic batching (same run)",
+            t["qps"],
+            0.8,
+        )
+        goal(
+            f"Score batching on vs off, {heavy}, 64 clients",
+            "requests/s",
+            s["qps"],
+            "Score, batching off (same run)",
+            o["qps"],
+            4.0,
+        )
+    for model in MODELS:
+        if (s := cell(model, 1, "score_on")) and (o := cell(model, 1, "score_off")):
+            goal(
+                f"Score batching on vs off, {MODELS[model][0]}, 1 client",
+                "requests/s",
+                s["qps"],
+                "Score, batching off (same run)",
+                o["qps"],
+                0.9,
+            )
+            goal(
+                f"Score p50 batching on vs off, {MODELS[model][0]}, 1 client",
+                "ms",
+                s["p50_ms"],
+                "Score, batching off (same run)",
+                o["p50_ms"],
+                0.9,
+                higher=False,
+            )
+    for model in MODELS:
+        for n in clients:
+            if (s := cell(model, n, "score_on")) and (b := cell(model, n, "score_before")):
+                goal(
+                    f"Score after vs before the change, {MODELS[model][0]}, {n} clients",
+                    "requests/s",
+                    s["qps"],
+                    "the same server from the code before the change (same run)",
+                    b["qps"],
+                    None,
                 )
-        batch = batch_vs_single(on_address)
-    return results["on"], results["off"], batch
-
-
-def echo_ceiling(clients: int, seconds: float) -> dict[str, float]:
-    """The bare grpcio echo (its own process) under the same client harness: the throughput ceiling."""
-    with echo_process() as address:
-        r = run_clients(address, clients, seconds, echo=True)
-    print(
-        f"bare echo      {clients:3d} clients: {r['qps']:8,.0f} req/s  p50 {r['p50_ms']:6.2f} ms"
-        f"  p99 {r['p99_ms']:6.2f} ms"
-    )
-    return r
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write bench/results/scorer.json."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seconds", type=float, default=6.0, help="measurement time per client count")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per client count (median reported)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 and 64 clients, 2 s per cell (to prove it runs)")
+    ap.add_argument("--seconds", type=float, default=None, help="measurement time per cell (default 6; quick 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell (median reported)")
+    ap.add_argument("--clients", default="", help="comma-separated client counts (default 1,16,64,256)")
+    ap.add_argument(
+        "--load-procs", type=int, default=max(2, min(8, (os.cpu_count() or 2) // 2)), help="load generator processes"
+    )
+    ap.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="a copy of the repository before a change: its scorer runs beside this one (target score_before)",
+    )
+    ap.add_argument(
+        "--torch-threads", type=int, default=0, help="intra-op threads for every model server (0: torch's default)"
+    )
     ap.add_argument("--skip-drift", action="store_true", help="leave the drift statistics records as they are")
     ap.add_argument("--note", default="", help="a note on every record of this run (e.g. how loaded the machine was)")
     args = ap.parse_args(argv)
-    on, off, batch = serve_and_measure(args.seconds, args.rounds)
-    ceiling = echo_ceiling(64, args.seconds)
-    records: list[dict[str, Any]] = [
-        record(
-            "Ceiling: bare grpcio echo, same 64-client harness and request bytes, vs Score batching off",
-            "requests/s",
-            ceiling["qps"],
-            "Score, batching off, 64 clients (same run)",
-            off[64]["qps"],
-            None,
-        )
-    ]
-    for clients in CLIENTS:
-        records.append(
-            record(
-                f"Score throughput, MLP 100-256-256, {clients} concurrent clients, batching on vs off",
-                "requests/s",
-                on[clients]["qps"],
-                "same server with max_batch_size = 1 (same run)",
-                off[clients]["qps"],
-                5.0 if clients == 64 else 0.9 if clients == 1 else None,
-            )
-        )
-        records.append(
-            record(
-                f"Score p99 latency, {clients} concurrent clients, batching on",
-                "ms",
-                on[clients]["p99_ms"],
-                "20 ms budget" if clients == 64 else "batching off (same run)",
-                20.0 if clients == 64 else off[clients]["p99_ms"],
-                1.0 if clients == 64 else None,
-                higher_is_better=False,
-            )
-        )
-        records.append(
-            record(
-                f"Score p50 latency, {clients} concurrent clients, batching on",
-                "ms",
-                on[clients]["p50_ms"],
-                "batching off (same run)",
-                off[clients]["p50_ms"],
-                None,
-                higher_is_better=False,
-            )
-        )
+    clients = (
+        tuple(int(c) for c in args.clients.split(",")) if args.clients else (QUICK_CLIENTS if args.quick else CLIENTS)
+    )
+    seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 6.0)
+    print(f"machine: {machine()}; load generator: {args.load_procs} processes", flush=True)
+    results, batch, device = serve_and_measure(
+        clients, seconds, args.rounds, args.load_procs, args.before, args.torch_threads
+    )
+    records = matrix_records(results, clients, args.rounds, device)
     records.append(
         record(
             f"ScoreBatch of 256 rows, one call ({batch['batch_runs']:.0f} model runs) vs 256 Score calls one after "
@@ -293,9 +626,11 @@ def main(argv: list[str] | None = None) -> int:
         records.append(
             record(r["name"], r["unit"], r["ours"], r["peer"], r["peer_value"], r["target"], r["higher_is_better"])
         )
-    if args.note:
-        for r in records:
-            r["note"] = args.note
+    note = f"{'quick mode; ' if args.quick else ''}{seconds:g} s per cell, {args.rounds} rounds; {args.note}".strip(
+        "; "
+    )
+    for r in records:
+        r["note"] = note
     write_records("scorer", keep_others(records))
     return 0
 
@@ -311,8 +646,18 @@ def keep_others(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
     ours = {r["name"] for r in records}
-    varying = "ScoreBatch of 256 rows"  # its name carries the run's model-run counts
-    kept = [r for r in existing if r.get("name") not in ours and not str(r.get("name", "")).startswith(varying)]
+    # Names that carry the run's figures, and the records of the serving benchmark before the matrix (its
+    # threads-in-one-process harness), which the matrix replaces.
+    replaced = (
+        "ScoreBatch of 256 rows",
+        "Ceiling: bare grpcio echo",
+        "Score throughput,",
+        "Score p99 latency,",
+        "Score p50 latency,",
+        "Target (#22)",
+        "Serving matrix:",
+    )
+    kept = [r for r in existing if r.get("name") not in ours and not str(r.get("name", "")).startswith(replaced)]
     return kept + records
 
 
