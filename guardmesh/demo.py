@@ -1,7 +1,8 @@
 """``guardmesh demo``: the whole chain on a local mesh, in a few minutes on a laptop.
 
 :func:`run_demo` starts the four services as real processes (through :mod:`guardmesh.mesh`, on free ports,
-with state in a temporary folder) and then plays every role around them:
+with state in a temporary folder) and then plays every role around them, as a client: every call goes through
+the SDK (:class:`guardmesh.sdk.Mesh`) and the A/B tables are rendered by :mod:`guardmesh.sdk.report`:
 
 1. **scheduler**: registers a simulated GPU inventory and submits a gang job of three worker replicas;
    the placements (node, GPU UUIDs, memory caps) are printed.
