@@ -54,7 +54,7 @@ from rich.table import Table
 
 from guardmesh import mesh as mesh_mod
 from guardmesh.config import MeshConfig, load_config
-from guardmesh.demo_worker import load_data
+from guardmesh.demo_worker import load_data, logistic_regression
 from guardmesh.runtime import KNOWN_SERVICES
 from guardmesh.sdk import Mesh
 from guardmesh.sdk.abrouter import Arm, ExperimentOptions, Guardrail, Observation, Routed, analysis_from_pb
@@ -264,12 +264,6 @@ def _mesh_console(console: Console) -> Iterator[None]:
 
 
 # -- small helpers -------------------------------------------------------------------------------------------
-
-
-def _logistic(n_features: int) -> Any:
-    import torch
-
-    return torch.nn.Sequential(torch.nn.Linear(n_features, 1), torch.nn.Sigmoid())
 
 
 def _evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -507,8 +501,8 @@ class _Demo:
         import torch
 
         torch.manual_seed(0)
-        self.initial = _logistic(len(self.names))
-        v1 = _logistic(len(self.names))
+        self.initial = logistic_regression(len(self.names))
+        v1 = logistic_regression(len(self.names))
         v1.load_state_dict(self.initial.state_dict())
         opt = torch.optim.SGD(v1.parameters(), lr=0.05)
         for s in range(2):  # "last quarter's model": two steps of training
@@ -619,7 +613,7 @@ class _Demo:
         pulled = ps.pull()
         import torch
 
-        self.trained = _logistic(len(self.names))
+        self.trained = logistic_regression(len(self.names))
         with torch.no_grad():
             for name, p in self.trained.named_parameters():
                 p.copy_(torch.from_numpy(np.array(pulled.tensors[name]).reshape(tuple(p.shape))))
@@ -714,7 +708,7 @@ class _Demo:
         self.phase(4, "scorer: publish v2 beside v1, and a deliberately bad v3")
         scorer = self.sdk.scorer
         scorer.register_module(MODEL, "v2", self.trained, self.names, threshold=0.5, drift_k=0.3)
-        bad = _logistic(len(self.names))
+        bad = logistic_regression(len(self.names))
         with torch.no_grad():
             for (_, p), (_, q) in zip(bad.named_parameters(), self.trained.named_parameters(), strict=True):
                 p.copy_(-q)

@@ -63,6 +63,13 @@ def load_data(seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray, np.ndar
     )
 
 
+def logistic_regression(n_features: int) -> Any:
+    """The demo's model: one linear layer and a sigmoid (the workers train it, the scorer serves it)."""
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(n_features, 1), torch.nn.Sigmoid())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one worker; see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__)
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     _, x_tr, y_tr, _, _ = load_data()
     mine = np.arange(len(x_tr))[args.replica :: args.replicas]
-    model = torch.nn.Sequential(torch.nn.Linear(x_tr.shape[1], 1), torch.nn.Sigmoid())
+    model = logistic_regression(x_tr.shape[1])
     loss_fn = torch.nn.BCELoss()
     worker_id = f"worker-{args.replica}"
     ps = ParamServerClient.connect(args.model, worker_id=worker_id, config=config)
