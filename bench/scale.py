@@ -30,6 +30,7 @@ import grpc
 
 from bench.processes import clean_env, free_port, start, stop, wait_serving
 from bench.records import machine, record, write_records
+from bench.scale_scorer import scorer_records
 from guardmesh.client import open_channel
 from guardmesh.config import load_config
 from guardmesh.localpg import LocalPostgres
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--failovers", type=int, default=3, help="kill -9 rounds (each with its peer)")
     parser.add_argument("--jobs", type=int, default=600, help="SubmitJob calls per backend")
     parser.add_argument("--threads", type=int, default=8, help="concurrent SubmitJob clients")
+    parser.add_argument("--scorer-pairs", type=int, default=400, help="Score + Feedback pairs per scorer setup")
     parser.add_argument("--note", default="", help="added to each record's machine (e.g. 'loaded machine')")
     args = parser.parse_args(argv)
     records: list[dict[str, Any]] = []
@@ -218,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 None,
             )
         )
+        records += scorer_records(server, folder, args.scorer_pairs, clients=4, rollbacks=5)  # bench/scale_scorer.py
     if args.note:
         for r in records:
             r["machine"] = f"{machine()}; {args.note}"
