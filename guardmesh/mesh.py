@@ -4,9 +4,10 @@ State lives under ``mesh.state_dir`` (``.mesh/`` by default): ``mesh.json`` with
 one log file per service. ``make up``, ``make status`` and ``make down`` call these functions.
 
 ``GUARDMESH_REPLICAS=N`` (``make up REPLICAS=N``) runs N scheduler replicas, replica i on ``port + 100 i``
-(one leads, the others stand by); ``GUARDMESH_STORE=postgres`` (``STORE=postgres``) starts a local
-PostgreSQL server with its data under the state folder (guardmesh/localpg.py) and points the scheduler's
-store at it; ``make down`` stops it after the services.
+(one leads, the others stand by) and N active scorer replicas (``port + 100 i``, one shared registry);
+``GUARDMESH_STORE=postgres`` (``STORE=postgres``) starts a local PostgreSQL server with its data under the
+state folder (guardmesh/localpg.py) and points the scheduler's and the scorer's store at it; ``make down``
+stops it after the services.
 """
 
 from __future__ import annotations
@@ -147,6 +148,19 @@ def instances(config: MeshConfig, replicas: int = 1, store_url: str = "") -> lis
                         endpoint.metrics_port + REPLICA_PORT_STEP * i
                     )
                 out.append((service, f"scheduler-{i}", env))
+        elif service == "scorer" and (replicas > 1 or store_url):
+            # N active replicas on one store (the scheduler's database: the scorer's tables are its own) and
+            # the one artefact folder under the shared state dir.
+            endpoint = config.services[service]
+            for i in range(replicas):
+                env = {_port_key(service): str(endpoint.port + REPLICA_PORT_STEP * i)}
+                if store_url:
+                    env["GUARDMESH__SCORER__STORE_URL"] = store_url
+                if endpoint.metrics_port:
+                    env["GUARDMESH__SERVICES__SCORER__METRICS_PORT"] = str(
+                        endpoint.metrics_port + REPLICA_PORT_STEP * i
+                    )
+                out.append((service, f"scorer-{i}", env))
         else:
             out.append((service, service, {}))
     return out
@@ -260,7 +274,11 @@ def up(config: MeshConfig | None = None, timeout: float = 90.0) -> list[ProcessR
         )
         port = extra.get(_port_key(service), str(config.services[service].port))
         address = f"{config.services[service].host}:{port}"
-        where = "postgresql guardmesh_scheduler" if "GUARDMESH__SCHEDULER__STORE_URL" in extra else ""
+        where = (
+            "postgresql guardmesh_scheduler"
+            if "GUARDMESH__SCHEDULER__STORE_URL" in extra or "GUARDMESH__SCORER__STORE_URL" in extra
+            else ""
+        )
         metrics_port = int(extra.get(f"GUARDMESH__SERVICES__{service.upper()}__METRICS_PORT", 0)) or (
             config.services[service].metrics_port
         )

@@ -100,3 +100,23 @@ def test_two_replicas_share_models_feedback_and_rollback(replicas: tuple[Service
     wait_for("B's current live window in the store", lambda: merged().live_rows == pooled_rows)
     both = merged()
     assert sorted(both.replicas) == sorted([*own_a.replicas, *own_b.replicas]) and both.live_rows == pooled_rows
+
+
+def test_make_up_replicas_runs_scorer_replicas_on_the_store(tmp_path: Path) -> None:
+    """``make up REPLICAS=2 STORE=postgres``: two scorer processes, ports ``port + 100 i``, on the store."""
+    from guardmesh.mesh import REPLICA_PORT_STEP, instances
+
+    from .conftest import make_config
+
+    config = make_config(tmp_path)
+    port = config.services["scorer"].port
+    scorers = [
+        (name, env) for service, name, env in instances(config, 2, "postgresql://u@h:1/db") if service == "scorer"
+    ]
+    assert [name for name, _ in scorers] == ["scorer-0", "scorer-1"]
+    assert [env["GUARDMESH__SERVICES__SCORER__PORT"] for _, env in scorers] == [
+        str(port),
+        str(port + REPLICA_PORT_STEP),
+    ]
+    assert {env["GUARDMESH__SCORER__STORE_URL"] for _, env in scorers} == {"postgresql://u@h:1/db"}
+    assert [name for service, name, _ in instances(config) if service == "scorer"] == ["scorer"]  # plain make up
