@@ -1,14 +1,26 @@
 """The scorer's request path under bursts and when idle: the batcher's inline dispatch (a lone caller runs its
-rows on its own thread) never overlaps a running batch, keeps errors per caller, and counts its batches."""
+rows on its own thread) never overlaps a running batch, keeps errors per caller, and counts its batches; the
+array parse of a request's features refuses the first bad feature in the request's order and puts every
+value in its feature's column. (A burst over gRPC deciding as the same calls one by one: tests/test_scorer.py.)"""
 
 from __future__ import annotations
 
+import io
+import math
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 
+from guardmesh.config import load_config
+from guardmesh.errors import InvalidArgument
 from services.scorer.batching import DynamicBatcher
+from services.scorer.decision import ThresholdPolicy
+from services.scorer.monitoring import CleaningPolicy
+from services.scorer.registry import ModelFormat, mlp
+from services.scorer.scorer import Registration, ScoreCall, ScoreOutcome, Scorer, VersionConfig
 
 
 def test_a_lone_caller_runs_its_rows_on_its_own_thread_when_the_batcher_is_idle() -> None:
@@ -96,3 +108,58 @@ def test_a_model_error_inline_reaches_only_its_caller_and_the_batcher_keeps_serv
         assert queued.result(timeout=30).tolist() == [5.0]
     finally:
         batcher.close()
+
+
+FEATURES = tuple(f"x{i}" for i in range(6))
+
+
+@pytest.fixture()
+def core() -> Iterator[Scorer]:
+    """A scorer core with a small MLP registered and active, its reference the medians' source."""
+    settings = load_config(env={}).scorer
+    scorer = Scorer(settings, torch.device("cpu"), None)
+    config = VersionConfig(ThresholdPolicy(), (), CleaningPolicy.IMPUTE, 0.02, None, 0.05, 1000)
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(mlp(len(FEATURES), (8,)).eval()), buf)
+    reference = np.random.default_rng(1).standard_normal((200, len(FEATURES))).astype(np.float32)
+    registration = Registration(
+        "risk", "v1", FEATURES, ModelFormat.TORCHSCRIPT, buf.getvalue(), config, reference=reference
+    )
+    scorer.register(registration, activate=True)
+    try:
+        yield scorer
+    finally:
+        scorer.close()
+
+
+def test_the_first_bad_feature_in_the_request_order_refuses_the_call(core: Scorer) -> None:
+    cases = [
+        ({"x0": 1.0, "nope": 1.0, "x1": math.inf}, "features[nope]", "is not a feature of 'risk'"),
+        ({"x0": 1.0, "x1": math.inf, "nope": 1.0}, "features[x1]", "must be finite and fit float32"),
+        ({"x2": -math.inf}, "features[x2]", "must be finite and fit float32"),
+        ({"x3": 3.5e38}, "features[x3]", "must be finite and fit float32"),  # finite, beyond float32
+    ]
+    for features, field, rule in cases:
+        with pytest.raises(InvalidArgument) as refused:
+            core.score("risk", "bad", features)
+        assert refused.value.field == field and rule in refused.value.rule
+    assert len(core.live_rows("risk")) == 0  # refused calls leave no trace
+
+
+def test_a_parsed_row_puts_every_value_in_its_feature_column_whatever_the_map_order(core: Scorer) -> None:
+    row = {f: float(k) + 0.25 for k, f in enumerate(FEATURES)}
+    shuffled = dict(reversed(list(row.items())))
+    [a, b] = core.score_many([ScoreCall("risk", "a", row), ScoreCall("risk", "b", shuffled)])
+    assert isinstance(a, ScoreOutcome) and isinstance(b, ScoreOutcome)
+    assert a.decision.score == b.decision.score
+    live = core.live_rows("risk")
+    assert live.shape == (2, len(FEATURES))
+    assert live.tolist() == [[float(k) + 0.25 for k in range(len(FEATURES))]] * 2
+
+
+def test_nan_and_absent_features_are_missing_and_imputed(core: Scorer) -> None:
+    outcome = core.score("risk", "gap", {"x0": math.nan, "x1": 0.5})
+    assert outcome.imputed
+    live = core.live_rows("risk")
+    assert np.isnan(live[0, 0]) and live[0, 1] == 0.5 and np.isnan(live[0, 2:]).all()  # recorded as sent

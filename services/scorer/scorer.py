@@ -11,7 +11,6 @@ once for the group under the line's lock.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import warnings
@@ -583,21 +582,28 @@ class Scorer:
         errors: list[GuardmeshError | None] = [None] * len(calls)
         index = line.index
         for i, call in enumerate(calls):
-            row = raw[i]
-            for name, value in call.features.items():
-                j = index.get(name)
-                if j is None:
-                    errors[i] = InvalidArgument(
-                        f"features[{name}]", f"is not a feature of {line.name!r} (expects {line.expected()})"
-                    )
-                    break
-                if math.isinf(value) or abs(value) > FLOAT32_MAX:  # NaN passes: it means missing
-                    errors[i] = InvalidArgument(
-                        f"features[{name}]",
-                        f"must be finite and fit float32 (|value| <= {FLOAT32_MAX:.8g}; absent or NaN means missing)",
-                    )
-                    break
-                row[j] = value
+            # One pass over the map for the names, then the values checked and stored as arrays (not per value):
+            # the first problem in the map's order refuses the call, as a value-by-value loop would.
+            features = call.features
+            names = list(features)
+            columns = [index.get(name, -1) for name in names]
+            values = np.fromiter((features[name] for name in names), np.float64, len(names))
+            with np.errstate(invalid="ignore"):
+                too_big = np.abs(values) > FLOAT32_MAX  # NaN passes: it means missing
+            unknown = columns.index(-1) if -1 in columns else len(names)
+            out_of_range = int(np.argmax(too_big)) if too_big.any() else len(names)
+            if unknown < out_of_range:
+                errors[i] = InvalidArgument(
+                    f"features[{names[unknown]}]", f"is not a feature of {line.name!r} (expects {line.expected()})"
+                )
+                continue
+            if out_of_range < len(names):
+                errors[i] = InvalidArgument(
+                    f"features[{names[out_of_range]}]",
+                    f"must be finite and fit float32 (|value| <= {FLOAT32_MAX:.8g}; absent or NaN means missing)",
+                )
+                continue
+            raw[i, columns] = values
         return _Group(
             line,
             state,
