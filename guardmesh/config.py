@@ -206,6 +206,8 @@ class ABRouterSettings(_Section):
     store_url: str = ""
     config_resync_s: float = Field(default=5.0, gt=0, le=3600)
     tail_interval_s: float = Field(default=0.2, gt=0, le=60)
+    export_url: str = "exposures"
+    export_interval_s: float = Field(default=10.0, gt=0, le=86400)
 
 
 class MeshConfig(_Section):

@@ -195,7 +195,7 @@ def test_an_old_sqlite_file_is_adopted_with_its_events(tmp_path: Path) -> None:
     db.close()
     store = RouterStore(path)
     try:
-        assert store.log.schema_version == 3
+        assert store.log.schema_version == 4
         assert store.load_events(10) == [(7, "config_changed", "k", 1.0, "old")]
         assert store.max_event_seq() == 7
     finally:

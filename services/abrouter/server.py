@@ -23,6 +23,7 @@ from guardmesh.client import open_channel
 from guardmesh.config import MeshConfig
 from guardmesh.durable import parse_store_url
 from guardmesh.errors import GuardmeshError, InvalidArgument, Unavailable
+from guardmesh.leadership import Lease
 from guardmesh.monitoring import observe_abrouter
 from guardmesh.runtime import ServiceDefinition
 from guardmesh.sdk.abrouter import MetricAnalysis
@@ -44,6 +45,7 @@ from services.abrouter.experiments import (
     NamespaceSpec,
     ShadowSpec,
 )
+from services.abrouter.export import ExportWorker, ExposureExporter
 from services.abrouter.guardrails import Guardrail, GuardrailVerdict
 from services.abrouter.metrics import MetricKind
 from services.abrouter.router import AnalysisOptions, Observation, Router
@@ -625,6 +627,7 @@ class ABRouterBinding:
         self.config = config
         self.servicer = ABRouterServicer()
         self.store: RouterStore | None = None
+        self.exporter: ExportWorker | None = None
         self.scorer = ScorerClient(config)
 
     def add_to_server(self, server: grpc.Server) -> None:
@@ -641,7 +644,17 @@ class ABRouterBinding:
         router.restore()
         # One holder per live process: host, bound port and pid (two lives of one port never overlap).
         port = getattr(self, "bound_port", 0)
-        router.start(replica=f"{socket.gethostname()}:{port}/{os.getpid()}")
+        replica = f"{socket.gethostname()}:{port}/{os.getpid()}"
+        router.start(replica=replica)
+        if settings.export_url:
+            url = settings.export_url
+            url = url if "://" in url else str(self.config.state_path(url))
+            lease = None
+            if self.store.shared:  # one exporter among the replicas
+                ttl = max(3 * settings.export_interval_s, 2.0)
+                lease = Lease(self.store.log, "abrouter-export", replica, replica, ttl)
+            self.exporter = ExportWorker(ExposureExporter(self.store, url), settings.export_interval_s, lease)
+            self.exporter.start()
         if self.config.metrics.enabled:
             observe_abrouter(router)
         self.servicer._router = router
@@ -653,6 +666,8 @@ class ABRouterBinding:
         """Stop the checks and the shadow workers, flush and close the store and the scorer channel."""
         if self.servicer._router is not None:
             self.servicer._router.close()
+        if self.exporter is not None:
+            self.exporter.close()
         if self.store is not None:
             self.store.close()
         self.scorer.close()

@@ -74,6 +74,12 @@ MIGRATIONS = (
         "ALTER TABLE exposures ADD COLUMN origin TEXT NOT NULL DEFAULT ''; "
         "ALTER TABLE observations ADD COLUMN origin TEXT NOT NULL DEFAULT ''",
     ),
+    # How far the exposures were exported to Parquet (services/abrouter/export.py).
+    Migration(
+        4,
+        "CREATE TABLE IF NOT EXISTS export_state (name TEXT PRIMARY KEY, done BIGINT NOT NULL, "
+        "pending BIGINT NOT NULL)",
+    ),
 )
 
 #: Seconds after which a hole in the row numbers seen by :class:`Tail` is taken as a transaction that rolled
@@ -237,12 +243,13 @@ class RouterStore:
         assert table in ("exposures", "observations")
         return int(self.log.query(f"SELECT COALESCE(MAX(seq), 0) FROM {table}")[0][0])
 
-    def exposures_after(self, seq: int) -> list[tuple[int, str, ExposureRow]]:
-        """(row number, origin, exposure) of the exposures numbered above ``seq``, in number order."""
+    def exposures_after(self, seq: int, *, upto: int = 2**62, limit: int = 2**62) -> list[tuple[int, str, ExposureRow]]:
+        """(row number, origin, exposure) of the exposures numbered above ``seq`` (and up to ``upto``; the
+        first ``limit``), in number order."""
         cursor = self.log.query(
             "SELECT seq, origin, key, unit, arm, bucket, propensity, at, config_version, covariates FROM exposures "
-            "WHERE seq > ? ORDER BY seq",
-            (seq,),
+            "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (seq, upto, limit),
         )
         out = []
         for n, origin, key, unit, arm, bucket, propensity, at, version, cov in cursor:

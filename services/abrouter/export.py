@@ -1,0 +1,225 @@
+"""The exposure table out of the router (issue #20 item 1): Parquet files partitioned by experiment and day,
+written through fsspec (a local directory by default, any object-store URL fsspec knows).
+
+Layout: ``<root>/experiment=<key>/day=<YYYY-MM-DD>/part-<first id>-<last id>.parquet`` (hive partitioning,
+so DuckDB, Spark and pyarrow read the partition columns back). One row per logged exposure, columns
+:data:`COLUMNS`; ``exposure_id`` is the store's row number, unique per store.
+
+Idempotent by exposure id, kill -9 included: each round first records the range of ids it is about to
+write (``export_state.pending``) in the store, then writes the files (each to a temporary name, renamed
+when complete), then records the range as done. A round interrupted anywhere is redone for exactly the same
+range on the next start, so its files are rewritten under the same names, never written twice under two.
+Only ids below every hole in the numbering (a transaction still committing; see
+:class:`services.abrouter.store.Tail`) are exported, so a late commit is never passed over.
+
+Reading (:func:`read_exposures`) opens every ``*.parquet`` file; one that does not read as an exposure file
+(corrupt, cut short, another schema) raises :class:`ExportCorrupt` naming it, never skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from guardmesh.durable import StoreFailure, Transaction
+from guardmesh.leadership import Lease
+from services.abrouter.store import ExposureRow, RouterStore, Tail
+
+log = logging.getLogger(__name__)
+
+#: The exposure table's columns and what each means (also carried in each file's schema as field metadata).
+COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "exposure_id": (pa.int64(), "the store's row number of the exposure: unique per store, rising; the dedup key"),
+    "time": (pa.timestamp("us", tz="UTC"), "when the unit was exposed (the request's timestamp, else the router's)"),
+    "experiment": (pa.string(), "experiment key (also the partition folder experiment=<key>)"),
+    "revision": (pa.int64(), "the experiment's config version in force at the exposure (see GetExperimentHistory)"),
+    "unit": (pa.string(), "the hashed unit: the unit id, or the hash attribute's value"),
+    "arm": (pa.int32(), "arm index in the revision's spec, 0-based"),
+    "arm_name": (pa.string(), "arm name in that revision"),
+    "bucket": (pa.float64(), "the unit's hash bucket in [0, 1)"),
+    "hash_version": (pa.int32(), "GrowthBook hash version (1 or 2) of the revision"),
+    "propensity": (pa.float64(), "probability of this arm for this unit at the exposure (0, 1]"),
+    "numeric_covariates": (pa.map_(pa.string(), pa.float64()), "numeric covariates logged with the exposure"),
+    "categorical_covariates": (pa.map_(pa.string(), pa.string()), "categorical covariates logged with it"),
+}
+EXPOSURE_SCHEMA = pa.schema(
+    [pa.field(name, kind, nullable=False, metadata={"doc": doc}) for name, (kind, doc) in COLUMNS.items()]
+)
+
+#: Exposures written per round at most (bounds the exporter's memory).
+BATCH_ROWS = 200_000
+_STATE = "parquet"
+
+
+class ExportCorrupt(RuntimeError):
+    """A file of the exposure table cannot be read as one (corrupt, cut short, or another schema)."""
+
+
+def _ensure_state_table(tx: Transaction) -> None:
+    tx.execute(
+        "INSERT INTO export_state (name, done, pending) VALUES (?, 0, 0) ON CONFLICT (name) DO NOTHING", (_STATE,)
+    )
+
+
+class ExposureExporter:
+    """Exports a router store's exposures to the Parquet table at ``url`` (see the module docstring)."""
+
+    def __init__(self, store: RouterStore, url: str, *, batch_rows: int = BATCH_ROWS) -> None:
+        self.store = store
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.batch_rows = batch_rows
+        store.log.transaction(_ensure_state_table)
+        self._revisions: dict[tuple[str, int], tuple[int, tuple[str, ...]]] = {}
+        done, pending = self.state()
+        self.tail = Tail(done)
+        if pending > done:  # a round was cut short: redo exactly its range first
+            log.info("redoing an interrupted export round", extra={"first": done + 1, "last": pending})
+            self._write_range(done, pending)
+
+    def state(self) -> tuple[int, int]:
+        """(last id exported, last id of the round in progress; equal when none is)."""
+        done, pending = self.store.log.query("SELECT done, pending FROM export_state WHERE name = ?", (_STATE,))[0]
+        return int(done), int(pending)
+
+    def export_once(self) -> int:
+        """One round: every settled exposure not exported yet (up to ``batch_rows``); the number written."""
+        done, _ = self.state()
+        if done > self.tail.low:  # another exporter (a previous leader) got further
+            self.tail = Tail(done)
+        rows = self.store.exposures_after(done, limit=self.batch_rows)
+        self.tail.take([n for n, _, _ in rows], time.monotonic())
+        last = max((n for n, _, _ in rows if n <= self.tail.low), default=done)
+        if last <= done:
+            return 0
+        self.store.log.transaction(
+            lambda tx: tx.execute("UPDATE export_state SET pending = ? WHERE name = ?", (last, _STATE))
+        )
+        return self._write_range(done, last, [(n, r) for n, _, r in rows if n <= last])
+
+    def _write_range(self, done: int, last: int, rows: list[tuple[int, ExposureRow]] | None = None) -> int:
+        if rows is None:
+            rows = [(n, r) for n, _, r in self.store.exposures_after(done, upto=last)]
+        parts: dict[tuple[str, str], list[tuple[int, ExposureRow]]] = defaultdict(list)
+        for n, row in rows:
+            day = datetime.fromtimestamp(row.at, UTC).strftime("%Y-%m-%d")
+            parts[(row.key, day)].append((n, row))
+        for (key, day), part in sorted(parts.items()):
+            folder = f"{self.root}/experiment={key}/day={day}"
+            self._write_file(folder, f"part-{done + 1:020d}-{last:020d}.parquet", self._table(part))
+        self.store.log.transaction(
+            lambda tx: tx.execute(
+                "UPDATE export_state SET done = ?, pending = ? WHERE name = ? AND done = ?", (last, last, _STATE, done)
+            )
+        )
+        return len(rows)
+
+    def _write_file(self, folder: str, name: str, table: pa.Table) -> None:
+        self.fs.makedirs(folder, exist_ok=True)
+        temporary = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.inprogress"
+        with self.fs.open(temporary, "wb") as out:
+            pq.write_table(table, out, compression="zstd")
+        self.fs.mv(temporary, f"{folder}/{name}")  # complete files only ever carry the final name
+
+    def _revision(self, key: str, version: int) -> tuple[int, tuple[str, ...]]:
+        """(hash version, arm names) of one revision of an experiment."""
+        found = self._revisions.get((key, version))
+        if found is None:
+            for v, _at, _change, _comment, exp in self.store.load_revisions(key):
+                self._revisions[(key, v)] = (exp.spec.hash_version, tuple(a.name for a in exp.spec.arms))
+            found = self._revisions.get((key, version), (0, ()))
+        return found
+
+    def _table(self, part: list[tuple[int, ExposureRow]]) -> pa.Table:
+        revisions = [self._revision(r.key, r.config_version) for _, r in part]
+        micros = np.array([round(r.at * 1_000_000) for _, r in part], dtype=np.int64)
+        return pa.Table.from_arrays(
+            [
+                pa.array([n for n, _ in part], pa.int64()),
+                pa.array(micros, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+                pa.array([r.key for _, r in part], pa.string()),
+                pa.array([r.config_version for _, r in part], pa.int64()),
+                pa.array([r.unit for _, r in part], pa.string()),
+                pa.array([r.arm for _, r in part], pa.int32()),
+                pa.array(
+                    [
+                        names[r.arm] if r.arm < len(names) else ""
+                        for (_, r), (_, names) in zip(part, revisions, strict=True)
+                    ],
+                    pa.string(),
+                ),
+                pa.array([r.bucket for _, r in part], pa.float64()),
+                pa.array([hv for hv, _ in revisions], pa.int32()),
+                pa.array([r.propensity for _, r in part], pa.float64()),
+                pa.array([list(r.numeric.items()) for _, r in part], pa.map_(pa.string(), pa.float64())),
+                pa.array([list(r.categorical.items()) for _, r in part], pa.map_(pa.string(), pa.string())),
+            ],
+            schema=EXPOSURE_SCHEMA,
+        )
+
+
+def exposure_files(url: str) -> list[str]:
+    """Every complete file of the exposure table at ``url`` (sorted; files being written are not listed)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    return sorted(
+        p for p in fs.glob(f"{root}/experiment=*/day=*/*.parquet") if not p.rsplit("/", 1)[-1].startswith(".")
+    )
+
+
+def read_exposures(url: str) -> pa.Table:
+    """The whole exposure table at ``url`` (tests and small tables; DuckDB reads large ones in place).
+    ExportCorrupt naming the first file that does not read as an exposure file."""
+    fs, _ = fsspec.core.url_to_fs(url)
+    tables = []
+    for path in exposure_files(url):
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f, partitioning=None)
+        except Exception as exc:
+            raise ExportCorrupt(f"exposure file {path}: cannot be read: {type(exc).__name__}: {exc}") from exc
+        if not table.schema.equals(EXPOSURE_SCHEMA, check_metadata=False):
+            raise ExportCorrupt(f"exposure file {path}: not the exposure schema: {table.schema}")
+        tables.append(table)
+    return pa.concat_tables(tables) if tables else EXPOSURE_SCHEMA.empty_table()
+
+
+class ExportWorker:
+    """Runs :meth:`ExposureExporter.export_once` every ``interval_s`` (the bound on the table's lag behind
+    the store) on a thread; on a shared store only while this replica holds the export lease."""
+
+    def __init__(self, exporter: ExposureExporter, interval_s: float, lease: Lease | None = None) -> None:
+        self.exporter = exporter
+        self.interval_s = interval_s
+        self.lease = lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="abrouter-export", daemon=True)
+
+    def start(self) -> None:
+        """Start the rounds."""
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if self.lease is not None and not self.lease.claim().leader:
+                    continue
+                while self.exporter.export_once() >= self.exporter.batch_rows and not self._stop.is_set():
+                    pass  # behind: keep going without waiting
+            except StoreFailure as exc:
+                log.warning("exposure export round failed; retried next round", extra={"error": str(exc)})
+            except Exception:
+                log.exception("exposure export round failed; retried next round")
+
+    def close(self) -> None:
+        """Stop after the round in progress."""
+        self._stop.set()
+        self._thread.join(timeout=30)

@@ -1,0 +1,230 @@
+"""The exposure table out of the router (issue #20 item 1), on both store backends:
+
+* the Parquet table holds every logged exposure once, with the documented columns (revision, arm name, hash
+  version, propensity, covariates), partitioned by experiment and day, read back by DuckDB too;
+* a round cut short after some files were written is redone for the same range: no duplicate ids;
+* kill -9 of a real router process while it exports under logged-Assign load: after a restart's round every
+  acknowledged exposure is in the table exactly once;
+* a corrupt or cut-short file is reported naming it, never skipped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import grpc
+import pyarrow.parquet as pq
+import pytest
+
+from guardmesh.config import ABRouterSettings
+from guardmesh.v1 import abrouter_pb2 as pb
+from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
+from services.abrouter import export as export_mod
+from services.abrouter.experiments import ArmSpec, ExperimentSpec
+from services.abrouter.export import ExportCorrupt, ExposureExporter, exposure_files, read_exposures
+from services.abrouter.router import Router
+from services.abrouter.store import RouterStore
+from tests.processes import ServiceProcess
+
+WAIT_S = 60.0
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def logged_router(store_url: str) -> Router:
+    router = Router(ABRouterSettings(), RouterStore(store_url, "NORMAL"))
+    router.create(ExperimentSpec(key="one", arms=(ArmSpec("control", 0.5), ArmSpec("new", 0.5)), hash_version=1))
+    router.create(ExperimentSpec(key="two", arms=(ArmSpec("a", 0.2), ArmSpec("b", 0.8))))
+    return router
+
+
+def test_the_table_holds_every_exposure_once_with_its_columns(tmp_path: Path, store_url: str) -> None:
+    router = logged_router(store_url)
+    table_url = str(tmp_path / "table")
+    try:
+        day1, day2 = 1_700_000_000.0, 1_700_000_000.0 + 86_400
+        for i in range(150):
+            router.assign(
+                f"u{i}", {}, ["one", "two"], log_exposure=True, numeric={"age": float(i)}, categorical={"dev": "ios"}
+            )
+            router.assign(f"v{i}", {}, ["one"], log_exposure=True, timestamp=day1 if i % 2 else day2)
+        assert router.store is not None
+        exporter = ExposureExporter(router.store, table_url, batch_rows=1000)
+        assert exporter.export_once() == 450
+        assert exporter.export_once() == 0  # nothing new: nothing written again
+        table = read_exposures(table_url).to_pylist()
+        stored = router.store.exposures_after(0)
+        assert sorted(r["exposure_id"] for r in table) == [n for n, _, _ in stored]
+        by_id = {r["exposure_id"]: r for r in table}
+        for n, _, row in stored:
+            got = by_id[n]
+            assert (got["experiment"], got["unit"], got["arm"], got["revision"]) == (
+                row.key,
+                row.unit,
+                row.arm,
+                row.config_version,
+            )
+            assert got["arm_name"] == ("control", "new")[row.arm] if row.key == "one" else ("a", "b")[row.arm]
+            assert got["hash_version"] == (1 if row.key == "one" else 2)
+            assert got["propensity"] == pytest.approx(row.propensity)
+            assert got["bucket"] == pytest.approx(row.bucket)
+            assert dict(got["numeric_covariates"]) == dict(row.numeric)
+            assert dict(got["categorical_covariates"]) == dict(row.categorical)
+            assert got["time"].timestamp() == pytest.approx(row.at, abs=1e-6)
+        folders = {Path(p).parent.relative_to(Path(table_url)).as_posix() for p in exposure_files(table_url)}
+        assert "experiment=one/day=2023-11-14" in folders and "experiment=one/day=2023-11-15" in folders
+        # more exposures: the next round adds only them
+        router.assign("late", {}, ["two"], log_exposure=True)
+        assert exporter.export_once() == 1
+        # DuckDB reads the table in place, partitions included
+        found = (
+            duckdb.connect()
+            .execute(
+                f"SELECT COUNT(*), COUNT(DISTINCT unit) FROM read_parquet('{table_url}/*/*/*.parquet', "
+                "hive_partitioning = true) WHERE experiment = 'one'"
+            )
+            .fetchone()
+        )
+        assert found == (300, 300)
+    finally:
+        router.close()
+        assert router.store is not None
+        router.store.close()
+
+
+def test_a_round_cut_short_is_redone_for_the_same_range(
+    tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    router = logged_router(store_url)
+    table_url = str(tmp_path / "table")
+    assert router.store is not None
+    try:
+        for i in range(100):
+            router.assign(f"u{i}", {}, ["one", "two"], log_exposure=True)
+        exporter = ExposureExporter(router.store, table_url)
+        real_write = ExposureExporter._write_file
+        written: list[str] = []
+
+        def crash_after_first(self: ExposureExporter, folder: str, name: str, table: object) -> None:
+            if written:
+                raise KeyboardInterrupt("the process dies here")  # not an Exception: nothing catches it
+            written.append(name)
+            real_write(self, folder, name, table)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(ExposureExporter, "_write_file", crash_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            exporter.export_once()
+        monkeypatch.setattr(ExposureExporter, "_write_file", real_write)
+        assert len(exposure_files(table_url)) == 1
+        done, pending = exporter.state()
+        assert (done, pending) == (0, 200)
+        for i in range(100, 150):  # more exposures arrive meanwhile: they must not join the interrupted range
+            router.assign(f"u{i}", {}, ["one"], log_exposure=True)
+        restarted = ExposureExporter(router.store, table_url)  # redoes exactly ids 1..200
+        assert restarted.state() == (200, 200)
+        assert restarted.export_once() == 50
+        ids = [r["exposure_id"] for r in read_exposures(table_url).to_pylist()]
+        assert len(ids) == len(set(ids)) == 250
+    finally:
+        router.close()
+        router.store.close()
+
+
+def test_kill9_while_exporting_loses_and_duplicates_nothing(tmp_path: Path, store_url: str) -> None:
+    table_url = str(tmp_path / "table")
+    proc = ServiceProcess(
+        "abrouter",
+        tmp_path / "r",
+        {
+            "GUARDMESH__ABROUTER__STORE_URL": store_url,
+            "GUARDMESH__ABROUTER__EXPORT_URL": table_url,
+            "GUARDMESH__ABROUTER__EXPORT_INTERVAL_S": "0.05",
+            "GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0",
+        },
+    )
+    acknowledged: list[str] = []
+    try:
+        proc.start()
+        stub = pb_grpc.ABRouterServiceStub(proc.channel())
+        arms = [pb.Arm(name="control", weight=0.5), pb.Arm(name="new", weight=0.5)]
+        stub.CreateExperiment(pb.CreateExperimentRequest(spec=pb.ExperimentSpec(key="k", arms=arms)))
+        stop = threading.Event()
+
+        def hammer(worker: int) -> None:
+            i = 0
+            while not stop.is_set():
+                unit = f"w{worker}-{i}"
+                try:
+                    stub.Assign(pb.AssignRequest(unit_id=unit, experiment_keys=["k"], log_exposure=True))
+                except grpc.RpcError:
+                    return
+                acknowledged.append(unit)
+                i += 1
+
+        threads = [threading.Thread(target=hammer, args=(w,)) for w in range(3)]
+        for t in threads:
+            t.start()
+        # kill while rounds are running: after a few files exist and while exposures keep arriving
+        wait_for("the exporter wrote files", lambda: len(exposure_files(table_url)) >= 3 and len(acknowledged) > 300)
+        proc.kill9()
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        proc.close()
+    store = RouterStore(store_url)
+    try:
+        exporter = ExposureExporter(store, table_url)
+        while exporter.export_once():
+            pass
+    finally:
+        store.close()
+    units = [r["unit"] for r in read_exposures(table_url).to_pylist()]
+    ids = [r["exposure_id"] for r in read_exposures(table_url).to_pylist()]
+    assert len(ids) == len(set(ids)), "an exposure id is in the table twice"
+    missing = set(acknowledged) - set(units)
+    assert not missing, f"{len(missing)} acknowledged exposures not exported, e.g. {sorted(missing)[:5]}"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut short"])
+def test_a_corrupt_file_is_reported_naming_it(tmp_path: Path, damage: str) -> None:
+    router = logged_router(f"sqlite:///{tmp_path / 'r.db'}")
+    table_url = str(tmp_path / "table")
+    assert router.store is not None
+    try:
+        for i in range(50):
+            router.assign(f"u{i}", {}, ["one", "two"], log_exposure=True)
+        ExposureExporter(router.store, table_url).export_once()
+    finally:
+        router.close()
+        router.store.close()
+    victim = Path(exposure_files(table_url)[-1])
+    data = victim.read_bytes()
+    victim.write_bytes(b"not parquet at all" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(ExportCorrupt, match=victim.name):
+        read_exposures(table_url)
+
+
+def test_every_column_is_documented_in_the_files_themselves(tmp_path: Path) -> None:
+    router = logged_router(f"sqlite:///{tmp_path / 'r.db'}")
+    assert router.store is not None
+    try:
+        router.assign("u", {}, ["one"], log_exposure=True)
+        ExposureExporter(router.store, str(tmp_path / "t")).export_once()
+    finally:
+        router.close()
+        router.store.close()
+    schema = pq.read_schema(exposure_files(str(tmp_path / "t"))[0])
+    assert schema.names == list(export_mod.COLUMNS)
+    for field in schema:
+        assert field.metadata[b"doc"].decode() == export_mod.COLUMNS[field.name][1]
