@@ -167,7 +167,8 @@ class DynamicBatcher:
                     self.queued_rows += n
             finally:
                 self._arrived(arrival)
-                self.cond.notify_all()
+                if not run_here:  # running here changes nothing the worker waits for: no wake-up
+                    self.cond.notify_all()
         if run_here:
             self._execute([_Pending(rows, futures[0], 0.0)], "idle")
         return futures
@@ -229,7 +230,8 @@ class DynamicBatcher:
         finally:
             with self.cond:
                 self.running = False
-                self.cond.notify_all()
+                if self.queue or self.closed:  # the worker waits for both, never for an empty queue
+                    self.cond.notify_all()
 
     def _count(self, n: int, reason: str) -> None:
         self.stats.batches += 1
