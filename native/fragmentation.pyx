@@ -28,7 +28,7 @@ cdef float NEVER_FITS = 1000.5
 #: GPU: candidates within one step tie, and the tie goes to packing (a replica that allows sharing: the node
 #: left with the least room) or to inventory order (others), which keeps whole nodes free for whole-card
 #: and multi-GPU replicas. Chosen on the workload-mix study (bench/workload_mixes.py).
-FGD_QUANTUM = 200.0
+FGD_QUANTUM = 1000.0
 cdef double _QUANTUM = FGD_QUANTUM
 #: Scale of the quantised growth against the tie-break (node room < 1e6 thousandths).
 FGD_STEP = 1e6

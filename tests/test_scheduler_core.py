@@ -192,22 +192,19 @@ def fgd_trained_state(policy_name: str) -> tuple[ClusterState, Any]:
     state = cluster(uniform_node("node-a", "A", 2, 10000))
     policy = bound(policy_name, state)
     state.allocate("pre", 0, [0], [4000], allow_sharing=True)
-    # The workload: 60% of jobs take 60% of a card, 40% take 30% of a card (all shared).
-    big, small = shape(share=600, allow_sharing=True), shape(share=300, allow_sharing=True)
-    for _ in range(60):
-        policy.observe(big)
-    for _ in range(40):
-        policy.observe(small)
+    # The workload: jobs that take 60% of a card (shared).
+    for _ in range(100):
+        policy.observe(shape(share=600, allow_sharing=True))
     if policy_name == "fgd":
         policy.rebuild()
     return state, policy
 
 
 def test_fgd_avoids_fragmenting_where_best_fit_does() -> None:
-    """Placing a 30% job: on card 0 (room 600 -> 300) the popular 60% class no longer fits there, so the
-    node's expected fragmentation grows by p(60%) * 300; on card 1 (room 1000 -> 700) both classes still
-    fit everywhere, growth 0. FGD picks card 1; best-fit packs onto the fuller card 0."""
-    small = shape(share=300, allow_sharing=True)
+    """Placing a 5% job: on card 0 (room 600 -> 550) the 60% class no longer fits there, so the node's
+    expected fragmentation grows by 550 (more than half of FGD's comparison step of 1,000); on card 1 (room
+    1000 -> 950) it still fits, growth 0. FGD picks card 1; best-fit packs onto the fuller card 0."""
+    small = shape(share=50, allow_sharing=True)
     big = shape(share=600, allow_sharing=True)
     outcomes: dict[str, Any] = {}
     for name in ("fgd", "best-fit"):
@@ -237,7 +234,7 @@ def test_fgd_score_matches_definition_on_the_example() -> None:
     cands = np.array([0, 1], dtype=np.int64)
     take = np.array([300.0, 300.0], dtype=np.float32)
     scores = policy.fragmentation_growth(state, cands, take)
-    assert scores[0] == pytest.approx(0.6 * 300, abs=1e-3)
+    assert scores[0] == pytest.approx(1.0 * 300, abs=1e-3)
     assert scores[1] == pytest.approx(0.0, abs=1e-3)
 
 
