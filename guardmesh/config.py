@@ -163,6 +163,7 @@ class ScorerSettings(_Section):
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     max_queue_delay_ms: float = Field(default=2.0, ge=0)
     max_queue_rows: int = Field(default=4096, ge=1)
+    torch_threads: int = Field(default=0, ge=0, le=1024)
     live_window: int = Field(default=1000, ge=10)
     drift_every: int = Field(default=100, ge=1)
     min_labels: int = Field(default=200, ge=1)
