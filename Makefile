@@ -16,7 +16,7 @@ GEN_STAMP := guardmesh/v1/.generated
 NATIVE_STAMP := native/.built
 SERVICES := scheduler paramserver scorer abrouter
 
-.PHONY: install proto native lint breaking test test-tools up status down certs demo load bench $(addprefix bench-,$(SERVICES)) clean
+.PHONY: install proto native lint breaking test test-tools test-postgres bench-scale up status down certs demo load bench $(addprefix bench-,$(SERVICES)) clean
 
 install: $(STAMP) $(GEN_STAMP) $(NATIVE_STAMP)
 
@@ -64,15 +64,29 @@ test-tools:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
 		echo "promtool missing: install Debian's prometheus package (tests/test_alerts.py needs it)"
 
-test: install test-tools
+# PostgreSQL's server binaries (initdb, pg_ctl, postgres): the store tests start a throwaway server with them.
+# Installed when missing and root with apt-get (Debian's postgresql); otherwise make stops saying how.
+test-postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		echo "installing PostgreSQL (apt-get install postgresql)" && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } || \
+		{ echo "PostgreSQL server binaries missing: run 'sudo apt-get install postgresql' (Debian/Ubuntu) or put initdb and pg_ctl on PATH"; exit 1; }
+
+test: install test-tools test-postgres
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # PROFILE=secure: mutual TLS and role-based authorization (guardmesh/profiles/secure.toml).
 PROFILE ?=
 PROFILE_ENV := $(if $(PROFILE),GUARDMESH_CONFIG=guardmesh/profiles/$(PROFILE).toml)
 
+# REPLICAS=2: two scheduler replicas (one leads, one stands by); STORE=postgres: a local PostgreSQL server
+# under the state folder holds the scheduler's state (started by up, stopped by down).
+REPLICAS ?= 1
+STORE ?= sqlite
+
 up: install
-	$(PROFILE_ENV) $(BIN)/guardmesh mesh up
+	GUARDMESH_REPLICAS=$(REPLICAS) GUARDMESH_STORE=$(STORE) $(PROFILE_ENV) $(BIN)/guardmesh mesh up
 
 status: install
 	$(PROFILE_ENV) $(BIN)/guardmesh mesh status
@@ -103,16 +117,27 @@ TRACE ?=
 NODES ?=
 bench-scheduler: install
 	$(PY) -m bench.scheduler $(if $(TRACE),--trace $(TRACE)) $(if $(NODES),--nodes $(NODES))
+	# After bench.scheduler (which rewrites scheduler.json): the kube-scheduler extender's latency records.
+	$(PY) -m bench.extender
 
 bench-paramserver: install
 	$(PY) -m bench.paramserver
 	$(PY) -m bench.ps_trainer
 
+# QUICK=1: 1 and 64 clients, 2 s per cell (proves the matrix on a busy machine); BEFORE=DIR: a copy of the
+# repository before a change, whose scorer is measured beside this one. Installs the bench extra's
+# nvidia-pytriton when missing, without its dependencies: only the tritonserver binary it ships is used.
 bench-scorer: install
-	$(PY) -m bench.scorer
+	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('pytriton') is None)" || \
+		$(BIN)/pip install -q --no-deps "nvidia-pytriton>=0.5"
+	$(PY) -m bench.scorer $(if $(QUICK),--quick) $(if $(BEFORE),--before $(BEFORE))
 
 bench-abrouter: install
 	$(PY) -m bench.abrouter
+
+# Scheduler failover (kill -9 of the leader -> first acknowledged submit) and SubmitJob on PostgreSQL vs SQLite.
+bench-scale: install test-postgres
+	$(PY) -m bench.scale
 
 clean:
 	rm -rf build $(VENV) .mesh native/*.c native/*.so $(NATIVE_STAMP) $(GEN_STAMP) guardmesh/v1/*_pb2*
