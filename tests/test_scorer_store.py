@@ -11,7 +11,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,14 @@ import torch
 
 from guardmesh.config import load_config
 from guardmesh.durable import GroupCommitLog, SchemaTooNew
-from guardmesh.errors import AlreadyExists, FailedPrecondition
+from guardmesh.errors import AlreadyExists, FailedPrecondition, Unavailable
 from services.scorer import drift as drift_mod
 from services.scorer.decision import ThresholdPolicy
 from services.scorer.monitoring import CleaningPolicy
 from services.scorer.persistence import MIGRATIONS, RegistryStore, SharedRegistry, open_shared_registry
 from services.scorer.registry import ModelFormat
 from services.scorer.scorer import Registration, Scorer, VersionConfig
+from tests.postgres import PostgresServer
 
 FEATURES = ("amount", "velocity")
 
@@ -253,3 +255,61 @@ def test_a_merged_drift_report_pools_every_replica_live_window(pair: tuple[Score
     np.testing.assert_allclose([f.psi for f in merged.features()], [f.psi for f in expected.features()])
     assert merged.score == pytest.approx(expected.score)
     assert merged.features()[0].ks_statistic > own.features()[0].ks_statistic  # b's shift shows only when merged
+
+
+def test_the_decision_log_keeps_the_newest_decisions_per_model(store_url: str, tmp_path: Path) -> None:
+    settings = load_config(env={}).scorer.model_copy(update={"decision_log": 100})
+    store = open_shared_registry(store_url, str(tmp_path / "artefacts"), "a")
+    core = Scorer(settings, torch.device("cpu"), store)
+    try:
+        core.register(registration("v1", [1.0, 0.0]), activate=True)
+        for i in range(130):
+            core.score("risk", f"r{i}", {"amount": 1.0, "velocity": 0.0})
+        assert core.prune_decisions() == 30
+        result = core.feedback("risk", [("r0", True), ("r29", True), ("r30", True), ("r129", True)])
+        assert (result.accepted, result.unknown) == (2, 2)  # r0..r29 were the oldest
+    finally:
+        core.close()
+        store.log.close()
+
+
+def test_store_lost_at_run_time_then_back(postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """PostgreSQL stops under a serving core: Score is UNAVAILABLE (its decision cannot be written), the core
+    says the store is gone (the service turns NOT_SERVING); when the server is back both recover."""
+    store = open_shared_registry(postgres_server.create_database(), str(tmp_path / "artefacts"), "a")
+    core = Scorer(load_config(env={}).scorer, torch.device("cpu"), store)
+    health: list[bool] = []
+    try:
+        core.register(registration("v1", [1.0, 0.0]), activate=True)
+        core.follow(0.1, health.append)
+        core.score("risk", "before", {"amount": 1.0, "velocity": 0.0})
+        postgres_server.stop("immediate")
+        try:
+            with pytest.raises(Unavailable, match="scorer store unavailable"):
+                core.score("risk", "during", {"amount": 1.0, "velocity": 0.0})
+            wait_until("the core to report the store gone", lambda: health[-1:] == [False])
+        finally:
+            postgres_server.start()
+        wait_until("the core to report the store back", lambda: health[-1:] == [True])
+        wait_until("a Score to be answered again", lambda: _scores(core, "after"))
+        result = core.feedback("risk", [("before", True), ("during", True), ("after", True)])
+        assert (result.accepted, result.unknown) == (2, 1)  # nothing answered UNAVAILABLE was stored
+    finally:
+        core.close()
+        store.log.close()
+
+
+def _scores(core: Scorer, request_id: str) -> bool:
+    try:
+        core.score("risk", request_id, {"amount": 1.0, "velocity": 0.0})
+        return True
+    except Unavailable:
+        return False
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Poll ``check`` with a generous deadline (the machine is shared)."""
+    end = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)

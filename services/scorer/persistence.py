@@ -237,6 +237,8 @@ MIGRATIONS = (
         "CREATE TABLE IF NOT EXISTS scorer_live_windows (model TEXT NOT NULL, replica TEXT NOT NULL, "
         "features BIGINT NOT NULL, rows_b64 TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, PRIMARY KEY (model, replica))",
     ),
+    # The decision log is pruned to the newest decisions per model (by time).
+    Migration(3, "CREATE INDEX IF NOT EXISTS scorer_decisions_by_time ON scorer_decisions (model, at)"),
 )
 #: The NOTIFY channel of registry changes (PostgreSQL); SQLite replicas poll the change counter.
 CHANNEL = "scorer_registry"
@@ -464,6 +466,19 @@ class SharedRegistry:
         head = self.log.query(f"{base} LIMIT ?", (model, version, first))
         tail = self.log.query(f"{base} DESC LIMIT ?", (model, version, last))
         return [(bool(p), bool(a)) for p, a in head], [(bool(p), bool(a)) for p, a in reversed(tail)]
+
+    def prune_decisions(self, model: str, keep: int) -> int:
+        """Drop all but the newest ``keep`` (>= 1) stored decisions of ``model`` (ties at the boundary are
+        kept); how many were dropped."""
+        return int(
+            self._run(
+                lambda tx: tx.execute(
+                    "DELETE FROM scorer_decisions WHERE model = ? AND at < (SELECT at FROM scorer_decisions "
+                    "WHERE model = ? ORDER BY at DESC LIMIT 1 OFFSET ?)",
+                    (model, model, keep - 1),
+                )
+            )
+        )
 
     def publish_live(self, model: str, rows: np.ndarray) -> None:
         """Store this replica's live window of ``model`` (rows x features, float32; NaN = missing)."""

@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -127,6 +127,10 @@ class SharedState(Protocol):
         """(first ``first``, last ``last``) (predicted, label) pairs of a version from every replica."""
         ...
 
+    def prune_decisions(self, model: str, keep: int) -> int:
+        """Drop all but the newest ``keep`` stored decisions of a model; how many were dropped."""
+        ...
+
     def publish_live(self, model: str, rows: np.ndarray) -> None:
         """Store this replica's live window (rows x features, float32, NaN = missing) of a model."""
         ...
@@ -138,6 +142,8 @@ class SharedState(Protocol):
 
 #: Seconds between publications of a replica's live windows to the shared store (for merged drift reports).
 LIVE_PUBLISH_S = 1.0
+#: Seconds between prunings of the shared decision log to ``decision_log`` decisions per model.
+PRUNE_EVERY_S = 10.0
 #: A replica's published live window older than this (seconds) is left out of a merged report (gone replica).
 LIVE_FRESH_S = 60.0
 
@@ -277,6 +283,8 @@ class Scorer:
     def __init__(self, settings: ScorerSettings, device: torch.device, store: RegistrationStore | None = None) -> None:
         self.settings = settings
         self.device = device
+        if settings.torch_threads:  # process-wide: the scorer is the process's only model runner
+            torch.set_num_threads(settings.torch_threads)
         self.registry = ModelRegistry(device)
         self.lines: dict[str, ModelLineState] = {}
         self.lock = threading.Lock()
@@ -904,9 +912,19 @@ class Scorer:
             self._seen_changes = counter
             return loaded
 
-    def follow(self, poll_s: float = 0.25) -> None:
+    def prune_decisions(self) -> int:
+        """Keep the newest ``decision_log`` decisions per model in the shared store (older ones can no longer
+        take a label, as with one process's bounded log); how many were dropped."""
+        if self.shared is None:
+            return 0
+        return sum(self.shared.prune_decisions(name, self.settings.decision_log) for name in list(self.lines))
+
+    def follow(self, poll_s: float = 0.25, on_store: Callable[[bool], None] | None = None) -> None:
         """Keep serving what the shared store holds: refresh when a NOTIFY (PostgreSQL) says the registry
-        changed, and check the change counter every ``poll_s`` seconds (SQLite, and the safety net)."""
+        changed, and check the change counter every ``poll_s`` seconds (SQLite, and the safety net); publish
+        the live windows every :data:`LIVE_PUBLISH_S` and prune the decision log every
+        :data:`PRUNE_EVERY_S`. ``on_store(False)`` when the store stops answering, ``on_store(True)`` when
+        it answers again (the service reports NOT_SERVING meanwhile: scoring needs the store)."""
         shared = self.shared
         if shared is None or self._follower is not None:
             return
@@ -914,7 +932,8 @@ class Scorer:
         listener = shared.listen(lambda _payload: wake.set())
 
         def run() -> None:
-            published = time.monotonic()
+            published = pruned = time.monotonic()
+            reachable = True
             while not self._stop_following.is_set():
                 wake.wait(poll_s)
                 wake.clear()
@@ -925,8 +944,20 @@ class Scorer:
                         published = time.monotonic()
                         for line in list(self.lines.values()):
                             self._publish_live(line)
-                except Exception as exc:  # the store may be away for a while: keep serving, try again
-                    log.warning("scorer could not read the shared registry", extra={"error": str(exc)})
+                    if time.monotonic() - pruned >= PRUNE_EVERY_S:
+                        pruned = time.monotonic()
+                        self.prune_decisions()
+                    answered = True
+                except Exception as exc:  # the store may be away for a while: try again
+                    answered = False
+                    if reachable:
+                        log.warning("scorer store not answering", extra={"error": str(exc)})
+                if answered != reachable:
+                    reachable = answered
+                    if answered:
+                        log.info("scorer store answering again")
+                    if on_store is not None:
+                        on_store(answered)
             listener.close()
 
         self._follower = threading.Thread(target=run, name="scorer-follow", daemon=True)

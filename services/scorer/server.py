@@ -458,7 +458,8 @@ class ScorerBinding:
         store.adopt_folder(folder)  # an older scorer's registry folder is served from the store from now on
         core = Scorer(settings, device, store)
         core.restore()
-        core.follow(settings.follow_poll_s)
+        # Scoring writes the decision log: while the store does not answer, health says NOT_SERVING.
+        core.follow(settings.follow_poll_s, getattr(self, "set_serving", None))
         self.servicer._core = core
         if self.config.metrics.enabled:
             observe_scorer(core)
