@@ -454,7 +454,8 @@ def test_the_extender_follows_leadership_between_two_scheduler_replicas(
     store = f"sqlite:///{tmp_path / 'shared.db'}"
     overrides = {
         "scheduler.store_url": store,
-        "scheduler.leader_lease_s": 1.0,
+        # Long enough that a loaded machine does not let it lapse; the stopping leader hands it back anyway.
+        "scheduler.leader_lease_s": 5.0,
         "extender.enabled": True,
         "extender.host": "127.0.0.1",
         "extender.port": 0,
