@@ -203,8 +203,29 @@ def down(config: ConfigOpt = None) -> None:
     (Path(cfg.mesh.state_dir) / PROFILE_FILE).unlink(missing_ok=True)
 
 
-abrouter_app = typer.Typer(help="A/B router reports.", no_args_is_help=True)
+abrouter_app = typer.Typer(help="A/B router reports and the exposure table.", no_args_is_help=True)
 app.add_typer(abrouter_app, name="abrouter")
+
+
+@abrouter_app.command("export")
+def export_exposures(
+    address: Annotated[str | None, typer.Option(help="abrouter host:port (default: discovery).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Export every exposure not in the Parquet exposure table yet, now (the router also does it continuously)."""
+    import grpc
+
+    from guardmesh.sdk.abrouter import ABRouterClient
+
+    try:
+        with ABRouterClient(_mesh_config(config)[0], address=address) as router:
+            done = router.export_exposures()
+    except grpc.RpcError as err:
+        typer.echo(f"abrouter: {err.code().name}: {err.details()}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"exported {done.exported:,} exposures; the table at {done.table_url} holds ids up to {done.exported_through}"
+    )
 
 
 @abrouter_app.command()

@@ -228,3 +228,99 @@ def test_every_column_is_documented_in_the_files_themselves(tmp_path: Path) -> N
     assert schema.names == list(export_mod.COLUMNS)
     for field in schema:
         assert field.metadata[b"doc"].decode() == export_mod.COLUMNS[field.name][1]
+
+
+def test_export_on_demand_over_grpc_and_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from guardmesh.cli import app
+
+    table_url = str(tmp_path / "table")
+    proc = ServiceProcess(
+        "abrouter",
+        tmp_path / "r",
+        {"GUARDMESH__ABROUTER__EXPORT_URL": table_url, "GUARDMESH__ABROUTER__EXPORT_INTERVAL_S": "3600"},
+    )
+    (tmp_path / "mesh.toml").write_text("")
+    monkeypatch.setenv("GUARDMESH_CONFIG", str(tmp_path / "mesh.toml"))
+    with proc:
+        proc.start()
+        stub = pb_grpc.ABRouterServiceStub(proc.channel())
+        arms = [pb.Arm(name="control", weight=0.5), pb.Arm(name="new", weight=0.5)]
+        stub.CreateExperiment(pb.CreateExperimentRequest(spec=pb.ExperimentSpec(key="k", arms=arms)))
+        for i in range(40):
+            stub.Assign(pb.AssignRequest(unit_id=f"u{i}", experiment_keys=["k"], log_exposure=True))
+        done = stub.ExportExposures(pb.ExportExposuresRequest())
+        assert (done.exported, done.exported_through, done.table_url) == (40, 40, table_url)
+        for i in range(40, 45):
+            stub.Assign(pb.AssignRequest(unit_id=f"u{i}", experiment_keys=["k"], log_exposure=True))
+        result = CliRunner().invoke(app, ["abrouter", "export", "--address", proc.address])
+        assert result.exit_code == 0, result.output
+        assert f"exported 5 exposures; the table at {table_url} holds ids up to 45" in result.output
+    assert sorted(r["unit"] for r in read_exposures(table_url).to_pylist()) == sorted(f"u{i}" for i in range(45))
+
+
+def test_export_off_is_a_failed_precondition(tmp_path: Path) -> None:
+    with ServiceProcess("abrouter", tmp_path / "r", {"GUARDMESH__ABROUTER__EXPORT_URL": ""}) as proc:
+        proc.start()
+        stub = pb_grpc.ABRouterServiceStub(proc.channel())
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ExportExposures(pb.ExportExposuresRequest())
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "abrouter.export_url" in (info.value.details() or "")
+        with pytest.raises(grpc.RpcError) as info:
+            next(iter(stub.WatchExposures(pb.WatchExposuresRequest(after_exposure_id=-1))))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "after_exposure_id" in str(
+            info.value.details()
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            next(iter(stub.WatchExposures(pb.WatchExposuresRequest(experiment_key="nope"))))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_live_stream_carries_every_replicas_exposures_in_id_order(tmp_path: Path, postgres_server: object) -> None:
+    from tests.postgres import PostgresServer
+
+    assert isinstance(postgres_server, PostgresServer)
+    url = postgres_server.create_database()
+    env = {"GUARDMESH__ABROUTER__STORE_URL": url, "GUARDMESH__ABROUTER__EXPORT_URL": ""}
+    with ServiceProcess("abrouter", tmp_path / "a", env) as a, ServiceProcess("abrouter", tmp_path / "b", env) as b:
+        a.start()
+        b.start()
+        stub_a, stub_b = pb_grpc.ABRouterServiceStub(a.channel()), pb_grpc.ABRouterServiceStub(b.channel())
+        arms = [pb.Arm(name="control", weight=0.5), pb.Arm(name="new", weight=0.5)]
+        stub_a.CreateExperiment(pb.CreateExperimentRequest(spec=pb.ExperimentSpec(key="k", arms=arms)))
+        wait_for(
+            "b serves k",
+            lambda: "k" in [e.spec.key for e in stub_b.ListExperiments(pb.ListExperimentsRequest()).experiments],
+        )
+        for i in range(30):
+            via = stub_a if i % 2 else stub_b
+            via.Assign(pb.AssignRequest(unit_id=f"u{i}", experiment_keys=["k"], log_exposure=True))
+        stream = stub_a.WatchExposures(pb.WatchExposuresRequest(experiment_key="k"))
+        got: list[pb.Exposure] = []
+        for message in stream:
+            got.extend(message.exposures)
+            if len(got) >= 30:
+                break
+        # live: exposures logged after the stream opened arrive too
+        for i in range(30, 40):
+            stub_b.Assign(pb.AssignRequest(unit_id=f"u{i}", experiment_keys=["k"], log_exposure=True))
+        for message in stream:
+            got.extend(message.exposures)
+            if len(got) >= 40:
+                break
+        stream.cancel()
+        ids = [e.exposure_id for e in got]
+        assert ids == sorted(ids) and len(set(ids)) == 40
+        assert sorted(e.unit for e in got) == sorted(f"u{i}" for i in range(40))
+        assert {e.arm_name for e in got} <= {"control", "new"} and all(e.hash_version == 2 for e in got)
+        # resume after the 20th: exactly the rest
+        resumed = stub_b.WatchExposures(pb.WatchExposuresRequest(after_exposure_id=ids[19]))
+        rest: list[int] = []
+        for message in resumed:
+            rest.extend(e.exposure_id for e in message.exposures)
+            if len(rest) >= 20:
+                break
+        resumed.cancel()
+        assert rest == ids[20:]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, TypedDict, Unpack
@@ -839,3 +839,21 @@ class ABRouterClient:
             for m in resp.metrics
         ]
         return Analysis(list(resp.arms), resp.exposed_units, effects, resp)
+
+    # -- the exposure table ----------------------------------------------------------------------------
+
+    def export_exposures(self) -> pb.ExportExposuresResponse:
+        """Export every settled exposure not in the Parquet exposure table yet, now; the response says how
+        many, up to which exposure id, and where the table is (FAILED_PRECONDITION if export is off)."""
+        return self.stub.ExportExposures(pb.ExportExposuresRequest())
+
+    def watch_exposures(self, experiment: str = "", after_exposure_id: int = 0) -> Iterator[pb.Exposure]:
+        """Every replica's exposures in id order from ``after_exposure_id`` on, live, until the caller stops
+        iterating (resume after a break with the last ``exposure_id`` received)."""
+        request = pb.WatchExposuresRequest(experiment_key=experiment, after_exposure_id=after_exposure_id)
+        stream = self.stub.WatchExposures(request)
+        try:
+            for message in stream:
+                yield from message.exposures
+        finally:
+            stream.cancel()

@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import fsspec
@@ -70,6 +71,61 @@ def _ensure_state_table(tx: Transaction) -> None:
     )
 
 
+def _arm_name(arm: int, names: tuple[str, ...]) -> str:
+    return names[arm] if arm < len(names) else ""
+
+
+class Revisions:
+    """(hash version, arm names) of each experiment revision, read once from the store."""
+
+    def __init__(self, store: RouterStore) -> None:
+        self.store = store
+        self._known: dict[tuple[str, int], tuple[int, tuple[str, ...]]] = {}
+
+    def of(self, key: str, version: int) -> tuple[int, tuple[str, ...]]:
+        """(hash version, arm names) of revision ``version`` of ``key`` ((0, ()) if unknown)."""
+        found = self._known.get((key, version))
+        if found is None:
+            for v, _at, _change, _comment, exp in self.store.load_revisions(key):
+                self._known[(key, v)] = (exp.spec.hash_version, tuple(a.name for a in exp.spec.arms))
+            found = self._known.get((key, version), (0, ()))
+        return found
+
+
+@dataclass(frozen=True)
+class SettledExposure:
+    """One exposure as the table and the live stream give it."""
+
+    exposure_id: int
+    row: ExposureRow
+    hash_version: int
+    arm_name: str
+
+
+class ExposureStream:
+    """Every replica's exposures in id order, each once it settled (committed, no lower id still committing):
+    the core of WatchExposures. ``after``: the last id the consumer has; ``key``: one experiment or all."""
+
+    def __init__(self, store: RouterStore, after: int = 0, key: str = "") -> None:
+        self.store = store
+        self.key = key
+        self.tail = Tail(after)
+        self.sent = after
+        self._revisions = Revisions(store)
+
+    def next_batch(self, limit: int = 1000) -> list[SettledExposure]:
+        """The exposures that settled since the previous call (possibly none)."""
+        rows = self.store.exposures_after(self.tail.low, limit=limit)
+        self.tail.take([n for n, _, _ in rows], time.monotonic())
+        out = []
+        for n, _, row in rows:
+            if self.sent < n <= self.tail.low and (not self.key or row.key == self.key):
+                hash_version, names = self._revisions.of(row.key, row.config_version)
+                out.append(SettledExposure(n, row, hash_version, _arm_name(row.arm, names)))
+        self.sent = max(self.sent, self.tail.low)
+        return out
+
+
 class ExposureExporter:
     """Exports a router store's exposures to the Parquet table at ``url`` (see the module docstring)."""
 
@@ -79,7 +135,7 @@ class ExposureExporter:
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.batch_rows = batch_rows
         store.log.transaction(_ensure_state_table)
-        self._revisions: dict[tuple[str, int], tuple[int, tuple[str, ...]]] = {}
+        self._revisions = Revisions(store)
         done, pending = self.state()
         self.tail = Tail(done)
         if pending > done:  # a round was cut short: redo exactly its range first
@@ -130,17 +186,8 @@ class ExposureExporter:
             pq.write_table(table, out, compression="zstd")
         self.fs.mv(temporary, f"{folder}/{name}")  # complete files only ever carry the final name
 
-    def _revision(self, key: str, version: int) -> tuple[int, tuple[str, ...]]:
-        """(hash version, arm names) of one revision of an experiment."""
-        found = self._revisions.get((key, version))
-        if found is None:
-            for v, _at, _change, _comment, exp in self.store.load_revisions(key):
-                self._revisions[(key, v)] = (exp.spec.hash_version, tuple(a.name for a in exp.spec.arms))
-            found = self._revisions.get((key, version), (0, ()))
-        return found
-
     def _table(self, part: list[tuple[int, ExposureRow]]) -> pa.Table:
-        revisions = [self._revision(r.key, r.config_version) for _, r in part]
+        revisions = [self._revisions.of(r.key, r.config_version) for _, r in part]
         micros = np.array([round(r.at * 1_000_000) for _, r in part], dtype=np.int64)
         return pa.Table.from_arrays(
             [
@@ -150,13 +197,7 @@ class ExposureExporter:
                 pa.array([r.config_version for _, r in part], pa.int64()),
                 pa.array([r.unit for _, r in part], pa.string()),
                 pa.array([r.arm for _, r in part], pa.int32()),
-                pa.array(
-                    [
-                        names[r.arm] if r.arm < len(names) else ""
-                        for (_, r), (_, names) in zip(part, revisions, strict=True)
-                    ],
-                    pa.string(),
-                ),
+                pa.array([_arm_name(r.arm, names) for (_, r), (_, names) in zip(part, revisions, strict=True)]),
                 pa.array([r.bucket for _, r in part], pa.float64()),
                 pa.array([hv for hv, _ in revisions], pa.int32()),
                 pa.array([r.propensity for _, r in part], pa.float64()),
@@ -200,6 +241,8 @@ class ExportWorker:
         self.exporter = exporter
         self.interval_s = interval_s
         self.lease = lease
+        #: Held during a round: an on-demand round (ExportExposures) never runs beside a continuous one.
+        self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="abrouter-export", daemon=True)
 
@@ -212,8 +255,9 @@ class ExportWorker:
             try:
                 if self.lease is not None and not self.lease.claim().leader:
                     continue
-                while self.exporter.export_once() >= self.exporter.batch_rows and not self._stop.is_set():
-                    pass  # behind: keep going without waiting
+                with self.lock:
+                    while self.exporter.export_once() >= self.exporter.batch_rows and not self._stop.is_set():
+                        pass  # behind: keep going without waiting
             except StoreFailure as exc:
                 log.warning("exposure export round failed; retried next round", extra={"error": str(exc)})
             except Exception:

@@ -12,7 +12,8 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -21,8 +22,8 @@ from opentelemetry import trace
 
 from guardmesh.client import open_channel
 from guardmesh.config import MeshConfig
-from guardmesh.durable import parse_store_url
-from guardmesh.errors import GuardmeshError, InvalidArgument, Unavailable
+from guardmesh.durable import StoreFailure, parse_store_url
+from guardmesh.errors import FailedPrecondition, GuardmeshError, InvalidArgument, Unavailable
 from guardmesh.leadership import Lease
 from guardmesh.monitoring import observe_abrouter
 from guardmesh.runtime import ServiceDefinition
@@ -45,7 +46,7 @@ from services.abrouter.experiments import (
     NamespaceSpec,
     ShadowSpec,
 )
-from services.abrouter.export import ExportWorker, ExposureExporter
+from services.abrouter.export import ExportWorker, ExposureExporter, ExposureStream, SettledExposure
 from services.abrouter.guardrails import Guardrail, GuardrailVerdict
 from services.abrouter.metrics import MetricKind
 from services.abrouter.router import AnalysisOptions, Observation, Router
@@ -362,11 +363,37 @@ def _attributes(m: Any, field: str = "attributes") -> dict[str, Any]:
         raise InvalidArgument(field, f"numbers must be finite ({exc})") from None
 
 
+#: Seconds a live exposure stream waits before it looks for newly settled exposures again.
+WATCH_POLL_S = 0.2
+
+
+def exposure_to_pb(e: SettledExposure) -> pb.Exposure:
+    """One settled exposure as its message (the exposure table's columns)."""
+    row = e.row
+    return pb.Exposure(
+        exposure_id=e.exposure_id,
+        time=row.at,
+        experiment=row.key,
+        revision=row.config_version,
+        unit=row.unit,
+        arm=row.arm,
+        arm_name=e.arm_name,
+        bucket=row.bucket,
+        hash_version=e.hash_version,
+        propensity=row.propensity,
+        numeric_covariates=dict(row.numeric),
+        categorical_covariates=dict(row.categorical),
+    )
+
+
 class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
     """Implements ``guardmesh.v1.ABRouterService`` over :class:`Router`."""
 
     def __init__(self) -> None:
         self._router: Router | None = None
+        self.exporter: ExportWorker | None = None
+        #: Set when the server drains: live streams end (OK) so the grace period is not spent on them.
+        self.draining = threading.Event()
 
     @property
     def router(self) -> Router:
@@ -473,6 +500,46 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
         span.set_attribute("guardmesh.drift_score", score.drift_score)
         span.set_attribute("guardmesh.shadowed", shadowed)
         return pb.RouteResponse(assignment=assignment_to_pb(result, logged), score=score, shadowed=shadowed)
+
+    def ExportExposures(
+        self, request: pb.ExportExposuresRequest, context: grpc.ServicerContext
+    ) -> pb.ExportExposuresResponse:
+        """See the proto."""
+        if self.exporter is None:
+            raise FailedPrecondition("export is off: abrouter.export_url is empty")
+        try:
+            with self.exporter.lock:  # not at the same time as the continuous rounds
+                exported = 0
+                while True:
+                    written = self.exporter.exporter.export_once()
+                    exported += written
+                    if written < self.exporter.exporter.batch_rows:
+                        break
+                done, _ = self.exporter.exporter.state()
+        except (StoreFailure, OSError) as exc:
+            raise Unavailable(f"exposure export failed: {exc}") from exc
+        return pb.ExportExposuresResponse(
+            exported=exported, exported_through=done, table_url=self.exporter.exporter.url
+        )
+
+    def WatchExposures(
+        self, request: pb.WatchExposuresRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchExposuresResponse]:
+        """See the proto."""
+        if request.after_exposure_id < 0:
+            raise InvalidArgument("after_exposure_id", "must be >= 0")
+        router = self.router
+        if request.experiment_key:
+            router.get(request.experiment_key)  # NOT_FOUND names it
+        if router.store is None:
+            raise FailedPrecondition("the live exposure stream needs the durable store")
+        stream = ExposureStream(router.store, request.after_exposure_id, request.experiment_key)
+        while context.is_active() and not self.draining.is_set():
+            batch = stream.next_batch()
+            if batch:
+                yield pb.WatchExposuresResponse(exposures=[exposure_to_pb(e) for e in batch])
+            else:
+                self.draining.wait(WATCH_POLL_S)
 
     def RecordMetrics(
         self, request: pb.RecordMetricsRequest, context: grpc.ServicerContext
@@ -655,12 +722,14 @@ class ABRouterBinding:
                 lease = Lease(self.store.log, "abrouter-export", replica, replica, ttl)
             self.exporter = ExportWorker(ExposureExporter(self.store, url), settings.export_interval_s, lease)
             self.exporter.start()
+            self.servicer.exporter = self.exporter
         if self.config.metrics.enabled:
             observe_abrouter(router)
         self.servicer._router = router
 
     def drain(self) -> None:
-        """Nothing streams indefinitely here."""
+        """End the live exposure streams."""
+        self.servicer.draining.set()
 
     def close(self) -> None:
         """Stop the checks and the shadow workers, flush and close the store and the scorer channel."""
