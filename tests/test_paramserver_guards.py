@@ -281,10 +281,22 @@ def test_sync_backup_workers_first_n_win_and_the_late_one_joins_the_next_version
     assert w[0].push({"w": np.array([50.0])}, step_id=1)[0].outcome == pb.PUSH_OUTCOME_DUPLICATE
 
 
+@pytest.fixture
+def ps_no_monitor(tmp_path: Path) -> Iterator[tuple[RunningService, MeshConfig]]:
+    """A real paramserver whose monitor thread stays idle: only a waiting pull completes a timed-out version.
+
+    With the monitor's 5 s rounds a round falling in a gap of more than the straggler timeout between two
+    pushes (a loaded machine) would complete a version early, and a test on a real clock would fail."""
+    config = ps_config(tmp_path, **{"paramserver.monitor_interval_s": 3600.0})
+    running = start_service(load_definition("paramserver"), config, port=0)
+    yield running, config
+    running.stop(grace=0.5)
+
+
 def test_sync_worker_that_stops_pushing_stalls_one_version_then_none_and_rejoins(
-    ps: tuple[RunningService, MeshConfig],
+    ps_no_monitor: tuple[RunningService, MeshConfig],
 ) -> None:
-    running, config = ps
+    running, config = ps_no_monitor
     a, b = client(running, config, worker="a"), client(running, config, worker="b")
     timed = pb.ConsistencyConfig(mode=pb.CONSISTENCY_MODE_SYNC, workers=2, straggler_timeout_s=0.5)
     a.create({"w": np.zeros(1)}, sgd1(), timed)
