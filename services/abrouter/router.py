@@ -446,6 +446,9 @@ class Router:
     # -- experiments -------------------------------------------------------------------------------------------
 
     def _get(self, key: str) -> _Live:
+        # Every call naming an experiment comes here: after a failed write, memory may hold a change that was
+        # never saved, so nothing is read from it (fail-stop).
+        self._check_alive()
         st = self.live.get(key)
         if st is None:
             raise NotFound(f"experiment '{key}' does not exist")
@@ -528,6 +531,7 @@ class Router:
 
     def list_experiments(self) -> list[tuple[Experiment, int]]:
         """Every experiment (by key) and its number of exposed units."""
+        self._check_alive()
         with self.lock:
             return [(self.live[k].experiment, len(self.live[k].table)) for k in sorted(self.live)]
 
@@ -1200,5 +1204,6 @@ class Router:
 
     def list_events(self, key: str = "", after_seq: int = 0) -> list[RouterEvent]:
         """Events, oldest first."""
+        self._check_alive()
         with self.lock:
             return [e for e in self.events if e.seq > after_seq and (not key or e.experiment_key == key)]
