@@ -111,6 +111,7 @@ def test_feedback_on_either_core_matches_the_decisions_of_both(pair: tuple[Score
     result = b.feedback("risk", [("from-a", True), ("from-b", True), ("never-scored", True)])
     assert (result.accepted, result.unknown) == (2, 1)
     assert (result.precision, result.recall) == (1.0, 0.5)
+    assert a.version_info("risk", "v1").labels == 2  # a reports the labels b took
     # Each label counts once, whichever replica gets it again.
     again = a.feedback("risk", [("from-a", True), ("from-b", False)])
     assert (again.accepted, again.unknown) == (0, 2)
@@ -313,3 +314,18 @@ def wait_until(what: str, check: Callable[[], bool], timeout_s: float = 60.0) ->
     while not check():
         assert time.monotonic() < end, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def test_labels_no_f1_figure_reads_are_pruned(store_url: str, tmp_path: Path) -> None:
+    store = open_shared_registry(store_url, str(tmp_path / "artefacts"), "a")
+    try:
+        decided = [(f"r{i}", "v1", i % 3 == 0) for i in range(20)]
+        store.record_decisions("risk", decided).wait()
+        assert len(store.match_labels("risk", [(f"r{i}", i % 2 == 0) for i in range(20)])) == 20
+        before = store.labelled("risk", "v1", last=5, first=3)
+        assert store.prune_labels("risk", "v1", first=3, last=5) == 12
+        assert store.labelled("risk", "v1", last=5, first=3) == before  # what the F1 figures read is kept
+        assert store.prune_labels("risk", "v1", first=3, last=5) == 0
+        assert len(store.labelled("risk", "v1", last=100, first=100)[1]) == 8
+    finally:
+        store.log.close()

@@ -480,6 +480,21 @@ class SharedRegistry:
             )
         )
 
+    def prune_labels(self, model: str, version: str, first: int, last: int) -> int:
+        """Drop the labelled decisions of a version but its first ``first`` (>= 1; what a learned F1
+        baseline is computed on) and last ``last`` (>= 1; the rolling window); how many were dropped."""
+        of_version = "FROM scorer_labels WHERE model = ? AND version = ? ORDER BY id"
+        return int(
+            self._run(
+                lambda tx: tx.execute(
+                    f"DELETE FROM scorer_labels WHERE model = ? AND version = ? "
+                    f"AND id > (SELECT id {of_version} LIMIT 1 OFFSET ?) "
+                    f"AND id < (SELECT id {of_version} DESC LIMIT 1 OFFSET ?)",
+                    (model, version, model, version, first - 1, model, version, last - 1),
+                )
+            )
+        )
+
     def publish_live(self, model: str, rows: np.ndarray) -> None:
         """Store this replica's live window of ``model`` (rows x features, float32; NaN = missing)."""
         data = base64.b64encode(np.ascontiguousarray(rows, dtype="<f4").tobytes()).decode()

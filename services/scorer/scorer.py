@@ -131,6 +131,10 @@ class SharedState(Protocol):
         """Drop all but the newest ``keep`` stored decisions of a model; how many were dropped."""
         ...
 
+    def prune_labels(self, model: str, version: str, first: int, last: int) -> int:
+        """Drop a version's labelled decisions but the first ``first`` and the last ``last``."""
+        ...
+
     def publish_live(self, model: str, rows: np.ndarray) -> None:
         """Store this replica's live window (rows x features, float32, NaN = missing) of a model."""
         ...
@@ -466,8 +470,14 @@ class Scorer:
         return now
 
     def version_info(self, model: str, version: str) -> VersionInfo:
-        """A version's format, whether it serves, and its feedback health."""
+        """A version's format, whether it serves, and its feedback health (on a shared store, from every
+        replica's labels; this replica's last known figures while the store does not answer)."""
         state = self._state(self._line(model), version)
+        if self.shared is not None:
+            try:
+                self._health_from_store(model, version, state)
+            except GuardmeshError as err:
+                log.warning("feedback health not read from the store", extra={"model": model, "error": err.message})
         _, _, f1, n = state.health.rolling.metrics()
         return VersionInfo(
             version,
@@ -917,7 +927,14 @@ class Scorer:
         take a label, as with one process's bounded log); how many were dropped."""
         if self.shared is None:
             return 0
-        return sum(self.shared.prune_decisions(name, self.settings.decision_log) for name in list(self.lines))
+        dropped = 0
+        for name, line in list(self.lines.items()):
+            dropped += self.shared.prune_decisions(name, self.settings.decision_log)
+            for version, state in list(line.versions.items()):
+                # Labels no F1 figure reads any more: past the first min_labels (the learned baseline's) and
+                # before the last rolling window.
+                self.shared.prune_labels(name, version, state.health.min_labels, state.health.rolling.window)
+        return dropped
 
     def follow(self, poll_s: float = 0.25, on_store: Callable[[bool], None] | None = None) -> None:
         """Keep serving what the shared store holds: refresh when a NOTIFY (PostgreSQL) says the registry
