@@ -1383,3 +1383,29 @@ def full_audit(
         reasons=tuple(reasons),
         notes=tuple(notes),
     )
+
+
+def with_srm_since(
+    report: AuditReport,
+    arms: np.ndarray,
+    versions: np.ndarray,
+    since: int,
+    weights: Sequence[float],
+    *,
+    min_sample: int,
+    min_deviation: float,
+) -> AuditReport:
+    """The report with SRM over the units first exposed at config version >= ``since`` only (the weights
+    in force apply from there), when some were exposed before; ``alert`` recomputed."""
+    if not (versions < since).any():
+        return report
+    counts = np.bincount(arms[versions >= since], minlength=len(weights))
+    srm = sample_ratio_test(counts, weights, min_sample=min_sample, min_deviation=min_deviation)
+    srm = replace(srm, reason=f"{srm.reason} (units exposed since version {since})")
+    alert = (
+        srm.alert
+        or report.uniformity.alert
+        or any(t.alert for t in report.clustering)
+        or any(b.imbalanced for b in report.balance)
+    )
+    return replace(report, srm=srm, alert=alert)

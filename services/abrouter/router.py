@@ -915,17 +915,10 @@ class Router:
             resolution=1000 if version == 1 else 10_000,
             by_categorical=tuple(window_covariates) or None,
         )
-        if (versions < since).any():  # weights changed: SRM compares only units exposed under today's weights
-            counts = np.bincount(columns.arms[versions >= since], minlength=len(weights))
-            srm = audit_mod.sample_ratio_test(counts, weights, min_sample=min_sample, min_deviation=min_deviation)
-            srm = replace(srm, reason=f"{srm.reason} (units exposed since version {since})")
-            alert = (
-                srm.alert
-                or report.uniformity.alert
-                or any(t.alert for t in report.clustering)
-                or any(b.imbalanced for b in report.balance)
-            )
-            report = replace(report, srm=srm, alert=alert)
+        # weights changed: SRM compares only units exposed under today's weights
+        report = audit_mod.with_srm_since(
+            report, columns.arms, versions, since, weights, min_sample=min_sample, min_deviation=min_deviation
+        )
         return report
 
     def check_balance(
