@@ -751,11 +751,18 @@ class Scorer:
         (on a shared store the decisions are in the store before the answer, so any replica takes their
         labels; UNAVAILABLE if they could not be written)."""
         missing = np.isnan(raw)
-        stored = None
-        with line.lock:
-            if self.shared is not None and decided:
+        if self.shared is not None and decided:
+            # Queued under the line's lock, waited for outside it (concurrent groups share one commit); the
+            # live window, monitors and drift take the rows only once the decisions are stored, so a call
+            # refused UNAVAILABLE leaves no trace.
+            with line.lock:
                 stored = self.shared.record_decisions(line.name, [(r, version, p) for r, p in decided])
-            else:
+            try:
+                stored.wait("decisions")
+            except StoreFailure as exc:
+                raise Unavailable(f"scorer store unavailable: {exc}") from None
+        with line.lock:
+            if self.shared is None:
                 for request_id, positive in decided:
                     line.decisions.record(request_id, version, positive)
             line.live.add(raw)
@@ -775,11 +782,6 @@ class Scorer:
             if line.reference is not None and line.rows_since_drift >= self.settings.drift_every:
                 line.rows_since_drift = 0
                 line.drift_score = float(drift_mod.drift_stats(line.reference, line.live).score)
-        if stored is not None:  # waited for outside the line's lock: concurrent groups share one commit
-            try:
-                stored.wait("decisions")
-            except StoreFailure as exc:
-                raise Unavailable(f"scorer store unavailable: {exc}") from None
 
     def batch_stats(self, model: str, version: str) -> BatchStats:
         """What the version's batcher did: batches, rows, sizes and why each batch left."""
