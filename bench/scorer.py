@@ -366,13 +366,21 @@ INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def serve_and_measure(
-    clients: tuple[int, ...], seconds: float, rounds: int, load_procs: int, before: Path | None, threads: int
+    clients: tuple[int, ...],
+    seconds: float,
+    rounds: int,
+    load_procs: int,
+    before: Path | None,
+    threads: int,
+    settings: dict[str, str] | None = None,
+    wanted: tuple[str, ...] = tuple(TARGETS),
+    models: tuple[str, ...] = tuple(MODELS),
 ) -> tuple[dict[tuple[str, int, str], dict[str, float]], dict[str, float], str]:
     """Start every server, register both models, and measure every (model, clients, target) cell in ``rounds``
     interleaved rounds; per figure the median of the rounds. Also ScoreBatch vs Score calls on ``score_on``."""
     from bench.triton_server import triton_process
 
-    payloads = {m: torchscript(m) for m in MODELS}
+    payloads = {m: torchscript(m) for m in models}
     base = {
         "GUARDMESH__SCORER__DEVICE": "auto",
         "GUARDMESH__SCORER__DRIFT_EVERY": "1000000",
@@ -380,6 +388,7 @@ def serve_and_measure(
     }
     if threads:
         base["GUARDMESH__SCORER__TORCH_THREADS"] = str(threads)
+    base.update(settings or {})
     triton_models = {f"{m}_{mode}": (payloads[m], MODELS[m][1], mode == "on") for m in MODELS for mode in ("on", "off")}
     results: dict[tuple[str, int, str], dict[str, float]] = {}
     with contextlib.ExitStack() as stack:
@@ -390,18 +399,19 @@ def serve_and_measure(
         }
         if before is not None:
             servers["score_before"] = stack.enter_context(scorer_process(base, before))
-        address, proc = stack.enter_context(triton_process(triton_models, torch_threads=threads))
-        servers["triton_on"] = servers["triton_off"] = (address, proc.pid)
+        if {"triton_on", "triton_off"} & set(wanted):
+            address, proc = stack.enter_context(triton_process(triton_models, torch_threads=threads))
+            servers["triton_on"] = servers["triton_off"] = (address, proc.pid)
         servers["oip"] = servers["score_on"]
         device = ""
         for target in ("score_on", "score_off", "score_before"):
             if target in servers:
-                for m in MODELS:
+                for m in models:
                     device = register(servers[target][0], m, payloads[m])
         load = LoadGenerator(load_procs)
         stack.callback(load.close)
-        targets = [t for t in TARGETS if t in servers]
-        for model in MODELS:
+        targets = [t for t in TARGETS if t in servers and t in wanted]
+        for model in models:
             score, infer = request_bodies(model)
             bodies = {
                 "score_on": (SCORE_METHOD, score),
@@ -443,13 +453,13 @@ def matrix_records(
     failures as fields), then the targets of issue #22 (each against its peer in the same run)."""
     out: list[dict[str, Any]] = []
     for (model, n, target), r in results.items():
-        anchor = results[(model, n, "triton_on")]
+        anchor = results.get((model, n, "triton_on"))
         rec = record(
             f"Serving matrix: {MODELS[model][0]}, {n} clients, {TARGETS[target]}",
             "requests/s",
             r["qps"],
-            "Triton, dynamic batching (same run)",
-            anchor["qps"],
+            "Triton, dynamic batching (same run)" if anchor else "none measured in this run",
+            anchor["qps"] if anchor else None,
             None,
         )
         rec.update(
@@ -592,6 +602,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--torch-threads", type=int, default=0, help="intra-op threads for every model server (0: torch's default)"
+    )
+    ap.add_argument(
+        "--scorer-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a GUARDMESH__ override for the guardmesh scorers (e.g. GUARDMESH__GRPC__MAX_WORKERS=8); repeatable",
     )
     ap.add_argument("--skip-drift", action="store_true", help="leave the drift statistics records as they are")
     ap.add_argument("--note", default="", help="a note on every record of this run (e.g. how loaded the machine was)")
