@@ -594,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--load-procs", type=int, default=max(2, min(8, (os.cpu_count() or 2) // 2)), help="load generator processes"
     )
+    ap.add_argument("--targets", default="", help=f"comma-separated subset of {', '.join(TARGETS)}")
+    ap.add_argument("--models", default="", help=f"comma-separated subset of {', '.join(MODELS)}")
     ap.add_argument(
         "--before",
         type=Path,
