@@ -151,8 +151,12 @@ class ExperimentSpec:
             names.add(arm.name)
             if not (math.isfinite(arm.weight) and 0 <= arm.weight <= 1):
                 raise InvalidArgument(f"spec.arms[{i}].weight", f"must be in [0, 1], got {arm.weight}")
-        total = math.fsum(self.weights)
-        if not WEIGHT_SUM_RANGE[0] <= total <= WEIGHT_SUM_RANGE[1]:  # GrowthBook's comparison, same floats
+        # GrowthBook adds the weights left to right (the JS SDK's reduce, the Python SDK's sum() on 3.11) and
+        # falls back to equal weights outside 0.99..1.01: the same float additions accept exactly what it honours.
+        total = 0.0
+        for weight in self.weights:
+            total += weight
+        if not WEIGHT_SUM_RANGE[0] <= total <= WEIGHT_SUM_RANGE[1]:
             raise InvalidArgument("spec.arms.weight", f"weights must sum to 1 (within 0.99..1.01), got {total:.9g}")
         if not (math.isfinite(self.coverage) and 0 <= self.coverage <= 1):
             raise InvalidArgument("spec.coverage", f"must be in [0, 1], got {self.coverage}")
