@@ -822,47 +822,19 @@ class Scorer:
         line = self._line(model)
         if not labels:
             raise InvalidArgument("labels", "must not be empty")
-        accepted = unknown = 0
+        active = self.registry.active(model).version
         if self.shared is not None:
-            return self._feedback_shared(model, line, labels)
-        active = self.registry.active(model).version
-        for request_id, label in labels:
-            found = line.decisions.pop(request_id)
-            if found is None:
-                unknown += 1
-                continue
-            version, predicted = found
-            state = line.versions.get(version)
-            if state is None:
-                unknown += 1
-                continue
-            state.health.observe(predicted, label)
-            accepted += 1
-        health = line.versions[active].health
-        precision, recall, f1, _ = health.rolling.metrics()
-        rolled_back = False
-        degraded, drop = health.degraded(line.versions[active].config.max_f1_drop)
-        if degraded:
-            try:
-                self.rollback(model, f"F1 {f1:.3f} is {drop:.1%} below its baseline {health.baseline_f1:.3f}")
-                rolled_back = True
-            except FailedPrecondition:
-                self._event(model, "degraded", f"F1 dropped {drop:.1%} but no earlier version exists")
-        return FeedbackResult(
-            accepted, unknown, self.registry.active(model).version, rolled_back, precision, recall, f1
-        )
-
-    def _feedback_shared(self, model: str, line: ModelLineState, labels: list[tuple[str, bool]]) -> FeedbackResult:
-        """Feedback on a shared store: labels match the decisions of every replica and count once; each
-        touched version's F1 is computed on every replica's labels; a rollback is a compare-and-set, so of
-        replicas that find the same degradation at once one rolls back and the others see it done."""
-        assert self.shared is not None
-        matched = self.shared.match_labels(model, labels)
-        for version in dict.fromkeys([v for v, _, _ in matched] + [self.registry.active(model).version]):
-            state = line.versions.get(version)
-            if state is not None:
-                self._health_from_store(model, version, state)
-        active = self.registry.active(model).version
+            accepted, unknown = self._labels_shared(model, line, labels, active)
+        else:
+            accepted = unknown = 0
+            for request_id, label in labels:
+                found = line.decisions.pop(request_id)
+                state = line.versions.get(found[0]) if found is not None else None
+                if found is None or state is None:
+                    unknown += 1
+                    continue
+                state.health.observe(found[1], label)
+                accepted += 1
         health = line.versions[active].health
         precision, recall, f1, _ = health.rolling.metrics()
         rolled_back = False
@@ -875,10 +847,25 @@ class Scorer:
                 pass  # another replica changed it first (its rollback of the same degradation); now served here
             except FailedPrecondition:
                 self._event(model, "degraded", f"F1 dropped {drop:.1%} but no earlier version exists")
-        known = sum(1 for v, _, _ in matched if v in line.versions)
         return FeedbackResult(
-            known, len(labels) - known, self.registry.active(model).version, rolled_back, precision, recall, f1
+            accepted, unknown, self.registry.active(model).version, rolled_back, precision, recall, f1
         )
+
+    def _labels_shared(
+        self, model: str, line: ModelLineState, labels: list[tuple[str, bool]], active: str
+    ) -> tuple[int, int]:
+        """Labels on a shared store: matched to the decisions of every replica, each counted once; every
+        touched version's (and the active one's) F1 then computed on every replica's labels. A rollback
+        that follows is a compare-and-set: of replicas finding the same degradation at once, one rolls
+        back and the others see it done. Returns (accepted, unknown)."""
+        assert self.shared is not None
+        matched = self.shared.match_labels(model, labels)
+        for version in dict.fromkeys([v for v, _, _ in matched] + [active]):
+            state = line.versions.get(version)
+            if state is not None:
+                self._health_from_store(model, version, state)
+        accepted = sum(1 for v, _, _ in matched if v in line.versions)
+        return accepted, len(labels) - accepted
 
     def _health_from_store(self, model: str, version: str, state: VersionState) -> None:
         """A version's rolling F1 (and learned baseline) from the labels every replica stored."""
