@@ -122,6 +122,11 @@ def instances(config: MeshConfig, replicas: int = 1, store_url: str = "") -> lis
     service_env: dict[str, str] = {}
     if config.security.authorization and config.security.mode != "mtls":
         service_env["GUARDMESH__SECURITY__TOKEN_FILE"] = "tokens/app.token"
+    if replicas > 1 and "scorer" in enabled_services(config):  # the router (the scorer's caller) finds them all
+        scorer = config.services["scorer"]
+        service_env["GUARDMESH__SERVICES__SCORER__REPLICAS"] = json.dumps(
+            [f"{scorer.host}:{scorer.port + REPLICA_PORT_STEP * i}" for i in range(replicas)]
+        )
     for service in enabled_services(config):
         if service == "abrouter":  # it calls the scorer as an application, never as admin
             out.append((service, service, {"GUARDMESH__SECURITY__CLIENT_ROLE": "app", **service_env}))
