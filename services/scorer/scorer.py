@@ -558,7 +558,9 @@ class Scorer:
                 continue
             with state.batcher.arriving() as arrival:  # the batcher may wait for these rows, not leave without
                 group = self._parse(line, state, [calls[i] for i in members])
-                queued.append((members, group, self._prepare(group, arrival)))
+                # inline only for one group: otherwise the first model's rows would run on this thread
+                # before the next model's rows are queued
+                queued.append((members, group, self._prepare(group, arrival, inline=len(groups) == 1)))
         for members, group, pending in queued:
             for i, outcome in zip(members, self._finish(group, pending, atomic=False), strict=True):
                 results[i] = outcome
@@ -590,7 +592,7 @@ class Scorer:
         n = len(raw)
         group = _Group(line, state, raw, list(request_ids), [False] * n, [False] * n, [None] * n)
         with state.batcher.arriving() as arrival:
-            pending = self._prepare(group, arrival)
+            pending = self._prepare(group, arrival, inline=True)
         outcomes = self._finish(group, pending, atomic=True)
         return state.model.version, [o for o in outcomes if isinstance(o, ScoreOutcome)]
 
@@ -632,8 +634,9 @@ class Scorer:
             errors,
         )
 
-    def _prepare(self, group: _Group, arrival: Arrival) -> list[Future[np.ndarray]]:
-        """Impute or refuse missing values, apply the rules, and queue the rows the model decides."""
+    def _prepare(self, group: _Group, arrival: Arrival, *, inline: bool) -> list[Future[np.ndarray]]:
+        """Impute or refuse missing values, apply the rules, and queue the rows the model decides (with
+        ``inline``, rows may run on this thread when the batcher is idle)."""
         line, config = group.line, group.state.config
         missing = np.isnan(group.raw)
         incomplete = np.flatnonzero(missing.any(axis=1))
@@ -675,7 +678,7 @@ class Scorer:
             return []
         try:
             # inline: a lone caller runs its rows on its own thread when the batcher is idle (no hand-offs)
-            return group.state.batcher.submit_many(group.rows[scored], arrival, inline=True)
+            return group.state.batcher.submit_many(group.rows[scored], arrival, inline=inline)
         except GuardmeshError as refused:  # the queue is full (RESOURCE_EXHAUSTED): the model rows share it
             for k in scored:
                 group.errors[k] = refused
