@@ -18,7 +18,15 @@ d) The sequential guardrail (``services.abrouter.guardrails``, the served functi
    the fixed-sample guardrail it replaced (one-sided Welch test at alpha plus "change beyond the bound", checked
    at every look), on the same simulated runs.
 
-    python -m bench.abrouter [--seconds 5] [--ids 1000000] [--runs 2000] [--parts abcd]
+e) Replicas on a shared store (issue #16): logged Assign throughput (4 client processes) of one router on
+   PostgreSQL vs the same on SQLite (target ratio >= 0.8); config propagation between two replicas on
+   PostgreSQL, UpdateExperiment on one until the other serves the new version, p99 (target <= 1 s).
+f) The exposure table (issue #20): export throughput (exposures/s written to Parquet, in process, from a
+   SQLite store) vs the logging throughput of e); the full audit of ``--exposures`` generated exposures read
+   from the Parquet table with DuckDB vs the same audit on in-memory columns, and vs plain DuckDB SQL for the
+   SRM counts alone (peak RSS of the process reported).
+
+    python -m bench.abrouter [--seconds 5] [--ids 1000000] [--runs 2000] [--exposures 10000000] [--parts abcdef]
 
 With ``--parts`` naming fewer parts, the records of the other parts are kept from the existing results file.
 """
@@ -321,19 +329,184 @@ def guardrail_bench(runs: int) -> list[dict[str, Any]]:
     ]
 
 
+def _create(address: str, key: str = "bench-exp") -> None:
+    from guardmesh.v1 import abrouter_pb2 as pb
+    from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        arms = [pb.Arm(name="control", weight=0.5), pb.Arm(name="treatment", weight=0.5)]
+        pb_grpc.ABRouterServiceStub(ch).CreateExperiment(
+            pb.CreateExperimentRequest(spec=pb.ExperimentSpec(key=key, arms=arms))
+        )
+
+
+def _propagation(a: str, b: str, rounds: int) -> list[float]:
+    """Seconds from an acknowledged UpdateExperiment on ``a`` until ``b`` serves that version."""
+    from guardmesh.v1 import abrouter_pb2 as pb
+    from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
+
+    out = []
+    with grpc.insecure_channel(a) as ca, grpc.insecure_channel(b) as cb:
+        sa, sb = pb_grpc.ABRouterServiceStub(ca), pb_grpc.ABRouterServiceStub(cb)
+        _create(a, "propagation")
+        while True:  # b has it
+            try:
+                sb.GetExperiment(pb.GetExperimentRequest(key="propagation"))
+                break
+            except grpc.RpcError:
+                time.sleep(0.01)
+        for i in range(rounds):
+            w = 0.2 + 0.6 * ((i % 2) == 0)
+            arms = [pb.Arm(name="control", weight=w), pb.Arm(name="treatment", weight=1 - w)]
+            start = time.perf_counter()
+            version = sa.UpdateExperiment(
+                pb.UpdateExperimentRequest(spec=pb.ExperimentSpec(key="propagation", arms=arms))
+            ).experiment.version
+            while sb.GetExperiment(pb.GetExperimentRequest(key="propagation")).experiment.version < version:
+                time.sleep(0.001)
+            out.append(time.perf_counter() - start)
+    return out
+
+
+#: Figures one part hands to another in the same run (the export is compared with e's logging rate).
+_MEASURED: dict[str, float] = {}
+
+
+def replicas_bench(seconds: float) -> list[dict[str, Any]]:
+    """e) logged Assign on PostgreSQL vs SQLite; config propagation p99 between two replicas."""
+    from bench.scale import postgres
+
+    common = {"GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0", "GUARDMESH__ABROUTER__EXPORT_URL": ""}
+    with service_process("abrouter", common) as address:  # SQLite, synchronous FULL (the default)
+        _create(address)
+        sqlite_fig = _drive("assign", address, 4, seconds, log=True)
+    with postgres() as server:
+        url = server.ensure_database("bench_abrouter")
+        shared = {**common, "GUARDMESH__ABROUTER__STORE_URL": url}
+        with service_process("abrouter", shared) as address:
+            _create(address)
+            pg_fig = _drive("assign", address, 4, seconds, log=True)
+        url2 = server.ensure_database("bench_abrouter_propagation")
+        shared = {**common, "GUARDMESH__ABROUTER__STORE_URL": url2}
+        with service_process("abrouter", shared) as a, service_process("abrouter", shared) as b:
+            delays = _propagation(a, b, 200)
+    p99 = float(np.percentile(delays, 99))
+    _MEASURED["assign_logged_4p_sqlite"] = sqlite_fig["qps"]
+    print(
+        f"logged Assign 4p: PostgreSQL {pg_fig}, SQLite {sqlite_fig}; propagation p50 "
+        f"{np.percentile(delays, 50) * 1e3:.1f} ms p99 {p99 * 1e3:.1f} ms"
+    )
+    return [
+        record("assign_logged_4p_postgresql", "calls/s", pg_fig["qps"], "same on SQLite", sqlite_fig["qps"], 0.8),
+        record("config_propagation_p99", "s", p99, "target", 1.0, None, False),
+    ]
+
+
+def table_bench(n: int) -> list[dict[str, Any]]:
+    """f) export throughput vs logging; the table audit (DuckDB over Parquet) vs in memory vs plain SQL."""
+    import resource
+    import tempfile
+    from pathlib import Path
+
+    import duckdb
+
+    from guardmesh.config import ABRouterSettings
+    from services.abrouter.export import ExposureExporter
+    from services.abrouter.router import Router
+    from services.abrouter.store import ExposureRow, RouterStore
+    from services.abrouter.warehouse import audit_table
+
+    records = []
+    with tempfile.TemporaryDirectory(prefix="guardmesh-bench-table-") as tmp:
+        store = RouterStore(Path(tmp) / "r.db", "NORMAL")
+        router = Router(ABRouterSettings(), store)
+        router.create(SPEC)
+        exp = router.live[SPEC.key].experiment
+        cols = exposures(n)
+        start = time.perf_counter()
+        chunk = 100_000
+        for lo in range(0, n, chunk):  # the log as Assign would write it, in large batches
+            rows = [
+                ExposureRow(
+                    SPEC.key,
+                    str(cols.unit_ids[i]),
+                    int(cols.arms[i]),
+                    float(cols.buckets[i]),
+                    0.5,
+                    float(cols.timestamps[i]),
+                    1,
+                    {"age": float(cols.numeric["age"][i])},
+                    {},
+                )
+                for i in range(lo, min(n, lo + chunk))
+            ]
+            store.submit([RouterStore.exposures(rows)]).wait()
+        log_s = time.perf_counter() - start
+        table = str(Path(tmp) / "table")
+        exporter = ExposureExporter(store, table)
+        start = time.perf_counter()
+        while exporter.export_once():
+            pass
+        export_s = time.perf_counter() - start
+        if "assign_logged_4p_sqlite" in _MEASURED:
+            records.append(
+                record(
+                    f"export_{n}_vs_logged_assign",
+                    "exposures/s",
+                    n / export_s,
+                    "logged Assign over gRPC, 4 clients, SQLite (e)",
+                    _MEASURED["assign_logged_4p_sqlite"],
+                    1.0,
+                )
+            )
+        records.append(
+            record(f"export_{n}_exposures", "exposures/s", n / export_s, "logging the same in batches", n / log_s, 1.0)
+        )
+        start = time.perf_counter()
+        report = audit_table(table, exp, 1, min_sample=1000)
+        table_s = time.perf_counter() - start
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        start = time.perf_counter()
+        con = duckdb.connect()
+        counts = con.sql(
+            f"SELECT arm, COUNT(*) FROM (SELECT arm, row_number() OVER (PARTITION BY unit ORDER BY exposure_id) AS r "
+            f"FROM read_parquet('{table}/*/*/*.parquet')) WHERE r = 1 GROUP BY arm"
+        ).fetchall()
+        stats.chisquare([c for _, c in sorted(counts)])
+        sql_s = time.perf_counter() - start
+        start = time.perf_counter()
+        full_audit(cols, (0.5, 0.5), min_sample=1000)
+        memory_s = time.perf_counter() - start
+        store.close()
+    print(
+        f"{n:,} exposures: log {log_s:.1f} s, export {export_s:.1f} s, table audit {table_s:.1f} s "
+        f"(SRM p={report.srm.p_value:.3g}; peak RSS {rss_mb:.0f} MB), plain DuckDB SRM {sql_s:.1f} s, "
+        f"in-memory audit {memory_s:.1f} s"
+    )
+    records += [
+        record(f"table_audit_{n}", "s", table_s, "the same audit on in-memory columns", memory_s, None, False),
+        record(f"table_audit_{n}_vs_plain_sql_srm", "s", table_s, "plain DuckDB SQL, SRM only", sql_s, None, False),
+        record(f"table_audit_{n}_peak_rss", "MB", rss_mb, "target", 2048.0, None, False),
+    ]
+    return records
+
+
 def main() -> int:
     """Run the parts asked for and write ``bench/results/abrouter.json`` (other parts' records kept)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--ids", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=2000, help="simulated experiments per guardrail figure")
-    parser.add_argument("--parts", default="abcd", help="which parts to run (letters a-d)")
+    parser.add_argument("--exposures", type=int, default=10_000_000, help="exposures of the table audit (f)")
+    parser.add_argument("--parts", default="abcdef", help="which parts to run (letters a-f)")
     args = parser.parse_args()
     parts = {
         "a": lambda: in_process(args.ids),
         "c": lambda: audit_bench(args.ids),
         "b": lambda: over_grpc(args.seconds),
         "d": lambda: guardrail_bench(args.runs),
+        "e": lambda: replicas_bench(args.seconds),
+        "f": lambda: table_bench(args.exposures),
     }
     records: list[dict[str, Any]] = []
     for letter, run in parts.items():
