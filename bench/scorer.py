@@ -148,11 +148,9 @@ class Job:
     start_at: float  # time.time() at which every process starts sending
 
 
-async def _drive(job: Job) -> tuple[list[float], int]:
-    import grpc  # in the load process
-
+async def _drive(job: Job) -> tuple[list[float], dict[str, int]]:
     latencies: list[float] = []
-    failed = 0
+    failed: dict[str, int] = {}
     async with grpc.aio.insecure_channel(job.address, options=GRPC_OPTIONS) as channel:
         call = channel.unary_unary(job.method)  # bytes in, bytes out: no protobuf work here
         await call(job.payloads[0], timeout=120)  # connected and warm before the clock starts
@@ -160,14 +158,13 @@ async def _drive(job: Job) -> tuple[list[float], int]:
         stop_at = time.monotonic() + job.seconds
 
         async def client(k: int) -> None:
-            nonlocal failed
             i = k
             while time.monotonic() < stop_at:
                 t0 = time.perf_counter()
                 try:
                     await call(job.payloads[i % len(job.payloads)], timeout=60)
-                except grpc.aio.AioRpcError:
-                    failed += 1
+                except grpc.aio.AioRpcError as err:
+                    failed[err.code().name] = failed.get(err.code().name, 0) + 1
                 else:
                     latencies.append(time.perf_counter() - t0)
                 i += job.clients
@@ -210,20 +207,23 @@ class LoadGenerator:
         for conn, share in zip(used, shares, strict=True):
             conn.send(Job(address, method, payloads, share, seconds, start_at))
         latencies: list[float] = []
-        failed = 0
+        failed: dict[str, int] = {}
         for conn in used:
             answer = conn.recv()
             if isinstance(answer, Exception):
                 raise answer
             latencies += answer[0]
-            failed += answer[1]
+            for code, count in answer[1].items():
+                failed[code] = failed.get(code, 0) + count
+        if failed:
+            print(f"  {address} {method}: failed calls by status {failed}", flush=True)
         ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
         return {
             "qps": len(latencies) / seconds,
             "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)),
             "calls": float(len(latencies)),
-            "failed": float(failed),
+            "failed": float(sum(failed.values())),
         }
 
     def close(self) -> None:
@@ -620,8 +620,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 6.0)
     print(f"machine: {machine()}; load generator: {args.load_procs} processes", flush=True)
+    settings = dict(kv.split("=", 1) for kv in args.scorer_setting)
+    wanted = tuple(args.targets.split(",")) if args.targets else tuple(TARGETS)
+    models = tuple(args.models.split(",")) if args.models else tuple(MODELS)
     results, batch, device = serve_and_measure(
-        clients, seconds, args.rounds, args.load_procs, args.before, args.torch_threads
+        clients, seconds, args.rounds, args.load_procs, args.before, args.torch_threads, settings, wanted, models
     )
     records = matrix_records(results, clients, args.rounds, device)
     records.append(
