@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from guardmesh.config import load_config
+from guardmesh.sdk.scorer import ScorerClient
 from guardmesh.v1 import scorer_pb2 as pb
 from guardmesh.v1 import scorer_pb2_grpc as pb_grpc
 from tests.postgres import PostgresServer
@@ -101,6 +103,10 @@ def test_two_replicas_share_models_feedback_and_rollback(replicas: tuple[Service
     wait_for("B's current live window in the store", lambda: merged().live_rows == pooled_rows)
     both = merged()
     assert sorted(both.replicas) == sorted([*own_a.replicas, *own_b.replicas]) and both.live_rows == pooled_rows
+    with ScorerClient(load_config(env={}), address=b.address) as client:  # the SDK asks for the same
+        through_sdk = client.drift_report("risk", merge_replicas=True)
+        assert sorted(through_sdk.replicas) == sorted(both.replicas) and through_sdk.live_rows == pooled_rows
+        assert client.drift_report("risk").replicas == tuple(own_b.replicas)
 
 
 def test_make_up_replicas_runs_scorer_replicas_on_the_store(tmp_path: Path) -> None:
