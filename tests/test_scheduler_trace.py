@@ -108,6 +108,9 @@ def test_cpu_only_job_over_grpc_and_its_rules(tmp_path: Path) -> None:
         )
         assert job.state == spb.JOB_STATE_RUNNING
         assert job.placements[0].node == "gpu-1" and not job.placements[0].gpus
+        # The echoed spec has no GPU memory either, so a client can resubmit it as it is.
+        assert job.spec.WhichOneof("gpu_memory") is None
+        assert submit(stub, job.spec).state == spb.JOB_STATE_RUNNING
         cases = [
             (
                 spb.JobSpec(

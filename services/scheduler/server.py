@@ -120,8 +120,8 @@ def spec_to_pb(spec: JobSpec) -> pb.JobSpec:
     )
     if spec.memory_mib_per_gpu is not None:
         msg.memory_mib_per_gpu = spec.memory_mib_per_gpu
-    else:
-        msg.gpu_share_milli = spec.share_milli or 0
+    elif spec.share_milli is not None:  # neither for a job with no GPU
+        msg.gpu_share_milli = spec.share_milli
     return msg
 
 
