@@ -389,7 +389,7 @@ def serve_and_measure(
     if threads:
         base["GUARDMESH__SCORER__TORCH_THREADS"] = str(threads)
     base.update(settings or {})
-    triton_models = {f"{m}_{mode}": (payloads[m], MODELS[m][1], mode == "on") for m in MODELS for mode in ("on", "off")}
+    triton_models = {f"{m}_{mode}": (payloads[m], MODELS[m][1], mode == "on") for m in models for mode in ("on", "off")}
     results: dict[tuple[str, int, str], dict[str, float]] = {}
     with contextlib.ExitStack() as stack:
         servers: dict[str, tuple[str, int]] = {
