@@ -4,9 +4,11 @@ covariate balance overall and by window), including SRM since a weight change; a
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -15,7 +17,7 @@ from services.abrouter.audit import AuditReport
 from services.abrouter.experiments import ArmSpec, ExperimentSpec
 from services.abrouter.export import ExportCorrupt, ExposureExporter, exposure_files
 from services.abrouter.router import Router
-from services.abrouter.store import RouterStore
+from services.abrouter.store import ExposureRow, RouterStore
 from services.abrouter.warehouse import audit_table, exposure_columns
 
 SPEC = ExperimentSpec(key="main", arms=(ArmSpec("control", 0.5), ArmSpec("new", 0.5)))
@@ -108,3 +110,90 @@ def test_a_corrupt_file_fails_the_table_audit_naming_the_table(tmp_path: Path) -
     finally:
         router.close()
         router.store.close()
+
+
+def test_assign_keeps_answering_while_a_table_audit_runs(tmp_path: Path) -> None:
+    router = Router(ABRouterSettings(), RouterStore(tmp_path / "r.db", "NORMAL"))
+    assert router.store is not None
+    router.create(SPEC)
+    rng = np.random.default_rng(1)
+    n = 200_000
+    arms = rng.integers(0, 2, n)
+    for lo in range(0, n, 50_000):
+        rows = [
+            ExposureRow(
+                "main",
+                f"bulk-{i}",
+                int(arms[i]),
+                float(rng.random()),
+                0.5,
+                1_760_000_000.0 + i,
+                1,
+                {"age": float(i % 90)},
+                {"device": ("ios", "web")[i % 2]},
+            )
+            for i in range(lo, lo + 50_000)
+        ]
+        router.store.submit([RouterStore.exposures(rows)]).wait()
+    table_url = str(tmp_path / "table")
+    exporter = ExposureExporter(router.store, table_url)
+    while exporter.export_once():
+        pass
+    running = threading.Event()
+    finished = threading.Event()
+    result: list[AuditReport] = []
+
+    def audit() -> None:
+        running.set()
+        try:
+            result.append(router.audit_from_table(table_url, "main", min_sample=1000))
+        finally:
+            finished.set()
+
+    try:
+        worker = threading.Thread(target=audit)
+        worker.start()
+        assert running.wait(30)
+        answered_meanwhile = 0
+        i = 0
+        while not finished.is_set():
+            router.assign(f"live-{i}", {}, ["main"], log_exposure=True)
+            i += 1
+            if not finished.is_set():
+                answered_meanwhile += 1
+        worker.join()
+        assert result and result[0].exposures == n  # the audit saw the table as exported
+        assert answered_meanwhile > 0, "no assignment was answered while the table audit ran"
+    finally:
+        router.close()
+        router.store.close()
+
+
+def test_audit_from_table_over_grpc_matches_the_in_memory_audit(tmp_path: Path) -> None:
+    from guardmesh.v1 import abrouter_pb2 as pb
+    from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
+    from tests.processes import ServiceProcess
+
+    env = {"GUARDMESH__ABROUTER__EXPORT_URL": str(tmp_path / "table"), "GUARDMESH__ABROUTER__EXPORT_INTERVAL_S": "3600"}
+    with ServiceProcess("abrouter", tmp_path / "r", env) as proc:
+        proc.start()
+        stub = pb_grpc.ABRouterServiceStub(proc.channel())
+        arms = [pb.Arm(name="control", weight=0.5), pb.Arm(name="new", weight=0.5)]
+        stub.CreateExperiment(pb.CreateExperimentRequest(spec=pb.ExperimentSpec(key="main", arms=arms)))
+        for i in range(1200):
+            covariates = pb.Covariates(numeric={"age": float(i % 70)}, categorical={"device": ("ios", "web")[i % 2]})
+            stub.Assign(
+                pb.AssignRequest(unit_id=f"u{i}", experiment_keys=["main"], log_exposure=True, covariates=covariates)
+            )
+        in_memory = stub.AuditExperiment(pb.AuditExperimentRequest(key="main", min_sample=100))
+        from_table = stub.AuditExperiment(pb.AuditExperimentRequest(key="main", min_sample=100, from_table=True))
+        assert from_table.exposures == in_memory.exposures == 1200
+        assert from_table.srm == in_memory.srm
+        assert from_table.uniformity == in_memory.uniformity
+        assert list(from_table.balance) == list(in_memory.balance)
+        assert [t.name for t in from_table.clustering] == [t.name for t in in_memory.clustering]
+        with pytest.raises(grpc.RpcError) as info:
+            stub.AuditExperiment(pb.AuditExperimentRequest(key="main", from_table=True, window_covariates=["nope"]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "window_covariates[0]" in str(
+            info.value.details()
+        )

@@ -921,6 +921,39 @@ class Router:
         )
         return report
 
+    def audit_from_table(
+        self,
+        table_url: str,
+        key: str,
+        others: Sequence[str] = (),
+        min_sample: int = 0,
+        min_deviation: float = 0.0,
+        window_covariates: Sequence[str] = (),
+    ) -> audit_mod.AuditReport:
+        """:meth:`audit` over the Parquet exposure table at ``table_url`` with DuckDB (every replica's exposures,
+        out of core). The router's lock is held only to read the experiment, so assignments go on meanwhile."""
+        from services.abrouter import warehouse  # DuckDB only where asked for
+
+        min_sample = min_sample or self.settings.audit_min_sample
+        min_deviation = min_deviation or self.settings.audit_min_deviation
+        if min_sample < 0 or not 0 <= min_deviation < 1:
+            raise InvalidArgument("min_sample/min_deviation", "min_sample >= 0 and min_deviation in [0, 1)")
+        with self.lock:
+            st = self._get(key)
+            for i, k in enumerate(others):
+                if k not in self.live:
+                    raise NotFound(f"other_experiments[{i}]: experiment '{k}' does not exist")
+            experiment, since = st.experiment, st.weights_since
+        return warehouse.audit_table(
+            table_url,
+            experiment,
+            since,
+            others=others,
+            min_sample=min_sample,
+            min_deviation=min_deviation,
+            window_covariates=window_covariates,
+        )
+
     def check_balance(
         self,
         key: str,

@@ -46,7 +46,7 @@ from services.abrouter.experiments import (
     NamespaceSpec,
     ShadowSpec,
 )
-from services.abrouter.export import ExportWorker, ExposureExporter, ExposureStream, SettledExposure
+from services.abrouter.export import ExportCorrupt, ExportWorker, ExposureExporter, ExposureStream, SettledExposure
 from services.abrouter.guardrails import Guardrail, GuardrailVerdict
 from services.abrouter.metrics import MetricKind
 from services.abrouter.router import AnalysisOptions, Observation, Router
@@ -507,6 +507,14 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
         """See the proto."""
         if self.exporter is None:
             raise FailedPrecondition("export is off: abrouter.export_url is empty")
+        exported, done = self._export_now()
+        return pb.ExportExposuresResponse(
+            exported=exported, exported_through=done, table_url=self.exporter.exporter.url
+        )
+
+    def _export_now(self) -> tuple[int, int]:
+        """Export rounds until the table is current: (exposures written, highest id in the table)."""
+        assert self.exporter is not None
         try:
             with self.exporter.lock:  # not at the same time as the continuous rounds
                 exported = 0
@@ -515,12 +523,9 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
                     exported += written
                     if written < self.exporter.exporter.batch_rows:
                         break
-                done, _ = self.exporter.exporter.state()
+                return exported, self.exporter.exporter.state()[0]
         except (StoreFailure, OSError) as exc:
             raise Unavailable(f"exposure export failed: {exc}") from exc
-        return pb.ExportExposuresResponse(
-            exported=exported, exported_through=done, table_url=self.exporter.exporter.url
-        )
 
     def WatchExposures(
         self, request: pb.WatchExposuresRequest, context: grpc.ServicerContext
@@ -554,13 +559,29 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
         self, request: pb.AuditExperimentRequest, context: grpc.ServicerContext
     ) -> pb.AuditExperimentResponse:
         """See the proto."""
-        report = self.router.audit(
-            request.key,
-            list(request.other_experiments),
-            request.min_sample,
-            request.min_deviation,
-            list(request.window_covariates),
-        )
+        if request.from_table:
+            if self.exporter is None:
+                raise FailedPrecondition("from_table: export is off (abrouter.export_url is empty)")
+            self._export_now()
+            try:
+                report = self.router.audit_from_table(
+                    self.exporter.exporter.url,
+                    request.key,
+                    list(request.other_experiments),
+                    request.min_sample,
+                    request.min_deviation,
+                    list(request.window_covariates),
+                )
+            except ExportCorrupt as exc:
+                raise Unavailable(str(exc)) from exc
+        else:
+            report = self.router.audit(
+                request.key,
+                list(request.other_experiments),
+                request.min_sample,
+                request.min_deviation,
+                list(request.window_covariates),
+            )
         span = trace.get_current_span()
         span.set_attribute("guardmesh.srm_p_value", report.srm.p_value)
         span.set_attribute("guardmesh.audit_alert", report.alert)

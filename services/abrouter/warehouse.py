@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from guardmesh.errors import InvalidArgument
 from services.abrouter import audit as audit_mod
 from services.abrouter.columns import MISSING_CODE, CategoricalColumn, ExposureColumns
 from services.abrouter.experiments import Experiment
@@ -133,6 +134,9 @@ def audit_table(
     """The full audit of ``experiment`` over the exposure table, as :meth:`Router.audit` does it in memory:
     SRM over the units exposed since ``weights_since`` (the revision from which today's weights apply)."""
     columns, versions = exposure_columns(table_url, experiment.key)
+    for i, name in enumerate(window_covariates):
+        if name not in columns.categorical:
+            raise InvalidArgument(f"window_covariates[{i}]", f"'{name}' was never logged as a categorical covariate")
     weights = experiment.propensities()
     report = audit_mod.full_audit(
         columns,
