@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from guardmesh.config import load_config
+from guardmesh.config import ConfigError, load_config
 from guardmesh.errors import InvalidArgument
 from services.scorer.batching import DynamicBatcher
 from services.scorer.decision import ThresholdPolicy
@@ -163,3 +163,15 @@ def test_nan_and_absent_features_are_missing_and_imputed(core: Scorer) -> None:
     assert outcome.imputed
     live = core.live_rows("risk")
     assert np.isnan(live[0, 0]) and live[0, 1] == 0.5 and np.isnan(live[0, 2:]).all()  # recorded as sent
+
+
+def test_the_models_intra_op_threads_follow_the_setting() -> None:
+    before = torch.get_num_threads()
+    settings = load_config(env={"GUARDMESH__SCORER__TORCH_THREADS": "1"}).scorer
+    try:
+        Scorer(settings, torch.device("cpu"), None).close()
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ConfigError, match=r"scorer\.torch_threads"):
+            load_config(env={"GUARDMESH__SCORER__TORCH_THREADS": "-1"})
+    finally:
+        torch.set_num_threads(before)
