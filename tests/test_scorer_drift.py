@@ -160,7 +160,7 @@ def test_missing_rates_are_exact_and_other_figures_skip_missing_values():
     assert report.n_live.tolist() == [350, 400, 0]
     a, b = ref[137:, 0], live[50:, 0]
     assert report.ks_statistic[0].item() == pytest.approx(stats.ks_2samp(a, b).statistic, abs=1e-12)
-    shared = shared_stats.ks_two_sample(a, b)  # the one KS the audit and guardrails use too
+    shared = shared_stats.ks_two_sample(a, b)  # the audit's D (ks_statistic_grouped): drift agrees with it
     assert report.ks_statistic[0].item() == pytest.approx(shared.statistic, abs=1e-12)
     assert report.ks_pvalue[0].item() == pytest.approx(shared.p_value, abs=1e-12)
     assert report.smd[0].item() == pytest.approx(cohens_d(ref[:, 0], live[:, 0]), abs=1e-12)

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from guardmesh.stats import Moments, ks_p_value, ks_two_sample, mean_var, standardized_mean_difference
+from guardmesh.stats import (
+    Moments,
+    ks_p_value,
+    ks_statistic_grouped,
+    ks_two_sample,
+    mean_var,
+    standardized_mean_difference,
+)
 
 
 def test_moments_match_numpy_and_add_up() -> None:
@@ -63,3 +70,36 @@ def test_ks_statistic_is_scipys_and_p_value_the_kolmogorov_limit() -> None:
     p = ks_p_value(np.array([0.0, 0.1, 1.0]), np.array([10, 0, 10]), np.array([10, 5, 10]))
     assert p[0] == 1.0 and math.isnan(p[1]) and p[2] < 1e-3
     assert math.isnan(ks_two_sample([], [1.0]).statistic)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_grouped_ks_statistic_is_scipys_per_group_and_sample(ties: bool) -> None:
+    """Several groups (one empty, one without sample 2) and two samples against sample 0, as the audit calls it."""
+    rng = np.random.default_rng(11)
+    sizes = {(0, 0): 300, (0, 1): 200, (0, 2): 150, (1, 0): 0, (1, 1): 0, (1, 2): 0, (2, 0): 40, (2, 1): 1}
+    sizes |= {(2, 2): 0, (3, 0): 1, (3, 1): 1, (3, 2): 2}
+    samples = {}
+    for (g, k), n in sizes.items():
+        x = rng.normal(0.3 * k, 1.0, n)
+        samples[g, k] = np.round(x, 1) if ties else x  # rounding: many equal values across samples
+    group = np.concatenate([np.full(n, g) for (g, _), n in sizes.items()])
+    cell = np.concatenate([np.full(n, g * 4 + k) for (g, k), n in sizes.items()])
+    values = np.concatenate(list(samples.values()))
+    order = np.lexsort((values, group))
+    run_end = np.empty(order.size, dtype=bool)
+    run_end[:-1] = (values[order][1:] != values[order][:-1]) | (group[order][1:] != group[order][:-1])
+    run_end[-1] = True
+    counts = np.zeros((4, 4), dtype=np.int64)
+    for (g, k), n in sizes.items():
+        counts[g, k] = n
+    d = ks_statistic_grouped(cell[order], run_end if ties else None, counts, 4, 0, [1, 2])
+    for g in range(4):
+        for j, k in enumerate((1, 2)):
+            a, b = samples[g, 0], samples[g, k]
+            if a.size and b.size:
+                assert d[g, j] == pytest.approx(stats.ks_2samp(a, b).statistic, abs=1e-15), (g, k)
+            else:
+                assert math.isnan(d[g, j]), (g, k)
+    # the one-group form behind ks_two_sample, ties and all
+    a, b = samples[0, 0], samples[0, 2]
+    assert ks_two_sample(a, b).statistic == pytest.approx(stats.ks_2samp(a, b).statistic, abs=1e-15)

@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from guardmesh.stats import ks_p_value, mean_var, standardized_mean_difference
+from guardmesh.stats import ks_p_value, ks_statistic_grouped, mean_var, standardized_mean_difference
 from services.abrouter.columns import ExposureColumns
 
 __all__ = [
@@ -1011,55 +1011,6 @@ def _prepare_numeric(values: np.ndarray, arms: np.ndarray, arm_bits: int) -> _Ra
     return _Ranked(valid, rank_arm, rank_bits, arms_sorted, run_end, x - center, center)
 
 
-def _segment_extremes(values: np.ndarray, starts: np.ndarray, nonempty: np.ndarray) -> np.ndarray:
-    """max |values| over each segment ``[starts[g], starts[g + 1])`` of the non-empty groups (0 elsewhere)."""
-    out = np.zeros(nonempty.size)
-    if values.size:
-        s = starts[nonempty]
-        out[nonempty] = np.maximum(np.maximum.reduceat(values, s), -np.minimum.reduceat(values, s)) + 0.0  # no -0.0
-    return out
-
-
-def _grouped_ks(
-    cell: np.ndarray,
-    run_end: np.ndarray | None,
-    counts: np.ndarray,
-    arm_cells: int,
-    control: int,
-    treatments: Sequence[int],
-) -> np.ndarray:
-    """KS statistic D per group (rows) and treatment (columns) from units sorted by (group, value).
-
-    ``cell`` is ``group * arm_cells + arm`` per unit in that order, ``run_end`` marks the last unit of each run
-    of equal values (None: no ties) and ``counts`` (G x A) holds the units per group and arm. The signed sum S
-    of ``n_t`` per control unit and ``-n_c`` per treatment unit, cumulated within a group, is
-    ``n_c n_t (F_c - F_t)`` and exactly 0 at each group's end (integers in float64), so one global cumsum
-    serves every group and D = max |S| / (n_c n_t) over the run ends.
-    """
-    n_groups = counts.shape[0]
-    sizes = counts.sum(axis=1)
-    nonempty = sizes > 0
-    starts = np.zeros(n_groups, dtype=np.intp)
-    np.cumsum(sizes[:-1], out=starts[1:])
-    positions = None
-    if run_end is not None:
-        positions = np.flatnonzero(run_end)
-        starts = np.searchsorted(positions, starts)
-    out = np.full((n_groups, len(treatments)), np.nan)
-    n_c = counts[:, control].astype(np.float64)
-    for j, t in enumerate(treatments):
-        n_t = counts[:, t].astype(np.float64)
-        step = np.zeros((n_groups, arm_cells))
-        step[:, control], step[:, t] = n_t, -n_c
-        s = np.cumsum(step.reshape(-1)[cell])
-        if positions is not None:
-            s = s[positions]
-        extreme = _segment_extremes(s, starts, nonempty)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[:, j] = np.where((n_c > 0) & (n_t > 0), extreme / (n_c * n_t), np.nan)
-    return out
-
-
 def _ks_in_grouping(
     r: _Ranked, prep: _Prepared, counts: np.ndarray, arm_bits: int, control: int, treatments: Sequence[int]
 ) -> np.ndarray:
@@ -1070,7 +1021,7 @@ def _ks_in_grouping(
     """
     arm_cells = 1 << arm_bits
     if prep.gkey is None:
-        return _grouped_ks(r.arms_sorted, r.run_end, counts, arm_cells, control, treatments)
+        return ks_statistic_grouped(r.arms_sorted, r.run_end, counts, arm_cells, control, treatments)
     gk = prep.gkey if r.valid is None else prep.gkey[r.valid]
     shift = r.rank_bits + arm_bits
     bits = shift + len(prep.names).bit_length()  # windows 0..len(names), the last the spare one
@@ -1086,7 +1037,7 @@ def _ks_in_grouping(
         run_end = np.empty(key.size, dtype=bool)
         np.greater_equal(key[1:] ^ key[:-1], kt(arm_cells), out=run_end[:-1])
         run_end[-1] = True
-    return _grouped_ks(cell, run_end, counts, arm_cells, control, treatments)
+    return ks_statistic_grouped(cell, run_end, counts, arm_cells, control, treatments)
 
 
 def _categorical_codes(name: str, codes: np.ndarray, k: int) -> np.ndarray:
