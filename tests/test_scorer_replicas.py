@@ -185,3 +185,15 @@ def test_mesh_up_runs_two_scorer_replicas_on_a_local_postgres(tmp_path: Path, mo
         with contextlib.suppress(Exception):
             mesh.down(config)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_store_unreachable_at_start_names_host_and_database_not_the_password(tmp_path: Path) -> None:
+    from tests.processes import free_port
+
+    url = f"postgresql://scorer:hunter2-secret@127.0.0.1:{free_port()}/models"
+    proc = replica(tmp_path, "nowhere", url)
+    proc.spawn()
+    assert proc.reap(120) == 4
+    out = proc.log_tail()
+    assert "host=127.0.0.1" in out and "database=models" in out, out
+    assert "hunter2-secret" not in out
