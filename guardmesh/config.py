@@ -209,6 +209,7 @@ class ABRouterSettings(_Section):
     tail_interval_s: float = Field(default=0.2, gt=0, le=60)
     export_url: str = "exposures"
     export_interval_s: float = Field(default=10.0, gt=0, le=86400)
+    retention_s: float = Field(default=0.0, ge=0)
 
 
 class MeshConfig(_Section):

@@ -26,7 +26,7 @@ from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
 from services.abrouter import export as export_mod
 from services.abrouter.experiments import ArmSpec, ExperimentSpec
 from services.abrouter.export import ExportCorrupt, ExposureExporter, exposure_files, read_exposures
-from services.abrouter.router import Router
+from services.abrouter.router import Observation, Router
 from services.abrouter.store import RouterStore
 from tests.processes import ServiceProcess
 
@@ -324,3 +324,48 @@ def test_the_live_stream_carries_every_replicas_exposures_in_id_order(tmp_path: 
                 break
         resumed.cancel()
         assert rest == ids[20:]
+
+
+def test_retention_moves_old_exposures_out_of_the_store_and_audits_still_see_them(
+    tmp_path: Path, store_url: str
+) -> None:
+    from services.abrouter.warehouse import audit_table
+
+    router = Router(ABRouterSettings(), RouterStore(store_url, "NORMAL"))
+    router.create(ExperimentSpec(key="k", arms=(ArmSpec("control", 0.5), ArmSpec("new", 0.5)), metrics=("m",)))
+    table_url = str(tmp_path / "table")
+    now = time.time()
+    old, recent = now - 40 * 86_400, now - 3600
+    try:
+        for i in range(300):
+            router.assign(f"old-{i}", {}, ["k"], log_exposure=True, timestamp=old + i)
+        for i in range(200):
+            router.assign(f"new-{i}", {}, ["k"], log_exposure=True, timestamp=recent + i)
+        router.record_metrics("k", [Observation("old-0", "m", 1.0), Observation("new-0", "m", 2.0)])
+        assert router.store is not None
+        exporter = ExposureExporter(router.store, table_url)
+        exporter.export_once()
+        for i in range(50):  # old but not exported yet: must stay in the store
+            router.assign(f"late-old-{i}", {}, ["k"], log_exposure=True, timestamp=old + i)
+        assert exporter.retire(now - 30 * 86_400) == 300
+        left = {row.unit for row in router.store.load_exposures()}
+        assert len(left) == 250 and not any(u.startswith("old-") for u in left)
+        exporter.export_once()
+        assert audit_table(table_url, router.live["k"].experiment, 1, min_sample=1).exposures == 550
+    finally:
+        router.close()
+        assert router.store is not None
+        router.store.close()
+    # a restart reads only the hot horizon; the table keeps every exposure
+    restarted = Router(ABRouterSettings(), RouterStore(store_url, "NORMAL"))
+    try:
+        restarted.restore()
+        assert restarted.get("k")[1] == 250
+        assert restarted.audit("k", min_sample=1).exposures == 250
+        assert restarted.audit_from_table(table_url, "k", min_sample=1).exposures == 550
+        stats = restarted.live["k"].metrics["m"].statistics
+        assert sum(m.count for m in stats.observed) == 1  # new-0's; old-0's exposure left the hot store
+    finally:
+        restarted.close()
+        assert restarted.store is not None
+        restarted.store.close()

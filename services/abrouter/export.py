@@ -162,6 +162,14 @@ class ExposureExporter:
         )
         return self._write_range(done, last, [(n, r) for n, _, r in rows if n <= last])
 
+    def retire(self, before: float) -> int:
+        """Retention: delete from the store the exposures logged before unix time ``before`` that are in the
+        table already (never one not exported); the number deleted. Sticky arms and observations stay."""
+        done, _ = self.state()
+        return self.store.log.transaction(
+            lambda tx: tx.execute("DELETE FROM exposures WHERE seq <= ? AND at < ?", (done, before))
+        )
+
     def _write_range(self, done: int, last: int, rows: list[tuple[int, ExposureRow]] | None = None) -> int:
         if rows is None:
             rows = [(n, r) for n, _, r in self.store.exposures_after(done, upto=last)]
@@ -237,9 +245,12 @@ class ExportWorker:
     """Runs :meth:`ExposureExporter.export_once` every ``interval_s`` (the bound on the table's lag behind
     the store) on a thread; on a shared store only while this replica holds the export lease."""
 
-    def __init__(self, exporter: ExposureExporter, interval_s: float, lease: Lease | None = None) -> None:
+    def __init__(
+        self, exporter: ExposureExporter, interval_s: float, lease: Lease | None = None, retention_s: float = 0.0
+    ) -> None:
         self.exporter = exporter
         self.interval_s = interval_s
+        self.retention_s = retention_s
         self.lease = lease
         #: Held during a round: an on-demand round (ExportExposures) never runs beside a continuous one.
         self.lock = threading.Lock()
@@ -258,6 +269,8 @@ class ExportWorker:
                 with self.lock:
                     while self.exporter.export_once() >= self.exporter.batch_rows and not self._stop.is_set():
                         pass  # behind: keep going without waiting
+                    if self.retention_s:
+                        self.exporter.retire(time.time() - self.retention_s)
             except StoreFailure as exc:
                 log.warning("exposure export round failed; retried next round", extra={"error": str(exc)})
             except Exception:

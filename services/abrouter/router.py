@@ -780,6 +780,8 @@ class Router:
             mlog.pre[obs.unit] = mlog.pre.get(obs.unit, 0.0) + obs.value
             return
         row = int(st.table.unit_rows([obs.unit])[0])
+        if row < 0:  # the unit's exposure left the hot store (retention): the observation stays in the store
+            return
         mlog.rows.append(row)
         mlog.values.append(obs.value)
         mlog.at.append(obs.at)

@@ -741,7 +741,9 @@ class ABRouterBinding:
             if self.store.shared:  # one exporter among the replicas
                 ttl = max(3 * settings.export_interval_s, 2.0)
                 lease = Lease(self.store.log, "abrouter-export", replica, replica, ttl)
-            self.exporter = ExportWorker(ExposureExporter(self.store, url), settings.export_interval_s, lease)
+            self.exporter = ExportWorker(
+                ExposureExporter(self.store, url), settings.export_interval_s, lease, settings.retention_s
+            )
             self.exporter.start()
             self.servicer.exporter = self.exporter
         if self.config.metrics.enabled:
