@@ -197,3 +197,36 @@ def test_store_unreachable_at_start_names_host_and_database_not_the_password(tmp
     out = proc.log_tail()
     assert "host=127.0.0.1" in out and "database=models" in out, out
     assert "hunter2-secret" not in out
+
+
+def test_store_lost_at_run_time_then_back(tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """PostgreSQL stops under a serving scorer process: health NOT_SERVING and Score UNAVAILABLE; when the
+    server is back the scorer serves again, and what it acknowledged before is still there."""
+    import grpc
+
+    with replica(tmp_path, "solo", postgres_server.create_database()) as solo:
+        solo.start()
+        stub = pb_grpc.ScorerServiceStub(solo.channel())
+        register(stub, "v1", logistic([1.0, 0.0, 0.0, 0.0], 0.0), activate=True)
+        score(stub, "before", np.array([1.0, 0.0, 0.0, 0.0]))
+        postgres_server.stop("immediate")
+        try:
+            wait_for("NOT_SERVING while the store is gone", lambda: solo.health() == "NOT_SERVING", 90)
+            with pytest.raises(grpc.RpcError) as refused:
+                score(stub, "during", np.array([1.0, 0.0, 0.0, 0.0]))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            postgres_server.start()
+        wait_for("SERVING once the store is back", lambda: solo.health() == "SERVING", 90)
+
+        def answered() -> bool:
+            try:
+                score(stub, "after", np.array([1.0, 0.0, 0.0, 0.0]))
+                return True
+            except grpc.RpcError:
+                return False
+
+        wait_for("a Score answered again", answered, 60)
+        labels = [pb.Label(request_id=r, label=True) for r in ("before", "during", "after")]
+        got = stub.Feedback(pb.FeedbackRequest(model="risk", labels=labels))
+        assert (got.accepted, got.unknown) == (2, 1)
