@@ -128,7 +128,23 @@ def instances(config: MeshConfig, replicas: int = 1, store_url: str = "") -> lis
             [f"{scorer.host}:{scorer.port + REPLICA_PORT_STEP * i}" for i in range(replicas)]
         )
     for service in enabled_services(config):
-        if service == "abrouter":  # it calls the scorer as an application, never as admin
+        if service == "abrouter" and (replicas > 1 or store_url):
+            # N active replicas on one store: a database of its own (its tables are not the scheduler's).
+            endpoint = config.services[service]
+            for i in range(replicas):
+                env = {
+                    "GUARDMESH__SECURITY__CLIENT_ROLE": "app",
+                    **service_env,
+                    _port_key(service): str(endpoint.port + REPLICA_PORT_STEP * i),
+                }
+                if store_url:
+                    env["GUARDMESH__ABROUTER__STORE_URL"] = abrouter_store_url(store_url)
+                if endpoint.metrics_port:
+                    env["GUARDMESH__SERVICES__ABROUTER__METRICS_PORT"] = str(
+                        endpoint.metrics_port + REPLICA_PORT_STEP * i
+                    )
+                out.append((service, f"abrouter-{i}", env))
+        elif service == "abrouter":  # it calls the scorer as an application, never as admin
             out.append((service, service, {"GUARDMESH__SECURITY__CLIENT_ROLE": "app", **service_env}))
         elif service == "paramserver":
             base = config.services[service].port
@@ -171,6 +187,17 @@ def instances(config: MeshConfig, replicas: int = 1, store_url: str = "") -> lis
     return out
 
 
+#: The mesh's PostgreSQL databases: the scheduler's (the scorer shares it) and the router's.
+SCHEDULER_DATABASE = "guardmesh_scheduler"
+ABROUTER_DATABASE = "guardmesh_abrouter"
+
+
+def abrouter_store_url(scheduler_url: str) -> str:
+    """The router's database on the mesh's PostgreSQL server, from the scheduler's URL."""
+    head, _, tail = scheduler_url.partition(f"/{SCHEDULER_DATABASE}")
+    return f"{head}/{ABROUTER_DATABASE}{tail}"
+
+
 def _local_postgres(config: MeshConfig) -> LocalPostgres:
     port = int(os.environ.get("GUARDMESH_POSTGRES_PORT") or POSTGRES_PORT)
     return LocalPostgres(Path(config.mesh.state_dir).resolve() / "postgres", port)
@@ -182,7 +209,8 @@ def _start_postgres(config: MeshConfig) -> tuple[ProcessRecord, str]:
     if not server.pid() or not pid_alive(server.pid()):
         server.init()
         server.start()
-    url = server.ensure_database("guardmesh_scheduler")
+    url = server.ensure_database(SCHEDULER_DATABASE)
+    server.ensure_database(ABROUTER_DATABASE)
     record = ProcessRecord("postgres", f"127.0.0.1:{server.port}", server.pid(), str(server.log), store="postgresql")
     return record, url
 

@@ -355,3 +355,21 @@ def test_a_guardrail_rollback_is_decided_once_across_two_processes(
         store.close()
     assert tripped[0][0] == 1
     assert [c for (c,) in revisions] == ["created", "rolled_back"]
+
+
+def test_make_up_with_replicas_runs_n_routers_on_their_own_database(tmp_path: Path) -> None:
+    from guardmesh.mesh import instances
+    from tests.conftest import make_config
+
+    config = make_config(tmp_path)
+    url = "postgresql://postgres@127.0.0.1:55432/guardmesh_scheduler"
+    routers = [(name, env) for service, name, env in instances(config, 2, url) if service == "abrouter"]
+    port = config.services["abrouter"].port
+    assert [name for name, _ in routers] == ["abrouter-0", "abrouter-1"]
+    assert [env["GUARDMESH__SERVICES__ABROUTER__PORT"] for _, env in routers] == [str(port), str(port + 100)]
+    assert {env["GUARDMESH__ABROUTER__STORE_URL"] for _, env in routers} == {
+        "postgresql://postgres@127.0.0.1:55432/guardmesh_abrouter"
+    }
+    assert all(env["GUARDMESH__SECURITY__CLIENT_ROLE"] == "app" for _, env in routers)
+    # plain `make up`: one router, its SQLite file
+    assert [(s, n) for s, n, _ in instances(config) if s == "abrouter"] == [("abrouter", "abrouter")]
