@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -29,16 +28,7 @@ from services.abrouter.export import ExportCorrupt, ExposureExporter, exposure_f
 from services.abrouter.router import Observation, Router
 from services.abrouter.store import RouterStore
 from tests.processes import ServiceProcess
-
-WAIT_S = 60.0
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout_s} s")
-        time.sleep(0.05)
+from tests.test_abrouter_replicas import wait_for
 
 
 def logged_router(store_url: str) -> Router:
@@ -175,7 +165,9 @@ def test_kill9_while_exporting_loses_and_duplicates_nothing(tmp_path: Path, stor
         for t in threads:
             t.start()
         # kill while rounds are running: after a few files exist and while exposures keep arriving
-        wait_for("the exporter wrote files", lambda: len(exposure_files(table_url)) >= 3 and len(acknowledged) > 300)
+        wait_for(
+            "the exporter wrote files", lambda: len(exposure_files(table_url)) >= 3 and len(acknowledged) > 300, 60
+        )
         proc.kill9()
         stop.set()
         for t in threads:
