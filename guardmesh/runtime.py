@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import importlib
 import logging
+import secrets
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Protocol
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from guardmesh.client import channel_options
@@ -35,8 +37,14 @@ from guardmesh.discovery import Registry, registry_for
 from guardmesh.errors import DomainErrorInterceptor
 from guardmesh.logs import setup_logging
 from guardmesh.monitoring import RpcServerMetrics
-from guardmesh.reflection import enable_reflection
-from guardmesh.security import AuthorizationInterceptor, Authorizer, RoleBook, server_credentials
+from guardmesh.reflection import V1_SERVICE, enable_reflection
+from guardmesh.security import (
+    AuthorizationInterceptor,
+    Authorizer,
+    RoleBook,
+    channel_credentials,
+    server_credentials,
+)
 from guardmesh.tracing import (
     flush_tracing,
     server_tracing_interceptor,
@@ -74,58 +82,120 @@ class Binding(Protocol):
     # no longer be written calls it, and health turns NOT_SERVING until the process is restarted.
 
 
-#: A drain stops the server once no call has been taken up for this long (seconds) after the gate closed.
-DRAIN_QUIET_S = 0.25
+#: The reflection services every server serves (v1alpha and v1).
+REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection", V1_SERVICE)
+#: Metadata key of the drain's barrier calls (the value is the gate's secret token, so no client can forge one).
+BARRIER_KEY = "guardmesh-drain-barrier"
+#: A method no service serves: its barrier goes through gRPC core's queue of calls to generic handlers.
+UNREGISTERED_BARRIER_METHOD = "/guardmesh.runtime.Drain/Barrier"
 
 
-def _refuse(request: object, context: grpc.ServicerContext) -> None:
-    context.abort(grpc.StatusCode.UNAVAILABLE, "server draining: the call was not started; retry another instance")
+def _answer_barrier(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return b""
+
+
+_BARRIER_HANDLER = grpc.unary_unary_rpc_method_handler(_answer_barrier)
 
 
 class CallGate(grpc.ServerInterceptor):
-    """The first interceptor: open, it passes calls through; closed (draining), it answers each new call
-    UNAVAILABLE without running it, so a client may safely retry it elsewhere.
+    """The first interceptor: open, it passes calls through; closed (draining), it refuses each new call
+    UNAVAILABLE without running it, so that a client may safely retry it elsewhere.
 
-    It runs on gRPC's serving thread, as each call is taken up, and notes when the last one was, so that the
-    drain can tell when no call is waiting inside gRPC core any more.
+    gRPC core's shutdown kills the calls that arrived but that the serving thread has not taken up yet (their
+    clients see CANCELLED), so the drain must stop the server only once none waits there. The gate tells when:
+    it counts the calls it takes up while closed and recognises the drain's own barrier calls. Core hands each
+    method's calls to the serving thread in arrival order, so once the barrier sent to every method is taken up,
+    every call that arrived before it has been too; a round of barriers during which no client call was taken
+    up means none is left waiting.
+
+    A refused call is held until the drain has stopped the server (or half of its own deadline has passed), then
+    answered: a client that calls again as soon as it is answered cannot keep the queue from emptying, and its
+    call, taken up, is never one core kills.
     """
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._open = True
-        self._last_taken = time.monotonic()
+        self._token = secrets.token_hex(16)
+        self._refused = 0  # client calls taken up while closed
+        self._barriers = 0  # barrier calls taken up
+        self._released = threading.Event()
+
+    @property
+    def barrier_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata that marks a call as the drain's barrier."""
+        return ((BARRIER_KEY, self._token),)
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        """Pass the call on while open; refuse it while closed."""
+        """Pass the call on while open; refuse it while closed; count barriers."""
+        if self._open:  # the common path takes no lock; a call racing close() is taken up, so it is served
+            return continuation(handler_call_details)
+        if (BARRIER_KEY, self._token) in tuple(handler_call_details.invocation_metadata or ()):
+            with self._changed:
+                self._barriers += 1
+                self._changed.notify_all()
+            return _BARRIER_HANDLER
         handler = continuation(handler_call_details)
         with self._changed:
-            self._last_taken = time.monotonic()
-            if self._open or handler is None:
-                return handler
+            self._refused += 1
+        if handler is None:
+            return None
         kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
-        return handler._replace(**{kind: _refuse})  # type: ignore[attr-defined]
+        return handler._replace(**{kind: self._refuse})  # type: ignore[attr-defined, no-any-return]
+
+    def _refuse(self, request: object, context: grpc.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        self._released.wait(None if remaining is None else remaining / 2)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "server draining: the call was not started; retry another instance")
 
     def close(self) -> None:
         """Refuse every call taken up from now on."""
         with self._changed:
             self._open = False
-            self._last_taken = time.monotonic()
 
-    def wait_quiet(self, quiet_s: float, deadline: float) -> bool:
-        """Block until no call was taken up for ``quiet_s`` or until ``deadline`` (monotonic); True if quiet."""
-        while True:
-            now = time.monotonic()
-            with self._changed:
-                quiet_at = self._last_taken + quiet_s
-            if now >= quiet_at:
-                return True
-            if now >= deadline:
-                return False
-            time.sleep(min(quiet_at, deadline) - now)
+    def release(self) -> None:
+        """Answer the held refusals (the server is stopping: no more calls can arrive)."""
+        self._released.set()
+
+    @property
+    def refused(self) -> int:
+        """Client calls taken up since the gate closed."""
+        with self._changed:
+            return self._refused
+
+    @property
+    def barriers(self) -> int:
+        """Barrier calls taken up."""
+        with self._changed:
+            return self._barriers
+
+    def wait_barriers(self, count: int, deadline: float, failed: Callable[[], bool]) -> bool:
+        """Block until ``count`` barriers were taken up (True), ``deadline`` (monotonic) passed or ``failed()``."""
+        with self._changed:
+            while self._barriers < count:
+                left = deadline - time.monotonic()
+                if left <= 0 or failed():
+                    return False
+                self._changed.wait(min(left, 0.05))
+            return True
+
+
+def served_methods(service_names: Iterable[str]) -> tuple[str, ...]:
+    """Full names of the methods of ``service_names`` known to the protobuf descriptor pool, and the barrier
+    method for generic handlers: one barrier each, as core keeps one queue per registered method."""
+    pool = descriptor_pool.Default()
+    methods = [UNREGISTERED_BARRIER_METHOD]
+    for name in service_names:
+        try:
+            service = pool.FindServiceByName(name)
+        except KeyError:
+            continue
+        methods += [f"/{service.full_name}/{m.name}" for m in service.methods]
+    return tuple(methods)
 
 
 class DiscoveryError(RuntimeError):
@@ -161,6 +231,8 @@ class RunningService:
     registration_id: str | None = None
     stop_metrics: Callable[[], None] | None = None
     gate: CallGate = field(default_factory=CallGate)
+    #: Methods the drain sends a barrier to (see :class:`CallGate`).
+    barrier_methods: tuple[str, ...] = (UNREGISTERED_BARRIER_METHOD,)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -182,17 +254,50 @@ class RunningService:
         deadline = time.monotonic() + grace  # the grace for calls in flight starts after the delay
         # gRPC core's shutdown kills the calls that arrived but that the serving thread has not taken up yet
         # (their clients see CANCELLED; under load there are many). So first refuse new calls with UNAVAILABLE
-        # while the serving thread keeps taking them up, until none has come for a while; only then stop.
+        # while the serving thread takes up every waiting one; only then stop.
         self.gate.close()
         self.binding.drain()
-        self.gate.wait_quiet(DRAIN_QUIET_S, deadline)
-        done = self.server.stop(max(0.0, deadline - time.monotonic()))
-        done.wait()
+        with self._barrier_channel() as channel:
+            self._take_up_waiting_calls(channel, deadline)
+            done = self.server.stop(max(0.0, deadline - time.monotonic()))
+            self.gate.release()
+            done.wait()
         self.binding.close()
         if self.stop_metrics is not None:
             self.stop_metrics()
         flush_tracing()
         log.info("stopped")
+
+    def _barrier_channel(self) -> grpc.Channel:
+        """A plain channel to this server (no retries: a barrier is sent once per round)."""
+        credentials = channel_credentials(self.config)
+        if credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, credentials)
+
+    def _take_up_waiting_calls(self, channel: grpc.Channel, deadline: float) -> None:
+        """Send rounds of barriers (one per method) until a round during which the gate took up no client call,
+        or until ``deadline``; then no call waits in gRPC core. A barrier that fails (this server unreachable
+        over its own address) ends the rounds: the drain then stops as it can."""
+        calls = [channel.unary_unary(method) for method in self.barrier_methods]
+        sent: list[grpc.Future] = []
+
+        def failed() -> bool:
+            return any(f.done() and f.exception() is not None for f in sent)
+
+        while True:
+            refused, barriers = self.gate.refused, self.gate.barriers
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("drain: grace over with calls still arriving")
+                return
+            sent += [call.future(b"", timeout=left, metadata=self.gate.barrier_metadata) for call in calls]
+            if not self.gate.wait_barriers(barriers + len(calls), deadline, failed):
+                errors = [str(f.exception()) for f in sent if f.done() and f.exception() is not None]
+                log.warning("drain: barriers not all taken up", extra={"errors": errors[:1]})
+                return
+            if self.gate.refused == refused:
+                return
 
     def wait(self) -> None:
         """Block until the server terminates."""
@@ -277,7 +382,19 @@ def start_service(
         binding.close()
         raise
     registry = registry_for(config)
-    running = RunningService(definition, config, server, health_servicer, binding, host, bound, registry, gate=gate)
+    served = (*definition.service_names, health.SERVICE_NAME, *REFLECTION_SERVICES)
+    running = RunningService(
+        definition,
+        config,
+        server,
+        health_servicer,
+        binding,
+        host,
+        bound,
+        registry,
+        gate=gate,
+        barrier_methods=served_methods(served),
+    )
     advertise = (endpoint.advertise_host if endpoint else "") or host
     try:
         announced = definition.instance_name(config) if definition.instance_name else definition.name

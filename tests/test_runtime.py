@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from guardmesh.client import open_channel
 from guardmesh.config import ConfigError, MeshConfig, load_config
 from guardmesh.errors import InvalidArgument, Unavailable
-from guardmesh.runtime import ServiceDefinition, load_definition, start_service
+from guardmesh.runtime import RunningService, ServiceDefinition, load_definition, start_service
 from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 
@@ -237,11 +237,8 @@ class _LaggingLookup(grpc.GenericRpcHandler):
         return self.inner.service(handler_call_details)
 
 
-def test_drain_with_calls_waiting_in_grpc_core_cancels_none(tmp_path: Path) -> None:
-    """The drain answers every call it took up and refuses the others as UNAVAILABLE; none is CANCELLED.
-
-    The old drain called ``server.stop`` while calls sat in gRPC core unmatched (the serving thread lagging
-    under load): core's shutdown kills those, and their clients saw CANCELLED."""
+def _lagging_probe(tmp_path: Path, lag_s: float) -> tuple[RunningService, dict[str, ProbeBinding]]:
+    """A probe service whose method lookup takes ``lag_s`` on the serving thread, started on port 0."""
     config = make_config(tmp_path)
     made: dict[str, ProbeBinding] = {}
 
@@ -252,41 +249,93 @@ def test_drain_with_calls_waiting_in_grpc_core_cancels_none(tmp_path: Path) -> N
             server.add_generic_rpc_handlers = captured.extend  # type: ignore[method-assign]
             super().add_to_server(server)
             server.add_generic_rpc_handlers = real_add  # type: ignore[method-assign]
-            server.add_generic_rpc_handlers(tuple(_LaggingLookup(h, 0.05) for h in captured))
+            server.add_generic_rpc_handlers(tuple(_LaggingLookup(h, lag_s) for h in captured))
 
     def build(cfg: MeshConfig) -> ProbeBinding:
         made["binding"] = LaggingProbe(cfg)
         return made["binding"]
 
-    running = start_service(ServiceDefinition("probe", (SERVICE,), build), config, port=0)
+    return start_service(ServiceDefinition("probe", (SERVICE,), build), config, port=0), made
+
+
+def _wait_started(binding: ProbeBinding, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while binding.started < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert binding.started >= count, "no call reached a handler"
+
+
+@pytest.mark.parametrize(("lag_s", "calls"), [(0.05, 40), (0.4, 12)])
+def test_drain_with_calls_waiting_in_grpc_core_cancels_none(tmp_path: Path, lag_s: float, calls: int) -> None:
+    """The drain answers every call it took up and refuses the others as UNAVAILABLE; none is CANCELLED.
+
+    gRPC core's shutdown kills the calls that arrived but that the serving thread has not taken up yet (their
+    clients see CANCELLED). A serving thread slower than the old drain's quiet period (0.25 s a call, 0.4 s
+    here) had the old drain stop with calls still waiting."""
+    running, made = _lagging_probe(tmp_path, lag_s)
     channels = [grpc.insecure_channel(running.address) for _ in range(4)]
     outcomes: list[object] = []
     lock = threading.Lock()
 
     def call(k: int) -> None:
         try:
-            got: object = _call(channels[k % len(channels)], "Slow", b"0.3", timeout=60)
+            got: object = _call(channels[k % len(channels)], "Slow", b"0.3", timeout=120)
         except grpc.RpcError as err:
             got = err.code()
         with lock:
             outcomes.append(got)
 
-    callers = [threading.Thread(target=call, args=(k,)) for k in range(40)]
+    callers = [threading.Thread(target=call, args=(k,)) for k in range(calls)]
     for t in callers:
         t.start()
-    deadline = time.monotonic() + 30
-    while made["binding"].started < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert made["binding"].started >= 3, "no call reached a handler"
+    _wait_started(made["binding"], 3)
     running.stop(grace=60)
     for t in callers:
         t.join(60)
     for ch in channels:
         ch.close()
-    assert len(outcomes) == 40
+    assert len(outcomes) == calls
     assert set(outcomes) <= {b"done", grpc.StatusCode.UNAVAILABLE}, outcomes
     # Every call a handler began was answered in full.
     assert outcomes.count(b"done") == made["binding"].started
+
+
+def test_drain_under_steady_traffic_ends_without_the_grace_and_cancels_none(tmp_path: Path) -> None:
+    """Clients that keep calling through the drain (each call as soon as the last is answered, refused or not)
+    neither keep the drain going for its whole grace nor see CANCELLED: in-flight calls finish, the rest are
+    UNAVAILABLE (refused by the gate, or the server gone)."""
+    running, made = _lagging_probe(tmp_path, 0.0)
+    stop_calling = threading.Event()
+    outcomes: list[object] = []
+    lock = threading.Lock()
+
+    def keep_calling(method: str, payload: bytes) -> None:
+        with grpc.insecure_channel(running.address) as channel:
+            while not stop_calling.is_set():
+                try:
+                    got: object = _call(channel, method, payload, timeout=120)
+                except grpc.RpcError as err:
+                    got = err.code()
+                with lock:
+                    outcomes.append(got)
+
+    callers = [threading.Thread(target=keep_calling, args=("Echo", b"e")) for _ in range(4)]
+    callers += [threading.Thread(target=keep_calling, args=("Slow", b"0.5")) for _ in range(2)]
+    for t in callers:
+        t.start()
+    _wait_started(made["binding"], 4)
+    stopper = threading.Thread(target=running.stop, kwargs={"grace": 600.0})
+    stopper.start()
+    stopper.join(120)  # far below the grace: the drain ended on its own
+    drained = not stopper.is_alive()
+    stop_calling.set()
+    for t in callers:
+        t.join(60)
+    assert drained, "the drain waited for its grace"
+    assert grpc.StatusCode.CANCELLED not in outcomes
+    assert set(outcomes) <= {b"e", b"done", grpc.StatusCode.UNAVAILABLE}, set(outcomes)
+    assert outcomes.count(b"done") == made["binding"].started
+    assert outcomes.count(grpc.StatusCode.UNAVAILABLE) >= 6  # each caller was refused at least once
 
 
 def test_domain_error_maps_to_status_naming_field(tmp_path: Path) -> None:
