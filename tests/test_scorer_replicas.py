@@ -126,12 +126,13 @@ def test_make_up_replicas_runs_scorer_replicas_on_the_store(tmp_path: Path) -> N
         str(port + REPLICA_PORT_STEP),
     ]
     assert {env["GUARDMESH__SCORER__STORE_URL"] for _, env in scorers} == {"postgresql://u@h:1/db"}
-    [router] = [env for service, _, env in instances(config, 2, "postgresql://u@h:1/db") if service == "abrouter"]
+    routers = [env for service, _, env in instances(config, 2, "postgresql://u@h:1/db") if service == "abrouter"]
     host = config.services["scorer"].host
-    assert json.loads(router["GUARDMESH__SERVICES__SCORER__REPLICAS"]) == [
-        f"{host}:{port}",
-        f"{host}:{port + REPLICA_PORT_STEP}",
-    ]
+    assert routers and all(  # every router replica calls every scorer replica
+        json.loads(env["GUARDMESH__SERVICES__SCORER__REPLICAS"])
+        == [f"{host}:{port}", f"{host}:{port + REPLICA_PORT_STEP}"]
+        for env in routers
+    )
     assert [name for service, name, _ in instances(config) if service == "scorer"] == ["scorer"]  # plain make up
 
 
