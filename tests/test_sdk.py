@@ -158,11 +158,13 @@ def test_job_spec_maps_pythonic_arguments() -> None:
     assert spec.gang and spec.qos == spb.QOS_CLASS_BEST_EFFORT and spec.priority == 5
     assert spec.topology == spb.TOPOLOGY_PREFERENCE_REQUIRED and dict(spec.node_selector) == {"zone": "a"}
     assert list(spec.allowed_models) == ["A100-80GB"] and spec.lease_ttl_s == 7 and spec.owner == "alice"
-    shared = job_spec("s", gpu_share=0.25, share=True)
+    shared = job_spec("s", gpu_share=0.25, allow_sharing=True)
     assert shared.WhichOneof("gpu_memory") == "gpu_share_milli" and shared.gpu_share_milli == 250
     assert shared.allow_sharing and shared.qos == spb.QOS_CLASS_BURSTABLE
     with pytest.raises(ValueError, match="not both"):
         job_spec("x", memory_mib=1, gpu_share=0.5)
+    with pytest.raises(TypeError, match="unknown option"):  # the old name is not taken silently
+        job_spec("x", gpu_share=0.5, share=True)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="qos"):
         job_spec("x", memory_mib=1, qos="platinum")  # type: ignore[typeddict-item]
 

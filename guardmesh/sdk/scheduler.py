@@ -246,8 +246,8 @@ class JobOptions(TypedDict, total=False):
     memory_mib: int
     #: Share of each card in (0, 1] (0.25 = a quarter of its memory); only with ``gpus=1`` below 1.
     gpu_share: float
-    #: Allow other sharing jobs on the same cards.
-    share: bool
+    #: Allow other sharing jobs on the same cards (``JobSpec.allow_sharing``).
+    allow_sharing: bool
     #: Place every replica at once or none.
     gang: bool
     #: "guaranteed", "burstable" (default) or "best-effort".
@@ -276,6 +276,11 @@ def job_spec(job_id: str, **options: Unpack[JobOptions]) -> pb.JobSpec:
     Giving neither ``memory_mib`` nor ``gpu_share`` is left to the scheduler to refuse
     (INVALID_ARGUMENT), as is every other range check.
     """
+    unknown = sorted(set(options) - JobOptions.__optional_keys__)
+    if unknown:  # a misspelt option would otherwise be dropped silently
+        raise TypeError(
+            f"job_spec: unknown option(s) {', '.join(unknown)} (known: {sorted(JobOptions.__optional_keys__)})"
+        )
     if "memory_mib" in options and "gpu_share" in options:
         raise ValueError("give memory_mib or gpu_share, not both")
     qos = str(options.get("qos", "burstable")).lower()
@@ -291,7 +296,7 @@ def job_spec(job_id: str, **options: Unpack[JobOptions]) -> pb.JobSpec:
         priority=options.get("priority", 0),
         replicas=options.get("replicas", 1),
         gpus_per_replica=options.get("gpus", 1),
-        allow_sharing=options.get("share", False),
+        allow_sharing=options.get("allow_sharing", False),
         allowed_models=list(options.get("models", ())),
         gang=options.get("gang", False),
         topology=_TOPOLOGY[topology],
