@@ -272,6 +272,8 @@ class ModelShard:
         self.duplicates = 0
         self.answers_in_place = 0
         self.answers_copied = 0
+        # Counted as pushes arrive (stale rejections included, retries not); the Prometheus histogram counts
+        # answered pushes instead (retries included, rejections not): see GetStatsResponse.staleness.
         self.staleness_hist = [0] * STALENESS_BUCKETS
         self.throughput = ThroughputMonitor(throughput_window_s, throughput_drop_share)
         self.events: deque[str] = deque(maxlen=100)
