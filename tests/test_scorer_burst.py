@@ -9,18 +9,28 @@ import io
 import math
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
 from guardmesh.config import ConfigError, load_config
 from guardmesh.errors import InvalidArgument
+from guardmesh.runtime import load_definition, start_service
+from guardmesh.v1 import common_pb2
+from guardmesh.v1 import scorer_pb2 as pb
+from guardmesh.v1 import scorer_pb2_grpc as pb_grpc
+from inference import grpc_predict_v2_pb2 as oip_pb
+from inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from services.scorer.batching import DynamicBatcher
 from services.scorer.decision import ThresholdPolicy
 from services.scorer.monitoring import CleaningPolicy
 from services.scorer.registry import ModelFormat, mlp
 from services.scorer.scorer import Registration, ScoreCall, ScoreOutcome, Scorer, VersionConfig
+
+from .conftest import make_config
 
 
 def test_a_lone_caller_runs_its_rows_on_its_own_thread_when_the_batcher_is_idle() -> None:
@@ -175,3 +185,61 @@ def test_the_models_intra_op_threads_follow_the_setting() -> None:
             load_config(env={"GUARDMESH__SCORER__TORCH_THREADS": "-1"})
     finally:
         torch.set_num_threads(before)
+
+
+def test_model_infer_never_reads_feedback_health_from_the_store(tmp_path: Path) -> None:
+    """Every ModelInfer resolves the model's signature and readiness; that must come from memory. Reading each
+    version's feedback health from the shared store per request (as it did) made concurrent ModelInfer calls
+    wait on SQLite and fail UNAVAILABLE ("database is locked") after its 10 s busy timeout."""
+    config = make_config(tmp_path, **{"services.scorer.port": 0})
+    running = start_service(load_definition("scorer"), config, port=0)
+    try:
+        core = running.binding.servicer.core  # type: ignore[attr-defined]
+        assert core.shared is not None  # the default store: decisions and labels in SQLite
+        reads: list[str] = []
+        health = core._health_from_store
+
+        def counted(model: str, version: str, state: object) -> None:
+            reads.append(version)
+            health(model, version, state)
+
+        core._health_from_store = counted
+        channel = grpc.insecure_channel(running.address)
+        torch.manual_seed(0)
+        buf = io.BytesIO()
+        torch.jit.save(torch.jit.script(mlp(len(FEATURES), (8,)).eval()), buf)
+        reference = np.random.default_rng(1).standard_normal((200, len(FEATURES))).astype("<f4")
+        pb_grpc.ScorerServiceStub(channel).RegisterModel(
+            pb.RegisterModelRequest(
+                model="risk",
+                version="v1",
+                features=FEATURES,
+                format=pb.MODEL_FORMAT_TORCHSCRIPT,
+                payload=buf.getvalue(),
+                activate=True,
+                reference=common_pb2.Tensor(
+                    dtype=common_pb2.D_TYPE_FLOAT32, shape=list(reference.shape), data=reference.tobytes()
+                ),
+            )
+        )
+        reads.clear()
+        infer = oip_grpc.GRPCInferenceServiceStub(channel)
+        rows = np.random.default_rng(2).standard_normal((4, len(FEATURES))).astype("<f4")
+        for i, row in enumerate(rows):
+            answer = infer.ModelInfer(
+                oip_pb.ModelInferRequest(
+                    model_name="risk",
+                    id=f"oip-{i}",
+                    inputs=[
+                        oip_pb.ModelInferRequest.InferInputTensor(
+                            name="features", datatype="FP32", shape=[1, len(FEATURES)]
+                        )
+                    ],
+                    raw_input_contents=[row.tobytes()],
+                )
+            )
+            assert answer.outputs[0].name == "score"
+        assert reads == []
+        channel.close()
+    finally:
+        running.stop(grace=0.5)

@@ -499,6 +499,17 @@ class Scorer:
             out.append(LineInfo(name, line.features, active, infos))
         return out
 
+    def served(self) -> list[tuple[str, tuple[str, ...], str | None, tuple[str, ...]]]:
+        """(model, features, active version, loaded versions in registration order) per model line, from
+        memory only: what request paths need, without the feedback health :meth:`model_lines` reads (from
+        the store when shared), so a request never waits on the store for it."""
+        out = []
+        for name, versions, active in self.registry.list():
+            line = self.lines.get(name)
+            if line is not None:  # None: a registration in flight
+                out.append((name, line.features, active, tuple(v for v in versions if v in line.versions)))
+        return out
+
     def features(self, model: str) -> tuple[str, ...]:
         """The features of a model, in the order its rows take them."""
         return self._line(model).features

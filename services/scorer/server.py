@@ -366,35 +366,29 @@ class ScorerInferenceBackend:
 
     def model_names(self) -> list[str]:
         """Models with an active version."""
-        return [line.model for line in self.servicer.core.model_lines() if line.active]
+        return [model for model, _, active, _ in self.servicer.core.served() if active]
 
     def model_ready(self, name: str, version: str) -> bool:
         """Whether the version is loaded."""
-        return any(
-            v.version == version
-            for line in self.servicer.core.model_lines()
-            if line.model == name
-            for v in line.versions
-        )
+        return any(version in versions for model, _, _, versions in self.servicer.core.served() if model == name)
 
     def model_metadata(self, name: str, version: str) -> ModelSignature:
         """Versions (active last: the default), inputs, outputs and the batching settings."""
         core = self.servicer.core
-        [line] = [line for line in core.model_lines() if line.model == name]
-        versions = [v.version for v in line.versions if v.version != line.active] + (
-            [line.active] if line.active else []
-        )
+        # Every ModelInfer asks for this: from memory (core.served), never the store's feedback health.
+        [(_, features, active, loaded)] = [line for line in core.served() if line[0] == name]
+        versions = [v for v in loaded if v != active] + ([active] if active else [])
         settings = core.settings
         return ModelSignature(
             name,
             tuple(versions),
             "pytorch_libtorch",
-            (TensorSpec("features", "FP32", (-1, len(line.features))),),
+            (TensorSpec("features", "FP32", (-1, len(features))),),
             OIP_OUTPUTS,
             max_batch_size=settings.max_batch_size,
             preferred_batch_sizes=(settings.max_batch_size,),
             max_queue_delay_us=int(settings.max_queue_delay_ms * 1000),
-            parameters=(("feature_names", json.dumps(list(line.features))),),
+            parameters=(("feature_names", json.dumps(list(features))),),
         )
 
     def infer(self, name: str, version: str, inputs: dict[str, np.ndarray], request_id: str) -> dict[str, np.ndarray]:
