@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from guardmesh.config import ABRouterSettings
-from guardmesh.errors import FailedPrecondition
+from guardmesh.errors import FailedPrecondition, Unavailable
 from guardmesh.v1 import abrouter_pb2 as pb
 from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
 from services.abrouter.experiments import ArmSpec, ExperimentSpec, ExperimentState
@@ -373,3 +373,28 @@ def test_make_up_with_replicas_runs_n_routers_on_their_own_database(tmp_path: Pa
     assert all(env["GUARDMESH__SECURITY__CLIENT_ROLE"] == "app" for _, env in routers)
     # plain `make up`: one router, its SQLite file
     assert [(s, n) for s, n, _ in instances(config) if s == "abrouter"] == [("abrouter", "abrouter")]
+
+
+def test_a_store_that_cannot_answer_a_read_is_unavailable_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = two_cores(f"sqlite:///{tmp_path / 's.db'}")
+    try:
+        a.create(SPEC)
+        b.sync_config()
+        assert b.store is not None
+
+        def broken(*_: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(b.store, "sticky_arm", broken)
+        monkeypatch.setattr(b.store, "load_experiment", broken)
+        with pytest.raises(Unavailable, match=r"sticky arm of unit 'u1'.*disk I/O error"):
+            b.assign("u1", {}, ["shared"], log_exposure=True)
+        with pytest.raises(Unavailable, match="stored version"):
+            b.update(replace(SPEC, arms=(ArmSpec("control", 0.2), ArmSpec("new", 0.8))))
+        live = b.live["shared"]
+        assert len(live.table) == 0 and live.pending_sticky == {} and live.experiment.version == 1
+        assert b.store.log.query("SELECT COUNT(*) FROM exposures")[0][0] == 0
+    finally:
+        close(a, b)

@@ -18,7 +18,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,7 +27,15 @@ import numpy as np
 
 from guardmesh.config import ABRouterSettings
 from guardmesh.durable import Listener, Statement, StoreFailure, Ticket
-from guardmesh.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from guardmesh.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    GuardmeshError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from guardmesh.leadership import Lease
 from native import abhash
 from services.abrouter import analysis as analysis_mod
@@ -347,8 +356,8 @@ class Router:
                 return
             try:
                 self.sync_config()
-            except StoreFailure as exc:  # the store is away: memory stays as it was, the next round retries
-                log.warning("config resync failed", extra={"error": str(exc)})
+            except Exception as exc:  # the store is away: memory stays as it was, the next round retries
+                log.warning("config resync failed", extra={"error": f"{type(exc).__name__}: {exc}"})
 
     def sync_config(self) -> list[str]:
         """Take in every experiment whose stored version is newer than this replica's; the keys taken in."""
@@ -441,7 +450,19 @@ class Router:
         """(Under the lock.) On a shared store, judge a change against the newest stored version (another
         replica may have changed the experiment since this one heard of it)."""
         if self.store is not None and self.store.shared:
-            self._sync_key(key)
+            with self._store_reads("the experiment's stored version"):
+                self._sync_key(key)
+
+    @contextmanager
+    def _store_reads(self, what: str) -> Iterator[None]:
+        """A read from the shared store that a call depends on: a store that cannot answer is UNAVAILABLE
+        (the call changed nothing), never an unknown error."""
+        try:
+            yield
+        except GuardmeshError:
+            raise
+        except Exception as exc:
+            raise Unavailable(f"abrouter store unreachable reading {what}: {type(exc).__name__}: {exc}") from exc
 
     # -- experiments -------------------------------------------------------------------------------------------
 
@@ -645,7 +666,8 @@ class Router:
         if arm is None and value in st.pending_sticky:
             arm = st.pending_sticky[value][0]
         if arm is None and self.store is not None and self.store.shared:
-            arm = self.store.sticky_arm(st.experiment.key, value)
+            with self._store_reads(f"the sticky arm of unit '{value}'"):
+                arm = self.store.sticky_arm(st.experiment.key, value)
             if arm is not None:
                 st.sticky[value] = arm
         return arm
@@ -820,7 +842,8 @@ class Router:
             raise InvalidArgument("observations", f"must hold 1 to {MAX_OBSERVATIONS} observations")
         seen = self.live.get(key) if self._tails else None  # shared store: another replica may have exposed
         if seen is not None and any(not o.pre_period and seen.table.arm_of(o.unit_id) is None for o in observations):
-            self.take_in_others()  # ... a unit not taken in here yet
+            with self._store_reads("other replicas' exposures"):
+                self.take_in_others()  # ... a unit not taken in here yet
         now = self.clock()
         with self.lock:
             st = self._get(key)
