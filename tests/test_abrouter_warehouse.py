@@ -172,6 +172,7 @@ def test_assign_keeps_answering_while_a_table_audit_runs(tmp_path: Path) -> None
 def test_audit_from_table_over_grpc_matches_the_in_memory_audit(tmp_path: Path) -> None:
     from guardmesh.v1 import abrouter_pb2 as pb
     from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
+    from tests.conftest import make_config
     from tests.processes import ServiceProcess
 
     env = {"GUARDMESH__ABROUTER__EXPORT_URL": str(tmp_path / "table"), "GUARDMESH__ABROUTER__EXPORT_INTERVAL_S": "3600"}
@@ -192,6 +193,11 @@ def test_audit_from_table_over_grpc_matches_the_in_memory_audit(tmp_path: Path) 
         assert from_table.uniformity == in_memory.uniformity
         assert list(from_table.balance) == list(in_memory.balance)
         assert [t.name for t in from_table.clustering] == [t.name for t in in_memory.clustering]
+        from guardmesh.sdk.abrouter import ABRouterClient
+
+        with ABRouterClient(make_config(tmp_path / "client"), address=proc.address) as client:
+            via_sdk = client.audit("main", min_sample=100, from_table=True)
+        assert via_sdk.exposures == 1200 and via_sdk.srm.p_value == in_memory.srm.p_value
         with pytest.raises(grpc.RpcError) as info:
             stub.AuditExperiment(pb.AuditExperimentRequest(key="main", from_table=True, window_covariates=["nope"]))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "window_covariates[0]" in str(

@@ -725,14 +725,17 @@ class ABRouterClient:
         other_experiments: Sequence[str] = (),
         min_sample: int = 0,
         min_deviation: float = 0.0,
+        from_table: bool = False,
     ) -> AuditReport:
-        """Audit the exposure log: SRM, hash uniformity, clustering and covariate balance."""
+        """Audit the exposure log: SRM, hash uniformity, clustering and covariate balance. ``from_table``:
+        over the Parquet exposure table with DuckDB (every replica, any horizon) instead of router memory."""
         resp = self.stub.AuditExperiment(
             pb.AuditExperimentRequest(
                 key=experiment,
                 other_experiments=list(other_experiments),
                 min_sample=min_sample,
                 min_deviation=min_deviation,
+                from_table=from_table,
             )
         )
         s = resp.srm
