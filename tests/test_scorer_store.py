@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from guardmesh.config import load_config
-from guardmesh.durable import GroupCommitLog, SchemaTooNew
+from guardmesh.durable import GroupCommitLog, SchemaTooNew, StoreError
 from guardmesh.errors import AlreadyExists, FailedPrecondition, Unavailable
 from services.scorer import drift as drift_mod
 from services.scorer.decision import ThresholdPolicy
 from services.scorer.monitoring import CleaningPolicy
-from services.scorer.persistence import MIGRATIONS, RegistryStore, SharedRegistry, open_shared_registry
+from services.scorer.persistence import MIGRATIONS, ArtefactStore, RegistryStore, SharedRegistry, open_shared_registry
 from services.scorer.registry import ModelFormat
 from services.scorer.scorer import Registration, Scorer, VersionConfig
 from tests.postgres import PostgresServer
@@ -329,3 +329,12 @@ def test_labels_no_f1_figure_reads_are_pruned(store_url: str, tmp_path: Path) ->
         assert len(store.labelled("risk", "v1", last=100, first=100)[1]) == 8
     finally:
         store.log.close()
+
+
+def test_an_unusable_artefact_url_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"scorer\.artefact_url 'nosuchprotocol://bucket/models' cannot be used"):
+        ArtefactStore("nosuchprotocol://bucket/models")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with pytest.raises(StoreError, match=r"scorer\.artefact_url"):
+        ArtefactStore(str(blocked / "artefacts"))

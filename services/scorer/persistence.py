@@ -35,7 +35,15 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from guardmesh.durable import GroupCommitLog, Migration, StoreFailure, StoreTarget, Ticket, Transaction
+from guardmesh.durable import (
+    GroupCommitLog,
+    Migration,
+    StoreError,
+    StoreFailure,
+    StoreTarget,
+    Ticket,
+    Transaction,
+)
 from guardmesh.errors import AlreadyExists, Unavailable
 from services.scorer.decision import Rule, RuleAction, ThresholdPolicy
 from services.scorer.monitoring import CleaningPolicy
@@ -252,8 +260,11 @@ class ArtefactStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url)
-        self.fs.makedirs(self.root, exist_ok=True)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url)
+            self.fs.makedirs(self.root, exist_ok=True)
+        except (ValueError, ImportError, OSError) as exc:  # unknown protocol, missing driver, no access
+            raise StoreError(f"scorer.artefact_url {url!r} cannot be used: {type(exc).__name__}: {exc}") from None
         self.local = isinstance(self.fs, LocalFileSystem)
 
     def put(self, data: bytes) -> str:
@@ -538,5 +549,5 @@ class SharedRegistry:
 
 def open_shared_registry(store_url: str | StoreTarget, artefact_url: str, replica: str) -> SharedRegistry:
     """The scorer's shared registry: its store (schema created or migrated) and artefact store."""
-    log_ = GroupCommitLog(store_url, MIGRATIONS, "FULL", component="scorer")
-    return SharedRegistry(log_, ArtefactStore(artefact_url), replica)
+    artefacts = ArtefactStore(artefact_url)  # checked first: a bad URL leaves no store connection open
+    return SharedRegistry(GroupCommitLog(store_url, MIGRATIONS, "FULL", component="scorer"), artefacts, replica)
