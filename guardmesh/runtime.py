@@ -111,6 +111,10 @@ class CallGate(grpc.ServerInterceptor):
     A refused call is held until the drain has stopped the server (or half of its own deadline has passed), then
     answered: a client that calls again as soon as it is answered cannot keep the queue from emptying, and its
     call, taken up, is never one core kills.
+
+    Limits (gRPC Python cannot send GOAWAY before its shutdown): a call that arrives in the instant between the
+    last barrier and the shutdown can still be cancelled; clients that keep many calls in flight at once, never
+    letting a round pass empty, keep the drain going until its grace ends.
     """
 
     def __init__(self) -> None:
