@@ -197,20 +197,22 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
             explain=request.explain,
             shadow=request.shadow,
         )
-        span = trace.get_current_span()
         d = outcome.decision
-        span.set_attribute("guardmesh.model", request.model)
-        span.set_attribute("guardmesh.model_version", outcome.version)
-        span.set_attribute("guardmesh.decision_path", d.path)
-        span.set_attribute("guardmesh.decision", d.positive)
-        span.set_attribute("guardmesh.drift_score", d.drift_score)
+        attributes: dict[str, str | bool | float] = {
+            "guardmesh.model": request.model,
+            "guardmesh.model_version": outcome.version,
+            "guardmesh.decision_path": d.path,
+            "guardmesh.decision": d.positive,
+            "guardmesh.drift_score": d.drift_score,
+        }
         if d.threshold is not None:
-            span.set_attribute("guardmesh.threshold", d.threshold)
+            attributes["guardmesh.threshold"] = d.threshold
         if request.experiment:
-            span.set_attribute("guardmesh.experiment", request.experiment)
-            span.set_attribute("guardmesh.arm", request.arm)
+            attributes["guardmesh.experiment"] = request.experiment
+            attributes["guardmesh.arm"] = request.arm
         if request.shadow:
-            span.set_attribute("guardmesh.shadow", True)
+            attributes["guardmesh.shadow"] = True
+        trace.get_current_span().set_attributes(attributes)  # one call: the span takes its lock once
         return outcome_to_pb(outcome)
 
     def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.ServicerContext) -> pb.ScoreBatchResponse:
