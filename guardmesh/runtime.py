@@ -152,8 +152,8 @@ class CallGate(grpc.ServerInterceptor):
         return handler._replace(**{kind: self._refuse})  # type: ignore[attr-defined, no-any-return]
 
     def _refuse(self, request: object, context: grpc.ServicerContext) -> None:
-        remaining = context.time_remaining()
-        self._released.wait(None if remaining is None else remaining / 2)
+        remaining = context.time_remaining()  # a call without a deadline: gRPC's far future
+        self._released.wait(None if remaining is None else min(remaining / 2, threading.TIMEOUT_MAX))
         context.abort(grpc.StatusCode.UNAVAILABLE, "server draining: the call was not started; retry another instance")
 
     def close(self) -> None:

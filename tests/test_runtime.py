@@ -76,7 +76,7 @@ class ProbeBinding:
         pass
 
 
-def _call(channel: grpc.Channel, method: str, payload: bytes = b"", timeout: float = 10) -> bytes:
+def _call(channel: grpc.Channel, method: str, payload: bytes = b"", timeout: float | None = 10) -> bytes:
     fn = channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=_identity, response_deserializer=_identity)
     return fn(payload, timeout=timeout)
 
@@ -309,17 +309,18 @@ def test_drain_under_steady_traffic_ends_without_the_grace_and_cancels_none(tmp_
     outcomes: list[object] = []
     lock = threading.Lock()
 
-    def keep_calling(method: str, payload: bytes) -> None:
+    def keep_calling(method: str, payload: bytes, timeout: float | None = 120) -> None:
         with grpc.insecure_channel(running.address) as channel:
             while not stop_calling.is_set():
                 try:
-                    got: object = _call(channel, method, payload, timeout=120)
+                    got: object = _call(channel, method, payload, timeout=timeout)
                 except grpc.RpcError as err:
                     got = err.code()
                 with lock:
                     outcomes.append(got)
 
-    callers = [threading.Thread(target=keep_calling, args=("Echo", b"e")) for _ in range(4)]
+    callers = [threading.Thread(target=keep_calling, args=("Echo", b"e")) for _ in range(3)]
+    callers.append(threading.Thread(target=keep_calling, args=("Echo", b"e", None)))  # no deadline
     callers += [threading.Thread(target=keep_calling, args=("Slow", b"0.5")) for _ in range(2)]
     for t in callers:
         t.start()
