@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from guardmesh.client import open_channel
 from guardmesh.config import ConfigError, MeshConfig, load_config
 from guardmesh.errors import InvalidArgument, Unavailable
-from guardmesh.runtime import RunningService, ServiceDefinition, load_definition, start_service
+from guardmesh.runtime import (
+    BARRIER_KEY,
+    CallGate,
+    RunningService,
+    ServiceDefinition,
+    load_definition,
+    start_service,
+)
 from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 
@@ -337,6 +345,20 @@ def test_drain_under_steady_traffic_ends_without_the_grace_and_cancels_none(tmp_
     assert set(outcomes) <= {b"e", b"done", grpc.StatusCode.UNAVAILABLE}, set(outcomes)
     assert outcomes.count(b"done") == made["binding"].started
     assert outcomes.count(grpc.StatusCode.UNAVAILABLE) >= 6  # each caller was refused at least once
+
+
+def test_drain_gate_counts_only_its_own_barriers() -> None:
+    """A client cannot pass for the drain's barrier (which would end the drain early): the token is secret."""
+    details = namedtuple("details", "method invocation_metadata")
+    echo = grpc.unary_unary_rpc_method_handler(_identity)
+    gate = CallGate()
+    assert gate.intercept_service(lambda d: echo, details("/p.P/Echo", ())) is echo  # open: passed through
+    gate.close()
+    forged = gate.intercept_service(lambda d: echo, details("/p.P/Echo", ((BARRIER_KEY, "guess"),)))
+    assert forged is not None and forged.unary_unary is not _identity  # refused like any call
+    assert (gate.refused, gate.barriers) == (1, 0)
+    barrier = gate.intercept_service(lambda d: echo, details("/p.P/Echo", gate.barrier_metadata))
+    assert barrier is not echo and (gate.refused, gate.barriers) == (1, 1)
 
 
 def test_domain_error_maps_to_status_naming_field(tmp_path: Path) -> None:
