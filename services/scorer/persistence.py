@@ -312,6 +312,12 @@ class SharedRegistry:
         except StoreFailure as exc:
             raise _unavailable(exc) from None
 
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a query, in a short transaction of its own. Never on the committer's connection (the
+        log's ``query`` on SQLite): a read in flight there from another thread can fail the committer's
+        COMMIT ('database is locked'), and with it a batch of decisions."""
+        return list(self._run(lambda tx: tx.fetchall(sql, params)))
+
     def _bump(self, tx: Transaction) -> None:
         tx.execute(
             "INSERT INTO scorer_changes (name, counter) VALUES ('registry', 1) "
@@ -348,10 +354,7 @@ class SharedRegistry:
     ) -> Iterator[Registration]:
         """Recorded registrations in the order they were accepted, but those in ``skip`` (already loaded);
         an unreadable one (artefact missing or corrupt) is logged and left out."""
-        try:
-            rows = self.log.query("SELECT model, version, record FROM scorer_versions ORDER BY seq, model, version")
-        except Exception as exc:
-            raise Unavailable(f"scorer store unavailable: {exc}") from None
+        rows = self._read("SELECT model, version, record FROM scorer_versions ORDER BY seq, model, version")
         for model, version, text in rows:
             if (model, version) in skip:
                 continue
@@ -369,7 +372,7 @@ class SharedRegistry:
 
     def active(self) -> dict[str, tuple[str, list[str]]]:
         """The stored (active version, activation history) of every model."""
-        rows = self.log.query("SELECT model, active, history FROM scorer_active")
+        rows = self._read("SELECT model, active, history FROM scorer_active")
         return {str(m): (str(a), [str(h) for h in json.loads(hist)]) for m, a, hist in rows}
 
     def save_active(self, active: dict[str, tuple[str, list[str]]]) -> None:
@@ -411,7 +414,7 @@ class SharedRegistry:
 
     def changes(self) -> int:
         """The registry's change counter (rises with every registration and activation of any replica)."""
-        rows = self.log.query("SELECT counter FROM scorer_changes WHERE name = 'registry'")
+        rows = self._read("SELECT counter FROM scorer_changes WHERE name = 'registry'")
         return int(rows[0][0]) if rows else 0
 
     def listen(self, callback: Any) -> Any:
@@ -474,8 +477,8 @@ class SharedRegistry:
         """(the first ``first``, the last ``last``) labelled decisions (predicted, label) of a version, oldest
         first, from every replica: what its F1 baseline and rolling F1 are computed on."""
         base = "SELECT predicted, label FROM scorer_labels WHERE model = ? AND version = ? ORDER BY id"
-        head = self.log.query(f"{base} LIMIT ?", (model, version, first))
-        tail = self.log.query(f"{base} DESC LIMIT ?", (model, version, last))
+        head = self._read(f"{base} LIMIT ?", (model, version, first))
+        tail = self._read(f"{base} DESC LIMIT ?", (model, version, last))
         return [(bool(p), bool(a)) for p, a in head], [(bool(p), bool(a)) for p, a in reversed(tail)]
 
     def prune_decisions(self, model: str, keep: int) -> int:
@@ -520,7 +523,7 @@ class SharedRegistry:
 
     def live_windows(self, model: str, since: float) -> list[tuple[str, np.ndarray]]:
         """(replica, rows) of each replica's live window of ``model`` published at or after ``since``."""
-        found = self.log.query(
+        found = self._read(
             "SELECT replica, features, rows_b64 FROM scorer_live_windows WHERE model = ? AND at >= ? ORDER BY replica",
             (model, since),
         )
@@ -532,7 +535,7 @@ class SharedRegistry:
     def adopt_folder(self, folder: RegistryStore) -> int:
         """Copy the registrations and active versions of an old registry folder into the store once (what
         the store already holds is left as it is). Returns how many versions were copied."""
-        known = {(m, v) for m, v in self.log.query("SELECT model, version FROM scorer_versions")}
+        known = {(m, v) for m, v in self._read("SELECT model, version FROM scorer_versions")}
         copied = 0
         for registration in folder.registrations():
             if (registration.model, registration.version) not in known:
