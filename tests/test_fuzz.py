@@ -489,6 +489,7 @@ MAY_WAIT: dict[str, Callable[[Any], bool]] = {
     "guardmesh.v1.SchedulerService.WatchScaleSignals": lambda r: True,
     "guardmesh.v1.ParamServerService.Pull": lambda r: r.min_version > 0,
     "guardmesh.v1.ParamServerService.PullStream": lambda r: r.pull.min_version > 0,
+    "guardmesh.v1.ABRouterService.WatchExposures": lambda r: True,  # live: waits for the next exposure
 }
 
 #: RPCs that read state only: they must never change it, even when they answer OK.
@@ -500,6 +501,7 @@ READ_ONLY = {
     "ListEvents",
     "PlanCapacity",
     "WatchScaleSignals",
+    "WatchExposures",
     "DescribeModel",
     "Pull",
     "PullStream",
