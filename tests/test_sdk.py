@@ -124,7 +124,11 @@ def test_docs_examples_run_against_real_servers(servers: Servers) -> None:
     assert summary.steps == 160 and not summary.preempted  # type: ignore[attr-defined]
     assert summary.losses[-1] < 0.05 < summary.losses[0]  # type: ignore[attr-defined]
     assert trainer["lease"].renewals >= 1  # type: ignore[attr-defined]
-    assert pieces["job"].placements[0].gpus[0].memory_cap_mib == (81920 - 512) // 4  # type: ignore[attr-defined]
+    # A quarter of whichever card the policy chose (a sharing job packs onto the fullest node that fits, which
+    # may be the fixture's T4 pool): the cap is a quarter of that card's memory after the reserve.
+    swept = pieces["job"].placements[0]  # type: ignore[attr-defined]
+    card_mib = 16384 if swept.node == "t4-0" else 81920  # the fixture's two card sizes
+    assert swept.gpus[0].memory_cap_mib == (card_mib - 512) // 4
     assert len(scoring["scored"]) == 300 and scoring["feedback"].accepted == 300  # type: ignore[arg-type, attr-defined]
     assert scoring["report"].live_rows > 0 and set(scoring["report"].features) == set(FEATURES)  # type: ignore[attr-defined]
     effect = experiments["effect"]
