@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from guardmesh.config import ABRouterSettings
-from guardmesh.durable import Listener, Statement, StoreFailure, Ticket
+from guardmesh.durable import Fence, Fenced, Listener, Statement, StoreFailure, Ticket
 from guardmesh.errors import (
     Aborted,
     AlreadyExists,
@@ -301,10 +301,50 @@ class Router:
         if self._failed:
             raise Unavailable(f"abrouter store failed ({self._failed}); restart the abrouter")
 
-    def _submit(self, statements: list[Statement]) -> Ticket | None:
+    def _submit(self, statements: list[Statement], fence: Fence | None = None) -> Ticket | None:
         if self.store is None or not statements:
             return None
-        return self.store.submit(statements)
+        return self.store.submit(statements, fence)
+
+    def _monitor_fence(self) -> Fence | None:
+        """The monitor lease's epoch as a fence: a periodic decision lands only while this replica still
+        holds the lease it was taken under (a deposed holder woken from a pause writes nothing)."""
+        if self.monitor_lease is None:
+            return None
+        return (self.monitor_lease.name, self.monitor_lease.epoch)
+
+    def _durable_monitor(self, ticket: Ticket | None, undo: Callable[[], None]) -> bool:
+        """Wait for a periodic decision's write; whether it landed. Refused by the fence (the lease moved
+        on): ``undo`` puts memory back under the lock, the lease is given up locally and the replica keeps
+        serving (the new holder decides). Any other store failure is the usual fail-stop."""
+        try:
+            if ticket is not None:
+                ticket.wait("abrouter periodic decision")
+            return True
+        except Fenced as exc:
+            with self.lock:
+                undo()
+            if self.monitor_lease is not None:
+                self.monitor_lease.forget()
+            log.warning("periodic decision refused: monitor lease lost", extra={"error": str(exc)})
+            return False
+        except StoreFailure:
+            self._durable(ticket)  # records the failure and raises Unavailable
+            raise
+
+    def _undo_monitor(self, st: _Live, events: list[RouterEvent]) -> Callable[[], None]:
+        """(Under the lock.) What puts ``st``'s experiment and the events about to be raised back."""
+        experiment, weights_since = st.experiment, st.weights_since
+        srm, balance = st.srm_alerting, st.balance_alerting
+
+        def undo() -> None:
+            st.experiment, st.weights_since = experiment, weights_since
+            st.srm_alerting, st.balance_alerting = srm, balance
+            for event in events:
+                if event in self.events:
+                    self.events.remove(event)
+
+        return undo
 
     def _durable(self, ticket: Ticket | None) -> None:
         if ticket is None:
@@ -1195,11 +1235,13 @@ class Router:
                     state=ExperimentState.ROLLED_BACK, weights=control_only, updated_at=self.clock(), reason=reason
                 )
                 statements: list[Statement] = []
+                events: list[RouterEvent] = []
+                undo = self._undo_monitor(st, events)
                 self._write_experiment(st, rolled, "rolled_back", reason, statements)
-                self._event("guardrail_tripped", key, f"traffic back to control: {reason}", statements)
-                tickets.append(self._submit(statements))
-        for ticket in tickets:
-            self._durable(ticket)
+                events.append(self._event("guardrail_tripped", key, f"traffic back to control: {reason}", statements))
+                tickets.append((self._submit(statements, self._monitor_fence()), undo))
+        for ticket, undo in tickets:
+            self._durable_monitor(ticket, undo)
         return verdicts
 
     def update_bandits(self) -> list[str]:
@@ -1217,15 +1259,16 @@ class Router:
                 weights = tuple(float(w) for w in result.weights)
                 new = exp.with_changes(weights=weights, updated_at=now)
                 statements: list[Statement] = []
+                events: list[RouterEvent] = []
+                undo = self._undo_monitor(st, events)
                 self._write_experiment(st, new, "bandit", "", statements)
                 probs = ", ".join(f"{a.name}={p:.3f}" for a, p in zip(exp.spec.arms, result.prob_best, strict=True))
-                self._event(
-                    "bandit_updated", key, f"weights {[round(w, 4) for w in weights]} (P(best): {probs})", statements
-                )
-                tickets.append(self._submit(statements))
+                message = f"weights {[round(w, 4) for w in weights]} (P(best): {probs})"
+                events.append(self._event("bandit_updated", key, message, statements))
+                tickets.append((self._submit(statements, self._monitor_fence()), undo, key))
+        for ticket, undo, key in tickets:
+            if self._durable_monitor(ticket, undo):
                 updated.append(key)
-        for ticket in tickets:
-            self._durable(ticket)
         return updated
 
     def audit_running(self) -> None:
@@ -1240,18 +1283,21 @@ class Router:
             report = self.audit(key)
             self.last_audits[key] = report
             statements: list[Statement] = []
+            events: list[RouterEvent] = []
             with self.lock:
                 st = self.live[key]
+                undo = self._undo_monitor(st, events)
                 if report.srm.alert and not st.srm_alerting:
-                    self._event("srm_alert", key, report.srm.reason, statements)
+                    events.append(self._event("srm_alert", key, report.srm.reason, statements))
                 st.srm_alerting = report.srm.alert
                 imbalanced = [b for b in report.balance if b.imbalanced] + [t for t in report.clustering if t.alert]
                 if imbalanced and not st.balance_alerting:
                     first = imbalanced[0]
-                    self._event("balance_alert", key, f"{len(imbalanced)} imbalances, first: {first}", statements)
+                    message = f"{len(imbalanced)} imbalances, first: {first}"
+                    events.append(self._event("balance_alert", key, message, statements))
                 st.balance_alerting = bool(imbalanced)
-                ticket = self._submit(statements)
-            self._durable(ticket)
+                ticket = self._submit(statements, self._monitor_fence())
+            self._durable_monitor(ticket, undo)
 
     def list_events(self, key: str = "", after_seq: int = 0) -> list[RouterEvent]:
         """Events, oldest first."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guardmesh.durable import GroupCommitLog, Migration, Statement, StoreTarget, Ticket, parse_store_url
+from guardmesh.durable import Fence, GroupCommitLog, Migration, Statement, StoreTarget, Ticket, parse_store_url
 from services.abrouter.experiments import Experiment
 
 #: The channel an experiment write notifies (payload: the experiment key), heard by every replica.
@@ -219,9 +219,10 @@ class RouterStore:
         sql = "INSERT INTO events (seq, kind, key, at, message) VALUES (?, ?, ?, ?, ?)"
         return (sql, (seq, kind, key, at, message))
 
-    def submit(self, statements: list[Statement]) -> Ticket:
-        """Queue statements for the next group commit."""
-        return self.log.submit(statements)
+    def submit(self, statements: list[Statement], fence: Fence | None = None) -> Ticket:
+        """Queue statements for the next group commit; with ``fence`` (lease, epoch) written only while
+        that lease still holds that epoch (checked in the transaction)."""
+        return self.log.submit(statements, fence)
 
     def load_experiments(self) -> list[Experiment]:
         """Every stored experiment."""
