@@ -17,8 +17,10 @@ One implementation each, so a drift report, a balance audit and a guardrail neve
   function (``scipy.special.kolmogorov``). ``ks_2samp(method="asymp")`` uses ``kstwo.sf(D, round(en))`` instead
   (the two differ by O(1/sqrt(en))); Q costs microseconds vectorised over thousands of comparisons, where an audit
   or a drift report computes D itself for many windows or features at once, so ``ks_p_value`` is the one
-  p-value everyone uses. D of many groups at once (the audit's windows) is ``ks_statistic_grouped``, which
-  ``ks_two_sample`` uses too (one group): integer ECDF differences, one rounding at the end.
+  p-value everyone uses. D itself is ``ks_statistic_sorted``: per row (feature or group) a reference sorted
+  once and another sample sorted, compared exactly in integers with one rounding at the end, vectorised over rows
+  on any torch device; the drift report and ``ks_two_sample`` call it. The audit's windows, sorted by (window,
+  value) together, use ``ks_statistic_grouped`` (the same integer ECDF difference over one cumulative sum).
 
 Everything accepts scalars or numpy arrays (element-wise) and returns float64.
 """
@@ -28,17 +30,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 from scipy import special
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "KSResult",
     "Moments",
     "ks_p_value",
+    "ks_run_starts",
     "ks_statistic_grouped",
+    "ks_statistic_sorted",
     "ks_two_sample",
     "mean_var",
     "pooled_sd",
@@ -154,20 +161,67 @@ class KSResult:
 
 def ks_two_sample(a: ArrayLike, b: ArrayLike) -> KSResult:
     """KS of two samples; non-finite values left out; D and p NaN when either is empty afterwards."""
+    import torch  # only here: the audit and guardrails import this module without needing torch
+
     xa = np.asarray(a, dtype=np.float64).reshape(-1)
     xb = np.asarray(b, dtype=np.float64).reshape(-1)
-    xa, xb = xa[np.isfinite(xa)], xb[np.isfinite(xb)]
+    xa, xb = np.sort(xa[np.isfinite(xa)]), np.sort(xb[np.isfinite(xb)])
     if xa.size == 0 or xb.size == 0:
         return KSResult(math.nan, math.nan, int(xa.size), int(xb.size))
-    values = np.concatenate([xa, xb])
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    run_end = np.empty(ordered.size, dtype=bool)
-    np.not_equal(ordered[1:], ordered[:-1], out=run_end[:-1])
-    run_end[-1] = True
-    cell = (order >= xa.size).astype(np.intp)  # 0: a, 1: b
-    d = float(ks_statistic_grouped(cell, run_end, np.array([[xa.size, xb.size]]), 2, 0, [1])[0, 0])
+    ref, other = torch.from_numpy(xa).unsqueeze(0), torch.from_numpy(xb).unsqueeze(0)
+    counts_a, counts_b = torch.tensor([xa.size]), torch.tensor([xb.size])
+    d = float(ks_statistic_sorted(ref, ks_run_starts(ref), counts_a, other, counts_b)[0])
     return KSResult(d, float(ks_p_value(d, xa.size, xb.size)), int(xa.size), int(xb.size))
+
+
+def ks_run_starts(sorted_rows: torch.Tensor) -> torch.Tensor:
+    """Per position of each sorted row, the index where its run of equal values starts (int32): computed once
+    with a reference, it lets ``ks_statistic_sorted`` count the reference values below any value exactly."""
+    import torch
+
+    index = torch.arange(sorted_rows.shape[1], device=sorted_rows.device, dtype=torch.int32)
+    new = torch.ones_like(sorted_rows, dtype=torch.bool)
+    new[:, 1:] = sorted_rows[:, 1:] != sorted_rows[:, :-1]
+    return torch.cummax(torch.where(new, index, 0), dim=1).values
+
+
+def ks_statistic_sorted(
+    reference: torch.Tensor,
+    reference_run_start: torch.Tensor,
+    n_reference: torch.Tensor,
+    other: torch.Tensor,
+    n_other: torch.Tensor,
+) -> torch.Tensor:
+    """Two-sample KS statistic D per row (float64, NaN where either sample is empty), on the rows' device.
+
+    ``reference`` (rows x m) and ``other`` (rows x k) hold each row's values sorted ascending, the first
+    ``n_reference`` / ``n_other`` (integers per row) present and the rest +inf padding; ``reference_run_start``
+    is ``ks_run_starts(reference)``. The reference is sorted once and reused: each call searches the other
+    sample's values in it, so a drift report or a repeated comparison pays no re-sort. Equals
+    ``scipy.stats.ks_2samp(a, b).statistic`` to ~1e-16, ties or not.
+    """
+    import torch
+
+    # Both ECDFs are step functions. sup (F_other - F_ref) is reached at an other-sample value x (F_other jumps
+    # up there, F_ref only rises until the next one); sup (F_ref - F_other) just before one (left limits). With
+    # the row sorted, position i stands in for the other sample's counts: i + 1 <= count(other <= x), with
+    # equality at the last of a run of equal values, and i >= count(other < x), with equality at the first; so
+    # the maximum over all positions of each difference is exactly the supremum, ties or not. Reference counts:
+    # one searchsorted for count(ref <= x); count(ref < x) is the start of x's run where x occurs in the
+    # reference. All in integers scaled by n_ref * n_other: exact, one rounding at the end (scipy rounds each
+    # ECDF value, so the two agree to ~1e-16). Padding (+inf) in the other row has count(ref < inf) = n_ref
+    # and the position clamp, which keep both terms <= 0.
+    ref_le = torch.searchsorted(reference, other, right=True)
+    at = (ref_le - 1).clamp(min=0)
+    occurs = reference.gather(1, at) == other
+    ref_lt = torch.where(occurs, reference_run_start.gather(1, at).to(ref_le.dtype), ref_le)
+    nr, no = n_reference.unsqueeze(1), n_other.unsqueeze(1)
+    position = torch.arange(other.shape[1], device=other.device).unsqueeze(0)
+    other_above = (torch.minimum(position + 1, no) * nr - ref_le * no).amax(dim=1)
+    ref_above = (ref_lt * no - position * nr).amax(dim=1)
+    d = torch.maximum(other_above, ref_above).clamp(min=0).to(torch.float64)
+    d = d / (n_reference * n_other).to(torch.float64)
+    return torch.where((n_reference > 0) & (n_other > 0), d, torch.nan)
 
 
 def _segment_extremes(values: np.ndarray, starts: np.ndarray, nonempty: np.ndarray) -> np.ndarray:

@@ -160,7 +160,7 @@ def test_missing_rates_are_exact_and_other_figures_skip_missing_values():
     assert report.n_live.tolist() == [350, 400, 0]
     a, b = ref[137:, 0], live[50:, 0]
     assert report.ks_statistic[0].item() == pytest.approx(stats.ks_2samp(a, b).statistic, abs=1e-12)
-    shared = shared_stats.ks_two_sample(a, b)  # the audit's D (ks_statistic_grouped): drift agrees with it
+    shared = shared_stats.ks_two_sample(a, b)  # the shared D and p-value (test_stats ties it to the audit's)
     assert report.ks_statistic[0].item() == pytest.approx(shared.statistic, abs=1e-12)
     assert report.ks_pvalue[0].item() == pytest.approx(shared.p_value, abs=1e-12)
     assert report.smd[0].item() == pytest.approx(cohens_d(ref[:, 0], live[:, 0]), abs=1e-12)
@@ -583,3 +583,24 @@ def test_cleaning_follows_each_versions_policy_and_the_alert_names_it(tmp_path: 
         assert all(isinstance(a, Score) and a.imputed == math.isnan(r[1]) for a, r in zip(answers, rows, strict=True))
         alerts = [e.message for e in client.events("risk") if e.kind == "missing_alert"]
         assert len(alerts) == 1 and "velocity" in alerts[0] and "policy impute (version v2)" in alerts[0]
+
+
+def test_live_window_buffer_is_the_modular_index_placement_for_wrapping_and_plain_adds():
+    # the buffer (values(), in buffer order) equals placing each row at column (next + i) % capacity, the
+    # index-tensor form the slices replaced; sizes cover adds that fit, end exactly at the edge, wrap, and
+    # exceed the capacity
+    capacity, features = 10, 3
+    window = LiveWindow(features, capacity=capacity)
+    expected = np.full((features, capacity), np.nan)
+    next_column, size, start = 0, 0, 0
+    rows = np.arange(200.0).reshape(-1, 1) * np.array([1.0, -1.0, 0.5])
+    for batch_size in [3, 7, 4, 9, 10, 1, 25, 0, 6, 5]:
+        batch = rows[start : start + batch_size]
+        start += batch_size
+        window.add(batch)
+        kept = batch[-capacity:]
+        expected[:, (next_column + np.arange(kept.shape[0])) % capacity] = kept.T
+        next_column = (next_column + kept.shape[0]) % capacity
+        size = min(size + kept.shape[0], capacity)
+        np.testing.assert_array_equal(window.values().numpy(), expected[:, :size])
+        assert len(window) == size

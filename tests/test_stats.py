@@ -6,12 +6,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import special, stats
 
 from guardmesh.stats import (
     Moments,
     ks_p_value,
+    ks_run_starts,
     ks_statistic_grouped,
+    ks_statistic_sorted,
     ks_two_sample,
     mean_var,
     standardized_mean_difference,
@@ -103,3 +106,64 @@ def test_grouped_ks_statistic_is_scipys_per_group_and_sample(ties: bool) -> None
     # the one-group form behind ks_two_sample, ties and all
     a, b = samples[0, 0], samples[0, 2]
     assert ks_two_sample(a, b).statistic == pytest.approx(stats.ks_2samp(a, b).statistic, abs=1e-15)
+
+
+def _padded_sorted_rows(samples: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(s.size for s in samples))
+    rows = np.full((len(samples), width), np.inf)
+    for i, s in enumerate(samples):
+        rows[i, : s.size] = np.sort(s)
+    return torch.from_numpy(rows), torch.tensor([s.size for s in samples])
+
+
+def test_sorted_reference_ks_is_scipys_per_row_with_ties_empty_rows_and_different_sizes() -> None:
+    rng = np.random.default_rng(18)
+    references, others = [], []
+    for n_ref, n_other, mode in [
+        (500, 120, "normal"),
+        (37, 900, "ties"),  # few distinct values, shared between the samples
+        (1, 1, "ties"),
+        (80, 80, "identical"),
+        (0, 40, "normal"),  # empty reference row
+        (60, 0, "normal"),  # empty other row
+        (250, 3, "shifted"),
+        (3, 3, "disjoint"),
+    ]:
+        if mode == "ties":
+            ref, other = rng.integers(0, 4, n_ref).astype(float), rng.integers(1, 5, n_other).astype(float)
+        elif mode == "identical":
+            ref = rng.normal(size=n_ref)
+            other = ref[rng.permutation(n_ref)]
+        elif mode == "disjoint":
+            ref, other = np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0])
+        else:
+            ref, other = rng.normal(size=n_ref), rng.normal(0.5 if mode == "shifted" else 0.0, 1, n_other)
+        references.append(ref)
+        others.append(other)
+    reference, n_reference = _padded_sorted_rows(references)
+    other_rows, other_counts = _padded_sorted_rows(others)
+    d = ks_statistic_sorted(reference, ks_run_starts(reference), n_reference, other_rows, other_counts).numpy()
+    for i, (ref_values, other_values) in enumerate(zip(references, others, strict=True)):
+        if ref_values.size == 0 or other_values.size == 0:
+            assert math.isnan(d[i])
+        else:
+            assert d[i] == pytest.approx(stats.ks_2samp(ref_values, other_values).statistic, abs=1e-15), i
+    # the reference is reused: a second sample against the same sorted rows needs no re-sort
+    again, n_again = _padded_sorted_rows([rng.normal(size=50) for _ in references])
+    d2 = ks_statistic_sorted(reference, ks_run_starts(reference), n_reference, again, n_again).numpy()
+    assert d2[0] == pytest.approx(stats.ks_2samp(references[0], again[0, :50].numpy()).statistic, abs=1e-15)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_two_sample_ks_and_the_grouped_audit_path_agree(ties: bool) -> None:
+    # ks_two_sample (sorted-reference D) and ks_statistic_grouped (the audit's windows) give the same D
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 6, 300).astype(float) if ties else rng.normal(size=300)
+    b = rng.integers(0, 7, 170).astype(float) if ties else rng.normal(0.3, 1, 170)
+    values = np.concatenate([a, b])
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    run_end = np.append(ordered[1:] != ordered[:-1], True)
+    cell = (order >= a.size).astype(np.intp)
+    grouped = ks_statistic_grouped(cell, run_end, np.array([[a.size, b.size]]), 2, 0, [1])[0, 0]
+    assert ks_two_sample(a, b).statistic == pytest.approx(grouped, abs=1e-15)

@@ -35,9 +35,10 @@ the window instead of ``ln`` of a tiny floor (with a 1e-4 floor one empty bin of
 
 KS p-value, Cohen's d, mean and variance: guardmesh.stats
 ---------------------------------------------------------
-The drift report computes what only it can do fast (sorting, the exact D and PSI of every feature at once, on
-the reference's device) and takes the rest from :mod:`guardmesh.stats`, the one implementation that the A/B
-router's audit and guardrails use too: ``ks_p_value`` for D, ``mean_var`` from each window's count, sum and
+The drift report computes what only it can do fast (sorting, PSI of every feature at once, on the reference's
+device) and takes the rest from :mod:`guardmesh.stats`, the one implementation that the A/B router's audit and
+guardrails use too: ``ks_statistic_sorted`` for the exact D of every feature against the reference sorted once
+(``ks_run_starts`` prepared with it), ``ks_p_value`` for D, ``mean_var`` from each window's count, sum and
 sum of squares, ``standardized_mean_difference`` for Cohen's d (the per-feature vectors go to the host and back).
 ``ks_pvalue = Q(sqrt(en) * D)`` with ``en = n_ref * n_live / (n_ref + n_live)`` and Q the survival function of
 the Kolmogorov distribution (``scipy.special.kolmogorov``, the limit law of sqrt(en) * D). Note that
@@ -195,14 +196,6 @@ def _bin_counts(sorted_values: torch.Tensor, counts: torch.Tensor, edges: torch.
     return cumulative.diff(dim=1)
 
 
-def _run_starts(sorted_values: torch.Tensor) -> torch.Tensor:
-    """Per position of each sorted row, the index where its run of equal values starts (int32)."""
-    index = torch.arange(sorted_values.shape[1], device=sorted_values.device, dtype=torch.int32)
-    new = torch.ones_like(sorted_values, dtype=torch.bool)
-    new[:, 1:] = sorted_values[:, 1:] != sorted_values[:, :-1]
-    return torch.cummax(torch.where(new, index, 0), dim=1).values
-
-
 def _mean_var(ordered: torch.Tensor, counts: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per row the mean and sample variance of the present values of sorted, +inf padded rows, on the host:
     count, sum and sum of squares summed on the device, then ``guardmesh.stats.mean_var``."""
@@ -307,8 +300,12 @@ class LiveWindow:
         if rows > self.capacity:
             batch = batch[-self.capacity :]
         kept = batch.shape[0]
-        columns = (self._next + torch.arange(kept, device=self.device)) % self.capacity
-        self._buffer[:, columns] = batch.detach().to(device=self.device, dtype=_F64).T
+        rows_in = batch.detach().to(device=self.device, dtype=_F64).T
+        first = min(kept, self.capacity - self._next)  # columns up to the buffer's end; the rest wrap to 0
+        # Plain slices: an index tensor (torch.arange) cost ~0.1 ms per call, most of an add.
+        self._buffer[:, self._next : self._next + first] = rows_in[:, :first]
+        if first < kept:
+            self._buffer[:, : kept - first] = rows_in[:, first:]
         self._next = (self._next + kept) % self.capacity
         self._size = min(self._size + kept, self.capacity)
 
@@ -394,7 +391,7 @@ class ReferenceWindow:
         return cls(
             sorted_values=sorted_values,
             counts=counts,
-            run_start=_run_starts(sorted_values),
+            run_start=shared_stats.ks_run_starts(sorted_values),
             rows=sorted_values.shape[1],
             edges=edges,
             n_bins=n_bins,
@@ -565,24 +562,8 @@ def drift_stats(reference: ReferenceWindow, live: LiveWindow | ArrayLike, *, top
     terms = torch.where(p_ref > 0, (p_live - p_ref) * torch.log(p_live / p_ref), 0.0)
     psi = torch.where(defined, terms.sum(dim=1), torch.nan)
 
-    # KS: both ECDFs are step functions. sup (F_live - F_ref) is reached at a live value x (F_live jumps up
-    # there, F_ref only rises until the next one); sup (F_ref - F_live) just before one (left limits). With the
-    # live row sorted, position i stands in for the live counts: i + 1 <= count(live <= x), with equality at
-    # the last of a run of equal values, and i >= count(live < x), with equality at the first; so the maximum
-    # over all positions of each difference is exactly the supremum, ties or not. Reference counts: one
-    # searchsorted for count(ref <= x); count(ref < x) is the start of x's run where x occurs in the
-    # reference (precomputed ``run_start``). All in integers scaled by n_ref * n_live: exact, with one
-    # rounding at the end (scipy rounds each ECDF value, so the two agree to ~1e-16). Missing live values
-    # sort last as +inf, where count(ref < inf) = n_ref and the position clamp keep both terms <= 0.
-    ref_le = torch.searchsorted(reference.sorted_values, live_sorted, right=True)
-    at = (ref_le - 1).clamp(min=0)
-    occurs = reference.sorted_values.gather(1, at) == live_sorted
-    ref_lt = torch.where(occurs, reference.run_start.gather(1, at).to(ref_le.dtype), ref_le)
-    nr, nl = n_ref.unsqueeze(1), n_live.unsqueeze(1)
-    position = torch.arange(live_sorted.shape[1], device=values.device).unsqueeze(0)
-    live_above = (torch.minimum(position + 1, nl) * nr - ref_le * nl).amax(dim=1)
-    ref_above = (ref_lt * nl - position * nr).amax(dim=1)
-    d = torch.maximum(live_above, ref_above).clamp(min=0).to(_F64) / (n_ref * n_live).to(_F64)
+    # KS: the shared exact D against the reference sorted once (missing live values sort last as +inf padding).
+    d = shared_stats.ks_statistic_sorted(reference.sorted_values, reference.run_start, n_ref, live_sorted, n_live)
     d = torch.where(defined, d, torch.nan)
     inv_n = 1 / n_ref.to(_F64) + 1 / n_live.to(_F64)  # 1 / en; inf when a window has no present value
     n_ref_host, n_live_host = n_ref.cpu().numpy(), n_live.cpu().numpy()
