@@ -9,13 +9,15 @@ back to what the store holds, and it keeps serving. Runs on both backends (SQLit
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
 from guardmesh.config import ABRouterSettings
+from guardmesh.errors import Aborted
 from guardmesh.leadership import Lease
 from services.abrouter.bandit import RewardKind
-from services.abrouter.experiments import AllocationMode, ArmSpec, BanditSpec, ExperimentSpec
+from services.abrouter.experiments import AllocationMode, ArmSpec, BanditSpec, Experiment, ExperimentSpec
 from services.abrouter.router import Router
 from services.abrouter.store import RouterStore
 
@@ -72,6 +74,94 @@ def test_a_deposed_monitor_writes_no_bandit_update(store_url: str) -> None:
         assert b.store.versions() == {"bandit": 2}
         assert a.sync_config() == ["bandit"]
         assert a.get("bandit")[0].version == 2
+    finally:
+        for r in (a, b):
+            r.close()
+            assert r.store is not None
+            r.store.close()
+
+
+SPEC = ExperimentSpec(key="shared", arms=(ArmSpec("control", 0.5), ArmSpec("new", 0.5)), sticky_bucketing=True)
+
+
+def moved(new_weight: float) -> ExperimentSpec:
+    """SPEC with the new arm at ``new_weight`` (weights exact: the control's rounded to 1 decimal)."""
+    return replace(SPEC, arms=(ArmSpec("control", round(1 - new_weight, 1)), ArmSpec("new", new_weight)))
+
+
+def test_a_concurrent_edit_of_the_same_version_is_aborted_and_the_replica_keeps_serving(store_url: str) -> None:
+    """a reads the stored version (1), b commits version 2 in between, a writes its own version 2: the
+    revision key collides. a's caller gets ABORTED naming the experiment and the version; nothing of a's
+    change lands (revision, row, event); a takes in b's version and keeps serving (no fail-stop)."""
+    config = ABRouterSettings(guardrail_interval_s=3600, audit_interval_s=0)
+    a = Router(config, RouterStore(store_url, "NORMAL", shared=True))
+    b = Router(config, RouterStore(store_url, "NORMAL", shared=True))
+    try:
+        a.create(SPEC)
+        assert b.sync_config() == ["shared"]
+        assert a.store is not None and b.store is not None
+        read = a.store.load_experiment
+        raced: list[int] = []
+
+        def read_then_b_writes(key: str) -> Experiment | None:
+            # b's edit commits just after a's read of the stored version, before a's own write
+            seen = read(key)
+            if not raced:
+                raced.append(b.update(moved(0.9), comment="b").version)
+            return seen
+
+        a.store.load_experiment = read_then_b_writes  # type: ignore[method-assign]
+        with pytest.raises(Aborted, match=r"experiment 'shared': version 2 was written first by another replica"):
+            a.update(moved(0.2), comment="a")
+        a.store.load_experiment = read  # type: ignore[method-assign]
+        assert raced == [2]
+
+        # exactly one version 2, b's; a's change left nothing in the store
+        revisions = a.store.log.query("SELECT version, comment FROM revisions WHERE key = 'shared' ORDER BY version")
+        assert [tuple(r) for r in revisions] == [(1, ""), (2, "b")]
+        stored = a.store.load_experiment("shared")
+        assert stored is not None and stored.weights == (0.1, 0.9)
+        messages = [r[0] for r in a.store.log.query("SELECT message FROM events WHERE key = 'shared'")]
+        assert not any(m.endswith(": a") for m in messages)
+        # a's memory is b's version; a keeps serving and editing
+        assert a.get("shared")[0].weights == (0.1, 0.9)
+        assert a.get("shared")[0].version == 2
+        assert not any(e.message.endswith(": a") for e in a.list_events("shared"))
+        [(assigned, _)] = a.assign("u1", {"id": "u1"}, ["shared"], log_exposure=True)
+        assert assigned.config_version == 2
+        assert a.update(moved(0.3), comment="a again").version == 3
+        assert b.sync_config() == ["shared"]
+        assert b.get("shared")[0].weights == (0.7, 0.3)
+    finally:
+        for r in (a, b):
+            r.close()
+            assert r.store is not None
+            r.store.close()
+
+
+def test_concurrent_creates_of_one_key_are_one_experiment(store_url: str) -> None:
+    """Both replicas create the same key at once (neither has seen the other's): one wins version 1, the
+    other is ABORTED and serves the winner's experiment."""
+    config = ABRouterSettings(guardrail_interval_s=3600, audit_interval_s=0)
+    a = Router(config, RouterStore(store_url, "NORMAL", shared=True))
+    b = Router(config, RouterStore(store_url, "NORMAL", shared=True))
+    try:
+        assert a.store is not None
+        read = a.store.load_experiment
+
+        def read_then_b_creates(key: str) -> Experiment | None:
+            seen = read(key)
+            if "shared" not in b.live:
+                b.create(moved(0.9))
+            return seen
+
+        a.store.load_experiment = read_then_b_creates  # type: ignore[method-assign]
+        with pytest.raises(Aborted, match="experiment 'shared': version 1 was written first"):
+            a.create(moved(0.2))
+        a.store.load_experiment = read  # type: ignore[method-assign]
+        assert a.get("shared")[0].weights == (0.1, 0.9)
+        assert a.store.versions() == {"shared": 1}
+        assert len(a.store.log.query("SELECT 1 FROM events WHERE key = 'shared'")) == 1
     finally:
         for r in (a, b):
             r.close()

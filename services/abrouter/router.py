@@ -313,14 +313,16 @@ class Router:
             return None
         return (self.monitor_lease.name, self.monitor_lease.epoch)
 
-    def _durable_monitor(self, ticket: Ticket | None, undo: Callable[[], None]) -> bool:
+    def _durable_monitor(
+        self, ticket: Ticket | None, undo: Callable[[], None], decided: Experiment | None = None
+    ) -> bool:
         """Wait for a periodic decision's write; whether it landed. Refused by the fence (the lease moved
         on): ``undo`` puts memory back under the lock, the lease is given up locally and the replica keeps
-        serving (the new holder decides). Any other store failure is the usual fail-stop."""
+        serving (the new holder decides). ``decided``: the revision written, which a concurrent edit may
+        have beaten (then also put back). Any other store failure is the usual fail-stop."""
         try:
             if ticket is not None:
                 ticket.wait("abrouter periodic decision")
-            return True
         except Fenced as exc:
             with self.lock:
                 undo()
@@ -331,20 +333,57 @@ class Router:
         except StoreFailure:
             self._durable(ticket)  # records the failure and raises Unavailable
             raise
+        if decided is None:
+            return True
+        try:
+            self._check_landed(decided, undo)
+        except (Aborted, Unavailable) as exc:  # memory put back; the next look decides again
+            log.warning("periodic decision not confirmed", extra={"error": str(exc)})
+            return False
+        return True
 
     def _undo_monitor(self, st: _Live, events: list[RouterEvent]) -> Callable[[], None]:
-        """(Under the lock.) What puts ``st``'s experiment and the events about to be raised back."""
-        experiment, weights_since = st.experiment, st.weights_since
+        """(Under the lock.) What puts ``st``'s experiment, bandit and alert flags and the events about to be
+        raised back as they are now (a write that did not land)."""
+        experiment, weights_since, bandit = st.experiment, st.weights_since, st.bandit
         srm, balance = st.srm_alerting, st.balance_alerting
 
         def undo() -> None:
-            st.experiment, st.weights_since = experiment, weights_since
+            kinds_moved = any(st.experiment.spec.kind_of(m) != experiment.spec.kind_of(m) for m in st.metrics)
+            st.experiment, st.weights_since, st.bandit = experiment, weights_since, bandit
             st.srm_alerting, st.balance_alerting = srm, balance
+            if kinds_moved:
+                self._rebuild_statistics(st)
             for event in events:
                 if event in self.events:
                     self.events.remove(event)
 
         return undo
+
+    def _check_landed(self, exp: Experiment, undo: Callable[[], None]) -> None:
+        """After a committed config write on a shared store: whether this replica's revision is the stored
+        one. Another replica may have written the same version first; then memory is put back, the winner's
+        state taken in, and the caller told ABORTED (nothing of the losing write landed)."""
+        if self.store is None or not self.store.shared:
+            return
+        try:
+            landed = self.store.revision_is(exp)
+        except Exception as exc:  # outcome unknown: memory back; the resync takes in whatever was stored
+            with self.lock:
+                undo()
+            raise Unavailable(
+                f"abrouter store unreachable confirming experiment '{exp.key}' version {exp.version}: {exc}"
+            ) from exc
+        if landed:
+            return
+        with self.lock:
+            undo()
+            with self._store_reads("the experiment's stored version"):
+                self._sync_key(exp.key)
+        raise Aborted(
+            f"experiment '{exp.key}': version {exp.version} was written first by another replica (concurrent "
+            f"edit); this change was not applied: re-read the experiment and retry"
+        )
 
     def _durable(self, ticket: Ticket | None) -> None:
         if ticket is None:
@@ -358,11 +397,15 @@ class Router:
                 self.on_fail_stop(self._failed)
             raise Unavailable(f"abrouter store failed ({exc}); restart the abrouter") from exc
 
-    def _event(self, kind: str, key: str, message: str, statements: list[Statement]) -> RouterEvent:
+    def _event(
+        self, kind: str, key: str, message: str, statements: list[Statement], about: Experiment | None = None
+    ) -> RouterEvent:
+        """Raise an event; ``about``: the revision it reports, written only if that revision is stored."""
         self._event_seq += 1
         event = RouterEvent(self._event_seq, kind, key, self.clock(), message)
         self.events.append(event)
-        statements.append(RouterStore.event(event.seq, kind, key, event.at, message))
+        guard = None if about is None else RouterStore.revision_guard(about)
+        statements.append(RouterStore.event(event.seq, kind, key, event.at, message, guard))
         log.info("router event", extra={"kind": kind, "experiment": key, "event_message": message})
         return event
 
@@ -528,9 +571,18 @@ class Router:
             statements = self._experiment_rows(exp, "created", "")  # before memory: a failure leaves none
             st = self._new_live(exp)
             self.live[spec.key] = st
-            self._event("config_changed", spec.key, f"created with weights {list(spec.weights)}", statements)
+            message = f"created with weights {list(spec.weights)}"
+            event = self._event("config_changed", spec.key, message, statements, about=exp)
             ticket = self._submit(statements)
+
+        def undo() -> None:
+            if self.live.get(spec.key) is st:
+                del self.live[spec.key]
+            if event in self.events:
+                self.events.remove(event)
+
         self._durable(ticket)
+        self._check_landed(exp, undo)
         return exp
 
     def update(self, spec: ExperimentSpec, expected_version: int = 0, comment: str = "") -> Experiment:
@@ -557,15 +609,19 @@ class Router:
                 weights = cur.weights if len(cur.weights) == len(spec.arms) else spec.weights
             exp = cur.with_changes(spec=spec, state=ExperimentState.RUNNING, weights=weights, updated_at=now, reason="")
             statements: list[Statement] = []
+            events: list[RouterEvent] = []
+            undo = self._undo_monitor(st, events)
             self._write_experiment(st, exp, "updated", comment, statements)
             if (spec.mode, spec.bandit, len(spec.arms)) != (cur.spec.mode, cur.spec.bandit, len(cur.spec.arms)):
                 st.bandit = self._new_live(exp).bandit
                 self._replay_rewards(st)
             if any(spec.kind_of(m) != cur.spec.kind_of(m) for m in st.metrics):
                 self._rebuild_statistics(st)
-            self._event("config_changed", spec.key, f"updated to version {exp.version}: {comment}", statements)
+            message = f"updated to version {exp.version}: {comment}"
+            events.append(self._event("config_changed", spec.key, message, statements, about=exp))
             ticket = self._submit(statements)
         self._durable(ticket)
+        self._check_landed(exp, undo)
         return exp
 
     def stop(self, key: str, reason: str = "") -> Experiment:
@@ -578,10 +634,13 @@ class Router:
                 raise FailedPrecondition(f"experiment '{key}' is already stopped")
             exp = st.experiment.with_changes(state=ExperimentState.STOPPED, updated_at=self.clock(), reason=reason)
             statements: list[Statement] = []
+            events: list[RouterEvent] = []
+            undo = self._undo_monitor(st, events)
             self._write_experiment(st, exp, "stopped", reason, statements)
-            self._event("config_changed", key, f"stopped: {reason}", statements)
+            events.append(self._event("config_changed", key, f"stopped: {reason}", statements, about=exp))
             ticket = self._submit(statements)
         self._durable(ticket)
+        self._check_landed(exp, undo)
         return exp
 
     def get(self, key: str) -> tuple[Experiment, int]:
@@ -1238,10 +1297,11 @@ class Router:
                 events: list[RouterEvent] = []
                 undo = self._undo_monitor(st, events)
                 self._write_experiment(st, rolled, "rolled_back", reason, statements)
-                events.append(self._event("guardrail_tripped", key, f"traffic back to control: {reason}", statements))
-                tickets.append((self._submit(statements, self._monitor_fence()), undo))
-        for ticket, undo in tickets:
-            self._durable_monitor(ticket, undo)
+                message = f"traffic back to control: {reason}"
+                events.append(self._event("guardrail_tripped", key, message, statements, about=rolled))
+                tickets.append((self._submit(statements, self._monitor_fence()), undo, rolled))
+        for ticket, undo, rolled in tickets:
+            self._durable_monitor(ticket, undo, rolled)
         return verdicts
 
     def update_bandits(self) -> list[str]:
@@ -1264,11 +1324,11 @@ class Router:
                 self._write_experiment(st, new, "bandit", "", statements)
                 probs = ", ".join(f"{a.name}={p:.3f}" for a, p in zip(exp.spec.arms, result.prob_best, strict=True))
                 message = f"weights {[round(w, 4) for w in weights]} (P(best): {probs})"
-                events.append(self._event("bandit_updated", key, message, statements))
-                tickets.append((self._submit(statements, self._monitor_fence()), undo, key))
-        for ticket, undo, key in tickets:
-            if self._durable_monitor(ticket, undo):
-                updated.append(key)
+                events.append(self._event("bandit_updated", key, message, statements, about=new))
+                tickets.append((self._submit(statements, self._monitor_fence()), undo, new))
+        for ticket, undo, new in tickets:
+            if self._durable_monitor(ticket, undo, new):
+                updated.append(new.key)
         return updated
 
     def audit_running(self) -> None:

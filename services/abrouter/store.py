@@ -132,19 +132,38 @@ class RouterStore:
 
     @staticmethod
     def experiment(exp: Experiment, change: str, comment: str) -> list[Statement]:
-        """Write an experiment's current state and record it as a revision (add :meth:`config_notice`)."""
+        """Write an experiment's current state and record it as a revision (add :meth:`config_notice`).
+
+        Two replicas may write the same version at once: the first revision committed wins, the other's
+        statements (this experiment row, and events given :meth:`revision_guard`) change nothing, and the
+        writer learns it lost from :meth:`revision_is` after the commit. A unique-key error would instead
+        fail the whole group-commit transaction, other callers' batches with it."""
         data = json.dumps(exp.to_dict())
+        guard, params = RouterStore.revision_guard(exp)
         return [
             (
-                "INSERT INTO experiments (key, data) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET data = excluded.data",
-                (exp.key, data),
-            ),
-            (
-                "INSERT INTO revisions (key, version, at, change, comment, data) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO revisions (key, version, at, change, comment, data) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (key, version) DO NOTHING",
                 (exp.key, exp.version, exp.updated_at, change, comment, data),
             ),
+            (
+                f"INSERT INTO experiments (key, data) SELECT ?, ? WHERE {guard} "
+                "ON CONFLICT (key) DO UPDATE SET data = excluded.data",
+                (exp.key, data, *params),
+            ),
         ]
+
+    @staticmethod
+    def revision_guard(exp: Experiment) -> tuple[str, tuple[Any, ...]]:
+        """An SQL condition (and its parameters): the stored revision of ``exp``'s version is this one."""
+        data = json.dumps(exp.to_dict())
+        sql = "EXISTS (SELECT 1 FROM revisions WHERE key = ? AND version = ? AND data = ?)"
+        return sql, (exp.key, exp.version, data)
+
+    def revision_is(self, exp: Experiment) -> bool:
+        """Whether the stored revision of ``exp``'s version is ``exp`` (False: another writer's won)."""
+        rows = self.log.query("SELECT data FROM revisions WHERE key = ? AND version = ?", (exp.key, exp.version))
+        return bool(rows) and rows[0][0] == json.dumps(exp.to_dict())
 
     def config_notice(self, key: str) -> Statement:
         """Tell every replica, once the batch commits, that experiment ``key`` changed."""
@@ -214,10 +233,15 @@ class RouterStore:
         )
 
     @staticmethod
-    def event(seq: int, kind: str, key: str, at: float, message: str) -> Statement:
-        """Append an event."""
-        sql = "INSERT INTO events (seq, kind, key, at, message) VALUES (?, ?, ?, ?, ?)"
-        return (sql, (seq, kind, key, at, message))
+    def event(
+        seq: int, kind: str, key: str, at: float, message: str, guard: tuple[str, tuple[Any, ...]] | None = None
+    ) -> Statement:
+        """Append an event; with ``guard`` (:meth:`revision_guard`) only if that revision is the stored one."""
+        if guard is None:
+            sql = "INSERT INTO events (seq, kind, key, at, message) VALUES (?, ?, ?, ?, ?)"
+            return (sql, (seq, kind, key, at, message))
+        sql = f"INSERT INTO events (seq, kind, key, at, message) SELECT ?, ?, ?, ?, ? WHERE {guard[0]}"
+        return (sql, (seq, kind, key, at, message, *guard[1]))
 
     def submit(self, statements: list[Statement], fence: Fence | None = None) -> Ticket:
         """Queue statements for the next group commit; with ``fence`` (lease, epoch) written only while
