@@ -8,19 +8,25 @@ SERVING in time. Every life of a process writes its own log (``<name>-<life>.log
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .conftest import REPO
+from guardmesh.config import MeshConfig
+from guardmesh.runtime import KNOWN_SERVICES
+
+from .conftest import REPO, make_config
 
 #: Longest a process may take to report SERVING: an import of torch on a 2-core machine that other test
 #: runs keep busy can take tens of seconds.
@@ -239,3 +245,37 @@ def stop_all(procs: Iterable[ServiceProcess], timeout_s: float = 15.0) -> dict[s
     for p in procs:
         p.terminate()
     return {p.name: p.reap(timeout_s) for p in procs}
+
+
+@contextlib.contextmanager
+def postgres_mesh(monkeypatch: pytest.MonkeyPatch, service: str) -> Iterator[MeshConfig]:
+    """The configuration of ``make up REPLICAS=2 STORE=postgres`` running ``service`` alone, on free ports.
+
+    The mesh's and OpenTelemetry's variables of the developer's shell are removed first; no Jaeger starts.
+    The state directory is under /tmp (the ``postgres`` user must reach it); on exit the mesh is taken down
+    (errors ignored: the test may have done so) and the directory removed.
+    """
+    from guardmesh import mesh
+
+    for key in [k for k in os.environ if k.startswith(("GUARDMESH", "OTEL_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("GUARDMESH_REPLICAS", "2")
+    monkeypatch.setenv("GUARDMESH_STORE", "postgres")
+    monkeypatch.setenv("GUARDMESH_POSTGRES_PORT", str(free_port()))
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")  # no Jaeger start
+    state = Path("/tmp") / f"guardmesh-{service}-mesh-{os.getpid()}"
+    config = make_config(
+        state,
+        **{
+            "mesh.state_dir": str(state),
+            f"services.{service}.port": free_port(),
+            f"services.{service}.metrics_port": 0,
+            **{f"services.{other}.enabled": False for other in KNOWN_SERVICES if other != service},
+        },
+    )
+    try:
+        yield config
+    finally:
+        with contextlib.suppress(Exception):
+            mesh.down(config)
+        shutil.rmtree(state, ignore_errors=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -32,7 +31,7 @@ from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 from tests.conftest import check_invariant, make_config
 from tests.postgres import PostgresServer
-from tests.processes import ServiceProcess, free_port
+from tests.processes import ServiceProcess, free_port, postgres_mesh
 
 RESERVE_MIB = 512
 LEASE_S = 2.0
@@ -312,25 +311,7 @@ def test_mesh_up_runs_replicas_on_a_local_postgres_and_down_stops_it(
     stands by; after kill -9 of the leader the other leads; ``make down`` stops the replicas and the server."""
     from guardmesh import mesh
 
-    for key in [k for k in os.environ if k.startswith(("GUARDMESH", "OTEL_"))]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("GUARDMESH_REPLICAS", "2")
-    monkeypatch.setenv("GUARDMESH_STORE", "postgres")
-    monkeypatch.setenv("GUARDMESH_POSTGRES_PORT", str(free_port()))
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")  # no Jaeger start
-    state = Path("/tmp") / f"guardmesh-mesh-{os.getpid()}"  # the postgres user must reach it
-    config = make_config(
-        state,
-        **{
-            "mesh.state_dir": str(state),
-            "services.scheduler.port": free_port(),
-            "services.scheduler.metrics_port": 0,
-            "services.paramserver.enabled": False,
-            "services.scorer.enabled": False,
-            "services.abrouter.enabled": False,
-        },
-    )
-    try:
+    with postgres_mesh(monkeypatch, "scheduler") as config:
         mesh.up(config, timeout=180)
 
         def roles() -> dict[str, str]:
@@ -347,10 +328,6 @@ def test_mesh_up_runs_replicas_on_a_local_postgres_and_down_stops_it(
         mesh.down(config)
         wait_for("postgres to stop", lambda: not mesh.pid_alive(records["postgres"].pid), 60)
         assert not mesh.pid_alive(records[other].pid)
-    finally:
-        with contextlib.suppress(Exception):
-            mesh.down(config)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_a_write_under_a_superseded_epoch_is_refused_in_the_store(tmp_path: Path, pg_url: str) -> None:

@@ -139,36 +139,12 @@ def test_make_up_replicas_runs_scorer_replicas_on_the_store(tmp_path: Path) -> N
 def test_mesh_up_runs_two_scorer_replicas_on_a_local_postgres(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``make up REPLICAS=2 STORE=postgres`` (the scorer only, on free ports): both replicas serve; a model
     registered on scorer-0 is served by scorer-1; ``make down`` stops the replicas and the server."""
-    import contextlib
-    import os
-    import shutil
-
     import grpc
 
     from guardmesh import mesh
-    from tests.processes import free_port
+    from tests.processes import postgres_mesh
 
-    from .conftest import make_config
-
-    for key in [k for k in os.environ if k.startswith(("GUARDMESH", "OTEL_"))]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("GUARDMESH_REPLICAS", "2")
-    monkeypatch.setenv("GUARDMESH_STORE", "postgres")
-    monkeypatch.setenv("GUARDMESH_POSTGRES_PORT", str(free_port()))
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")  # no Jaeger start
-    state = Path("/tmp") / f"guardmesh-scorer-mesh-{os.getpid()}"  # the postgres user must reach it
-    config = make_config(
-        state,
-        **{
-            "mesh.state_dir": str(state),
-            "services.scorer.port": free_port(),
-            "services.scorer.metrics_port": 0,
-            "services.scheduler.enabled": False,
-            "services.paramserver.enabled": False,
-            "services.abrouter.enabled": False,
-        },
-    )
-    try:
+    with postgres_mesh(monkeypatch, "scorer") as config:
         mesh.up(config, timeout=180)
         health = {rec.service: h for rec, h in mesh.status(config)}
         assert health["postgres"] == "RUNNING" and health["scorer-0"] == health["scorer-1"] == "SERVING"
@@ -182,10 +158,6 @@ def test_mesh_up_runs_two_scorer_replicas_on_a_local_postgres(tmp_path: Path, mo
         mesh.down(config)
         wait_for("postgres to stop", lambda: not mesh.pid_alive(records["postgres"].pid), 60)
         assert not mesh.pid_alive(records["scorer-0"].pid) and not mesh.pid_alive(records["scorer-1"].pid)
-    finally:
-        with contextlib.suppress(Exception):
-            mesh.down(config)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_store_unreachable_at_start_names_host_and_database_not_the_password(tmp_path: Path) -> None:
