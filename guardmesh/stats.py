@@ -19,10 +19,14 @@ One implementation each, so a drift report, a balance audit and a guardrail neve
   or a drift report computes D itself for many windows or features at once, so ``ks_p_value`` is the one
   p-value everyone uses. D itself is ``ks_statistic_sorted``: per row (feature or group) a reference sorted
   once and another sample sorted, compared exactly in integers with one rounding at the end, vectorised over rows
-  on any torch device; the drift report and ``ks_two_sample`` call it. The audit's windows, sorted by (window,
-  value) together, use ``ks_statistic_grouped`` (the same integer ECDF difference over one cumulative sum).
+  on any torch device; the drift report and ``ks_two_sample`` call it. The audit's windows arrive already
+  sorted together by (window, value), so ``ks_statistic_grouped`` takes the same integer ECDF difference from
+  one running sum instead of a search (computing the audit's counts and ``ks_statistic_sorted``'s gap terms from
+  that order measured ~4x slower on the audit's KS calls, ~1.3x on a whole audit, on a loaded 2-core machine);
+  tests hold the two to scipy and to each other.
 
-Everything accepts scalars or numpy arrays (element-wise) and returns float64.
+Everything accepts scalars or numpy arrays (element-wise) and returns float64, except ``ks_statistic_sorted`` and
+``ks_run_starts``, which take and return torch tensors on their own device (the drift report's).
 """
 
 from __future__ import annotations
