@@ -340,9 +340,8 @@ def test_malformed_node_annotation_is_reported_and_skipped(kube: KubeEmulator, v
     assert len(done.errors) == 1 and "node bad: annotation guardmesh.io/gpus must be a JSON list" in done.errors[0]
 
 
-def test_the_scheduler_service_serves_the_extender_and_reconciles_when_enabled(
-    kube: KubeEmulator, v1: client.CoreV1Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def use_kubeconfig_of(kube: KubeEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point ``KUBECONFIG`` at a file under ``tmp_path`` naming the stand-in API server ``kube`` (no auth)."""
     kubeconfig = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -353,6 +352,12 @@ def test_the_scheduler_service_serves_the_extender_and_reconciles_when_enabled(
     }
     (tmp_path / "kubeconfig").write_text(json.dumps(kubeconfig))
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+
+
+def test_the_scheduler_service_serves_the_extender_and_reconciles_when_enabled(
+    kube: KubeEmulator, v1: client.CoreV1Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_kubeconfig_of(kube, tmp_path, monkeypatch)
     overrides = {"extender.enabled": True, "extender.host": "127.0.0.1", "extender.port": 0, "extender.resync_s": 1.0}
     running = start_service(load_definition("scheduler"), make_config(tmp_path, **overrides), port=0)
     try:
@@ -439,16 +444,7 @@ def test_gang_members_scheduled_one_by_one_are_spread_so_the_group_fits(
 def test_the_extender_follows_leadership_between_two_scheduler_replicas(
     kube: KubeEmulator, v1: client.CoreV1Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kubeconfig = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "stand-in", "cluster": {"server": kube.url}}],
-        "users": [{"name": "u", "user": {}}],
-        "contexts": [{"name": "c", "context": {"cluster": "stand-in", "user": "u"}}],
-        "current-context": "c",
-    }
-    (tmp_path / "kubeconfig").write_text(json.dumps(kubeconfig))
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    use_kubeconfig_of(kube, tmp_path, monkeypatch)
     gpu_node(v1, "gpu-a", 1, 40960)
     pod = gpu_pod(v1, "p", 10000)
     store = f"sqlite:///{tmp_path / 'shared.db'}"
