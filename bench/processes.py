@@ -14,8 +14,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -110,3 +111,30 @@ def echo_process(**overrides: str) -> Iterator[str]:
             yield f"127.0.0.1:{port}"
         finally:
             stop(proc)
+
+
+def calls_per_second(call: Callable[[int, int], None], clients: int, per_client: int) -> float:
+    """Run ``call(client, n)`` for ``n`` in ``range(per_client)`` on each of ``clients`` threads at once.
+
+    Returns the completed calls per second of wall time, all threads together. Any exception in a thread
+    stops that thread and, once all have ended, raises ``RuntimeError`` with the count and the first one.
+    """
+    errors: list[BaseException] = []
+
+    def run(client: int) -> None:
+        try:
+            for n in range(per_client):
+                call(client, n)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    began = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - began
+    if errors:
+        raise RuntimeError(f"{len(errors)} clients failed: {errors[0]}")
+    return per_client * clients / elapsed

@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from bench.processes import clean_env, free_port, start, stop, wait_serving
+from bench.processes import calls_per_second, clean_env, free_port, start, stop, wait_serving
 from bench.records import machine, record, write_records
 from bench.scale_scorer import scorer_records
 from guardmesh.client import open_channel
@@ -156,26 +155,14 @@ def submit_throughput(store_url: str, folder: Path, name: str, jobs: int, thread
         with open_channel("scheduler", config, address=sched.address) as channel:
             stub = spb_grpc.SchedulerServiceStub(channel)
             until_acknowledged(stub, "warm", time.monotonic(), 60)
-            per = jobs // threads
-            errors: list[BaseException] = []
 
-            def run(t: int) -> None:
-                try:
-                    for n in range(per):
-                        stub.SubmitJob(spb.SubmitJobRequest(job=job(f"t{t}-{n}")), timeout=30)
-                except BaseException as exc:  # reported below
-                    errors.append(exc)
+            def submit(t: int, n: int) -> None:
+                stub.SubmitJob(spb.SubmitJobRequest(job=job(f"t{t}-{n}")), timeout=30)
 
-            workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-            began = time.perf_counter()
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            elapsed = time.perf_counter() - began
-            if errors:
-                raise RuntimeError(f"{name}: {len(errors)} clients failed: {errors[0]}")
-            return per * threads / elapsed
+            try:
+                return calls_per_second(submit, threads, jobs // threads)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{name}: {exc}") from exc
     finally:
         sched.stop()
 

@@ -13,14 +13,13 @@ import io
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.processes import clean_env, free_port, start, stop, wait_serving
+from bench.processes import calls_per_second, clean_env, free_port, start, stop, wait_serving
 from bench.records import record
 from guardmesh.localpg import LocalPostgres
 from guardmesh.v1 import scorer_pb2 as pb
@@ -93,34 +92,19 @@ def _until(check: Any, limit_s: float = 60.0) -> float:
 
 def score_feedback_pairs(score_stub: Any, feedback_stub: Any, prefix: str, pairs: int, clients: int) -> float:
     """Score on one stub then Feedback for it on the other, ``clients`` threads; pairs per second."""
-    per = max(1, pairs // clients)
-    errors: list[BaseException] = []
 
-    def run(c: int) -> None:
-        try:
-            for n in range(per):
-                rid = f"{prefix}-{c}-{n}"
-                features = {f: float((n + i) % 7) - 3.0 for i, f in enumerate(FEATURES)}
-                out = score_stub.Score(pb.ScoreRequest(model="bench", request_id=rid, features=features), timeout=30)
-                got = feedback_stub.Feedback(
-                    pb.FeedbackRequest(model="bench", labels=[pb.Label(request_id=rid, label=out.decision)]),
-                    timeout=30,
-                )
-                if got.accepted != 1:
-                    raise RuntimeError(f"label of {rid} not accepted: {got}")
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+    def pair(c: int, n: int) -> None:
+        rid = f"{prefix}-{c}-{n}"
+        features = {f: float((n + i) % 7) - 3.0 for i, f in enumerate(FEATURES)}
+        out = score_stub.Score(pb.ScoreRequest(model="bench", request_id=rid, features=features), timeout=30)
+        got = feedback_stub.Feedback(
+            pb.FeedbackRequest(model="bench", labels=[pb.Label(request_id=rid, label=out.decision)]),
+            timeout=30,
+        )
+        if got.accepted != 1:
+            raise RuntimeError(f"label of {rid} not accepted: {got}")
 
-    workers = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
-    began = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    elapsed = time.perf_counter() - began
-    if errors:
-        raise RuntimeError(f"{len(errors)} clients failed: {errors[0]}")
-    return per * clients / elapsed
+    return calls_per_second(pair, clients, max(1, pairs // clients))
 
 
 def scorer_records(

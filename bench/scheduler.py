@@ -39,7 +39,7 @@ import numpy as np
 
 from bench.processes import service_process
 from bench.records import RESULTS, record, results_path, say_where, write_records
-from bench.workload_mixes import MIXES, study, task_spec
+from bench.workload_mixes import MIXES, place_and_commit, study, task_spec
 from guardmesh.client import open_channel
 from guardmesh.config import SchedulerSettings, load_config
 from guardmesh.v1 import scheduler_pb2 as pb
@@ -238,19 +238,7 @@ def engine_decisions(policy: PolicyName, nodes: list[NodeSpec], tasks: list[Trac
         pol.attach(state)
         t0 = time.perf_counter()
         for spec, shape in zip(specs, shapes, strict=True):
-            pol.observe(shape)
-            choice = place(state, shape, pol)
-            if choice is not None:
-                state.allocate(
-                    spec.job_id,
-                    0,
-                    list(choice.gpus),
-                    list(choice.caps),
-                    shape.allow_sharing,
-                    shape.cpu_milli,
-                    shape.host_memory_mib,
-                    node=choice.node,
-                )
+            place_and_commit(state, spec, shape, pol)
         best = max(best, len(specs) / (time.perf_counter() - t0))
     return best
 

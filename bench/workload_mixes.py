@@ -25,7 +25,7 @@ import numpy as np
 from services.scheduler.cluster import ClusterState
 from services.scheduler.inventory import NodeSpec, TraceTask
 from services.scheduler.jobs import JobSpec, Qos
-from services.scheduler.placement import ReplicaShape, make_policy, place
+from services.scheduler.placement import Policy, ReplicaShape, make_policy, place
 
 #: Arrived-demand levels (percent of GPU capacity) read in the study.
 STUDY_POINTS = (50, 60, 70, 80, 90, 100)
@@ -131,6 +131,29 @@ def task_spec(task: TraceTask, job_id: str) -> JobSpec:
     )
 
 
+def place_and_commit(state: ClusterState, spec: JobSpec, shape: ReplicaShape, policy: Policy) -> bool:
+    """Show ``shape`` to ``policy``, place one replica of ``spec`` and commit it into ``state`` (replica 0).
+
+    Only the cluster state changes (no job records, events or snapshots: those are the service's). True when
+    the replica was placed, False when no node fits.
+    """
+    policy.observe(shape)
+    choice = place(state, shape, policy)
+    if choice is None:
+        return False
+    state.allocate(
+        spec.job_id,
+        0,
+        list(choice.gpus),
+        list(choice.caps),
+        shape.allow_sharing,
+        shape.cpu_milli,
+        shape.host_memory_mib,
+        node=choice.node,
+    )
+    return True
+
+
 def unallocated_curve(
     policy: str, nodes: Sequence[NodeSpec], draw: Callable[[], TraceTask], max_pct: int = 100
 ) -> dict[int, float]:
@@ -147,20 +170,7 @@ def unallocated_curve(
     while points and arrived * 100 < points[-1] * capacity:
         task = draw()
         spec = task_spec(task, f"t{i}")
-        shape = ReplicaShape.of(spec)
-        pol.observe(shape)
-        choice = place(state, shape, pol)
-        if choice is not None:
-            state.allocate(
-                spec.job_id,
-                0,
-                list(choice.gpus),
-                list(choice.caps),
-                shape.allow_sharing,
-                shape.cpu_milli,
-                shape.host_memory_mib,
-                node=choice.node,
-            )
+        place_and_commit(state, spec, ReplicaShape.of(spec), pol)
         i += 1
         arrived += task.num_gpu * (task.gpu_milli if task.num_gpu == 1 else 1000)
         for p in points:
