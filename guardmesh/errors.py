@@ -15,6 +15,8 @@ from google.protobuf import any_pb2, message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
+from guardmesh.handlers import wrap_behaviour
+
 log = logging.getLogger(__name__)
 
 
@@ -144,15 +146,7 @@ class DomainErrorInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        if handler.unary_unary:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))
-        return handler
+        return wrap_behaviour(handler, lambda fn, streaming: _wrap_stream(fn) if streaming else _wrap_unary(fn))
 
 
 def status_details(err: grpc.RpcError, message_type: type[message.Message]) -> list[message.Message]:

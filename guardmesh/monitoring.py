@@ -21,6 +21,8 @@ import grpc
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from guardmesh.handlers import wrap_behaviour
+
 Callback = Callable[[CallbackOptions], Iterable[Observation]]
 
 #: Every metric a guardmesh service exports, by the name Prometheus scrapes (histograms also serve
@@ -194,15 +196,9 @@ class RpcServerMetrics(grpc.ServerInterceptor):
             return None
         service, _, method = handler_call_details.method.lstrip("/").partition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-        if handler.unary_unary:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary, attributes))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=self._unary(handler.stream_unary, attributes))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=self._stream(handler.unary_stream, attributes))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=self._stream(handler.stream_stream, attributes))
-        return handler
+        return wrap_behaviour(
+            handler, lambda fn, streaming: (self._stream if streaming else self._unary)(fn, attributes)
+        )
 
     def _record(self, began: float, context: grpc.ServicerContext, failed: bool, attributes: dict[str, str]) -> None:
         code = context.code()  # type: ignore[attr-defined]

@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 
 from guardmesh.config import ConfigError, MeshConfig
+from guardmesh.handlers import wrap_behaviour
 
 log = logging.getLogger(__name__)
 
@@ -328,13 +329,4 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        a = self.authorizer
-        if handler.unary_unary:
-            return handler._replace(unary_unary=_guard(a, method, handler.unary_unary, False))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=_guard(a, method, handler.unary_stream, True))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=_guard(a, method, handler.stream_unary, False))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=_guard(a, method, handler.stream_stream, True))
-        return handler
+        return wrap_behaviour(handler, lambda fn, streaming: _guard(self.authorizer, method, fn, streaming))
