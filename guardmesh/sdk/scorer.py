@@ -21,12 +21,13 @@ import io
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import message
 
 from guardmesh.client import open_channel
 from guardmesh.config import MeshConfig, load_config
@@ -282,6 +283,14 @@ class ScorerEvent:
     message: str
     #: Unix time, seconds.
     at: float
+
+
+_Record = TypeVar("_Record")
+
+
+def _same_named(record: type[_Record], msg: message.Message) -> _Record:
+    """A ``record`` dataclass filled from the fields of ``msg`` that carry the same names as its own."""
+    return record(**{f.name: getattr(msg, f.name) for f in fields(record)})  # type: ignore[arg-type]
 
 
 def rows_tensor(rows: object) -> common_pb2.Tensor:
@@ -563,22 +572,7 @@ class ScorerClient:
             threshold=resp.threshold,
             reference_rows=resp.reference_rows,
             live_rows=resp.live_rows,
-            features={
-                f.feature: FeatureDrift(
-                    f.psi,
-                    f.ks_statistic,
-                    f.ks_pvalue,
-                    f.reference_missing_rate,
-                    f.live_missing_rate,
-                    f.standardized_mean_difference,
-                    f.drift_score,
-                    f.psi_noise_floor,
-                    f.ks_noise_floor,
-                    f.missing_noise_floor,
-                    f.attribution_shift,
-                )
-                for f in resp.features
-            },
+            features={f.feature: _same_named(FeatureDrift, f) for f in resp.features},
             noise_floor_level=resp.noise_floor_level,
             alert_level=resp.alert_level,
             attribution_method=resp.attribution_method,
@@ -597,19 +591,7 @@ class ScorerClient:
             reference_rows=resp.reference_rows,
             live_rows=resp.live_rows,
             score_change=resp.score_change,
-            features={
-                f.feature: AttributionShift(
-                    f.reference_mean_abs,
-                    f.reference_mean,
-                    f.live_mean_abs,
-                    f.live_mean,
-                    f.change_mean_abs,
-                    f.change_mean,
-                    f.shift,
-                    f.rank,
-                )
-                for f in resp.features
-            },
+            features={f.feature: _same_named(AttributionShift, f) for f in resp.features},
         )
 
     def events(self, model: str = "") -> list[ScorerEvent]:
