@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from guardmesh.sdk.paramserver import HashRing, ParamServerClient, bounded_staleness, sgd
+from guardmesh.sdk.paramserver import HashRing, ParamServerClient, PullResult, bounded_staleness, sgd
 from guardmesh.v1 import paramserver_pb2 as pb
 from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
 
@@ -68,6 +68,13 @@ def step(c: ParamServerClient) -> None:
     c.push({A: np.ones(4), B: np.ones(4)})
 
 
+def assert_one_cut_at(pulled: PullResult, version: int) -> None:
+    """Both shards answer ``version`` and both tensors hold ``version`` SGD steps of ``step``'s gradient."""
+    assert pulled.versions == [version, version]
+    np.testing.assert_array_equal(pulled.tensors[A], np.full(4, -0.5 * version))
+    np.testing.assert_array_equal(pulled.tensors[A], pulled.tensors[B])
+
+
 def cut_versions(state: Path) -> list[int]:
     """Versions with a cut manifest (every shard's file of that version written)."""
     found = set()
@@ -117,9 +124,7 @@ def test_kill9_of_one_shard_rolls_both_back_to_the_newest_complete_cut(
     restarted = describe(c, 1)
     assert restarted.restored_version == 20 and restarted.restore_cause == restarted.incarnation
     pulled = c.pull()  # the client sees the restart and rolls shard 0 back to the same cut
-    assert pulled.versions == [20, 20]
-    np.testing.assert_array_equal(pulled.tensors[A], np.full(4, -0.5 * 20))
-    np.testing.assert_array_equal(pulled.tensors[A], pulled.tensors[B])
+    assert_one_cut_at(pulled, 20)
     rolled = describe(c, 0)
     assert rolled.restored_version == 20 and rolled.restore_cause == restarted.incarnation
     for _ in range(3):
@@ -127,9 +132,7 @@ def test_kill9_of_one_shard_rolls_both_back_to_the_newest_complete_cut(
     # Another trainer that learns of the restart later rolls nothing back a second time.
     other = trainer(tmp_path, shards, "w1")
     again = other.pull()
-    assert again.versions == [23, 23]
-    np.testing.assert_array_equal(again.tensors[A], np.full(4, -0.5 * 23))
-    np.testing.assert_array_equal(again.tensors[A], again.tensors[B])
+    assert_one_cut_at(again, 23)
 
 
 @pytest.mark.timeout(600)
@@ -143,9 +146,7 @@ def test_sigterm_of_one_shard_loses_nothing_acknowledged_and_a_later_kill9_resto
     restarted = describe(c, 1)
     assert restarted.restored_version == 23 and restarted.restore_cause == ""
     pulled = c.pull()
-    assert pulled.versions == [23, 23]  # nothing acknowledged was lost, nothing rolled back
-    np.testing.assert_array_equal(pulled.tensors[B], np.full(4, -0.5 * 23))
-    np.testing.assert_array_equal(pulled.tensors[A], pulled.tensors[B])
+    assert_one_cut_at(pulled, 23)  # nothing acknowledged was lost, nothing rolled back
     assert describe(c, 0).restored_version == -1
     # The final checkpoint served its one start: a kill -9 now restores the newest complete cut again.
     step(c)
@@ -162,9 +163,7 @@ def test_sigterm_of_one_shard_loses_nothing_acknowledged_and_a_later_kill9_resto
     for i, p in enumerate(shards):
         restart(p, c, i)
     whole = trainer(tmp_path, shards, "w2").pull()
-    assert whole.versions == [22, 22]
-    np.testing.assert_array_equal(whole.tensors[A], np.full(4, -0.5 * 22))
-    np.testing.assert_array_equal(whole.tensors[A], whole.tensors[B])
+    assert_one_cut_at(whole, 22)
 
 
 @pytest.mark.timeout(600)
@@ -181,9 +180,7 @@ def test_a_cut_whose_manifest_was_never_written_is_still_restored_when_every_sha
     for i, p in enumerate(shards):
         restart(p, c, i)
     pulled = trainer(tmp_path, shards, "w1").pull()
-    assert pulled.versions == [10, 10]
-    np.testing.assert_array_equal(pulled.tensors[A], np.full(4, -0.5 * 10))
-    np.testing.assert_array_equal(pulled.tensors[A], pulled.tensors[B])
+    assert_one_cut_at(pulled, 10)
     assert 10 in cut_versions(shards[0].state)  # the manifest was written when the cut was found complete
     c.close()
 
