@@ -210,6 +210,7 @@ class ABRouterSettings(_Section):
     export_url: str = "exposures"
     export_interval_s: float = Field(default=10.0, gt=0, le=86400)
     retention_s: float = Field(default=0.0, ge=0)
+    sticky_cache_units: int = Field(default=1_000_000, ge=1)
 
 
 class MeshConfig(_Section):

@@ -17,8 +17,8 @@ import math
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, KeysView, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -108,13 +108,68 @@ class _MetricLog:
     pre: dict[str, float] = field(default_factory=dict)
 
 
+class StickyCache:
+    """Sticky arms of the units seen most recently, at most ``capacity`` (least recently used evicted).
+
+    The store keeps every sticky arm; once this cache has evicted one (:attr:`evicted`), a unit it does
+    not hold is looked up in the store, so an evicted unit keeps its arm."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._arms: OrderedDict[str, int] = OrderedDict()
+        #: Whether some unit's arm was dropped from memory (a miss may then be in the store).
+        self.evicted = False
+
+    def get(self, unit: str) -> int | None:
+        """The unit's arm, marking it recently used; None if not held."""
+        arm = self._arms.get(unit)
+        if arm is not None:
+            self._arms.move_to_end(unit)
+        return arm
+
+    def __setitem__(self, unit: str, arm: int) -> None:
+        self._arms[unit] = arm
+        self._arms.move_to_end(unit)
+        while len(self._arms) > self.capacity:
+            self._arms.popitem(last=False)
+            self.evicted = True
+
+    def setdefault(self, unit: str, arm: int) -> int:
+        """The unit's arm, recording ``arm`` if it had none."""
+        held = self.get(unit)
+        if held is None:
+            self[unit] = held = arm
+        return held
+
+    def __contains__(self, unit: object) -> bool:
+        return unit in self._arms
+
+    def __len__(self) -> int:
+        return len(self._arms)
+
+    def __getitem__(self, unit: str) -> int:
+        return self._arms[unit]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arms)
+
+    def keys(self) -> KeysView[str]:
+        """The units held (``dict(cache)`` copies the arms held)."""
+        return self._arms.keys()
+
+    def as_dict(self) -> dict[str, int]:
+        """A copy of the arms held."""
+        return dict(self._arms)
+
+
 @dataclass
 class _Live:
     """Everything the router holds for one experiment."""
 
     experiment: Experiment
+    #: Sticky arms recorded (durable) of the units seen most recently; the rest are in the store.
+    sticky: StickyCache
     table: ExposureTable = field(default_factory=ExposureTable)
-    sticky: dict[str, int] = field(default_factory=dict)
     #: Sticky arms of assignments whose commit is in flight: unit -> (arm, number of requests waiting on it).
     pending_sticky: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: Exposures whose commit is in flight (arms cannot be added or removed meanwhile).
@@ -282,7 +337,7 @@ class Router:
             self.mirror.close()
 
     def _new_live(self, exp: Experiment) -> _Live:
-        st = _Live(exp)
+        st = _Live(exp, StickyCache(self.settings.sticky_cache_units))
         spec = exp.spec
         if spec.mode is AllocationMode.BANDIT and spec.bandit is not None:
             st.bandit = BanditPolicy(
@@ -599,7 +654,8 @@ class Router:
                 raise FailedPrecondition(
                     f"expected_version: experiment '{spec.key}' is at version {cur.version}, not {expected_version}"
                 )
-            if len(spec.arms) != len(cur.spec.arms) and (len(st.table) or st.sticky or st.pending_exposures):
+            assigned = len(st.table) or len(st.sticky) or st.sticky.evicted or st.pending_exposures
+            if len(spec.arms) != len(cur.spec.arms) and assigned:
                 raise FailedPrecondition(
                     f"spec.arms: experiment '{spec.key}' has exposures; arms can be reweighted, not added or removed"
                 )
@@ -758,13 +814,13 @@ class Router:
     def _sticky_arm(self, st: _Live, value: str) -> int | None:
         """The unit's sticky arm: durable, or held by an assignment whose commit is in flight; None if none.
         On a shared store a unit this replica has not seen is looked up there (another replica may have
-        recorded its arm), so every replica gives a unit the same arm."""
+        recorded its arm), so every replica gives a unit the same arm; so is one the bounded cache evicted."""
         if not st.experiment.spec.sticky_bucketing:
             return None
         arm = st.sticky.get(value)
         if arm is None and value in st.pending_sticky:
             arm = st.pending_sticky[value][0]
-        if arm is None and self.store is not None and self.store.shared:
+        if arm is None and self.store is not None and (self.store.shared or st.sticky.evicted):
             with self._store_reads(f"the sticky arm of unit '{value}'"):
                 arm = self.store.sticky_arm(st.experiment.key, value)
             if arm is not None:
@@ -804,7 +860,10 @@ class Router:
                 raise FailedPrecondition(
                     f"experiment '{key}' has a targeting condition, which needs each unit's attributes: use Assign"
                 )
-            sticky = dict(st.sticky) if exp.spec.sticky_bucketing else None
+            sticky = st.sticky.as_dict() if exp.spec.sticky_bucketing else None
+            if sticky is not None and self.store is not None and (self.store.shared or st.sticky.evicted):
+                with self._store_reads("the experiment's sticky arms"):
+                    sticky = {**self.store.sticky_arms(key), **sticky}
         arms, buckets = assign_batch(exp, unit_ids, self.clock(), sticky)
         return arms, buckets, exp
 

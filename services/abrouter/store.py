@@ -183,6 +183,10 @@ class RouterStore:
         rows = self.log.query("SELECT arm FROM sticky WHERE key = ? AND unit = ?", (key, unit))
         return int(rows[0][0]) if rows else None
 
+    def sticky_arms(self, key: str) -> dict[str, int]:
+        """Every recorded sticky arm of experiment ``key`` (unit -> arm)."""
+        return {str(u): int(a) for u, a in self.log.query("SELECT unit, arm FROM sticky WHERE key = ?", (key,))}
+
     @staticmethod
     def sticky(key: str, rows: list[tuple[str, int, float]]) -> Statement:
         """Record first arms (unit, arm, at) of a sticky experiment."""
@@ -260,8 +264,8 @@ class RouterStore:
         return [(v, at, change, comment, Experiment.from_dict(json.loads(d))) for v, at, change, comment, d in rows]
 
     def load_sticky(self) -> Iterator[tuple[str, str, int]]:
-        """(key, unit, arm) of every sticky record."""
-        yield from self.log.query("SELECT key, unit, arm FROM sticky")
+        """(key, unit, arm) of every sticky record, oldest first (a bounded cache keeps the newest)."""
+        yield from self.log.query("SELECT key, unit, arm FROM sticky ORDER BY at")
 
     def max_seq(self, table: str) -> int:
         """The highest row number of ``exposures`` or ``observations`` (0 if empty)."""
