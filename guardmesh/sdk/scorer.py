@@ -29,6 +29,7 @@ import grpc
 import numpy as np
 from google.protobuf import message
 
+from guardmesh.attribution import AttributionChange
 from guardmesh.client import open_channel
 from guardmesh.config import MeshConfig, load_config
 from guardmesh.v1 import common_pb2
@@ -236,19 +237,10 @@ class DriftReport:
 
 
 @dataclass(frozen=True)
-class AttributionShift:
-    """How one feature's attributions moved between the reference and the live window (attribution units)."""
+class AttributionShift(AttributionChange):
+    """How one feature's attributions moved between the reference and the live window (attribution units;
+    ``shift``, the ranking key, is the scorer's own rule from :class:`~guardmesh.attribution.AttributionChange`)."""
 
-    reference_mean_abs: float
-    reference_mean: float
-    live_mean_abs: float
-    live_mean: float
-    #: Gained (+) or lost (-) importance.
-    change_mean_abs: float
-    #: The feature's share of the change of the mean score.
-    change_mean: float
-    #: max(|change_mean|, |change_mean_abs|): the ranking key.
-    shift: float
     #: 1 for the feature that moved most.
     rank: int
 

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from guardmesh.attribution import AttributionChange
 from guardmesh.errors import FailedPrecondition, InvalidArgument
 
 __all__ = [
@@ -275,35 +276,13 @@ def explain(
     )
 
 
-@dataclass(frozen=True)
-class FeatureAttributionDrift:
-    """How one feature's attributions moved between the reference and the live window.
-
-    All values are in the attributions' units (score units), so they compare across features.
-    """
+@dataclass(frozen=True, kw_only=True)
+class FeatureAttributionDrift(AttributionChange):
+    """How one feature's attributions moved between the reference and the live window (see
+    :class:`~guardmesh.attribution.AttributionChange`, whose ``shift`` ranks the features)."""
 
     feature: int
     name: str
-    #: Mean |attribution| over the reference window: how much the feature mattered, in either direction.
-    reference_mean_abs: float
-    #: Mean signed attribution over the reference window: how much it pushed the score up (or down).
-    reference_mean: float
-    live_mean_abs: float
-    live_mean: float
-    #: ``live_mean_abs - reference_mean_abs``: the feature gained (+) or lost (-) importance.
-    change_mean_abs: float
-    #: ``live_mean - reference_mean``: this feature's share of the change of the mean score.
-    change_mean: float
-
-    @property
-    def shift(self) -> float:
-        """The ranking key: ``max(|change_mean|, |change_mean_abs|)``.
-
-        The signed change catches a feature that now pushes the score the other way (its importance may
-        be unchanged); the |attribution| change catches one whose pushes grew in both directions (its
-        signed mean may be unchanged).
-        """
-        return max(abs(self.change_mean), abs(self.change_mean_abs))
 
 
 @dataclass(frozen=True)
