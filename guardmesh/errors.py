@@ -15,7 +15,7 @@ from google.protobuf import any_pb2, message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from guardmesh.handlers import wrap_behaviour
+from guardmesh.handlers import Behaviour, BehaviourInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -134,19 +134,12 @@ def _wrap_stream(
     return handler
 
 
-class DomainErrorInterceptor(grpc.ServerInterceptor):
+class DomainErrorInterceptor(BehaviourInterceptor):
     """Turn GuardmeshError raised by a servicer (unary or streaming) into its gRPC status."""
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    def wrap(self, behaviour: Behaviour, streaming: bool, method: str) -> Behaviour:
         """Wrap the behaviour of the resolved handler."""
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        return wrap_behaviour(handler, lambda fn, streaming: _wrap_stream(fn) if streaming else _wrap_unary(fn))
+        return _wrap_stream(behaviour) if streaming else _wrap_unary(behaviour)
 
 
 def status_details(err: grpc.RpcError, message_type: type[message.Message]) -> list[message.Message]:

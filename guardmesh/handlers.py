@@ -7,6 +7,7 @@ stream (the behaviour yields) or a single message (it returns).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -31,3 +32,27 @@ def wrap_behaviour(
         if behaviour:
             return handler._replace(**{kind: wrap(behaviour, streaming)})  # type: ignore[attr-defined, no-any-return]
     return handler
+
+
+class BehaviourInterceptor(grpc.ServerInterceptor, ABC):
+    """A server interceptor that wraps the behaviour of every resolved handler with :meth:`wrap`.
+
+    A method the server does not know (no handler) passes through as ``None``.
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """Resolve the handler and wrap its behaviour for the called method."""
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        return wrap_behaviour(handler, lambda fn, streaming: self.wrap(fn, streaming, method))
+
+    @abstractmethod
+    def wrap(self, behaviour: Behaviour, streaming: bool, method: str) -> Behaviour:
+        """``behaviour`` of ``method`` (``/package.Service/Method``) wrapped; ``streaming``: the response is a
+        stream."""

@@ -21,7 +21,7 @@ import grpc
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from guardmesh.handlers import wrap_behaviour
+from guardmesh.handlers import Behaviour, BehaviourInterceptor
 
 Callback = Callable[[CallbackOptions], Iterable[Observation]]
 
@@ -174,7 +174,7 @@ def _rpc_server_duration() -> metrics.Histogram:
     )
 
 
-class RpcServerMetrics(grpc.ServerInterceptor):
+class RpcServerMetrics(BehaviourInterceptor):
     """``rpc.server.duration`` (milliseconds) of every call, with ``rpc.system``, ``rpc.service``,
     ``rpc.method`` and ``rpc.grpc.status_code``: requests are its count, errors its count by status code.
 
@@ -185,20 +185,11 @@ class RpcServerMetrics(grpc.ServerInterceptor):
     def __init__(self) -> None:
         self._duration = _rpc_server_duration()
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    def wrap(self, behaviour: Behaviour, streaming: bool, method: str) -> Behaviour:
         """Wrap the handler's behaviour so that its duration and final status are recorded."""
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, _, method = handler_call_details.method.lstrip("/").partition("/")
-        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-        return wrap_behaviour(
-            handler, lambda fn, streaming: (self._stream if streaming else self._unary)(fn, attributes)
-        )
+        service, _, name = method.lstrip("/").partition("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        return (self._stream if streaming else self._unary)(behaviour, attributes)
 
     def _record(self, began: float, context: grpc.ServicerContext, failed: bool, attributes: dict[str, str]) -> None:
         code = context.code()  # type: ignore[attr-defined]

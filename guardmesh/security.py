@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from guardmesh.config import ConfigError, MeshConfig
-from guardmesh.handlers import wrap_behaviour
+from guardmesh.handlers import Behaviour, BehaviourInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -313,20 +313,12 @@ def _guard(
     return unary_handler
 
 
-class AuthorizationInterceptor(grpc.ServerInterceptor):
+class AuthorizationInterceptor(BehaviourInterceptor):
     """Check every call against the :class:`Authorizer` before the servicer runs."""
 
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    def wrap(self, behaviour: Behaviour, streaming: bool, method: str) -> Behaviour:
         """Wrap the resolved handler's behaviour with the check."""
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        return wrap_behaviour(handler, lambda fn, streaming: _guard(self.authorizer, method, fn, streaming))
+        return _guard(self.authorizer, method, behaviour, streaming)

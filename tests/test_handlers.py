@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 import pytest
 
-from guardmesh.handlers import Behaviour, wrap_behaviour
+from guardmesh.handlers import Behaviour, BehaviourInterceptor, wrap_behaviour
 
 
 def _behaviour(request: Any, context: Any) -> Any:
@@ -46,3 +46,26 @@ def test_each_kind_is_wrapped_in_its_own_field(make: Any, kind: str, streaming: 
 def test_a_handler_without_behaviour_is_returned_unchanged() -> None:
     handler = grpc.unary_unary_rpc_method_handler(None)  # type: ignore[arg-type]
     assert wrap_behaviour(handler, lambda fn, streaming: pytest.fail("no behaviour to wrap")) is handler
+
+
+class _Recorder(BehaviourInterceptor):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    def wrap(self, behaviour: Behaviour, streaming: bool, method: str) -> Behaviour:
+        self.calls.append((method, streaming))
+        return behaviour
+
+
+class _Details(grpc.HandlerCallDetails):
+    method = "/guardmesh.v1.Demo/Watch"
+    invocation_metadata = ()
+
+
+def test_an_interceptor_wraps_with_the_called_method_and_passes_an_unknown_one_through() -> None:
+    recorder = _Recorder()
+    handler = grpc.unary_stream_rpc_method_handler(_behaviour)
+    assert recorder.intercept_service(lambda details: handler, _Details()) is not None
+    assert recorder.calls == [("/guardmesh.v1.Demo/Watch", True)]
+    assert recorder.intercept_service(lambda details: None, _Details()) is None
+    assert recorder.calls == [("/guardmesh.v1.Demo/Watch", True)]
