@@ -279,3 +279,13 @@ def postgres_mesh(monkeypatch: pytest.MonkeyPatch, service: str) -> Iterator[Mes
         with contextlib.suppress(Exception):
             mesh.down(config)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def assert_exits_on_unreachable_store(proc: ServiceProcess, database: str, password: str) -> None:
+    """``proc``, configured with a store URL on 127.0.0.1 that nothing listens on, exits 4 at start; its log
+    names the host and ``database`` and never shows ``password``."""
+    proc.spawn()
+    assert proc.reap(START_TIMEOUT_S) == 4
+    out = proc.log_tail()
+    assert "host=127.0.0.1" in out and f"database={database}" in out, out
+    assert password not in out

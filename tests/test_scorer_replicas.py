@@ -161,15 +161,10 @@ def test_mesh_up_runs_two_scorer_replicas_on_a_local_postgres(tmp_path: Path, mo
 
 
 def test_store_unreachable_at_start_names_host_and_database_not_the_password(tmp_path: Path) -> None:
-    from tests.processes import free_port
+    from tests.processes import assert_exits_on_unreachable_store, free_port
 
     url = f"postgresql://scorer:hunter2-secret@127.0.0.1:{free_port()}/models"
-    proc = replica(tmp_path, "nowhere", url)
-    proc.spawn()
-    assert proc.reap(120) == 4
-    out = proc.log_tail()
-    assert "host=127.0.0.1" in out and "database=models" in out, out
-    assert "hunter2-secret" not in out
+    assert_exits_on_unreachable_store(replica(tmp_path, "nowhere", url), "models", "hunter2-secret")
 
 
 def test_store_lost_at_run_time_then_back(tmp_path: Path, postgres_server: PostgresServer) -> None:
