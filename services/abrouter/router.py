@@ -262,9 +262,9 @@ class Router:
                     self.live[key].sticky[unit] = arm
             # A replica on a shared store takes in what the others write from here on (see take_in_others).
             upto = {t: self.store.max_seq(t) for t in ("exposures", "observations")}
-            if self.store.shared:
-                self._tails = {t: Tail(n) for t, n in upto.items()}
-            for row in self.store.load_exposures(upto["exposures"]):
+            loaded: dict[str, list[tuple[int, float]]] = {"exposures": [], "observations": []}
+            for n, row in self.store.load_numbered_exposures(upto["exposures"]):
+                loaded["exposures"].append((n, row.at))
                 st = self.live.get(row.key)
                 if st is not None:
                     st.table.add(
@@ -277,10 +277,13 @@ class Router:
                         row.categorical,
                         row.config_version,
                     )
-            for obs in self.store.load_observations(upto["observations"]):
+            for n, obs in self.store.load_numbered_observations(upto["observations"]):
+                loaded["observations"].append((n, obs.at))
                 st = self.live.get(obs.key)
                 if st is not None:
                     self._apply_observation(st, obs)
+            if self.store.shared:  # rows still committing below the restore point are taken in later
+                self._tails = {t: Tail.after_restore(loaded[t], n, self.clock()) for t, n in upto.items()}
             if self.mirror is not None:
                 for key, ls, ss, ld, sd in self.store.load_shadow():
                     st = self.live.get(key)

@@ -10,6 +10,7 @@ each experiment write carries a notification on :data:`CONFIG_CHANNEL` that the 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,23 +300,29 @@ class RouterStore:
 
     def load_exposures(self, upto: int | None = None) -> Iterator[ExposureRow]:
         """Every exposure (numbered up to ``upto``), in log order."""
+        for _, row in self.load_numbered_exposures(upto):
+            yield row
+
+    def load_numbered_exposures(self, upto: int | None = None) -> Iterator[tuple[int, ExposureRow]]:
+        """(row number, exposure) of every exposure (numbered up to ``upto``), in log order."""
         cursor = self.log.query(
-            "SELECT key, unit, arm, bucket, propensity, at, config_version, covariates FROM exposures "
+            "SELECT seq, key, unit, arm, bucket, propensity, at, config_version, covariates FROM exposures "
             "WHERE seq <= ? ORDER BY seq",
             (upto if upto is not None else 2**62,),
         )
-        for key, unit, arm, bucket, propensity, at, version, cov in cursor:
+        for n, key, unit, arm, bucket, propensity, at, version, cov in cursor:
             parsed: dict[str, Any] = json.loads(cov) if cov else {}
-            yield ExposureRow(key, unit, arm, bucket, propensity, at, version, parsed.get("n", {}), parsed.get("c", {}))
+            row = ExposureRow(key, unit, arm, bucket, propensity, at, version, parsed.get("n", {}), parsed.get("c", {}))
+            yield int(n), row
 
-    def load_observations(self, upto: int | None = None) -> Iterator[ObservationRow]:
-        """Every metric observation (numbered up to ``upto``), in log order."""
+    def load_numbered_observations(self, upto: int | None = None) -> Iterator[tuple[int, ObservationRow]]:
+        """(row number, observation) of every metric observation (numbered up to ``upto``), in log order."""
         cursor = self.log.query(
-            "SELECT key, unit, metric, value, at, pre FROM observations WHERE seq <= ? ORDER BY seq",
+            "SELECT seq, key, unit, metric, value, at, pre FROM observations WHERE seq <= ? ORDER BY seq",
             (upto if upto is not None else 2**62,),
         )
-        for key, unit, metric, value, at, pre in cursor:
-            yield ObservationRow(key, unit, metric, value, at, bool(pre))
+        for n, key, unit, metric, value, at, pre in cursor:
+            yield int(n), ObservationRow(key, unit, metric, value, at, bool(pre))
 
     def load_shadow(self) -> Iterator[tuple[str, float, float, bool, bool]]:
         """(key, live score, shadow score, live decision, shadow decision) of every comparison."""
@@ -353,6 +360,27 @@ class Tail:
         self.gap_timeout_s = gap_timeout_s
         self._seen: set[int] = set()
         self._holes: dict[int, float] = {}
+
+    @classmethod
+    def after_restore(
+        cls, loaded: list[tuple[int, float]], upto: int, now: float, gap_timeout_s: float = GAP_TIMEOUT_S
+    ) -> Tail:
+        """The tail of a replica that loaded rows ``loaded`` ((number, at), ascending) up to ``upto`` at start.
+
+        A row numbered below ``upto`` may still have been committing when they were read. A hole in the
+        numbers (also below the oldest row: numbers start at 1) followed by a row written within
+        ``gap_timeout_s`` of ``now`` may be such a row: the low-water mark stays below it, so the row is
+        taken in once it commits, as another replica's. Older holes are settled (rolled back, or removed by
+        retention), as :meth:`take` would judge them."""
+        low, prev = (loaded[-1][0] if loaded else upto), 0
+        for n, at in loaded:
+            if n != prev + 1 and at >= now - gap_timeout_s:
+                low = prev
+                break
+            prev = n
+        tail = cls(low, gap_timeout_s)
+        tail.take([n for n, _ in loaded if n > low], time.monotonic())
+        return tail
 
     def take(self, numbers: list[int], now: float) -> list[int]:
         """Of the row numbers read above :attr:`low`, those not taken before (the caller applies them)."""
