@@ -264,6 +264,9 @@ def postgres_mesh(monkeypatch: pytest.MonkeyPatch, service: str) -> Iterator[Mes
     monkeypatch.setenv("GUARDMESH_POSTGRES_PORT", str(free_port()))
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")  # no Jaeger start
     state = Path("/tmp") / f"guardmesh-{service}-mesh-{os.getpid()}"
+    # The processes `mesh up` starts read their configuration themselves: without this they would keep their
+    # state under the default `.mesh` of the working directory (the repository).
+    monkeypatch.setenv("GUARDMESH__MESH__STATE_DIR", str(state))
     config = make_config(
         state,
         **{
