@@ -114,7 +114,8 @@ class Scheduler:
         self.store = store
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
-        #: Called once a write failed (the scheduler then refuses every call until restarted).
+        #: Called once a write failed: this core refuses every call from then on, and its owner (the server)
+        #: drops it and stands by until it holds the lease again and reloads what is durable.
         self.on_fail_stop: Callable[[str], None] | None = None
         self.state = ClusterState(settings.gpu_reserve_mib)
         self.policy = make_policy(policy or settings.policy)
@@ -201,18 +202,24 @@ class Scheduler:
         return ticket
 
     def _durable(self, ticket: Ticket | None) -> None:
-        """Wait until an operation's writes are durable; a failed write stops the scheduler (fail-stop):
-        memory is then ahead of disk, so it answers UNAVAILABLE until restarted from what is durable."""
+        """Wait until an operation's writes are durable; a failed write stops this core (fail-stop): its memory
+        is then ahead of the store, so it answers UNAVAILABLE; the server stands by and a core reloaded from
+        what is durable takes over once the lease is held again."""
         if ticket is None:
             return
         try:
             ticket.wait("scheduler state")
         except StoreFailure as exc:
             self.failed = str(exc)
-            log.critical("store failure; refusing further calls until restart", extra={"error": str(exc)})
+            log.critical(
+                "store failure; this core stops, the replica stands by until it reloads from the store",
+                extra={"error": str(exc)},
+            )
             if self.on_fail_stop is not None:
                 self.on_fail_stop(self.failed)
-            raise Unavailable(f"scheduler store failed ({exc}); restart the scheduler") from exc
+            raise Unavailable(
+                f"scheduler store failed ({exc}); this replica stands by until it reloads from the store"
+            ) from exc
 
     def _stopped(self) -> bool:
         """True once a write failed, even if no waiter has seen its ticket yet (under the lock)."""
@@ -223,7 +230,9 @@ class Scheduler:
 
     def _check_alive(self) -> None:
         if self._stopped():
-            raise Unavailable(f"scheduler store failed ({self.failed}); restart the scheduler")
+            raise Unavailable(
+                f"scheduler store failed ({self.failed}); this replica stands by until it reloads from the store"
+            )
 
     def _get(self, job_id: str) -> Job:
         if not job_id:
