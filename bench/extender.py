@@ -29,8 +29,8 @@ import numpy as np
 
 from bench.records import RESULTS, machine, record, results_path, write_records
 from guardmesh.config import ExtenderSettings, SchedulerSettings
+from guardmesh.inventory import uniform_node
 from services.scheduler.extender import NODE_LABEL, Extender, ExtenderHttpServer
-from services.scheduler.inventory import uniform_node
 from services.scheduler.jobs import JobSpec
 from services.scheduler.placement import ReplicaShape, place
 from services.scheduler.scheduler import Scheduler

@@ -42,16 +42,16 @@ from bench.records import RESULTS, record, results_path, say_where, write_record
 from bench.workload_mixes import MIXES, place_and_commit, study, task_spec
 from guardmesh.client import open_channel
 from guardmesh.config import SchedulerSettings, load_config
-from guardmesh.v1 import scheduler_pb2 as pb
-from guardmesh.v1 import scheduler_pb2_grpc as pb_grpc
-from services.scheduler.cluster import ClusterState
-from services.scheduler.inventory import (
+from guardmesh.inventory import (
     ALIBABA_MODEL_MEMORY_MIB,
     NodeSpec,
     TraceTask,
     load_alibaba_nodes,
     load_alibaba_pods,
 )
+from guardmesh.v1 import scheduler_pb2 as pb
+from guardmesh.v1 import scheduler_pb2_grpc as pb_grpc
+from services.scheduler.cluster import ClusterState
 from services.scheduler.jobs import JobSpec, JobState, Qos
 from services.scheduler.placement import ReplicaShape, make_policy, place
 from services.scheduler.preemption import fewest_victims

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from guardmesh.inventory import NodeSpec, TraceTask
 from services.scheduler.cluster import ClusterState
-from services.scheduler.inventory import NodeSpec, TraceTask
 from services.scheduler.jobs import JobSpec, Qos
 from services.scheduler.placement import Policy, ReplicaShape, make_policy, place
 

@@ -75,8 +75,8 @@ def agent(
     config: ConfigOpt = None,
 ) -> None:
     """Node agent: register this node's GPUs (NVML) with the scheduler and report their usage."""
+    from guardmesh.agent import run_agent
     from guardmesh.config import load_config
-    from services.scheduler.agent import run_agent
 
     run_agent(load_config(config), node=node, cluster_file=cluster_file, interval=interval, once=once)
 
@@ -132,10 +132,10 @@ def _mesh_config(config: str | None) -> tuple[MeshConfig, str | None]:
 def _register_simulated_cluster(cfg: MeshConfig) -> None:
     """Register :data:`SIMULATED_CLUSTER` when the scheduler has no node yet and no cluster file is set."""
     from guardmesh import mesh
+    from guardmesh.agent import run_agent
     from guardmesh.client import open_channel
     from guardmesh.v1 import scheduler_pb2 as pb
     from guardmesh.v1 import scheduler_pb2_grpc as pb_grpc
-    from services.scheduler.agent import run_agent
 
     if "scheduler" not in mesh.enabled_services(cfg) or cfg.scheduler.cluster_file:
         return

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from guardmesh.agent import nvml_node
 from guardmesh.runtime import RunningService
 from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
-from services.scheduler.agent import nvml_node
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT = [sys.executable, "-c", "from guardmesh.cli import app; app()", "agent"]

@@ -22,8 +22,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from guardmesh.config import ExtenderSettings, SchedulerSettings
+from guardmesh.inventory import uniform_node
 from services.scheduler.extender import NODE_LABEL, BadRequest, Extender, ExtenderHttpServer, job_id_of
-from services.scheduler.inventory import uniform_node
 from services.scheduler.jobs import JobSpec, JobState
 from services.scheduler.placement import ReplicaShape, pending_reason
 from services.scheduler.scheduler import Scheduler

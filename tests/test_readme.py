@@ -85,7 +85,7 @@ def test_benchmarks_leave_tracked_results_alone_unless_recording(
 
 
 def test_cluster_file_documentation_example_loads(tmp_path: Path) -> None:
-    from services.scheduler.inventory import load_cluster_file
+    from guardmesh.inventory import load_cluster_file
 
     doc = (REPO / "docs" / "cluster-file.md").read_text()
     (example,) = re.findall(r"^```toml\n(.*?)^```", doc, flags=re.DOTALL | re.MULTILINE)

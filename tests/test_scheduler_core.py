@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from guardmesh.config import SchedulerSettings
 from guardmesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from guardmesh.inventory import GpuDevice, NodeSpec, uniform_node
 from native import fragmentation as frag  # type: ignore[attr-defined]
 from services.scheduler.cluster import ClusterState
-from services.scheduler.inventory import GpuDevice, NodeSpec, uniform_node
 from services.scheduler.jobs import HOLDS_ALLOCATION, TERMINAL, EventKind, JobSpec, JobState, Qos, Topology
 from services.scheduler.placement import ReplicaShape, make_policy, place_replica
 from services.scheduler.scaling import NodeShape, ScaleDirection
@@ -1081,7 +1081,7 @@ def test_group_commit_acknowledges_only_durable_state(tmp_path) -> None:  # type
     import threading
 
     from guardmesh.config import SchedulerSettings
-    from services.scheduler.inventory import uniform_node
+    from guardmesh.inventory import uniform_node
     from services.scheduler.jobs import JobSpec
     from services.scheduler.scheduler import Scheduler
     from services.scheduler.store import Store

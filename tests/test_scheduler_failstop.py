@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from guardmesh.errors import Unavailable
-from services.scheduler.inventory import uniform_node
+from guardmesh.inventory import uniform_node
 from services.scheduler.jobs import EventKind, JobState
 from services.scheduler.store import Store
 from tests.test_scheduler_core import FakeClock, make_sched, spec

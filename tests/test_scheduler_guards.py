@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from guardmesh.inventory import uniform_node
 from guardmesh.v1 import scheduler_pb2 as spb
-from services.scheduler.inventory import uniform_node
 from services.scheduler.jobs import JobState, Qos
 from services.scheduler.placement import ReplicaShape
 from services.scheduler.preemption import fewest_victims

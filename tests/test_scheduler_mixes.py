@@ -14,7 +14,7 @@ import pytest
 
 from bench.scheduler import DEFAULT_NODES, DEFAULT_TRACE, MIX_TOLERANCE
 from bench.workload_mixes import MIXES, draw_mix, unallocated_curve
-from services.scheduler.inventory import load_alibaba_nodes, load_alibaba_pods
+from guardmesh.inventory import load_alibaba_nodes, load_alibaba_pods
 
 SEEDS = range(3)
 

@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from guardmesh.errors import InvalidArgument
+from guardmesh.inventory import load_alibaba_pods, uniform_node
 from guardmesh.v1 import scheduler_pb2 as spb
-from services.scheduler.inventory import load_alibaba_pods, uniform_node
 from services.scheduler.jobs import JobSpec, JobState
 from services.scheduler.store import Store
 from tests.test_scheduler_core import make_sched, spec

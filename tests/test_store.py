@@ -20,8 +20,8 @@ from guardmesh.durable import (
     parse_store_url,
     to_postgresql,
 )
+from guardmesh.inventory import GpuDevice, NodeSpec
 from guardmesh.leadership import Lease
-from services.scheduler.inventory import GpuDevice, NodeSpec
 from services.scheduler.jobs import EventKind, Job, JobSpec, JobState
 from services.scheduler.store import Store
 

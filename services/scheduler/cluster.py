@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from guardmesh.errors import FailedPrecondition, InvalidArgument
-from services.scheduler.inventory import NodeSpec
+from guardmesh.inventory import NodeSpec
 
 UNTRACKED = np.iinfo(np.int64).max // 4
 

@@ -34,8 +34,8 @@ from kubernetes.client.rest import ApiException
 
 from guardmesh.config import ExtenderSettings
 from guardmesh.errors import GuardmeshError
+from guardmesh.inventory import GpuDevice, NodeSpec
 from services.scheduler.extender import JOB_ANNOTATION, NODE_LABEL, Extender, pod_uid_of, serve_extender
-from services.scheduler.inventory import GpuDevice, NodeSpec
 from services.scheduler.jobs import HOLDS_ALLOCATION, JobState
 from services.scheduler.scheduler import Scheduler
 

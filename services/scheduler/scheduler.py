@@ -28,8 +28,8 @@ from guardmesh.errors import (
     NotFound,
     Unavailable,
 )
+from guardmesh.inventory import NodeSpec
 from services.scheduler.cluster import ClusterState
-from services.scheduler.inventory import NodeSpec
 from services.scheduler.jobs import (
     HOLDS_ALLOCATION,
     TERMINAL,

@@ -22,9 +22,11 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
+from guardmesh.agent import node_spec_to_pb
 from guardmesh.config import MeshConfig
 from guardmesh.durable import GroupCommitLog, StoreFailure, parse_store_url
 from guardmesh.errors import GuardmeshError, InvalidArgument, PermissionDenied, Unavailable
+from guardmesh.inventory import GpuDevice, NodeSpec, load_cluster_file
 from guardmesh.leadership import Lease, standby_message
 from guardmesh.monitoring import observe_scheduler
 from guardmesh.runtime import ServiceDefinition
@@ -32,7 +34,6 @@ from guardmesh.security import allow, current_principal
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import scheduler_pb2 as pb
 from guardmesh.v1 import scheduler_pb2_grpc as pb_grpc
-from services.scheduler.inventory import GpuDevice, NodeSpec, load_cluster_file
 from services.scheduler.jobs import Job, JobSpec, JobState, Qos, Topology
 from services.scheduler.scaling import NodeShape, ScaleSignal
 from services.scheduler.scheduler import Event, NodeView, Scheduler
@@ -164,22 +165,6 @@ def node_from_pb(msg: pb.NodeSpec) -> NodeSpec:
         labels=tuple(sorted(msg.labels.items())),
         cpu_milli=msg.cpu_milli,
         host_memory_mib=msg.host_memory_mib,
-    )
-
-
-def node_spec_to_pb(spec: NodeSpec) -> pb.NodeSpec:
-    """Message form of a node's description."""
-    return pb.NodeSpec(
-        name=spec.name,
-        labels=dict(spec.labels),
-        cpu_milli=spec.cpu_milli,
-        host_memory_mib=spec.host_memory_mib,
-        gpus=[
-            pb.GpuDevice(
-                index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib, topology_group=g.topology_group
-            )
-            for g in spec.gpus
-        ],
     )
 
 

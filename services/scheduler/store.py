@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from guardmesh.durable import Fence, GroupCommitLog, Migration, Statement, StoreTarget, Ticket
-from services.scheduler.inventory import NodeSpec
+from guardmesh.inventory import NodeSpec
 from services.scheduler.jobs import EventKind, Job, JobSpec, JobState, ReplicaPlacement
 
 #: The scheduler's schema, one step per version. Version 1 is the schema SQLite files had before versions

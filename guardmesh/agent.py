@@ -14,13 +14,28 @@ from pathlib import Path
 
 from guardmesh.client import open_channel
 from guardmesh.config import MeshConfig
+from guardmesh.inventory import GpuDevice, NodeSpec, load_cluster_file
 from guardmesh.v1 import scheduler_pb2 as pb
 from guardmesh.v1 import scheduler_pb2_grpc as pb_grpc
-from services.scheduler.inventory import GpuDevice, NodeSpec, load_cluster_file
-from services.scheduler.server import node_spec_to_pb
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
+
+
+def node_spec_to_pb(spec: NodeSpec) -> pb.NodeSpec:
+    """Message form of a node's description (what the agent registers and the scheduler lists)."""
+    return pb.NodeSpec(
+        name=spec.name,
+        labels=dict(spec.labels),
+        cpu_milli=spec.cpu_milli,
+        host_memory_mib=spec.host_memory_mib,
+        gpus=[
+            pb.GpuDevice(
+                index=g.index, uuid=g.uuid, model=g.model, memory_mib=g.memory_mib, topology_group=g.topology_group
+            )
+            for g in spec.gpus
+        ],
+    )
 
 
 def nvml_node(name: str) -> tuple[NodeSpec, list[tuple[str, int, float]]] | None:
