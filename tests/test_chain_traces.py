@@ -56,10 +56,10 @@ def mesh(tmp_path: Path) -> Iterator[tuple[dict[str, int], OtlpReceiver, dict[st
     }
     procs = {s: ServiceProcess(s, tmp_path, env, port=ports[s]) for s in SERVICES}
     try:
-        start_all(procs.values(), timeout_s=60)
+        start_all(procs.values())  # START_TIMEOUT_S: four torch imports at once on a loaded machine
         yield ports, receiver, procs
     finally:
-        stop_all(procs.values(), timeout_s=30)
+        stop_all(procs.values(), timeout_s=60)
         receiver.stop()
 
 
@@ -108,7 +108,7 @@ def _torchscript() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_application_request_and_training_step_are_each_one_trace_across_services(
     tmp_path: Path, mesh: tuple[dict[str, int], OtlpReceiver, dict[str, ServiceProcess]]
 ) -> None:
@@ -179,7 +179,7 @@ def test_application_request_and_training_step_are_each_one_trace_across_service
             )
         )
     assert routed.shadowed
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while router.GetShadowReport(apb.GetShadowReportRequest(key="model-ab")).compared < 1:
         assert time.monotonic() < deadline, "the shadow call never completed"
         time.sleep(0.05)
@@ -199,7 +199,7 @@ def test_application_request_and_training_step_are_each_one_trace_across_service
     router_channel.close()
     sched_channel.close()
 
-    codes = stop_all(procs.values(), timeout_s=30)  # flush every service's spans (SIGTERM drain)
+    codes = stop_all(procs.values(), timeout_s=60)  # flush every service's spans (SIGTERM drain)
     assert codes == dict.fromkeys(SERVICES, 0), codes
     deadline = time.monotonic() + 10
     app_trace = format(app_root.get_span_context().trace_id, "032x")

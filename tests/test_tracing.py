@@ -28,7 +28,7 @@ from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 from tests.conftest import make_config, node_pb
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
-from tests.processes import clean_env, free_port, tail, wait_serving
+from tests.processes import START_TIMEOUT_S, clean_env, free_port, tail, wait_serving
 
 REPO = Path(__file__).resolve().parent.parent
 RELAY_SCRIPT = REPO / "tests" / "relay_service.py"
@@ -103,7 +103,7 @@ def _terminate_all(procs: dict[str, subprocess.Popen[str]], timeout: float) -> d
     return codes
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(600)  # three process start-ups of up to START_TIMEOUT_S each on a loaded machine
 def test_trace_crosses_two_service_processes_and_is_flushed_on_sigterm(tmp_path: Path, receiver: OtlpReceiver) -> None:
     scheduler_port = free_port()
     env = _service_env(receiver.endpoint, scheduler_port, tmp_path / "state")
@@ -115,15 +115,20 @@ def test_trace_crosses_two_service_processes_and_is_flushed_on_sigterm(tmp_path:
         )
         scheduler_addr = f"127.0.0.1:{scheduler_port}"
         wait_serving(
-            scheduler_addr, "guardmesh.v1.SchedulerService", 20, procs["scheduler"], logs["scheduler"], "scheduler"
+            scheduler_addr,
+            "guardmesh.v1.SchedulerService",
+            START_TIMEOUT_S,
+            procs["scheduler"],
+            logs["scheduler"],
+            "scheduler",
         )
         procs["relay"] = _start([sys.executable, str(RELAY_SCRIPT)], env, logs["relay"], subprocess.PIPE)
         try:
-            relay_port = _read_port(procs["relay"], timeout=20)
+            relay_port = _read_port(procs["relay"], timeout=START_TIMEOUT_S)
         except (TimeoutError, RuntimeError) as exc:
             raise AssertionError(f"{exc}\nrelay log:\n{tail(logs['relay'])}") from None
         relay_addr = f"127.0.0.1:{relay_port}"
-        wait_serving(relay_addr, "relay", 10, procs["relay"], logs["relay"], "relay")
+        wait_serving(relay_addr, "relay", START_TIMEOUT_S, procs["relay"], logs["relay"], "relay")
 
         config = make_config(tmp_path)
         with open_channel("scheduler", config, address=scheduler_addr) as sched_channel:
@@ -148,7 +153,7 @@ def test_trace_crosses_two_service_processes_and_is_flushed_on_sigterm(tmp_path:
         early = receiver.spans
         assert early == [], "spans exported before SIGTERM: " + ", ".join(map(str, early))
     finally:
-        codes = _terminate_all(procs, timeout=20)
+        codes = _terminate_all(procs, timeout=60)
 
     assert codes == {"scheduler": 0, "relay": 0}, (
         f"exit codes after SIGTERM: {codes}\nscheduler log:\n{tail(logs['scheduler'])}\n"
@@ -209,7 +214,7 @@ with Mesh() as mesh:
 """
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(400)
 def test_sdk_app_request_is_the_trace_root_and_health_checks_are_not_traced(
     tmp_path: Path, receiver: OtlpReceiver
 ) -> None:
@@ -220,18 +225,23 @@ def test_sdk_app_request_is_the_trace_root_and_health_checks_are_not_traced(
     try:
         procs["scheduler"] = _start([sys.executable, "-m", "services.scheduler"], env, log, subprocess.DEVNULL)
         address = f"127.0.0.1:{scheduler_port}"
-        wait_serving(address, "guardmesh.v1.SchedulerService", 30, procs["scheduler"], log, "scheduler")
+        wait_serving(address, "guardmesh.v1.SchedulerService", START_TIMEOUT_S, procs["scheduler"], log, "scheduler")
         with grpc.insecure_channel(address) as channel:  # a health check, as a load balancer makes them
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         app_env = {**env, "OTEL_SERVICE_NAME": "checkout-app", "OTEL_BSP_SCHEDULE_DELAY": "500"}
         app = subprocess.run(
-            [sys.executable, "-c", SDK_APP], cwd=REPO, env=app_env, capture_output=True, text=True, timeout=60
+            [sys.executable, "-c", SDK_APP],
+            cwd=REPO,
+            env=app_env,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S,
         )
         assert app.returncode == 0 and "JOBS 0" in app.stdout, app.stderr[-3000:]
     finally:
-        codes = _terminate_all(procs, timeout=20)
+        codes = _terminate_all(procs, timeout=60)
     assert codes == {"scheduler": 0}, tail(log)
 
     def complete(spans: list[ReceivedSpan]) -> bool:
@@ -249,7 +259,7 @@ def test_sdk_app_request_is_the_trace_root_and_health_checks_are_not_traced(
     assert not [s for s in spans if s.name.startswith("/grpc.health.v1.Health/")], listing
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(400)
 def test_service_honours_otel_traces_exporter_console(tmp_path: Path) -> None:
     scheduler_port = free_port()
     env = _service_env("", scheduler_port, tmp_path / "state")
@@ -261,11 +271,13 @@ def test_service_honours_otel_traces_exporter_console(tmp_path: Path) -> None:
         try:
             procs["scheduler"] = _start([sys.executable, "-m", "services.scheduler"], env, log, stdout.fileno())
             address = f"127.0.0.1:{scheduler_port}"
-            wait_serving(address, "guardmesh.v1.SchedulerService", 30, procs["scheduler"], log, "scheduler")
+            wait_serving(
+                address, "guardmesh.v1.SchedulerService", START_TIMEOUT_S, procs["scheduler"], log, "scheduler"
+            )
             with grpc.insecure_channel(address) as channel:
                 spb_grpc.SchedulerServiceStub(channel).ListJobs(spb.ListJobsRequest(), timeout=10)
         finally:
-            codes = _terminate_all(procs, timeout=20)
+            codes = _terminate_all(procs, timeout=60)
     assert codes == {"scheduler": 0}, tail(log)
     printed = out.read_text()
     assert f'"name": "{LIST_JOBS}"' in printed, printed[-3000:]
@@ -313,7 +325,7 @@ def test_sdk_keeps_the_tracer_provider_an_app_set_up_itself() -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=START_TIMEOUT_S,
     )
     assert app.returncode == 0, app.stderr[-3000:]
     assert "CODE UNAVAILABLE" in app.stdout
