@@ -29,13 +29,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from guardmesh.v1 import scheduler_pb2 as spb
 from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 from tests.conftest import REPO, check_invariant, node_pb
-from tests.processes import ServiceProcess
+from tests.processes import START_TIMEOUT_S, ServiceProcess
 
 RESERVE_MIB = 512
 #: Lease of the short jobs and the preemption grace in the kill -9 test: long enough to survive the steps
-#: before the kill on a loaded machine, shorter than the time the scheduler stays down.
-SHORT_TTL_S = 4
-GRACE_S = 4
+#: before the kill, and the checks after the restart, on a loaded 2-core machine (4 s was not: a few dozen
+#: calls there can take that long); shorter than the time the scheduler stays down.
+SHORT_TTL_S = 10
+GRACE_S = 10
 MODEL = "A100-40GB"
 GPU_MIB = 40960
 CLUSTER_TOML = f"""
@@ -86,7 +87,7 @@ class SchedulerProcess(ServiceProcess):
             },
         )
 
-    def serve(self, timeout_s: float = 20.0) -> spb_grpc.SchedulerServiceStub:
+    def serve(self, timeout_s: float = START_TIMEOUT_S) -> spb_grpc.SchedulerServiceStub:
         """Spawn the process and wait until health says SERVING; return a stub on a fresh channel."""
         self.start(timeout_s)
         return spb_grpc.SchedulerServiceStub(self.channel())
@@ -242,14 +243,14 @@ def test_kill9_keeps_every_acknowledged_change(scheduler_process: SchedulerProce
             spec = job(f"bg-{i}", mem=1024, allow_sharing=True, qos=spb.QOS_CLASS_BEST_EFFORT)
             bg_tried.append(spec.job_id)
             try:
-                bg_acked[spec.job_id] = bg.SubmitJob(spb.SubmitJobRequest(job=spec), timeout=5).job
+                bg_acked[spec.job_id] = bg.SubmitJob(spb.SubmitJobRequest(job=spec), timeout=30).job
             except grpc.RpcError as err:
                 bg_errors.append(err.code())
                 return
 
     thread = threading.Thread(target=background, name="bg-submit")
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while len(bg_acked) < 3 and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.005)
     assert len(bg_acked) >= 3, f"background submits did not get through: {bg_errors}"
@@ -268,7 +269,7 @@ def test_kill9_keeps_every_acknowledged_change(scheduler_process: SchedulerProce
     spawned_at = time.time()
     stub = sched.serve()
 
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         got = stub.DescribeJob(spb.DescribeJobRequest(job_id="guar"), timeout=10).job
         if got.state == spb.JOB_STATE_RUNNING:
@@ -324,9 +325,10 @@ def test_kill9_keeps_every_acknowledged_change(scheduler_process: SchedulerProce
     expired_at = None
     deadline = time.time() + SHORT_TTL_S + 5
     while time.time() < deadline:
+        asked_at = time.time()
         renew = stub.RenewLease(spb.RenewLeaseRequest(job_id="short-0", replica=0), timeout=10)
         assert renew.state == spb.JOB_STATE_RUNNING
-        assert ts(renew.lease_expires_at) > time.time() + SHORT_TTL_S - 0.5
+        assert ts(renew.lease_expires_at) >= asked_at + SHORT_TTL_S - 0.05  # (not after the answer: a slow call)
         got = stub.DescribeJob(spb.DescribeJobRequest(job_id="short-1"), timeout=10).job
         if got.state != spb.JOB_STATE_RUNNING:
             expired_at = time.time()
@@ -496,7 +498,7 @@ def _sigterm_drain(sched: SchedulerProcess) -> None:
         assert (jobs[jid].state, where(jobs[jid])) == (want.state, where(want)), jid
     assert set(jobs) <= {"watched", *slow, *acked, *(jid for jid, _ in failures)}
     sched.proc.send_signal(signal.SIGTERM)
-    assert sched.proc.wait(timeout=20) == 0, sched.log_tail()
+    assert sched.proc.wait(timeout=SIGTERM_GRACE_S) == 0, sched.log_tail()
 
 
 # -- configuration errors -----------------------------------------------------------------------------------
@@ -517,7 +519,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path, variable: str, value:
         env=sched.env,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=START_TIMEOUT_S,
     )
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert key in proc.stderr, proc.stderr[-2000:]
@@ -536,7 +538,7 @@ def test_port_in_use_exits_2_naming_the_key(tmp_path: Path) -> None:
             env=sched.env,
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=START_TIMEOUT_S,
         )
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "services.scheduler.port" in proc.stderr, proc.stderr[-2000:]
