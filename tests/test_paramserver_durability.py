@@ -17,7 +17,7 @@ from guardmesh.v1 import paramserver_pb2 as pb
 from guardmesh.v1 import paramserver_pb2_grpc as pb_grpc
 
 from .conftest import make_config
-from .processes import ServiceProcess
+from .processes import START_TIMEOUT_S, ServiceProcess
 from .ps_worker import accuracy, dataset, make_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _start(server: ServiceProcess) -> None:
     """Start (or restart) the paramserver and wait until its health says SERVING."""
-    server.start(timeout_s=60, service="paramserver")
+    server.start(service="paramserver")  # START_TIMEOUT_S: torch import on a loaded machine
 
 
 def _checkpoints(state: Path, model: str) -> list[int]:
@@ -65,10 +65,13 @@ def test_kill9_during_training_resumes_from_verified_checkpoint_and_converges(tm
                     loss.backward()
                     return loss.item()
 
-                ps.train_step(model, compute)
+                # The restart below may take as long as a start: the step waits for it that long.
+                ps.train_step(model, compute, unavailable_budget_s=START_TIMEOUT_S + 30)
                 steps += 1
                 if steps == 35:
+                    deadline = time.monotonic() + 120
                     while max(_checkpoints(state, "digits"), default=0) < 30:
+                        assert time.monotonic() < deadline, f"no v30 checkpoint: {_checkpoints(state, 'digits')}"
                         time.sleep(0.02)  # the v30 checkpoint is written in the background
                     killed_at = ps.versions[0]
                     server.kill9()
