@@ -120,7 +120,7 @@ def test_health_not_serving_while_starting_then_serving(tmp_path: Path) -> None:
     )
     thread.start()
     address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     status = None
     while time.monotonic() < deadline:
         try:
