@@ -298,7 +298,9 @@ def test_sync_worker_that_stops_pushing_stalls_one_version_then_none_and_rejoins
 ) -> None:
     running, config = ps_no_monitor
     a, b = client(running, config, worker="a"), client(running, config, worker="b")
-    timed = pb.ConsistencyConfig(mode=pb.CONSISTENCY_MODE_SYNC, workers=2, straggler_timeout_s=0.5)
+    # 3 s, not 0.5: with 0.5 s a loaded machine could leave more than that between a's and b's pushes, and b
+    # was dropped as a straggler before it ever stopped.
+    timed = pb.ConsistencyConfig(mode=pb.CONSISTENCY_MODE_SYNC, workers=2, straggler_timeout_s=3.0)
     a.create({"w": np.zeros(1)}, sgd1(), timed)
     for c in (a, b):
         c.pull()
