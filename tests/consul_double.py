@@ -120,7 +120,7 @@ def _seconds(duration: str, default: float) -> float:
     return total
 
 
-def grpc_health_status(target: str, timeout: float = 2.0) -> tuple[str, str]:
+def grpc_health_status(target: str, timeout: float = 10.0) -> tuple[str, str]:
     """Run Consul's gRPC check against ``host:port[/service]``: (``passing``/``critical``, output)."""
     address, _, service = target.partition("/")
     try:
@@ -274,7 +274,8 @@ class ConsulDouble:
             ]
             for n, check in enumerate(reg.checks, start=1):
                 if check.grpc:
-                    status, output = grpc_health_status(check.grpc, _seconds(check.timeout, 2.0))
+                    # Consul's default timeout is 10 s (2 s could fail a busy but healthy instance under load).
+                    status, output = grpc_health_status(check.grpc, _seconds(check.timeout, 10.0))
                     kind = "grpc"
                 else:  # the double runs gRPC checks only; any other kind stays critical, as Consul starts them
                     status, output, kind = "critical", "check kind not run by the consul test double", ""
