@@ -1,30 +1,66 @@
-"""Audits out of core (issue #20 item 2, first part): the exposure table (Parquet, services/abrouter/export.py)
-read with DuckDB instead of the router's in-memory snapshot.
+"""Audits out of core (issue #20 item 2): the exposure table (Parquet, services/abrouter/export.py) audited
+with DuckDB instead of the router's in-memory snapshot.
 
-DuckDB does the part that grows with the log: it scans the experiment's partition, keeps each unit's first
-exposure (by exposure id, as the router's table does) and hands back only the audited columns as Arrow; the
-checks then run through the same :func:`services.abrouter.audit.full_audit` as the in-memory path, so the two
-give the same answers on the same data (tests compare them). Nothing of it is held by the router, and the
-router's lock is never taken, so Assign keeps answering while it runs.
+Everything that grows with the number of units runs inside DuckDB (memory limit :data:`MEMORY_LIMIT`, spilling
+to a temporary folder beyond it) and comes back as small tables of counts; the statistics are then computed
+from those counts by the same functions the in-memory audit (:func:`services.abrouter.audit.full_audit`) uses,
+so the two give the same answers on the same data (tests compare them). Per audit:
+
+1. **first exposures**: each unit's first exposure (lowest exposure id), as the router's table keeps it: a
+   ``GROUP BY unit HAVING count(*) > 1`` finds the repeated units and their first id, a join drops the rest;
+2. **covariates**: the map keys logged, and each categorical's values in order of first appearance;
+3. **one scan with GROUPING SETS** counts units per arm (SRM, also since the weight change), per hash bin
+   (uniformity), per arm x window (arm shares; days, categorical values), per arm x window x category
+   (chi-square balance) and per arm x window x numeric value (KS balance), kept in a DuckDB temporary table;
+4. **KS from per-value counts**, exact: per window the per-value counts of each arm, cumulated in value order
+   (a DuckDB window function), give ``S = n_b C_a - n_a C_b`` at every distinct value, and ``D = max |S| /
+   (n_a n_b)`` is the in-memory statistic bit for bit (integers, see ``guardmesh.stats.ks_statistic_grouped``);
+   week, season and overall windows coarsen the day windows through a small day -> window table. Count, sum
+   and sum of squares (centred at the covariate's mean) per window and arm give the standardised mean
+   difference;
+5. **id tests** on the same deterministic sample the in-memory audit draws (``audit.ID_SAMPLE_MAX`` rows of the
+   first-exposure order, drawn by the same seeded generator in chunks): DuckDB ranks the exposure ids and
+   returns only the sampled units' ids and arms;
+6. **carry-over**: per other experiment, its first arm per unit joined with ours, counted per arm pair.
+
+What comes back to Python is bounded by arms x windows x distinct values: a numeric covariate with as many
+distinct values as units (a continuous measurement at full float precision) makes step 3's table that large,
+but it stays in DuckDB (spilled to disk), and only one row per window returns. Nothing is held by the router
+and its lock is never taken, so Assign keeps answering while an audit runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import datetime as dt
+import math
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from scipy import stats
 
 from guardmesh.errors import InvalidArgument
+from guardmesh.stats import ks_p_value, mean_var, standardized_mean_difference
 from services.abrouter import audit as audit_mod
 from services.abrouter.columns import MISSING_CODE, CategoricalColumn, ExposureColumns
 from services.abrouter.experiments import Experiment
 from services.abrouter.export import ExportCorrupt, exposure_files
 
-#: DuckDB's memory limit for one audit (it spills to disk beyond it).
+#: DuckDB's memory limit for one audit (it spills to a temporary folder beyond it).
 MEMORY_LIMIT = "1GB"
+#: DuckDB worker threads per audit.
+THREADS = 2
+#: Rows the deterministic id sample is drawn in at a time (bounds its memory at 100 M units).
+SAMPLE_CHUNK = 1 << 22
+
+_MIN_N = 20  # the in-memory audit's per-window minimum (full_audit passes 20)
 
 
 def _files(table_url: str, key: str | None = None) -> list[str]:
@@ -32,14 +68,34 @@ def _files(table_url: str, key: str | None = None) -> list[str]:
     return [f for f in files if key is None or f"/experiment={key}/" in f]
 
 
+def _literal(value: str) -> str:
+    """A SQL string literal (DuckDB views take no parameters)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+@contextlib.contextmanager
+def _connection() -> Iterator[duckdb.DuckDBPyConnection]:
+    with tempfile.TemporaryDirectory(prefix="guardmesh-warehouse-") as spill:
+        con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "threads": THREADS, "temp_directory": spill})
+        try:
+            yield con
+        finally:
+            con.close()
+
+
 def _query(files: list[str], sql: str, params: Sequence[object] = ()) -> pa.Table:
-    con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "threads": 2})
+    with _connection() as con:
+        return _arrow(con, sql, [files, *params], files[0])
+
+
+def _arrow(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[object], where: str) -> pa.Table:
     try:
-        return con.sql(sql, params=[files, *params]).to_arrow_table()
+        return con.sql(sql, params=list(params) or None).to_arrow_table()
     except duckdb.Error as exc:  # a corrupt or cut-short file: reported, never skipped
-        raise ExportCorrupt(f"exposure table at {files[0].rsplit('/experiment=', 1)[0]}: {exc}") from exc
-    finally:
-        con.close()
+        raise ExportCorrupt(f"exposure table at {where.rsplit('/experiment=', 1)[0]}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------- per-unit columns
 
 
 _FIRST = (
@@ -72,7 +128,9 @@ def _map_keys(column: pa.ChunkedArray) -> list[str]:
 
 
 def exposure_columns(table_url: str, key: str) -> tuple[ExposureColumns, np.ndarray]:
-    """Each unit's first exposure to ``key`` as audit columns, and the revision each was exposed under."""
+    """Each unit's first exposure to ``key`` as in-memory audit columns, and the revision each was exposed
+    under: per-unit data, for small tables and for comparing with the in-memory path (:func:`audit_table`
+    does not use it)."""
     files = _files(table_url, key)
     if not files:
         empty = np.array([], dtype=np.float64)
@@ -101,23 +159,160 @@ def exposure_columns(table_url: str, key: str) -> tuple[ExposureColumns, np.ndar
     return columns, t["revision"].to_numpy()
 
 
-def _other_arms(table_url: str, key: str, units: np.ndarray, others: Sequence[str]) -> dict[str, np.ndarray]:
-    """For carry-over: each other experiment's first arm of the audited units (-1 where not exposed)."""
-    all_files = _files(table_url)
-    keys = list(others) or sorted({f.split("/experiment=", 1)[1].split("/", 1)[0] for f in all_files} - {key})
-    out = {}
-    for other in keys:
-        files = _files(table_url, other)
-        if not files:
-            continue
-        t = _query(
-            files,
-            "SELECT unit, arm FROM read_parquet(?, hive_partitioning = false) WHERE experiment = ? "
-            "QUALIFY row_number() OVER (PARTITION BY unit ORDER BY exposure_id) = 1",
-            [other],
+# ---------------------------------------------------------------------------------------- the audit in DuckDB
+
+
+def id_sample_rows(n: int) -> np.ndarray | None:
+    """The rows ``audit._id_sample(n)`` picks (the same seeded draws), drawn ``SAMPLE_CHUNK`` at a time so that
+    100 M units need no 800 MB array of uniforms; None when every row is used."""
+    if n <= audit_mod.ID_SAMPLE_MAX:
+        return None
+    rng = np.random.default_rng(audit_mod.ID_SAMPLE_SEED)
+    rate = 0.995 * audit_mod.ID_SAMPLE_MAX / n
+    picked = []
+    for lo in range(0, n, SAMPLE_CHUNK):
+        picked.append(lo + np.flatnonzero(rng.random(min(SAMPLE_CHUNK, n - lo)) < rate))
+    return np.concatenate(picked)[: audit_mod.ID_SAMPLE_MAX]
+
+
+@dataclass(frozen=True)
+class _Grouping:
+    """Windows over a base column (``day`` or a categorical): base value -> window index, names in order."""
+
+    kind: str
+    base: str  # column of the scan the windows coarsen
+    names: tuple[str, ...]
+    mapping: pa.Table  # columns b (base value), w (window index)
+
+
+class _Audit:
+    """One experiment's first exposures as DuckDB views over the Parquet files, and the aggregates over them."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, files: list[str], key: str) -> None:
+        self.con, self.where = con, files[0]
+        listed = ", ".join(_literal(f) for f in files)
+        self.sql(
+            "CREATE TEMP VIEW raw AS SELECT exposure_id, unit, arm, bucket, revision, "
+            "floor(epoch_us(time) / 1e6 / 86400.0)::BIGINT AS day, numeric_covariates AS nc, "
+            f"categorical_covariates AS cc FROM read_parquet([{listed}], hive_partitioning = false) "
+            f"WHERE experiment = {_literal(key)}"
         )
-        arm_of = dict(zip(t["unit"].to_pylist(), t["arm"].to_pylist(), strict=True))
-        out[other] = np.fromiter((arm_of.get(u, -1) for u in units), dtype=np.int64, count=len(units))
+        # repeats are rare: only the repeated units (and their first id) are kept to drop the later exposures
+        self.sql(
+            "CREATE TEMP TABLE repeats AS SELECT unit, min(exposure_id) AS first_id FROM raw GROUP BY unit "
+            "HAVING count(*) > 1"
+        )
+        self.sql(
+            "CREATE TEMP VIEW first AS SELECT r.* FROM raw r LEFT JOIN repeats p ON p.unit = r.unit "
+            "WHERE p.first_id IS NULL OR p.first_id = r.exposure_id"
+        )
+
+    def sql(self, sql: str, params: Sequence[object] = ()) -> pa.Table:
+        try:
+            result = self.con.sql(sql, params=list(params) or None)
+            return result.to_arrow_table() if result is not None else pa.table({})
+        except duckdb.Error as exc:  # a corrupt or cut-short file: reported, never skipped
+            raise ExportCorrupt(f"exposure table at {self.where.rsplit('/experiment=', 1)[0]}: {exc}") from exc
+
+    def covariates(self) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+        """Numeric covariate names (sorted) and each categorical's values in order of first appearance."""
+        keys = self.sql("SELECT DISTINCT map_keys(nc) AS n, map_keys(cc) AS c FROM raw")
+        numeric = sorted({k for ks in keys["n"].to_pylist() for k in ks or ()})
+        names = sorted({k for ks in keys["c"].to_pylist() for k in ks or ()})
+        vocabularies: dict[str, tuple[str, ...]] = {}
+        if names:
+            columns = ", ".join(f"cc[{_literal(n)}] AS c{i}" for i, n in enumerate(names))
+            sets = ", ".join(f"(c{i})" for i in range(len(names)))
+            t = self.sql(
+                f"SELECT {', '.join(f'grouping(c{i}) AS g{i}' for i in range(len(names)))}, "
+                f"{', '.join(f'c{i}' for i in range(len(names)))}, min(exposure_id) AS first_id "
+                f"FROM (SELECT exposure_id, {columns} FROM first) GROUP BY GROUPING SETS ({sets})"
+            ).to_pydict()
+            for i, name in enumerate(names):
+                rows = [
+                    (first, value)
+                    for g, value, first in zip(t[f"g{i}"], t[f"c{i}"], t["first_id"], strict=True)
+                    if g == 0 and value is not None
+                ]
+                if rows:  # a key logged only on repeat exposures is no column of the first ones
+                    vocabularies[name] = tuple(value for _, value in sorted(rows))
+        return numeric, vocabularies
+
+
+def _gid(columns: Sequence[str], grouped: Sequence[str]) -> int:
+    """DuckDB's grouping_id of a grouping set: bit set (first column highest) for each column not grouped."""
+    return sum(1 << (len(columns) - 1 - i) for i, c in enumerate(columns) if c not in grouped)
+
+
+def _uniformity(counts: np.ndarray, unhashed: int, alpha: float) -> audit_mod.TestResult:
+    """``audit.bucket_uniformity`` (100 bins) from the units per bin (same test, same words)."""
+    bins = counts.size
+    n = int(counts.sum())
+    note = f", {unhashed} unhashed units left out" if unhashed else ""
+    if n < audit_mod.MIN_EXPECTED * bins:
+        detail = f"skipped: {n} hashed units, need >= {int(audit_mod.MIN_EXPECTED * bins)} for {bins} bins{note}"
+        return audit_mod.TestResult("bucket_uniformity", "chi2_gof", 0.0, 1.0, 0, False, detail)
+    res = stats.chisquare(counts)
+    stat, p = float(res.statistic), float(res.pvalue)
+    mean = n / bins
+    worst = int(np.argmax(np.abs(counts - mean)))
+    alert = p < alpha
+    detail = (
+        f"{'hash values not uniform' if alert else 'uniform'}: chi2={stat:.1f}, dof={bins - 1}, p={p:.3g}; "
+        f"{n} hashed units in {bins} bins, fullest deviation bin [{worst / bins:g}, {(worst + 1) / bins:g}) "
+        f"with {int(counts[worst])} units ({counts[worst] / mean - 1:+.1%}){note}"
+    )
+    return audit_mod.TestResult("bucket_uniformity", "chi2_gof", stat, p, bins - 1, bool(alert), detail)
+
+
+def _covered_uniformity(
+    per_value: np.ndarray, ranges: Sequence[tuple[float, float]], resolution: int, alpha: float
+) -> audit_mod.TestResult:
+    """``audit.covered_uniformity`` (100 bins) from the units per hash value ``k / resolution``."""
+    bins = 100
+    grid = np.arange(resolution) / resolution
+    covered = np.zeros(resolution, dtype=bool)
+    for start, end in ranges:
+        covered |= (grid >= start) & (grid < end)
+    n = int(per_value.sum())
+    outside = int(per_value[~covered].sum())
+    per_bin = covered.reshape(bins, -1).sum(axis=1)
+    observed = per_value.reshape(bins, -1).sum(axis=1)
+    keep = per_bin > 0
+    if outside:
+        detail = f"{outside} of {n} exposed units have hash values outside every covered range"
+        return audit_mod.TestResult("bucket_uniformity", "chi2_gof", math.inf, 0.0, 0, True, detail)
+    if int(keep.sum()) < 2 or n < audit_mod.MIN_EXPECTED * int(keep.sum()):
+        detail = f"skipped: {n} exposed units over {int(keep.sum())} covered bins"
+        return audit_mod.TestResult("bucket_uniformity", "chi2_gof", 0.0, 1.0, 0, False, detail)
+    expected = per_bin[keep] / per_bin[keep].sum() * n
+    res = stats.chisquare(observed[keep], expected)
+    stat, p = float(res.statistic), float(res.pvalue)
+    dof = int(keep.sum()) - 1
+    alert = p < alpha
+    detail = (
+        f"{'hash values not uniform over the covered ranges' if alert else 'uniform over the covered ranges'}: "
+        f"chi2={stat:.1f}, dof={dof}, p={p:.3g}; {n} exposed units, {int(keep.sum())} of {bins} bins covered"
+    )
+    return audit_mod.TestResult("bucket_uniformity", "chi2_gof", stat, p, dof, bool(alert), detail)
+
+
+def _day_groupings(days: list[int], windows: Sequence[str]) -> list[_Grouping]:
+    """The overall window and the day / week / season windows over the distinct UTC days (chronological)."""
+    dates = [audit_mod._EPOCH + dt.timedelta(days=d) for d in days]
+    out = [_Grouping("all", "day", ("all",), pa.table({"b": pa.array(days, pa.int64()), "w": [0] * len(days)}))]
+    for kind in dict.fromkeys(windows):
+        labels = [audit_mod._window_label(kind, d) for d in dates]
+        names = tuple(dict.fromkeys(labels))
+        position = {name: i for i, name in enumerate(names)}
+        mapping = pa.table({"b": pa.array(days, pa.int64()), "w": [position[label] for label in labels]})
+        out.append(_Grouping(kind, "day", names, mapping))
+    return out
+
+
+def _coarsen(values: np.ndarray, windows: np.ndarray, rows: int) -> np.ndarray:
+    out = np.zeros((rows, *values.shape[1:]), dtype=values.dtype)
+    np.add.at(out, windows, values)
     return out
 
 
@@ -130,10 +325,53 @@ def audit_table(
     min_sample: int = 1000,
     min_deviation: float = 0.01,
     window_covariates: Sequence[str] = (),
+    alpha_srm: float = 0.001,
+    alpha_balance: float = 0.01,
 ) -> audit_mod.AuditReport:
-    """The full audit of ``experiment`` over the exposure table, as :meth:`Router.audit` does it in memory:
+    """The full audit of ``experiment`` over the exposure table, as :meth:`Router.audit` does it in memory
+    (``audit.full_audit`` then ``audit.with_srm_since``), aggregated inside DuckDB (see the module docstring):
     SRM over the units exposed since ``weights_since`` (the revision from which today's weights apply)."""
-    columns, versions = exposure_columns(table_url, experiment.key)
+    started = time.perf_counter()
+    files = _files(table_url, experiment.key)
+    weights = experiment.propensities()
+    if not files:
+        columns, versions = exposure_columns(table_url, experiment.key)
+        return _in_memory(columns, versions, experiment, weights_since, window_covariates, min_sample, min_deviation)
+    with _connection() as con:
+        audit = _Audit(con, files, experiment.key)
+        numeric_names, vocabularies = audit.covariates()
+        for i, name in enumerate(window_covariates):
+            if name not in vocabularies:
+                raise InvalidArgument(
+                    f"window_covariates[{i}]", f"'{name}' was never logged as a categorical covariate"
+                )
+        return _run_audit(
+            audit,
+            experiment,
+            weights,
+            weights_since,
+            numeric_names,
+            vocabularies,
+            table_url,
+            others,
+            window_covariates,
+            min_sample,
+            min_deviation,
+            alpha_srm,
+            alpha_balance,
+            started,
+        )
+
+
+def _in_memory(
+    columns: ExposureColumns,
+    versions: np.ndarray,
+    experiment: Experiment,
+    since: int,
+    window_covariates: Sequence[str],
+    min_sample: int,
+    min_deviation: float,
+) -> audit_mod.AuditReport:
     for i, name in enumerate(window_covariates):
         if name not in columns.categorical:
             raise InvalidArgument(f"window_covariates[{i}]", f"'{name}' was never logged as a categorical covariate")
@@ -141,7 +379,6 @@ def audit_table(
     report = audit_mod.full_audit(
         columns,
         weights,
-        other_arms=_other_arms(table_url, experiment.key, columns.unit_ids, others),
         min_sample=min_sample,
         min_deviation=min_deviation,
         ranges=experiment.ranges(),
@@ -149,5 +386,388 @@ def audit_table(
         by_categorical=tuple(window_covariates) or None,
     )
     return audit_mod.with_srm_since(
-        report, columns.arms, versions, weights_since, weights, min_sample=min_sample, min_deviation=min_deviation
+        report, columns.arms, versions, since, weights, min_sample=min_sample, min_deviation=min_deviation
+    )
+
+
+def _run_audit(
+    audit: _Audit,
+    experiment: Experiment,
+    weights: Sequence[float],
+    since: int,
+    numeric_names: list[str],
+    vocabularies: dict[str, tuple[str, ...]],
+    table_url: str,
+    others: Sequence[str],
+    window_covariates: Sequence[str],
+    min_sample: int,
+    min_deviation: float,
+    alpha_srm: float,
+    alpha_balance: float,
+    started: float,
+) -> audit_mod.AuditReport:
+    n_arms = len(weights)
+    notes: list[str] = []
+    if window_covariates:
+        by = list(dict.fromkeys(window_covariates))
+    else:  # as audit._prepare: every categorical with at most MAX_WINDOW_VALUES values
+        by = []
+        for name, vocabulary in vocabularies.items():
+            if len(vocabulary) > audit_mod.MAX_WINDOW_VALUES:
+                notes.append(
+                    f"{name}: {len(vocabulary)} values, more than {audit_mod.MAX_WINDOW_VALUES}: no windows by it"
+                )
+            else:
+                by.append(name)
+    cat_col = {name: f"c{i}" for i, name in enumerate(vocabularies)}
+    num_col = {name: f"n{i}" for i, name in enumerate(numeric_names)}
+    ranges = experiment.ranges()
+    covered = sum(e - s for s, e in ranges) < 1.0 - 1e-12
+    resolution = 1000 if experiment.spec.hash_version == 1 else 10_000
+    if covered:  # audit.covered_uniformity's hash value index
+        bin_sql = (
+            f"CASE WHEN isnan(bucket) THEN -1 WHEN bucket < 0 THEN -2 "
+            f"ELSE least(round_even(bucket * {resolution}, 0), {resolution - 1}) END"
+        )
+    else:  # audit.bucket_uniformity's bin (the same float operations)
+        bin_sql = (
+            "CASE WHEN isnan(bucket) THEN -1 WHEN bucket < 0 OR bucket >= 1 THEN -2 "
+            "ELSE least(floor(bucket * 100 + 1e-9), 99) END"
+        )
+    columns = ["arm", "cur", "bin", "day", *cat_col.values(), *num_col.values()]
+    select = [
+        "arm",
+        f"revision >= {int(since)} AS cur",
+        f"({bin_sql})::BIGINT AS bin",
+        "day",
+        *(f"cc[{_literal(n)}] AS {c}" for n, c in cat_col.items()),
+        *(f"nc[{_literal(n)}] AS {c}" for n, c in num_col.items()),
+    ]
+    bases = ["day", *(cat_col[name] for name in by)]
+    sets: list[tuple[str, ...]] = [("arm", "cur"), ("bin",)]
+    for base in bases:
+        sets.append(("arm", base))
+        sets += [("arm", base, c) for c in num_col.values()]
+        sets += [("arm", base, c) for c in cat_col.values() if c != base]
+    sets = list({frozenset(s): s for s in reversed(sets)}.values())[::-1]  # (a, b, c) is (a, c, b): once
+    audit.sql(
+        f"CREATE TEMP TABLE agg AS SELECT grouping_id({', '.join(columns)}) AS gid, {', '.join(columns)}, "
+        f"count(*) AS n FROM (SELECT {', '.join(select)} FROM first) "
+        f"GROUP BY GROUPING SETS ({', '.join('(' + ', '.join(s) + ')' for s in sets)})"
+    )
+
+    def rows(*grouped: str) -> dict[str, list[Any]]:
+        gid = _gid(columns, grouped)
+        return audit.sql(f"SELECT {', '.join(grouped)}, n FROM agg WHERE gid = {gid}").to_pydict()
+
+    # SRM, overall and since the weight change
+    srm_rows = rows("arm", "cur")
+    per_arm = np.zeros(n_arms, dtype=np.int64)
+    per_arm_since = np.zeros(n_arms, dtype=np.int64)
+    for arm, cur, n in zip(srm_rows["arm"], srm_rows["cur"], srm_rows["n"], strict=True):
+        if not 0 <= arm < n_arms:
+            raise ValueError(f"cols.arms: arm index {arm} out of range for {n_arms} arms")
+        per_arm[arm] += n
+        if cur:
+            per_arm_since[arm] += n
+    n_units = int(per_arm.sum())
+    if n_units == 0:
+        empty = np.array([], dtype=np.float64)
+        columns_0 = ExposureColumns(np.array([], dtype=object), np.array([], np.int16), empty, empty, empty)
+        return _in_memory(columns_0, np.array([], np.int64), experiment, since, (), min_sample, min_deviation)
+    srm = audit_mod.sample_ratio_test(
+        per_arm, weights, alpha=alpha_srm, min_sample=min_sample, min_deviation=min_deviation
+    )
+    uniformity = _uniformity_of(rows("bin"), covered, ranges, resolution, alpha_srm)
+
+    # windows: overall, days / weeks / seasons, then each categorical named for windows
+    day_rows = rows("arm", "day")
+    days = sorted({int(d) for d in day_rows["day"] if d is not None})
+    groupings = _day_groupings(days, audit_mod.TIME_WINDOWS)
+    for name in by:
+        vocabulary = vocabularies[name]
+        mapping = pa.table({"b": pa.array(vocabulary, pa.string()), "w": list(range(len(vocabulary)))})
+        groupings.append(_Grouping(name, cat_col[name], tuple(f"{name}:{v}" for v in vocabulary), mapping))
+    units = [_per_window(rows("arm", g.base), g, g.base, n_arms) for g in groupings]
+    clustering = _id_tests(audit, n_units, n_arms, alpha_srm)
+    clustering += _carry_over(audit, table_url, experiment.key, others, per_arm, alpha_srm)
+    clustering += [
+        audit_mod._arm_share_result(u.T, g.names, f"arm_share:{g.kind}", alpha_srm)
+        for g, u in zip(groupings, units, strict=True)
+        if g.kind != "all"
+    ]
+
+    # covariate balance: every treatment against control (0) in every window
+    found: list[tuple[tuple[int, int, int, int], audit_mod.BalanceResult]] = []
+    treatments = [t for t in range(1, n_arms) if per_arm[t] > 0]
+    if per_arm[0] > 0 and treatments:
+        pair_ok = [(u[:, [0]] >= _MIN_N) & (u[:, treatments] >= _MIN_N) for u in units]
+        for k, name in enumerate(numeric_names):
+            found += _numeric_balance(audit, columns, groupings, pair_ok, name, num_col[name], k, treatments, n_arms)
+        offset = len(numeric_names)
+        for k, (name, vocabulary) in enumerate(vocabularies.items()):
+            c = cat_col[name]
+            for pi, g in enumerate(groupings):
+                if g.base == c or not pair_ok[pi].any():
+                    continue
+                found += _categorical_balance(
+                    rows("arm", g.base, c), g, pi, c, name, vocabulary, offset + k, pair_ok[pi], treatments, n_arms
+                )
+    found.sort(key=lambda item: item[0])
+    balance = [result for _, result in found]
+    report = _assemble(n_units, srm, uniformity, clustering, balance, alpha_balance, notes, started)
+    if per_arm_since.sum() < n_units:  # as audit.with_srm_since: SRM over the units under today's weights
+        since_srm = audit_mod.sample_ratio_test(
+            per_arm_since, weights, min_sample=min_sample, min_deviation=min_deviation
+        )
+        since_srm = replace(since_srm, reason=f"{since_srm.reason} (units exposed since version {since})")
+        alert = (
+            since_srm.alert
+            or report.uniformity.alert
+            or any(t.alert for t in report.clustering)
+            or any(b.imbalanced for b in report.balance)
+        )
+        report = replace(report, srm=since_srm, alert=alert)
+    return replace(report, seconds=time.perf_counter() - started)
+
+
+def _uniformity_of(
+    t: dict[str, list[Any]], covered: bool, ranges: Sequence[tuple[float, float]], resolution: int, alpha: float
+) -> audit_mod.TestResult:
+    size = resolution if covered else 100
+    counts = np.zeros(size, dtype=np.int64)
+    unhashed = outside = 0
+    for b, n in zip(t["bin"], t["n"], strict=True):
+        if b == -1:
+            unhashed += n
+        elif b == -2:
+            outside += n
+        else:
+            counts[b] += n
+    if covered:
+        if outside:  # below 0: outside every covered range
+            n_all = int(counts.sum()) + outside
+            detail = f"{outside} of {n_all} exposed units have hash values outside every covered range"
+            return audit_mod.TestResult("bucket_uniformity", "chi2_gof", math.inf, 0.0, 0, True, detail)
+        return _covered_uniformity(counts, ranges, resolution, alpha)
+    if outside:
+        raise ValueError(f"buckets: hash values must be in [0, 1), {outside} units outside")
+    return _uniformity(counts, unhashed, alpha)
+
+
+def _per_window(t: dict[str, list[Any]], g: _Grouping, base: str, n_arms: int) -> np.ndarray:
+    """Units per window and arm (windows x arms) from the units per base value and arm."""
+    window = dict(zip(g.mapping["b"].to_pylist(), g.mapping["w"].to_pylist(), strict=True))
+    out = np.zeros((len(g.names), n_arms), dtype=np.int64)
+    for arm, b, n in zip(t["arm"], t[base], t["n"], strict=True):
+        w = window.get(b)
+        if w is not None:
+            out[w, arm] += n
+    return out
+
+
+def _id_tests(audit: _Audit, n_units: int, n_arms: int, alpha: float) -> list[audit_mod.TestResult]:
+    """``audit.id_structure_tests`` on the rows of the first-exposure order the in-memory audit samples."""
+    picked = id_sample_rows(n_units)
+    if picked is None:
+        t = audit.sql("SELECT unit, arm FROM first ORDER BY exposure_id")
+    else:
+        audit.con.register("picked", pa.table({"r": picked}))
+        audit.sql(
+            "CREATE TEMP TABLE picked_ids AS SELECT exposure_id FROM (SELECT exposure_id, "
+            "row_number() OVER (ORDER BY exposure_id) - 1 AS r FROM first) WHERE r IN (SELECT r FROM picked)"
+        )
+        t = audit.sql(
+            "SELECT unit, arm FROM first WHERE exposure_id IN (SELECT exposure_id FROM picked_ids) ORDER BY exposure_id"
+        )
+    ids = np.array(t["unit"].to_pylist(), dtype=object)
+    results = audit_mod.id_structure_tests(ids, t["arm"].to_numpy(), n_arms, alpha=alpha)
+    if picked is None:
+        return results
+    note = f", on a deterministic random sample of {len(ids)} of {n_units} units"
+    return [replace(r, detail=r.detail + note) for r in results]
+
+
+def _carry_over(
+    audit: _Audit, table_url: str, key: str, others: Sequence[str], per_arm: np.ndarray, alpha: float
+) -> list[audit_mod.TestResult]:
+    """``audit.carry_over_tests`` from the units per (our arm, their first arm) of each other experiment."""
+    keys = list(others) or sorted({f.split("/experiment=", 1)[1].split("/", 1)[0] for f in _files(table_url)} - {key})
+    n_arms = int(np.flatnonzero(per_arm).max()) + 1
+    results = []
+    for other in keys:
+        files = _files(table_url, other)
+        if not files:
+            continue
+        listed = ", ".join(_literal(f) for f in files)
+        t = audit.sql(
+            f"WITH o AS (SELECT unit, arg_min(arm, exposure_id) AS arm FROM read_parquet([{listed}], "
+            f"hive_partitioning = false) WHERE experiment = {_literal(other)} GROUP BY unit) "
+            "SELECT f.arm AS mine, o.arm AS theirs, count(*) AS n FROM first f JOIN o ON f.unit = o.unit GROUP BY ALL"
+        ).to_pydict()
+        k = max((int(x) for x in t["theirs"]), default=0) + 1
+        table = np.zeros((n_arms, k), dtype=np.int64)
+        for mine, theirs, n in zip(t["mine"], t["theirs"], t["n"], strict=True):
+            table[mine, theirs] += n
+        note = f"{int(table.sum())} units in both experiments"
+        results.append(
+            audit_mod._contingency_result(f"carry_over:{other}", table, alpha, f"arms of '{other}'", note=note)
+        )
+    return results
+
+
+def _numeric_balance(
+    audit: _Audit,
+    columns: list[str],
+    groupings: list[_Grouping],
+    pair_ok: list[np.ndarray],
+    name: str,
+    col: str,
+    index: int,
+    treatments: list[int],
+    n_arms: int,
+) -> list[tuple[tuple[int, int, int, int], audit_mod.BalanceResult]]:
+    """KS (from per-value counts, in DuckDB) and standardised mean difference of one numeric covariate in
+    every window of every grouping."""
+    found = []
+    by_base: dict[str, list[int]] = {}
+    for pi, g in enumerate(groupings):
+        if pair_ok[pi].any():
+            by_base.setdefault(g.base, []).append(pi)
+    for base, pis in by_base.items():
+        gid = _gid(columns, ("arm", base, col))
+        mapping = pa.concat_tables(
+            [groupings[pi].mapping.append_column("p", pa.array([pi] * groupings[pi].mapping.num_rows)) for pi in pis]
+        )
+        audit.con.register("windows", mapping)
+        values = f"(SELECT {base} AS b, {col} AS v, arm, n FROM agg WHERE gid = {gid} AND isfinite({col}))"
+        centre = audit.sql(f"SELECT sum(n * v) / sum(n) AS c FROM {values}")["c"][0].as_py()
+        if centre is None:  # no finite value at all
+            continue
+        moments = audit.sql(
+            f"SELECT m.p, m.w, g.arm, sum(g.n) AS cnt, sum(g.n * (g.v - {centre!r})) AS s1, "
+            f"sum(g.n * (g.v - {centre!r}) * (g.v - {centre!r})) AS s2 FROM {values} g JOIN windows m ON g.b = m.b "
+            "GROUP BY ALL"
+        ).to_pydict()
+        arms = [0, *treatments]
+        cells = ", ".join(f"coalesce(sum(g.n) FILTER (WHERE g.arm = {a}), 0) AS c{a}" for a in arms)
+        sums = ", ".join(f"sum(c{a}) OVER win AS s{a}, sum(c{a}) OVER (PARTITION BY p, w) AS t{a}" for a in arms)
+        extremes = ", ".join(f"max(abs(s0 * t{t} - s{t} * t0))::DOUBLE AS e{t}" for t in treatments)
+        ks = audit.sql(
+            f"WITH c AS (SELECT m.p, m.w, g.v, {cells} FROM {values} g JOIN windows m ON g.b = m.b "
+            f"GROUP BY m.p, m.w, g.v), s AS (SELECT p, w, {sums} FROM c "
+            "WINDOW win AS (PARTITION BY p, w ORDER BY v ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) "
+            f"SELECT p, w, {extremes} FROM s GROUP BY p, w"
+        ).to_pydict()
+        audit.con.unregister("windows")
+        for pi in pis:
+            g = groupings[pi]
+            size = (len(g.names), n_arms)
+            cnt, s1, s2 = np.zeros(size, np.int64), np.zeros(size), np.zeros(size)
+            for p, w, arm, c, a, b in zip(*(moments[x] for x in ("p", "w", "arm", "cnt", "s1", "s2")), strict=True):
+                if p == pi:
+                    cnt[w, arm], s1[w, arm], s2[w, arm] = c, a, b
+            mean, var = mean_var(cnt, s1, s2)
+            mean = mean + centre
+            extreme = {
+                (w, t): ks[f"e{t}"][i]
+                for i, (p, w) in enumerate(zip(ks["p"], ks["w"], strict=True))
+                if p == pi
+                for t in treatments
+            }
+            for w, j in zip(*np.nonzero(pair_ok[pi]), strict=True):
+                t = treatments[j]
+                n_a, n_b = int(cnt[w, 0]), int(cnt[w, t])
+                if n_a < _MIN_N or n_b < _MIN_N:
+                    continue
+                stat = float(extreme[(int(w), t)] / (np.float64(n_a) * np.float64(n_b)))
+                p_value = float(ks_p_value(stat, n_a, n_b))
+                effect = float(standardized_mean_difference(mean[w, 0], var[w, 0], n_a, mean[w, t], var[w, t], n_b))
+                result = audit_mod.BalanceResult(
+                    name, g.names[w], 0, t, "ks", stat, p_value, effect, n_a, n_b, p_value < 0.01
+                )
+                found.append(((pi, int(w), int(j), index), result))
+    return found
+
+
+def _categorical_balance(
+    t: dict[str, list[Any]],
+    g: _Grouping,
+    pi: int,
+    col: str,
+    name: str,
+    vocabulary: tuple[str, ...],
+    index: int,
+    pair_ok: np.ndarray,
+    treatments: list[int],
+    n_arms: int,
+) -> list[tuple[tuple[int, int, int, int], audit_mod.BalanceResult]]:
+    """Chi-square and Cramér's V of one categorical covariate in every window of one grouping (as
+    ``audit._categorical_task``, from the units per window, arm and value)."""
+    window = dict(zip(g.mapping["b"].to_pylist(), g.mapping["w"].to_pylist(), strict=True))
+    code = {v: i for i, v in enumerate(vocabulary)}
+    tables = np.zeros((len(g.names), n_arms, len(vocabulary)), dtype=np.int64)
+    for arm, b, value, n in zip(t["arm"], t[g.base], t[col], t["n"], strict=True):
+        w, c = window.get(b), code.get(value)
+        if w is not None and c is not None:
+            tables[w, arm, c] += n
+    found = []
+    for j, tr in enumerate(treatments):
+        pair = tables[:, [0, tr], :]
+        chi, dof, pv, _, v, _, _ = audit_mod._chi2_tables(pair)
+        n_pair = pair.sum(axis=2)
+        for w in np.flatnonzero(pair_ok[:, j] & (dof > 0)):
+            n_a, n_b = int(n_pair[w, 0]), int(n_pair[w, 1])
+            if n_a < _MIN_N or n_b < _MIN_N:
+                continue
+            p = float(pv[w])
+            result = audit_mod.BalanceResult(
+                name, g.names[w], 0, tr, "chi2", float(chi[w]), p, float(v[w]), n_a, n_b, p < 0.01
+            )
+            found.append(((pi, int(w), j, index), result))
+    return found
+
+
+def _assemble(
+    n_units: int,
+    srm: audit_mod.SRMResult,
+    uniformity: audit_mod.TestResult,
+    clustering: list[audit_mod.TestResult],
+    balance: list[audit_mod.BalanceResult],
+    alpha_balance: float,
+    notes: list[str],
+    started: float,
+) -> audit_mod.AuditReport:
+    """The report as ``audit.full_audit`` assembles it: overall balance flagged at ``alpha_balance``, per-window
+    at the Bonferroni threshold over the window tests; ``reasons`` in the same words."""
+    windowed = sum(b.window != "all" for b in balance)
+    balance_alpha = alpha_balance / max(windowed, 1)
+    balance = [
+        replace(b, imbalanced=b.p_value < (alpha_balance if b.window == "all" else balance_alpha)) for b in balance
+    ]
+    reasons = []
+    if srm.alert:
+        reasons.append(f"srm: {srm.reason}")
+    if uniformity.alert:
+        reasons.append(f"{uniformity.name}: {uniformity.detail}")
+    reasons += [f"{t.name}: {t.detail}" for t in clustering if t.alert]
+    flagged = [b for b in balance if b.imbalanced]
+    if flagged:
+        worst = min(flagged, key=lambda b: b.p_value)
+        reasons.append(
+            f"balance: {len(flagged)} of {len(balance)} tests imbalanced, worst {worst.covariate} "
+            f"in {worst.window}: arm {worst.arm_b} vs {worst.arm_a}, {worst.test} p={worst.p_value:.3g}, "
+            f"effect size {worst.effect_size:+.3f}"
+        )
+    return audit_mod.AuditReport(
+        exposures=n_units,
+        srm=srm,
+        uniformity=uniformity,
+        clustering=tuple(clustering),
+        balance=tuple(balance),
+        alert=bool(reasons),
+        seconds=time.perf_counter() - started,
+        balance_alpha=balance_alpha,
+        reasons=tuple(reasons),
+        notes=tuple(notes),
     )
