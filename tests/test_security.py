@@ -123,11 +123,13 @@ def test_mtls_refuses_plain_clients_and_foreign_certificates(mtls_mesh: dict[str
     router: RunningService = mtls_mesh["router"]  # type: ignore[assignment]
     folder: Path = mtls_mesh["certs"]  # type: ignore[assignment]
     with grpc.insecure_channel(router.address) as plain:
-        code, _ = code_of(lambda: health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=3))
+        code, _ = code_of(lambda: health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=30))
         assert code == grpc.StatusCode.UNAVAILABLE
     ca = (folder / "ca.pem").read_bytes()
     with grpc.secure_channel(router.address, grpc.ssl_channel_credentials(ca)) as no_cert:
-        code, _ = code_of(lambda: health_pb2_grpc.HealthStub(no_cert).Check(health_pb2.HealthCheckRequest(), timeout=3))
+        code, _ = code_of(
+            lambda: health_pb2_grpc.HealthStub(no_cert).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        )
         assert code == grpc.StatusCode.UNAVAILABLE  # handshake refused: no client certificate
     other = tmp_path / "other-ca"
     generate(other, ["abrouter"])
@@ -135,13 +137,13 @@ def test_mtls_refuses_plain_clients_and_foreign_certificates(mtls_mesh: dict[str
         ca, (other / "client-admin-key.pem").read_bytes(), (other / "client-admin.pem").read_bytes()
     )
     with grpc.secure_channel(router.address, foreign) as bad:
-        code, _ = code_of(lambda: health_pb2_grpc.HealthStub(bad).Check(health_pb2.HealthCheckRequest(), timeout=3))
+        code, _ = code_of(lambda: health_pb2_grpc.HealthStub(bad).Check(health_pb2.HealthCheckRequest(), timeout=30))
         assert code == grpc.StatusCode.UNAVAILABLE
     good = grpc.ssl_channel_credentials(
         ca, (folder / "client-app-key.pem").read_bytes(), (folder / "client-app.pem").read_bytes()
     )
     with grpc.secure_channel(router.address, good) as ok:
-        resp = health_pb2_grpc.HealthStub(ok).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        resp = health_pb2_grpc.HealthStub(ok).Check(health_pb2.HealthCheckRequest(), timeout=30)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -211,7 +213,7 @@ def test_role_tokens_over_tls_and_lease_ownership(
     with grpc.secure_channel(
         address, grpc.ssl_channel_credentials((Path(config.security.certs_dir) / "ca.pem").read_bytes())
     ) as ch:
-        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
         assert health.status == health_pb2.HealthCheckResponse.SERVING  # no credentials needed for health
 
     text = "\n".join(r.getMessage() + " " + str(r.__dict__) for r in caplog.records)
