@@ -6,14 +6,18 @@ metric observations and their per-arm statistics) and every change is written to
 acknowledged. A change is validated completely before any state is touched, so a refused call leaves nothing
 behind. Exposures and observations reach memory only after their commit is durable (while in flight, a sticky
 arm is held as pending so a concurrent assignment of the same unit agrees), so a failed commit leaves memory
-as it was. A failed write also stops the router (fail-stop): it answers UNAVAILABLE until it is restarted from
-what is durable.
+as it was. A store that is away (connection refused or lost, server shut down, pool timeout, a SQLite file
+locked or failing I/O) makes the router answer UNAVAILABLE naming the store and report NOT_SERVING until a write
+through the committer succeeds again; it then reloads its memory from the store and serves again by itself. Any
+other failed write (a constraint, a bad statement) stops the router (fail-stop): it answers UNAVAILABLE until it
+is restarted from what is durable.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import threading
 import time
 import uuid
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import psycopg
 
 from guardmesh.config import ABRouterSettings
 from guardmesh.durable import Fence, Fenced, Listener, Statement, StoreFailure, Ticket
@@ -56,6 +61,39 @@ NAME_LIMIT = 64
 VALUE_LIMIT = 256
 MAX_OBSERVATIONS = 100_000
 SHADOW_PREFIX = "__shadow__"
+#: Seconds between probes of a store that is away (a write through the committer, then a reload).
+STORE_PROBE_S = 1.0
+#: SQLite primary result codes of a store that cannot be written now but may be later: BUSY, LOCKED (another
+#: process holds the lock past the busy timeout), READONLY, IOERR, FULL, CANTOPEN.
+_SQLITE_AWAY = frozenset({5, 6, 8, 10, 13, 14})
+#: PostgreSQL SQLSTATEs of a server that is away: connection exceptions (class 08), insufficient resources (53:
+#: disk full, out of memory, too many connections), shutdown and startup (57P01..57P03).
+_PG_AWAY_CLASSES = ("08", "53")
+_PG_AWAY_STATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+class _StoreAway(StoreFailure):
+    """A write refused unsent because the store is known to be away (the router is resuming)."""
+
+
+def store_away(exc: BaseException) -> bool:
+    """Whether ``exc`` (a failed write or read, or what caused it) says the store is away (unreachable, shut
+    down, out of connections, locked, I/O failing) rather than that the statements themselves were refused
+    (a constraint, a bad value): the first passes once the store is back, the second would fail again."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _StoreAway | psycopg.InterfaceError):
+            return True
+        if isinstance(seen, psycopg.OperationalError):  # PoolTimeout and a connection that failed included
+            state = seen.sqlstate
+            return state is None or state.startswith(_PG_AWAY_CLASSES) or state in _PG_AWAY_STATES
+        if isinstance(seen, psycopg.Error):
+            return False
+        if isinstance(seen, sqlite3.Error):
+            code = getattr(seen, "sqlite_errorcode", None)
+            return isinstance(seen, sqlite3.OperationalError) and code is not None and code & 0xFF in _SQLITE_AWAY
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -223,6 +261,11 @@ class Router:
         self._failed = ""
         #: Called once a write failed (the router then refuses every call until restarted).
         self.on_fail_stop: Callable[[str], None] | None = None
+        #: Why the store is away ("" while it answers): every call is UNAVAILABLE until it is back.
+        self._away = ""
+        self._away_lock = threading.Lock()
+        #: Called with False when the store goes away and True once the router serves again (health).
+        self.on_store: Callable[[bool], None] | None = None
         self.scoring = scoring
         self.mirror: ShadowMirror | None = None
         if scoring is not None:
@@ -251,7 +294,19 @@ class Router:
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Rebuild memory from SQLite: experiments, sticky records, exposures, observations, events."""
+        """Rebuild memory from the store: experiments, sticky records, exposures, observations, events."""
+        self._load(shadow=True)
+
+    def _reload(self) -> None:
+        """(Under the tail lock and the lock.) Memory again from the store alone, as at a restart (the shadow
+        counters, never acknowledged writes, are kept): what a write that failed left is gone."""
+        self.live = {}
+        self.events.clear()
+        self.last_audits = {}
+        self._tails = {}
+        self._load(shadow=False)
+
+    def _load(self, *, shadow: bool) -> None:
         if self.store is None:
             return
         with self.lock:
@@ -267,16 +322,7 @@ class Router:
                 loaded["exposures"].append((n, row.at))
                 st = self.live.get(row.key)
                 if st is not None:
-                    st.table.add(
-                        row.unit,
-                        row.arm,
-                        row.bucket,
-                        row.at,
-                        row.propensity,
-                        row.numeric,
-                        row.categorical,
-                        row.config_version,
-                    )
+                    self._add_exposure(st, row)
             for n, obs in self.store.load_numbered_observations(upto["observations"]):
                 loaded["observations"].append((n, obs.at))
                 st = self.live.get(obs.key)
@@ -284,7 +330,7 @@ class Router:
                     self._apply_observation(st, obs)
             if self.store.shared:  # rows still committing below the restore point are taken in later
                 self._tails = {t: Tail.after_restore(loaded[t], n, self.clock()) for t, n in upto.items()}
-            if self.mirror is not None:
+            if self.mirror is not None and shadow:
                 for key, ls, ss, ld, sd in self.store.load_shadow():
                     st = self.live.get(key)
                     version = st.experiment.spec.shadow.version if st else ""
@@ -358,11 +404,59 @@ class Router:
     def _check_alive(self) -> None:
         if self._failed:
             raise Unavailable(f"abrouter store failed ({self._failed}); restart the abrouter")
+        if self._away:
+            raise self._away_error()
+
+    def _away_error(self) -> Unavailable:
+        return Unavailable(f"{self._away}; the abrouter serves again by itself once the store answers")
 
     def _submit(self, statements: list[Statement], fence: Fence | None = None) -> Ticket | None:
         if self.store is None or not statements:
             return None
+        if self._away:  # (under the lock) nothing new reaches the store until the router reloaded from it
+            refused = Ticket()
+            refused.done(_StoreAway(self._away))
+            return refused
         return self.store.submit(statements, fence)
+
+    @property
+    def store_away_reason(self) -> str:
+        """Why the store is away ("" while it answers)."""
+        return self._away
+
+    def _store_went_away(self, exc: BaseException) -> None:
+        """Refuse every call (UNAVAILABLE naming the store) and report NOT_SERVING until the store is back."""
+        assert self.store is not None
+        root: BaseException = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        reason = str(root).strip().splitlines()[0] if str(root).strip() else ""  # the first line says what failed
+        with self._away_lock:
+            if self._away:  # the first failure's reason stands
+                return
+            self._away = f"abrouter store away ({self.store.log.where}): {type(root).__name__}: {reason}"
+            log.error("store away; refusing calls until it answers", extra={"error": self._away})
+            if self.on_store is not None:
+                self.on_store(False)
+
+    def _resume(self) -> bool:
+        """(While the store is away.) Whether the store answers again: a write through the committer (every
+        batch queued before it has then finished) and a reload of memory from the store; SERVING again."""
+        assert self.store is not None
+        try:
+            self.store.submit([("SELECT 1", ())]).wait("abrouter store probe")
+            with self._tail_lock, self.lock:
+                self._reload()
+                with self._away_lock:
+                    self._away = ""
+                    if self.on_store is not None:
+                        self.on_store(True)
+        except Exception as exc:
+            if not store_away(exc):
+                log.exception("resuming from the store failed")
+            return False
+        log.info("store answers again: memory reloaded from it, serving")
+        return True
 
     def _monitor_fence(self) -> Fence | None:
         """The monitor lease's epoch as a fence: a periodic decision lands only while this replica still
@@ -388,7 +482,12 @@ class Router:
                 self.monitor_lease.forget()
             log.warning("periodic decision refused: monitor lease lost", extra={"error": str(exc)})
             return False
-        except StoreFailure:
+        except StoreFailure as exc:
+            if store_away(exc):  # memory back; the decision is taken again once the store is back
+                with self.lock:
+                    undo()
+                self._store_went_away(exc)
+                return False
             self._durable(ticket)  # records the failure and raises Unavailable
             raise
         if decided is None:
@@ -429,6 +528,8 @@ class Router:
         except Exception as exc:  # outcome unknown: memory back; the resync takes in whatever was stored
             with self.lock:
                 undo()
+            if store_away(exc):
+                self._store_went_away(exc)
             raise Unavailable(
                 f"abrouter store unreachable confirming experiment '{exp.key}' version {exp.version}: {exc}"
             ) from exc
@@ -443,12 +544,20 @@ class Router:
             f"edit); this change was not applied: re-read the experiment and retry"
         )
 
-    def _durable(self, ticket: Ticket | None) -> None:
+    def _durable(self, ticket: Ticket | None, undo: Callable[[], None] | None = None) -> None:
+        """Wait for a call's write. The store away: ``undo`` puts memory back (under the lock) and the
+        router refuses calls until it is back (UNAVAILABLE). Any other failure: fail-stop."""
         if ticket is None:
             return
         try:
             ticket.wait("abrouter state")
         except StoreFailure as exc:
+            if store_away(exc):
+                if undo is not None:
+                    with self.lock:
+                        undo()
+                self._store_went_away(exc)
+                raise self._away_error() from exc
             self._failed = str(exc)
             log.critical("store failure; refusing further calls until restart", extra={"error": str(exc)})
             if self.on_fail_stop is not None:
@@ -491,14 +600,19 @@ class Router:
         notified = self.store.log.dialect == "postgresql"  # SQLite hears only its own process: poll
         interval = self.settings.config_resync_s if notified else min(0.5, self.settings.config_resync_s)
         while not self._stop.is_set():
-            self._config_changed.wait(interval)
+            self._config_changed.wait(STORE_PROBE_S if self._away else interval)
             self._config_changed.clear()
             if self._stop.is_set() or self._failed:
                 return
+            if self._away:
+                self._resume()
+                continue
             try:
                 self.sync_config()
-            except Exception as exc:  # the store is away: memory stays as it was, the next round retries
+            except Exception as exc:  # memory stays as it was, the next round retries
                 log.warning("config resync failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+                if store_away(exc):  # nothing written meanwhile would be acknowledged: say so now
+                    self._store_went_away(exc)
 
     def sync_config(self) -> list[str]:
         """Take in every experiment whose stored version is newer than this replica's; the keys taken in."""
@@ -545,12 +659,17 @@ class Router:
         while not self._stop.wait(self.settings.tail_interval_s):
             if self._failed:
                 return
+            if self._away:  # the reload takes in what the others wrote meanwhile
+                continue
             try:
                 self.take_in_others()
-            except StoreFailure as exc:
-                log.warning("taking in other replicas' rows failed", extra={"error": str(exc)})
-            except Exception:
-                log.exception("taking in other replicas' rows failed")
+            except Exception as exc:
+                if store_away(exc):
+                    self._store_went_away(exc)
+                elif isinstance(exc, StoreFailure):
+                    log.warning("taking in other replicas' rows failed", extra={"error": str(exc)})
+                else:
+                    log.exception("taking in other replicas' rows failed")
 
     def take_in_others(self) -> int:
         """Take into memory the exposures and observations other replicas committed since the last call (so
@@ -569,16 +688,7 @@ class Router:
                 for n, origin, row in exposures:
                     st = self.live.get(row.key)
                     if n in fresh_exp and origin != self.origin and st is not None:
-                        st.table.add(
-                            row.unit,
-                            row.arm,
-                            row.bucket,
-                            row.at,
-                            row.propensity,
-                            row.numeric,
-                            row.categorical,
-                            row.config_version,
-                        )
+                        self._add_exposure(st, row)
                         taken += 1
                 for n, origin, obs in observations:
                     st = self.live.get(obs.key)
@@ -603,6 +713,9 @@ class Router:
         except GuardmeshError:
             raise
         except Exception as exc:
+            if store_away(exc):
+                self._store_went_away(exc)
+                raise self._away_error() from exc
             raise Unavailable(f"abrouter store unreachable reading {what}: {type(exc).__name__}: {exc}") from exc
 
     # -- experiments -------------------------------------------------------------------------------------------
@@ -639,7 +752,7 @@ class Router:
             if event in self.events:
                 self.events.remove(event)
 
-        self._durable(ticket)
+        self._durable(ticket, undo)
         self._check_landed(exp, undo)
         return exp
 
@@ -679,7 +792,7 @@ class Router:
             message = f"updated to version {exp.version}: {comment}"
             events.append(self._event("config_changed", spec.key, message, statements, about=exp))
             ticket = self._submit(statements)
-        self._durable(ticket)
+        self._durable(ticket, undo)
         self._check_landed(exp, undo)
         return exp
 
@@ -698,7 +811,7 @@ class Router:
             self._write_experiment(st, exp, "stopped", reason, statements)
             events.append(self._event("config_changed", key, f"stopped: {reason}", statements, about=exp))
             ticket = self._submit(statements)
-        self._durable(ticket)
+        self._durable(ticket, undo)
         self._check_landed(exp, undo)
         return exp
 
@@ -809,10 +922,15 @@ class Router:
             self._release_pending(held, keep=True)
             for st, row in exposures:
                 st.pending_exposures -= 1
-                st.table.add(
-                    row.unit, row.arm, row.bucket, row.at, row.propensity, numeric, categorical, row.config_version
-                )
+                self._add_exposure(st, row)
         return out
+
+    @staticmethod
+    def _add_exposure(st: _Live, row: ExposureRow) -> None:
+        """Show a committed exposure in memory (its experiment's columns)."""
+        st.table.add(
+            row.unit, row.arm, row.bucket, row.at, row.propensity, row.numeric, row.categorical, row.config_version
+        )
 
     def _sticky_arm(self, st: _Live, value: str) -> int | None:
         """The unit's sticky arm: durable, or held by an assignment whose commit is in flight; None if none.
@@ -1297,7 +1415,7 @@ class Router:
     def _loop(self) -> None:
         last_audit = self.clock()
         while not self._stop.wait(self.settings.guardrail_interval_s):
-            if not self._leads_monitor():
+            if self._away or not self._leads_monitor():
                 continue
             try:
                 if self.monitor_lease is not None:
@@ -1309,9 +1427,13 @@ class Router:
                     last_audit = self.clock()
                     self.audit_running()
             except Unavailable:
-                return
-            except Exception:
-                log.exception("periodic check failed")
+                if self._failed:
+                    return
+            except Exception as exc:
+                if store_away(exc):  # e.g. the stored versions could not be read: the watcher resumes
+                    self._store_went_away(exc)
+                else:
+                    log.exception("periodic check failed")
 
     def _guardrail_verdicts(self, st: _Live) -> list[GuardrailVerdict]:
         """This look at the experiment's guardrails, from the per-arm statistics (O(arms) per guardrail)."""

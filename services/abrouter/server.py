@@ -729,6 +729,7 @@ class ABRouterBinding:
         self.store = RouterStore(parse_store_url(url, self.config.mesh.state_dir), settings.sqlite_synchronous)
         router = Router(settings, self.store, scoring=self.scorer)
         router.on_fail_stop = getattr(self, "fail_stop", None)
+        router.on_store = getattr(self, "set_serving", None)  # NOT_SERVING while the store is away
         router.restore()
         # One holder per live process: host, bound port and pid (two lives of one port never overlap).
         port = getattr(self, "bound_port", 0)
