@@ -1,0 +1,122 @@
+"""The table audit aggregates inside DuckDB (issue #20 item 2) and still gives the in-memory answers, on tables
+large enough for the paths a small router test never reaches: more units than the id tests' sample (the
+sampled rows must be the same ones), repeats, a continuous covariate (every value distinct: KS from per-value
+counts with one value per row), a second experiment sharing units (carry-over), coverage below 1.
+
+The in-memory side is ``audit.full_audit`` over the per-unit columns of the same table (``exposure_columns``,
+which the router-level test in test_abrouter_warehouse.py shows equal to the router's own columns)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.exposure_table import write_exposure_table
+from services.abrouter import audit as audit_mod
+from services.abrouter import warehouse
+from services.abrouter.audit import AuditReport
+from services.abrouter.experiments import ArmSpec, Experiment, ExperimentSpec, ExperimentState
+from services.abrouter.warehouse import audit_table, exposure_columns, id_sample_rows
+
+
+def experiment(key: str, coverage: float = 1.0) -> Experiment:
+    spec = ExperimentSpec(key=key, arms=(ArmSpec("control", 0.5), ArmSpec("treatment", 0.5)), coverage=coverage)
+    return Experiment(spec, 1, ExperimentState.RUNNING, spec.weights, 0.0, 0.0)
+
+
+def in_memory(table_url: str, exp: Experiment, since: int = 1) -> AuditReport:
+    columns, versions = exposure_columns(table_url, exp.key)
+    others = [k for k in ("other",) if k != exp.key]
+    other_arms = {}
+    for other in others:
+        theirs, _ = exposure_columns(table_url, other)
+        arm_of = dict(zip(theirs.unit_ids.tolist(), theirs.arms.tolist(), strict=True))
+        other_arms[other] = np.array([arm_of.get(u, -1) for u in columns.unit_ids.tolist()], dtype=np.int64)
+    report = audit_mod.full_audit(
+        columns,
+        exp.propensities(),
+        other_arms={k: v for k, v in other_arms.items() if (v >= 0).any()},
+        min_sample=1000,
+        min_deviation=0.01,
+        ranges=exp.ranges(),
+        resolution=10_000,
+    )
+    return audit_mod.with_srm_since(
+        report, columns.arms, versions, since, exp.propensities(), min_sample=1000, min_deviation=0.01
+    )
+
+
+def identical(a: AuditReport, b: AuditReport) -> None:
+    """Same report: counts and words exactly, statistics to the last bits float summation order may change."""
+    assert (a.exposures, a.alert, a.reasons, a.notes) == (b.exposures, b.alert, b.reasons, b.notes)
+    assert (a.srm.observed, a.srm.alert, a.srm.reason) == (b.srm.observed, b.srm.alert, b.srm.reason)
+    assert a.srm.p_value == pytest.approx(b.srm.p_value, rel=1e-12, abs=1e-300)
+    assert a.uniformity.detail == b.uniformity.detail
+    assert a.uniformity.p_value == pytest.approx(b.uniformity.p_value, rel=1e-12, abs=1e-300)
+    assert [(t.name, t.dof, t.alert, t.detail) for t in a.clustering] == [
+        (t.name, t.dof, t.alert, t.detail) for t in b.clustering
+    ]
+    for x, y in zip(a.clustering, b.clustering, strict=True):
+        assert x.statistic == pytest.approx(y.statistic, rel=1e-12), x.name
+        assert x.p_value == pytest.approx(y.p_value, rel=1e-9, abs=1e-300), x.name
+    assert [(r.covariate, r.window, r.arm_a, r.arm_b, r.test, r.n_a, r.n_b, r.imbalanced) for r in a.balance] == [
+        (r.covariate, r.window, r.arm_a, r.arm_b, r.test, r.n_a, r.n_b, r.imbalanced) for r in b.balance
+    ]
+    for p, q in zip(a.balance, b.balance, strict=True):
+        where = (p.covariate, p.window, p.arm_b)
+        if p.test == "ks":  # D from integer counts on both paths: bit for bit
+            assert p.statistic == q.statistic, where
+            assert p.p_value == q.p_value, where
+        else:
+            assert p.statistic == pytest.approx(q.statistic, rel=1e-12), where
+            assert p.p_value == pytest.approx(q.p_value, rel=1e-9, abs=1e-300), where
+        # sums of centred values in another order: the mean difference agrees to ~1e-12 of a standard deviation
+        assert p.effect_size == pytest.approx(q.effect_size, rel=1e-9, abs=1e-12), where
+    assert a.balance_alpha == b.balance_alpha
+
+
+@pytest.mark.parametrize("n", [audit_mod.ID_SAMPLE_MAX, audit_mod.ID_SAMPLE_MAX + 1, 1_000_000, 3_333_333])
+def test_the_id_sample_drawn_in_chunks_is_the_in_memory_sample(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(warehouse, "SAMPLE_CHUNK", 100_003)  # many chunks, one cut mid-way
+    expected = audit_mod._id_sample(n)
+    got = id_sample_rows(n)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and np.array_equal(got, expected)
+
+
+def test_a_table_past_the_id_sample_with_repeats_and_continuous_values_gives_the_in_memory_answers(
+    tmp_path: Path,
+) -> None:
+    url = str(tmp_path / "table")
+    # 260,000 exposures, every 10th a repeat: 234,000 units, more than the id tests' 200,000-unit sample
+    write_exposure_table(url, 260_000, key="main", days=40, continuous=True)
+    # a second experiment over part of the same units, ids after the first's: carry-over
+    write_exposure_table(url, 50_000, key="other", days=5, first_id=300_000, unit_offset=100_000)
+    exp = experiment("main")
+    from_table = audit_table(url, exp, 1, min_sample=1000, min_deviation=0.01)
+    memory = in_memory(url, exp)
+    assert from_table.exposures == 234_000
+    assert any("deterministic random sample of" in t.detail for t in from_table.clustering)
+    assert any(t.name == "carry_over:other" and t.dof == 1 for t in from_table.clustering)
+    assert {r.covariate for r in from_table.balance} == {"age", "dose", "lesion_mm", "score", "device", "region"}
+    identical(from_table, memory)
+
+
+def test_coverage_below_one_and_a_weight_change_give_the_in_memory_answers(tmp_path: Path) -> None:
+    url = str(tmp_path / "table")
+    write_exposure_table(url, 40_000, key="main", days=10, coverage=0.6)
+    exp = experiment("main", coverage=0.6)
+    identical(audit_table(url, exp, 1), in_memory(url, exp))
+    # units all exposed before revision 2: SRM since then has no units, on both paths
+    since = audit_table(url, exp, 2)
+    identical(since, in_memory(url, exp, since=2))
+    assert "since version 2" in since.srm.reason
+    # the same units audited against coverage 0.3: half of them lie outside its ranges, an alert on both paths
+    narrow = experiment("main", coverage=0.3)
+    flagged = audit_table(url, narrow, 1)
+    assert flagged.uniformity.alert and "outside every covered range" in flagged.uniformity.detail
+    identical(flagged, in_memory(url, narrow))
