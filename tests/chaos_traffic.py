@@ -282,7 +282,8 @@ class ScorerDriver(Driver):
         self.rng = np.random.default_rng(zlib.crc32(name.encode()))
         self.i = 0
         self.versions: Counter[str] = Counter()
-        self.not_found: list[float] = []
+        #: (sent, answered) of each NOT_FOUND answer, monotonic seconds.
+        self.not_found: list[tuple[float, float]] = []
 
     def step(self) -> None:
         row = self.rng.standard_normal(len(self.features))
@@ -292,11 +293,12 @@ class ScorerDriver(Driver):
             features=dict(zip(self.features, map(float, row), strict=True)),
         )
         self.i += 1
+        sent = time.monotonic()
         try:
             resp = self.rpc("Score", self.stub.Score, req, timeout=CALL_TIMEOUT_S)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:
-                self.not_found.append(time.monotonic())
+                self.not_found.append((sent, time.monotonic()))
             else:
                 self.error("Score", err)
             return

@@ -455,7 +455,13 @@ def test_kill9_each_service_under_load(tmp_path: Path) -> None:
 
         findings += check_clients(drivers)
         for d in scorer_drivers:
-            stray = [t for t in d.not_found if not any(a <= t <= b for a, b in not_found_window)]
+            # A call in flight at any moment of the window may meet the missing model: judged by when it was
+            # sent and answered, not by when its thread got round to noting the answer (late under load).
+            stray = [
+                (sent, answered)
+                for sent, answered in d.not_found
+                if not any(sent <= end and start <= answered for start, end in not_found_window)
+            ]
             if stray:
                 findings.append(f"{d.name}: {len(stray)} NOT_FOUND answers outside the restart window")
         sched_findings, sched_figures = check_scheduler(sched, sched_drivers)
@@ -515,7 +521,7 @@ def test_kill9_each_service_under_load(tmp_path: Path) -> None:
 # -- checkpoint replicas ------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # several process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_paramserver_restores_from_a_verified_replica_under_load(tmp_path: Path) -> None:
     began = time.monotonic()
     proc = chaos_process("paramserver", tmp_path / "paramserver", **PS_ENV)
@@ -840,7 +846,7 @@ def _disk_full_scheduler(tmp_path: Path) -> tuple[list[str], str, dict[str, int]
     return findings, f"{line} [{disk.how}]", {"scheduler": calls}, {"scheduler jobs": checked}
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # several process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_full_disk_fails_stop_and_keeps_every_acknowledged_write(tmp_path: Path) -> None:
     began = time.monotonic()
     findings: list[str] = []
@@ -866,7 +872,7 @@ def test_full_disk_fails_stop_and_keeps_every_acknowledged_write(tmp_path: Path)
 # -- a push from before a restore ---------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # several process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_a_push_computed_before_a_restore_is_not_applied_after_it(tmp_path: Path) -> None:
     """A worker pulls v7 from incarnation A; A dies, B restores the v5 checkpoint and trains to v7 on
     other gradients. The worker's push (base_version 7, computed on A's v7, which B never had) must be
@@ -881,7 +887,7 @@ def test_a_push_computed_before_a_restore_is_not_applied_after_it(tmp_path: Path
         for _ in range(5):
             fast.pull()
             fast.push({"w": np.ones(8, np.float32)})
-        wait_for("the v5 checkpoint", lambda: 5 in verified_checkpoints(proc.state, REPLICAS, "m")["replica-b"], 30)
+        wait_for("the v5 checkpoint", lambda: 5 in verified_checkpoints(proc.state, REPLICAS, "m")["replica-b"], 60)
         for _ in range(2):
             fast.pull()
             fast.push({"w": np.ones(8, np.float32)})
