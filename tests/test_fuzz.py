@@ -1733,12 +1733,11 @@ def test_message_size_limits(mesh: Mesh) -> None:
     try:
         before = snapshot_paramserver(mesh.channels["paramserver"])
         for call, stream in ((stub.PushStream, push_stream), (stub.CreateModelStream, create_stream)):
-            started = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
                 call(stream(), timeout=CALL_DEADLINE_S)
             assert err.value.code() == G.RESOURCE_EXHAUSTED, f"{err.value.code()} {err.value.details()}"
-            assert time.monotonic() - started < 5.0
-        assert len(pulled) < 200  # the stream was cut off, not read to its end
+        # The stream was cut off, not read to its end (judged by what was consumed, not by a time limit).
+        assert len(pulled) < 200
         assert_serving(mesh.channels["paramserver"], "paramserver")
         assert snapshot_paramserver(mesh.channels["paramserver"]) == before
         with pytest.raises(grpc.RpcError) as err:
