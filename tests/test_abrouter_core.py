@@ -56,14 +56,14 @@ def test_live_answers_while_the_shadow_model_is_stuck_and_a_full_queue_drops() -
     try:
         results = [router.route("shadowed", f"u{i}", {}, f"r{i}", {"a": 1.0}) for i in range(10)]
         # every live call returned although the (single) shadow worker is blocked on its first call
-        assert scorer.shadow_started.wait(5)
+        assert scorer.shadow_started.wait(60)
         assert all(not live.decision for _, _, live, _ in results)
         mirrored = [shadowed for *_, shadowed in results]
         stats = router.shadow_report("shadowed")
         assert stats.mirrored == sum(mirrored) and stats.dropped == 10 - sum(mirrored)
         assert 2 <= stats.mirrored <= 3 and stats.dropped >= 7  # 1 in flight + 2 queued
         scorer.release.set()
-        assert router.mirror is not None and router.mirror.drain(10)
+        assert router.mirror is not None and router.mirror.drain(60)
         stats = router.shadow_report("shadowed")
         assert stats.compared == stats.mirrored and stats.decision_agreement == 0.0
         assert stats.mean_abs_score_diff == pytest.approx(0.7)
@@ -82,7 +82,7 @@ def test_a_failing_shadow_model_is_counted_never_raised() -> None:
     try:
         for i in range(5):
             router.route("shadowed", f"u{i}", {}, f"r{i}", {"a": 1.0})
-        assert router.mirror is not None and router.mirror.drain(10)
+        assert router.mirror is not None and router.mirror.drain(60)
         stats = router.shadow_report("shadowed")
         assert stats.errors == stats.mirrored == 5 and stats.compared == 0
     finally:

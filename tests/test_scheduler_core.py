@@ -938,7 +938,7 @@ def test_watch_snapshot_does_not_block_other_callers() -> None:
 
     t = threading.Thread(target=other, daemon=True)
     t.start()
-    finished = done.wait(2.0)
+    finished = done.wait(30.0)  # a wait, not a speed check: a blocked release() never finishes
     # Let the blocked thread go before asserting, so the test never leaves it hanging.
     items = list(stream)
     t.join(5)
