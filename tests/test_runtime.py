@@ -75,7 +75,7 @@ class ProbeBinding:
 
     def start(self) -> None:
         if self.start_gate is not None:
-            assert self.start_gate.wait(10)
+            assert self.start_gate.wait(60)
 
     def drain(self) -> None:
         pass
@@ -91,7 +91,7 @@ def _call(channel: grpc.Channel, method: str, payload: bytes = b"", timeout: flo
 
 def _health(address: str, service: str = "") -> int:
     with grpc.insecure_channel(address) as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
 
 
 def _probe(tmp_path: Path, **overrides: object) -> tuple[MeshConfig, ServiceDefinition, dict[str, ProbeBinding]]:
