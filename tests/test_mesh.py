@@ -43,7 +43,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,  # `mesh up` alone may wait 90 s for SERVING
     )
 
 

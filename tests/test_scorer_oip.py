@@ -222,7 +222,7 @@ def triton(address: str, *ops: dict[str, Any]) -> list[dict[str, Any]]:
         input=json.dumps({"url": address, "ops": list(ops)}),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=180,  # a child that imports tritonclient on a loaded machine
         check=False,
     )
     assert done.returncode == 0, done.stderr
