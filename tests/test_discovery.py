@@ -24,7 +24,7 @@ from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
 from tests.conftest import make_config, node_pb
 from tests.consul_double import ConsulDouble, grpc_health_status
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(180)  # a hang guard, not a speed check: loaded machines are slow
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def start() -> Iterator[Callable[[MeshConfig], RunningService]]:
 
 
 def list_nodes(channel: grpc.Channel) -> list[str]:
-    reply = spb_grpc.SchedulerServiceStub(channel).ListNodes(spb.ListNodesRequest(), timeout=5)
+    reply = spb_grpc.SchedulerServiceStub(channel).ListNodes(spb.ListNodesRequest(), timeout=30)
     return sorted(n.spec.name for n in reply.nodes)
 
 
@@ -91,7 +91,7 @@ def test_resolve_returns_the_instance_and_client_reaches_it_without_an_address(t
 
     with open_channel("scheduler", config) as channel:
         stub = spb_grpc.SchedulerServiceStub(channel)
-        stub.RegisterNode(spb.RegisterNodeRequest(node=node_pb("n1", 1, 81920)), timeout=5)
+        stub.RegisterNode(spb.RegisterNodeRequest(node=node_pb("n1", 1, 81920)), timeout=30)
         assert list_nodes(channel) == ["n1"]
 
 
@@ -110,7 +110,7 @@ def test_two_instances_resolve_to_both_and_calls_round_robin(tmp_path, consul, s
     # Each instance has its own database: a node registered on one tells which instance answered.
     with open_channel("scheduler", config, address=a.address) as direct:
         spb_grpc.SchedulerServiceStub(direct).RegisterNode(
-            spb.RegisterNodeRequest(node=node_pb("only-on-a", 1, 81920)), timeout=5
+            spb.RegisterNodeRequest(node=node_pb("only-on-a", 1, 81920)), timeout=30
         )
     seen = set()
     with open_channel("scheduler", config) as channel:

@@ -330,12 +330,12 @@ def test_malformed_push_bytes_get_invalid_argument_naming_the_field(server: Runn
     try:
         raw_push = channel.unary_unary("/guardmesh.v1.ParamServerService/Push")
         with pytest.raises(grpc.RpcError) as err:
-            raw_push(ld(5, ld(2, key(3, 2) + wire.varint(100))), timeout=5)
+            raw_push(ld(5, ld(2, key(3, 2) + wire.varint(100))), timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "gradients.tensor.data" in (err.value.details() or "")
         raw_stream = channel.stream_unary("/guardmesh.v1.ParamServerService/PushStream")
         with pytest.raises(grpc.RpcError) as err:
-            raw_stream(iter([ld(1, ld(1, b"\xff"))]), timeout=5)
+            raw_stream(iter([ld(1, ld(1, b"\xff"))]), timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "header.model" in (err.value.details() or "")
     finally:
