@@ -13,10 +13,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -207,8 +210,9 @@ def pg_url(postgres_server: PostgresServer) -> str:
     return postgres_server.create_database()
 
 
-@pytest.fixture
-def two_processes(tmp_path: Path, pg_url: str) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
+@contextmanager
+def running_pair(tmp_path: Path, pg_url: str) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
+    """Two router processes on ``pg_url``: config by NOTIFY only (resync an hour away), monitor every 0.2 s."""
     env = {"GUARDMESH__ABROUTER__CONFIG_RESYNC_S": "3600", "GUARDMESH__ABROUTER__GUARDRAIL_INTERVAL_S": "0.2"}
     a = router_process(tmp_path, "a", pg_url, **env)
     b = router_process(tmp_path, "b", pg_url, **env)
@@ -217,8 +221,16 @@ def two_processes(tmp_path: Path, pg_url: str) -> Iterator[tuple[ServiceProcess,
         b.start()
         yield a, b
     finally:
-        a.close()
-        b.close()
+        for proc in (a, b):
+            if proc.proc is not None and proc.proc.poll() is None:
+                os.kill(proc.proc.pid, signal.SIGCONT)  # a test that failed while it was paused
+            proc.close()
+
+
+@pytest.fixture
+def two_processes(tmp_path: Path, pg_url: str) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
+    with running_pair(tmp_path, pg_url) as pair:
+        yield pair
 
 
 def test_two_processes_serve_one_config_and_agree_on_sticky_arms(

@@ -1,18 +1,21 @@
 """The abrouter's store lost at run time (issue #16): health NOT_SERVING and UNAVAILABLE naming the store (never
 the password), nothing acknowledged that did not commit, memory consistent with the store, and service resumes
-by itself when the store is back; a write refused for a real reason still stops the router (fail-stop).
+by itself when the store is back. A write refused for a real reason (a constraint) still stops the router:
+tests/test_abrouter_failstop.py.
 
 * which failures mean "the store is away" (:func:`services.abrouter.router.store_away`), on real errors of both
   backends: a refused connection, a server shut down, a pool timeout and a file locked by another process count;
-  a constraint does not;
+  a constraint or a bad statement does not;
 * two real router processes on a real PostgreSQL server of this module's own (stopping the session's shared
   server would cut the other tests' databases): logged Assigns under load, the server stopped, both replicas
-  NOT_SERVING and every call UNAVAILABLE, the server started, both SERVING again without a restart, every
-  acknowledged exposure in the store and in both replicas' memory, a change through one replica served by the
-  other again;
-* SQLite: a real router process whose file another process holds locked (``BEGIN EXCLUSIVE``, as a backup tool
-  or a second writer would) past the busy timeout: the same behaviour. An unwritable file is not used: the
-  tests run as root, whom file modes do not stop, so it would test nothing.
+  NOT_SERVING and every call UNAVAILABLE (a live exposure stream ends UNAVAILABLE), the server started, both
+  SERVING again without a restart, every acknowledged exposure in the store and in both replicas' memory, a
+  change through either replica served by the other again;
+* SQLite: a real router process whose file another connection holds locked (``BEGIN EXCLUSIVE``, as a backup
+  tool or a second writer would) past the busy timeout: the same behaviour. An unwritable file is not used: the
+  tests run as root, whom file modes do not stop, so it would test nothing;
+* one core: what a config write, an Assign and a create refused while the store is away leave in memory at that
+  moment (nothing), before any reload.
 """
 
 from __future__ import annotations
@@ -198,6 +201,17 @@ def test_store_lost_at_run_time_then_back_on_postgresql(tmp_path: Path, own_post
         stub_a.CreateExperiment(pb.CreateExperimentRequest(spec=pb_spec("k")))
         wait_for("b serves 'k'", lambda: weights_of(stub_b, "k") == [0.5, 0.5])
         hammer = Hammer(stub_a, "k")
+        watch_ended: list[grpc.StatusCode] = []
+
+        def watch() -> None:
+            try:
+                for _ in stub_b.WatchExposures(pb.WatchExposuresRequest(experiment_key="k"), timeout=WAIT_S * 2):
+                    pass
+            except grpc.RpcError as err:
+                watch_ended.append(err.code())
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
         try:
             wait_for("100 acknowledged exposures", lambda: len(hammer.acknowledged) >= 100)
             own_postgres.stop("fast")
@@ -222,6 +236,8 @@ def test_store_lost_at_run_time_then_back_on_postgresql(tmp_path: Path, own_post
                         )
                     )
                 assert metrics.value.code() == grpc.StatusCode.UNAVAILABLE
+                wait_for("the live exposure stream ended", lambda: bool(watch_ended))
+                assert watch_ended == [grpc.StatusCode.UNAVAILABLE]
                 refused_while_away = len(hammer.refused)
                 wait_for("Assigns refused while the store is away", lambda: len(hammer.refused) > refused_while_away)
             finally:
@@ -232,6 +248,7 @@ def test_store_lost_at_run_time_then_back_on_postgresql(tmp_path: Path, own_post
             wait_for("Assigns acknowledged again", lambda: len(hammer.acknowledged) > acknowledged_before + 50)
         finally:
             hammer.stop()
+            watcher.join(timeout=WAIT_S * 2)
         assert a.lives == 1 and b.lives == 1 and a.proc is not None and a.proc.poll() is None
         assert {code for code in hammer.refused.values()} == {grpc.StatusCode.UNAVAILABLE}, hammer.details[:3]
         assert all(PASSWORD not in d for d in hammer.details)

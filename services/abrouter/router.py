@@ -537,7 +537,7 @@ class Router:
             return
         with self.lock:
             undo()
-            with self._store_reads("the experiment's stored version"):
+            with self.store_reads("the experiment's stored version"):
                 self._sync_key(exp.key)
         raise Aborted(
             f"experiment '{exp.key}': version {exp.version} was written first by another replica (concurrent "
@@ -701,11 +701,11 @@ class Router:
         """(Under the lock.) On a shared store, judge a change against the newest stored version (another
         replica may have changed the experiment since this one heard of it)."""
         if self.store is not None and self.store.shared:
-            with self._store_reads("the experiment's stored version"):
+            with self.store_reads("the experiment's stored version"):
                 self._sync_key(key)
 
     @contextmanager
-    def _store_reads(self, what: str) -> Iterator[None]:
+    def store_reads(self, what: str) -> Iterator[None]:
         """A read from the shared store that a call depends on: a store that cannot answer is UNAVAILABLE
         (the call changed nothing), never an unknown error."""
         try:
@@ -833,7 +833,8 @@ class Router:
             self._get(key)
         if self.store is None:
             raise FailedPrecondition("history needs the durable store")
-        return self.store.load_revisions(key)
+        with self.store_reads("the experiment's revisions"):
+            return self.store.load_revisions(key)
 
     # -- assignment ----------------------------------------------------------------------------------------------
 
@@ -942,7 +943,7 @@ class Router:
         if arm is None and value in st.pending_sticky:
             arm = st.pending_sticky[value][0]
         if arm is None and self.store is not None and (self.store.shared or st.sticky.evicted):
-            with self._store_reads(f"the sticky arm of unit '{value}'"):
+            with self.store_reads(f"the sticky arm of unit '{value}'"):
                 arm = self.store.sticky_arm(st.experiment.key, value)
             if arm is not None:
                 st.sticky[value] = arm
@@ -983,7 +984,7 @@ class Router:
                 )
             sticky = st.sticky.as_dict() if exp.spec.sticky_bucketing else None
             if sticky is not None and self.store is not None and (self.store.shared or st.sticky.evicted):
-                with self._store_reads("the experiment's sticky arms"):
+                with self.store_reads("the experiment's sticky arms"):
                     sticky = {**self.store.sticky_arms(key), **sticky}
         arms, buckets = assign_batch(exp, unit_ids, self.clock(), sticky)
         return arms, buckets, exp
@@ -1121,7 +1122,7 @@ class Router:
             raise InvalidArgument("observations", f"must hold 1 to {MAX_OBSERVATIONS} observations")
         seen = self.live.get(key) if self._tails else None  # shared store: another replica may have exposed
         if seen is not None and any(not o.pre_period and seen.table.arm_of(o.unit_id) is None for o in observations):
-            with self._store_reads("other replicas' exposures"):
+            with self.store_reads("other replicas' exposures"):
                 self.take_in_others()  # ... a unit not taken in here yet
         now = self.clock()
         with self.lock:

@@ -540,7 +540,8 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
             raise FailedPrecondition("the live exposure stream needs the durable store")
         stream = ExposureStream(router.store, request.after_exposure_id, request.experiment_key)
         while context.is_active() and not self.draining.is_set():
-            batch = stream.next_batch()
+            with router.store_reads("the exposure log"):  # the store away ends the stream UNAVAILABLE
+                batch = stream.next_batch()
             if batch:
                 yield pb.WatchExposuresResponse(exposures=[exposure_to_pb(e) for e in batch])
             else:
