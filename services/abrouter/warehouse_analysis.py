@@ -1,0 +1,220 @@
+"""Analysis out of core (issue #20 item 2, second part): the metric analysis (bootstrap CI, CUPED, novelty,
+heavy users, position, correction factors: ``services.abrouter.analysis``) fed from the Parquet exposure table
+and an observation table with DuckDB, instead of the router's in-memory logs.
+
+DuckDB does the part that grows with the observations: per metric it joins them to each unit's first
+exposure and sums them per unit and day since that exposure (``GROUP BY``), and sums the pre-period values per
+unit. The estimators need one value per unit (the bootstrap resamples units), so the units' arms, first
+exposure times and covariates come back as columns (one row per unit, as the in-memory path holds them); the
+observations do not. Those per-(unit, day) sums are handed to :func:`services.abrouter.analysis.analyze_experiment`
+as if each were one observation: a unit's sum over its days and a day's sum per unit are the same numbers, so
+every estimate is the in-memory one (tests compare both paths). A metric whose per-unit value is a *mean*
+(declared kind) gets its observations one by one (a mean of daily sums is not the mean of the observations).
+
+Sums in another order can differ in the last bit from the in-memory ones (floating point); every statistic
+then agrees to ~1e-12 relative.
+
+The observation table (:data:`OBSERVATION_SCHEMA`): ``<root>/experiment=<key>/part-<first id>-<last id>.parquet``,
+written by :func:`export_observations` from a router store, idempotent by observation id (a second call writes
+only the observations numbered above the highest id already in the table).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+
+import duckdb
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from guardmesh.errors import FailedPrecondition, InvalidArgument
+from services.abrouter import analysis as analysis_mod
+from services.abrouter.experiments import Experiment
+from services.abrouter.export import ExportCorrupt
+from services.abrouter.store import ObservationRow, RouterStore
+from services.abrouter.warehouse import _connection, _literal, exposure_columns
+
+#: The observation table's columns and what each means (carried in each file's schema as field metadata).
+OBSERVATION_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "observation_id": (pa.int64(), "the store's row number of the observation: unique per store, rising"),
+    "time": (pa.timestamp("us", tz="UTC"), "when the observation was made (the caller's timestamp, else the router's)"),
+    "experiment": (pa.string(), "experiment key (also the partition folder experiment=<key>)"),
+    "unit": (pa.string(), "the unit observed (the exposure table's unit)"),
+    "metric": (pa.string(), "metric name"),
+    "value": (pa.float64(), "the observed value"),
+    "pre": (pa.bool_(), "true: a pre-period value (CUPED covariate), summed per unit; false: an outcome"),
+}
+OBSERVATION_SCHEMA = pa.schema(
+    [pa.field(name, kind, nullable=False, metadata={"doc": doc}) for name, (kind, doc) in OBSERVATION_COLUMNS.items()]
+)
+
+
+def observation_files(url: str) -> list[str]:
+    """Every complete file of the observation table at ``url`` (sorted)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    return sorted(p for p in fs.glob(f"{root}/experiment=*/*.parquet") if not p.rsplit("/", 1)[-1].startswith("."))
+
+
+def _last_exported(url: str) -> int:
+    files = observation_files(url)
+    if not files:
+        return 0
+    with _connection() as con:
+        listed = ", ".join(_literal(f) for f in files)
+        try:
+            row = con.sql(f"SELECT max(observation_id) FROM read_parquet([{listed}])").fetchall()[0]
+        except duckdb.Error as exc:
+            raise ExportCorrupt(f"observation table at {url}: {exc}") from exc
+    return int(row[0]) if row[0] is not None else 0
+
+
+def export_observations(store: RouterStore, url: str) -> int:
+    """Write the store's observations numbered above the table's highest id to the observation table at
+    ``url`` (one file per experiment, each complete before it takes its name); the number written."""
+    after = _last_exported(url)
+    parts: dict[str, list[tuple[int, ObservationRow]]] = defaultdict(list)
+    for n, row in store.load_numbered_observations():
+        if n > after:
+            parts[row.key].append((n, row))
+    fs, root = fsspec.core.url_to_fs(url)
+    written = 0
+    for key, part in sorted(parts.items()):
+        rows = [r for _, r in part]
+        table = pa.Table.from_arrays(
+            [
+                pa.array([n for n, _ in part], pa.int64()),
+                pa.array(np.array([round(r.at * 1_000_000) for r in rows], np.int64)).cast(
+                    pa.timestamp("us", tz="UTC")
+                ),
+                pa.array([key] * len(rows), pa.string()),
+                pa.array([r.unit for r in rows], pa.string()),
+                pa.array([r.metric for r in rows], pa.string()),
+                pa.array([r.value for r in rows], pa.float64()),
+                pa.array([bool(r.pre) for r in rows], pa.bool_()),
+            ],
+            schema=OBSERVATION_SCHEMA,
+        )
+        folder = f"{root}/experiment={key}"
+        name = f"part-{part[0][0]:020d}-{part[-1][0]:020d}.parquet"
+        fs.makedirs(folder, exist_ok=True)
+        temporary = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.inprogress"
+        with fs.open(temporary, "wb") as out:
+            pq.write_table(table, out, compression="zstd")
+        fs.mv(temporary, f"{folder}/{name}")
+        written += len(rows)
+    return written
+
+
+def analyze_table(
+    exposures_url: str,
+    observations_url: str,
+    experiment: Experiment,
+    metrics: Sequence[str] = (),
+    *,
+    position: str = "",
+    inverse_propensity: bool = False,
+    reweight_covariates: Sequence[str] = (),
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    winsor_quantile: float = 0.99,
+    seed: int = 0,
+) -> list[analysis_mod.MetricAnalysis]:
+    """The multi-metric table of ``experiment`` (every metric x every treatment arm, as ``Router.analyze``)
+    from the exposure and observation tables. ``metrics`` empty: every declared metric with an observation.
+    ``position``, ``inverse_propensity`` and ``reweight_covariates`` as in ``AnalyzeExperiment``."""
+    from services.abrouter.router import AnalysisOptions, Router  # the router's covariate rules, one place
+
+    key, spec = experiment.key, experiment.spec
+    for i, m in enumerate(metrics):
+        if m not in spec.metrics:
+            raise InvalidArgument(f"metrics[{i}]", f"'{m}' is not a metric of experiment '{key}'")
+    columns, _ = exposure_columns(exposures_url, key)
+    n_arms = len(spec.arms)
+    counts = np.bincount(columns.arms, minlength=n_arms) if len(columns) else np.zeros(n_arms, dtype=np.int64)
+    for arm, count in enumerate(counts):
+        if count == 0:
+            raise FailedPrecondition(f"arm '{spec.arms[arm].name}' of experiment '{key}' has no exposed unit")
+    options = AnalysisOptions(
+        position_covariate=position,
+        inverse_propensity=inverse_propensity,
+        reweight_covariates=tuple(reweight_covariates),
+    )
+    unit_position = Router._position(columns, position)
+    unit_weights = Router._weights(columns, options, n_arms)
+    files = [f for f in observation_files(observations_url) if f"/experiment={key}/" in f]
+    inputs = []
+    with _connection() as con:
+        con.register(
+            "units",
+            pa.table(
+                {"unit": pa.array(columns.unit_ids.tolist(), pa.string()), "at": columns.timestamps}
+            ).append_column("idx", pa.array(np.arange(len(columns)), pa.int64())),
+        )
+        where = files[0] if files else observations_url
+        listed = ", ".join(_literal(f) for f in files)
+        source = f"read_parquet([{listed}]) WHERE experiment = {_literal(key)}" if files else None
+
+        def query(sql: str) -> pa.Table:
+            try:
+                return con.sql(sql).to_arrow_table()
+            except duckdb.Error as exc:  # a corrupt or cut-short file: reported, never skipped
+                raise ExportCorrupt(f"observation table at {where}: {exc}") from exc
+
+        present = set()
+        if source is not None:
+            present = set(query(f"SELECT DISTINCT metric FROM {source}")["metric"].to_pylist())
+        wanted = list(metrics) or [m for m in spec.metrics if m in present]
+        for metric in wanted:
+            if metric not in present or source is None:
+                continue
+            aggregate = spec.kind_of(metric).aggregate
+            day = "floor(greatest(epoch_us(o.time) / 1e6 - u.at, 0.0) / 86400.0)"
+            if aggregate == "sum":  # per unit and day since its exposure: the analysis sums them again
+                sql = (
+                    f"SELECT u.idx, {day} AS day, sum(o.value) AS value FROM (SELECT * FROM {source} "
+                    f"AND metric = {_literal(metric)} AND NOT pre) o JOIN units u ON o.unit = u.unit "
+                    "GROUP BY ALL ORDER BY u.idx, day"
+                )
+            else:  # a per-unit mean: every observation
+                sql = (
+                    f"SELECT u.idx, greatest(epoch_us(o.time) / 1e6 - u.at, 0.0) / 86400.0 AS day, o.value "
+                    f"FROM (SELECT * FROM {source} AND metric = {_literal(metric)} AND NOT pre) o "
+                    "JOIN units u ON o.unit = u.unit ORDER BY o.observation_id"
+                )
+            obs = query(sql)
+            pre = query(
+                f"SELECT u.idx, sum(o.value) AS value FROM (SELECT * FROM {source} AND metric = {_literal(metric)} "
+                "AND pre) o JOIN units u ON o.unit = u.unit GROUP BY u.idx"
+            )
+            unit_pre = None
+            if pre.num_rows:
+                unit_pre = np.full(len(columns), np.nan)
+                unit_pre[pre["idx"].to_numpy()] = pre["value"].to_numpy()
+            inputs.append(
+                analysis_mod.MetricInput(
+                    metric=metric,
+                    unit_arms=columns.arms.astype(np.int64),
+                    obs_unit=obs["idx"].to_numpy(),
+                    obs_value=obs["value"].to_numpy(),
+                    obs_days=obs["day"].to_numpy(),
+                    unit_pre=unit_pre,
+                    unit_position=unit_position,
+                    unit_weights=unit_weights,
+                    aggregate=aggregate,
+                )
+            )
+    try:
+        return analysis_mod.analyze_experiment(
+            inputs,
+            n_arms,
+            confidence=confidence,
+            n_resamples=n_resamples,
+            winsor_quantile=winsor_quantile,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise InvalidArgument("analysis", str(exc)) from None

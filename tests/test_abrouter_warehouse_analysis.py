@@ -1,0 +1,168 @@
+"""Analysis out of core (issue #20 item 2): the metric analysis fed from the Parquet exposure and observation
+tables with DuckDB (per-unit-and-day sums GROUP BY in DuckDB) gives the router's in-memory analysis on the same
+data: an EVENT metric (per-unit sum) with pre-period values (CUPED), a CONTINUOUS one (per-unit mean), position
+strata, inverse-propensity weights, several days (novelty trend), heavy users; the bootstrap CI with the same
+seed over the same unit order.
+
+Tolerance: the per-unit sums are formed in another order (DuckDB's GROUP BY against numpy's bincount), so a
+value may differ in its last bit; every estimate is a smooth function of those values (the bootstrap draws the
+same units with the same seed: its resampling depends on the unit order and on which values are equal, both
+kept), so rel 1e-9 is many orders above that noise and far below any difference a wrong join, a lost or doubled
+observation or a wrong day would make (tested below: dropping one observation moves the effect)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guardmesh.config import ABRouterSettings
+from services.abrouter.experiments import ArmSpec, ExperimentSpec
+from services.abrouter.export import ExposureExporter
+from services.abrouter.metrics import MetricKind
+from services.abrouter.router import AnalysisOptions, Observation, Router
+from services.abrouter.store import RouterStore
+from services.abrouter.warehouse_analysis import analyze_table, export_observations
+
+SPEC = ExperimentSpec(
+    key="rank",
+    arms=(ArmSpec("control", 0.5), ArmSpec("new", 0.3), ArmSpec("newer", 0.2)),
+    metrics=("clicks", "dwell"),
+    metric_kinds={"dwell": MetricKind.CONTINUOUS},
+)
+START = 1_760_000_000.0
+
+
+def populated(tmp_path: Path) -> Router:
+    router = Router(ABRouterSettings(), RouterStore(tmp_path / "r.db", "NORMAL"))
+    router.create(SPEC)
+    rng = np.random.default_rng(11)
+    observations = []
+    for i in range(2600):  # control + new above SCIPY_BOOTSTRAP_MAX_UNITS, control + newer below
+        at = START + float(rng.uniform(0, 3 * 86_400))
+        unit = f"u{i}"
+        router.assign(unit, {}, ["rank"], log_exposure=True, categorical={"position": str(i % 4)}, timestamp=at)
+        heavy = 25.0 if i % 97 == 0 else 1.0
+        observations.append(Observation(unit, "clicks", float(rng.poisson(2)), pre_period=True, timestamp=at - 86_400))
+        for _ in range(int(rng.integers(0, 6))):
+            later = at + float(rng.uniform(0, 12 * 86_400))
+            observations.append(Observation(unit, "clicks", heavy * float(rng.poisson(1.5)), timestamp=later))
+            observations.append(Observation(unit, "dwell", float(rng.gamma(2.0, 7.3)), timestamp=later))
+    for lo in range(0, len(observations), 1000):
+        router.record_metrics("rank", observations[lo : lo + 1000])
+    return router
+
+
+def close(a: object, b: object, where: str) -> None:
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a):
+            assert math.isnan(b), where
+        else:
+            assert a == pytest.approx(b, rel=1e-9, abs=1e-12), where
+    elif dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+        for f in dataclasses.fields(a):
+            close(getattr(a, f.name), getattr(b, f.name), f"{where}.{f.name}")
+    elif isinstance(a, tuple) and isinstance(b, tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            close(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"position_covariate": "position"},
+        {"inverse_propensity": True},
+    ],
+)
+def test_the_table_analysis_gives_the_in_memory_answers(tmp_path: Path, options: dict[str, object]) -> None:
+    router = populated(tmp_path)
+    assert router.store is not None
+    try:
+        exposures, observations = str(tmp_path / "exposures"), str(tmp_path / "observations")
+        exporter = ExposureExporter(router.store, exposures)
+        while exporter.export_once():
+            pass
+        assert export_observations(router.store, observations) > 0
+        assert export_observations(router.store, observations) == 0  # idempotent: nothing new
+        opts = AnalysisOptions(n_resamples=300, seed=5, **options)  # type: ignore[arg-type]
+        in_memory, exp, _ = router.analyze("rank", opts)
+        from_table = analyze_table(
+            exposures,
+            observations,
+            exp,
+            position=opts.position_covariate,
+            inverse_propensity=opts.inverse_propensity,
+            n_resamples=300,
+            seed=5,
+        )
+        assert [(m.metric, m.treatment) for m in from_table] == [(m.metric, m.treatment) for m in in_memory]
+        assert len(in_memory) == 4
+        clicks = in_memory[0]
+        assert clicks.cuped_effect is not None and len(clicks.daily) >= 3 and clicks.ci is not None
+        assert "scipy" not in clicks.ci_method and "scipy" in in_memory[1].ci_method  # both bootstrap paths
+        for a, b in zip(from_table, in_memory, strict=True):
+            close(a, b, f"{a.metric}/{a.treatment}")
+    finally:
+        router.close()
+        router.store.close()
+
+
+def test_a_lost_observation_shows_in_the_table_analysis(tmp_path: Path) -> None:
+    """The comparison above can fail: one observation fewer in the table moves the estimates."""
+    router = populated(tmp_path)
+    assert router.store is not None
+    try:
+        exposures, observations = str(tmp_path / "exposures"), str(tmp_path / "observations")
+        exporter = ExposureExporter(router.store, exposures)
+        while exporter.export_once():
+            pass
+        export_observations(router.store, observations)
+        in_memory, exp, _ = router.analyze("rank", AnalysisOptions(n_resamples=100, seed=5))
+        import duckdb
+
+        from services.abrouter.warehouse_analysis import observation_files
+
+        (path,) = observation_files(observations)
+        con = duckdb.connect()
+        con.execute(
+            f"COPY (SELECT * FROM read_parquet('{path}') WHERE observation_id <> "
+            f"(SELECT max(observation_id) FROM read_parquet('{path}') "
+            "WHERE metric = 'clicks' AND NOT pre AND value > 0)) "
+            f"TO '{path}.tmp' (FORMAT parquet)"
+        )
+        Path(f"{path}.tmp").rename(path)
+        from_table = analyze_table(exposures, observations, exp, n_resamples=100, seed=5)
+        assert from_table[0].effect != pytest.approx(in_memory[0].effect, rel=1e-9) or from_table[
+            1
+        ].effect != pytest.approx(in_memory[1].effect, rel=1e-9)
+    finally:
+        router.close()
+        router.store.close()
+
+
+def test_a_corrupt_observation_file_fails_the_table_analysis_naming_the_table(tmp_path: Path) -> None:
+    from services.abrouter.export import ExportCorrupt
+    from services.abrouter.warehouse_analysis import observation_files
+
+    router = populated(tmp_path)
+    assert router.store is not None
+    try:
+        exposures, observations = str(tmp_path / "exposures"), str(tmp_path / "observations")
+        exporter = ExposureExporter(router.store, exposures)
+        while exporter.export_once():
+            pass
+        export_observations(router.store, observations)
+        (path,) = observation_files(observations)
+        Path(path).write_bytes(Path(path).read_bytes()[:200])
+        with pytest.raises(ExportCorrupt, match="observation table"):
+            analyze_table(exposures, observations, router.live["rank"].experiment, n_resamples=100)
+    finally:
+        router.close()
+        router.store.close()
