@@ -357,14 +357,29 @@ class _PostgresBackend:
         import psycopg
 
         if self._committer is None or self._committer.closed or self._committer.broken:
-            self._committer = psycopg.connect(self.target.conninfo, connect_timeout=CONNECT_TIMEOUT_S)
+            # autocommit: the transaction is the explicit BEGIN ... COMMIT below, not psycopg's implicit one
+            self._committer = psycopg.connect(self.target.conninfo, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
         conn = self._committer
         try:
-            with conn.transaction(), conn.cursor() as cursor:
+            # BEGIN, the batch and COMMIT travel in one pipeline: one round trip per group commit where
+            # psycopg's transaction() takes three (BEGIN, the statements, COMMIT each wait for their answer).
+            # A failed statement makes the server skip the rest up to the sync, COMMIT included.
+            with conn.pipeline(), conn.cursor() as cursor:
+                cursor.execute("BEGIN")
                 yield _PgTransaction(cursor)
+                commit = conn.cursor()
+                commit.execute("COMMIT")
+            # A COMMIT of a transaction that failed answers ROLLBACK, not an error: only COMMIT acknowledges.
+            if commit.statusmessage != "COMMIT":
+                raise StoreFailure(f"{self.target.where}: transaction not committed ({commit.statusmessage})")
         except BaseException:
             if conn.broken:  # the server went away: the next batch connects again
                 conn.close()
+            elif not conn.closed:
+                try:
+                    conn.execute("ROLLBACK")  # out of the failed or unfinished transaction (a no-op if none)
+                except psycopg.Error:
+                    conn.close()  # the next batch connects again
             raise
 
     def query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
@@ -539,7 +554,8 @@ class GroupCommitLog:
                 with self.backend.transaction(committer=True) as tx:
                     # The fence check travels with the batch (one round trip on PostgreSQL); a stale epoch
                     # raises before COMMIT, so none of the batch is kept.
-                    with tx.pipeline():
+                    # A fence's answer is needed before COMMIT: only a fenced batch waits for its statements.
+                    with tx.pipeline() if fence is not None else nullcontext():
                         fenced = None if fence is None else _fence_check(tx, *fence)
                         for statements, _, _ in batch:
                             for sql, params in statements:
