@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+
+T = TypeVar("T")
 
 #: A handler's behaviour: ``(request or request iterator, context) -> response or response iterator``.
 Behaviour = Callable[[Any, grpc.ServicerContext], Any]
@@ -34,25 +36,73 @@ def wrap_behaviour(
     return handler
 
 
+def within(
+    behaviour: Behaviour,
+    streaming: bool,
+    enter: Callable[[grpc.ServicerContext], T | None],
+    leave: Callable[[T], None],
+) -> Behaviour:
+    """``behaviour`` run between ``enter(context)`` and ``leave(token)`` with the token ``enter`` returned (a
+    context variable set, a trace context attached); ``None``: nothing to leave. A streaming response keeps
+    the token until its last message is sent."""
+    if streaming:
+
+        def stream(request: Any, context: grpc.ServicerContext) -> Any:
+            token = enter(context)
+            try:
+                yield from behaviour(request, context)
+            finally:
+                if token is not None:
+                    leave(token)
+
+        return stream
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        token = enter(context)
+        try:
+            return behaviour(request, context)
+        finally:
+            if token is not None:
+                leave(token)
+
+    return unary
+
+
 class BehaviourInterceptor(grpc.ServerInterceptor, ABC):
     """A server interceptor that wraps the behaviour of every resolved handler with :meth:`wrap`.
 
-    A method the server does not know (no handler) passes through as ``None``.
+    A method the server does not know (no handler) passes through as ``None``. The wrapped handler is built
+    once per method and reused while the method resolves to the same handler (a server's handlers are fixed
+    once it starts, and the runtime's other interceptors reuse theirs too): a call then costs one dictionary
+    look-up here, not a new handler and closures. The cache holds one entry per method that resolved, so it is
+    bounded by the methods the server serves.
     """
+
+    _wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]]
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        """Resolve the handler and wrap its behaviour for the called method."""
+        """Resolve the handler and wrap its behaviour for the called method (once per method)."""
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
-        return wrap_behaviour(handler, lambda fn, streaming: self.wrap(fn, streaming, method))
+        try:
+            cache = self._wrapped
+        except AttributeError:  # subclasses need not call a base __init__
+            cache = self._wrapped = {}
+        cached = cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap_behaviour(handler, lambda fn, streaming: self.wrap(fn, streaming, method))
+        cache[method] = (handler, wrapped)
+        return wrapped
 
     @abstractmethod
     def wrap(self, behaviour: Behaviour, streaming: bool, method: str) -> Behaviour:
         """``behaviour`` of ``method`` (``/package.Service/Method``) wrapped; ``streaming``: the response is a
-        stream."""
+        stream. Called once per method (and again only if the method's handler changes): the returned
+        behaviour serves every call, so it must keep no per-call state outside its own frame."""

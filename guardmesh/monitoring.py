@@ -188,20 +188,28 @@ class RpcServerMetrics(BehaviourInterceptor):
     def wrap(self, behaviour: Behaviour, streaming: bool, method: str) -> Behaviour:
         """Wrap the handler's behaviour so that its duration and final status are recorded."""
         service, _, name = method.lstrip("/").partition("/")
-        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
-        return (self._stream if streaming else self._unary)(behaviour, attributes)
+        # Built once per method: a call picks its attribute set by status code instead of building one.
+        base = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        by_code = {code: {**base, "rpc.grpc.status_code": code.value[0]} for code in grpc.StatusCode}
+        return (self._stream if streaming else self._unary)(behaviour, by_code)
 
-    def _record(self, began: float, context: grpc.ServicerContext, failed: bool, attributes: dict[str, str]) -> None:
+    def _record(
+        self,
+        began: float,
+        context: grpc.ServicerContext,
+        failed: bool,
+        by_code: dict[grpc.StatusCode, dict[str, str | int]],
+    ) -> None:
         code = context.code()  # type: ignore[attr-defined]
         if code is None:  # no status set: the behaviour returned (OK), raised (UNKNOWN) or its caller left
             code = grpc.StatusCode.OK if not failed else grpc.StatusCode.UNKNOWN
             if failed and not context.is_active():
                 code = grpc.StatusCode.CANCELLED
-        self._duration.record(
-            (time.perf_counter() - began) * 1000.0, {**attributes, "rpc.grpc.status_code": code.value[0]}
-        )
+        self._duration.record((time.perf_counter() - began) * 1000.0, by_code[code])
 
-    def _unary(self, fn: Callable[[Any, grpc.ServicerContext], Any], attributes: dict[str, str]) -> Any:
+    def _unary(
+        self, fn: Callable[[Any, grpc.ServicerContext], Any], by_code: dict[grpc.StatusCode, dict[str, str | int]]
+    ) -> Any:
         def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
             began = time.perf_counter()
             failed = True
@@ -210,11 +218,15 @@ class RpcServerMetrics(BehaviourInterceptor):
                 failed = False
                 return response
             finally:
-                self._record(began, context, failed, attributes)
+                self._record(began, context, failed, by_code)
 
         return behaviour
 
-    def _stream(self, fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]], attributes: dict[str, str]) -> Any:
+    def _stream(
+        self,
+        fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+        by_code: dict[grpc.StatusCode, dict[str, str | int]],
+    ) -> Any:
         def behaviour(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             began = time.perf_counter()
             failed = True
@@ -222,6 +234,6 @@ class RpcServerMetrics(BehaviourInterceptor):
                 yield from fn(request, context)
                 failed = False
             finally:
-                self._record(began, context, failed, attributes)
+                self._record(began, context, failed, by_code)
 
         return behaviour

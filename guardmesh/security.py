@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from guardmesh.config import ConfigError, MeshConfig
-from guardmesh.handlers import Behaviour, BehaviourInterceptor
+from guardmesh.handlers import Behaviour, BehaviourInterceptor, within
 
 log = logging.getLogger(__name__)
 
@@ -292,25 +292,10 @@ def _guard(
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         return None
 
-    if streaming:
+    def enter(context: grpc.ServicerContext) -> contextvars.Token[Principal]:
+        return _current.set(allowed(context) or ANONYMOUS)
 
-        def stream_handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            token = _current.set(allowed(context) or ANONYMOUS)
-            try:
-                yield from fn(request, context)
-            finally:
-                _current.reset(token)
-
-        return stream_handler
-
-    def unary_handler(request: Any, context: grpc.ServicerContext) -> Any:
-        token = _current.set(allowed(context) or ANONYMOUS)
-        try:
-            return fn(request, context)
-        finally:
-            _current.reset(token)
-
-    return unary_handler
+    return within(fn, streaming, enter, _current.reset)
 
 
 class AuthorizationInterceptor(BehaviourInterceptor):

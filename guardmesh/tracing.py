@@ -15,19 +15,46 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from contextvars import Token
 from pathlib import Path
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.grpc import client_interceptor, filters, server_interceptor
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+from guardmesh.handlers import Behaviour, BehaviourInterceptor, within
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _provider: TracerProvider | None = None
 _meter_provider: object | None = None
+#: Methods never traced (load balancers and discovery call them all the time).
+HEALTH_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+
+class MeshTracerProvider(TracerProvider):
+    """The provider :func:`setup_tracing` creates: it knows whether any span processor was added, so that the
+    server interceptor creates spans only when they go somewhere (an exporter, or a processor a test or an
+    application adds later)."""
+
+    recording = False
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        """Add ``span_processor``; from now on servers record spans."""
+        super().add_span_processor(span_processor)
+        self.recording = True
+
+
+def spans_recorded(provider: TracerProvider | None = None) -> bool:
+    """Whether spans of ``provider`` (default the process's) would reach a processor: always with a provider
+    the application set up itself."""
+    provider = tracer_provider() if provider is None else provider
+    return not isinstance(provider, MeshTracerProvider) or provider.recording
 
 
 def setup_tracing(
@@ -49,7 +76,7 @@ def setup_tracing(
             _provider = existing
             return existing
         name = service_name or env.get("OTEL_SERVICE_NAME") or _script_name()
-        provider = TracerProvider(resource=Resource.create({"service.name": name}))
+        provider = MeshTracerProvider(resource=Resource.create({"service.name": name}))
         for exporter in span_exporters(otlp_endpoint, env):
             provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
@@ -158,9 +185,49 @@ def shutdown_tracing() -> None:
         _meter_provider.shutdown()  # type: ignore[attr-defined]
 
 
+class ServerTracing(BehaviourInterceptor):
+    """Server spans, only when they are recorded somewhere; health checks never.
+
+    While a span processor is set (:func:`spans_recorded`), every call but a health check goes through
+    ``opentelemetry-instrumentation-grpc``'s server interceptor: a SERVER span parented by the caller's
+    ``traceparent``, with its status code. Without one, spans would be built and dropped, the largest part of
+    what the interceptors cost a call (``python -m bench.runtime --profile runtime_echo``), so none is built: a
+    call that carries trace context runs with that context attached instead, so that the calls it makes and
+    the lines it logs stay in the caller's trace.
+    """
+
+    def __init__(self, provider: TracerProvider | None = None) -> None:
+        self._provider = tracer_provider() if provider is None else provider
+        self._spans = server_interceptor(tracer_provider=self._provider, filter_=None)
+        self._fields = frozenset(propagate.get_global_textmap().fields)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """A span per call while spans are recorded; the caller's context attached otherwise."""
+        if handler_call_details.method in HEALTH_METHODS:
+            return continuation(handler_call_details)
+        if spans_recorded(self._provider):
+            return self._spans.intercept_service(continuation, handler_call_details)  # type: ignore[no-any-return]
+        return super().intercept_service(continuation, handler_call_details)
+
+    def wrap(self, behaviour: Behaviour, streaming: bool, method: str) -> Behaviour:
+        """``behaviour`` run in the caller's trace context when its metadata carries one."""
+        return within(behaviour, streaming, self._attach_callers_context, otel_context.detach)
+
+    def _attach_callers_context(self, context: grpc.ServicerContext) -> Token[Context] | None:
+        metadata = context.invocation_metadata()
+        if not any(key in self._fields for key, _ in metadata):
+            return None
+        return otel_context.attach(propagate.extract({key: value for key, value in metadata if isinstance(value, str)}))
+
+
 def server_tracing_interceptor() -> grpc.ServerInterceptor:
-    """Server interceptor: a SERVER span per RPC but health checks, parented by the caller's traceparent."""
-    return server_interceptor(tracer_provider=tracer_provider(), filter_=filters.negate(filters.health_check()))
+    """Server interceptor: a SERVER span per RPC but health checks, parented by the caller's traceparent, while
+    spans are recorded (:class:`ServerTracing`)."""
+    return ServerTracing()
 
 
 def client_tracing_interceptor() -> object:

@@ -197,22 +197,24 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
             explain=request.explain,
             shadow=request.shadow,
         )
-        d = outcome.decision
-        attributes: dict[str, str | bool | float] = {
-            "guardmesh.model": request.model,
-            "guardmesh.model_version": outcome.version,
-            "guardmesh.decision_path": d.path,
-            "guardmesh.decision": d.positive,
-            "guardmesh.drift_score": d.drift_score,
-        }
-        if d.threshold is not None:
-            attributes["guardmesh.threshold"] = d.threshold
-        if request.experiment:
-            attributes["guardmesh.experiment"] = request.experiment
-            attributes["guardmesh.arm"] = request.arm
-        if request.shadow:
-            attributes["guardmesh.shadow"] = True
-        trace.get_current_span().set_attributes(attributes)  # one call: the span takes its lock once
+        span = trace.get_current_span()
+        if span.is_recording():  # no span is built when none is exported: then its attributes are not either
+            d = outcome.decision
+            attributes: dict[str, str | bool | float] = {
+                "guardmesh.model": request.model,
+                "guardmesh.model_version": outcome.version,
+                "guardmesh.decision_path": d.path,
+                "guardmesh.decision": d.positive,
+                "guardmesh.drift_score": d.drift_score,
+            }
+            if d.threshold is not None:
+                attributes["guardmesh.threshold"] = d.threshold
+            if request.experiment:
+                attributes["guardmesh.experiment"] = request.experiment
+                attributes["guardmesh.arm"] = request.arm
+            if request.shadow:
+                attributes["guardmesh.shadow"] = True
+            span.set_attributes(attributes)  # one call: the span takes its lock once
         return outcome_to_pb(outcome)
 
     def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.ServicerContext) -> pb.ScoreBatchResponse:

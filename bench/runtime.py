@@ -1,0 +1,393 @@
+"""The per-request cost of the service runtime (issue #22): every service's server, against the bare echo.
+
+Each target is a server in its own process, driven by the scorer benchmark's load generator (separate
+processes, grpc.aio, pre-serialised requests, ``--clients`` concurrent callers); per cell: throughput, p50,
+p99 and the server's CPU per request (/proc). Targets:
+
+* ``echo``: the bare grpcio echo (``bench.paramserver --echo-server``: a generic handler on raw bytes);
+* ``runtime_echo``: the same echo handler served by :func:`guardmesh.runtime.start_service` (health,
+  reflection, the metrics, drain-gate, tracing and domain-error interceptors): what every service pays;
+* ``Assign`` (abrouter, no exposure logged), ``PushPull`` (paramserver, asynchronous model, a 16x16 and a 16
+  tensor), ``SubmitJob`` (scheduler, 1 shared GPU, 64 nodes of 8 cards): each service's main call;
+* ``Score`` (scorer, MLP 100-256-256, batching on).
+
+With ``--before DIR`` (a copy of the repository before a change, its generated code and native build
+included) every guardmesh target also runs from that tree (``<target>@before``), beside this one, in the
+same run; rounds are interleaved (the order rotates every round) and the median of the rounds is reported.
+
+``--profile TARGET`` instead runs one guardmesh target under yappi (CPU clock, every thread) while the load
+generator drives it, and prints where the server's CPU went: the functions with the most own time, and the
+inclusive time of the runtime's interceptors.
+
+    python -m bench.runtime [--quick] [--seconds 3] [--rounds 3] [--clients 64] [--before DIR]
+    python -m bench.runtime --profile runtime_echo|Score|Assign|PushPull|SubmitJob [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+THIS = Path(__file__).resolve()
+REPO = THIS.parent.parent
+#: The runtime echo's proto service name (a generic handler: it is in no descriptor pool).
+RUNTIME_ECHO_SERVICE = "bench.RuntimeEcho"
+#: Target -> (service started, method called).
+TARGETS = {
+    "runtime_echo": ("runtime_echo", f"/{RUNTIME_ECHO_SERVICE}/Unary"),
+    "Assign": ("abrouter", "/guardmesh.v1.ABRouterService/Assign"),
+    "PushPull": ("paramserver", "/guardmesh.v1.ParamServerService/PushPull"),
+    "SubmitJob": ("scheduler", "/guardmesh.v1.SchedulerService/SubmitJob"),
+    "Score": ("scorer", "/guardmesh.v1.ScorerService/Score"),
+}
+#: Requests per cell's payload list: each client cycles through its own share (unique job ids and push steps).
+PAYLOADS = 8192
+NODES, GPUS, GPU_MIB, JOB_MIB = 64, 8, 81_920, 1024
+
+
+# -- the server side: run as a script from a tree (``python .../bench/runtime.py --serve NAME``) ---------------
+
+
+def _echo(request: bytes, _context: grpc.ServicerContext) -> bytes:
+    return request
+
+
+class _EchoBinding:
+    """The bare echo's handler, as a runtime binding."""
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        handlers = {"Unary": grpc.unary_unary_rpc_method_handler(_echo)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RUNTIME_ECHO_SERVICE, handlers),))
+
+    def start(self) -> None:
+        """Nothing to load."""
+
+    def drain(self) -> None:
+        """No streams."""
+
+    def close(self) -> None:
+        """Nothing held."""
+
+
+def serve(name: str, port: int, profile: str) -> int:
+    """Run ``name`` (a service or ``runtime_echo``) from the guardmesh on sys.path until SIGTERM; with
+    ``profile``, under yappi, its statistics written there (pstat) on the way out."""
+    from guardmesh.config import load_config
+    from guardmesh.logs import setup_logging
+    from guardmesh.runtime import ServiceDefinition, load_definition, start_service
+
+    config = load_config()
+    setup_logging(name, config.logging.level, config.logging.format)
+    if name == "runtime_echo":
+        definition = ServiceDefinition("runtime_echo", (RUNTIME_ECHO_SERVICE,), lambda _config: _EchoBinding())
+    else:
+        definition = load_definition(name)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if profile:
+        import yappi
+
+        yappi.set_clock_type("cpu")
+        yappi.start(builtins=True)  # every thread, those the server starts later included
+    running = start_service(definition, config, port=port, host="127.0.0.1")
+    stop.wait()
+    if profile:
+        yappi.stop()
+        yappi.get_func_stats().save(profile, type="pstat")
+    running.stop(grace=5.0)
+    return 0
+
+
+# -- the driving side ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def server(name: str, tree: Path, profile: str = "") -> Iterator[tuple[str, int]]:
+    """``name`` from ``tree`` on a free port, in its own process; yield (address, pid) once it serves."""
+    from bench.processes import clean_env, free_port, stop, wait_serving
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix=f"guardmesh-bench-runtime-{name}-") as tmp:
+        env = clean_env(tmp, GUARDMESH__SCORER__DRIFT_EVERY="1000000")
+        env["PYTHONPATH"] = str(tree)  # this tree's guardmesh and services, not the editable install's
+        for service in ("scheduler", "abrouter"):
+            env[f"GUARDMESH__{service.upper()}__SQLITE_SYNCHRONOUS"] = "NORMAL"
+        log = Path(tmp) / "server.log"
+        cmd = [sys.executable, str(THIS), "--serve", name, "--port", str(port), "--profile-out", profile]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=out, stderr=out)
+        try:
+            wait_serving(f"127.0.0.1:{port}", "" if name == "runtime_echo" else name, proc, log, timeout=120)
+            yield f"127.0.0.1:{port}", proc.pid
+        finally:
+            stop(proc)
+            if proc.returncode not in (0, -signal.SIGTERM):
+                print(f"  {name} from {tree} exited {proc.returncode}: {log.read_text()[-1500:]}", flush=True)
+
+
+def set_up(target: str, address: str) -> None:
+    """What ``target``'s calls need on the server at ``address``: an experiment, a model, nodes."""
+
+    from guardmesh.v1 import abrouter_pb2 as apb
+    from guardmesh.v1 import abrouter_pb2_grpc as apb_grpc
+    from guardmesh.v1 import paramserver_pb2 as ppb
+    from guardmesh.v1 import paramserver_pb2_grpc as ppb_grpc
+    from guardmesh.v1 import scheduler_pb2 as spb
+    from guardmesh.v1 import scheduler_pb2_grpc as spb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        if target == "Assign":
+            apb_grpc.ABRouterServiceStub(channel).CreateExperiment(
+                apb.CreateExperimentRequest(
+                    spec=apb.ExperimentSpec(
+                        key="bench-exp",
+                        arms=[apb.Arm(name="control", weight=0.5), apb.Arm(name="treatment", weight=0.5)],
+                        metrics=["conversion"],
+                    )
+                ),
+                timeout=60,
+            )
+        elif target == "PushPull":
+            tensors = ps_tensors(1.0)
+            ppb_grpc.ParamServerServiceStub(channel).CreateModel(
+                ppb.CreateModelRequest(
+                    model="bench",
+                    tensors=tensors,
+                    optimizer=ppb.OptimizerConfig(kind=ppb.OPTIMIZER_KIND_SGD, learning_rate=0.01),
+                    consistency=ppb.ConsistencyConfig(mode=ppb.CONSISTENCY_MODE_ASYNC),
+                    checkpoint_every=0,
+                ),
+                timeout=60,
+            )
+        elif target == "SubmitJob":
+            stub = spb_grpc.SchedulerServiceStub(channel)
+            for n in range(NODES):
+                gpus = [
+                    spb.GpuDevice(index=i, uuid=f"GPU-b{n}-{i}", model="A100-80GB", memory_mib=GPU_MIB)
+                    for i in range(GPUS)
+                ]
+                stub.RegisterNode(spb.RegisterNodeRequest(node=spb.NodeSpec(name=f"b{n}", gpus=gpus)), timeout=60)
+        elif target == "Score":
+            from bench.scorer import register, torchscript
+
+            register(address, "small", torchscript("small"))
+
+
+def ps_tensors(scale: float) -> list[Any]:
+    """The parameter server model's tensors (a 16x16 and a 16), normal values times ``scale``."""
+    import numpy as np
+
+    from guardmesh.v1 import common_pb2
+    from guardmesh.v1 import paramserver_pb2 as ppb
+
+    rng = np.random.default_rng(0)
+    return [
+        ppb.NamedTensor(
+            name=name,
+            tensor=common_pb2.Tensor(
+                dtype=common_pb2.D_TYPE_FLOAT32,
+                shape=list(shape),
+                data=(rng.standard_normal(shape) * scale).astype("<f4").tobytes(),
+            ),
+        )
+        for name, shape in (("w", (16, 16)), ("b", (16,)))
+    ]
+
+
+def payloads(target: str, tag: str, clients: int) -> list[bytes]:
+    """:data:`PAYLOADS` serialised requests of ``target``; client ``k`` sends those at ``k, k + clients, ...``,
+    so its pushes are one worker's steps in order, and every job id is new (``tag`` tells cells apart)."""
+
+    from guardmesh.v1 import abrouter_pb2 as apb
+    from guardmesh.v1 import paramserver_pb2 as ppb
+    from guardmesh.v1 import scheduler_pb2 as spb
+
+    if target in ("runtime_echo", "Score"):
+        from bench.scorer import request_bodies
+
+        return request_bodies("small")[0]
+    out: list[bytes] = []
+    gradients = ps_tensors(1e-3)
+    for i in range(PAYLOADS):
+        if target == "Assign":
+            message: Any = apb.AssignRequest(unit_id=f"{tag}-u{i}", experiment_keys=["bench-exp"], log_exposure=False)
+        elif target == "PushPull":
+            message = ppb.PushPullRequest(
+                model="bench",
+                worker_id=f"{tag}-w{i % clients}",
+                base_version=0,
+                step_id=i // clients,
+                gradients=gradients,
+            )
+        else:
+            message = spb.SubmitJobRequest(
+                job=spb.JobSpec(
+                    job_id=f"{tag}-j{i}",
+                    tenant="bench",
+                    qos=spb.QOS_CLASS_BURSTABLE,
+                    replicas=1,
+                    gpus_per_replica=1,
+                    memory_mib_per_gpu=JOB_MIB,
+                    allow_sharing=True,
+                    lease_ttl_s=3600,
+                )
+            )
+        out.append(message.SerializeToString())
+    return out
+
+
+def measure(
+    targets: tuple[str, ...], clients: int, seconds: float, rounds: int, load_procs: int, before: Path | None
+) -> dict[str, dict[str, float]]:
+    """Every target (and its ``@before`` twin) and the bare echo in ``rounds`` interleaved rounds; per cell the
+    median of the rounds."""
+    from bench.scorer import LoadGenerator, echo_server, tree_cpu_s
+
+    trees = {"": REPO} | ({"@before": before} if before is not None else {})
+    taken: dict[str, list[dict[str, float]]] = {}
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, tuple[str, int, str]] = {}  # cell -> (address, pid, method)
+        for target in targets:
+            name, method = TARGETS[target]
+            for suffix, tree in trees.items():
+                address, pid = stack.enter_context(server(name, tree))
+                set_up(target, address)
+                servers[target + suffix] = (address, pid, method)
+        echo_address, echo_pid = stack.enter_context(echo_server())
+        servers["echo"] = (echo_address, echo_pid, "/bench.Echo/Unary")
+        load = LoadGenerator(load_procs)
+        stack.callback(load.close)
+        cells = list(servers)
+        echo_bodies = payloads("Score", "echo", clients)
+        for k in range(rounds):
+            for cell in cells[k % len(cells) :] + cells[: k % len(cells)]:
+                address, pid, method = servers[cell]
+                target = cell.split("@")[0]
+                body = echo_bodies if cell == "echo" else payloads(target, f"{cell.replace('@', '.')}-r{k}", clients)
+                cpu0 = tree_cpu_s(pid)
+                r = load.run(address, method, body, clients, seconds)
+                r["cpu_ms_per_request"] = (tree_cpu_s(pid) - cpu0) * 1000 / max(r["calls"], 1.0)
+                taken.setdefault(cell, []).append(r)
+    results = {cell: {key: statistics.median(t[key] for t in runs) for key in runs[0]} for cell, runs in taken.items()}
+    for cell, r in results.items():
+        print(
+            f"{cell:22s} {clients:3d} clients {r['qps']:8,.0f} req/s  p50 {r['p50_ms']:7.2f} ms"
+            f"  p99 {r['p99_ms']:7.2f} ms"
+            f"  CPU {r['cpu_ms_per_request']:6.3f} ms/req  failed {r['failed']:.0f}",
+            flush=True,
+        )
+    return results
+
+
+def profile(target: str, clients: int, seconds: float, load_procs: int, top: int) -> None:
+    """Drive ``target`` under yappi for ``seconds`` and print where its CPU went."""
+    import pstats
+
+    from bench.scorer import LoadGenerator, tree_cpu_s
+
+    name, method = TARGETS[target]
+    with tempfile.TemporaryDirectory(prefix="guardmesh-profile-") as tmp:
+        out = str(Path(tmp) / "server.pstat")
+        with server(name, REPO, profile=out) as (address, pid):
+            set_up(target, address)
+            load = LoadGenerator(load_procs)
+            try:
+                cpu0 = tree_cpu_s(pid)
+                r = load.run(address, method, payloads(target, "profile", clients), clients, seconds)
+                cpu = tree_cpu_s(pid) - cpu0
+            finally:
+                load.close()
+        print(
+            f"{target}: {r['calls']:.0f} calls, {r['qps']:,.0f} req/s under the profiler, "
+            f"process CPU {cpu * 1000 / max(r['calls'], 1):.3f} ms/call (profiler included)"
+        )
+        stats = pstats.Stats(out)
+        calls = max(r["calls"], 1.0)
+        rows = list(stats.stats.items())  # type: ignore[attr-defined]
+        for title, column in (("own time", 2), ("inclusive time", 3)):
+            print(f"\n{title} per call (us), top {top}: own, inclusive, calls per request, function")
+            for (file, line, fn), (_cc, nc, tt, ct, _callers) in sorted(rows, key=lambda kv: -kv[1][column])[:top]:
+                per = 1e6 / calls
+                print(f"  {tt * per:8.1f} {ct * per:8.1f} {nc / calls:6.1f}  {fn}  {file}:{line}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure (or profile) and print; ``RECORD=1`` writes bench/results/runtime.json."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--serve", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", default="", choices=["", *TARGETS], help="profile one target under yappi instead")
+    ap.add_argument("--quick", action="store_true", help="2 s per cell")
+    ap.add_argument("--seconds", type=float, default=None, help="measurement time per cell (default 4; quick 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell (median reported)")
+    ap.add_argument("--clients", type=int, default=64, help="concurrent clients")
+    ap.add_argument("--load-procs", type=int, default=2, help="load generator processes")
+    ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {', '.join(TARGETS)}")
+    ap.add_argument("--before", type=Path, default=None, help="a copy of the repository before a change")
+    ap.add_argument("--top", type=int, default=30, help="profile rows printed")
+    ap.add_argument("--note", default="", help="a note on every record (e.g. how loaded the machine was)")
+    args = ap.parse_args(argv)
+    if args.serve:
+        return serve(args.serve, args.port, args.profile_out)
+    seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 4.0)
+    if args.profile:
+        profile(args.profile, args.clients, seconds, args.load_procs, args.top)
+        return 0
+    from bench.records import machine, record, write_records
+
+    print(f"machine: {machine()}; load generator: {args.load_procs} processes", flush=True)
+    targets = tuple(t for t in args.targets.split(",") if t)
+    results = measure(targets, args.clients, seconds, args.rounds, args.load_procs, args.before)
+    echo = results["echo"]
+    peer = "bare grpcio echo (same run)"
+    records = []
+    for cell, r in results.items():
+        if cell == "echo":
+            continue
+        label = f"{cell}, {args.clients} clients"
+        records += [
+            record(f"runtime: {label}, throughput vs the echo", "req/s", r["qps"], peer, echo["qps"], None),
+            record(f"runtime: {label}, p99 vs the echo's", "ms", r["p99_ms"], peer, echo["p99_ms"], None, False),
+            record(
+                f"runtime: {label}, server CPU per request vs the echo's",
+                "ms",
+                r["cpu_ms_per_request"],
+                peer,
+                echo["cpu_ms_per_request"],
+                None,
+                False,
+            ),
+        ]
+        if "@" not in cell and (old := results.get(f"{cell}@before")) is not None:
+            records.append(
+                record(
+                    f"runtime: {label}, server CPU per request, after vs before (same run)",
+                    "ms",
+                    r["cpu_ms_per_request"],
+                    "the code before the change (same run)",
+                    old["cpu_ms_per_request"],
+                    None,
+                    False,
+                )
+            )
+    note = f"{seconds:g} s per cell, {args.rounds} rounds; {args.note}".strip("; ")
+    for rec in records:
+        rec["note"] = note
+    write_records("runtime", records)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
