@@ -31,6 +31,7 @@ from services.scorer.batching import Arrival, BatchStats, DynamicBatcher
 from services.scorer.decision import Decision, Rule, ThresholdPolicy, decide
 from services.scorer.explain import AttributionDriftReport, attribution_shift
 from services.scorer.explain import explain as explain_fn
+from services.scorer.gathering import Gathering
 from services.scorer.monitoring import CleaningPolicy, DecisionLog, MissingMonitor, RollingF1, VersionHealth
 from services.scorer.registry import CommitActive, ModelFormat, ModelRegistry, ModelVersion
 
@@ -303,6 +304,11 @@ class Scorer:
         #: This replica's name in the shared store ("" without one); rows_seen last published per model.
         self.replica: str = getattr(store, "replica", "") or ""
         self._published: dict[str, int] = {}
+        #: Concurrent single calls go through the path together (one parse, one batcher hand-off, one
+        #: window update, one decision-log commit per group); not with batching off (max_batch_size 1).
+        self.gathering: Gathering[ScoreCall, ScoreOutcome | GuardmeshError] | None = (
+            Gathering(self.score_many, settings.max_batch_size) if settings.max_batch_size > 1 else None
+        )
 
     # -- models ----------------------------------------------------------------------------------------
 
@@ -536,8 +542,10 @@ class Scorer:
         explain: bool = False,
         shadow: bool = False,
     ) -> ScoreOutcome:
-        """Score one request (see ScoreRequest in the proto); a shadow call leaves no trace in the line."""
-        [result] = self.score_many([ScoreCall(model, request_id, features, version, explain, shadow)])
+        """Score one request (see ScoreRequest in the proto); a shadow call leaves no trace in the line.
+        Concurrent calls are scored together (:attr:`gathering`), each answered as if alone."""
+        call = ScoreCall(model, request_id, features, version, explain, shadow)
+        result = self.gathering.call(call) if self.gathering is not None else self.score_many([call])[0]
         if isinstance(result, GuardmeshError):
             raise result
         return result

@@ -1,0 +1,117 @@
+"""services.scorer.gathering: concurrent single calls run as groups (issue #22). A lone caller runs at once on its
+own thread; the calls that queue while a group runs form the next group, run by the first of them; every call
+gets its own result; a failure of the group function reaches its group only; groups never exceed their bound.
+Real threads; every wait polls with a generous timeout."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from services.scorer.gathering import Gathering
+
+WAIT_S = 30.0
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+class _Gate:
+    """``run_many`` doubling each call; the first group it runs waits until released."""
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[list[int], str]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def run_many(self, calls: Sequence[int]) -> list[int]:
+        self.groups.append((list(calls), threading.current_thread().name))
+        if len(self.groups) == 1:
+            self.entered.set()
+            assert self.release.wait(WAIT_S)
+        return [2 * c for c in calls]
+
+
+def _callers(gathering: Gathering[int, int], calls: list[int], answers: dict[int, object]) -> list[threading.Thread]:
+    def caller(c: int) -> None:
+        try:
+            answers[c] = gathering.call(c)
+        except Exception as exc:
+            answers[c] = exc
+
+    threads = [threading.Thread(target=caller, args=(c,), name=f"caller-{c}") for c in calls]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _first_then_queued(
+    gathering: Gathering[int, int], entered: threading.Event, release: threading.Event, queued: list[int]
+) -> dict[int, object]:
+    """Call 0 alone; once its group runs (``entered``), the ``queued`` calls; then ``release`` the first
+    group; every call's answer (or exception)."""
+    answers: dict[int, object] = {}
+    threads = _callers(gathering, [0], answers)
+    assert entered.wait(WAIT_S)
+    threads += _callers(gathering, queued, answers)
+    _until(lambda: len(gathering._queued) == len(queued))  # every one waits behind the running group
+    release.set()
+    for t in threads:
+        t.join(WAIT_S)
+    return answers
+
+
+def test_a_lone_caller_runs_its_call_at_once_on_its_own_thread() -> None:
+    gate = _Gate()
+    gate.release.set()
+    gathering = Gathering(gate.run_many, max_group=8)
+    assert gathering.call(21) == 42
+    assert gate.groups == [([21], threading.current_thread().name)]
+    assert (gathering.groups, gathering.calls) == (1, 1)
+
+
+@pytest.mark.parametrize(("max_group", "sizes"), [(64, [1, 10]), (4, [1, 4, 4, 2])])
+def test_calls_queued_while_a_group_runs_form_the_next_groups_within_the_bound_each_answered_its_own(
+    max_group: int, sizes: list[int]
+) -> None:
+    gate = _Gate()
+    gathering = Gathering(gate.run_many, max_group=max_group)
+    answers = _first_then_queued(gathering, gate.entered, gate.release, list(range(1, 11)))
+    assert answers == {c: 2 * c for c in range(11)}
+    assert [len(calls) for calls, _ in gate.groups] == sizes
+    assert sorted(c for calls, _ in gate.groups for c in calls) == list(range(11))  # each call in one group
+    later_runners = {runner for _, runner in gate.groups[1:]}
+    assert all(r.startswith("caller-") and r != "caller-0" for r in later_runners)  # run by queued callers
+    assert (gathering.groups, gathering.calls) == (len(sizes), 11)
+
+
+def test_a_failing_group_fails_its_own_calls_only_and_the_next_group_is_served() -> None:
+    entered, release = threading.Event(), threading.Event()
+    runs: list[list[int]] = []
+
+    def run_many(calls: Sequence[int]) -> list[int]:
+        runs.append(list(calls))
+        if len(runs) == 1:
+            entered.set()
+            assert release.wait(WAIT_S)
+            raise RuntimeError("model crashed")
+        return [-c for c in calls]
+
+    gathering = Gathering(run_many, max_group=64)
+    answers = _first_then_queued(gathering, entered, release, [1, 2, 3])
+    assert isinstance(answers[0], RuntimeError) and str(answers[0]) == "model crashed"
+    assert {c: answers[c] for c in (1, 2, 3)} == {1: -1, 2: -2, 3: -3}
+    assert gathering.call(5) == -5  # still serving, nothing left running
+    assert not gathering._running
+
+
+def test_a_bound_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_group"):
+        Gathering(lambda calls: list(calls), max_group=0)
