@@ -37,6 +37,7 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -267,10 +268,17 @@ def scorer_process(overrides: dict[str, str], tree: Path | None = None) -> Itera
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="guardmesh-bench-scorer-") as tmp:
         env = clean_env(tmp, GUARDMESH__SERVICES__SCORER__PORT=str(port), **overrides)
-        if tree is not None:
-            env["PYTHONPATH"] = str(tree) + os.pathsep + env["PYTHONPATH"]
         log = Path(tmp) / "service.log"
-        proc = start([sys.executable, "-m", "services.scorer"], env, log)
+        if tree is None:
+            proc = start([sys.executable, "-m", "services.scorer"], env, log)
+        else:
+            # Run in the tree: ``-m`` puts the working directory first on sys.path, so from this repository
+            # the tree's PYTHONPATH entry would lose to this repository's code.
+            env["PYTHONPATH"] = str(tree)
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "services.scorer"], cwd=tree, env=env, stdout=out, stderr=out
+                )
         try:
             wait_serving(f"127.0.0.1:{port}", "scorer", proc, log, timeout=120)
             yield f"127.0.0.1:{port}", proc.pid
