@@ -431,7 +431,9 @@ class Router:
         while root.__cause__ is not None:
             root = root.__cause__
         reason = str(root).strip().splitlines()[0] if str(root).strip() else ""  # the first line says what failed
-        with self._away_lock:
+        # Under the lock: a call that found the store answering has submitted its write before the probe
+        # of :meth:`_resume` is queued, so the probe's success means that write's fate is settled too.
+        with self.lock, self._away_lock:
             if self._away:  # the first failure's reason stands
                 return
             self._away = f"abrouter store away ({self.store.log.where}): {type(root).__name__}: {reason}"
