@@ -260,9 +260,28 @@ class _Backend(Protocol):
 
     def transaction(self, *, committer: bool = False) -> Any: ...
 
+    def write(self, statements: list[Statement], fence: Fence | None) -> None:
+        """Commit ``statements`` in one transaction on the committer's connection (after the ``fence`` check);
+        raises if they are not all committed."""
+
     def query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]: ...
 
     def close(self) -> None: ...
+
+
+def _write_in_transaction(backend: _Backend, statements: list[Statement], fence: Fence | None) -> None:
+    """:meth:`_Backend.write` statement by statement in a transaction: the fence check travels with the batch
+    (one round trip on PostgreSQL); a stale epoch raises before COMMIT, so none of the batch is kept."""
+    with backend.transaction(committer=True) as tx:
+        with tx.pipeline():
+            fenced = None if fence is None else _fence_check(tx, *fence)
+            for sql, params in statements:
+                if isinstance(params, list):
+                    tx.executemany(sql, params)
+                else:
+                    tx.execute(sql, params)
+        if fenced is not None:
+            fenced()
 
 
 class _SqliteBackend:
@@ -309,6 +328,9 @@ class _SqliteBackend:
             raise
         db.execute("COMMIT")
 
+    def write(self, statements: list[Statement], fence: Fence | None) -> None:
+        _write_in_transaction(self, statements, fence)
+
     def query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         return self.db.execute(sql, params).fetchall()
 
@@ -354,13 +376,7 @@ class _PostgresBackend:
             with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
                 yield _PgTransaction(cursor)
             return
-        import psycopg
-
-        if self._committer is None or self._committer.closed or self._committer.broken:
-            # autocommit: the transaction is the explicit BEGIN ... COMMIT below, not psycopg's implicit one
-            self._committer = psycopg.connect(self.target.conninfo, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
-        conn = self._committer
-        try:
+        with self._committing() as conn:
             # BEGIN, the batch and COMMIT travel in one pipeline: one round trip per group commit where
             # psycopg's transaction() takes three (BEGIN, the statements, COMMIT each wait for their answer).
             # A failed statement makes the server skip the rest up to the sync, COMMIT included.
@@ -369,9 +385,49 @@ class _PostgresBackend:
                 yield _PgTransaction(cursor)
                 commit = conn.cursor()
                 commit.execute("COMMIT")
-            # A COMMIT of a transaction that failed answers ROLLBACK, not an error: only COMMIT acknowledges.
-            if commit.statusmessage != "COMMIT":
-                raise StoreFailure(f"{self.target.where}: transaction not committed ({commit.statusmessage})")
+            self._check_committed(commit)
+
+    def write(self, statements: list[Statement], fence: Fence | None) -> None:
+        if fence is not None:  # the fence's answer is needed before COMMIT is sent
+            _write_in_transaction(self, statements, fence)
+            return
+        from psycopg import ClientCursor
+
+        with self._committing() as conn:
+            # One query message, "BEGIN; ...; COMMIT", its values bound here by psycopg's literal quoting: the
+            # committer's Python work per batch is about half that of the pipeline's per-statement protocol
+            # (store level, measured), in the same one round trip. A failed statement makes the server skip
+            # the rest of the message, COMMIT included, and the whole batch is rolled back below.
+            binder = ClientCursor(conn)
+            script = ["BEGIN"]
+            for sql, params in statements:
+                text = to_postgresql(sql)
+                for row in params if isinstance(params, list) else (params,):
+                    script.append(binder.mogrify(text, row))
+            script.append("COMMIT")
+            with conn.cursor() as cursor:
+                cursor.execute("; ".join(script))
+                while cursor.nextset():  # to COMMIT's answer, the last
+                    pass
+                self._check_committed(cursor)
+
+    def _check_committed(self, commit: Any) -> None:
+        # A COMMIT of a transaction that failed answers ROLLBACK, not an error: only COMMIT acknowledges.
+        if commit.statusmessage != "COMMIT":
+            raise StoreFailure(f"{self.target.where}: transaction not committed ({commit.statusmessage})")
+
+    @contextmanager
+    def _committing(self) -> Iterator[Any]:
+        """The committer's own connection (opened again after it broke); after a failure, out of any
+        transaction left open on it."""
+        import psycopg
+
+        if self._committer is None or self._committer.closed or self._committer.broken:
+            # autocommit: the transaction is the explicit BEGIN ... COMMIT sent, not psycopg's implicit one
+            self._committer = psycopg.connect(self.target.conninfo, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
+        conn = self._committer
+        try:
+            yield conn
         except BaseException:
             if conn.broken:  # the server went away: the next batch connects again
                 conn.close()
@@ -551,20 +607,7 @@ class GroupCommitLog:
             error: BaseException | None = None
             self.transactions += 1
             try:
-                with self.backend.transaction(committer=True) as tx:
-                    # The fence check travels with the batch (one round trip on PostgreSQL); a stale epoch
-                    # raises before COMMIT, so none of the batch is kept.
-                    # A fence's answer is needed before COMMIT: only a fenced batch waits for its statements.
-                    with tx.pipeline() if fence is not None else nullcontext():
-                        fenced = None if fence is None else _fence_check(tx, *fence)
-                        for statements, _, _ in batch:
-                            for sql, params in statements:
-                                if isinstance(params, list):
-                                    tx.executemany(sql, params)
-                                else:
-                                    tx.execute(sql, params)
-                    if fenced is not None:
-                        fenced()
+                self.backend.write([statement for statements, _, _ in batch for statement in statements], fence)
             except BaseException as exc:
                 error = exc
             if error is None and self._local_listeners:

@@ -17,6 +17,7 @@ from guardmesh.durable import (
     StoreError,
     StoreFailure,
     StoreUnreachable,
+    Transaction,
     parse_store_url,
     to_postgresql,
 )
@@ -77,6 +78,81 @@ def test_a_failed_transaction_fails_its_tickets_and_keeps_none_of_its_writes(sto
         # The store still works after a failed transaction.
         log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("c", 4))]).wait()
         assert [r[0] for r in log.query("SELECT k FROM items ORDER BY k")] == ["a", "c"]
+    finally:
+        log.close()
+
+
+def test_a_group_commit_is_all_or_nothing_and_acknowledged_only_once_committed(store_url: str) -> None:
+    """Batches queued while a transaction is held up share the next one: a failing row in the middle of one
+    batch's multi-row statement fails every ticket of that transaction and keeps none of its rows."""
+    log = open_items(store_url)
+    held, release = threading.Event(), threading.Event()
+
+    def hold(tx: Transaction) -> None:
+        if log.dialect == "postgresql":  # SQLite's side transaction already holds the write lock
+            tx.execute("LOCK TABLE items IN SHARE MODE")
+        held.set()
+        release.wait(60)
+
+    holder = threading.Thread(target=log.transaction, args=(hold,))
+    holder.start()
+    try:
+        assert held.wait(60)
+        first = log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("first", 1))])
+        deadline = time.monotonic() + 30
+        while log.transactions < 1:  # the committer has taken the first batch alone and waits for the lock
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        good = log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", [("g1", 1), ("g2", 2)])])
+        bad = log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", [("b1", 1), ("b1", 2), ("b3", 3)])])
+        assert not any(t._event.is_set() for t in (first, good, bad))  # nothing acknowledged before COMMIT
+        release.set()
+        holder.join(60)
+        first.wait()
+        for ticket in (good, bad):
+            with pytest.raises(StoreFailure, match="could not be written"):
+                ticket.wait("items")
+        assert log.transactions == 2
+        assert log.query("SELECT k, v FROM items ORDER BY k") == [("first", 1)]
+        log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", [("g1", 1), ("g2", 2)])]).wait()
+        assert [r[0] for r in log.query("SELECT k FROM items ORDER BY k")] == ["first", "g1", "g2"]
+    finally:
+        release.set()
+        holder.join(60)
+        log.close()
+
+
+def test_written_values_read_back_exactly(store_url: str) -> None:
+    """Quotes, placeholders, percent signs, statement separators and extreme numbers survive the write path
+    (PostgreSQL's batches are bound by the client into one query message)."""
+    texts = [
+        "it's",
+        "100%",
+        "a?b",
+        "back\\slash",
+        "semi; colon'); DROP TABLE vals; --",
+        "new\nline",
+        "ünï ✓",
+        "",
+        "$$x$$",
+    ]
+    floats = [0.1, 1 / 3, -2.5e-300, 1.7976931348623157e308, float("inf"), float("-inf"), -0.0, 5e-324]
+    ints = [0, 2**62, -(2**62), -1, 7]
+    rows: list[tuple[int, str | None, float | None, int | None]] = [
+        (i, texts[i % len(texts)], floats[i % len(floats)], ints[i % len(ints)]) for i in range(40)
+    ]
+    rows.append((40, None, None, None))
+    log = GroupCommitLog(
+        store_url,
+        (Migration(1, "CREATE TABLE vals (id BIGINT PRIMARY KEY, s TEXT, x DOUBLE PRECISION, n BIGINT)"),),
+        component="vals",
+    )
+    try:
+        insert = "INSERT INTO vals (id, s, x, n) VALUES (?, ?, ?, ?)"
+        log.submit([(insert, rows[:20]), (insert, rows[20])]).wait()
+        log.submit([(insert, rows[21:]), ("UPDATE vals SET s = s || '%' WHERE id = ?", (1,))]).wait()
+        expected = [(i, f"{s}%" if i == 1 else s, x, n) for i, s, x, n in rows]
+        assert log.query("SELECT id, s, x, n FROM vals ORDER BY id") == expected
     finally:
         log.close()
 
