@@ -26,7 +26,11 @@ f) The exposure table (issue #20): export throughput (exposures/s written to Par
    from the Parquet table with DuckDB vs the same audit on in-memory columns, and vs plain DuckDB SQL for the
    SRM counts alone (peak RSS of the process reported).
 
-    python -m bench.abrouter [--seconds 5] [--ids 1000000] [--runs 2000] [--exposures 10000000] [--parts abcdef]
+g) The full audit over the Parquet table at warehouse scale (10 M and 100 M generated exposures) against
+   straightforward DuckDB SQL and pandas + scipy: see ``bench.warehouse_audit``.
+
+    python -m bench.abrouter [--seconds 5] [--ids 1000000] [--runs 2000] [--exposures 10000000]
+        [--warehouse-sizes 10000000,100000000] [--parts abcdefg]
 
 With ``--parts`` naming fewer parts, the records of the other parts are kept from the existing results file.
 """
@@ -51,6 +55,7 @@ from scipy import stats
 
 from bench.processes import ECHO_SERVICE, echo_process, service_process
 from bench.records import RESULTS, best_of, record, write_records
+from bench.warehouse_audit import warehouse_bench
 from guardmesh.stats import Moments
 from services.abrouter.assignment import assign_batch
 from services.abrouter.audit import full_audit
@@ -498,7 +503,10 @@ def main() -> int:
     parser.add_argument("--ids", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=2000, help="simulated experiments per guardrail figure")
     parser.add_argument("--exposures", type=int, default=10_000_000, help="exposures of the table audit (f)")
-    parser.add_argument("--parts", default="abcdef", help="which parts to run (letters a-f)")
+    parser.add_argument(
+        "--warehouse-sizes", default="10000000,100000000", help="exposures of the warehouse audit (g), comma-separated"
+    )
+    parser.add_argument("--parts", default="abcdefg", help="which parts to run (letters a-g)")
     args = parser.parse_args()
     parts = {
         "a": lambda: in_process(args.ids),
@@ -507,6 +515,7 @@ def main() -> int:
         "d": lambda: guardrail_bench(args.runs),
         "e": lambda: replicas_bench(args.seconds),
         "f": lambda: table_bench(args.exposures),
+        "g": lambda: warehouse_bench([int(n) for n in args.warehouse_sizes.split(",")]),
     }
     records: list[dict[str, Any]] = []
     for letter, run in parts.items():

@@ -22,8 +22,9 @@ _DAY0 = dt.date(2026, 1, 5)
 
 
 def _uniform(stream: int) -> str:
-    """A uniform in (0, 1) from the hash of the unit number ``j`` and ``stream`` (53 bits)."""
-    return f"(((hash(j, {stream}) >> 11)::DOUBLE + 0.5) / 9007199254740992.0)"
+    """A uniform in (0, 1) from the hash of ``16 j + stream`` (53 bits; ``hash(j, stream)``, of two values, is
+    correlated across streams)."""
+    return f"(((hash(j * 16 + {stream}) >> 11)::DOUBLE + 0.5) / 9007199254740992.0)"
 
 
 def _normal(stream: int) -> str:
@@ -41,6 +42,7 @@ def write_exposure_table(
     split: float = 0.5,
     continuous: bool = False,
     coverage: float = 1.0,
+    sessions: int = 0,
     first_id: int = 1,
     unit_offset: int = 0,
     threads: int = 2,
@@ -49,7 +51,8 @@ def write_exposure_table(
 
     With ``coverage`` below 1 only the units hashed into the covered ranges (GrowthBook's: ``[0, split *
     coverage)`` and ``[split, split + (1 - split) * coverage)``) are exposed. ``unit_offset`` shifts the unit
-    numbers (two experiments written with overlapping numbers share units).
+    numbers (two experiments written with overlapping numbers share units). ``sessions`` > 0 adds an id-like
+    categorical ``session`` with that many values.
     """
     con = duckdb.connect(config={"threads": threads, "memory_limit": "1GB"})
     try:
@@ -61,6 +64,8 @@ def write_exposure_table(
             f"round(exp(1.5 + 0.6 * {_normal(6)}), 1)",
         ] + ([f"{_normal(10)}"] if continuous else [])
         names = ", ".join(f"'{name}'" for name in numeric_names)
+        session_key = ", 'session'" if sessions else ""
+        session_value = f", 's-' || (hash(j * 16 + 12) % {sessions})::VARCHAR" if sessions else ""
         for d in range(days):
             lo, hi = d * per_day, min(n, (d + 1) * per_day)
             if lo >= hi:
@@ -78,8 +83,8 @@ def write_exposure_table(
                   b AS bucket, 2 AS hash_version,
                   CASE WHEN b >= {split} THEN {1 - split} ELSE {split} END AS propensity,
                   map([{names}], [{", ".join(numeric_values)}]) AS numeric_covariates,
-                  map(['device', 'region'], ['CT-' || (hash(j, 8) % 8)::VARCHAR,
-                                             'region-' || (hash(j, 9) % 12)::VARCHAR]) AS categorical_covariates
+                  map(['device', 'region'{session_key}], ['CT-' || (hash(j * 16 + 8) % 8)::VARCHAR,
+                      'region-' || (hash(j * 16 + 9) % 12)::VARCHAR{session_value}]) AS categorical_covariates
                 FROM (SELECT i, j, floor({_uniform(1)} * 10000) / 10000 AS b
                       FROM (SELECT i, {unit} AS j FROM range({lo}, {hi}) t(i)))
                 WHERE b < {split * coverage} OR (b >= {split} AND b < {split + (1 - split) * coverage})

@@ -26,7 +26,9 @@ def experiment(key: str, coverage: float = 1.0) -> Experiment:
     return Experiment(spec, 1, ExperimentState.RUNNING, spec.weights, 0.0, 0.0)
 
 
-def in_memory(table_url: str, exp: Experiment, since: int = 1) -> AuditReport:
+def in_memory(
+    table_url: str, exp: Experiment, since: int = 1, by_categorical: tuple[str, ...] | None = None
+) -> AuditReport:
     columns, versions = exposure_columns(table_url, exp.key)
     others = [k for k in ("other",) if k != exp.key]
     other_arms = {}
@@ -42,6 +44,7 @@ def in_memory(table_url: str, exp: Experiment, since: int = 1) -> AuditReport:
         min_deviation=0.01,
         ranges=exp.ranges(),
         resolution=10_000,
+        by_categorical=by_categorical,
     )
     return audit_mod.with_srm_since(
         report, columns.arms, versions, since, exp.propensities(), min_sample=1000, min_deviation=0.01
@@ -108,9 +111,18 @@ def test_a_table_past_the_id_sample_with_repeats_and_continuous_values_gives_the
 
 def test_coverage_below_one_and_a_weight_change_give_the_in_memory_answers(tmp_path: Path) -> None:
     url = str(tmp_path / "table")
-    write_exposure_table(url, 40_000, key="main", days=10, coverage=0.6)
+    write_exposure_table(url, 40_000, key="main", days=10, coverage=0.6, sessions=1500)
     exp = experiment("main", coverage=0.6)
-    identical(audit_table(url, exp, 1), in_memory(url, exp))
+    covered = audit_table(url, exp, 1)
+    # an id-like categorical (1,500 values): noted, no windows by it, still compared between arms
+    assert covered.notes == ("session: 1500 values, more than 1000: no windows by it",)
+    assert "arm_share:session" not in {t.name for t in covered.clustering}
+    assert any(r.covariate == "session" for r in covered.balance)
+    identical(covered, in_memory(url, exp))
+    # named for windows, it gets them on both paths
+    windowed = audit_table(url, exp, 1, window_covariates=["session"])
+    assert "arm_share:session" in {t.name for t in windowed.clustering}
+    identical(windowed, in_memory(url, exp, by_categorical=("session",)))
     # units all exposed before revision 2: SRM since then has no units, on both paths
     since = audit_table(url, exp, 2)
     identical(since, in_memory(url, exp, since=2))

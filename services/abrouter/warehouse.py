@@ -197,11 +197,19 @@ class _Audit:
             f"categorical_covariates AS cc FROM read_parquet([{listed}], hive_partitioning = false) "
             f"WHERE experiment = {_literal(key)}"
         )
-        # repeats are rare: only the repeated units (and their first id) are kept to drop the later exposures
+        # one scan finds the repeated units (and their first id: the later exposures are dropped) and the
+        # covariate names logged
         self.sql(
-            "CREATE TEMP TABLE repeats AS SELECT unit, min(exposure_id) AS first_id FROM raw GROUP BY unit "
-            "HAVING count(*) > 1"
+            "CREATE TEMP TABLE scan AS SELECT grouping(unit) AS g, unit, nk, ck, min(exposure_id) AS first_id "
+            "FROM (SELECT unit, exposure_id, map_keys(nc) AS nk, map_keys(cc) AS ck FROM raw) "
+            "GROUP BY GROUPING SETS ((unit), (nk, ck)) HAVING grouping(unit) = 1 OR count(*) > 1"
         )
+        self.sql("CREATE TEMP TABLE repeats AS SELECT unit, first_id FROM scan WHERE g = 0")
+        keys = self.sql("SELECT nk, ck FROM scan WHERE g = 1")
+        self.sql("DROP TABLE scan")
+        #: Numeric and categorical covariate names, sorted (as the in-memory columns order them).
+        self.numeric = sorted({k for ks in keys["nk"].to_pylist() for k in ks or ()})
+        self.categorical = sorted({k for ks in keys["ck"].to_pylist() for k in ks or ()})
         self.sql(
             "CREATE TEMP VIEW first AS SELECT r.* FROM raw r LEFT JOIN repeats p ON p.unit = r.unit "
             "WHERE p.first_id IS NULL OR p.first_id = r.exposure_id"
@@ -213,30 +221,6 @@ class _Audit:
             return result.to_arrow_table() if result is not None else pa.table({})
         except duckdb.Error as exc:  # a corrupt or cut-short file: reported, never skipped
             raise ExportCorrupt(f"exposure table at {self.where.rsplit('/experiment=', 1)[0]}: {exc}") from exc
-
-    def covariates(self) -> tuple[list[str], dict[str, tuple[str, ...]]]:
-        """Numeric covariate names (sorted) and each categorical's values in order of first appearance."""
-        keys = self.sql("SELECT DISTINCT map_keys(nc) AS n, map_keys(cc) AS c FROM raw")
-        numeric = sorted({k for ks in keys["n"].to_pylist() for k in ks or ()})
-        names = sorted({k for ks in keys["c"].to_pylist() for k in ks or ()})
-        vocabularies: dict[str, tuple[str, ...]] = {}
-        if names:
-            columns = ", ".join(f"cc[{_literal(n)}] AS c{i}" for i, n in enumerate(names))
-            sets = ", ".join(f"(c{i})" for i in range(len(names)))
-            t = self.sql(
-                f"SELECT {', '.join(f'grouping(c{i}) AS g{i}' for i in range(len(names)))}, "
-                f"{', '.join(f'c{i}' for i in range(len(names)))}, min(exposure_id) AS first_id "
-                f"FROM (SELECT exposure_id, {columns} FROM first) GROUP BY GROUPING SETS ({sets})"
-            ).to_pydict()
-            for i, name in enumerate(names):
-                rows = [
-                    (first, value)
-                    for g, value, first in zip(t[f"g{i}"], t[f"c{i}"], t["first_id"], strict=True)
-                    if g == 0 and value is not None
-                ]
-                if rows:  # a key logged only on repeat exposures is no column of the first ones
-                    vocabularies[name] = tuple(value for _, value in sorted(rows))
-        return numeric, vocabularies
 
 
 def _gid(columns: Sequence[str], grouped: Sequence[str]) -> int:
@@ -339,9 +323,8 @@ def audit_table(
         return _in_memory(columns, versions, experiment, weights_since, window_covariates, min_sample, min_deviation)
     with _connection() as con:
         audit = _Audit(con, files, experiment.key)
-        numeric_names, vocabularies = audit.covariates()
         for i, name in enumerate(window_covariates):
-            if name not in vocabularies:
+            if name not in audit.categorical:
                 raise InvalidArgument(
                     f"window_covariates[{i}]", f"'{name}' was never logged as a categorical covariate"
                 )
@@ -350,8 +333,6 @@ def audit_table(
             experiment,
             weights,
             weights_since,
-            numeric_names,
-            vocabularies,
             table_url,
             others,
             window_covariates,
@@ -395,8 +376,6 @@ def _run_audit(
     experiment: Experiment,
     weights: Sequence[float],
     since: int,
-    numeric_names: list[str],
-    vocabularies: dict[str, tuple[str, ...]],
     table_url: str,
     others: Sequence[str],
     window_covariates: Sequence[str],
@@ -407,19 +386,8 @@ def _run_audit(
     started: float,
 ) -> audit_mod.AuditReport:
     n_arms = len(weights)
-    notes: list[str] = []
-    if window_covariates:
-        by = list(dict.fromkeys(window_covariates))
-    else:  # as audit._prepare: every categorical with at most MAX_WINDOW_VALUES values
-        by = []
-        for name, vocabulary in vocabularies.items():
-            if len(vocabulary) > audit_mod.MAX_WINDOW_VALUES:
-                notes.append(
-                    f"{name}: {len(vocabulary)} values, more than {audit_mod.MAX_WINDOW_VALUES}: no windows by it"
-                )
-            else:
-                by.append(name)
-    cat_col = {name: f"c{i}" for i, name in enumerate(vocabularies)}
+    numeric_names = audit.numeric
+    cat_col = {name: f"c{i}" for i, name in enumerate(audit.categorical)}
     num_col = {name: f"n{i}" for i, name in enumerate(numeric_names)}
     ranges = experiment.ranges()
     covered = sum(e - s for s, e in ranges) < 1.0 - 1e-12
@@ -443,18 +411,45 @@ def _run_audit(
         *(f"cc[{_literal(n)}] AS {c}" for n, c in cat_col.items()),
         *(f"nc[{_literal(n)}] AS {c}" for n, c in num_col.items()),
     ]
-    bases = ["day", *(cat_col[name] for name in by)]
-    sets: list[tuple[str, ...]] = [("arm", "cur"), ("bin",)]
-    for base in bases:
-        sets.append(("arm", base))
-        sets += [("arm", base, c) for c in num_col.values()]
-        sets += [("arm", base, c) for c in cat_col.values() if c != base]
-    sets = list({frozenset(s): s for s in reversed(sets)}.values())[::-1]  # (a, b, c) is (a, c, b): once
-    audit.sql(
-        f"CREATE TEMP TABLE agg AS SELECT grouping_id({', '.join(columns)}) AS gid, {', '.join(columns)}, "
-        f"count(*) AS n FROM (SELECT {', '.join(select)} FROM first) "
-        f"GROUP BY GROUPING SETS ({', '.join('(' + ', '.join(s) + ')' for s in sets)})"
-    )
+
+    def aggregate(by: Sequence[str]) -> None:
+        """The one scan: units per grouping set (and the first exposure id in each, for the vocabularies)."""
+        sets: list[tuple[str, ...]] = [("arm", "cur"), ("bin",), *((c,) for c in cat_col.values())]
+        for base in ["day", *(cat_col[name] for name in by)]:
+            sets.append(("arm", base))
+            sets += [("arm", base, c) for c in num_col.values()]
+            sets += [("arm", base, c) for c in cat_col.values() if c != base]
+        sets = list({frozenset(s): s for s in reversed(sets)}.values())[::-1]  # (a, b, c) is (a, c, b): once
+        audit.sql("DROP TABLE IF EXISTS agg")
+        audit.sql(
+            f"CREATE TEMP TABLE agg AS SELECT grouping_id({', '.join(columns)}) AS gid, {', '.join(columns)}, "
+            f"count(*) AS n, min(exposure_id) AS first_id FROM (SELECT exposure_id, {', '.join(select)} FROM first) "
+            f"GROUP BY GROUPING SETS ({', '.join('(' + ', '.join(s) + ')' for s in sets)})"
+        )
+
+    # windows by every categorical (as audit._prepare) or by those named; a categorical found to have more
+    # than MAX_WINDOW_VALUES values (id-like) costs one more scan without it
+    by = list(dict.fromkeys(window_covariates)) or list(cat_col)
+    aggregate(by)
+    vocabularies: dict[str, tuple[str, ...]] = {}
+    for name, c in cat_col.items():
+        t = audit.sql(f"SELECT {c}, first_id FROM agg WHERE gid = {_gid(columns, (c,))} AND {c} IS NOT NULL")
+        if t.num_rows:  # a key logged only on repeat exposures is no column of the first ones
+            order = np.argsort(t["first_id"].to_numpy(), kind="stable")
+            vocabularies[name] = tuple(t[c].to_pylist()[i] for i in order)
+    for i, name in enumerate(window_covariates):
+        if name not in vocabularies:
+            raise InvalidArgument(f"window_covariates[{i}]", f"'{name}' was never logged as a categorical covariate")
+    notes: list[str] = []
+    if not window_covariates:
+        wide = [name for name in by if len(vocabularies.get(name, ())) > audit_mod.MAX_WINDOW_VALUES]
+        notes = [
+            f"{name}: {len(vocabularies[name])} values, more than {audit_mod.MAX_WINDOW_VALUES}: no windows by it"
+            for name in wide
+        ]
+        by = [name for name in by if name in vocabularies and name not in wide]
+        if wide:
+            aggregate(by)
 
     def rows(*grouped: str) -> dict[str, list[Any]]:
         gid = _gid(columns, grouped)
