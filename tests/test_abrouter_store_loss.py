@@ -336,6 +336,8 @@ def test_a_write_refused_while_the_store_is_away_leaves_memory_as_it_was(
         router.assign("u0", {}, ["k"], log_exposure=True)
         events = list(router.events)
         holder.execute("BEGIN EXCLUSIVE")
+        with router.lock:
+            late = router._submit([("SELECT 1", ())])  # a write whose caller looks at it only after the resume
         moved = ExperimentSpec(key="k", arms=(ArmSpec("a", 0.1), ArmSpec("b", 0.9)), metrics=("m",))
         with pytest.raises(Unavailable, match=f"store away \\(sqlite file {path}\\).*database is locked"):
             router.update(moved)
@@ -356,6 +358,9 @@ def test_a_write_refused_while_the_store_is_away_leaves_memory_as_it_was(
         assert not router._resume()  # still locked
         holder.execute("ROLLBACK")
         assert router._resume() and health == [False, True] and router.store_away_reason == ""
+        with pytest.raises(Unavailable, match="database is locked"):  # that write failed: not acknowledged ...
+            router._durable(late)
+        assert health == [False, True] and router.store_away_reason == ""  # ... but settled by the reload
         assert router.update(moved).version == 2
         assert router.assign("u1", {}, ["k"], log_exposure=True)[0][1]
         assert router.get("k")[1] == 2

@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, KeysView, Mapping, Sequence
 from contextlib import contextmanager
@@ -266,6 +267,10 @@ class Router:
         self._away_lock = threading.Lock()
         #: Called with False when the store goes away and True once the router serves again (health).
         self.on_store: Callable[[bool], None] | None = None
+        #: How many times the router resumed, and in which of its lives each write in flight was submitted:
+        #: a write that failed before the last resume was settled by its reload (no reason to stop again).
+        self._resumes = 0
+        self._submitted_in: weakref.WeakKeyDictionary[Ticket, int] = weakref.WeakKeyDictionary()
         self.scoring = scoring
         self.mirror: ShadowMirror | None = None
         if scoring is not None:
@@ -416,30 +421,37 @@ class Router:
         if self._away:  # (under the lock) nothing new reaches the store until the router reloaded from it
             refused = Ticket()
             refused.done(_StoreAway(self._away))
+            self._submitted_in[refused] = self._resumes
             return refused
-        return self.store.submit(statements, fence)
+        ticket = self.store.submit(statements, fence)
+        self._submitted_in[ticket] = self._resumes
+        return ticket
 
     @property
     def store_away_reason(self) -> str:
         """Why the store is away ("" while it answers)."""
         return self._away
 
-    def _store_went_away(self, exc: BaseException) -> None:
-        """Refuse every call (UNAVAILABLE naming the store) and report NOT_SERVING until the store is back."""
+    def _store_went_away(self, exc: BaseException, ticket: Ticket | None = None) -> Unavailable:
+        """Refuse every call (UNAVAILABLE naming the store) and report NOT_SERVING until the store is back;
+        the error for the caller. ``ticket``: the failed write, if one (one submitted before the last resume
+        changes nothing: the reload settled it)."""
         assert self.store is not None
         root: BaseException = exc
         while root.__cause__ is not None:
             root = root.__cause__
         reason = str(root).strip().splitlines()[0] if str(root).strip() else ""  # the first line says what failed
+        away = f"abrouter store away ({self.store.log.where}): {type(root).__name__}: {reason}"
         # Under the lock: a call that found the store answering has submitted its write before the probe
         # of :meth:`_resume` is queued, so the probe's success means that write's fate is settled too.
         with self.lock, self._away_lock:
-            if self._away:  # the first failure's reason stands
-                return
-            self._away = f"abrouter store away ({self.store.log.where}): {type(root).__name__}: {reason}"
-            log.error("store away; refusing calls until it answers", extra={"error": self._away})
-            if self.on_store is not None:
-                self.on_store(False)
+            settled = ticket is not None and self._submitted_in.get(ticket, self._resumes) != self._resumes
+            if not self._away and not settled:  # else the first failure's reason stands
+                self._away = away
+                log.error("store away; refusing calls until it answers", extra={"error": self._away})
+                if self.on_store is not None:
+                    self.on_store(False)
+            return Unavailable(f"{self._away or away}; the abrouter serves again by itself once the store answers")
 
     def _resume(self) -> bool:
         """(While the store is away.) Whether the store answers again: a write through the committer (every
@@ -451,6 +463,7 @@ class Router:
                 self._reload()
                 with self._away_lock:
                     self._away = ""
+                    self._resumes += 1
                     if self.on_store is not None:
                         self.on_store(True)
         except Exception as exc:
@@ -488,7 +501,7 @@ class Router:
             if store_away(exc):  # memory back; the decision is taken again once the store is back
                 with self.lock:
                     undo()
-                self._store_went_away(exc)
+                self._store_went_away(exc, ticket)
                 return False
             self._durable(ticket)  # records the failure and raises Unavailable
             raise
@@ -558,8 +571,7 @@ class Router:
                 if undo is not None:
                     with self.lock:
                         undo()
-                self._store_went_away(exc)
-                raise self._away_error() from exc
+                raise self._store_went_away(exc, ticket) from exc
             self._failed = str(exc)
             log.critical("store failure; refusing further calls until restart", extra={"error": str(exc)})
             if self.on_fail_stop is not None:
@@ -716,8 +728,7 @@ class Router:
             raise
         except Exception as exc:
             if store_away(exc):
-                self._store_went_away(exc)
-                raise self._away_error() from exc
+                raise self._store_went_away(exc) from exc
             raise Unavailable(f"abrouter store unreachable reading {what}: {type(exc).__name__}: {exc}") from exc
 
     # -- experiments -------------------------------------------------------------------------------------------
