@@ -164,6 +164,7 @@ def assert_events_continue(before: list[spb.Event], after: list[spb.Event]) -> N
 # -- kill -9 ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(600)  # three process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_kill9_keeps_every_acknowledged_change(scheduler_process: SchedulerProcess) -> None:
     sched = scheduler_process
     stub = sched.serve()
@@ -362,9 +363,10 @@ def test_kill9_keeps_every_acknowledged_change(scheduler_process: SchedulerProce
 
 #: The SIGTERM test's grace: long enough that no call in flight runs out of it however loaded the machine; the
 #: drain must still end well before it (an open stream or a stuck call would hold it to the end).
-SIGTERM_GRACE_S = 60.0
+SIGTERM_GRACE_S = 120.0  # (60 s left the drain bound below, half of it, within reach of a slow drain)
 
 
+@pytest.mark.timeout(600)  # two process starts and a drain of up to START_TIMEOUT_S each on a loaded machine
 def test_sigterm_drains_in_flight_calls_and_streams(tmp_path: Path) -> None:
     # The drain delay (serving while health says NOT_SERVING) lets the slow submits, sent just before the
     # signal, be taken up by the server even when its serving thread lags under load.
