@@ -15,7 +15,8 @@ tests/test_abrouter_failstop.py.
   tool or a second writer would) past the busy timeout: the same behaviour. An unwritable file is not used: the
   tests run as root, whom file modes do not stop, so it would test nothing;
 * one core: what a config write, an Assign and a create refused while the store is away leave in memory at that
-  moment (nothing), before any reload.
+  moment (nothing), before any reload; a guardrail rollback that cannot be written is put back and decided
+  again once the store is back; a write that failed before a resume does not mark the store away again.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from guardmesh.durable import StoreFailure
 from guardmesh.errors import Unavailable
 from guardmesh.v1 import abrouter_pb2 as pb
 from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
-from services.abrouter.experiments import ArmSpec, ExperimentSpec
-from services.abrouter.router import Router, store_away
+from services.abrouter.experiments import ArmSpec, ExperimentSpec, ExperimentState
+from services.abrouter.guardrails import Guardrail
+from services.abrouter.router import Observation, Router, store_away
 from services.abrouter.store import RouterStore
 from tests import test_abrouter_replicas as replicas
 from tests.postgres import PostgresServer
@@ -364,6 +366,47 @@ def test_a_write_refused_while_the_store_is_away_leaves_memory_as_it_was(
         assert router.update(moved).version == 2
         assert router.assign("u1", {}, ["k"], log_exposure=True)[0][1]
         assert router.get("k")[1] == 2
+    finally:
+        holder.close()
+        router.close()
+        store.close()
+
+
+def test_a_guardrail_rollback_that_cannot_be_written_is_put_back_and_decided_again_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(durable, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    path = tmp_path / "r.db"
+    store = RouterStore(path, "NORMAL")
+    router = Router(ABRouterSettings(guardrail_interval_s=3600), store)
+    guard = Guardrail("conversion", max_relative_drop=0.05, min_units=100)
+    spec = ExperimentSpec(
+        key="risky", arms=(ArmSpec("control", 0.5), ArmSpec("new", 0.5)), metrics=("conversion",), guardrails=(guard,)
+    )
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        router.create(spec)
+        for i in range(600):  # 30 % conversion on control, 10 % on the new arm: trips
+            [(result, _)] = router.assign(f"u{i}", {}, ["risky"], log_exposure=True)
+            converted = (i % 10) < (3 if result.arm_index == 0 else 1)
+            router.record_metrics("risky", [Observation(f"u{i}", "conversion", float(converted))])
+        events = list(router.events)
+        holder.execute("BEGIN EXCLUSIVE")
+        assert any(v.tripped for v in router.check_guardrails())  # decided, but the rollback cannot be written
+        assert router.store_away_reason  # the periodic check does not raise: the router is away
+        live = router.live["risky"]
+        assert (live.experiment.version, live.experiment.state) == (1, ExperimentState.RUNNING)
+        assert list(router.events) == events
+        holder.execute("ROLLBACK")
+        assert router._resume()
+        assert router.get("risky")[0].state is ExperimentState.RUNNING  # the store never had the rollback
+        router.check_guardrails()
+        exp = router.get("risky")[0]
+        assert (exp.version, exp.state) == (2, ExperimentState.ROLLED_BACK)
+        assert [k for (k,) in store.log.query("SELECT kind FROM events WHERE key = 'risky' ORDER BY id")] == [
+            "config_changed",
+            "guardrail_tripped",
+        ]
     finally:
         holder.close()
         router.close()
