@@ -106,7 +106,8 @@ def core() -> Scheduler:
 def served(core: Scheduler) -> Iterator[tuple[str, Extender, RecordingApi]]:
     """The extender over real HTTP on an ephemeral port."""
     api = RecordingApi()
-    ext = Extender(core, api, ExtenderSettings(port=0, gang_wait_s=5.0))
+    # A gang's members, bound from threads started together, may arrive seconds apart on a loaded machine.
+    ext = Extender(core, api, ExtenderSettings(port=0, gang_wait_s=60.0))
     server = ExtenderHttpServer(ext, "127.0.0.1", 0).start()
     yield f"http://127.0.0.1:{server.port}", ext, api
     server.stop()

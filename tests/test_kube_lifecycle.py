@@ -113,7 +113,7 @@ def cluster(kube: KubeEmulator, v1: client.CoreV1Api) -> Iterator[Cluster]:
     c = Cluster(
         kube,
         Scheduler(SchedulerSettings(gpu_reserve_mib=0, preemption_grace_s=60), policy="best-fit"),
-        gang_wait_s=10.0,
+        gang_wait_s=60.0,  # members scheduled one after the other may be seconds apart on a loaded machine
         resync_s=1.0,
     )
     done = c.controller.reconcile()
