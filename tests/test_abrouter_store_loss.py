@@ -44,7 +44,7 @@ from services.abrouter.router import Observation, Router, store_away
 from services.abrouter.store import RouterStore
 from tests import test_abrouter_replicas as replicas
 from tests.postgres import PostgresServer
-from tests.processes import ServiceProcess, free_port
+from tests.processes import ServiceProcess, assert_exits_on_unreachable_store, free_port
 from tests.test_abrouter_replicas import pb_spec
 
 WAIT_S = 90.0  # generous: the machine is shared; what is checked is that it happens, not how fast
@@ -411,3 +411,8 @@ def test_a_guardrail_rollback_that_cannot_be_written_is_put_back_and_decided_aga
         holder.close()
         router.close()
         store.close()
+
+
+def test_store_unreachable_at_start_names_host_and_database_not_the_password(tmp_path: Path) -> None:
+    url = f"postgresql://router:{PASSWORD}@127.0.0.1:{free_port()}/experiments"
+    assert_exits_on_unreachable_store(router_process(tmp_path, "nowhere", url), "experiments", PASSWORD)
