@@ -49,7 +49,7 @@ def replicas(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[tuple[
         b.close()
 
 
-def wait_for(what: str, check: object, timeout_s: float = 30.0) -> float:
+def wait_for(what: str, check: object, timeout_s: float = 60.0) -> float:
     """Poll ``check`` until true; the seconds it took (for the failure message only)."""
     start = time.monotonic()
     while not check():  # type: ignore[operator]
@@ -63,6 +63,7 @@ def active_on(stub: pb_grpc.ScorerServiceStub) -> str:
     return models[0].active_version if models else ""
 
 
+@pytest.mark.timeout(600)  # process starts and replica waits, each generous for a loaded machine
 def test_two_replicas_share_models_feedback_and_rollback(replicas: tuple[ServiceProcess, ServiceProcess]) -> None:
     a, b = replicas
     stub_a, stub_b = pb_grpc.ScorerServiceStub(a.channel()), pb_grpc.ScorerServiceStub(b.channel())
@@ -87,7 +88,7 @@ def test_two_replicas_share_models_feedback_and_rollback(replicas: tuple[Service
     register(stub_a, "v2", logistic([-1.0, 0.0, 0.0, 0.0], 0.0), activate=True)
     wait_for("B to serve v2", lambda: score(stub_b, "probe-v2", np.zeros(4)).model_version == "v2")
     assert stub_a.RollbackModel(pb.RollbackModelRequest(model="risk")).active_version == "v1"
-    took = wait_for("B to serve v1 after A's rollback", lambda: active_on(stub_b) == "v1", timeout_s=30)
+    took = wait_for("B to serve v1 after A's rollback", lambda: active_on(stub_b) == "v1")
     assert score(stub_b, "after", np.zeros(4)).model_version == "v1", f"B listed v1 after {took:.2f} s"
 
     # Drift: each replica reports its own live window; merged, the pooled windows of both.
@@ -136,6 +137,7 @@ def test_make_up_replicas_runs_scorer_replicas_on_the_store(tmp_path: Path) -> N
     assert [name for service, name, _ in instances(config) if service == "scorer"] == ["scorer"]  # plain make up
 
 
+@pytest.mark.timeout(600)  # process starts and replica waits, each generous for a loaded machine
 def test_mesh_up_runs_two_scorer_replicas_on_a_local_postgres(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``make up REPLICAS=2 STORE=postgres`` (the scorer only, on free ports): both replicas serve; a model
     registered on scorer-0 is served by scorer-1; ``make down`` stops the replicas and the server."""
@@ -167,6 +169,7 @@ def test_store_unreachable_at_start_names_host_and_database_not_the_password(tmp
     assert_exits_on_unreachable_store(replica(tmp_path, "nowhere", url), "models", "hunter2-secret")
 
 
+@pytest.mark.timeout(600)  # process starts and replica waits, each generous for a loaded machine
 def test_store_lost_at_run_time_then_back(tmp_path: Path, postgres_server: PostgresServer) -> None:
     """PostgreSQL stops under a serving scorer process: health NOT_SERVING and Score UNAVAILABLE; when the
     server is back the scorer serves again, and what it acknowledged before is still there."""
