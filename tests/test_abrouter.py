@@ -611,6 +611,7 @@ def test_state_survives_a_restart_in_process(tmp_path: Path) -> None:
         running.stop(grace=0.5)
 
 
+@pytest.mark.timeout(600)  # two process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_acknowledged_exposures_survive_kill_9(tmp_path: Path) -> None:
     router = ServiceProcess("abrouter", tmp_path, {"GUARDMESH__ABROUTER__SQLITE_SYNCHRONOUS": "NORMAL"})
 

@@ -270,6 +270,7 @@ def test_export_off_is_a_failed_precondition(tmp_path: Path) -> None:
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.timeout(600)  # two process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_the_live_stream_carries_every_replicas_exposures_in_id_order(tmp_path: Path, postgres_server: object) -> None:
     from tests.postgres import PostgresServer
 

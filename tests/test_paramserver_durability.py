@@ -38,7 +38,7 @@ def _checkpoints(state: Path, model: str) -> list[int]:
     return sorted(found)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # two process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_kill9_during_training_resumes_from_verified_checkpoint_and_converges(tmp_path: Path) -> None:
     server = ServiceProcess("paramserver", tmp_path)
     port, state = server.port, server.state
@@ -93,7 +93,7 @@ def test_kill9_during_training_resumes_from_verified_checkpoint_and_converges(tm
         server.stop(timeout_s=30, must_exit=True)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # two process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_kill9_during_checkpoint_write_restores_previous_verified_version(tmp_path: Path) -> None:
     server = ServiceProcess("paramserver", tmp_path)
     port, state = server.port, server.state
