@@ -55,6 +55,7 @@ def write_exposure_table(
     categorical ``session`` with that many values.
     """
     con = duckdb.connect(config={"threads": threads, "memory_limit": "1GB"})
+    con.execute("SET enable_progress_bar = false")
     try:
         per_day = -(-n // days)
         numeric_names = ["lesion_mm", "age", "dose"] + (["score"] if continuous else [])

@@ -77,6 +77,7 @@ def _literal(value: str) -> str:
 def _connection() -> Iterator[duckdb.DuckDBPyConnection]:
     with tempfile.TemporaryDirectory(prefix="guardmesh-warehouse-") as spill:
         con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "threads": THREADS, "temp_directory": spill})
+        con.execute("SET enable_progress_bar = false")  # a server's log is no terminal
         try:
             yield con
         finally:
