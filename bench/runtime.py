@@ -12,14 +12,15 @@ p99 and the server's CPU per request (/proc). Targets:
 * ``Score`` (scorer, MLP 100-256-256, batching on).
 
 With ``--before DIR`` (a copy of the repository before a change, its generated code and native build
-included) every guardmesh target also runs from that tree (``<target>@before``), beside this one, in the
-same run; rounds are interleaved (the order rotates every round) and the median of the rounds is reported.
+included) every guardmesh target also runs from that tree (``<target>@before``), beside this one (or the
+tree ``--after DIR`` names), in the same run; rounds are interleaved (the order rotates every round) and the
+median of the rounds is reported. The echo answers the Score request bytes (2.4 KB) in every cell.
 
 ``--profile TARGET`` instead runs one guardmesh target under yappi (CPU clock, every thread) while the load
-generator drives it, and prints where the server's CPU went: the functions with the most own time, and the
-inclusive time of the runtime's interceptors.
+generator drives it, and prints where the server's CPU went: the functions with the most own time and the
+most inclusive time, per request.
 
-    python -m bench.runtime [--quick] [--seconds 3] [--rounds 3] [--clients 64] [--before DIR]
+    python -m bench.runtime [--quick] [--seconds 4] [--rounds 3] [--clients 64] [--before DIR] [--after DIR]
     python -m bench.runtime --profile runtime_echo|Score|Assign|PushPull|SubmitJob [--seconds 10]
 """
 
@@ -248,13 +249,19 @@ def payloads(target: str, tag: str, clients: int) -> list[bytes]:
 
 
 def measure(
-    targets: tuple[str, ...], clients: int, seconds: float, rounds: int, load_procs: int, before: Path | None
+    targets: tuple[str, ...],
+    clients: int,
+    seconds: float,
+    rounds: int,
+    load_procs: int,
+    before: Path | None,
+    after: Path = REPO,
 ) -> dict[str, dict[str, float]]:
-    """Every target (and its ``@before`` twin) and the bare echo in ``rounds`` interleaved rounds; per cell the
-    median of the rounds."""
+    """Every target from ``after`` (and its ``@before`` twin) and the bare echo in ``rounds`` interleaved rounds;
+    per cell the median of the rounds."""
     from bench.scorer import LoadGenerator, echo_server, tree_cpu_s
 
-    trees = {"": REPO} | ({"@before": before} if before is not None else {})
+    trees = {"": after} | ({"@before": before} if before is not None else {})
     taken: dict[str, list[dict[str, float]]] = {}
     with contextlib.ExitStack() as stack:
         servers: dict[str, tuple[str, int, str]] = {}  # cell -> (address, pid, method)
@@ -336,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-procs", type=int, default=2, help="load generator processes")
     ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {', '.join(TARGETS)}")
     ap.add_argument("--before", type=Path, default=None, help="a copy of the repository before a change")
+    ap.add_argument(
+        "--after",
+        type=Path,
+        default=REPO,
+        help="the tree measured as the change (default this repository; a copy isolates one change from the "
+        "uncommitted work of others in a shared tree)",
+    )
     ap.add_argument("--top", type=int, default=30, help="profile rows printed")
     ap.add_argument("--note", default="", help="a note on every record (e.g. how loaded the machine was)")
     args = ap.parse_args(argv)
@@ -349,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {machine()}; load generator: {args.load_procs} processes", flush=True)
     targets = tuple(t for t in args.targets.split(",") if t)
-    results = measure(targets, args.clients, seconds, args.rounds, args.load_procs, args.before)
+    results = measure(targets, args.clients, seconds, args.rounds, args.load_procs, args.before, args.after)
     echo = results["echo"]
     peer = "bare grpcio echo (same run)"
     records = []
