@@ -388,9 +388,7 @@ class _PostgresBackend:
             self._check_committed(commit)
 
     def write(self, statements: list[Statement], fence: Fence | None) -> None:
-        if fence is not None:  # the fence's answer is needed before COMMIT is sent
-            _write_in_transaction(self, statements, fence)
-            return
+        import psycopg
         from psycopg import ClientCursor
 
         with self._committing() as conn:
@@ -400,13 +398,24 @@ class _PostgresBackend:
             # the rest of the message, COMMIT included, and the whole batch is rolled back below.
             binder = ClientCursor(conn)
             script = ["BEGIN"]
+            if fence is not None:
+                check = _fence_block(binder, *fence)
+                if check is None:  # a lease name that cannot be quoted in the block: check it in a pipeline
+                    _write_in_transaction(self, statements, fence)
+                    return
+                script.append(check)
             for sql, params in statements:
                 text = to_postgresql(sql)
                 for row in params if isinstance(params, list) else (params,):
                     script.append(binder.mogrify(text, row))
             script.append("COMMIT")
             with conn.cursor() as cursor:
-                cursor.execute("; ".join(script))
+                try:
+                    cursor.execute("; ".join(script))
+                except psycopg.Error as exc:
+                    if exc.sqlstate == FENCED_SQLSTATE:
+                        raise Fenced(exc.diag.message_primary or str(exc)) from None
+                    raise
                 while cursor.nextset():  # to COMMIT's answer, the last
                     pass
                 self._check_committed(cursor)
@@ -721,6 +730,30 @@ class _PgListener(Listener):
         """Stop listening (within half a second)."""
         super().close()
         self._thread.join(timeout=5)
+
+
+#: The SQLSTATE PostgreSQL's fence check (:func:`_fence_block`) raises for a stale epoch.
+FENCED_SQLSTATE = "GMFEN"
+_FENCE_TAG = "$guardmesh_fence$"
+
+
+def _fence_block(binder: Any, lease: str, epoch: int) -> str | None:
+    """PostgreSQL: the fence check as one statement that raises :data:`FENCED_SQLSTATE` when lease ``lease``
+    does not hold ``epoch`` (so it travels in the batch's one query message, before COMMIT). It locks the
+    lease row as :func:`_fence_check`'s UPDATE does: a takeover cannot commit between the check and the
+    batch's COMMIT. None if the quoted name would end the block's dollar quote."""
+    name = binder.mogrify("%s", (lease,))
+    if _FENCE_TAG in name:
+        return None
+    t = _FENCE_TAG
+    return (
+        f"DO {t}DECLARE held RECORD; BEGIN "
+        f"SELECT epoch, holder INTO held FROM leases WHERE name = {name} FOR UPDATE; "
+        f"IF NOT FOUND OR held.epoch <> {int(epoch)} THEN RAISE EXCEPTION USING ERRCODE = '{FENCED_SQLSTATE}', "
+        f"MESSAGE = format('lease %L: this writer''s epoch %s is stale (%s)', {name}, {int(epoch)}, "
+        f"CASE WHEN held IS NULL THEN 'no lease row' ELSE format('epoch %s held by %s', held.epoch, held.holder) "
+        f"END); END IF; END {t}"
+    )
 
 
 def _fence_check(tx: Transaction, lease: str, epoch: int) -> Callable[[], None]:

@@ -231,6 +231,25 @@ def test_a_deposed_writer_is_fenced_and_none_of_its_batch_lands(store_url: str) 
         second.close()
 
 
+def test_a_fenced_batch_names_the_holder_or_the_missing_lease_and_keeps_nothing(store_url: str) -> None:
+    log = open_items(store_url)
+    try:
+        state = Lease(log, "items", "a", "host-a:1", ttl_s=60).claim()
+        stale = [
+            ("items", state.epoch + 1, f"epoch {state.epoch + 1} is stale \\(epoch {state.epoch} held by a\\)"),
+            ("no such lease", 1, "epoch 1 is stale \\(no lease row\\)"),
+            ("odd $guardmesh_fence$ 'name", 1, "epoch 1 is stale \\(no lease row\\)"),  # checked another way
+        ]
+        for lease, epoch, says in stale:
+            batch = [("INSERT INTO items (k, v) VALUES (?, ?)", [(lease, 1), ("other", 2)])]
+            with pytest.raises(Fenced, match=says):
+                log.submit(batch, fence=(lease, epoch)).wait()
+        log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("kept", 3))], fence=("items", state.epoch)).wait()
+        assert log.query("SELECT k FROM items") == [("kept",)]
+    finally:
+        log.close()
+
+
 def test_a_released_lease_is_taken_at_once_and_renewal_keeps_the_epoch(store_url: str) -> None:
     first, second = open_items(store_url), open_items(store_url)
     try:
