@@ -10,12 +10,15 @@ each experiment write carries a notification on :data:`CONFIG_CHANNEL` that the 
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guardmesh import durable
 from guardmesh.durable import Fence, GroupCommitLog, Migration, Statement, StoreTarget, Ticket, parse_store_url
 from services.abrouter.experiments import Experiment
 
@@ -130,6 +133,11 @@ class RouterStore:
         #: Whether other replicas may write this store too: by default on PostgreSQL; a SQLite file shared by
         #: processes on one host may say so (sticky arms and config are then looked up there before use).
         self.shared = self.log.dialect == "postgresql" if shared is None else shared
+        self._reader = _SqliteReader(self.log.path) if self.log.path is not None else None
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query; committed state only (SQLite: a connection of its own)."""
+        return self._reader.query(sql, params) if self._reader is not None else self.log.query(sql, params)
 
     @staticmethod
     def experiment(exp: Experiment, change: str, comment: str) -> list[Statement]:
@@ -163,7 +171,7 @@ class RouterStore:
 
     def revision_is(self, exp: Experiment) -> bool:
         """Whether the stored revision of ``exp``'s version is ``exp`` (False: another writer's won)."""
-        rows = self.log.query("SELECT data FROM revisions WHERE key = ? AND version = ?", (exp.key, exp.version))
+        rows = self.query("SELECT data FROM revisions WHERE key = ? AND version = ?", (exp.key, exp.version))
         return bool(rows) and rows[0][0] == json.dumps(exp.to_dict())
 
     def config_notice(self, key: str) -> Statement:
@@ -172,21 +180,21 @@ class RouterStore:
 
     def versions(self) -> dict[str, int]:
         """The newest stored version of every experiment (cheap: the revisions' primary key)."""
-        return {k: int(v) for k, v in self.log.query("SELECT key, MAX(version) FROM revisions GROUP BY key")}
+        return {k: int(v) for k, v in self.query("SELECT key, MAX(version) FROM revisions GROUP BY key")}
 
     def load_experiment(self, key: str) -> Experiment | None:
         """The stored state of one experiment (None if none)."""
-        rows = self.log.query("SELECT data FROM experiments WHERE key = ?", (key,))
+        rows = self.query("SELECT data FROM experiments WHERE key = ?", (key,))
         return Experiment.from_dict(json.loads(rows[0][0])) if rows else None
 
     def sticky_arm(self, key: str, unit: str) -> int | None:
         """The unit's recorded first arm in a sticky experiment, whichever replica recorded it (None if none)."""
-        rows = self.log.query("SELECT arm FROM sticky WHERE key = ? AND unit = ?", (key, unit))
+        rows = self.query("SELECT arm FROM sticky WHERE key = ? AND unit = ?", (key, unit))
         return int(rows[0][0]) if rows else None
 
     def sticky_arms(self, key: str) -> dict[str, int]:
         """Every recorded sticky arm of experiment ``key`` (unit -> arm)."""
-        return {str(u): int(a) for u, a in self.log.query("SELECT unit, arm FROM sticky WHERE key = ?", (key,))}
+        return {str(u): int(a) for u, a in self.query("SELECT unit, arm FROM sticky WHERE key = ?", (key,))}
 
     @staticmethod
     def sticky(key: str, rows: list[tuple[str, int, float]]) -> Statement:
@@ -255,28 +263,28 @@ class RouterStore:
 
     def load_experiments(self) -> list[Experiment]:
         """Every stored experiment."""
-        return [Experiment.from_dict(json.loads(r[0])) for r in self.log.query("SELECT data FROM experiments")]
+        return [Experiment.from_dict(json.loads(r[0])) for r in self.query("SELECT data FROM experiments")]
 
     def load_revisions(self, key: str) -> list[tuple[int, float, str, str, Experiment]]:
         """Every revision of ``key``, oldest first."""
-        rows = self.log.query(
+        rows = self.query(
             "SELECT version, at, change, comment, data FROM revisions WHERE key = ? ORDER BY version", (key,)
         )
         return [(v, at, change, comment, Experiment.from_dict(json.loads(d))) for v, at, change, comment, d in rows]
 
     def load_sticky(self) -> Iterator[tuple[str, str, int]]:
         """(key, unit, arm) of every sticky record, oldest first (a bounded cache keeps the newest)."""
-        yield from self.log.query("SELECT key, unit, arm FROM sticky ORDER BY at")
+        yield from self.query("SELECT key, unit, arm FROM sticky ORDER BY at")
 
     def max_seq(self, table: str) -> int:
         """The highest row number of ``exposures`` or ``observations`` (0 if empty)."""
         assert table in ("exposures", "observations")
-        return int(self.log.query(f"SELECT COALESCE(MAX(seq), 0) FROM {table}")[0][0])
+        return int(self.query(f"SELECT COALESCE(MAX(seq), 0) FROM {table}")[0][0])
 
     def exposures_after(self, seq: int, *, upto: int = 2**62, limit: int = 2**62) -> list[tuple[int, str, ExposureRow]]:
         """(row number, origin, exposure) of the exposures numbered above ``seq`` (and up to ``upto``; the
         first ``limit``), in number order."""
-        cursor = self.log.query(
+        cursor = self.query(
             "SELECT seq, origin, key, unit, arm, bucket, propensity, at, config_version, covariates FROM exposures "
             "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
             (seq, upto, limit),
@@ -290,7 +298,7 @@ class RouterStore:
 
     def observations_after(self, seq: int) -> list[tuple[int, str, ObservationRow]]:
         """(row number, origin, observation) of the observations numbered above ``seq``, in number order."""
-        cursor = self.log.query(
+        cursor = self.query(
             "SELECT seq, origin, key, unit, metric, value, at, pre FROM observations WHERE seq > ? ORDER BY seq", (seq,)
         )
         return [
@@ -305,7 +313,7 @@ class RouterStore:
 
     def load_numbered_exposures(self, upto: int | None = None) -> Iterator[tuple[int, ExposureRow]]:
         """(row number, exposure) of every exposure (numbered up to ``upto``), in log order."""
-        cursor = self.log.query(
+        cursor = self.query(
             "SELECT seq, key, unit, arm, bucket, propensity, at, config_version, covariates FROM exposures "
             "WHERE seq <= ? ORDER BY seq",
             (upto if upto is not None else 2**62,),
@@ -317,7 +325,7 @@ class RouterStore:
 
     def load_numbered_observations(self, upto: int | None = None) -> Iterator[tuple[int, ObservationRow]]:
         """(row number, observation) of every metric observation (numbered up to ``upto``), in log order."""
-        cursor = self.log.query(
+        cursor = self.query(
             "SELECT seq, key, unit, metric, value, at, pre FROM observations WHERE seq <= ? ORDER BY seq",
             (upto if upto is not None else 2**62,),
         )
@@ -326,7 +334,7 @@ class RouterStore:
 
     def load_shadow(self) -> Iterator[tuple[str, float, float, bool, bool]]:
         """(key, live score, shadow score, live decision, shadow decision) of every comparison."""
-        cursor = self.log.query(
+        cursor = self.query(
             "SELECT key, live_score, shadow_score, live_decision, shadow_decision FROM shadow ORDER BY seq"
         )
         for key, ls, ss, ld, sd in cursor:
@@ -334,16 +342,37 @@ class RouterStore:
 
     def load_events(self, limit: int) -> list[tuple[int, str, str, float, str]]:
         """The newest ``limit`` events, oldest first."""
-        rows = self.log.query("SELECT id, kind, key, at, message FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        rows = self.query("SELECT id, kind, key, at, message FROM events ORDER BY id DESC LIMIT ?", (limit,))
         return list(reversed(rows))
 
     def max_event_seq(self) -> int:
         """Highest stored event number (0 if none)."""
-        return int(self.log.query("SELECT COALESCE(MAX(id), 0) FROM events")[0][0])
+        return int(self.query("SELECT COALESCE(MAX(id), 0) FROM events")[0][0])
 
     def close(self) -> None:
         """Flush and close."""
         self.log.close()
+        if self._reader is not None:
+            self._reader.close()
+
+
+class _SqliteReader:
+    """Reads of a SQLite store on a connection of their own. On the committer's connection a read from another
+    thread would run inside its open transaction (seeing rows not committed yet) and could take the place of
+    its error (a BEGIN refused by another process's lock reported as 'no more rows available')."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute(f"PRAGMA busy_timeout={durable.SQLITE_BUSY_TIMEOUT_MS}")
+        self._lock = threading.Lock()
+
+    def query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
 
 
 class Tail:
