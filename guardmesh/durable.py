@@ -369,6 +369,9 @@ class _PostgresBackend:
             open=True,
         )
         self._committer: Any = None
+        #: On the committer's connection: the client-side binder of batch values and the cursor that sends them.
+        self._binder: Any = None
+        self._script: Any = None
 
     @contextmanager
     def transaction(self, *, committer: bool = False) -> Iterator[_PgTransaction]:
@@ -389,14 +392,13 @@ class _PostgresBackend:
 
     def write(self, statements: list[Statement], fence: Fence | None) -> None:
         import psycopg
-        from psycopg import ClientCursor
 
-        with self._committing() as conn:
+        with self._committing():
             # One query message, "BEGIN; ...; COMMIT", its values bound here by psycopg's literal quoting: the
             # committer's Python work per batch is about half that of the pipeline's per-statement protocol
             # (store level, measured), in the same one round trip. A failed statement makes the server skip
             # the rest of the message, COMMIT included, and the whole batch is rolled back below.
-            binder = ClientCursor(conn)
+            binder, cursor = self._binder, self._script
             script = ["BEGIN"]
             if fence is not None:
                 check = _fence_block(binder, *fence)
@@ -409,16 +411,15 @@ class _PostgresBackend:
                 for row in params if isinstance(params, list) else (params,):
                     script.append(binder.mogrify(text, row))
             script.append("COMMIT")
-            with conn.cursor() as cursor:
-                try:
-                    cursor.execute("; ".join(script))
-                except psycopg.Error as exc:
-                    if exc.sqlstate == FENCED_SQLSTATE:
-                        raise Fenced(exc.diag.message_primary or str(exc)) from None
-                    raise
-                while cursor.nextset():  # to COMMIT's answer, the last
-                    pass
-                self._check_committed(cursor)
+            try:
+                cursor.execute("; ".join(script), prepare=False)  # never the same text twice: nothing to prepare
+            except psycopg.Error as exc:
+                if exc.sqlstate == FENCED_SQLSTATE:
+                    raise Fenced(exc.diag.message_primary or str(exc)) from None
+                raise
+            while cursor.nextset():  # to COMMIT's answer, the last
+                pass
+            self._check_committed(cursor)
 
     def _check_committed(self, commit: Any) -> None:
         # A COMMIT of a transaction that failed answers ROLLBACK, not an error: only COMMIT acknowledges.
@@ -434,6 +435,7 @@ class _PostgresBackend:
         if self._committer is None or self._committer.closed or self._committer.broken:
             # autocommit: the transaction is the explicit BEGIN ... COMMIT sent, not psycopg's implicit one
             self._committer = psycopg.connect(self.target.conninfo, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
+            self._binder, self._script = psycopg.ClientCursor(self._committer), self._committer.cursor()
         conn = self._committer
         try:
             yield conn
