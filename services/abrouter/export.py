@@ -144,7 +144,7 @@ class ExposureExporter:
 
     def state(self) -> tuple[int, int]:
         """(last id exported, last id of the round in progress; equal when none is)."""
-        done, pending = self.store.log.query("SELECT done, pending FROM export_state WHERE name = ?", (_STATE,))[0]
+        done, pending = self.store.query("SELECT done, pending FROM export_state WHERE name = ?", (_STATE,))[0]
         return int(done), int(pending)
 
     def export_once(self) -> int:
