@@ -233,6 +233,7 @@ def two_processes(tmp_path: Path, pg_url: str) -> Iterator[tuple[ServiceProcess,
         yield pair
 
 
+@pytest.mark.timeout(600)  # two process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_two_processes_serve_one_config_and_agree_on_sticky_arms(
     two_processes: tuple[ServiceProcess, ServiceProcess], pg_url: str
 ) -> None:
@@ -313,6 +314,7 @@ def test_every_core_sees_every_replicas_exposures_and_observations(store_url: st
         close(a, b)
 
 
+@pytest.mark.timeout(600)  # two process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_a_guardrail_rollback_is_decided_once_across_two_processes(
     two_processes: tuple[ServiceProcess, ServiceProcess], pg_url: str
 ) -> None:

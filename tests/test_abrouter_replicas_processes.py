@@ -54,6 +54,7 @@ def served_version(stub: pb_grpc.ABRouterServiceStub, key: str) -> int:
         return 0
 
 
+@pytest.mark.timeout(600)  # two process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_concurrent_edits_through_two_processes_are_one_history(
     pair: tuple[ServiceProcess, ServiceProcess], pg_url: str
 ) -> None:
@@ -118,6 +119,7 @@ def monitor_holder(pg_url: str) -> tuple[str, int]:
     return (str(row[0]), int(row[1])) if row else ("", 0)
 
 
+@pytest.mark.timeout(600)  # two process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_a_paused_monitor_holder_is_taken_over_and_the_rollback_decided_once(
     pair: tuple[ServiceProcess, ServiceProcess], pg_url: str
 ) -> None:

@@ -190,6 +190,7 @@ def test_store_away_on_real_sqlite_errors(tmp_path: Path) -> None:
 # -- two router processes on PostgreSQL, the server stopped and started ------------------------------------------
 
 
+@pytest.mark.timeout(600)  # two process starts of up to START_TIMEOUT_S each on a loaded machine
 def test_store_lost_at_run_time_then_back_on_postgresql(tmp_path: Path, own_postgres: PostgresServer) -> None:
     name = f"loss_{free_port()}"
     own_postgres.ensure_database(name)
