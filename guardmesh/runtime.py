@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -35,6 +35,7 @@ from guardmesh.client import channel_options
 from guardmesh.config import ConfigError, MeshConfig, load_config
 from guardmesh.discovery import Registry, registry_for
 from guardmesh.errors import DomainErrorInterceptor
+from guardmesh.handlers import Behaviour, BehaviourInterceptor
 from guardmesh.logs import setup_logging
 from guardmesh.monitoring import RpcServerMetrics
 from guardmesh.reflection import V1_SERVICE, enable_reflection
@@ -97,7 +98,7 @@ def _answer_barrier(request: bytes, context: grpc.ServicerContext) -> bytes:
 _BARRIER_HANDLER = grpc.unary_unary_rpc_method_handler(_answer_barrier)
 
 
-class CallGate(grpc.ServerInterceptor):
+class CallGate(BehaviourInterceptor):
     """The first interceptor: open, it passes calls through; closed (draining), it refuses each new call
     UNAVAILABLE without running it, so that a client may safely retry it elsewhere.
 
@@ -112,9 +113,14 @@ class CallGate(grpc.ServerInterceptor):
     answered: a client that calls again as soon as it is answered cannot keep the queue from emptying, and its
     call, taken up, is never one core kills.
 
-    Limits (gRPC Python cannot send GOAWAY before its shutdown): a call that arrives in the instant between the
-    last barrier and the shutdown can still be cancelled; clients that keep many calls in flight at once, never
-    letting a round pass empty, keep the drain going until its grace ends.
+    A unary call taken up while open that returns while the gate is closed is held the same way before its
+    answer goes out: its client, were it answered at once, could call again at once, and that call could land
+    behind the last round's barriers and be cut by the stop. Held, its next call reaches a server that has
+    stopped taking calls, which refuses it UNAVAILABLE.
+
+    Limits (gRPC Python cannot send GOAWAY before its shutdown): a call from a client that had nothing in flight,
+    arriving in the instant between the last barrier and the shutdown, can still be cancelled; clients that keep
+    many calls in flight at once, never letting a round pass empty, keep the drain going until its grace ends.
     """
 
     def __init__(self) -> None:
@@ -136,8 +142,8 @@ class CallGate(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         """Pass the call on while open; refuse it while closed; count barriers."""
-        if self._open:  # the common path takes no lock; a call racing close() is taken up, so it is served
-            return continuation(handler_call_details)
+        if self._open:  # a call racing close() is taken up, so it is served (and counted while it runs)
+            return super().intercept_service(continuation, handler_call_details)
         if (BARRIER_KEY, self._token) in tuple(handler_call_details.invocation_metadata or ()):
             with self._changed:
                 self._barriers += 1
@@ -151,9 +157,28 @@ class CallGate(grpc.ServerInterceptor):
         kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
         return handler._replace(**{kind: self._refuse})  # type: ignore[attr-defined, no-any-return]
 
-    def _refuse(self, request: object, context: grpc.ServicerContext) -> None:
+    def wrap(self, behaviour: Behaviour, streaming: bool, method: str) -> Behaviour:
+        """A unary call that returns while the gate is closed is answered once the server has stopped taking
+        calls (see the class); a streaming response passes as it is (the drain ends streams)."""
+        if streaming:
+            return behaviour
+
+        def answered_after_the_stop(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return behaviour(request, context)
+            finally:
+                if not self._open:
+                    self._hold(context)
+
+        return answered_after_the_stop
+
+    def _hold(self, context: grpc.ServicerContext) -> None:
+        """Wait until the server stopped taking calls, or half of the call's remaining deadline."""
         remaining = context.time_remaining()  # a call without a deadline: gRPC's far future
         self._released.wait(None if remaining is None else min(remaining / 2, threading.TIMEOUT_MAX))
+
+    def _refuse(self, request: object, context: grpc.ServicerContext) -> None:
+        self._hold(context)
         context.abort(grpc.StatusCode.UNAVAILABLE, "server draining: the call was not started; retry another instance")
 
     def close(self) -> None:
@@ -262,9 +287,11 @@ class RunningService:
         self.gate.close()
         self.binding.drain()
         with self._barrier_channel() as channel:
-            self._take_up_waiting_calls(channel, deadline)
-            done = self.server.stop(max(0.0, deadline - time.monotonic()))
-            self.gate.release()
+            try:
+                self._take_up_waiting_calls(channel, deadline)
+                done = self.server.stop(max(0.0, deadline - time.monotonic()))
+            finally:
+                self.gate.release()  # no more calls can arrive: answer the held ones
             done.wait()
         self.binding.close()
         if self.stop_metrics is not None:

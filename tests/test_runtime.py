@@ -347,15 +347,57 @@ def test_drain_under_steady_traffic_ends_without_the_grace_and_cancels_none(tmp_
     assert outcomes.count(grpc.StatusCode.UNAVAILABLE) >= 6  # each caller was refused at least once
 
 
+def test_calls_answered_during_the_drain_whose_clients_call_again_cancel_none(tmp_path: Path) -> None:
+    """Calls running when the drain starts are answered in full; their clients call again at once, and those
+    calls are refused UNAVAILABLE (retry elsewhere), never CANCELLED by the server's stop.
+
+    The serving thread takes calls up slowly here (as under load), so a round of barriers takes a while: a call
+    sent again as soon as its first was answered arrived behind a round's barriers, the round counted as empty,
+    and the drain could stop the server with that call still waiting in gRPC core (CANCELLED). A call answered
+    while the gate is closed is held until the server has stopped taking calls."""
+    running, made = _lagging_probe(tmp_path, 0.1)
+    outcomes: list[object] = []
+    lock = threading.Lock()
+
+    def slow_then_again(k: int) -> None:
+        with grpc.insecure_channel(running.address) as channel:
+            # Staggered ends: calls are answered all through the drain's rounds.
+            for method, payload in (("Slow", f"{1.0 + 0.25 * k}".encode()), ("Echo", b"again"), ("Echo", b"again")):
+                try:
+                    got: object = _call(channel, method, payload, timeout=120)
+                except grpc.RpcError as err:
+                    got = err.code()
+                with lock:
+                    outcomes.append(got)
+
+    callers = [threading.Thread(target=slow_then_again, args=(k,)) for k in range(8)]
+    for t in callers:
+        t.start()
+    _wait_started(made["binding"], 8)
+    running.stop(grace=60)
+    for t in callers:
+        t.join(60)
+    assert len(outcomes) == 24
+    assert outcomes.count(b"done") == 8, outcomes  # every running call answered in full
+    assert grpc.StatusCode.CANCELLED not in outcomes, outcomes
+    assert set(outcomes) <= {b"done", grpc.StatusCode.UNAVAILABLE}, outcomes
+
+
 def test_drain_gate_counts_only_its_own_barriers() -> None:
     """A client cannot pass for the drain's barrier (which would end the drain early): the token is secret."""
     details = namedtuple("details", "method invocation_metadata")
-    echo = grpc.unary_unary_rpc_method_handler(_identity)
+
+    def serve(request: bytes, context: object) -> bytes:
+        return request
+
+    echo = grpc.unary_unary_rpc_method_handler(serve)
     gate = CallGate()
-    assert gate.intercept_service(lambda d: echo, details("/p.P/Echo", ())) is echo  # open: passed through
+    opened = gate.intercept_service(lambda d: echo, details("/p.P/Echo", ()))
+    assert opened is not None and opened.unary_unary(b"x", None) == b"x"  # open: served (counted while it runs)
+    assert (gate.refused, gate.barriers) == (0, 0)
     gate.close()
     forged = gate.intercept_service(lambda d: echo, details("/p.P/Echo", ((BARRIER_KEY, "guess"),)))
-    assert forged is not None and forged.unary_unary is not _identity  # refused like any call
+    assert forged is not None and forged.unary_unary is not serve  # refused like any call
     assert (gate.refused, gate.barriers) == (1, 0)
     barrier = gate.intercept_service(lambda d: echo, details("/p.P/Echo", gate.barrier_metadata))
     assert barrier is not echo and (gate.refused, gate.barriers) == (1, 1)
