@@ -281,13 +281,13 @@ def test_store_lost_at_run_time_then_back(tmp_path: Path, postgres_server: Postg
             with pytest.raises(grpc.RpcError) as lost:
                 stub.SubmitJob(spb.SubmitJobRequest(job=spec("during-outage")), timeout=60)
             assert lost.value.code() == grpc.StatusCode.UNAVAILABLE, lost.value.details()
-            wait_for("NOT_SERVING", lambda: solo.health() == "NOT_SERVING")
+            wait_for("NOT_SERVING", lambda: solo.health() == "NOT_SERVING", detail=solo.log_tail)
             with pytest.raises(grpc.RpcError) as still:
                 stub.ListJobs(spb.ListJobsRequest(), timeout=20)
             assert still.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             postgres_server.start()
-        wait_for("SERVING again", lambda: solo.health() == "SERVING", 120)
+        wait_for("SERVING again", lambda: solo.health() == "SERVING", 120, detail=solo.log_tail)
         back = stub.DescribeJob(spb.DescribeJobRequest(job_id="acked")).job
         assert placements(back) == placements(acked)
         # The call that failed was never acknowledged and is not there: memory was reloaded from the store.
