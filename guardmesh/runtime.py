@@ -34,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from guardmesh.client import channel_options
 from guardmesh.config import ConfigError, MeshConfig, load_config
 from guardmesh.discovery import Registry, registry_for
+from guardmesh.durable import StoreError
 from guardmesh.errors import DomainErrorInterceptor
 from guardmesh.handlers import Behaviour, BehaviourInterceptor
 from guardmesh.logs import setup_logging
@@ -451,7 +452,8 @@ def start_service(
 
 
 def serve(name: str, config_path: str | None = None) -> int:
-    """Process entry point: start service ``name`` and run until SIGTERM/SIGINT; return the exit code."""
+    """Process entry point: start service ``name`` and run until SIGTERM/SIGINT; return the exit code (2: bad
+    configuration, 3: discovery refused the service, 4: its store cannot be used)."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -478,6 +480,10 @@ def serve(name: str, config_path: str | None = None) -> int:
         log.error("discovery error: %s", exc)
         print(f"guardmesh {name}: {exc}", file=sys.stderr)
         return 3
+    except StoreError as exc:  # unreachable, or a schema newer than this code: the message names no password
+        log.error("store error: %s", exc)
+        print(f"guardmesh {name}: {exc}", file=sys.stderr)
+        return 4
     while not stop.wait(0.5):
         pass
     running.stop()

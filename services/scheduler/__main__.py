@@ -1,16 +1,12 @@
 """``python -m services.scheduler``: run the scheduler service until SIGTERM.
 
 A store that cannot be used at start (unreachable, schema newer than this code) ends the process with
-exit code 4 and one line naming the store's host and database (never its password).
+exit code 4 and one line naming the store's host and database (never its password): see
+:func:`guardmesh.runtime.serve`.
 """
 
 import sys
 
-from guardmesh.durable import StoreError
 from guardmesh.runtime import serve
 
-try:
-    sys.exit(serve("scheduler"))
-except StoreError as exc:
-    print(f"guardmesh scheduler: {exc}", file=sys.stderr)
-    sys.exit(4)
+sys.exit(serve("scheduler"))
