@@ -132,3 +132,17 @@ def test_coverage_below_one_and_a_weight_change_give_the_in_memory_answers(tmp_p
     flagged = audit_table(url, narrow, 1)
     assert flagged.uniformity.alert and "outside every covered range" in flagged.uniformity.detail
     identical(flagged, in_memory(url, narrow))
+
+
+def test_an_audit_past_its_memory_limit_says_so_and_does_not_call_the_table_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from guardmesh.errors import ResourceExhausted
+    from services.abrouter.export import ExportCorrupt
+
+    url = str(tmp_path / "table")
+    write_exposure_table(url, 300_000, key="main", days=30)
+    monkeypatch.setattr(warehouse, "MEMORY_LIMIT", "8MB")
+    with pytest.raises(ResourceExhausted, match="MEMORY_LIMIT") as info:
+        audit_table(url, experiment("main"), 1)
+    assert not isinstance(info.value, ExportCorrupt)

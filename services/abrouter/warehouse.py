@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
-from guardmesh.errors import InvalidArgument
+from guardmesh.errors import InvalidArgument, ResourceExhausted
 from guardmesh.stats import ks_p_value, mean_var, standardized_mean_difference
 from services.abrouter import audit as audit_mod
 from services.abrouter.columns import MISSING_CODE, CategoricalColumn, ExposureColumns
@@ -220,6 +220,11 @@ class _Audit:
         try:
             result = self.con.sql(sql, params=list(params) or None)
             return result.to_arrow_table() if result is not None else pa.table({})
+        except duckdb.OutOfMemoryException as exc:  # the audit's memory limit, not the table, is at fault
+            raise ResourceExhausted(
+                f"auditing the exposure table needs more than warehouse.MEMORY_LIMIT ({MEMORY_LIMIT}) "
+                f"of DuckDB memory: {str(exc).splitlines()[0]}"
+            ) from exc
         except duckdb.Error as exc:  # a corrupt or cut-short file: reported, never skipped
             raise ExportCorrupt(f"exposure table at {self.where.rsplit('/experiment=', 1)[0]}: {exc}") from exc
 
