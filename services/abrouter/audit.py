@@ -1301,6 +1301,21 @@ def full_audit(
     if other_arms:
         clustering += carry_over_tests(arms, other_arms, alpha=alpha_srm)
     clustering += _arm_shares(prepared, alpha_srm)
+    return assemble_report(n, srm, uniformity, clustering, balance, alpha_balance, notes, started)
+
+
+def assemble_report(
+    exposures: int,
+    srm: SRMResult,
+    uniformity: TestResult,
+    clustering: list[TestResult],
+    balance: list[BalanceResult],
+    alpha_balance: float,
+    notes: Sequence[str],
+    started: float,
+) -> AuditReport:
+    """The audit's report from its parts (shared by the in-memory audit and the table audit): ``reasons`` name
+    every alert; ``started`` is the ``time.perf_counter()`` at which the audit began."""
     # The overall comparison (a handful of tests) is flagged at alpha_balance; the hundreds of per-window tests
     # at the Bonferroni threshold over them, so that a sound experiment does not raise false alarms every audit.
     windowed = sum(b.window != "all" for b in balance)
@@ -1323,7 +1338,7 @@ def full_audit(
             f"effect size {worst.effect_size:+.3f}"
         )
     return AuditReport(
-        exposures=n,
+        exposures=exposures,
         srm=srm,
         uniformity=uniformity,
         clustering=tuple(clustering),

@@ -516,7 +516,7 @@ def _run_audit(
                 )
     found.sort(key=lambda item: item[0])
     balance = [result for _, result in found]
-    report = _assemble(n_units, srm, uniformity, clustering, balance, alpha_balance, notes, started)
+    report = audit_mod.assemble_report(n_units, srm, uniformity, clustering, balance, alpha_balance, notes, started)
     if per_arm_since.sum() < n_units:  # as audit.with_srm_since: SRM over the units under today's weights
         since_srm = audit_mod.sample_ratio_test(
             per_arm_since, weights, min_sample=min_sample, min_deviation=min_deviation
@@ -727,48 +727,3 @@ def _categorical_balance(
             )
             found.append(((pi, int(w), j, index), result))
     return found
-
-
-def _assemble(
-    n_units: int,
-    srm: audit_mod.SRMResult,
-    uniformity: audit_mod.TestResult,
-    clustering: list[audit_mod.TestResult],
-    balance: list[audit_mod.BalanceResult],
-    alpha_balance: float,
-    notes: list[str],
-    started: float,
-) -> audit_mod.AuditReport:
-    """The report as ``audit.full_audit`` assembles it: overall balance flagged at ``alpha_balance``, per-window
-    at the Bonferroni threshold over the window tests; ``reasons`` in the same words."""
-    windowed = sum(b.window != "all" for b in balance)
-    balance_alpha = alpha_balance / max(windowed, 1)
-    balance = [
-        replace(b, imbalanced=b.p_value < (alpha_balance if b.window == "all" else balance_alpha)) for b in balance
-    ]
-    reasons = []
-    if srm.alert:
-        reasons.append(f"srm: {srm.reason}")
-    if uniformity.alert:
-        reasons.append(f"{uniformity.name}: {uniformity.detail}")
-    reasons += [f"{t.name}: {t.detail}" for t in clustering if t.alert]
-    flagged = [b for b in balance if b.imbalanced]
-    if flagged:
-        worst = min(flagged, key=lambda b: b.p_value)
-        reasons.append(
-            f"balance: {len(flagged)} of {len(balance)} tests imbalanced, worst {worst.covariate} "
-            f"in {worst.window}: arm {worst.arm_b} vs {worst.arm_a}, {worst.test} p={worst.p_value:.3g}, "
-            f"effect size {worst.effect_size:+.3f}"
-        )
-    return audit_mod.AuditReport(
-        exposures=n_units,
-        srm=srm,
-        uniformity=uniformity,
-        clustering=tuple(clustering),
-        balance=tuple(balance),
-        alert=bool(reasons),
-        seconds=time.perf_counter() - started,
-        balance_alpha=balance_alpha,
-        reasons=tuple(reasons),
-        notes=tuple(notes),
-    )
