@@ -399,7 +399,14 @@ def bucket_uniformity(buckets: np.ndarray, *, bins: int = 100, alpha: float = 0.
         raise ValueError(f"buckets: hash values must be in [0, 1), got [{hashed.min()!r}, {hashed.max()!r}]")
     index = np.floor(hashed * bins + _BIN_EPSILON).astype(np.intp)
     np.minimum(index, bins - 1, out=index)
-    counts = np.bincount(index, minlength=bins)
+    return uniformity_from_counts(np.bincount(index, minlength=bins), unhashed, alpha)
+
+
+def uniformity_from_counts(counts: np.ndarray, unhashed: int, alpha: float) -> TestResult:
+    """The bucket-uniformity test from the hashed units per equal-width bin (``unhashed``: units left out for
+    having no hash value, named in the detail)."""
+    bins = int(counts.size)
+    n = int(counts.sum())
     note = f", {unhashed} unhashed units left out" if unhashed else ""
     if n < MIN_EXPECTED * bins:
         detail = f"skipped: {n} hashed units, need >= {int(MIN_EXPECTED * bins)} for {bins} bins{note}"

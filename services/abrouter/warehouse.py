@@ -234,27 +234,6 @@ def _gid(columns: Sequence[str], grouped: Sequence[str]) -> int:
     return sum(1 << (len(columns) - 1 - i) for i, c in enumerate(columns) if c not in grouped)
 
 
-def _uniformity(counts: np.ndarray, unhashed: int, alpha: float) -> audit_mod.TestResult:
-    """``audit.bucket_uniformity`` (100 bins) from the units per bin (same test, same words)."""
-    bins = counts.size
-    n = int(counts.sum())
-    note = f", {unhashed} unhashed units left out" if unhashed else ""
-    if n < audit_mod.MIN_EXPECTED * bins:
-        detail = f"skipped: {n} hashed units, need >= {int(audit_mod.MIN_EXPECTED * bins)} for {bins} bins{note}"
-        return audit_mod.TestResult("bucket_uniformity", "chi2_gof", 0.0, 1.0, 0, False, detail)
-    res = stats.chisquare(counts)
-    stat, p = float(res.statistic), float(res.pvalue)
-    mean = n / bins
-    worst = int(np.argmax(np.abs(counts - mean)))
-    alert = p < alpha
-    detail = (
-        f"{'hash values not uniform' if alert else 'uniform'}: chi2={stat:.1f}, dof={bins - 1}, p={p:.3g}; "
-        f"{n} hashed units in {bins} bins, fullest deviation bin [{worst / bins:g}, {(worst + 1) / bins:g}) "
-        f"with {int(counts[worst])} units ({counts[worst] / mean - 1:+.1%}){note}"
-    )
-    return audit_mod.TestResult("bucket_uniformity", "chi2_gof", stat, p, bins - 1, bool(alert), detail)
-
-
 def _covered_uniformity(
     per_value: np.ndarray, ranges: Sequence[tuple[float, float]], resolution: int, alpha: float
 ) -> audit_mod.TestResult:
@@ -553,7 +532,7 @@ def _uniformity_of(
         return _covered_uniformity(counts, ranges, resolution, alpha)
     if outside:
         raise ValueError(f"buckets: hash values must be in [0, 1), {outside} units outside")
-    return _uniformity(counts, unhashed, alpha)
+    return audit_mod.uniformity_from_counts(counts, unhashed, alpha)
 
 
 def _per_window(t: dict[str, list[Any]], g: _Grouping, base: str, n_arms: int) -> np.ndarray:
