@@ -446,17 +446,26 @@ def covered_uniformity(
     if resolution not in HASH_RESOLUTIONS or resolution % bins:
         raise ValueError(f"resolution: must be one of {HASH_RESOLUTIONS} and divisible by bins={bins}")
     _check_alpha(alpha)
+    b = np.asarray(buckets, dtype=np.float64)
+    b = b[~np.isnan(b)]
+    values = np.minimum(np.rint(b * resolution).astype(np.int64), resolution - 1)
+    return covered_uniformity_from_counts(np.bincount(values, minlength=resolution), ranges, bins, alpha)
+
+
+def covered_uniformity_from_counts(
+    per_value: np.ndarray, ranges: Sequence[tuple[float, float]], bins: int, alpha: float
+) -> TestResult:
+    """:func:`covered_uniformity` from the exposed units per hash value ``k / resolution`` (``resolution`` is
+    ``per_value.size``)."""
+    resolution = int(per_value.size)
     grid = np.arange(resolution) / resolution
     covered = np.zeros(resolution, dtype=bool)
     for start, end in ranges:
         covered |= (grid >= start) & (grid < end)
-    b = np.asarray(buckets, dtype=np.float64)
-    b = b[~np.isnan(b)]
-    n = int(b.size)
-    values = np.minimum(np.rint(b * resolution).astype(np.int64), resolution - 1)
-    outside = int((~covered[values]).sum()) if n else 0
+    n = int(per_value.sum())
+    outside = int(per_value[~covered].sum())
     per_bin = covered.reshape(bins, -1).sum(axis=1)
-    observed = np.bincount(values // (resolution // bins), minlength=bins)
+    observed = per_value.reshape(bins, -1).sum(axis=1)
     keep = per_bin > 0
     if outside:
         detail = f"{outside} of {n} exposed units have hash values outside every covered range"

@@ -44,7 +44,6 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from scipy import stats
 
 from guardmesh.errors import InvalidArgument, ResourceExhausted
 from guardmesh.stats import ks_p_value, mean_var, standardized_mean_difference
@@ -232,38 +231,6 @@ class _Audit:
 def _gid(columns: Sequence[str], grouped: Sequence[str]) -> int:
     """DuckDB's grouping_id of a grouping set: bit set (first column highest) for each column not grouped."""
     return sum(1 << (len(columns) - 1 - i) for i, c in enumerate(columns) if c not in grouped)
-
-
-def _covered_uniformity(
-    per_value: np.ndarray, ranges: Sequence[tuple[float, float]], resolution: int, alpha: float
-) -> audit_mod.TestResult:
-    """``audit.covered_uniformity`` (100 bins) from the units per hash value ``k / resolution``."""
-    bins = 100
-    grid = np.arange(resolution) / resolution
-    covered = np.zeros(resolution, dtype=bool)
-    for start, end in ranges:
-        covered |= (grid >= start) & (grid < end)
-    n = int(per_value.sum())
-    outside = int(per_value[~covered].sum())
-    per_bin = covered.reshape(bins, -1).sum(axis=1)
-    observed = per_value.reshape(bins, -1).sum(axis=1)
-    keep = per_bin > 0
-    if outside:
-        detail = f"{outside} of {n} exposed units have hash values outside every covered range"
-        return audit_mod.TestResult("bucket_uniformity", "chi2_gof", math.inf, 0.0, 0, True, detail)
-    if int(keep.sum()) < 2 or n < audit_mod.MIN_EXPECTED * int(keep.sum()):
-        detail = f"skipped: {n} exposed units over {int(keep.sum())} covered bins"
-        return audit_mod.TestResult("bucket_uniformity", "chi2_gof", 0.0, 1.0, 0, False, detail)
-    expected = per_bin[keep] / per_bin[keep].sum() * n
-    res = stats.chisquare(observed[keep], expected)
-    stat, p = float(res.statistic), float(res.pvalue)
-    dof = int(keep.sum()) - 1
-    alert = p < alpha
-    detail = (
-        f"{'hash values not uniform over the covered ranges' if alert else 'uniform over the covered ranges'}: "
-        f"chi2={stat:.1f}, dof={dof}, p={p:.3g}; {n} exposed units, {int(keep.sum())} of {bins} bins covered"
-    )
-    return audit_mod.TestResult("bucket_uniformity", "chi2_gof", stat, p, dof, bool(alert), detail)
 
 
 def _day_groupings(days: list[int], windows: Sequence[str]) -> list[_Grouping]:
@@ -529,7 +496,7 @@ def _uniformity_of(
             n_all = int(counts.sum()) + outside
             detail = f"{outside} of {n_all} exposed units have hash values outside every covered range"
             return audit_mod.TestResult("bucket_uniformity", "chi2_gof", math.inf, 0.0, 0, True, detail)
-        return _covered_uniformity(counts, ranges, resolution, alpha)
+        return audit_mod.covered_uniformity_from_counts(counts, ranges, 100, alpha)
     if outside:
         raise ValueError(f"buckets: hash values must be in [0, 1), {outside} units outside")
     return audit_mod.uniformity_from_counts(counts, unhashed, alpha)
