@@ -236,6 +236,9 @@ def report(
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
     reweight: Annotated[list[str] | None, typer.Option(help="Covariate to reweight on (repeatable).")] = None,
     ipw: Annotated[bool, typer.Option(help="Inverse-propensity weights (bandits).")] = False,
+    from_table: Annotated[
+        bool, typer.Option(help="Audit and analyse the Parquet exposure table (DuckDB), not router memory.")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Audit and analyse experiment KEY: the audit summary, the multi-metric table, and PNG plots."""
@@ -248,9 +251,13 @@ def report(
     console = terminal_console()
     try:
         with ABRouterClient(_mesh_config(config)[0], address=address) as router:
-            audit = router.audit(key)
+            audit = router.audit(key, from_table=from_table)
             analysis = router.analyze(
-                key, bootstrap_resamples=resamples, reweight_covariates=reweight or [], inverse_propensity=ipw
+                key,
+                bootstrap_resamples=resamples,
+                reweight_covariates=reweight or [],
+                inverse_propensity=ipw,
+                from_table=from_table,
             )
     except grpc.RpcError as err:
         typer.echo(f"abrouter: {err.code().name}: {err.details()}", err=True)

@@ -107,15 +107,8 @@ def test_the_table_analysis_gives_the_in_memory_answers(
     router, exposures, observations = tables
     opts = AnalysisOptions(n_resamples=300, seed=5, **options)  # type: ignore[arg-type]
     in_memory, exp, _ = router.analyze("rank", opts)
-    from_table = analyze_table(
-        exposures,
-        observations,
-        exp,
-        position=opts.position_covariate,
-        inverse_propensity=opts.inverse_propensity,
-        n_resamples=300,
-        seed=5,
-    )
+    from_table, exposed = analyze_table(exposures, observations, exp, opts)
+    assert exposed == 2600
     assert [(m.metric, m.treatment) for m in from_table] == [(m.metric, m.treatment) for m in in_memory]
     assert len(in_memory) == 4
     clicks = in_memory[0]
@@ -128,7 +121,8 @@ def test_the_table_analysis_gives_the_in_memory_answers(
 def test_a_lost_observation_shows_in_the_table_analysis(tables: tuple[Router, str, str]) -> None:
     """The comparison above can fail: one observation fewer in the table moves the estimates."""
     router, exposures, observations = tables
-    in_memory, exp, _ = router.analyze("rank", AnalysisOptions(n_resamples=100, seed=5))
+    options = AnalysisOptions(n_resamples=100, seed=5)
+    in_memory, exp, _ = router.analyze("rank", options)
     (path,) = observation_files(observations)
     con = duckdb.connect()
     con.execute(
@@ -139,7 +133,7 @@ def test_a_lost_observation_shows_in_the_table_analysis(tables: tuple[Router, st
     )
     con.close()
     Path(f"{path}.tmp").rename(path)
-    from_table = analyze_table(exposures, observations, exp, n_resamples=100, seed=5)
+    from_table, _ = analyze_table(exposures, observations, exp, options)
     assert any(a.effect != pytest.approx(b.effect, rel=1e-9) for a, b in zip(from_table, in_memory, strict=True))
 
 
@@ -148,4 +142,4 @@ def test_a_corrupt_observation_file_fails_the_table_analysis_naming_the_table(ta
     (path,) = observation_files(observations)
     Path(path).write_bytes(Path(path).read_bytes()[:200])
     with pytest.raises(ExportCorrupt, match="observation table"):
-        analyze_table(exposures, observations, router.live["rank"].experiment, n_resamples=100)
+        analyze_table(exposures, observations, router.live["rank"].experiment, AnalysisOptions(n_resamples=100))

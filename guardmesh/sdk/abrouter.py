@@ -797,13 +797,16 @@ class ABRouterClient:
         inverse_propensity: bool = False,
         aggregate: Literal["", "sum", "mean"] = "",
         seed: int = 0,
+        from_table: bool = False,
     ) -> Analysis:
         """Analyse the recorded metrics: effects with bootstrap CIs, CUPED, novelty, corrections.
 
         Zeros mean the server's defaults (2,000 resamples, 95%, winsorising at 0.99, each metric's declared
         kind: "sum" for event metrics, "mean" for continuous ones; a different ``aggregate`` is refused).
+        ``from_table``: over the Parquet exposure and observation tables with DuckDB (every replica, any
+        horizon) instead of router memory.
         Errors: NOT_FOUND, INVALID_ARGUMENT (unknown metric or covariate), FAILED_PRECONDITION (an arm
-        has no exposed unit).
+        has no exposed unit; from_table with export off), UNAVAILABLE (a table cannot be read).
         """
         resp = self.stub.AnalyzeExperiment(
             pb.AnalyzeExperimentRequest(
@@ -817,6 +820,7 @@ class ABRouterClient:
                 inverse_propensity=inverse_propensity,
                 aggregate=aggregate,
                 seed=seed,
+                from_table=from_table,
             )
         )
         effects = [

@@ -7,6 +7,7 @@ retries on UNAVAILABLE, tracing); a scorer error is passed on with its own code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -512,20 +513,36 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
             exported=exported, exported_through=done, table_url=self.exporter.exporter.url
         )
 
-    def _export_now(self) -> tuple[int, int]:
-        """Export rounds until the table is current: (exposures written, highest id in the table)."""
+    def _export_now(self, observations_url: str = "") -> tuple[int, int]:
+        """Export rounds until the table is current: (exposures written, highest id in the table); with
+        ``observations_url``, the store's new observations to the observation table there too."""
         assert self.exporter is not None
         try:
-            with self.exporter.lock:  # not at the same time as the continuous rounds
+            with self.exporter.lock:  # not at the same time as the continuous rounds (nor two observation rounds)
                 exported = 0
                 while True:
                     written = self.exporter.exporter.export_once()
                     exported += written
                     if written < self.exporter.exporter.batch_rows:
                         break
+                if observations_url:
+                    from services.abrouter.warehouse_analysis import export_observations  # DuckDB where asked for
+
+                    export_observations(self.exporter.exporter.store, observations_url)
                 return exported, self.exporter.exporter.state()[0]
         except (StoreFailure, OSError) as exc:
             raise Unavailable(f"exposure export failed: {exc}") from exc
+
+    def _current_table(self, observations: bool = False) -> str:
+        """The exposure table's URL once exported up to now (with ``observations``, the observation table beside
+        it too), for the ``from_table`` requests; FAILED_PRECONDITION naming the setting when export is off."""
+        if self.exporter is None:
+            raise FailedPrecondition("from_table: export is off (abrouter.export_url is empty)")
+        from services.abrouter.warehouse_analysis import observation_table_url  # DuckDB only where asked for
+
+        url = self.exporter.exporter.url
+        self._export_now(observation_table_url(url) if observations else "")
+        return url
 
     def WatchExposures(
         self, request: pb.WatchExposuresRequest, context: grpc.ServicerContext
@@ -561,20 +578,16 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
     ) -> pb.AuditExperimentResponse:
         """See the proto."""
         if request.from_table:
-            if self.exporter is None:
-                raise FailedPrecondition("from_table: export is off (abrouter.export_url is empty)")
-            self._export_now()
-            try:
+            url = self._current_table()
+            with _reading_tables():
                 report = self.router.audit_from_table(
-                    self.exporter.exporter.url,
+                    url,
                     request.key,
                     list(request.other_experiments),
                     request.min_sample,
                     request.min_deviation,
                     list(request.window_covariates),
                 )
-            except ExportCorrupt as exc:
-                raise Unavailable(str(exc)) from exc
         else:
             report = self.router.audit(
                 request.key,
@@ -628,7 +641,15 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
             aggregate=request.aggregate,
             seed=request.seed,
         )
-        results, exp, exposed = self.router.analyze(request.key, options)
+        if request.from_table:
+            from services.abrouter.warehouse_analysis import analyze_table, observation_table_url
+
+            exp, _ = self.router.get(request.key)  # NOT_FOUND before any export
+            with _reading_tables():  # the observation export reads its table's highest id
+                url = self._current_table(observations=True)
+                results, exposed = analyze_table(url, observation_table_url(url), exp, options)
+        else:
+            results, exp, exposed = self.router.analyze(request.key, options)
         arms = [a.name for a in exp.spec.arms]
         return pb.AnalyzeExperimentResponse(
             metrics=[analysis_to_pb(a, arms) for a in results], arms=arms, exposed_units=exposed
@@ -671,6 +692,15 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
                 for e in self.router.list_events(request.experiment_key, request.after_seq)
             ]
         )
+
+
+@contextlib.contextmanager
+def _reading_tables() -> Iterator[None]:
+    """A Parquet table that cannot be read (corrupt, cut short: ExportCorrupt names it) answers UNAVAILABLE."""
+    try:
+        yield
+    except ExportCorrupt as exc:
+        raise Unavailable(str(exc)) from exc
 
 
 class ScorerClient:

@@ -85,14 +85,31 @@ def _connection() -> Iterator[duckdb.DuckDBPyConnection]:
 
 def _query(files: list[str], sql: str, params: Sequence[object] = ()) -> pa.Table:
     with _connection() as con:
-        return _arrow(con, sql, [files, *params], files[0])
+        return table_sql(con, sql, [files, *params], table="exposure table", at=table_root(files[0]))
 
 
-def _arrow(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[object], where: str) -> pa.Table:
+def table_root(path: str) -> str:
+    """The root of the table holding the partition file ``path`` (the folder above ``experiment=<key>``)."""
+    return path.rsplit("/experiment=", 1)[0]
+
+
+def table_sql(
+    con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[object] = (), *, table: str, at: str
+) -> pa.Table:
+    """``sql`` on ``con`` as an Arrow table (empty for a statement without result), with the table reads' error
+    mapping, one for the audit and the analysis: past DuckDB's memory limit ResourceExhausted naming
+    warehouse.MEMORY_LIMIT (the table is not at fault); any other DuckDB error ExportCorrupt naming ``table``
+    ("exposure table") and its root ``at``: a corrupt or cut-short file is reported, never skipped."""
     try:
-        return con.sql(sql, params=list(params) or None).to_arrow_table()
-    except duckdb.Error as exc:  # a corrupt or cut-short file: reported, never skipped
-        raise ExportCorrupt(f"exposure table at {where.rsplit('/experiment=', 1)[0]}: {exc}") from exc
+        result = con.sql(sql, params=list(params) or None)
+        return result.to_arrow_table() if result is not None else pa.table({})
+    except duckdb.OutOfMemoryException as exc:
+        raise ResourceExhausted(
+            f"reading the {table} needs more than warehouse.MEMORY_LIMIT ({MEMORY_LIMIT}) "
+            f"of DuckDB memory: {str(exc).splitlines()[0]}"
+        ) from exc
+    except duckdb.Error as exc:
+        raise ExportCorrupt(f"{table} at {at}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------- per-unit columns
@@ -216,16 +233,7 @@ class _Audit:
         )
 
     def sql(self, sql: str, params: Sequence[object] = ()) -> pa.Table:
-        try:
-            result = self.con.sql(sql, params=list(params) or None)
-            return result.to_arrow_table() if result is not None else pa.table({})
-        except duckdb.OutOfMemoryException as exc:  # the audit's memory limit, not the table, is at fault
-            raise ResourceExhausted(
-                f"auditing the exposure table needs more than warehouse.MEMORY_LIMIT ({MEMORY_LIMIT}) "
-                f"of DuckDB memory: {str(exc).splitlines()[0]}"
-            ) from exc
-        except duckdb.Error as exc:  # a corrupt or cut-short file: reported, never skipped
-            raise ExportCorrupt(f"exposure table at {self.where.rsplit('/experiment=', 1)[0]}: {exc}") from exc
+        return table_sql(self.con, sql, params, table="exposure table", at=table_root(self.where))
 
 
 def _gid(columns: Sequence[str], grouped: Sequence[str]) -> int:

@@ -16,7 +16,10 @@ then agrees to ~1e-12 relative.
 
 The observation table (:data:`OBSERVATION_SCHEMA`): ``<root>/experiment=<key>/part-<first id>-<last id>.parquet``,
 written by :func:`export_observations` from a router store, idempotent by observation id (a second call writes
-only the observations numbered above the highest id already in the table).
+only the observations numbered above the highest id already in the table). The server keeps it beside the
+exposure table's partitions (:func:`observation_table_url`) and brings both up to date before
+``AnalyzeExperiment(from_table=true)`` runs :func:`analyze_table`; one process at a time writes it (the export
+lock), so two calls never write the same observations twice.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import duckdb
 import fsspec
 import numpy as np
 import pyarrow as pa
@@ -33,10 +36,16 @@ import pyarrow.parquet as pq
 
 from guardmesh.errors import FailedPrecondition, InvalidArgument
 from services.abrouter import analysis as analysis_mod
-from services.abrouter.experiments import Experiment
-from services.abrouter.export import ExportCorrupt
+from services.abrouter.experiments import Experiment, ExperimentSpec
 from services.abrouter.store import ObservationRow, RouterStore
-from services.abrouter.warehouse import _connection, _literal, exposure_columns
+from services.abrouter.warehouse import _connection, _literal, exposure_columns, table_sql
+
+if TYPE_CHECKING:
+    from services.abrouter.router import AnalysisOptions
+
+#: The observation table's folder under the exposure table's root (``_``: Hive, Spark and DuckDB's hive
+#: partitioning skip it, so readers of the exposure table never take it for a partition).
+OBSERVATIONS_FOLDER = "_observations"
 
 #: The observation table's columns and what each means (carried in each file's schema as field metadata).
 OBSERVATION_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
@@ -53,6 +62,11 @@ OBSERVATION_SCHEMA = pa.schema(
 )
 
 
+def observation_table_url(exposure_table_url: str) -> str:
+    """Where the observation table of the exposure table at ``exposure_table_url`` lives (beside its partitions)."""
+    return f"{exposure_table_url.rstrip('/')}/{OBSERVATIONS_FOLDER}"
+
+
 def observation_files(url: str) -> list[str]:
     """Every complete file of the observation table at ``url`` (sorted)."""
     fs, root = fsspec.core.url_to_fs(url)
@@ -65,11 +79,12 @@ def _last_exported(url: str) -> int:
         return 0
     with _connection() as con:
         listed = ", ".join(_literal(f) for f in files)
-        try:
-            row = con.sql(f"SELECT max(observation_id) FROM read_parquet([{listed}])").fetchall()[0]
-        except duckdb.Error as exc:
-            raise ExportCorrupt(f"observation table at {url}: {exc}") from exc
-    return int(row[0]) if row[0] is not None else 0
+        top = table_sql(con, f"SELECT max(observation_id) AS top FROM read_parquet([{listed}])", table=_TABLE, at=url)
+    found = top["top"][0].as_py()
+    return int(found) if found is not None else 0
+
+
+_TABLE = "observation table"
 
 
 def export_observations(store: RouterStore, url: str) -> int:
@@ -109,42 +124,35 @@ def export_observations(store: RouterStore, url: str) -> int:
     return written
 
 
+def check_aggregate(spec: ExperimentSpec, metrics: Sequence[str], aggregate: str) -> None:
+    """INVALID_ARGUMENT naming ``aggregate`` unless it is empty or each metric's declared per-unit aggregate
+    (guardrails and analysis never count a metric differently)."""
+    for m in metrics:
+        declared = spec.kind_of(m)
+        if aggregate and aggregate != declared.aggregate:
+            raise InvalidArgument(
+                "aggregate",
+                f"metric '{m}' is declared {declared.name} (per-unit {declared.aggregate}); "
+                f"'{aggregate}' would count it differently from its guardrails (leave it empty)",
+            )
+
+
 def analyze_table(
-    exposures_url: str,
-    observations_url: str,
-    experiment: Experiment,
-    metrics: Sequence[str] = (),
-    *,
-    position: str = "",
-    inverse_propensity: bool = False,
-    reweight_covariates: Sequence[str] = (),
-    confidence: float = 0.95,
-    n_resamples: int = 2000,
-    winsor_quantile: float = 0.99,
-    seed: int = 0,
-) -> list[analysis_mod.MetricAnalysis]:
-    """The multi-metric table of ``experiment`` (every metric x every treatment arm, as ``Router.analyze``)
-    from the exposure and observation tables. ``metrics`` empty: every declared metric with an observation.
-    ``position``, ``inverse_propensity`` and ``reweight_covariates`` as in ``AnalyzeExperiment``."""
-    from services.abrouter.router import AnalysisOptions, Router  # the router's covariate rules, one place
+    exposures_url: str, observations_url: str, experiment: Experiment, options: AnalysisOptions
+) -> tuple[list[analysis_mod.MetricAnalysis], int]:
+    """The multi-metric table of ``experiment`` (every metric x every treatment arm) and its number of exposed
+    units, as ``Router.analyze`` gives them with the same ``options``, from the exposure and observation tables.
+    ``options.metrics`` empty: every declared metric with an observation. Errors as the audit over the table:
+    ExportCorrupt naming the table that cannot be read, ResourceExhausted past warehouse.MEMORY_LIMIT."""
+    from services.abrouter.router import Router  # the router's covariate rules, one place
 
     key, spec = experiment.key, experiment.spec
-    for i, m in enumerate(metrics):
+    for i, m in enumerate(options.metrics):
         if m not in spec.metrics:
             raise InvalidArgument(f"metrics[{i}]", f"'{m}' is not a metric of experiment '{key}'")
     columns, _ = exposure_columns(exposures_url, key)
     n_arms = len(spec.arms)
     counts = np.bincount(columns.arms, minlength=n_arms) if len(columns) else np.zeros(n_arms, dtype=np.int64)
-    for arm, count in enumerate(counts):
-        if count == 0:
-            raise FailedPrecondition(f"arm '{spec.arms[arm].name}' of experiment '{key}' has no exposed unit")
-    options = AnalysisOptions(
-        position_covariate=position,
-        inverse_propensity=inverse_propensity,
-        reweight_covariates=tuple(reweight_covariates),
-    )
-    unit_position = Router._position(columns, position)
-    unit_weights = Router._weights(columns, options, n_arms)
     files = [f for f in observation_files(observations_url) if f"/experiment={key}/" in f]
     inputs = []
     with _connection() as con:
@@ -154,20 +162,22 @@ def analyze_table(
                 {"unit": pa.array(columns.unit_ids.tolist(), pa.string()), "at": columns.timestamps}
             ).append_column("idx", pa.array(np.arange(len(columns)), pa.int64())),
         )
-        where = files[0] if files else observations_url
         listed = ", ".join(_literal(f) for f in files)
         source = f"read_parquet([{listed}]) WHERE experiment = {_literal(key)}" if files else None
 
         def query(sql: str) -> pa.Table:
-            try:
-                return con.sql(sql).to_arrow_table()
-            except duckdb.Error as exc:  # a corrupt or cut-short file: reported, never skipped
-                raise ExportCorrupt(f"observation table at {where}: {exc}") from exc
+            return table_sql(con, sql, table=_TABLE, at=observations_url)
 
         present = set()
         if source is not None:
             present = set(query(f"SELECT DISTINCT metric FROM {source}")["metric"].to_pylist())
-        wanted = list(metrics) or [m for m in spec.metrics if m in present]
+        wanted = list(options.metrics) or [m for m in spec.metrics if m in present]
+        check_aggregate(spec, wanted, options.aggregate)
+        for arm, count in enumerate(counts):
+            if count == 0:
+                raise FailedPrecondition(f"arm '{spec.arms[arm].name}' of experiment '{key}' has no exposed unit")
+        unit_position = Router._position(columns, options.position_covariate)  # the in-memory order of checks
+        unit_weights = Router._weights(columns, options, n_arms)
         for metric in wanted:
             if metric not in present or source is None:
                 continue
@@ -208,13 +218,14 @@ def analyze_table(
                 )
             )
     try:
-        return analysis_mod.analyze_experiment(
+        results = analysis_mod.analyze_experiment(
             inputs,
             n_arms,
-            confidence=confidence,
-            n_resamples=n_resamples,
-            winsor_quantile=winsor_quantile,
-            seed=seed,
+            confidence=options.confidence,
+            n_resamples=options.n_resamples,
+            winsor_quantile=options.winsor_quantile,
+            seed=options.seed,
         )
     except ValueError as exc:
         raise InvalidArgument("analysis", str(exc)) from None
+    return results, len(columns)
