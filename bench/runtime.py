@@ -297,36 +297,135 @@ def measure(
     return results
 
 
-def profile(target: str, clients: int, seconds: float, load_procs: int, top: int) -> None:
-    """Drive ``target`` under yappi for ``seconds`` and print where its CPU went."""
-    import pstats
+#: Components of a request's CPU, for the py-spy breakdown: the first pattern (in this order) that a frame of a
+#: sample matches, from the innermost frame out, names the sample's component.
+COMPONENTS = (
+    ("proto parse / serialise", ("FromString", "SerializeToString", "_serialize", "_deserialize")),
+    ("torch forward", ("torch/",)),
+    ("drift window", ("drift.py",)),
+    ("decision log", ("persistence.py", "DecisionLog", "durable.py", "sqlite")),
+    ("metrics (OpenTelemetry)", ("opentelemetry/sdk/metrics", "opentelemetry/metrics", "monitoring.py")),
+    ("spans / trace context", ("tracing.py", "opentelemetry/trace", "opentelemetry/context")),
+    ("feature extraction", ("Scorer._parse", "call_from_pb")),
+    ("rules, imputation", ("Scorer._prepare", "decision.py")),
+    ("batcher hand-off", ("batching.py",)),
+    ("decide, outcomes", ("Scorer._finish", "Scorer._observe", "Scorer.score_many", "Scorer._scored")),
+    ("response build", ("outcome_to_pb",)),
+    ("thread hand-offs (locks, events, futures)", ("threading.py", "gathering.py", "concurrent/futures")),
+    ("the scorer's servicer", ("ScorerServicer.Score", "Scorer.score ")),
+    (
+        "runtime interceptors",
+        ("guardmesh/handlers.py", "guardmesh/runtime.py", "guardmesh/errors.py", "grpc/_interceptor"),
+    ),
+    ("grpc server (as for the echo)", ("grpc/_server.py", "grpc/_common.py", "grpc/_utilities.py")),
+)
 
+
+def profile(target: str, clients: int, seconds: float, load_procs: int, top: int, profiler: str = "yappi") -> None:
+    """Drive ``target`` under ``profiler`` for ``seconds`` and print where its CPU went (yappi: every function's
+    own and inclusive time, its per-call overhead included; py-spy: samples, the process undisturbed, scaled to
+    the CPU per request measured in the same run, and grouped into :data:`COMPONENTS`)."""
     from bench.scorer import LoadGenerator, tree_cpu_s
 
     name, method = TARGETS[target]
     with tempfile.TemporaryDirectory(prefix="guardmesh-profile-") as tmp:
-        out = str(Path(tmp) / "server.pstat")
-        with server(name, REPO, profile=out) as (address, pid):
+        out = str(Path(tmp) / ("server.pstat" if profiler == "yappi" else "server.raw"))
+        with server(name, REPO, profile=out if profiler == "yappi" else "") as (address, pid):
             set_up(target, address)
             load = LoadGenerator(load_procs)
+            spy = None
+            if profiler == "py-spy":
+                spy = subprocess.Popen(
+                    [
+                        str(Path(sys.executable).parent / "py-spy"),
+                        "record",
+                        "--pid",
+                        str(pid),
+                        "--duration",
+                        str(max(1, int(seconds))),
+                        "--rate",
+                        "250",
+                        "--format",
+                        "raw",
+                        "--output",
+                        out,
+                        "--nonblocking",
+                        "--gil",  # only the thread holding the GIL: Python CPU, not threads waiting
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
             try:
                 cpu0 = tree_cpu_s(pid)
                 r = load.run(address, method, payloads(target, "profile", clients), clients, seconds)
                 cpu = tree_cpu_s(pid) - cpu0
+                if spy is not None and spy.wait(timeout=120) != 0:
+                    raise RuntimeError(f"py-spy failed: {spy.stderr.read().decode()[-1000:] if spy.stderr else ''}")
             finally:
                 load.close()
-        print(
-            f"{target}: {r['calls']:.0f} calls, {r['qps']:,.0f} req/s under the profiler, "
-            f"process CPU {cpu * 1000 / max(r['calls'], 1):.3f} ms/call (profiler included)"
-        )
-        stats = pstats.Stats(out)
         calls = max(r["calls"], 1.0)
+        print(
+            f"{target}: {r['calls']:.0f} calls, {r['qps']:,.0f} req/s under {profiler}, "
+            f"process CPU {cpu * 1000 / calls:.3f} ms/call ({profiler} included)"
+        )
+        if profiler == "py-spy":
+            print_samples(Path(out), cpu * 1000 / calls, top)
+            return
+        import pstats
+
+        stats = pstats.Stats(out)
         rows = list(stats.stats.items())  # type: ignore[attr-defined]
         for title, column in (("own time", 2), ("inclusive time", 3)):
             print(f"\n{title} per call (us), top {top}: own, inclusive, calls per request, function")
             for (file, line, fn), (_cc, nc, tt, ct, _callers) in sorted(rows, key=lambda kv: -kv[1][column])[:top]:
                 per = 1e6 / calls
                 print(f"  {tt * per:8.1f} {ct * per:8.1f} {nc / calls:6.1f}  {fn}  {file}:{line}")
+
+
+def _generic(frame: str) -> bool:
+    """A frame of the thread machinery itself (not the code that asked for a hand-off)."""
+    return any(p in frame for p in ("threading.py", "concurrent/futures", "contextlib.py", "gathering.py"))
+
+
+def print_samples(raw: Path, cpu_ms_per_call: float, top: int) -> None:
+    """py-spy's collapsed stacks as CPU per request: by component, and the functions with the most own and
+    inclusive samples. Python threads only: the gRPC core's own threads are in the process CPU, not here."""
+    stacks: list[tuple[list[str], int]] = []
+    for line in raw.read_text().splitlines():
+        frames, _, count = line.rpartition(" ")
+        if frames and count.isdigit():
+            stacks.append((frames.split(";")[1:], int(count)))  # the first is the thread's name
+    total = sum(n for _, n in stacks) or 1
+    per = cpu_ms_per_call * 1000 / total  # microseconds of one request's CPU per sample
+    by_component: dict[str, int] = {}
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    hand_offs: dict[str, int] = {}  # the thread hand-offs by the frame that made them
+    for stack, n in stacks:
+        component = "other"
+        for k in range(len(stack) - 1, -1, -1):
+            hit = next((c for c, patterns in COMPONENTS if any(p in stack[k] for p in patterns)), None)
+            if hit is not None:
+                component = hit
+                if hit.startswith("thread hand-offs"):
+                    site = next((f for f in reversed(stack[:k]) if not _generic(f)), "?")
+                    hand_offs[site] = hand_offs.get(site, 0) + n
+                break
+        by_component[component] = by_component.get(component, 0) + n
+        if stack:
+            own[stack[-1]] = own.get(stack[-1], 0) + n
+        for frame in set(stack):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+    print(f"\n{total} samples of the Python threads; us of CPU per request (share of the samples):")
+    for component, n in sorted(by_component.items(), key=lambda kv: -kv[1]):
+        print(f"  {n * per:8.1f}  {n / total:6.1%}  {component}")
+    print("\nthread hand-offs by the frame that made them: us per request, share, frame")
+    for site, n in sorted(hand_offs.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  {n * per:8.1f}  {n / total:6.1%}  {site}")
+    for title, table in (("own", own), ("inclusive", inclusive)):
+        print(f"\n{title} samples, top {top}: us per request, share, frame")
+        for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"  {n * per:8.1f}  {n / total:6.1%}  {frame}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--profile", default="", choices=["", *TARGETS], help="profile one target under yappi instead")
+    ap.add_argument(
+        "--profiler",
+        default="yappi",
+        choices=["yappi", "py-spy"],
+        help="yappi (every call, its overhead included) or py-spy (sampling; pip install py-spy)",
+    )
     ap.add_argument("--quick", action="store_true", help="2 s per cell")
     ap.add_argument("--seconds", type=float, default=None, help="measurement time per cell (default 4; quick 2)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell (median reported)")
@@ -357,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.serve, args.port, args.profile_out)
     seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 4.0)
     if args.profile:
-        profile(args.profile, args.clients, seconds, args.load_procs, args.top)
+        profile(args.profile, args.clients, seconds, args.load_procs, args.top, args.profiler)
         return 0
     from bench.records import machine, record, write_records
 

@@ -168,6 +168,43 @@ def test_a_parsed_row_puts_every_value_in_its_feature_column_whatever_the_map_or
     assert live.tolist() == [[float(k) + 0.25 for k in range(len(FEATURES))]] * 2
 
 
+def test_a_group_of_alike_maps_is_parsed_as_each_map_alone(core: Scorer) -> None:
+    """Calls whose maps name the same features in the same order are parsed together (one column look-up,
+    one check of their values): each is refused or placed exactly as when it is parsed alone."""
+    row = {f: float(k) - 2.5 for k, f in enumerate(FEATURES)}
+    too_big_early = row | {"x1": 3.5e38}
+    too_big_late = row | {"x5": -math.inf}
+    unknown = {"x0": 1.0, "nope": 1.0, "x1": math.inf}
+    unknown_late = {"x0": 1.0, "x1": math.inf, "nope": 1.0}
+    missing = {"x0": math.nan, "x1": 0.5}
+    maps = [row, too_big_early, row | {"x2": 7.0}, unknown, too_big_late, unknown_late, missing, {}, unknown, row]
+    calls = [ScoreCall("risk", f"r{i}", m) for i, m in enumerate(maps)]
+    alone = []
+    for call in calls:
+        [answer] = core.score_many([call])
+        alone.append(answer)
+    rows_alone = core.live_rows("risk")
+    together = core.score_many(calls)
+    assert len(together) == len(alone)
+    for a, b in zip(alone, together, strict=True):
+        if isinstance(a, ScoreOutcome):
+            assert isinstance(b, ScoreOutcome)
+            assert (b.decision.score, b.decision.positive, b.imputed) == (
+                a.decision.score,
+                a.decision.positive,
+                a.imputed,
+            )
+        else:
+            assert isinstance(a, InvalidArgument) and isinstance(b, InvalidArgument)
+            assert (b.field, b.rule) == (a.field, a.rule)
+    fields = [getattr(a, "field", None) for a in alone]
+    assert fields == [None, "features[x1]", None, "features[nope]", "features[x5]", "features[x1]", None, None,
+                      "features[nope]", None]  # fmt: skip
+    live = core.live_rows("risk")
+    assert live.shape == (2 * len(rows_alone), len(FEATURES))
+    np.testing.assert_array_equal(live[len(rows_alone) :], rows_alone)  # the same rows, in the same columns
+
+
 def test_nan_and_absent_features_are_missing_and_imputed(core: Scorer) -> None:
     outcome = core.score("risk", "gap", {"x0": math.nan, "x1": 0.5})
     assert outcome.imputed

@@ -24,7 +24,12 @@ R = TypeVar("R")
 
 
 class _Slot(Generic[C, R]):
-    """One caller's call, then its result (or the group's exception), or its turn to run the next group."""
+    """One caller's call, then its result (or the group's exception), or its turn to run the next group.
+
+    ``ready`` is a plain lock taken at creation: the caller waits by acquiring it, the group that answers
+    releases it once. A lock is the cheapest wake-up CPython has (an Event is a Condition around a lock, and
+    allocates a further lock per wait): this wait and wake-up happen once per gathered call.
+    """
 
     __slots__ = ("call", "error", "lead", "ready", "result")
 
@@ -33,7 +38,8 @@ class _Slot(Generic[C, R]):
         self.result: R | None = None
         self.error: BaseException | None = None
         self.lead = False
-        self.ready = threading.Event()
+        self.ready = threading.Lock()
+        self.ready.acquire()
 
 
 class Gathering(Generic[C, R]):
@@ -59,7 +65,7 @@ class Gathering(Generic[C, R]):
             lead = not self._running
             self._running = True
         if not lead:
-            slot.ready.wait()
+            slot.ready.acquire()  # released once: with the answer, or with the turn to run the next group
             if not slot.lead:
                 return self._answer(slot)
         self._run_group()
@@ -86,10 +92,10 @@ class Gathering(Generic[C, R]):
             if following is None:
                 self._running = False
         for s in group[1:]:
-            s.ready.set()
+            s.ready.release()
         if following is not None:
             following.lead = True
-            following.ready.set()
+            following.ready.release()
 
     @staticmethod
     def _answer(slot: _Slot[C, R]) -> R:

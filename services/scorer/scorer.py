@@ -10,6 +10,7 @@ once for the group under the line's lock.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -38,6 +39,8 @@ from services.scorer.registry import CommitActive, ModelFormat, ModelRegistry, M
 log = logging.getLogger(__name__)
 #: Largest magnitude a feature value may have: rows are float32, a larger double would become +-Inf.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Feature-name orders whose columns a line remembers (see :meth:`ModelLineState.columns`).
+COLUMN_MAPS = 64
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,21 @@ class ModelLineState:
         self.decisions = DecisionLog(settings.decision_log)
         self.drift_score = 0.0
         self.rows_since_drift = 0
+        self._columns: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}
+
+    def columns(self, names: tuple[str, ...]) -> tuple[np.ndarray, int]:
+        """The line's column of each feature name (-1: not a feature of the line), and the position of the first
+        unknown name (``len(names)``: none). Remembered per names tuple, as clients send the same maps over and
+        over; at most :data:`COLUMN_MAPS` of them, then forgotten and learnt again."""
+        known = self._columns.get(names)
+        if known is None:
+            columns = np.array([self.index.get(name, -1) for name in names], dtype=np.intp)
+            unknown = np.flatnonzero(columns < 0)
+            known = (columns, int(unknown[0]) if len(unknown) else len(names))
+            if len(self._columns) >= COLUMN_MAPS:
+                self._columns.clear()
+            self._columns[names] = known
+        return known
 
     def expected(self) -> str:
         """The features this line takes, for error messages."""
@@ -616,33 +634,46 @@ class Scorer:
         return state.model.version, [o for o in outcomes if isinstance(o, ScoreOutcome)]
 
     def _parse(self, line: ModelLineState, state: VersionState, calls: Sequence[ScoreCall]) -> _Group:
-        """The calls' features as one (calls x features) float32 array; a bad value refuses only its call."""
+        """The calls' features as one (calls x features) float32 array; a bad value refuses only its call.
+
+        Calls whose maps name the same features in the same order (the usual case: one client library) are
+        parsed together: their columns are looked up once (:meth:`ModelLineState.columns`) and their values
+        checked as one array. The first problem in a map's order refuses its call, as a value-by-value loop
+        would."""
         raw = np.full((len(calls), len(line.features)), np.nan, dtype=np.float32)
         errors: list[GuardmeshError | None] = [None] * len(calls)
-        index = line.index
+        alike: dict[tuple[str, ...], list[int]] = {}
         for i, call in enumerate(calls):
-            # One pass over the map for the names, then the values checked and stored as arrays (not per value):
-            # the first problem in the map's order refuses the call, as a value-by-value loop would.
-            features = call.features
-            names = list(features)
-            columns = [index.get(name, -1) for name in names]
-            values = np.fromiter((features[name] for name in names), np.float64, len(names))
+            alike.setdefault(tuple(call.features), []).append(i)
+        for names, members in alike.items():
+            columns, unknown = line.columns(names)
+            width = len(names)
+            values = np.fromiter(
+                itertools.chain.from_iterable(map(calls[i].features.__getitem__, names) for i in members),
+                np.float64,
+                width * len(members),
+            ).reshape(len(members), width)
             with np.errstate(invalid="ignore"):
                 too_big = np.abs(values) > FLOAT32_MAX  # NaN passes: it means missing
-            unknown = columns.index(-1) if -1 in columns else len(names)
-            out_of_range = int(np.argmax(too_big)) if too_big.any() else len(names)
-            if unknown < out_of_range:
-                errors[i] = InvalidArgument(
-                    f"features[{names[unknown]}]", f"is not a feature of {line.name!r} (expects {line.expected()})"
-                )
-                continue
-            if out_of_range < len(names):
-                errors[i] = InvalidArgument(
-                    f"features[{names[out_of_range]}]",
-                    f"must be finite and fit float32 (|value| <= {FLOAT32_MAX:.8g}; absent or NaN means missing)",
-                )
-                continue
-            raw[i, columns] = values
+            out_of_range = np.where(too_big.any(axis=1), too_big.argmax(axis=1), width) if width else [0] * len(members)
+            accepted: list[int] = []
+            for k, i in enumerate(members):
+                first_bad = int(out_of_range[k])
+                if unknown < first_bad:
+                    errors[i] = InvalidArgument(
+                        f"features[{names[unknown]}]", f"is not a feature of {line.name!r} (expects {line.expected()})"
+                    )
+                elif first_bad < width:
+                    errors[i] = InvalidArgument(
+                        f"features[{names[first_bad]}]",
+                        f"must be finite and fit float32 (|value| <= {FLOAT32_MAX:.8g}; absent or NaN means missing)",
+                    )
+                else:
+                    accepted.append(k)
+            if len(accepted) == len(members):
+                raw[np.asarray(members)[:, None], columns] = values
+            elif accepted:
+                raw[np.asarray(members)[accepted][:, None], columns] = values[accepted]
         return _Group(
             line,
             state,
