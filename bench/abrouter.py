@@ -29,9 +29,14 @@ f) The exposure table (issue #20): export throughput (exposures/s written to Par
 
 g) The full audit over the Parquet table at warehouse scale (10 M and 100 M generated exposures) against
    straightforward DuckDB SQL and pandas + scipy: see ``bench.warehouse_audit``.
+h) Assign p99 while a table audit runs (issue #20; target <= 1.5x): one abrouter process whose exported table
+   holds ``--audit-exposures`` generated exposures (``bench.exposure_table``), Assign driven from
+   ``AUDIT_LOAD_CLIENTS`` client processes; p99 with ``AuditExperiment(from_table=true)`` looping over that
+   table the whole window (ours) against p99 without (peer), windows interleaved ``--rounds`` times, medians.
 
     python -m bench.abrouter [--seconds 5] [--ids 1000000] [--runs 2000] [--exposures 10000000]
-        [--warehouse-sizes 10000000,100000000] [--parts abcdefg] [--rounds 3] [--note "loaded machine"]
+        [--warehouse-sizes 10000000,100000000] [--audit-exposures 5000000] [--parts abcdefgh] [--rounds 3]
+        [--note "loaded machine"]
 
 With ``--parts`` naming fewer parts, the records of the other parts are kept from the existing results file.
 """
@@ -502,6 +507,74 @@ def table_bench(n: int) -> list[dict[str, Any]]:
     return records
 
 
+#: Client processes of part h's Assign load (one per core of the 2-core machine the issue names).
+AUDIT_LOAD_CLIENTS = 2
+
+
+def _audit_loop(address: str, stop: Any, seconds: list[float]) -> None:
+    """AuditExperiment(from_table=true) of the generated experiment, back to back until ``stop`` is set (at
+    least one); the seconds of each audit appended to ``seconds`` (the server's figure)."""
+    from bench.warehouse_audit import KEY
+    from guardmesh.v1 import abrouter_pb2 as pb
+    from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        stub = pb_grpc.ABRouterServiceStub(ch)
+        while True:
+            report = stub.AuditExperiment(pb.AuditExperimentRequest(key=KEY, from_table=True), timeout=3600)
+            seconds.append(report.seconds)
+            if stop.is_set():
+                break
+
+
+def assign_during_audit_bench(n: int, seconds: float, rounds: int) -> list[dict[str, Any]]:
+    """h) Assign p99 while AuditExperiment(from_table=true) of ``n`` exposures runs vs without."""
+    import tempfile
+    import threading
+
+    from bench.exposure_table import write_exposure_table
+    from bench.warehouse_audit import KEY
+
+    samples: dict[str, list[float]] = {"during_audit": [], "without": []}
+    audits: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="guardmesh-bench-audit-load-") as tmp:
+        table = f"{tmp}/table"
+        write_exposure_table(table, n, key=KEY, days=60, first_id=10**12)  # ids far above the router's own
+        overrides = {
+            "GUARDMESH__ABROUTER__SQLITE_SYNCHRONOUS": "NORMAL",
+            "GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0",
+            "GUARDMESH__ABROUTER__EXPORT_URL": table,
+            "GUARDMESH__ABROUTER__EXPORT_INTERVAL_S": "3600",
+        }
+        with service_process("abrouter", overrides) as address:
+            _create(address)
+            _create(address, KEY)
+            _drive("assign", address, AUDIT_LOAD_CLIENTS, min(seconds, 2.0))  # warm-up
+            warm_up = threading.Event()
+            warm_up.set()  # one audit: the first one in a process imports its modules (under the GIL)
+            _audit_loop(address, warm_up, audits)
+            for _ in range(rounds):
+                samples["without"].append(_drive("assign", address, AUDIT_LOAD_CLIENTS, seconds)["p99_ms"])
+                stop, done = threading.Event(), len(audits)
+                looping = threading.Thread(target=_audit_loop, args=(address, stop, audits))
+                looping.start()
+                time.sleep(0.5)  # the first audit is past its export round and inside DuckDB
+                samples["during_audit"].append(_drive("assign", address, AUDIT_LOAD_CLIENTS, seconds)["p99_ms"])
+                stop.set()
+                looping.join()
+                if len(audits) == done:
+                    raise RuntimeError("no table audit ran during the window")
+    ours, peer = statistics.median(samples["during_audit"]), statistics.median(samples["without"])
+    print(
+        f"Assign p99 ({AUDIT_LOAD_CLIENTS} clients) by round: during a table audit of {n:,} exposures "
+        f"{samples['during_audit']} ms, without {samples['without']} ms; audits took {audits} s"
+    )
+    rec = record(f"assign_p99_during_table_audit_{n}", "ms", ours, "Assign p99 without an audit", peer, 1 / 1.5, False)
+    rec["samples"] = samples  # p99 ms of each window; ours and peer are their medians
+    rec["audit_seconds"] = audits  # the server's seconds of each audit, the warm-up first
+    return [rec]
+
+
 def main() -> int:
     """Run the parts asked for and write ``bench/results/abrouter.json`` (other parts' records kept)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -512,7 +585,10 @@ def main() -> int:
     parser.add_argument(
         "--warehouse-sizes", default="10000000,100000000", help="exposures of the warehouse audit (g), comma-separated"
     )
-    parser.add_argument("--parts", default="abcdefg", help="which parts to run (letters a-g)")
+    parser.add_argument(
+        "--audit-exposures", type=int, default=5_000_000, help="exposures in the table audited during part h"
+    )
+    parser.add_argument("--parts", default="abcdefgh", help="which parts to run (letters a-h)")
     parser.add_argument("--rounds", type=int, default=3, help="turns of each backend in part e (medians kept)")
     parser.add_argument("--note", default="", help="added to the machine of this run's records (e.g. 'loaded')")
     args = parser.parse_args()
@@ -524,6 +600,7 @@ def main() -> int:
         "e": lambda: replicas_bench(args.seconds, args.rounds),
         "f": lambda: table_bench(args.exposures),
         "g": lambda: warehouse_bench([int(n) for n in args.warehouse_sizes.split(",")]),
+        "h": lambda: assign_during_audit_bench(args.audit_exposures, args.seconds, args.rounds),
     }
     records: list[dict[str, Any]] = []
     for letter, run in parts.items():

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from guardmesh.config import ABRouterSettings
+from guardmesh.errors import InvalidArgument
 from services.abrouter.experiments import ArmSpec, ExperimentSpec
 from services.abrouter.export import ExportCorrupt, ExposureExporter
 from services.abrouter.metrics import MetricKind
@@ -143,3 +144,35 @@ def test_a_corrupt_observation_file_fails_the_table_analysis_naming_the_table(ta
     Path(path).write_bytes(Path(path).read_bytes()[:200])
     with pytest.raises(ExportCorrupt, match="observation table"):
         analyze_table(exposures, observations, router.live["rank"].experiment, AnalysisOptions(n_resamples=100))
+
+
+def test_table_reads_run_below_the_serving_threads_cpu_priority(
+    tables: tuple[Router, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit and the analysis over the tables open DuckDB (whose workers inherit the opening thread's nice
+    value) on a thread BACKGROUND_NICE below the caller's priority, so Assign wins a contended core; the
+    caller's own priority is unchanged and errors still reach it."""
+    import os
+    import threading
+
+    from services.abrouter import warehouse
+    from services.abrouter.warehouse import BACKGROUND_NICE, audit_table
+
+    router, exposures, observations = tables
+    opened_at: list[int] = []
+    open_connection = warehouse._connection
+
+    def watched() -> object:
+        opened_at.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return open_connection()
+
+    monkeypatch.setattr(warehouse, "_connection", watched)
+    monkeypatch.setattr("services.abrouter.warehouse_analysis._connection", watched)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    exp = router.live["rank"].experiment
+    assert audit_table(exposures, exp, 1).exposures == 2600
+    analyze_table(exposures, observations, exp, AnalysisOptions(n_resamples=10))
+    assert len(opened_at) >= 3 and set(opened_at) == {min(base + BACKGROUND_NICE, 19)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    with pytest.raises(InvalidArgument, match="window_covariates"):
+        audit_table(exposures, exp, 1, window_covariates=["nope"])

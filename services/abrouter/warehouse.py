@@ -33,12 +33,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import math
+import os
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import duckdb
 import numpy as np
@@ -60,6 +65,42 @@ THREADS = 2
 SAMPLE_CHUNK = 1 << 22
 
 _MIN_N = 20  # the in-memory audit's per-window minimum (full_audit passes 20)
+
+#: How much lower than the serving threads' the CPU priority of table reads is (nice increment of the threads
+#: that run them, inherited by the workers DuckDB starts from those threads): on a loaded machine the audit,
+#: not Assign, waits for a core (issue #20: Assign p99 while an audit runs). DuckDB holds no GIL while it runs
+#: a query, so CPU share is what the two compete for.
+BACKGROUND_NICE = 10
+#: Table reads (audits, analyses) running at once in one process; more wait their turn (each may use
+#: MEMORY_LIMIT of DuckDB memory).
+BACKGROUND_READS = 2
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_background = threading.local()
+
+
+def _lower_priority() -> None:
+    _background.inside = True
+    if sys.platform.startswith("linux"):  # there a thread's nice value is its own (POSIX: the process's)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE)
+
+
+_READS = ThreadPoolExecutor(BACKGROUND_READS, thread_name_prefix="warehouse-read", initializer=_lower_priority)
+
+
+def at_background_priority(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` run on one of the table-read threads (nice + BACKGROUND_NICE), the caller waiting for its result
+    or its exception; called directly when already on one."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if getattr(_background, "inside", False):
+            return fn(*args, **kwargs)
+        return _READS.submit(fn, *args, **kwargs).result()
+
+    return run
 
 
 def _files(table_url: str, key: str | None = None) -> list[str]:
@@ -260,6 +301,7 @@ def _coarsen(values: np.ndarray, windows: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
+@at_background_priority
 def audit_table(
     table_url: str,
     experiment: Experiment,

@@ -38,7 +38,7 @@ from guardmesh.errors import FailedPrecondition, InvalidArgument
 from services.abrouter import analysis as analysis_mod
 from services.abrouter.experiments import Experiment, ExperimentSpec
 from services.abrouter.store import ObservationRow, RouterStore
-from services.abrouter.warehouse import _connection, _literal, exposure_columns, table_sql
+from services.abrouter.warehouse import _connection, _literal, at_background_priority, exposure_columns, table_sql
 
 if TYPE_CHECKING:
     from services.abrouter.router import AnalysisOptions
@@ -137,6 +137,7 @@ def check_aggregate(spec: ExperimentSpec, metrics: Sequence[str], aggregate: str
             )
 
 
+@at_background_priority
 def analyze_table(
     exposures_url: str, observations_url: str, experiment: Experiment, options: AnalysisOptions
 ) -> tuple[list[analysis_mod.MetricAnalysis], int]:
