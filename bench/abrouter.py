@@ -32,7 +32,8 @@ g) The full audit over the Parquet table at warehouse scale (10 M and 100 M gene
 h) Assign p99 while a table audit runs (issue #20; target <= 1.5x): one abrouter process whose exported table
    holds ``--audit-exposures`` generated exposures (``bench.exposure_table``), Assign driven from
    ``AUDIT_LOAD_CLIENTS`` client processes; p99 with ``AuditExperiment(from_table=true)`` looping over that
-   table the whole window (ours) against p99 without (peer), windows interleaved ``--rounds`` times, medians.
+   table the whole window (ours) against p99 without (peer), windows interleaved ``--rounds`` times (the order
+   alternating), medians.
 
     python -m bench.abrouter [--seconds 5] [--ids 1000000] [--runs 2000] [--exposures 10000000]
         [--warehouse-sizes 10000000,100000000] [--audit-exposures 5000000] [--parts abcdefgh] [--rounds 3]
@@ -529,6 +530,7 @@ def _audit_loop(address: str, stop: Any, seconds: list[float]) -> None:
 
 def assign_during_audit_bench(n: int, seconds: float, rounds: int) -> list[dict[str, Any]]:
     """h) Assign p99 while AuditExperiment(from_table=true) of ``n`` exposures runs vs without."""
+    import os
     import tempfile
     import threading
 
@@ -537,6 +539,7 @@ def assign_during_audit_bench(n: int, seconds: float, rounds: int) -> list[dict[
 
     samples: dict[str, list[float]] = {"during_audit": [], "without": []}
     audits: list[float] = []
+    load: list[float] = []  # 1-minute load average after each round
     with tempfile.TemporaryDirectory(prefix="guardmesh-bench-audit-load-") as tmp:
         table = f"{tmp}/table"
         write_exposure_table(table, n, key=KEY, days=60, first_id=10**12)  # ids far above the router's own
@@ -553,17 +556,21 @@ def assign_during_audit_bench(n: int, seconds: float, rounds: int) -> list[dict[
             warm_up = threading.Event()
             warm_up.set()  # one audit: the first one in a process imports its modules (under the GIL)
             _audit_loop(address, warm_up, audits)
-            for _ in range(rounds):
-                samples["without"].append(_drive("assign", address, AUDIT_LOAD_CLIENTS, seconds)["p99_ms"])
-                stop, done = threading.Event(), len(audits)
-                looping = threading.Thread(target=_audit_loop, args=(address, stop, audits))
-                looping.start()
-                time.sleep(0.5)  # the first audit is past its export round and inside DuckDB
-                samples["during_audit"].append(_drive("assign", address, AUDIT_LOAD_CLIENTS, seconds)["p99_ms"])
-                stop.set()
-                looping.join()
-                if len(audits) == done:
-                    raise RuntimeError("no table audit ran during the window")
+            for r in range(rounds):  # the order alternates, so a load that drifts favours neither
+                for window in ("without", "during_audit") if r % 2 == 0 else ("during_audit", "without"):
+                    if window == "without":
+                        samples[window].append(_drive("assign", address, AUDIT_LOAD_CLIENTS, seconds)["p99_ms"])
+                        continue
+                    stop, done = threading.Event(), len(audits)
+                    looping = threading.Thread(target=_audit_loop, args=(address, stop, audits))
+                    looping.start()
+                    time.sleep(0.5)  # the first audit is past its export round and inside DuckDB
+                    samples[window].append(_drive("assign", address, AUDIT_LOAD_CLIENTS, seconds)["p99_ms"])
+                    stop.set()
+                    looping.join()
+                    if len(audits) == done:
+                        raise RuntimeError("no table audit ran during the window")
+                load.append(os.getloadavg()[0])
     ours, peer = statistics.median(samples["during_audit"]), statistics.median(samples["without"])
     print(
         f"Assign p99 ({AUDIT_LOAD_CLIENTS} clients) by round: during a table audit of {n:,} exposures "
@@ -572,6 +579,7 @@ def assign_during_audit_bench(n: int, seconds: float, rounds: int) -> list[dict[
     rec = record(f"assign_p99_during_table_audit_{n}", "ms", ours, "Assign p99 without an audit", peer, 1 / 1.5, False)
     rec["samples"] = samples  # p99 ms of each window; ours and peer are their medians
     rec["audit_seconds"] = audits  # the server's seconds of each audit, the warm-up first
+    rec["load_average_1min"] = load
     return [rec]
 
 
