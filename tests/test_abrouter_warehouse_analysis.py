@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,12 @@ from services.abrouter.export import ExportCorrupt, ExposureExporter
 from services.abrouter.metrics import MetricKind
 from services.abrouter.router import AnalysisOptions, Observation, Router
 from services.abrouter.store import RouterStore
-from services.abrouter.warehouse_analysis import analyze_table, export_observations, observation_files
+from services.abrouter.warehouse_analysis import (
+    ObservationExporter,
+    analyze_table,
+    export_observations,
+    observation_files,
+)
 
 SPEC = ExperimentSpec(
     key="rank",
@@ -153,7 +159,6 @@ def test_table_reads_run_below_the_serving_threads_cpu_priority(
     value) on a thread BACKGROUND_NICE below the caller's priority, so Assign wins a contended core; the
     caller's own priority is unchanged and errors still reach it."""
     import os
-    import threading
 
     from services.abrouter import warehouse
     from services.abrouter.warehouse import BACKGROUND_NICE, audit_table
@@ -176,3 +181,91 @@ def test_table_reads_run_below_the_serving_threads_cpu_priority(
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
     with pytest.raises(InvalidArgument, match="window_covariates"):
         audit_table(exposures, exp, 1, window_covariates=["nope"])
+
+
+def exported_ids(url: str) -> list[int]:
+    """Every observation id in the table at ``url``, sorted (repeats kept)."""
+    listed = ", ".join(f"'{f}'" for f in observation_files(url))
+    with duckdb.connect() as con:
+        rows = con.sql(f"SELECT observation_id FROM read_parquet([{listed}]) ORDER BY 1").fetchall()
+    return [int(n) for (n,) in rows]
+
+
+def stored_ids(store: RouterStore) -> list[int]:
+    return [int(n) for (n,) in store.query("SELECT seq FROM observations ORDER BY seq")]
+
+
+def test_the_observation_export_waits_for_an_id_still_committing(tmp_path: Path) -> None:
+    """A row numbered below rows already committed (another replica's transaction still committing: here
+    taken out of the store and put back under its number) is exported once it commits, not passed over."""
+    router = populated(tmp_path)
+    store = router.store
+    assert store is not None
+    try:
+        url = str(tmp_path / "observations")
+        everything = stored_ids(store)
+        late = everything[len(everything) // 2]
+        (row,) = store.query("SELECT key, unit, metric, value, at, pre FROM observations WHERE seq = ?", (late,))
+        store.log.transaction(lambda tx: tx.execute("DELETE FROM observations WHERE seq = ?", (late,)))
+        exporter = ObservationExporter(store, url)
+        assert exporter.export_once() == everything.index(late)  # up to the hole, not past it
+        assert exported_ids(url) == everything[: everything.index(late)]
+        store.log.transaction(
+            lambda tx: tx.execute(
+                "INSERT INTO observations (seq, key, unit, metric, value, at, pre) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (late, *row),
+            )
+        )
+        assert exporter.export_once() == len(everything) - everything.index(late)
+        assert exported_ids(url) == everything
+    finally:
+        router.close()
+        store.close()
+
+
+def test_an_observation_round_cut_short_is_redone_and_replicas_export_each_observation_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    router = populated(tmp_path)
+    store = router.store
+    assert store is not None
+    try:
+        url = str(tmp_path / "observations")
+        write_file = ObservationExporter._write_file
+
+        def written_then_killed(self: ObservationExporter, *args: object) -> None:
+            write_file(self, *args)  # type: ignore[arg-type]
+            raise KeyboardInterrupt("killed after the file, before the range is marked done")
+
+        monkeypatch.setattr(ObservationExporter, "_write_file", written_then_killed)
+        with pytest.raises(KeyboardInterrupt):
+            ObservationExporter(store, url).export_once()
+        monkeypatch.undo()
+        done, pending = ObservationExporter(store, url).state()
+        assert pending > done and exported_ids(url) == stored_ids(store)  # the file is there, the round is not
+        # two replicas' exporters (one store, one table) racing while observations keep arriving
+        exporters = [ObservationExporter(store, url), ObservationExporter(store, url)]
+        errors: list[BaseException] = []
+
+        def export(exporter: ObservationExporter) -> None:
+            try:
+                for _ in range(15):
+                    exporter.export_once()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=export, args=(e,)) for e in exporters]
+        for t in threads:
+            t.start()
+        for i in range(15):
+            router.record_metrics("rank", [Observation(f"u{i}", "clicks", float(i), timestamp=START + 86_400)])
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for e in exporters:
+            e.export_once()
+        assert exported_ids(url) == stored_ids(store)  # every observation once: none lost, none twice
+        assert ObservationExporter(store, url).state()[0] == stored_ids(store)[-1]
+    finally:
+        router.close()
+        store.close()

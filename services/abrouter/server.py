@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format
@@ -53,6 +53,9 @@ from services.abrouter.metrics import MetricKind
 from services.abrouter.router import AnalysisOptions, Observation, Router
 from services.abrouter.shadow import ScoreCall, ScoreResult
 from services.abrouter.store import RouterStore
+
+if TYPE_CHECKING:
+    from services.abrouter.warehouse_analysis import ObservationExporter
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +396,7 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
     def __init__(self) -> None:
         self._router: Router | None = None
         self.exporter: ExportWorker | None = None
+        self._observations: ObservationExporter | None = None
         #: Set when the server drains: live streams end (OK) so the grace period is not spent on them.
         self.draining = threading.Event()
 
@@ -513,9 +517,9 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
             exported=exported, exported_through=done, table_url=self.exporter.exporter.url
         )
 
-    def _export_now(self, observations_url: str = "") -> tuple[int, int]:
+    def _export_now(self, observations: bool = False) -> tuple[int, int]:
         """Export rounds until the table is current: (exposures written, highest id in the table); with
-        ``observations_url``, the store's new observations to the observation table there too."""
+        ``observations``, the store's settled observations to the observation table beside it too."""
         assert self.exporter is not None
         try:
             with self.exporter.lock:  # not at the same time as the continuous rounds (nor two observation rounds)
@@ -525,24 +529,29 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
                     exported += written
                     if written < self.exporter.exporter.batch_rows:
                         break
-                if observations_url:
-                    from services.abrouter.warehouse_analysis import export_observations  # DuckDB where asked for
-
-                    export_observations(self.exporter.exporter.store, observations_url)
+                if observations:
+                    self._observation_exporter().export_once()
                 return exported, self.exporter.exporter.state()[0]
         except (StoreFailure, OSError) as exc:
             raise Unavailable(f"exposure export failed: {exc}") from exc
+
+    def _observation_exporter(self) -> ObservationExporter:
+        """The observation table's exporter (one per process: its wait for ids still committing spans calls)."""
+        from services.abrouter.warehouse_analysis import ObservationExporter, observation_table_url
+
+        assert self.exporter is not None
+        if self._observations is None:
+            url = observation_table_url(self.exporter.exporter.url)
+            self._observations = ObservationExporter(self.exporter.exporter.store, url)
+        return self._observations
 
     def _current_table(self, observations: bool = False) -> str:
         """The exposure table's URL once exported up to now (with ``observations``, the observation table beside
         it too), for the ``from_table`` requests; FAILED_PRECONDITION naming the setting when export is off."""
         if self.exporter is None:
             raise FailedPrecondition("from_table: export is off (abrouter.export_url is empty)")
-        from services.abrouter.warehouse_analysis import observation_table_url  # DuckDB only where asked for
-
-        url = self.exporter.exporter.url
-        self._export_now(observation_table_url(url) if observations else "")
-        return url
+        self._export_now(observations)
+        return self.exporter.exporter.url
 
     def WatchExposures(
         self, request: pb.WatchExposuresRequest, context: grpc.ServicerContext
@@ -642,12 +651,12 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
             seed=request.seed,
         )
         if request.from_table:
-            from services.abrouter.warehouse_analysis import analyze_table, observation_table_url
+            from services.abrouter.warehouse_analysis import analyze_table  # DuckDB only where asked for
 
             exp, _ = self.router.get(request.key)  # NOT_FOUND before any export
-            with _reading_tables():  # the observation export reads its table's highest id
-                url = self._current_table(observations=True)
-                results, exposed = analyze_table(url, observation_table_url(url), exp, options)
+            url = self._current_table(observations=True)
+            with _reading_tables():
+                results, exposed = analyze_table(url, self._observation_exporter().url, exp, options)
         else:
             results, exp, exposed = self.router.analyze(request.key, options)
         arms = [a.name for a in exp.spec.arms]

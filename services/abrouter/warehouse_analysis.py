@@ -15,15 +15,15 @@ Sums in another order can differ in the last bit from the in-memory ones (floati
 then agrees to ~1e-12 relative.
 
 The observation table (:data:`OBSERVATION_SCHEMA`): ``<root>/experiment=<key>/part-<first id>-<last id>.parquet``,
-written by :func:`export_observations` from a router store, idempotent by observation id (a second call writes
-only the observations numbered above the highest id already in the table). The server keeps it beside the
-exposure table's partitions (:func:`observation_table_url`) and brings both up to date before
-``AnalyzeExperiment(from_table=true)`` runs :func:`analyze_table`; one process at a time writes it (the export
-lock), so two calls never write the same observations twice.
+written by :class:`ObservationExporter` from a router store, idempotent by observation id across kill -9 and
+replicas (ranges claimed in the store, as the exposure export does). The server keeps it beside the exposure
+table's partitions (:func:`observation_table_url`) and brings both up to date before
+``AnalyzeExperiment(from_table=true)`` runs :func:`analyze_table`.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from guardmesh.errors import FailedPrecondition, InvalidArgument
 from services.abrouter import analysis as analysis_mod
 from services.abrouter.experiments import Experiment, ExperimentSpec
-from services.abrouter.store import ObservationRow, RouterStore
+from services.abrouter.store import ObservationRow, RouterStore, Tail
 from services.abrouter.warehouse import _connection, _literal, at_background_priority, exposure_columns, table_sql
 
 if TYPE_CHECKING:
@@ -73,31 +73,81 @@ def observation_files(url: str) -> list[str]:
     return sorted(p for p in fs.glob(f"{root}/experiment=*/*.parquet") if not p.rsplit("/", 1)[-1].startswith("."))
 
 
-def _last_exported(url: str) -> int:
-    files = observation_files(url)
-    if not files:
-        return 0
-    with _connection() as con:
-        listed = ", ".join(_literal(f) for f in files)
-        top = table_sql(con, f"SELECT max(observation_id) AS top FROM read_parquet([{listed}])", table=_TABLE, at=url)
-    found = top["top"][0].as_py()
-    return int(found) if found is not None else 0
-
-
 _TABLE = "observation table"
 
 
-def export_observations(store: RouterStore, url: str) -> int:
-    """Write the store's observations numbered above the table's highest id to the observation table at
-    ``url`` (one file per experiment, each complete before it takes its name); the number written."""
-    after = _last_exported(url)
-    parts: dict[str, list[tuple[int, ObservationRow]]] = defaultdict(list)
-    for n, row in store.load_numbered_observations():
-        if n > after:
-            parts[row.key].append((n, row))
-    fs, root = fsspec.core.url_to_fs(url)
-    written = 0
-    for key, part in sorted(parts.items()):
+class ObservationExporter:
+    """Exports a router store's observations to the observation table at ``url``, idempotent by observation id
+    across kill -9 and across replicas, as the exposure export (``services.abrouter.export``) is: a round claims
+    its range of ids in the store's ``export_state`` (row ``observations <url>``: done, pending) with a
+    compare-and-set, writes one file per experiment named after the range (each complete before it takes its
+    name), then marks the range done. A round that finds a range pending (cut short, or another replica's in
+    progress) writes exactly that range again under the same names. Only ids below every hole still committing
+    (:class:`services.abrouter.store.Tail`, kept between rounds) are claimed, so a late commit is never passed
+    over; a hole is waited for up to ``GAP_TIMEOUT_S`` across rounds (a rolled-back insert leaves one for good).
+    """
+
+    def __init__(self, store: RouterStore, url: str) -> None:
+        self.store = store
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self._state = f"observations {url}"
+        store.log.transaction(
+            lambda tx: tx.execute(
+                "INSERT INTO export_state (name, done, pending) VALUES (?, 0, 0) ON CONFLICT (name) DO NOTHING",
+                (self._state,),
+            )
+        )
+        self.tail = Tail(self.state()[0])
+
+    def state(self) -> tuple[int, int]:
+        """(last id exported, last id of the round in progress; equal when none is)."""
+        done, pending = self.store.query("SELECT done, pending FROM export_state WHERE name = ?", (self._state,))[0]
+        return int(done), int(pending)
+
+    def export_once(self) -> int:
+        """Rounds until every settled observation is in the table; the number written."""
+        written = 0
+        while True:
+            done, pending = self.state()
+            if pending > done:  # cut short or in progress elsewhere: the same range, the same file names
+                written += self._write_range(done, pending, [(n, r) for n, _, r in self.store.observations_after(done)])
+                continue
+            self.tail = self.tail if self.tail.low >= done else Tail(done)  # another exporter got further
+            rows = self.store.observations_after(done)
+            self.tail.take([n for n, _, _ in rows], time.monotonic())
+            last = max((n for n, _, _ in rows if n <= self.tail.low), default=done)
+            if last <= done:
+                return written
+            if self._claim(done, last):  # else another exporter claimed a range first: start over
+                written += self._write_range(done, last, [(n, r) for n, _, r in rows])
+
+    def _claim(self, done: int, last: int) -> bool:
+        """Record ``(done, last]`` as the round in progress, unless another exporter moved the state."""
+        changed = self.store.log.transaction(
+            lambda tx: tx.execute(
+                "UPDATE export_state SET pending = ? WHERE name = ? AND done = ? AND pending = ?",
+                (last, self._state, done, done),
+            )
+        )
+        return changed == 1
+
+    def _write_range(self, done: int, last: int, rows: list[tuple[int, ObservationRow]]) -> int:
+        parts: dict[str, list[tuple[int, ObservationRow]]] = defaultdict(list)
+        for n, row in rows:
+            if done < n <= last:
+                parts[row.key].append((n, row))
+        for key, part in sorted(parts.items()):
+            self._write_file(f"{self.root}/experiment={key}", f"part-{done + 1:020d}-{last:020d}.parquet", part)
+        self.store.log.transaction(
+            lambda tx: tx.execute(
+                "UPDATE export_state SET done = ?, pending = ? WHERE name = ? AND done = ?",
+                (last, last, self._state, done),
+            )
+        )
+        return sum(len(p) for p in parts.values())
+
+    def _write_file(self, folder: str, name: str, part: list[tuple[int, ObservationRow]]) -> None:
         rows = [r for _, r in part]
         table = pa.Table.from_arrays(
             [
@@ -105,7 +155,7 @@ def export_observations(store: RouterStore, url: str) -> int:
                 pa.array(np.array([round(r.at * 1_000_000) for r in rows], np.int64)).cast(
                     pa.timestamp("us", tz="UTC")
                 ),
-                pa.array([key] * len(rows), pa.string()),
+                pa.array([r.key for r in rows], pa.string()),
                 pa.array([r.unit for r in rows], pa.string()),
                 pa.array([r.metric for r in rows], pa.string()),
                 pa.array([r.value for r in rows], pa.float64()),
@@ -113,15 +163,16 @@ def export_observations(store: RouterStore, url: str) -> int:
             ],
             schema=OBSERVATION_SCHEMA,
         )
-        folder = f"{root}/experiment={key}"
-        name = f"part-{part[0][0]:020d}-{part[-1][0]:020d}.parquet"
-        fs.makedirs(folder, exist_ok=True)
+        self.fs.makedirs(folder, exist_ok=True)
         temporary = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.inprogress"
-        with fs.open(temporary, "wb") as out:
+        with self.fs.open(temporary, "wb") as out:
             pq.write_table(table, out, compression="zstd")
-        fs.mv(temporary, f"{folder}/{name}")
-        written += len(rows)
-    return written
+        self.fs.mv(temporary, f"{folder}/{name}")  # complete files only ever carry the final name
+
+
+def export_observations(store: RouterStore, url: str) -> int:
+    """One :meth:`ObservationExporter.export_once` of a fresh exporter (tests, one-off exports)."""
+    return ObservationExporter(store, url).export_once()
 
 
 def check_aggregate(spec: ExperimentSpec, metrics: Sequence[str], aggregate: str) -> None:
