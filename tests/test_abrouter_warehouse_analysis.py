@@ -45,8 +45,8 @@ SPEC = ExperimentSpec(
 START = 1_760_000_000.0
 
 
-def populated(tmp_path: Path) -> Router:
-    router = Router(ABRouterSettings(), RouterStore(tmp_path / "r.db", "NORMAL"))
+def populated(tmp_path: Path, store_url: str = "") -> Router:
+    router = Router(ABRouterSettings(), RouterStore(store_url or tmp_path / "r.db", "NORMAL"))
     router.create(SPEC)
     rng = np.random.default_rng(11)
     observations = []
@@ -195,10 +195,10 @@ def stored_ids(store: RouterStore) -> list[int]:
     return [int(n) for (n,) in store.query("SELECT seq FROM observations ORDER BY seq")]
 
 
-def test_the_observation_export_waits_for_an_id_still_committing(tmp_path: Path) -> None:
+def test_the_observation_export_waits_for_an_id_still_committing(tmp_path: Path, store_url: str) -> None:
     """A row numbered below rows already committed (another replica's transaction still committing: here
     taken out of the store and put back under its number) is exported once it commits, not passed over."""
-    router = populated(tmp_path)
+    router = populated(tmp_path, store_url)
     store = router.store
     assert store is not None
     try:
@@ -224,9 +224,9 @@ def test_the_observation_export_waits_for_an_id_still_committing(tmp_path: Path)
 
 
 def test_an_observation_round_cut_short_is_redone_and_replicas_export_each_observation_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    router = populated(tmp_path)
+    router = populated(tmp_path, store_url)
     store = router.store
     assert store is not None
     try:
