@@ -163,6 +163,34 @@ def test_store_away_on_real_postgresql_errors(own_postgres: PostgresServer) -> N
         own_postgres.start()
 
 
+def test_the_committers_own_errors_say_away_or_refused_as_psycopgs_do(own_postgres: PostgresServer) -> None:
+    """The group committer sends its batches through libpq directly: a connection the server cut still
+    reads as away (OperationalError, no SQLSTATE) and the next batch connects again; a refused row still
+    carries its SQLSTATE class and does not."""
+    url = own_postgres.create_database()
+    log = durable.GroupCommitLog(url, (durable.Migration(1, "CREATE TABLE t (k INT PRIMARY KEY)"),), component="t")
+    try:
+        log.submit([("INSERT INTO t (k) VALUES (?)", (1,))]).wait("t")
+        with pytest.raises(StoreFailure) as refused:
+            log.submit([("INSERT INTO t (k) VALUES (?)", [(2,), (1,)])]).wait("t")
+        assert isinstance(refused.value.__cause__, psycopg.errors.UniqueViolation)
+        assert not store_away(refused.value)
+        with psycopg.connect(url, autocommit=True) as conn:  # the server cuts the committer's connection
+            cut = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND datname = current_database() AND state = 'idle'"
+            ).fetchall()
+        assert cut, "no idle connection of the committer to cut"
+        with pytest.raises(StoreFailure) as lost:
+            log.submit([("INSERT INTO t (k) VALUES (?)", (3,))]).wait("t")
+        assert isinstance(lost.value.__cause__, psycopg.OperationalError), repr(lost.value.__cause__)
+        assert store_away(lost.value)
+        log.submit([("INSERT INTO t (k) VALUES (?)", (4,))]).wait("t")  # connected again
+        assert log.query("SELECT k FROM t ORDER BY k") == [(1,), (4,)]
+    finally:
+        log.close()
+
+
 def test_store_away_on_real_sqlite_errors(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     holder = sqlite3.connect(path, isolation_level=None)

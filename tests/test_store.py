@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from guardmesh.durable import (
     StoreError,
     StoreFailure,
     StoreUnreachable,
+    Ticket,
     Transaction,
     parse_store_url,
     to_postgresql,
@@ -31,6 +34,34 @@ ITEMS = (Migration(1, "CREATE TABLE items (k TEXT PRIMARY KEY, v BIGINT NOT NULL
 
 def open_items(url: str, migrations: tuple[Migration, ...] = ITEMS) -> GroupCommitLog:
     return GroupCommitLog(url, migrations, "NORMAL", component="items")
+
+
+@contextmanager
+def committer_held(log: GroupCommitLog) -> Iterator[Ticket]:
+    """The committer stuck on its first batch (a row of ``items``) behind a lock another transaction holds:
+    batches submitted in the block queue for the next transaction; the lock is let go on leaving it. Yields
+    the first batch's ticket."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold(tx: Transaction) -> None:
+        if log.dialect == "postgresql":  # SQLite's side transaction already holds the write lock
+            tx.execute("LOCK TABLE items IN SHARE MODE")
+        held.set()
+        release.wait(60)
+
+    holder = threading.Thread(target=log.transaction, args=(hold,))
+    holder.start()
+    try:
+        assert held.wait(60)
+        first = log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("first", 1))])
+        deadline = time.monotonic() + 30
+        while log.transactions < 1:  # the committer has taken the first batch alone and waits for the lock
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        yield first
+    finally:
+        release.set()
+        holder.join(60)
 
 
 def test_acknowledged_batches_are_committed_and_share_transactions(store_url: str) -> None:
@@ -86,28 +117,11 @@ def test_a_group_commit_is_all_or_nothing_and_acknowledged_only_once_committed(s
     """Batches queued while a transaction is held up share the next one: a failing row in the middle of one
     batch's multi-row statement fails every ticket of that transaction and keeps none of its rows."""
     log = open_items(store_url)
-    held, release = threading.Event(), threading.Event()
-
-    def hold(tx: Transaction) -> None:
-        if log.dialect == "postgresql":  # SQLite's side transaction already holds the write lock
-            tx.execute("LOCK TABLE items IN SHARE MODE")
-        held.set()
-        release.wait(60)
-
-    holder = threading.Thread(target=log.transaction, args=(hold,))
-    holder.start()
     try:
-        assert held.wait(60)
-        first = log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("first", 1))])
-        deadline = time.monotonic() + 30
-        while log.transactions < 1:  # the committer has taken the first batch alone and waits for the lock
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        good = log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", [("g1", 1), ("g2", 2)])])
-        bad = log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", [("b1", 1), ("b1", 2), ("b3", 3)])])
-        assert not any(t._event.is_set() for t in (first, good, bad))  # nothing acknowledged before COMMIT
-        release.set()
-        holder.join(60)
+        with committer_held(log) as first:
+            good = log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", [("g1", 1), ("g2", 2)])])
+            bad = log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", [("b1", 1), ("b1", 2), ("b3", 3)])])
+            assert not any(t._event.is_set() for t in (first, good, bad))  # nothing acknowledged before COMMIT
         first.wait()
         for ticket in (good, bad):
             with pytest.raises(StoreFailure, match="could not be written"):
@@ -117,8 +131,6 @@ def test_a_group_commit_is_all_or_nothing_and_acknowledged_only_once_committed(s
         log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", [("g1", 1), ("g2", 2)])]).wait()
         assert [r[0] for r in log.query("SELECT k FROM items ORDER BY k")] == ["first", "g1", "g2"]
     finally:
-        release.set()
-        holder.join(60)
         log.close()
 
 
@@ -171,6 +183,41 @@ def test_portable_upsert_and_insert_or_ignore(store_url: str) -> None:
             ("y", 2),
             ("z", 3),
         ]
+    finally:
+        log.close()
+
+
+def test_rows_of_one_insert_across_batches_keep_their_order_and_first_wins_on_ignore(store_url: str) -> None:
+    """Batches that share a transaction may have their rows of one single-row INSERT sent as one statement
+    (PostgreSQL): serial numbers still follow submission order, and INSERT OR IGNORE keeps the first of two
+    rows for one key, within one statement as across statements."""
+    log = GroupCommitLog(
+        store_url,
+        (
+            Migration(1, "CREATE TABLE items (k TEXT PRIMARY KEY, v BIGINT NOT NULL)"),
+            Migration(
+                2,
+                "CREATE TABLE seqd (n INTEGER PRIMARY KEY AUTOINCREMENT, k TEXT NOT NULL)",
+                postgresql="CREATE TABLE seqd (n BIGSERIAL PRIMARY KEY, k TEXT NOT NULL)",
+            ),
+        ),
+        "NORMAL",
+        component="merged",
+    )
+    try:
+        ignore = "INSERT OR IGNORE INTO items (k, v) VALUES (?, ?)"
+        numbered = "INSERT INTO seqd (k) VALUES (?)"
+        with committer_held(log) as first:
+            tickets = [
+                log.submit([(ignore, ("a", 1)), (numbered, ("one",))]),
+                log.submit([(numbered, [("two",), ("three",)])]),
+                log.submit([(numbered, ("four",)), (ignore, [("a", 2), ("b", 3), ("b", 4)])]),
+            ]
+        for ticket in (first, *tickets):
+            ticket.wait("rows")
+        assert log.transactions == 2  # the three batches shared one transaction
+        assert log.query("SELECT k FROM seqd ORDER BY n") == [("one",), ("two",), ("three",), ("four",)]
+        assert log.query("SELECT k, v FROM items ORDER BY k") == [("a", 1), ("b", 3), ("first", 1)]
     finally:
         log.close()
 
