@@ -5,11 +5,13 @@ Layout: ``<root>/experiment=<key>/day=<YYYY-MM-DD>/part-<first id>-<last id>.par
 so DuckDB, Spark and pyarrow read the partition columns back). One row per logged exposure, columns
 :data:`COLUMNS`; ``exposure_id`` is the store's row number, unique per store.
 
-Idempotent by exposure id, kill -9 included: each round first records the range of ids it is about to
-write (``export_state.pending``) in the store, then writes the files (each to a temporary name, renamed
-when complete), then records the range as done. A round interrupted anywhere is redone for exactly the same
-range on the next start, so its files are rewritten under the same names, never written twice under two.
-Only ids below every hole in the numbering (a transaction still committing; see
+Idempotent by exposure id, kill -9 and replicas included (:class:`RangeExporter`, which the observation
+table's exporter shares): each round first claims the range of ids it is about to write in the store
+(``export_state``: a compare-and-set that succeeds only while no range is pending, so one range per
+starting id, claimed once, by one exporter), then writes the files (each to a temporary name, renamed
+when complete), then records the range as done. A range pending when a round starts (cut short by kill -9,
+or another replica's in progress) is written again for exactly that range, under the same names, never
+under two. Only ids below every hole in the numbering (a transaction still committing; see
 :class:`services.abrouter.store.Tail`) are exported, so a late commit is never passed over.
 
 Reading (:func:`read_exposures`) opens every ``*.parquet`` file; one that does not read as an exposure file
@@ -25,13 +27,14 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from guardmesh.durable import StoreFailure, Transaction
+from guardmesh.durable import StoreFailure
 from guardmesh.leadership import Lease
 from services.abrouter.store import ExposureRow, RouterStore, Tail
 
@@ -63,12 +66,6 @@ _STATE = "parquet"
 
 class ExportCorrupt(RuntimeError):
     """A file of the exposure table cannot be read as one (corrupt, cut short, or another schema)."""
-
-
-def _ensure_state_table(tx: Transaction) -> None:
-    tx.execute(
-        "INSERT INTO export_state (name, done, pending) VALUES (?, 0, 0) ON CONFLICT (name) DO NOTHING", (_STATE,)
-    )
 
 
 def _arm_name(arm: int, names: tuple[str, ...]) -> str:
@@ -126,41 +123,118 @@ class ExposureStream:
         return out
 
 
-class ExposureExporter:
-    """Exports a router store's exposures to the Parquet table at ``url`` (see the module docstring)."""
+RowT = TypeVar("RowT")
 
-    def __init__(self, store: RouterStore, url: str, *, batch_rows: int = BATCH_ROWS) -> None:
+#: No bound on the rows of one round.
+UNBOUNDED = 2**62
+
+
+class RangeExporter(Generic[RowT]):
+    """Exports the rows of one store table, numbered by the store, to files named after ranges of those
+    numbers, idempotent by number across kill -9 and across replicas (the exposure and the observation table).
+
+    The store's ``export_state`` row ``state_name`` holds (done, pending): every number up to ``done`` is in
+    the table; ``(done, pending]`` is the range in progress when ``pending > done``. A round claims
+    ``(done, last]`` with a compare-and-set that succeeds only while nothing is pending, so for each ``done``
+    exactly one range is ever claimed, by one exporter, and every writer of it uses the same file names. The
+    files are written, then the range is marked done (again a compare-and-set on ``done``: a writer that lost
+    a race changes nothing). A round that finds a range pending (cut short, or another exporter's in progress)
+    writes exactly that range again, under the same names: the files are replaced, never doubled. Only
+    numbers below every hole still committing (:class:`services.abrouter.store.Tail`, kept between rounds)
+    are claimed, so a late commit is never passed over.
+
+    Subclasses give the rows (:meth:`_rows_after`) and write one range's files (:meth:`_write_files`).
+    """
+
+    def __init__(self, store: RouterStore, url: str, state_name: str, batch_rows: int = UNBOUNDED) -> None:
         self.store = store
         self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.batch_rows = batch_rows
-        store.log.transaction(_ensure_state_table)
-        self._revisions = Revisions(store)
-        done, pending = self.state()
-        self.tail = Tail(done)
-        if pending > done:  # a round was cut short: redo exactly its range first
-            log.info("redoing an interrupted export round", extra={"first": done + 1, "last": pending})
-            self._write_range(done, pending)
+        self._state = state_name
+        store.log.transaction(
+            lambda tx: tx.execute(
+                "INSERT INTO export_state (name, done, pending) VALUES (?, 0, 0) ON CONFLICT (name) DO NOTHING",
+                (state_name,),
+            )
+        )
+        self.tail = Tail(self.state()[0])
 
     def state(self) -> tuple[int, int]:
         """(last id exported, last id of the round in progress; equal when none is)."""
-        done, pending = self.store.query("SELECT done, pending FROM export_state WHERE name = ?", (_STATE,))[0]
+        done, pending = self.store.query("SELECT done, pending FROM export_state WHERE name = ?", (self._state,))[0]
         return int(done), int(pending)
 
     def export_once(self) -> int:
-        """One round: every settled exposure not exported yet (up to ``batch_rows``); the number written."""
-        done, _ = self.state()
-        if done > self.tail.low:  # another exporter (a previous leader) got further
-            self.tail = Tail(done)
-        rows = self.store.exposures_after(done, limit=self.batch_rows)
-        self.tail.take([n for n, _, _ in rows], time.monotonic())
-        last = max((n for n, _, _ in rows if n <= self.tail.low), default=done)
-        if last <= done:
-            return 0
-        self.store.log.transaction(
-            lambda tx: tx.execute("UPDATE export_state SET pending = ? WHERE name = ?", (last, _STATE))
+        """One round: any range pending written again, then every settled row not exported yet (up to
+        ``batch_rows``) claimed and written; the number of rows written."""
+        written = 0
+        while True:
+            done, pending = self.state()
+            if pending > done:
+                written += self._redo(done, pending)
+                continue
+            if self.tail.low < done:  # another exporter got further
+                self.tail = Tail(done)
+            rows = self._rows_after(done, UNBOUNDED, self.batch_rows)
+            self.tail.take([n for n, _ in rows], time.monotonic())
+            last = max((n for n, _ in rows if n <= self.tail.low), default=done)
+            if last <= done:
+                return written
+            if self._claim(done, last):  # else another exporter claimed a range first: start over
+                return written + self._write_range(done, last, rows)
+
+    def _redo(self, done: int, pending: int) -> int:
+        log.info("writing a pending export range again", extra={"table": self.url, "first": done + 1, "last": pending})
+        return self._write_range(done, pending, self._rows_after(done, pending, UNBOUNDED))
+
+    def _claim(self, done: int, last: int) -> bool:
+        """Record ``(done, last]`` as the range in progress, unless another exporter moved the state first."""
+        changed = self.store.log.transaction(
+            lambda tx: tx.execute(
+                "UPDATE export_state SET pending = ? WHERE name = ? AND done = ? AND pending = ?",
+                (last, self._state, done, done),
+            )
         )
-        return self._write_range(done, last, [(n, r) for n, _, r in rows if n <= last])
+        return changed == 1
+
+    def _write_range(self, done: int, last: int, rows: list[tuple[int, RowT]]) -> int:
+        in_range = [(n, r) for n, r in rows if done < n <= last]
+        self._write_files(f"part-{done + 1:020d}-{last:020d}.parquet", in_range)
+        self.store.log.transaction(
+            lambda tx: tx.execute(
+                "UPDATE export_state SET done = ?, pending = ? WHERE name = ? AND done = ? AND pending = ?",
+                (last, last, self._state, done, last),
+            )
+        )
+        return len(in_range)
+
+    def _rows_after(self, done: int, upto: int, limit: int) -> list[tuple[int, RowT]]:
+        """(number, row) of the rows numbered in ``(done, upto]``, the first ``limit``, in number order."""
+        raise NotImplementedError
+
+    def _write_files(self, name: str, rows: list[tuple[int, RowT]]) -> None:
+        """Write the files of one range, each called ``name`` in its partition folder."""
+        raise NotImplementedError
+
+    def _write_file(self, folder: str, name: str, table: pa.Table) -> None:
+        self.fs.makedirs(folder, exist_ok=True)
+        temporary = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.inprogress"
+        with self.fs.open(temporary, "wb") as out:
+            pq.write_table(table, out, compression="zstd")
+        self.fs.mv(temporary, f"{folder}/{name}")  # complete files only ever carry the final name
+
+
+class ExposureExporter(RangeExporter[ExposureRow]):
+    """Exports a router store's exposures to the Parquet table at ``url`` (see the module docstring); a range
+    left pending (kill -9) is written again as the exporter starts."""
+
+    def __init__(self, store: RouterStore, url: str, *, batch_rows: int = BATCH_ROWS) -> None:
+        super().__init__(store, url, _STATE, batch_rows)
+        self._revisions = Revisions(store)
+        done, pending = self.state()
+        if pending > done:
+            self._redo(done, pending)
 
     def retire(self, before: float) -> int:
         """Retention: delete from the store the exposures logged before unix time ``before`` that are in the
@@ -170,29 +244,16 @@ class ExposureExporter:
             lambda tx: tx.execute("DELETE FROM exposures WHERE seq <= ? AND at < ?", (done, before))
         )
 
-    def _write_range(self, done: int, last: int, rows: list[tuple[int, ExposureRow]] | None = None) -> int:
-        if rows is None:
-            rows = [(n, r) for n, _, r in self.store.exposures_after(done, upto=last)]
+    def _rows_after(self, done: int, upto: int, limit: int) -> list[tuple[int, ExposureRow]]:
+        return [(n, r) for n, _, r in self.store.exposures_after(done, upto=upto, limit=limit)]
+
+    def _write_files(self, name: str, rows: list[tuple[int, ExposureRow]]) -> None:
         parts: dict[tuple[str, str], list[tuple[int, ExposureRow]]] = defaultdict(list)
         for n, row in rows:
             day = datetime.fromtimestamp(row.at, UTC).strftime("%Y-%m-%d")
             parts[(row.key, day)].append((n, row))
         for (key, day), part in sorted(parts.items()):
-            folder = f"{self.root}/experiment={key}/day={day}"
-            self._write_file(folder, f"part-{done + 1:020d}-{last:020d}.parquet", self._table(part))
-        self.store.log.transaction(
-            lambda tx: tx.execute(
-                "UPDATE export_state SET done = ?, pending = ? WHERE name = ? AND done = ?", (last, last, _STATE, done)
-            )
-        )
-        return len(rows)
-
-    def _write_file(self, folder: str, name: str, table: pa.Table) -> None:
-        self.fs.makedirs(folder, exist_ok=True)
-        temporary = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.inprogress"
-        with self.fs.open(temporary, "wb") as out:
-            pq.write_table(table, out, compression="zstd")
-        self.fs.mv(temporary, f"{folder}/{name}")  # complete files only ever carry the final name
+            self._write_file(f"{self.root}/experiment={key}/day={day}", name, self._table(part))
 
     def _table(self, part: list[tuple[int, ExposureRow]]) -> pa.Table:
         revisions = [self._revisions.of(r.key, r.config_version) for _, r in part]

@@ -23,8 +23,6 @@ table's partitions (:func:`observation_table_url`) and brings both up to date be
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -32,12 +30,12 @@ from typing import TYPE_CHECKING
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from guardmesh.errors import FailedPrecondition, InvalidArgument
 from services.abrouter import analysis as analysis_mod
 from services.abrouter.experiments import Experiment, ExperimentSpec
-from services.abrouter.store import ObservationRow, RouterStore, Tail
+from services.abrouter.export import RangeExporter
+from services.abrouter.store import ObservationRow, RouterStore
 from services.abrouter.warehouse import _connection, _literal, at_background_priority, exposure_columns, table_sql
 
 if TYPE_CHECKING:
@@ -76,80 +74,38 @@ def observation_files(url: str) -> list[str]:
 _TABLE = "observation table"
 
 
-class ObservationExporter:
+class ObservationExporter(RangeExporter[ObservationRow]):
     """Exports a router store's observations to the observation table at ``url``, idempotent by observation id
-    across kill -9 and across replicas, as the exposure export (``services.abrouter.export``) is: a round claims
-    its range of ids in the store's ``export_state`` (row ``observations <url>``: done, pending) with a
-    compare-and-set, writes one file per experiment named after the range (each complete before it takes its
-    name), then marks the range done. A round that finds a range pending (cut short, or another replica's in
-    progress) writes exactly that range again under the same names. Only ids below every hole still committing
-    (:class:`services.abrouter.store.Tail`, kept between rounds) are claimed, so a late commit is never passed
-    over; a hole is waited for up to ``GAP_TIMEOUT_S`` across rounds (a rolled-back insert leaves one for good).
-    """
+    across kill -9 and across replicas by the exposure export's mechanism
+    (:class:`services.abrouter.export.RangeExporter`): ranges of ids claimed in the store's ``export_state``
+    (row ``observations <url>``) with a compare-and-set, one file per experiment named after the range, a
+    pending range written again under the same names, only ids below every hole still committing. A pending
+    range is not redone as the exporter starts but by its first round."""
 
     def __init__(self, store: RouterStore, url: str) -> None:
-        self.store = store
-        self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url)
-        self._state = f"observations {url}"
-        store.log.transaction(
-            lambda tx: tx.execute(
-                "INSERT INTO export_state (name, done, pending) VALUES (?, 0, 0) ON CONFLICT (name) DO NOTHING",
-                (self._state,),
-            )
-        )
-        self.tail = Tail(self.state()[0])
-
-    def state(self) -> tuple[int, int]:
-        """(last id exported, last id of the round in progress; equal when none is)."""
-        done, pending = self.store.query("SELECT done, pending FROM export_state WHERE name = ?", (self._state,))[0]
-        return int(done), int(pending)
+        super().__init__(store, url, f"observations {url}")
 
     def export_once(self) -> int:
         """Rounds until every settled observation is in the table; the number written."""
         written = 0
-        while True:
-            done, pending = self.state()
-            if pending > done:  # cut short or in progress elsewhere: the same range, the same file names
-                written += self._write_range(done, pending, [(n, r) for n, _, r in self.store.observations_after(done)])
-                continue
-            self.tail = self.tail if self.tail.low >= done else Tail(done)  # another exporter got further
-            rows = self.store.observations_after(done)
-            self.tail.take([n for n, _, _ in rows], time.monotonic())
-            last = max((n for n, _, _ in rows if n <= self.tail.low), default=done)
-            if last <= done:
-                return written
-            if self._claim(done, last):  # else another exporter claimed a range first: start over
-                written += self._write_range(done, last, [(n, r) for n, _, r in rows])
+        while n := super().export_once():
+            written += n
+        return written
 
-    def _claim(self, done: int, last: int) -> bool:
-        """Record ``(done, last]`` as the round in progress, unless another exporter moved the state."""
-        changed = self.store.log.transaction(
-            lambda tx: tx.execute(
-                "UPDATE export_state SET pending = ? WHERE name = ? AND done = ? AND pending = ?",
-                (last, self._state, done, done),
-            )
-        )
-        return changed == 1
+    def _rows_after(self, done: int, upto: int, limit: int) -> list[tuple[int, ObservationRow]]:
+        return [(n, r) for n, _, r in self.store.observations_after(done) if n <= upto][:limit]
 
-    def _write_range(self, done: int, last: int, rows: list[tuple[int, ObservationRow]]) -> int:
+    def _write_files(self, name: str, rows: list[tuple[int, ObservationRow]]) -> None:
         parts: dict[str, list[tuple[int, ObservationRow]]] = defaultdict(list)
         for n, row in rows:
-            if done < n <= last:
-                parts[row.key].append((n, row))
+            parts[row.key].append((n, row))
         for key, part in sorted(parts.items()):
-            self._write_file(f"{self.root}/experiment={key}", f"part-{done + 1:020d}-{last:020d}.parquet", part)
-        self.store.log.transaction(
-            lambda tx: tx.execute(
-                "UPDATE export_state SET done = ?, pending = ? WHERE name = ? AND done = ?",
-                (last, last, self._state, done),
-            )
-        )
-        return sum(len(p) for p in parts.values())
+            self._write_file(f"{self.root}/experiment={key}", name, self._table(part))
 
-    def _write_file(self, folder: str, name: str, part: list[tuple[int, ObservationRow]]) -> None:
+    @staticmethod
+    def _table(part: list[tuple[int, ObservationRow]]) -> pa.Table:
         rows = [r for _, r in part]
-        table = pa.Table.from_arrays(
+        return pa.Table.from_arrays(
             [
                 pa.array([n for n, _ in part], pa.int64()),
                 pa.array(np.array([round(r.at * 1_000_000) for r in rows], np.int64)).cast(
@@ -163,11 +119,6 @@ class ObservationExporter:
             ],
             schema=OBSERVATION_SCHEMA,
         )
-        self.fs.makedirs(folder, exist_ok=True)
-        temporary = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.inprogress"
-        with self.fs.open(temporary, "wb") as out:
-            pq.write_table(table, out, compression="zstd")
-        self.fs.mv(temporary, f"{folder}/{name}")  # complete files only ever carry the final name
 
 
 def export_observations(store: RouterStore, url: str) -> int:
