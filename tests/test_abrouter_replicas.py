@@ -32,7 +32,7 @@ from guardmesh.v1 import abrouter_pb2 as pb
 from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
 from services.abrouter.experiments import ArmSpec, ExperimentSpec, ExperimentState
 from services.abrouter.router import Observation, Router
-from services.abrouter.store import SCHEMA, RouterStore, Tail
+from services.abrouter.store import SCHEMA, ExposureRow, ObservationRow, RouterStore, Tail
 from tests.postgres import PostgresServer
 from tests.processes import ServiceProcess
 
@@ -279,6 +279,29 @@ def test_tail_waits_for_a_hole_then_passes_it() -> None:
     assert tail.take([7], now=3.0) == [7] and tail.low == 5
     assert tail.take([7], now=20.0) == [] and tail.low == 5
     assert tail.take([7], now=40.0) == [] and tail.low == 7  # 6 rolled back: passed after the timeout
+
+
+def test_the_tail_reads_other_writers_rows_and_only_the_numbers_of_its_own(store_url: str) -> None:
+    """A replica's tail gets every row number (its low-water mark must pass its own rows too) but the columns
+    only of rows other writers logged: it holds its own in memory already."""
+    store = RouterStore(store_url, "NORMAL", shared=True)
+    try:
+        rows = [
+            ExposureRow("shared", f"u{i}", i % 2, 0.5, 0.5, 100.0 + i, 1, {"x": 1.5}, {"d": "ios"}) for i in range(4)
+        ]
+        for i, row in enumerate(rows):
+            store.submit([RouterStore.exposures([row], "mine" if i % 2 else "theirs")]).wait("exposures")
+        observed = [ObservationRow("shared", f"u{i}", "m", float(i), 200.0, False) for i in range(3)]
+        store.submit(
+            [RouterStore.observations(observed[:2], "theirs"), RouterStore.observations(observed[2:], "mine")]
+        ).wait("observations")
+        tail = store.others_exposures_after(0, "mine")
+        assert [n for n, _ in tail] == [1, 2, 3, 4]
+        assert [row for _, row in tail] == [rows[0], None, rows[2], None]
+        assert store.others_exposures_after(2, "mine") == [(3, rows[2]), (4, None)]
+        assert store.others_observations_after(0, "mine") == [(1, observed[0]), (2, observed[1]), (3, None)]
+    finally:
+        store.close()
 
 
 def test_every_core_sees_every_replicas_exposures_and_observations(store_url: str) -> None:

@@ -692,21 +692,22 @@ class Router:
             return 0
         with self._tail_lock:
             # Observations first: each one's exposure committed before it, so it is in the exposures read next.
-            observations = self.store.observations_after(self._tails["observations"].low)
-            exposures = self.store.exposures_after(self._tails["exposures"].low)
+            # This replica's own rows come back as numbers only (it holds them): the tail must count them
+            observations = self.store.others_observations_after(self._tails["observations"].low, self.origin)
+            exposures = self.store.others_exposures_after(self._tails["exposures"].low, self.origin)
             now = time.monotonic()
-            fresh_exp = set(self._tails["exposures"].take([n for n, _, _ in exposures], now))
-            fresh_obs = set(self._tails["observations"].take([n for n, _, _ in observations], now))
+            fresh_exp = set(self._tails["exposures"].take([n for n, _ in exposures], now))
+            fresh_obs = set(self._tails["observations"].take([n for n, _ in observations], now))
             taken = 0
             with self.lock:
-                for n, origin, row in exposures:
-                    st = self.live.get(row.key)
-                    if n in fresh_exp and origin != self.origin and st is not None:
+                for n, row in exposures:
+                    st = self.live.get(row.key) if row is not None else None
+                    if n in fresh_exp and row is not None and st is not None:
                         self._add_exposure(st, row)
                         taken += 1
-                for n, origin, obs in observations:
-                    st = self.live.get(obs.key)
-                    if n in fresh_obs and origin != self.origin and st is not None:
+                for n, obs in observations:
+                    st = self.live.get(obs.key) if obs is not None else None
+                    if n in fresh_obs and obs is not None and st is not None:
                         self._apply_observation(st, obs)
                         taken += 1
             return taken

@@ -306,6 +306,41 @@ class RouterStore:
             for n, origin, key, unit, metric, value, at, pre in cursor
         ]
 
+    def _rows_after(self, table: str, columns: str, seq: int, origin: str) -> list[tuple[Any, ...]]:
+        """(number, *columns) of the rows of ``table`` numbered above ``seq``, in number order; the columns of
+        the rows ``origin`` wrote come back NULL (their writer holds them already: only their numbers count)."""
+        nulls = ", ".join("NULL" for _ in columns.split(","))
+        return self.query(
+            f"SELECT seq, {columns} FROM {table} WHERE seq > ? AND origin <> ? "
+            f"UNION ALL SELECT seq, {nulls} FROM {table} WHERE seq > ? AND origin = ? ORDER BY 1",
+            (seq, origin, seq, origin),
+        )
+
+    def others_exposures_after(self, seq: int, origin: str) -> list[tuple[int, ExposureRow | None]]:
+        """(row number, exposure) of the exposures numbered above ``seq``, in number order; None for those
+        ``origin`` wrote."""
+        out: list[tuple[int, ExposureRow | None]] = []
+        columns = "key, unit, arm, bucket, propensity, at, config_version, covariates"
+        for n, key, unit, arm, bucket, propensity, at, version, cov in self._rows_after(
+            "exposures", columns, seq, origin
+        ):
+            if key is None:
+                out.append((int(n), None))
+                continue
+            parsed: dict[str, Any] = json.loads(cov) if cov else {}
+            row = ExposureRow(key, unit, arm, bucket, propensity, at, version, parsed.get("n", {}), parsed.get("c", {}))
+            out.append((int(n), row))
+        return out
+
+    def others_observations_after(self, seq: int, origin: str) -> list[tuple[int, ObservationRow | None]]:
+        """(row number, observation) of the observations numbered above ``seq``, in number order; None for
+        those ``origin`` wrote."""
+        rows = self._rows_after("observations", "key, unit, metric, value, at, pre", seq, origin)
+        return [
+            (int(n), None if key is None else ObservationRow(key, unit, metric, value, at, bool(pre)))
+            for n, key, unit, metric, value, at, pre in rows
+        ]
+
     def load_exposures(self, upto: int | None = None) -> Iterator[ExposureRow]:
         """Every exposure (numbered up to ``upto``), in log order."""
         for _, row in self.load_numbered_exposures(upto):
