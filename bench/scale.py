@@ -8,6 +8,10 @@ measured in the same run:
   imports, state load). The issue's target is 10 s.
 * SubmitJob throughput over gRPC (``--threads`` clients, each waiting for its answer, durable before the
   answer) on PostgreSQL vs SQLite (WAL, synchronous=FULL): the same workload on the same cluster.
+* abrouter: logged Assign/s of one router on PostgreSQL vs the same on SQLite (4 client processes, the two
+  routers driven in turn, ``--assign-rounds`` times; target ratio 0.8) and config propagation p99 between two
+  replicas (target 1 s): ``bench.abrouter``'s part e, run here too so that the issue's figures are in one file.
+* scorer: Score + Feedback across two replicas vs one, and a rollback's propagation (bench/scale_scorer.py).
 
 ``--note`` is added to each record's machine (e.g. ``loaded machine``).
 """
@@ -27,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from bench.abrouter import replicas_bench
 from bench.processes import calls_per_second, clean_env, free_port, start, stop, wait_serving
 from bench.records import machine, record, write_records
 from bench.scale_scorer import scorer_records
@@ -173,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=600, help="SubmitJob calls per backend")
     parser.add_argument("--threads", type=int, default=8, help="concurrent SubmitJob clients")
     parser.add_argument("--scorer-pairs", type=int, default=400, help="Score + Feedback pairs per scorer setup")
+    parser.add_argument("--assign-seconds", type=float, default=8.0, help="seconds of each logged-Assign turn")
+    parser.add_argument("--assign-rounds", type=int, default=3, help="turns of each backend (medians kept)")
     parser.add_argument("--note", default="", help="added to each record's machine (e.g. 'loaded machine')")
     args = parser.parse_args(argv)
     records: list[dict[str, Any]] = []
@@ -208,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         records += scorer_records(server, folder, args.scorer_pairs, clients=4, rollbacks=5)  # bench/scale_scorer.py
+    records += replicas_bench(args.assign_seconds, args.assign_rounds)  # its own PostgreSQL server
     if args.note:
         for r in records:
             r["machine"] = f"{machine()}; {args.note}"
