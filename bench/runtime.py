@@ -511,17 +511,9 @@ def main(argv: list[str] | None = None) -> int:
 def kept_records(measured: dict[str, dict[str, float]], clients: int) -> list[dict[str, Any]]:
     """The records of bench/results/runtime.json for targets this run did not measure (a run of a subset, e.g.
     ``--targets Score``, keeps the other services' figures with their own notes)."""
-    import json
+    from bench.scorer import recorded
 
-    from bench.records import RESULTS, results_path
-
-    existing: list[dict[str, Any]] = []
-    for path in (results_path("runtime.json"), RESULTS / "runtime.json"):  # where this run writes, else the record
-        try:
-            existing = json.loads(path.read_text())
-            break
-        except (OSError, ValueError):
-            continue
+    existing = recorded("runtime.json")
     ours = tuple(f"runtime: {cell}, {clients} clients," for cell in measured)
     return [r for r in existing if not str(r.get("name", "")).startswith(ours)]
 

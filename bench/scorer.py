@@ -662,16 +662,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def recorded(name: str) -> list[dict[str, Any]]:
+    """The records of results file ``name`` where this run writes (bench/results/local/ unless recording),
+    else the tracked ones; none if neither can be read."""
+    for path in (results_path(name), RESULTS / name):
+        try:
+            return list(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return []
+
+
 def keep_others(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The records of bench/results/scorer.json that this run did not produce (other benchmarks write
     there too), followed by this run's."""
-    existing: list[dict[str, Any]] = []
-    for path in (results_path("scorer.json"), RESULTS / "scorer.json"):  # where this run writes, else the record
-        try:
-            existing = json.loads(path.read_text())
-            break
-        except (OSError, ValueError):
-            continue
+    existing = recorded("scorer.json")
     ours = {r["name"] for r in records}
     # Names that carry the run's figures, and the records of the serving benchmark before the matrix (its
     # threads-in-one-process harness), which the matrix replaces.
