@@ -3,6 +3,9 @@
 * the Parquet table holds every logged exposure once, with the documented columns (revision, arm name, hash
   version, propensity, covariates), partitioned by experiment and day, read back by DuckDB too;
 * a round cut short after some files were written is redone for the same range: no duplicate ids;
+* two replicas' exporters on one store (each its own connection) racing while exposures arrive claim their
+  ranges in the store: every exposure in the table exactly once, including when one finds the other's range
+  in progress (it writes that range again under the same names, not a longer one);
 * kill -9 of a real router process while it exports under logged-Assign load: after a restart's round every
   acknowledged exposure is in the table exactly once;
 * a corrupt or cut-short file is reported naming it, never skipped.
@@ -128,6 +131,96 @@ def test_a_round_cut_short_is_redone_for_the_same_range(
     finally:
         router.close()
         router.store.close()
+
+
+def table_ids(table_url: str) -> list[int]:
+    return sorted(r["exposure_id"] for r in read_exposures(table_url).select(["exposure_id"]).to_pylist())
+
+
+def assert_each_stored_exposure_once(store: RouterStore, table_url: str) -> None:
+    ids = table_ids(table_url)
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} exposure ids are in the table twice"
+    assert ids == [n for n, _, _ in store.exposures_after(0)], "the table is not the store's exposures"
+
+
+def test_an_exporter_finding_another_replicas_range_in_progress_writes_that_range(
+    tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica a claims ids 1..100 and is slow writing them; meanwhile 50 more exposures arrive and replica b
+    exports: b writes a's range (the same names) and then its own, never one range 1..150 beside a's 1..100."""
+    router = logged_router(store_url)
+    table_url = str(tmp_path / "table")
+    assert router.store is not None
+    other = RouterStore(store_url)  # replica b's own connection to the store
+    try:
+        for i in range(50):
+            router.assign(f"u{i}", {}, ["one", "two"], log_exposure=True)
+        a, b = ExposureExporter(router.store, table_url), ExposureExporter(other, table_url)
+        real_write = ExposureExporter._write_file
+        meanwhile: list[int] = []
+
+        def a_slow(self: ExposureExporter, folder: str, name: str, table: object) -> None:
+            if self is a and not meanwhile:  # a has claimed its range: the rest happens before its first file
+                for i in range(50, 100):
+                    router.assign(f"u{i}", {}, ["one"], log_exposure=True)
+                meanwhile.append(b.export_once())
+            real_write(self, folder, name, table)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(ExposureExporter, "_write_file", a_slow)
+        assert a.export_once() == 100
+        assert meanwhile == [150]  # b wrote a's 100 again, then the 50 that arrived
+        assert a.state() == b.state() == (150, 150)
+        assert a.export_once() == b.export_once() == 0
+        assert_each_stored_exposure_once(router.store, table_url)
+    finally:
+        router.close()
+        router.store.close()
+        other.close()
+
+
+def test_two_replicas_exporting_at_once_while_exposures_arrive_export_each_once(tmp_path: Path, store_url: str) -> None:
+    """Exposures keep arriving all through, so two exporters that read the state at once see different
+    settled tails: each must still take a range of its own or the other's, never a second one from one id."""
+    router = logged_router(store_url)
+    table_url = str(tmp_path / "table")
+    assert router.store is not None
+    stores = [RouterStore(store_url), RouterStore(store_url)]  # two replicas, each its own connection(s)
+    exporters = [ExposureExporter(s, table_url) for s in stores]
+    rounds = [0, 0]  # rounds that wrote something, per exporter
+    arriving = threading.Event()
+    errors: list[BaseException] = []
+
+    def export(which: int) -> None:
+        try:
+            while arriving.is_set():
+                rounds[which] += exporters[which].export_once() > 0
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    try:
+        arriving.set()
+        threads = [threading.Thread(target=export, args=(w,)) for w in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        logged = 0
+        while min(rounds) < 5 and not errors:  # until both have exported a few times while exposures arrive
+            assert time.monotonic() < deadline, f"the exporters did not both run 5 rounds: {rounds}"
+            router.assign(f"u{logged}", {}, ["one", "two"] if logged % 3 else ["one"], log_exposure=True)
+            logged += 1
+        arriving.clear()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        while exporters[0].export_once() or exporters[1].export_once():
+            pass
+        assert_each_stored_exposure_once(router.store, table_url)
+        assert len(table_ids(table_url)) == logged + sum(1 for i in range(logged) if i % 3)
+    finally:
+        router.close()
+        router.store.close()
+        for s in stores:
+            s.close()
 
 
 def test_kill9_while_exporting_loses_and_duplicates_nothing(tmp_path: Path, store_url: str) -> None:
