@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -221,6 +222,80 @@ def test_two_replicas_exporting_at_once_while_exposures_arrive_export_each_once(
         router.store.close()
         for s in stores:
             s.close()
+
+
+@pytest.mark.timeout(600)  # two process starts of up to START_TIMEOUT_S each on a loaded machine
+def test_two_router_processes_exporting_on_demand_at_once_export_each_exposure_once(
+    tmp_path: Path, postgres_server: object
+) -> None:
+    """The issue's case end to end: two router processes on one PostgreSQL store, ExportExposures called on
+    both at once, over and over, while both log exposures (the on-demand path runs beside the other
+    replica's rounds: the export lease does not cover it)."""
+    from tests.postgres import PostgresServer
+
+    assert isinstance(postgres_server, PostgresServer)
+    url = postgres_server.create_database()
+    table_url = str(tmp_path / "table")
+    env = {
+        "GUARDMESH__ABROUTER__STORE_URL": url,
+        "GUARDMESH__ABROUTER__EXPORT_URL": table_url,
+        "GUARDMESH__ABROUTER__EXPORT_INTERVAL_S": "0.05",
+        "GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0",
+    }
+    acknowledged: list[str] = []
+    exports = [0, 0]  # ExportExposures calls that wrote something, per process
+    errors: list[BaseException] = []
+    with ServiceProcess("abrouter", tmp_path / "a", env) as a, ServiceProcess("abrouter", tmp_path / "b", env) as b:
+        a.start()
+        b.start()
+        stubs = [pb_grpc.ABRouterServiceStub(a.channel()), pb_grpc.ABRouterServiceStub(b.channel())]
+        arms = [pb.Arm(name="control", weight=0.5), pb.Arm(name="new", weight=0.5)]
+        stubs[0].CreateExperiment(pb.CreateExperimentRequest(spec=pb.ExperimentSpec(key="k", arms=arms)))
+        wait_for(
+            "b serves k",
+            lambda: "k" in [e.spec.key for e in stubs[1].ListExperiments(pb.ListExperimentsRequest()).experiments],
+        )
+        stop = threading.Event()
+
+        def log_exposures(worker: int) -> None:
+            i = 0
+            while not stop.is_set():
+                unit = f"w{worker}-{i}"
+                stubs[worker % 2].Assign(pb.AssignRequest(unit_id=unit, experiment_keys=["k"], log_exposure=True))
+                acknowledged.append(unit)
+                i += 1
+
+        def export(which: int) -> None:
+            while not stop.is_set():
+                exports[which] += stubs[which].ExportExposures(pb.ExportExposuresRequest()).exported > 0
+
+        def guarded(work: Callable[[int], None], arg: int) -> None:
+            try:
+                work(arg)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+                stop.set()
+
+        threads = [threading.Thread(target=guarded, args=(log_exposures, w)) for w in range(2)]
+        threads += [threading.Thread(target=guarded, args=(export, w)) for w in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for("both processes exported while exposures arrived", lambda: min(exports) >= 5 or stop.is_set(), 240)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not errors, errors
+        for stub in stubs:
+            stub.ExportExposures(pb.ExportExposuresRequest())
+    store = RouterStore(url)
+    try:
+        assert_each_stored_exposure_once(store, table_url)
+    finally:
+        store.close()
+    units = [r["unit"] for r in read_exposures(table_url).select(["unit"]).to_pylist()]
+    assert sorted(units) == sorted(acknowledged)  # every acknowledged exposure, once
 
 
 def test_kill9_while_exporting_loses_and_duplicates_nothing(tmp_path: Path, store_url: str) -> None:
