@@ -4,6 +4,7 @@ bandits, shadow traffic through a real scorer, and bad input that leaves state u
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -24,12 +25,14 @@ from growthbook import GrowthBook
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from guardmesh.client import open_channel
-from guardmesh.config import MeshConfig
+from guardmesh.config import ABRouterSettings, MeshConfig
 from guardmesh.runtime import RunningService, load_definition, start_service
 from guardmesh.v1 import abrouter_pb2 as pb
 from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
 from guardmesh.v1 import scorer_pb2 as spb
 from guardmesh.v1 import scorer_pb2_grpc as spb_grpc
+from services.abrouter.experiments import ArmSpec, ExperimentSpec
+from services.abrouter.router import Router
 
 from .conftest import REPO, make_config
 from .processes import ServiceProcess
@@ -688,6 +691,46 @@ def test_continuous_audit_raises_one_srm_event(tmp_path: Path) -> None:
     finally:
         channel.close()
         running.stop(grace=0.5)
+
+
+def test_an_srm_alert_is_raised_once_per_config_version_even_when_the_p_value_recrosses() -> None:
+    """A borderline mismatch on a growing log can fall below the threshold, rise above it and fall again: that
+    is one fault, one alert. A new config version (the operator's fix) re-arms it."""
+    core = Router(ABRouterSettings(audit_interval_s=0, guardrail_interval_s=3600, audit_min_sample=1000))
+    spec = ExperimentSpec(key="leaky", arms=(ArmSpec("control", 0.5), ArmSpec("new", 0.5)))
+    core.create(spec)
+    counter = iter(range(10**9))
+
+    def log(n: int, keep: Callable[[int], bool]) -> None:
+        """Log n more exposures, each only if ``keep(arm)`` (a leak drops the others unlogged)."""
+        logged = 0
+        while logged < n:
+            unit = f"u{next(counter)}"
+            arm = core.assign(unit, {}, ["leaky"])[0][0].arm_index
+            if keep(arm):
+                core.assign(unit, {}, ["leaky"], log_exposure=True)
+                logged += 1
+
+    def srm_events() -> list[str]:
+        return [e.message for e in core.list_events("leaky") if e.kind == "srm_alert"]
+
+    log(3000, lambda arm: arm == 0 or next(counter) % 5 != 0)  # a fifth of the new arm's exposures lost
+    core.audit_running()
+    assert core.last_audits["leaky"].srm.alert and len(srm_events()) == 1
+    counts = core.audit("leaky").srm.observed
+    log(int(counts[0] - counts[1]), lambda arm: arm == 1)  # the log catches up: the split is even again
+    core.audit_running()
+    assert not core.last_audits["leaky"].srm.alert
+    log(3000, lambda arm: arm == 0 or next(counter) % 5 != 0)  # and leaks again
+    core.audit_running()
+    assert core.last_audits["leaky"].srm.alert
+    assert len(srm_events()) == 1  # the same fault: not a second alert
+    core.update(dataclasses.replace(spec, arms=(ArmSpec("control", 0.5), ArmSpec("new", 0.5))))
+    core.audit_running()
+    assert len(srm_events()) == 2  # version 2 still shows it: alerted again, once
+    core.audit_running()
+    assert len(srm_events()) == 2
+    core.close()
 
 
 def test_reweighting_by_covariate_bins_removes_a_mix_bias(router: Stub) -> None:

@@ -217,8 +217,11 @@ class _Live:
     bandit: BanditPolicy | None = None
     #: Config version from which the weights in force apply (SRM compares units exposed since then).
     weights_since: int = 1
-    #: Last continuous-audit alert state, so an alert is raised once, not at every audit.
-    srm_alerting: bool = False
+    #: The config version the last SRM alert was raised for (0: none). A sample-ratio mismatch is a fault in
+    #: how units reach the log, which does not heal by itself: it is raised once per version, not again each
+    #: time a borderline p-value re-crosses the threshold as the log grows; a new version (the fix) re-arms it.
+    srm_alerted_version: int = 0
+    #: Last continuous-audit balance alert state, so that alert is raised once while it lasts.
     balance_alerting: bool = False
 
 
@@ -518,12 +521,12 @@ class Router:
         """(Under the lock.) What puts ``st``'s experiment, bandit and alert flags and the events about to be
         raised back as they are now (a write that did not land)."""
         experiment, weights_since, bandit = st.experiment, st.weights_since, st.bandit
-        srm, balance = st.srm_alerting, st.balance_alerting
+        srm, balance = st.srm_alerted_version, st.balance_alerting
 
         def undo() -> None:
             kinds_moved = any(st.experiment.spec.kind_of(m) != experiment.spec.kind_of(m) for m in st.metrics)
             st.experiment, st.weights_since, st.bandit = experiment, weights_since, bandit
-            st.srm_alerting, st.balance_alerting = srm, balance
+            st.srm_alerted_version, st.balance_alerting = srm, balance
             if kinds_moved:
                 self._rebuild_statistics(st)
             for event in events:
@@ -1546,9 +1549,9 @@ class Router:
             with self.lock:
                 st = self.live[key]
                 undo = self._undo_monitor(st, events)
-                if report.srm.alert and not st.srm_alerting:
+                if report.srm.alert and st.srm_alerted_version != st.experiment.version:
                     events.append(self._event("srm_alert", key, report.srm.reason, statements))
-                st.srm_alerting = report.srm.alert
+                    st.srm_alerted_version = st.experiment.version
                 imbalanced = [b for b in report.balance if b.imbalanced] + [t for t in report.clustering if t.alert]
                 if imbalanced and not st.balance_alerting:
                     first = imbalanced[0]
