@@ -5,8 +5,7 @@ drift-window and monitor update under the line's lock, a hand-off to the batcher
 function over lists (``Scorer.score_many``) for concurrent single calls, the way a group commit runs one
 transaction for concurrent writers: a caller that finds no group running runs its own call at once (a lone
 caller never waits); callers that arrive meanwhile queue, and when the group ends the first of them runs every
-queued call (up to ``max_group``) as the next group, on its own thread, and the others wait for their answer
-(woken one after the other, see :class:`_Slot`).
+queued call (up to ``max_group``) as the next group, on its own thread, and the others wait for their answer.
 No timer, no extra thread: a group is what queued while the previous one ran.
 
 Each call gets its own result; an exception raised by the function itself (not returned for one call)
@@ -15,7 +14,6 @@ reaches every call of its group.
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,21 +26,18 @@ R = TypeVar("R")
 class _Slot(Generic[C, R]):
     """One caller's call, then its result (or the group's exception), or its turn to run the next group.
 
-    ``ready`` is a plain lock taken at creation: the caller waits by acquiring it, and it is released once. A
-    lock is the cheapest wake-up CPython has (an Event is a Condition around a lock, and allocates a further
-    lock per wait): this wait and wake-up happen once per gathered call. The members of a group are woken one
-    after the other, each by the one before it (``next_member``): woken all at once they would all contend for
-    the GIL with the thread still waking them, and each switch of the GIL between them costs CPU.
+    ``ready`` is a plain lock taken at creation: the caller waits by acquiring it, the group that answers
+    releases it once. A lock is the cheapest wake-up CPython has (an Event is a Condition around a lock, and
+    allocates a further lock per wait): this wait and wake-up happen once per gathered call.
     """
 
-    __slots__ = ("call", "error", "lead", "next_member", "ready", "result")
+    __slots__ = ("call", "error", "lead", "ready", "result")
 
     def __init__(self, call: C) -> None:
         self.call = call
         self.result: R | None = None
         self.error: BaseException | None = None
         self.lead = False
-        self.next_member: _Slot[C, R] | None = None
         self.ready = threading.Lock()
         self.ready.acquire()
 
@@ -72,8 +67,6 @@ class Gathering(Generic[C, R]):
         if not lead:
             slot.ready.acquire()  # released once: with the answer, or with the turn to run the next group
             if not slot.lead:
-                if slot.next_member is not None:
-                    slot.next_member.ready.release()  # the next member of the group, before this one goes on
                 return self._answer(slot)
         self._run_group()
         return self._answer(slot)
@@ -98,10 +91,8 @@ class Gathering(Generic[C, R]):
             following = self._queued[0] if self._queued else None
             if following is None:
                 self._running = False
-        for member, after in itertools.pairwise(group[1:]):
-            member.next_member = after
-        if len(group) > 1:
-            group[1].ready.release()  # who wakes the rest of the group, one by one
+        for s in group[1:]:
+            s.ready.release()
         if following is not None:
             following.lead = True
             following.ready.release()
