@@ -234,6 +234,24 @@ def test_live_window_keeps_only_the_last_n_rows():
     assert sorted(window.values()[0].tolist()) == list(range(1_500, 2_500))
 
 
+def test_live_window_takes_tensors_arrays_and_lists_alike():
+    """float32 tensors, float32 arrays and lists land in the same columns (the CPU window writes through a numpy
+    view of its buffer); what is not numeric rows of the window's width is refused and leaves it unchanged."""
+    window = LiveWindow(3, capacity=5)
+    rows = np.arange(24.0).reshape(8, 3)
+    window.add(torch.from_numpy(rows[:2].astype(np.float32)))
+    window.add(rows[2:4].astype(np.float32))
+    window.add(rows[4:7].tolist())  # wraps around the ring's end
+    window.add(torch.from_numpy(rows[7]))  # one 1-D row as a tensor
+    np.testing.assert_array_equal(window.rows().numpy(), rows[3:8])
+    assert window.values().dtype == torch.float64 and window.rows_seen == 8
+    for bad in (np.zeros((2, 4)), [["a", "b", "c"]], torch.zeros(2, 2)):
+        with pytest.raises(ValueError, match="batch: must be"):
+            window.add(bad)
+    np.testing.assert_array_equal(window.rows().numpy(), rows[3:8])
+    assert window.rows_seen == 8
+
+
 def test_drift_slides_out_with_the_window():
     rng = np.random.default_rng(14)
     reference = ReferenceWindow.from_rows(rng.normal(size=(20_000, 3)))

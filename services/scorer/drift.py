@@ -255,6 +255,9 @@ class LiveWindow:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError("capacity: must be an integer >= 1")
         self._buffer = torch.full((n_features, capacity), torch.nan, dtype=_F64, device=torch.device(device))
+        # On the CPU, rows are written through a numpy view of the same memory: one numpy assignment costs a
+        # few microseconds, the torch conversions and strided copy of a small batch several times that.
+        self._host: np.ndarray | None = self._buffer.numpy() if self._buffer.device.type == "cpu" else None
         self._next = 0  # column the next row goes to
         self._size = 0
         self._seen = 0
@@ -284,28 +287,38 @@ class LiveWindow:
 
     def add(self, batch: ArrayLike) -> None:
         """Append rows (rows x features; one 1-D row is accepted); the oldest rows beyond capacity slide out."""
-        if not isinstance(batch, torch.Tensor):
+        rows_in: np.ndarray | torch.Tensor
+        if isinstance(batch, torch.Tensor):
+            rows_in = batch.detach()
+            if self._host is not None:
+                rows_in = rows_in.to(device="cpu", dtype=_F64).numpy()
+        else:
             try:
-                batch = torch.from_numpy(np.asarray(batch, dtype=np.float64))
+                rows_in = np.asarray(batch, dtype=np.float64)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"batch: must be numeric rows x features ({exc})") from exc
-        if batch.ndim == 1:
-            batch = batch.unsqueeze(0)
-        if batch.ndim != 2 or batch.shape[1] != self.n_features:
-            raise ValueError(f"batch: must be rows x {self.n_features} features, got shape {tuple(batch.shape)}")
-        rows = batch.shape[0]
+            if self._host is None:
+                rows_in = torch.from_numpy(rows_in)
+        if rows_in.ndim == 1:
+            rows_in = rows_in[None, :]
+        if rows_in.ndim != 2 or rows_in.shape[1] != self.n_features:
+            raise ValueError(f"batch: must be rows x {self.n_features} features, got shape {tuple(rows_in.shape)}")
+        rows = rows_in.shape[0]
         if rows == 0:
             return
         self._seen += rows
         if rows > self.capacity:
-            batch = batch[-self.capacity :]
-        kept = batch.shape[0]
-        rows_in = batch.detach().to(device=self.device, dtype=_F64).T
+            rows_in = rows_in[-self.capacity :]
+        kept = rows_in.shape[0]
+        buffer: Any = self._buffer if self._host is None else self._host  # a numpy or a torch view of the ring
+        if isinstance(rows_in, torch.Tensor):
+            rows_in = rows_in.to(device=self.device, dtype=_F64)
+        columns = rows_in.T
         first = min(kept, self.capacity - self._next)  # columns up to the buffer's end; the rest wrap to 0
         # Plain slices: an index tensor (torch.arange) cost ~0.1 ms per call, most of an add.
-        self._buffer[:, self._next : self._next + first] = rows_in[:, :first]
+        buffer[:, self._next : self._next + first] = columns[:, :first]
         if first < kept:
-            self._buffer[:, : kept - first] = rows_in[:, first:]
+            buffer[:, : kept - first] = columns[:, first:]
         self._next = (self._next + kept) % self.capacity
         self._size = min(self._size + kept, self.capacity)
 
