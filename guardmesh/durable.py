@@ -220,6 +220,8 @@ def _bound_statements(binder: Any, statements: Sequence[Statement]) -> Iterator[
     for sql, group in itertools.groupby(statements, key=lambda statement: statement[0]):
         text = to_postgresql(sql)
         rows = [row for _, params in group for row in (params if isinstance(params, list) else (params,))]
+        if not rows:  # an executemany of no rows writes nothing
+            continue
         insert = _ONE_ROW_INSERT.match(text)
         if insert is None or len(rows) == 1:
             yield from (binder.mogrify(text, row) for row in rows)
@@ -392,6 +394,8 @@ class _PostgresBackend:
         self._committer: Any = None
         #: On the committer's connection: the client-side binder of batch values.
         self._binder: Any = None
+        #: Held while libpq runs a commit without the GIL (see :meth:`close`).
+        self._in_libpq = threading.Lock()
 
     @contextmanager
     def transaction(self, *, committer: bool = False) -> Iterator[_PgTransaction]:
@@ -432,10 +436,11 @@ class _PostgresBackend:
             # cursor's protocol takes it back for each step: under load the committer would queue behind the
             # request threads for the GIL several times per commit (measured: committer CPU per batch about
             # 40 % lower). It returns the last answer: COMMIT's, or the first error (the server skips the rest).
-            pgconn = self._committer.pgconn
-            result = pgconn.exec_("; ".join(script).encode())
+            pgconn, encoding = self._committer.pgconn, self._committer.info.encoding
+            message = "; ".join(script).encode(encoding)  # the encoding the binder escaped for
+            with self._in_libpq:  # close() never frees the connection under a commit in flight
+                result = pgconn.exec_(message)
             if result.status != psycopg.pq.ExecStatus.COMMAND_OK:
-                encoding = self._committer.info.encoding
                 state = result.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
                 if pgconn.status == psycopg.pq.ConnStatus.BAD or not state:
                     # as psycopg's own protocol says a lost connection: OperationalError, no SQLSTATE
@@ -480,8 +485,24 @@ class _PostgresBackend:
             return list(cursor.fetchall())
 
     def close(self) -> None:
-        if self._committer is not None:
-            self._committer.close()
+        committer = self._committer
+        if committer is not None:
+            # A commit still in libpq (a lock wait, a synchronous standby away) runs without the GIL on this
+            # connection: freeing it under that call would crash the process. Cancel it (its batch fails,
+            # unacknowledged), and leave the connection to the process's exit if it never comes back.
+            if not self._in_libpq.acquire(timeout=1.0):
+                try:
+                    committer.cancel_safe(timeout=5.0)
+                except Exception as exc:  # the server may be gone too: then the call ends by itself
+                    log.warning("store: could not cancel a commit in flight", extra={"error": str(exc)})
+                if not self._in_libpq.acquire(timeout=10.0):
+                    log.warning("store: a commit is still waiting on the server; its connection is left open")
+                    self.pool.close()
+                    return
+            try:
+                committer.close()
+            finally:
+                self._in_libpq.release()
         self.pool.close()
 
 

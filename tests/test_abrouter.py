@@ -693,9 +693,10 @@ def test_continuous_audit_raises_one_srm_event(tmp_path: Path) -> None:
         running.stop(grace=0.5)
 
 
-def test_an_srm_alert_is_raised_once_per_config_version_even_when_the_p_value_recrosses() -> None:
+def test_an_srm_alert_is_raised_once_per_weighting_even_when_the_p_value_recrosses() -> None:
     """A borderline mismatch on a growing log can fall below the threshold, rise above it and fall again: that
-    is one fault, one alert. A new config version (the operator's fix) re-arms it."""
+    is one fault, one alert. New weights (a new population to judge) re-arm it; an audit that ran while the
+    weights moved decides nothing for the new ones."""
     core = Router(ABRouterSettings(audit_interval_s=0, guardrail_interval_s=3600, audit_min_sample=1000))
     spec = ExperimentSpec(key="leaky", arms=(ArmSpec("control", 0.5), ArmSpec("new", 0.5)))
     core.create(spec)
@@ -711,23 +712,44 @@ def test_an_srm_alert_is_raised_once_per_config_version_even_when_the_p_value_re
                 core.assign(unit, {}, ["leaky"], log_exposure=True)
                 logged += 1
 
+    def leaky(arm: int) -> bool:
+        return arm == 0 or next(counter) % 5 != 0  # a fifth of the new arm's exposures lost
+
     def srm_events() -> list[str]:
         return [e.message for e in core.list_events("leaky") if e.kind == "srm_alert"]
 
-    log(3000, lambda arm: arm == 0 or next(counter) % 5 != 0)  # a fifth of the new arm's exposures lost
+    def reweight(control: float) -> None:
+        core.update(dataclasses.replace(spec, arms=(ArmSpec("control", control), ArmSpec("new", 1 - control))))
+
+    log(3000, leaky)
     core.audit_running()
     assert core.last_audits["leaky"].srm.alert and len(srm_events()) == 1
     counts = core.audit("leaky").srm.observed
     log(int(counts[0] - counts[1]), lambda arm: arm == 1)  # the log catches up: the split is even again
     core.audit_running()
     assert not core.last_audits["leaky"].srm.alert
-    log(3000, lambda arm: arm == 0 or next(counter) % 5 != 0)  # and leaks again
+    log(3000, leaky)  # and leaks again
     core.audit_running()
     assert core.last_audits["leaky"].srm.alert
     assert len(srm_events()) == 1  # the same fault: not a second alert
-    core.update(dataclasses.replace(spec, arms=(ArmSpec("control", 0.5), ArmSpec("new", 0.5))))
+    core.update(dataclasses.replace(spec), comment="same weights")  # a new version, the same population
     core.audit_running()
-    assert len(srm_events()) == 2  # version 2 still shows it: alerted again, once
+    assert len(srm_events()) == 1
+
+    audit = core.audit
+
+    def audit_while_reweighted(key: str) -> object:
+        report = audit(key)
+        reweight(0.6)  # an operator moves the weights while the audit of the old ones runs
+        return report
+
+    core.audit = audit_while_reweighted  # type: ignore[method-assign]
+    core.audit_running()
+    core.audit = audit  # type: ignore[method-assign]
+    assert len(srm_events()) == 1  # the old weighting's report says nothing about the new one
+    log(3000, leaky)
+    core.audit_running()
+    assert len(srm_events()) == 2  # the new weighting leaks too: alerted, once
     core.audit_running()
     assert len(srm_events()) == 2
     core.close()

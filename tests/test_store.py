@@ -3,12 +3,14 @@ PostgreSQL server started by the tests (tests/postgres.py). Every behaviour runs
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from guardmesh.durable import (
@@ -28,6 +30,7 @@ from guardmesh.inventory import GpuDevice, NodeSpec
 from guardmesh.leadership import Lease
 from services.scheduler.jobs import EventKind, Job, JobSpec, JobState
 from services.scheduler.store import Store
+from tests.postgres import PostgresServer
 
 ITEMS = (Migration(1, "CREATE TABLE items (k TEXT PRIMARY KEY, v BIGINT NOT NULL)"),)
 
@@ -220,6 +223,57 @@ def test_rows_of_one_insert_across_batches_keep_their_order_and_first_wins_on_ig
         assert log.query("SELECT k, v FROM items ORDER BY k") == [("a", 1), ("b", 3), ("first", 1)]
     finally:
         log.close()
+
+
+def test_an_insert_of_no_rows_writes_nothing_and_fails_nothing_beside_it(store_url: str) -> None:
+    log = open_items(store_url)
+    try:
+        insert = "INSERT INTO items (k, v) VALUES (?, ?)"
+        log.submit([(insert, []), (insert, ("a", 1)), ("INSERT INTO items (k, v) VALUES (?, ?)", [])]).wait()
+        log.submit([(insert, [])]).wait()
+        assert log.query("SELECT k, v FROM items") == [("a", 1)]
+    finally:
+        log.close()
+
+
+def test_text_reaches_a_database_in_another_encoding_intact(postgres_server: PostgresServer) -> None:
+    """The committer sends its batch in the connection's client encoding, not always UTF-8."""
+    name = f"latin1_{os.getpid()}"
+    with psycopg.connect(postgres_server.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        log = open_items(postgres_server.url(name))
+        try:
+            log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", [("café", 1), ("naïve", 2)])]).wait()
+            assert log.query("SELECT k, octet_length(k) FROM items ORDER BY v") == [("café", 4), ("naïve", 5)]
+        finally:
+            log.close()
+    finally:
+        with psycopg.connect(postgres_server.url(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name}")
+
+
+def test_closing_with_a_commit_stuck_on_the_server_fails_it_unacknowledged(postgres_server: PostgresServer) -> None:
+    """A commit waiting on the server (here a lock) while the store closes is cancelled, not freed under:
+    its ticket fails, nothing of it is kept, and the process lives on."""
+    url = postgres_server.create_database()
+    log = open_items(url)
+    with psycopg.connect(url) as blocker, psycopg.connect(url, autocommit=True) as watcher:
+        blocker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        stuck = log.submit([("INSERT INTO items (k, v) VALUES (?, ?)", ("stuck", 1))])
+        deadline = time.monotonic() + 30
+        while not watcher.execute(  # its own transaction each time: pg_stat_activity is read afresh
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone():
+            assert time.monotonic() < deadline, "the commit never reached the lock"
+            time.sleep(0.05)
+        log.backend.close()  # what GroupCommitLog.close does once its wait for the committer runs out
+        blocker.rollback()
+    with pytest.raises(StoreFailure):
+        stuck.wait("items")
+    log.close()
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM items").fetchone() == (0,)
 
 
 def test_insert_or_replace_is_refused_on_postgresql_with_the_portable_form_named() -> None:

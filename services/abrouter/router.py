@@ -217,10 +217,11 @@ class _Live:
     bandit: BanditPolicy | None = None
     #: Config version from which the weights in force apply (SRM compares units exposed since then).
     weights_since: int = 1
-    #: The config version the last SRM alert was raised for (0: none). A sample-ratio mismatch is a fault in
-    #: how units reach the log, which does not heal by itself: it is raised once per version, not again each
-    #: time a borderline p-value re-crosses the threshold as the log grows; a new version (the fix) re-arms it.
-    srm_alerted_version: int = 0
+    #: The weighting (its ``weights_since`` version) the last SRM alert was raised for (0: none). SRM compares
+    #: the units exposed under the weights in force; a mismatch there is a fault in how units reach the log
+    #: and does not heal by itself: it is raised once per weighting, not again each time a borderline p-value
+    #: re-crosses the threshold as the log grows. New weights (a new population to judge) re-arm it.
+    srm_alerted_weighting: int = 0
     #: Last continuous-audit balance alert state, so that alert is raised once while it lasts.
     balance_alerting: bool = False
 
@@ -521,12 +522,12 @@ class Router:
         """(Under the lock.) What puts ``st``'s experiment, bandit and alert flags and the events about to be
         raised back as they are now (a write that did not land)."""
         experiment, weights_since, bandit = st.experiment, st.weights_since, st.bandit
-        srm, balance = st.srm_alerted_version, st.balance_alerting
+        srm, balance = st.srm_alerted_weighting, st.balance_alerting
 
         def undo() -> None:
             kinds_moved = any(st.experiment.spec.kind_of(m) != experiment.spec.kind_of(m) for m in st.metrics)
             st.experiment, st.weights_since, st.bandit = experiment, weights_since, bandit
-            st.srm_alerted_version, st.balance_alerting = srm, balance
+            st.srm_alerted_weighting, st.balance_alerting = srm, balance
             if kinds_moved:
                 self._rebuild_statistics(st)
             for event in events:
@@ -1542,16 +1543,20 @@ class Router:
                 if st.experiment.state is ExperimentState.RUNNING and len(st.table) >= self.settings.audit_min_sample
             ]
         for key in keys:
+            with self.lock:
+                weighting = self.live[key].weights_since
             report = self.audit(key)
             self.last_audits[key] = report
             statements: list[Statement] = []
             events: list[RouterEvent] = []
             with self.lock:
                 st = self.live[key]
+                if st.weights_since != weighting:  # reweighted during the audit: the next audit judges the new one
+                    continue
                 undo = self._undo_monitor(st, events)
-                if report.srm.alert and st.srm_alerted_version != st.experiment.version:
+                if report.srm.alert and st.srm_alerted_weighting != weighting:
                     events.append(self._event("srm_alert", key, report.srm.reason, statements))
-                    st.srm_alerted_version = st.experiment.version
+                    st.srm_alerted_weighting = weighting
                 imbalanced = [b for b in report.balance if b.imbalanced] + [t for t in report.clustering if t.alert]
                 if imbalanced and not st.balance_alerting:
                     first = imbalanced[0]
