@@ -576,6 +576,30 @@ def test_missing_monitor_hysteresis_enter_above_the_rate_leave_below_half_of_it(
         MissingMonitor(("a",), alert_rate=0.02, clear_rate=0.03)
 
 
+def test_missing_monitor_counts_a_batch_as_its_rows_one_by_one():
+    """The monitor takes a batch in one sum (and the rows sliding out in another): its counts, rates and alerts
+    are those of the same rows observed one at a time (the obvious reference, written out here)."""
+    features = ("a", "b", "c")
+    rng = np.random.default_rng(3)
+    monitor = MissingMonitor(features, alert_rate=0.05, window=50, min_rows=10)
+    recent: list[np.ndarray] = []
+    alerted: set[str] = set()
+    for size in [0, 1, 9, 3, 60, 7, 0, 25, 51, 2, 40, 13, 80]:
+        rate = rng.uniform(0.0, 0.15)  # episodes start and end as the rate wanders
+        batch = rng.uniform(size=(size, 3)) < rate
+        fresh: list[str] = []
+        for row in batch:  # the reference: one row at a time
+            recent = [*recent, row][-50:]
+        rates = np.mean(recent, axis=0) if recent else np.zeros(3)
+        if len(recent) >= 10:
+            fresh = [f for f, r in zip(features, rates, strict=True) if r > 0.05 and f not in alerted]
+        alerted = {f for f in alerted if rates[features.index(f)] >= 0.025} | set(fresh)
+        assert monitor.observe(batch) == fresh
+        assert monitor.alerted == alerted
+        np.testing.assert_array_equal(monitor.counts, np.sum(recent, axis=0) if recent else np.zeros(3))
+        np.testing.assert_allclose(monitor.rates(), rates)
+
+
 def test_cleaning_follows_each_versions_policy_and_the_alert_names_it(tmp_path: Path):
     rng = np.random.default_rng(8)
     with served_scorer(tmp_path) as client:

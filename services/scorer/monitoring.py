@@ -124,25 +124,25 @@ class MissingMonitor:
         if self.min_rows < 1:
             raise InvalidArgument("missing.min_rows", "must be >= 1")
         self.counts = np.zeros(len(self.features), dtype=np.int64)
+        self._index = {f: i for i, f in enumerate(self.features)}
 
     def observe(self, missing: np.ndarray) -> list[str]:
         """Record one batch's missing mask (rows x features); return the features whose episode starts now.
 
-        Running counts make this O(features) per row, whatever the window.
+        Running counts make this O(features) per batch, whatever the window: the batch's rows are counted in
+        one sum, the rows sliding out in another (a batch is a gathered group of requests, once per group).
         """
-        for row in missing:
-            self.recent.append(row)
-            self.counts += row
-            if len(self.recent) > self.window:
-                self.counts -= self.recent.popleft()
+        if len(missing):
+            self.recent.extend(missing)
+            self.counts += missing.sum(axis=0, dtype=np.int64)
+            extra = len(self.recent) - self.window
+            if extra > 0:
+                self.counts -= np.sum([self.recent.popleft() for _ in range(extra)], axis=0, dtype=np.int64)
         rates = self.rates()
-        enough = len(self.recent) >= self.min_rows
-        fresh = [
-            f
-            for f, rate in zip(self.features, rates.tolist(), strict=True)
-            if enough and rate > self.alert_rate and f not in self.alerted
-        ]
-        recovered = {f for f, rate in zip(self.features, rates.tolist(), strict=True) if rate < self._clear_rate}
+        fresh: list[str] = []
+        if len(self.recent) >= self.min_rows:
+            fresh = [f for i in np.flatnonzero(rates > self.alert_rate) if (f := self.features[i]) not in self.alerted]
+        recovered = {f for f in self.alerted if rates[self._index[f]] < self._clear_rate}
         self.alerted = (self.alerted - recovered) | set(fresh)
         return fresh
 
