@@ -16,12 +16,15 @@ included) every guardmesh target also runs from that tree (``<target>@before``),
 tree ``--after DIR`` names), in the same run; rounds are interleaved (the order rotates every round) and the
 median of the rounds is reported. The echo answers the Score request bytes (2.4 KB) in every cell.
 
-``--profile TARGET`` instead runs one guardmesh target under yappi (CPU clock, every thread) while the load
-generator drives it, and prints where the server's CPU went: the functions with the most own time and the
-most inclusive time, per request.
+``--profile TARGET`` instead runs one guardmesh target under a profiler while the load generator drives it, and
+prints where the server's CPU went, per request: with yappi (CPU clock, every thread) the functions with the
+most own and inclusive time, its own per-call cost included (it about triples a Score request's); with
+``--profiler py-spy`` (``pip install py-spy``; samples of the thread holding the GIL, the server undisturbed)
+the samples scaled to the CPU per request measured in the same run, grouped into :data:`COMPONENTS`, the
+thread hand-offs by the code that made them, and the top frames.
 
     python -m bench.runtime [--quick] [--seconds 4] [--rounds 3] [--clients 64] [--before DIR] [--after DIR]
-    python -m bench.runtime --profile runtime_echo|Score|Assign|PushPull|SubmitJob [--seconds 10]
+    python -m bench.runtime --profile runtime_echo|Score|Assign|PushPull|SubmitJob [--profiler py-spy] [--seconds 10]
 """
 
 from __future__ import annotations
