@@ -304,6 +304,50 @@ def test_the_tail_reads_other_writers_rows_and_only_the_numbers_of_its_own(store
         store.close()
 
 
+def test_an_srm_alert_raised_by_one_replica_is_not_raised_again_by_another(store_url: str) -> None:
+    """The once-per-weighting SRM alert holds across replicas and process lives: a replica whose memory has
+    not seen it (another monitor-lease holder, a restart) asks the store first; new weights re-arm it."""
+    a, b = two_cores(store_url, audit_min_sample=1000)
+    for r in (a, b):
+        r.restore()
+    try:
+        a.create(replace(SPEC, key="leaky", sticky_bucketing=False))
+        b.sync_config()
+        counter = iter(range(10**9))
+
+        def log_leaky(n: int) -> None:
+            logged = 0
+            while logged < n:
+                unit = f"u{next(counter)}"
+                if a.assign(unit, {}, ["leaky"])[0][0].arm_index == 0 or next(counter) % 5 != 0:
+                    a.assign(unit, {}, ["leaky"], log_exposure=True)  # a fifth of the new arm's lost
+                    logged += 1
+
+        def stored_alerts() -> int:
+            assert a.store is not None
+            return int(a.store.query("SELECT COUNT(*) FROM events WHERE kind = 'srm_alert'")[0][0])
+
+        log_leaky(3000)
+        a.audit_running()
+        assert a.last_audits["leaky"].srm.alert and stored_alerts() == 1
+        b.take_in_others()
+        b.audit_running()  # b sees the same mismatch; its memory has no alert, the store has
+        assert b.last_audits["leaky"].srm.alert
+        assert stored_alerts() == 1
+        assert not [e for e in b.list_events("leaky") if e.kind == "srm_alert"]
+        b.update(
+            replace(SPEC, key="leaky", sticky_bucketing=False, arms=(ArmSpec("control", 0.6), ArmSpec("new", 0.4)))
+        )
+        a.sync_config()
+        log_leaky(3000)
+        b.take_in_others()
+        b.audit_running()  # new weights, still leaking: a new alert, once
+        a.audit_running()
+        assert stored_alerts() == 2
+    finally:
+        close(a, b)
+
+
 def test_every_core_sees_every_replicas_exposures_and_observations(store_url: str) -> None:
     a, b = two_cores(store_url)
     for r in (a, b):

@@ -220,7 +220,8 @@ class _Live:
     #: The weighting (its ``weights_since`` version) the last SRM alert was raised for (0: none). SRM compares
     #: the units exposed under the weights in force; a mismatch there is a fault in how units reach the log
     #: and does not heal by itself: it is raised once per weighting, not again each time a borderline p-value
-    #: re-crosses the threshold as the log grows. New weights (a new population to judge) re-arm it.
+    #: re-crosses the threshold as the log grows. New weights (a new population to judge) re-arm it. Memory
+    #: only caches it: before raising, the store is asked whether any replica or life raised it already.
     srm_alerted_weighting: int = 0
     #: Last continuous-audit balance alert state, so that alert is raised once while it lasts.
     balance_alerting: bool = False
@@ -1544,9 +1545,14 @@ class Router:
             ]
         for key in keys:
             with self.lock:
-                weighting = self.live[key].weights_since
+                weighting, alerted = self.live[key].weights_since, self.live[key].srm_alerted_weighting
             report = self.audit(key)
             self.last_audits[key] = report
+            stored = False
+            if report.srm.alert and alerted != weighting and self.store is not None:
+                # raised already by another replica or an earlier life of this one (memory does not know)
+                with self.store_reads("the experiment's SRM alerts"):
+                    stored = self.store.srm_alerted_since_version(key, weighting)
             statements: list[Statement] = []
             events: list[RouterEvent] = []
             with self.lock:
@@ -1555,7 +1561,8 @@ class Router:
                     continue
                 undo = self._undo_monitor(st, events)
                 if report.srm.alert and st.srm_alerted_weighting != weighting:
-                    events.append(self._event("srm_alert", key, report.srm.reason, statements))
+                    if not stored:
+                        events.append(self._event("srm_alert", key, report.srm.reason, statements))
                     st.srm_alerted_weighting = weighting
                 imbalanced = [b for b in report.balance if b.imbalanced] + [t for t in report.clustering if t.alert]
                 if imbalanced and not st.balance_alerting:

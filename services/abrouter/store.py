@@ -265,6 +265,16 @@ class RouterStore:
         """Every stored experiment."""
         return [Experiment.from_dict(json.loads(r[0])) for r in self.query("SELECT data FROM experiments")]
 
+    def srm_alerted_since_version(self, key: str, version: int) -> bool:
+        """Whether an SRM alert of experiment ``key`` was stored at or after version ``version`` was written
+        (by any replica, in any process life)."""
+        rows = self.query(
+            "SELECT 1 FROM events WHERE key = ? AND kind = 'srm_alert' AND at >= "
+            "(SELECT at FROM revisions WHERE key = ? AND version = ?) LIMIT 1",
+            (key, key, version),
+        )
+        return bool(rows)
+
     def load_revisions(self, key: str) -> list[tuple[int, float, str, str, Experiment]]:
         """Every revision of ``key``, oldest first."""
         rows = self.query(
