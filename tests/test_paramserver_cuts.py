@@ -85,8 +85,10 @@ def cut_versions(state: Path) -> list[int]:
 
 
 def wait_for_cut(state: Path, version: int) -> None:
+    """Until cut ``version``'s manifest is in every location (they are written one after the other)."""
     deadline = time.monotonic() + 120
-    while version not in cut_versions(state):
+    folders = [state / "checkpoints" / replica / "cuts" / MODEL for replica in ("replica-a", "replica-b")]
+    while not all((folder / f"v{version:012d}.json").exists() for folder in folders):
         assert time.monotonic() < deadline, f"cut {version} never completed: {cut_versions(state)}"
         time.sleep(0.05)
 
