@@ -295,16 +295,10 @@ class RouterStore:
         """(row number, origin, exposure) of the exposures numbered above ``seq`` (and up to ``upto``; the
         first ``limit``), in number order."""
         cursor = self.query(
-            "SELECT seq, origin, key, unit, arm, bucket, propensity, at, config_version, covariates FROM exposures "
-            "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            f"SELECT seq, origin, {EXPOSURE_COLUMNS} FROM exposures WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
             (seq, upto, limit),
         )
-        out = []
-        for n, origin, key, unit, arm, bucket, propensity, at, version, cov in cursor:
-            parsed: dict[str, Any] = json.loads(cov) if cov else {}
-            row = ExposureRow(key, unit, arm, bucket, propensity, at, version, parsed.get("n", {}), parsed.get("c", {}))
-            out.append((int(n), str(origin), row))
-        return out
+        return [(int(n), str(origin), _exposure(*columns)) for n, origin, *columns in cursor]
 
     def observations_after(self, seq: int) -> list[tuple[int, str, ObservationRow]]:
         """(row number, origin, observation) of the observations numbered above ``seq``, in number order."""
@@ -329,18 +323,8 @@ class RouterStore:
     def others_exposures_after(self, seq: int, origin: str) -> list[tuple[int, ExposureRow | None]]:
         """(row number, exposure) of the exposures numbered above ``seq``, in number order; None for those
         ``origin`` wrote."""
-        out: list[tuple[int, ExposureRow | None]] = []
-        columns = "key, unit, arm, bucket, propensity, at, config_version, covariates"
-        for n, key, unit, arm, bucket, propensity, at, version, cov in self._rows_after(
-            "exposures", columns, seq, origin
-        ):
-            if key is None:
-                out.append((int(n), None))
-                continue
-            parsed: dict[str, Any] = json.loads(cov) if cov else {}
-            row = ExposureRow(key, unit, arm, bucket, propensity, at, version, parsed.get("n", {}), parsed.get("c", {}))
-            out.append((int(n), row))
-        return out
+        rows = self._rows_after("exposures", EXPOSURE_COLUMNS, seq, origin)
+        return [(int(n), None if columns[0] is None else _exposure(*columns)) for n, *columns in rows]
 
     def others_observations_after(self, seq: int, origin: str) -> list[tuple[int, ObservationRow | None]]:
         """(row number, observation) of the observations numbered above ``seq``, in number order; None for
@@ -359,14 +343,11 @@ class RouterStore:
     def load_numbered_exposures(self, upto: int | None = None) -> Iterator[tuple[int, ExposureRow]]:
         """(row number, exposure) of every exposure (numbered up to ``upto``), in log order."""
         cursor = self.query(
-            "SELECT seq, key, unit, arm, bucket, propensity, at, config_version, covariates FROM exposures "
-            "WHERE seq <= ? ORDER BY seq",
+            f"SELECT seq, {EXPOSURE_COLUMNS} FROM exposures WHERE seq <= ? ORDER BY seq",
             (upto if upto is not None else 2**62,),
         )
-        for n, key, unit, arm, bucket, propensity, at, version, cov in cursor:
-            parsed: dict[str, Any] = json.loads(cov) if cov else {}
-            row = ExposureRow(key, unit, arm, bucket, propensity, at, version, parsed.get("n", {}), parsed.get("c", {}))
-            yield int(n), row
+        for n, *columns in cursor:
+            yield int(n), _exposure(*columns)
 
     def load_numbered_observations(self, upto: int | None = None) -> Iterator[tuple[int, ObservationRow]]:
         """(row number, observation) of every metric observation (numbered up to ``upto``), in log order."""
@@ -418,6 +399,18 @@ class _SqliteReader:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+#: The stored columns of an exposure, in :func:`_exposure`'s order.
+EXPOSURE_COLUMNS = "key, unit, arm, bucket, propensity, at, config_version, covariates"
+
+
+def _exposure(
+    key: str, unit: str, arm: int, bucket: float, propensity: float, at: float, version: int, covariates: str
+) -> ExposureRow:
+    """An exposure from its stored columns (covariates: JSON ``{"n": numeric, "c": categorical}`` or "")."""
+    parsed: dict[str, Any] = json.loads(covariates) if covariates else {}
+    return ExposureRow(key, unit, arm, bucket, propensity, at, version, parsed.get("n", {}), parsed.get("c", {}))
 
 
 class Tail:
