@@ -771,7 +771,7 @@ def test_reweighting_by_covariate_bins_removes_a_mix_bias(router: Stub) -> None:
         pb.MetricObservation(
             unit_id=f"patient-{i:06d}", metric="revenue", value=float(rng.normal(50 if s == "high" else 10, 2))
         )
-        for i, s in segments.items()
+        for i, s in sorted(segments.items())  # unit order, not the order the logging threads finished in
     ]
     router.RecordMetrics(pb.RecordMetricsRequest(experiment_key="mix", observations=observations))
     raw = router.AnalyzeExperiment(pb.AnalyzeExperimentRequest(key="mix", bootstrap_resamples=200)).metrics[0]
