@@ -193,19 +193,26 @@ def _under(path: Path, base_dir: str | Path | None) -> Path:
 
 
 _INSERT_OR_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\s+(.*)$", re.IGNORECASE | re.DOTALL)
+#: A quoted string literal or identifier ('it''s', "a ""b"""): a ``?`` inside one is text, not a placeholder.
+_QUOTED = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""")
 
 
 @functools.lru_cache(maxsize=1024)
 def to_postgresql(sql: str) -> str:
-    """The PostgreSQL text of a portable statement: ``?`` -> ``%s``, a literal ``%`` doubled, ``INSERT OR
-    IGNORE`` -> ``INSERT ... ON CONFLICT DO NOTHING``. StoreError for ``INSERT OR REPLACE``, which has no
-    conflict target to translate: write ``INSERT ... ON CONFLICT (key) DO UPDATE`` instead."""
+    """The PostgreSQL text of a portable statement: ``?`` -> ``%s`` (not inside a quoted literal or identifier),
+    a literal ``%`` doubled, ``INSERT OR IGNORE`` -> ``INSERT ... ON CONFLICT DO NOTHING``. StoreError for
+    ``INSERT OR REPLACE``, which has no conflict target to translate: write
+    ``INSERT ... ON CONFLICT (key) DO UPDATE`` instead."""
     if re.match(r"^\s*INSERT\s+OR\s+REPLACE", sql, re.IGNORECASE):
         raise StoreError(f"not portable: {sql[:60]!r}... (write INSERT ... ON CONFLICT (key) DO UPDATE SET ...)")
     ignore = _INSERT_OR_IGNORE.match(sql)
     if ignore:
         sql = f"INSERT INTO {ignore.group(1).rstrip().rstrip(';')} ON CONFLICT DO NOTHING"
-    return sql.replace("%", "%%").replace("?", "%s")
+    # psycopg reads every % as a placeholder's start, inside literals too; only ? outside quotes is a placeholder.
+    parts = _QUOTED.split(sql.replace("%", "%%"))
+    return "".join(
+        part if quoted else part.replace("?", "%s") for quoted, part in zip(itertools.cycle((False, True)), parts)
+    )
 
 
 #: A PostgreSQL INSERT of one row of bound values (its rows can share one multi-row INSERT).

@@ -186,6 +186,9 @@ def test_portable_upsert_and_insert_or_ignore(store_url: str) -> None:
             ("y", 2),
             ("z", 3),
         ]
+        # A question mark inside a quoted literal is text, not a placeholder, on both backends.
+        log.submit([("INSERT INTO items (k, v) VALUES ('why?', ?)", (7,))]).wait()
+        assert log.query("SELECT v FROM items WHERE k = 'why?' AND v = ?", (7,)) == [(7,)]
     finally:
         log.close()
 
@@ -280,6 +283,9 @@ def test_insert_or_replace_is_refused_on_postgresql_with_the_portable_form_named
     with pytest.raises(StoreError, match="ON CONFLICT"):
         to_postgresql("INSERT OR REPLACE INTO t (a) VALUES (?)")
     assert to_postgresql("SELECT ? WHERE a LIKE '5%'") == "SELECT %s WHERE a LIKE '5%%'"
+    assert to_postgresql("""SELECT "a?" FROM t WHERE b = 'it''s ?' AND c = ?""") == (
+        """SELECT "a?" FROM t WHERE b = 'it''s ?' AND c = %s"""
+    )
 
 
 def test_migrations_run_in_order_once_and_a_newer_schema_is_refused(store_url: str) -> None:
