@@ -146,3 +146,23 @@ def test_an_audit_past_its_memory_limit_says_so_and_does_not_call_the_table_corr
     with pytest.raises(ResourceExhausted, match="MEMORY_LIMIT") as info:
         audit_table(url, experiment("main"), 1)
     assert not isinstance(info.value, ExportCorrupt)
+
+
+@pytest.mark.parametrize(("key_sample", "joint_groups"), [(0, warehouse.JOINT_GROUPS), (50, 1)])
+def test_names_past_the_leading_rows_and_sets_counted_one_by_one_give_the_in_memory_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_sample: int, joint_groups: int
+) -> None:
+    """Covariate names come from the leading rows and the scan counts those it did not know: with none known
+    (KEY_SAMPLE 0) every name is found again, and a name logged only by later units (``session``) is found;
+    with JOINT_GROUPS 1 no grouping set is summed from the joint one, each is counted from the rows."""
+    url = str(tmp_path / "table")
+    write_exposure_table(url, 30_000, key="main", days=8)
+    # later units, ids after the first's, log one more categorical
+    write_exposure_table(url, 6_000, key="main", days=8, first_id=100_000, unit_offset=1_000_000, sessions=40)
+    monkeypatch.setattr(warehouse, "KEY_SAMPLE", key_sample)
+    monkeypatch.setattr(warehouse, "JOINT_GROUPS", joint_groups)
+    exp = experiment("main")
+    from_table = audit_table(url, exp, 1)
+    assert {r.covariate for r in from_table.balance} == {"age", "dose", "lesion_mm", "device", "region", "session"}
+    assert "arm_share:session" in {t.name for t in from_table.clustering}
+    identical(from_table, in_memory(url, exp))

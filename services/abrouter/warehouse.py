@@ -63,6 +63,11 @@ MEMORY_LIMIT = "1GB"
 THREADS = 2
 #: Rows the deterministic id sample is drawn in at a time (bounds its memory at 100 M units).
 SAMPLE_CHUNK = 1 << 22
+#: Leading rows whose covariate names start the audit (names only on later rows cost one more scan).
+KEY_SAMPLE = 100_000
+#: Largest product of arms x 2 x days x categorical values (each categorical's values in the leading rows) for
+#: which one grouping set counts units by all of them and the narrower per-window counts are summed from it.
+JOINT_GROUPS = 2_000_000
 
 _MIN_N = 20  # the in-memory audit's per-window minimum (full_audit passes 20)
 
@@ -243,11 +248,17 @@ class _Grouping:
     mapping: pa.Table  # columns b (base value), w (window index)
 
 
+class _NamesMissed(Exception):
+    """The leading rows' covariate names are not all the first exposures' names."""
+
+
 class _Audit:
     """One experiment's first exposures as DuckDB views over the Parquet files, and the aggregates over them."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, files: list[str], key: str) -> None:
         self.con, self.where = con, files[0]
+        #: UTC days the files cover (partition folders day=<date>), bounding the day windows
+        self.days = len({f.split("/day=", 1)[1].split("/", 1)[0] if "/day=" in f else f for f in files})
         listed = ", ".join(_literal(f) for f in files)
         self.sql(
             "CREATE TEMP VIEW raw AS SELECT exposure_id, unit, arm, bucket, revision, "
@@ -255,23 +266,48 @@ class _Audit:
             f"categorical_covariates AS cc FROM read_parquet([{listed}], hive_partitioning = false) "
             f"WHERE experiment = {_literal(key)}"
         )
-        # one scan finds the repeated units (and their first id: the later exposures are dropped) and the
-        # covariate names logged
+        # the repeated units and their first id (the later exposures are dropped): the one per-unit aggregate
         self.sql(
-            "CREATE TEMP TABLE scan AS SELECT grouping(unit) AS g, unit, nk, ck, min(exposure_id) AS first_id "
-            "FROM (SELECT unit, exposure_id, map_keys(nc) AS nk, map_keys(cc) AS ck FROM raw) "
-            "GROUP BY GROUPING SETS ((unit), (nk, ck)) HAVING grouping(unit) = 1 OR count(*) > 1"
+            "CREATE TEMP TABLE repeats AS SELECT unit, min(exposure_id) AS first_id FROM raw "
+            "GROUP BY unit HAVING count(*) > 1"
         )
-        self.sql("CREATE TEMP TABLE repeats AS SELECT unit, first_id FROM scan WHERE g = 0")
-        keys = self.sql("SELECT nk, ck FROM scan WHERE g = 1")
-        self.sql("DROP TABLE scan")
-        #: Numeric and categorical covariate names, sorted (as the in-memory columns order them).
-        self.numeric = sorted({k for ks in keys["nk"].to_pylist() for k in ks or ()})
-        self.categorical = sorted({k for ks in keys["ck"].to_pylist() for k in ks or ()})
         self.sql(
             "CREATE TEMP VIEW first AS SELECT r.* FROM raw r LEFT JOIN repeats p ON p.unit = r.unit "
             "WHERE p.first_id IS NULL OR p.first_id = r.exposure_id"
         )
+        #: Numeric and categorical covariate names, sorted (as the in-memory columns order them): first those of
+        #: the leading KEY_SAMPLE rows (reading every map's keys costs as much as the rest of the audit); the
+        #: aggregate scan counts the keys of the first exposures it does not know, and :meth:`discover` finds
+        #: them all when any is left.
+        self.sql(f"CREATE TEMP TABLE head AS SELECT nc, cc FROM raw LIMIT {KEY_SAMPLE}")
+        self.numeric, self.categorical = self._keys("head")
+        self.complete = False
+        #: Values of each categorical among the leading rows (at most its vocabulary's size).
+        self.leading_values: dict[str, int] = {}
+        if self.categorical:
+            counts = self.sql(
+                "SELECT " + ", ".join(f"count(DISTINCT cc[{_literal(k)}])" for k in self.categorical) + " FROM head"
+            )
+            self.leading_values = {k: int(counts.column(i)[0].as_py()) for i, k in enumerate(self.categorical)}
+        self.sql("DROP TABLE head")
+
+    def _keys(self, rows: str) -> tuple[list[str], list[str]]:
+        keys = self.sql(
+            "SELECT list_sort(list_distinct(flatten(list(map_keys(nc))))) AS nk, "
+            f"list_sort(list_distinct(flatten(list(map_keys(cc))))) AS ck FROM {rows}"
+        )
+        return list(keys["nk"][0].as_py() or ()), list(keys["ck"][0].as_py() or ())
+
+    def discover(self) -> None:
+        """Every covariate name logged with a first exposure (a scan of all their maps)."""
+        self.numeric, self.categorical = self._keys("first")
+        self.complete = True
+
+    def unknown_keys(self) -> str:
+        """SQL: per first exposure, how many of its covariate names are not among the known ones."""
+        known = [f"map_contains(nc, {_literal(k)})::INT" for k in self.numeric]
+        known += [f"map_contains(cc, {_literal(k)})::INT" for k in self.categorical]
+        return f"(coalesce(cardinality(nc), 0) + coalesce(cardinality(cc), 0) - ({' + '.join(known) or '0'}))"
 
     def sql(self, sql: str, params: Sequence[object] = ()) -> pa.Table:
         return table_sql(self.con, sql, params, table="exposure table", at=table_root(self.where))
@@ -325,12 +361,15 @@ def audit_table(
         return _in_memory(columns, versions, experiment, weights_since, window_covariates, min_sample, min_deviation)
     with _connection() as con:
         audit = _Audit(con, files, experiment.key)
+        if not set(window_covariates) <= set(audit.categorical):
+            audit.discover()
         for i, name in enumerate(window_covariates):
             if name not in audit.categorical:
                 raise InvalidArgument(
                     f"window_covariates[{i}]", f"'{name}' was never logged as a categorical covariate"
                 )
-        return _run_audit(
+        run = functools.partial(
+            _run_audit,
             audit,
             experiment,
             weights,
@@ -344,6 +383,11 @@ def audit_table(
             alpha_balance,
             started,
         )
+        try:
+            return run()
+        except _NamesMissed:
+            audit.discover()
+            return run()
 
 
 def _in_memory(
@@ -415,19 +459,47 @@ def _run_audit(
     ]
 
     def aggregate(by: Sequence[str]) -> None:
-        """The one scan: units per grouping set (and the first exposure id in each, for the vocabularies)."""
+        """The one scan: units per grouping set (and the first exposure id in each, for the vocabularies). The
+        sets of categoricals and days only are summed from one joint set over all of them (each grouping set
+        costs DuckDB a hash table insert per row), the sets with a numeric or the hash bin counted per row."""
         sets: list[tuple[str, ...]] = [("arm", "cur"), ("bin",), *((c,) for c in cat_col.values())]
         for base in ["day", *(cat_col[name] for name in by)]:
             sets.append(("arm", base))
             sets += [("arm", base, c) for c in num_col.values()]
             sets += [("arm", base, c) for c in cat_col.values() if c != base]
         sets = list({frozenset(s): s for s in reversed(sets)}.values())[::-1]  # (a, b, c) is (a, c, b): once
+        joint = ["arm", "cur", "day"]
+        size = n_arms * 2 * audit.days
+        for name, c in cat_col.items():  # the categoricals with few values (values + missing), while it stays small
+            values = audit.leading_values.get(name)
+            if values is not None and size * (values + 1) <= JOINT_GROUPS:
+                joint.append(c)
+                size *= values + 1
+        summed = [g for g in sets if set(g) <= set(joint)]
+        counted = [tuple(joint), *(g for g in sets if not set(g) <= set(joint))]
+        listed = ", ".join(columns)
+        check = "" if audit.complete else f", {audit.unknown_keys()} AS unknown"
         audit.sql("DROP TABLE IF EXISTS agg")
+        audit.sql("DROP TABLE IF EXISTS counted")
         audit.sql(
-            f"CREATE TEMP TABLE agg AS SELECT grouping_id({', '.join(columns)}) AS gid, {', '.join(columns)}, "
-            f"count(*) AS n, min(exposure_id) AS first_id FROM (SELECT exposure_id, {', '.join(select)} FROM first) "
-            f"GROUP BY GROUPING SETS ({', '.join('(' + ', '.join(s) + ')' for s in sets)})"
+            f"CREATE TEMP TABLE counted AS SELECT grouping_id({listed}) AS gid, {listed}, count(*) AS n, "
+            f"min(exposure_id) AS first_id{', sum(unknown) AS unknown' if check else ''} "
+            f"FROM (SELECT exposure_id{check}, {', '.join(select)} FROM first) "
+            f"GROUP BY GROUPING SETS ({', '.join('(' + ', '.join(g) + ')' for g in counted)})"
         )
+        joint_gid = _gid(columns, joint)
+        if not audit.complete:
+            unknown = audit.sql(f"SELECT sum(unknown) AS u FROM counted WHERE gid = {joint_gid}")["u"][0].as_py()
+            if unknown:  # a first exposure logged a covariate the leading rows did not: start again knowing all
+                raise _NamesMissed
+        gids = " ".join(f"WHEN {_gid(joint, g)} THEN {_gid(columns, g)}" for g in summed)
+        audit.sql(
+            f"CREATE TEMP TABLE agg AS SELECT gid, {listed}, n, first_id FROM counted WHERE gid <> {joint_gid} "
+            f"UNION ALL SELECT CASE grouping_id({', '.join(joint)}) {gids} END, "
+            f"{', '.join(c if c in joint else 'NULL' for c in columns)}, sum(n)::BIGINT, min(first_id) FROM counted "
+            f"WHERE gid = {joint_gid} GROUP BY GROUPING SETS ({', '.join('(' + ', '.join(g) + ')' for g in summed)})"
+        )
+        audit.sql("DROP TABLE counted")
 
     # windows by every categorical (as audit._prepare) or by those named; a categorical found to have more
     # than MAX_WINDOW_VALUES values (id-like) costs one more scan without it
