@@ -15,7 +15,7 @@ from google.protobuf import any_pb2, message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from guardmesh.handlers import Behaviour, BehaviourInterceptor
+from guardmesh.handlers import Behaviour, BehaviourInterceptor, is_async
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,34 @@ def _wrap_stream(
     return handler
 
 
+def _wrap_unary_async(fn: Behaviour) -> Behaviour:
+    async def handler(request: Any, context: Any) -> Any:
+        try:
+            return await fn(request, context)
+        except GuardmeshError as err:
+            await context.abort_with_status(to_status(err))
+
+    return handler
+
+
+def _wrap_stream_async(fn: Behaviour) -> Behaviour:
+    async def handler(request: Any, context: Any) -> Any:
+        try:
+            async for response in fn(request, context):
+                yield response
+        except GuardmeshError as err:
+            await context.abort_with_status(to_status(err))
+
+    return handler
+
+
 class DomainErrorInterceptor(BehaviourInterceptor):
-    """Turn GuardmeshError raised by a servicer (unary or streaming) into its gRPC status."""
+    """Turn GuardmeshError raised by a servicer (unary or streaming, sync or async) into its gRPC status."""
 
     def wrap(self, behaviour: Behaviour, streaming: bool, method: str) -> Behaviour:
         """Wrap the behaviour of the resolved handler."""
+        if is_async(behaviour):
+            return _wrap_stream_async(behaviour) if streaming else _wrap_unary_async(behaviour)
         return _wrap_stream(behaviour) if streaming else _wrap_unary(behaviour)
 
 

@@ -11,6 +11,7 @@ Each ``observe_*`` function registers the instruments of one service's core; the
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +22,7 @@ import grpc
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from guardmesh.handlers import Behaviour, BehaviourInterceptor
+from guardmesh.handlers import Behaviour, BehaviourInterceptor, is_async
 
 Callback = Callable[[CallbackOptions], Iterable[Observation]]
 
@@ -191,49 +192,67 @@ class RpcServerMetrics(BehaviourInterceptor):
         # Built once per method: a call picks its attribute set by status code instead of building one.
         base = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         by_code = {code: {**base, "rpc.grpc.status_code": code.value[0]} for code in grpc.StatusCode}
-        return (self._stream if streaming else self._unary)(behaviour, by_code)
+        duration = self._duration
+        if is_async(behaviour):
+            if streaming:
 
-    def _record(
+                async def stream_async(request: Any, context: Any) -> Any:
+                    with _Timed(duration, context, by_code, sync=False):
+                        async for response in behaviour(request, context):
+                            yield response
+
+                return stream_async
+
+            async def unary_async(request: Any, context: Any) -> Any:
+                with _Timed(duration, context, by_code, sync=False):
+                    return await behaviour(request, context)
+
+            return unary_async
+        if streaming:
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                with _Timed(duration, context, by_code, sync=True):
+                    yield from behaviour(request, context)
+
+            return stream
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            with _Timed(duration, context, by_code, sync=True):
+                return behaviour(request, context)
+
+        return unary
+
+
+class _Timed:
+    """Records one call's duration with the status it ended with, as the block around its behaviour ends."""
+
+    __slots__ = ("began", "by_code", "context", "duration", "sync")
+
+    def __init__(
         self,
-        began: float,
-        context: grpc.ServicerContext,
-        failed: bool,
+        duration: metrics.Histogram,
+        context: Any,
         by_code: dict[grpc.StatusCode, dict[str, str | int]],
+        *,
+        sync: bool,
     ) -> None:
-        code = context.code()  # type: ignore[attr-defined]
+        self.duration = duration
+        self.context = context
+        self.by_code = by_code
+        self.sync = sync
+        self.began = time.perf_counter()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        code = self.context.code()
         if code is None:  # no status set: the behaviour returned (OK), raised (UNKNOWN) or its caller left
-            code = grpc.StatusCode.OK if not failed else grpc.StatusCode.UNKNOWN
-            if failed and not context.is_active():
+            if kind is None:
+                code = grpc.StatusCode.OK
+            # A caller that left: a sync call is no longer active; on the event loop its task was cancelled.
+            elif (not self.context.is_active()) if self.sync else issubclass(kind, asyncio.CancelledError):
                 code = grpc.StatusCode.CANCELLED
-        self._duration.record((time.perf_counter() - began) * 1000.0, by_code[code])
-
-    def _unary(
-        self, fn: Callable[[Any, grpc.ServicerContext], Any], by_code: dict[grpc.StatusCode, dict[str, str | int]]
-    ) -> Any:
-        def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
-            began = time.perf_counter()
-            failed = True
-            try:
-                response = fn(request, context)
-                failed = False
-                return response
-            finally:
-                self._record(began, context, failed, by_code)
-
-        return behaviour
-
-    def _stream(
-        self,
-        fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
-        by_code: dict[grpc.StatusCode, dict[str, str | int]],
-    ) -> Any:
-        def behaviour(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            began = time.perf_counter()
-            failed = True
-            try:
-                yield from fn(request, context)
-                failed = False
-            finally:
-                self._record(began, context, failed, by_code)
-
-        return behaviour
+            else:
+                code = grpc.StatusCode.UNKNOWN
+        self.duration.record((time.perf_counter() - self.began) * 1000.0, self.by_code[code])

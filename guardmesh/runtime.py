@@ -14,6 +14,7 @@ function returning a :class:`Binding` that adds its servicers); the runtime does
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import secrets
@@ -31,12 +32,13 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from guardmesh.aio_server import LoopServer
 from guardmesh.client import channel_options
 from guardmesh.config import ConfigError, MeshConfig, load_config
 from guardmesh.discovery import Registry, registry_for
 from guardmesh.durable import StoreError
 from guardmesh.errors import DomainErrorInterceptor
-from guardmesh.handlers import Behaviour, BehaviourInterceptor
+from guardmesh.handlers import Behaviour, BehaviourInterceptor, is_async
 from guardmesh.logs import setup_logging
 from guardmesh.monitoring import RpcServerMetrics
 from guardmesh.reflection import V1_SERVICE, enable_reflection
@@ -97,6 +99,13 @@ def _answer_barrier(request: bytes, context: grpc.ServicerContext) -> bytes:
 
 
 _BARRIER_HANDLER = grpc.unary_unary_rpc_method_handler(_answer_barrier)
+#: What a call refused by the drain gate is told.
+REFUSED_WHILE_DRAINING = "server draining: the call was not started; retry another instance"
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class CallGate(BehaviourInterceptor):
@@ -131,6 +140,7 @@ class CallGate(BehaviourInterceptor):
         self._refused = 0  # client calls taken up while closed
         self._barriers = 0  # barrier calls taken up
         self._released = threading.Event()
+        self._held_async: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []  # aio calls held
 
     @property
     def barrier_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -156,13 +166,24 @@ class CallGate(BehaviourInterceptor):
         if handler is None:
             return None
         kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
-        return handler._replace(**{kind: self._refuse})  # type: ignore[attr-defined, no-any-return]
+        refuse = self._refuse_async if is_async(getattr(handler, kind)) else self._refuse
+        return handler._replace(**{kind: refuse})  # type: ignore[attr-defined, no-any-return]
 
     def wrap(self, behaviour: Behaviour, streaming: bool, method: str) -> Behaviour:
         """A unary call that returns while the gate is closed is answered once the server has stopped taking
         calls (see the class); a streaming response passes as it is (the drain ends streams)."""
         if streaming:
             return behaviour
+        if is_async(behaviour):
+
+            async def answered_after_the_stop_async(request: Any, context: Any) -> Any:
+                try:
+                    return await behaviour(request, context)
+                finally:
+                    if not self._open:
+                        await self._hold_async(context)
+
+            return answered_after_the_stop_async
 
         def answered_after_the_stop(request: Any, context: grpc.ServicerContext) -> Any:
             try:
@@ -178,9 +199,24 @@ class CallGate(BehaviourInterceptor):
         remaining = context.time_remaining()  # a call without a deadline: gRPC's far future
         self._released.wait(None if remaining is None else min(remaining / 2, threading.TIMEOUT_MAX))
 
+    async def _hold_async(self, context: Any) -> None:
+        """:meth:`_hold` on the event loop: the loop goes on serving while the call waits."""
+        loop = asyncio.get_running_loop()
+        released: asyncio.Future[None] = loop.create_future()
+        with self._changed:
+            if self._released.is_set():
+                return
+            self._held_async.append((loop, released))
+        remaining = context.time_remaining()
+        await asyncio.wait((released,), timeout=None if remaining is None else remaining / 2)
+
     def _refuse(self, request: object, context: grpc.ServicerContext) -> None:
         self._hold(context)
-        context.abort(grpc.StatusCode.UNAVAILABLE, "server draining: the call was not started; retry another instance")
+        context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED_WHILE_DRAINING)
+
+    async def _refuse_async(self, request: object, context: Any) -> None:
+        await self._hold_async(context)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED_WHILE_DRAINING)
 
     def close(self) -> None:
         """Refuse every call taken up from now on."""
@@ -189,7 +225,11 @@ class CallGate(BehaviourInterceptor):
 
     def release(self) -> None:
         """Answer the held refusals (the server is stopping: no more calls can arrive)."""
-        self._released.set()
+        with self._changed:
+            self._released.set()
+            held, self._held_async = self._held_async, []
+        for loop, released in held:
+            loop.call_soon_threadsafe(_settle, released)
 
     @property
     def refused(self) -> int:
@@ -244,6 +284,9 @@ class ServiceDefinition:
     #: Authorization: roles (besides admin) allowed to call each method, keyed "package.Service/Method";
     #: a method not listed is admin-only.
     roles: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: Serve on a grpc.aio server (:mod:`guardmesh.aio_server`): handlers that are ``async def`` run on its
+    #: event loop, the others on the pool as on the sync server.
+    asyncio: bool = False
 
 
 @dataclass
@@ -252,7 +295,7 @@ class RunningService:
 
     definition: ServiceDefinition
     config: MeshConfig
-    server: grpc.Server
+    server: grpc.Server | LoopServer
     health: health.HealthServicer
     binding: Binding
     host: str
@@ -359,18 +402,20 @@ def start_service(
     if config.security.authorization:
         interceptors.append(AuthorizationInterceptor(Authorizer(RoleBook.load(config), definition.roles)))
     interceptors.append(DomainErrorInterceptor())
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.grpc.max_workers, thread_name_prefix=f"{definition.name}-rpc"),
-        interceptors=interceptors,
-        options=[*channel_options(config), ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=None,
-    )
+    pool = futures.ThreadPoolExecutor(max_workers=config.grpc.max_workers, thread_name_prefix=f"{definition.name}-rpc")
+    options = [*channel_options(config), ("grpc.so_reuseport", 0)]
+    server: grpc.Server | LoopServer
+    if definition.asyncio:
+        server = LoopServer(definition.name, pool, interceptors, options)
+        handlers: Any = server.server  # the aio server: adding handlers to it is a plain call
+    else:
+        server = handlers = grpc.server(pool, interceptors=interceptors, options=options, maximum_concurrent_rpcs=None)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
     names = ("", definition.name, *definition.service_names)
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    enable_reflection((*definition.service_names, health.SERVICE_NAME), server)
+    enable_reflection((*definition.service_names, health.SERVICE_NAME), handlers)
     binding = definition.build(config)
 
     def fail_stop(reason: str) -> None:
@@ -395,7 +440,7 @@ def start_service(
                     health_servicer.set(name, status)
 
     binding.set_serving = set_serving  # type: ignore[attr-defined]  # the scheduler's leader election calls it
-    binding.add_to_server(server)
+    binding.add_to_server(handlers)
     try:
         if credentials is None:
             bound = server.add_insecure_port(f"{host}:{port}")
@@ -404,6 +449,8 @@ def start_service(
     except RuntimeError:
         bound = 0
     if bound == 0:
+        if isinstance(server, LoopServer):
+            server.stop(0)  # its loop thread ends with it
         raise ConfigError(f"services.{definition.name}.port: cannot bind {host}:{port}")
     server.start()
     binding.bound_port = bound  # type: ignore[attr-defined]  # a leader publishes its address to standbys

@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from guardmesh.config import ConfigError, MeshConfig
-from guardmesh.handlers import Behaviour, BehaviourInterceptor, within
+from guardmesh.handlers import Behaviour, BehaviourInterceptor, CallRefused, within
 
 log = logging.getLogger(__name__)
 
@@ -283,17 +283,13 @@ class Authorizer:
 def _guard(
     authorizer: Authorizer, method: str, fn: Callable[[Any, grpc.ServicerContext], Any], streaming: bool
 ) -> Callable[[Any, grpc.ServicerContext], Any]:
-    def allowed(context: grpc.ServicerContext) -> Principal | None:
-        try:
-            return authorizer.check(method, context.invocation_metadata(), context)
-        except Unauthenticated as exc:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        except PermissionDenied as exc:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        return None
-
     def enter(context: grpc.ServicerContext) -> contextvars.Token[Principal]:
-        return _current.set(allowed(context) or ANONYMOUS)
+        try:
+            return _current.set(authorizer.check(method, context.invocation_metadata(), context))
+        except Unauthenticated as exc:
+            raise CallRefused(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+        except PermissionDenied as exc:
+            raise CallRefused(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
 
     return within(fn, streaming, enter, _current.reset)
 

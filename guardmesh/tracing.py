@@ -23,11 +23,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.grpc import client_interceptor, filters, server_interceptor
+from opentelemetry.instrumentation.grpc._aio_server import OpenTelemetryAioServerInterceptor
+from opentelemetry.instrumentation.grpc._server import _wrap_rpc_behavior
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
-from guardmesh.handlers import Behaviour, BehaviourInterceptor, within
+from guardmesh.handlers import Behaviour, BehaviourInterceptor, is_async, within
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -199,6 +201,8 @@ class ServerTracing(BehaviourInterceptor):
     def __init__(self, provider: TracerProvider | None = None) -> None:
         self._provider = tracer_provider() if provider is None else provider
         self._spans = server_interceptor(tracer_provider=self._provider, filter_=None)
+        # Its aio twin builds the same spans around ``async def`` behaviours (a grpc.aio server's hot handlers).
+        self._aio_spans = OpenTelemetryAioServerInterceptor(self._spans._tracer, filter_=None)
         self._fields = frozenset(propagate.get_global_textmap().fields)
 
     def intercept_service(
@@ -210,8 +214,23 @@ class ServerTracing(BehaviourInterceptor):
         if handler_call_details.method in HEALTH_METHODS:
             return continuation(handler_call_details)
         if spans_recorded(self._provider):
-            return self._spans.intercept_service(continuation, handler_call_details)  # type: ignore[no-any-return]
+            handler = continuation(handler_call_details)
+            if handler is not None and is_async(_behaviour(handler)):
+                return _wrap_rpc_behavior(handler, self._aio_span_wrapper(handler_call_details))  # type: ignore[no-any-return]
+            return self._spans.intercept_service(lambda _: handler, handler_call_details)  # type: ignore[no-any-return]
         return super().intercept_service(continuation, handler_call_details)
+
+    def _aio_span_wrapper(self, details: grpc.HandlerCallDetails) -> Callable[[Behaviour, bool, bool], Behaviour]:
+        """What OpenTelemetryAioServerInterceptor.intercept_service wraps a handler with (it is a coroutine
+        there, and the runtime resolves handlers through its interceptors synchronously)."""
+        spans = self._aio_spans
+
+        def wrap(behaviour: Behaviour, request_streaming: bool, response_streaming: bool) -> Behaviour:
+            if response_streaming:
+                return spans._intercept_aio_server_stream(behaviour, details)  # type: ignore[no-any-return]
+            return spans._intercept_aio_server_unary(behaviour, details)  # type: ignore[no-any-return]
+
+        return wrap
 
     def wrap(self, behaviour: Behaviour, streaming: bool, method: str) -> Behaviour:
         """``behaviour`` run in the caller's trace context when its metadata carries one."""
@@ -222,6 +241,10 @@ class ServerTracing(BehaviourInterceptor):
         if not any(key in self._fields for key, _ in metadata):
             return None
         return otel_context.attach(propagate.extract({key: value for key, value in metadata if isinstance(value, str)}))
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> Behaviour:
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream  # type: ignore[no-any-return]
 
 
 def server_tracing_interceptor() -> grpc.ServerInterceptor:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import namedtuple
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -14,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2 as rpb
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from guardmesh.aio_server import LoopServer
 from guardmesh.client import open_channel
 from guardmesh.config import ConfigError, MeshConfig, load_config
 from guardmesh.errors import InvalidArgument, Unavailable
@@ -84,6 +87,51 @@ class ProbeBinding:
         pass
 
 
+def _handlers_added(server: grpc.Server, add_to_server: Callable[[grpc.Server], None]) -> list[grpc.GenericRpcHandler]:
+    """The generic handlers ``add_to_server`` adds, caught instead of added."""
+    captured: list[grpc.GenericRpcHandler] = []
+    real_add = server.add_generic_rpc_handlers
+    server.add_generic_rpc_handlers = captured.extend  # type: ignore[method-assign]
+    try:
+        add_to_server(server)
+    finally:
+        server.add_generic_rpc_handlers = real_add  # type: ignore[method-assign]
+    return captured
+
+
+class AsyncProbeBinding(ProbeBinding):
+    """The probe on the runtime's grpc.aio server: Slow, Echo and Fail are ``async def`` (they run on its event
+    loop); Flaky stays a plain function (it runs on the migration pool)."""
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        sync = _handlers_added(server, super().add_to_server)[0].service  # the plain handlers (Flaky stays one)
+
+        async def slow(request: bytes, context: object) -> bytes:
+            with self._started_lock:
+                self.started += 1
+            await asyncio.sleep(float(request.decode() or "1"))
+            return b"done"
+
+        async def fail(request: bytes, context: object) -> bytes:
+            self.calls["Fail"] += 1
+            raise InvalidArgument("probe.size", "must be positive")
+
+        async def echo(request: bytes, context: object) -> bytes:
+            return request
+
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(fn, _identity, _identity)
+            for name, fn in {"Slow": slow, "Fail": fail, "Echo": echo}.items()
+        }
+        details = namedtuple("details", "method invocation_metadata")
+        handlers["Flaky"] = sync(details(f"/{SERVICE}/Flaky", ()))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+#: The runtime's two servers: sync (every handler on a pool thread) and grpc.aio (async handlers on its loop).
+SERVERS = pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+
+
 def _call(channel: grpc.Channel, method: str, payload: bytes = b"", timeout: float | None = 10) -> bytes:
     fn = channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=_identity, response_deserializer=_identity)
     return fn(payload, timeout=timeout)
@@ -95,14 +143,16 @@ def _health(address: str, service: str = "") -> int:
 
 
 def _probe(tmp_path: Path, **overrides: object) -> tuple[MeshConfig, ServiceDefinition, dict[str, ProbeBinding]]:
+    """The probe service and its config; ``aio=True`` among the overrides serves it on the grpc.aio server."""
+    aio = bool(overrides.pop("aio", False))
     config = make_config(tmp_path, **overrides)
     made: dict[str, ProbeBinding] = {}
 
     def build(cfg: MeshConfig) -> ProbeBinding:
-        made["binding"] = ProbeBinding(cfg)
+        made["binding"] = (AsyncProbeBinding if aio else ProbeBinding)(cfg)
         return made["binding"]
 
-    return config, ServiceDefinition("probe", (SERVICE,), build), made
+    return config, ServiceDefinition("probe", (SERVICE,), build, asyncio=aio), made
 
 
 def test_health_not_serving_while_starting_then_serving(tmp_path: Path) -> None:
@@ -199,8 +249,9 @@ def test_reflection_lists_and_describes_with_the_proto_comments(scheduler_servic
     assert v1.package == "grpc.reflection.v1" and v1.service[0].method[0].input_type.startswith(".grpc.reflection.v1.")
 
 
-def test_sigterm_drain_finishes_in_flight_rpc(tmp_path: Path) -> None:
-    config, definition, made = _probe(tmp_path, **{"grpc.drain_delay_s": 0.5})
+@SERVERS
+def test_sigterm_drain_finishes_in_flight_rpc(tmp_path: Path, aio: bool) -> None:
+    config, definition, made = _probe(tmp_path, aio=aio, **{"grpc.drain_delay_s": 0.5})
     running = start_service(definition, config, port=0)
     channel = open_channel("probe", config, address=running.address)
     result: dict[str, object] = {}
@@ -245,25 +296,22 @@ class _LaggingLookup(grpc.GenericRpcHandler):
         return self.inner.service(handler_call_details)
 
 
-def _lagging_probe(tmp_path: Path, lag_s: float) -> tuple[RunningService, dict[str, ProbeBinding]]:
-    """A probe service whose method lookup takes ``lag_s`` on the serving thread, started on port 0."""
+def _lagging_probe(tmp_path: Path, lag_s: float, aio: bool = False) -> tuple[RunningService, dict[str, ProbeBinding]]:
+    """A probe service whose method lookup takes ``lag_s`` on the serving thread (the aio server's event loop),
+    started on port 0."""
     config = make_config(tmp_path)
     made: dict[str, ProbeBinding] = {}
 
-    class LaggingProbe(ProbeBinding):
+    class LaggingProbe(AsyncProbeBinding if aio else ProbeBinding):  # type: ignore[misc]
         def add_to_server(self, server: grpc.Server) -> None:
-            captured: list[grpc.GenericRpcHandler] = []
-            real_add = server.add_generic_rpc_handlers
-            server.add_generic_rpc_handlers = captured.extend  # type: ignore[method-assign]
-            super().add_to_server(server)
-            server.add_generic_rpc_handlers = real_add  # type: ignore[method-assign]
+            captured = _handlers_added(server, super().add_to_server)
             server.add_generic_rpc_handlers(tuple(_LaggingLookup(h, lag_s) for h in captured))
 
     def build(cfg: MeshConfig) -> ProbeBinding:
         made["binding"] = LaggingProbe(cfg)
         return made["binding"]
 
-    return start_service(ServiceDefinition("probe", (SERVICE,), build), config, port=0), made
+    return start_service(ServiceDefinition("probe", (SERVICE,), build, asyncio=aio), config, port=0), made
 
 
 def _wait_started(binding: ProbeBinding, count: int) -> None:
@@ -273,14 +321,17 @@ def _wait_started(binding: ProbeBinding, count: int) -> None:
     assert binding.started >= count, "no call reached a handler"
 
 
+@SERVERS
 @pytest.mark.parametrize(("lag_s", "calls"), [(0.05, 40), (0.4, 12)])
-def test_drain_with_calls_waiting_in_grpc_core_cancels_none(tmp_path: Path, lag_s: float, calls: int) -> None:
+def test_drain_with_calls_waiting_in_grpc_core_cancels_none(
+    tmp_path: Path, lag_s: float, calls: int, aio: bool
+) -> None:
     """The drain answers every call it took up and refuses the others as UNAVAILABLE; none is CANCELLED.
 
     gRPC core's shutdown kills the calls that arrived but that the serving thread has not taken up yet (their
     clients see CANCELLED). A serving thread slower than the old drain's quiet period (0.25 s a call, 0.4 s
     here) had the old drain stop with calls still waiting."""
-    running, made = _lagging_probe(tmp_path, lag_s)
+    running, made = _lagging_probe(tmp_path, lag_s, aio)
     channels = [grpc.insecure_channel(running.address) for _ in range(4)]
     outcomes: list[object] = []
     lock = threading.Lock()
@@ -308,11 +359,12 @@ def test_drain_with_calls_waiting_in_grpc_core_cancels_none(tmp_path: Path, lag_
     assert outcomes.count(b"done") == made["binding"].started
 
 
-def test_drain_under_steady_traffic_ends_without_the_grace_and_cancels_none(tmp_path: Path) -> None:
+@SERVERS
+def test_drain_under_steady_traffic_ends_without_the_grace_and_cancels_none(tmp_path: Path, aio: bool) -> None:
     """Clients that keep calling through the drain (each call as soon as the last is answered, refused or not)
     neither keep the drain going for its whole grace nor see CANCELLED: in-flight calls finish, the rest are
     UNAVAILABLE (refused by the gate, or the server gone)."""
-    running, made = _lagging_probe(tmp_path, 0.0)
+    running, made = _lagging_probe(tmp_path, 0.0, aio)
     stop_calling = threading.Event()
     outcomes: list[object] = []
     lock = threading.Lock()
@@ -347,7 +399,8 @@ def test_drain_under_steady_traffic_ends_without_the_grace_and_cancels_none(tmp_
     assert outcomes.count(grpc.StatusCode.UNAVAILABLE) >= 6  # each caller was refused at least once
 
 
-def test_calls_answered_during_the_drain_whose_clients_call_again_cancel_none(tmp_path: Path) -> None:
+@SERVERS
+def test_calls_answered_during_the_drain_whose_clients_call_again_cancel_none(tmp_path: Path, aio: bool) -> None:
     """Calls running when the drain starts are answered in full; their clients call again at once, and those
     calls are refused UNAVAILABLE (retry elsewhere), never CANCELLED by the server's stop.
 
@@ -355,7 +408,7 @@ def test_calls_answered_during_the_drain_whose_clients_call_again_cancel_none(tm
     sent again as soon as its first was answered arrived behind a round's barriers, the round counted as empty,
     and the drain could stop the server with that call still waiting in gRPC core (CANCELLED). A call answered
     while the gate is closed is held until the server has stopped taking calls."""
-    running, made = _lagging_probe(tmp_path, 0.1)
+    running, made = _lagging_probe(tmp_path, 0.1, aio)
     outcomes: list[object] = []
     lock = threading.Lock()
 
@@ -403,8 +456,9 @@ def test_drain_gate_counts_only_its_own_barriers() -> None:
     assert barrier is not echo and (gate.refused, gate.barriers) == (1, 1)
 
 
-def test_domain_error_maps_to_status_naming_field(tmp_path: Path) -> None:
-    config, definition, made = _probe(tmp_path)
+@SERVERS
+def test_domain_error_maps_to_status_naming_field(tmp_path: Path, aio: bool) -> None:
+    config, definition, made = _probe(tmp_path, aio=aio)
     running = start_service(definition, config, port=0)
     try:
         with open_channel("probe", config, address=running.address) as channel, pytest.raises(grpc.RpcError) as err:
@@ -416,8 +470,9 @@ def test_domain_error_maps_to_status_naming_field(tmp_path: Path) -> None:
         running.stop(grace=0.5)
 
 
-def test_client_retries_unavailable_only(tmp_path: Path) -> None:
-    config, definition, made = _probe(tmp_path)
+@SERVERS
+def test_client_retries_unavailable_only(tmp_path: Path, aio: bool) -> None:
+    config, definition, made = _probe(tmp_path, aio=aio)
     running = start_service(definition, config, port=0)
     try:
         with open_channel("probe", config, address=running.address) as channel:
@@ -539,6 +594,24 @@ def test_reflection_lists_scorer_and_open_inference_services(tmp_path: Path) -> 
         assert _health(running.address, "scorer") == health_pb2.HealthCheckResponse.SERVING
     finally:
         running.stop(grace=0.5)
+
+
+def test_the_scorer_serves_on_the_aio_server_and_its_health_watch_streams_through_the_drain(tmp_path: Path) -> None:
+    """The scorer opts in to the grpc.aio server; health's Watch (a plain streaming handler, on the pool there)
+    streams SERVING, then NOT_SERVING when the drain begins, and the drain ends with the stream still open."""
+    config = make_config(tmp_path, **{"services.scorer.port": 0})
+    running = start_service(load_definition("scorer"), config, port=0)
+    assert isinstance(running.server, LoopServer)
+    with grpc.insecure_channel(running.address) as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service="scorer"), timeout=120)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stopper = threading.Thread(target=running.stop, kwargs={"grace": 1.0})
+        stopper.start()
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stopper.join(60)
+        assert not stopper.is_alive(), "the drain hung on the open stream"
+        assert running.server.wait_for_termination(0)
+        watch.cancel()
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ Real threads; every wait polls with a generous timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -115,3 +116,68 @@ def test_a_failing_group_fails_its_own_calls_only_and_the_next_group_is_served()
 def test_a_bound_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="max_group"):
         Gathering(lambda calls: list(calls), max_group=0)
+
+
+def test_submitted_calls_run_on_the_runner_thread_and_queue_into_the_next_group_while_the_loop_stays_free() -> None:
+    """Calls submitted from an event loop (the aio server's Score): the first runs alone on the gathering's
+    runner thread; while it runs, the loop is free (it submits ten more, and a timer of its own fires); those
+    ten form the next group (within the bound) and each awaits its own answer."""
+    gate = _Gate()
+    gathering = Gathering(gate.run_many, max_group=8)
+
+    async def burst() -> tuple[int, list[int], bool]:
+        loop = asyncio.get_running_loop()
+        first = gathering.submit(21)
+        assert await loop.run_in_executor(None, gate.entered.wait, WAIT_S)
+        rest = [gathering.submit(c) for c in range(1, 11)]
+        ticked = asyncio.Event()
+        loop.call_soon(ticked.set)
+        await asyncio.wait_for(ticked.wait(), WAIT_S)  # the loop runs while the group waits on its thread
+        assert len(gathering._queued) == 10
+        gate.release.set()
+        return await asyncio.wait_for(first, WAIT_S), list(await asyncio.gather(*rest)), ticked.is_set()
+
+    first, rest, ticked = asyncio.run(burst())
+    assert (first, rest, ticked) == (42, [2 * c for c in range(1, 11)], True)
+    assert [calls for calls, _ in gate.groups] == [[21], list(range(1, 9)), [9, 10]]
+    assert {thread for _, thread in gate.groups} == {"scorer-gathering"}
+    assert (gathering.groups, gathering.calls) == (3, 11)
+    assert not gathering._running
+
+
+def test_submitted_and_blocking_calls_share_groups_and_each_gets_its_answer_or_its_groups_error() -> None:
+    """A blocking caller queued behind submitted calls is answered by the runner's group, and leads the group
+    after it when it is first in the queue; a group function that raises fails that group's calls only."""
+    entered, release = threading.Event(), threading.Event()
+    ran: list[list[int]] = []
+
+    def run_many(calls: Sequence[int]) -> list[int]:
+        ran.append(list(calls))
+        if len(ran) == 1:
+            entered.set()
+            assert release.wait(WAIT_S)
+        if 13 in calls:
+            raise RuntimeError("unlucky group")
+        return [-c for c in calls]
+
+    gathering = Gathering(run_many, max_group=2)
+    answers: dict[int, object] = {}
+
+    async def mixed() -> list[object]:
+        loop = asyncio.get_running_loop()
+        first = gathering.submit(1)
+        assert await loop.run_in_executor(None, entered.wait, WAIT_S)
+        second = gathering.submit(2)
+        threads = _callers(gathering, [3], answers)
+        await loop.run_in_executor(None, _until, lambda: len(gathering._queued) == 2)
+        unlucky = gathering.submit(13)
+        release.set()
+        for t in threads:
+            await loop.run_in_executor(None, t.join, WAIT_S)
+        return list(await asyncio.gather(first, second, unlucky, return_exceptions=True))
+
+    first, second, unlucky = asyncio.run(mixed())
+    assert (first, second, answers[3]) == (-1, -2, -3)
+    assert isinstance(unlucky, RuntimeError)
+    assert ran == [[1], [2, 3], [13]]
+    assert not gathering._running

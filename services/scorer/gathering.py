@@ -10,10 +10,17 @@ No timer, no extra thread: a group is what queued while the previous one ran.
 
 Each call gets its own result; an exception raised by the function itself (not returned for one call)
 reaches every call of its group.
+
+A caller on an event loop (the scorer's grpc.aio handlers) uses :meth:`Gathering.submit` instead: it queues its
+call and awaits an asyncio future, holding neither the loop nor a thread. Groups led by such calls run on the
+gathering's one runner thread; their answers go back to the loop once per group
+(``loop.call_soon_threadsafe``), so the loop goes on taking calls up, parsing and answering them while a group
+runs, and the calls that arrive meanwhile form the next group. Both kinds of caller may share a group.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -31,15 +38,18 @@ class _Slot(Generic[C, R]):
     allocates a further lock per wait): this wait and wake-up happen once per gathered call.
     """
 
-    __slots__ = ("call", "error", "lead", "ready", "result")
+    __slots__ = ("answer", "call", "error", "lead", "ready", "result")
 
-    def __init__(self, call: C) -> None:
+    def __init__(self, call: C, answer: asyncio.Future[R] | None = None) -> None:
         self.call = call
         self.result: R | None = None
         self.error: BaseException | None = None
         self.lead = False
+        #: A caller on an event loop awaits this future instead of ``ready``.
+        self.answer = answer
         self.ready = threading.Lock()
-        self.ready.acquire()
+        if answer is None:
+            self.ready.acquire()
 
 
 class Gathering(Generic[C, R]):
@@ -56,6 +66,30 @@ class Gathering(Generic[C, R]):
         #: Groups run and calls answered (for tests and metrics).
         self.groups = 0
         self.calls = 0
+        self._runner: threading.Thread | None = None  # started by the first submit()
+        self._runner_turn = threading.Semaphore(0)  # released once per group the runner is to lead
+
+    def submit(self, call: C) -> asyncio.Future[R]:
+        """``call``'s result as a future of the running event loop (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        slot: _Slot[C, R] = _Slot(call, loop.create_future())
+        with self._lock:
+            self._queued.append(slot)
+            lead = not self._running
+            self._running = True
+            if self._runner is None:
+                self._runner = threading.Thread(target=self._run_turns, name="scorer-gathering", daemon=True)
+                self._runner.start()
+        if lead:
+            self._runner_turn.release()
+        return slot.answer  # type: ignore[return-value]
+
+    def _run_turns(self) -> None:
+        """The runner thread: lead a group when given the turn, and the next ones while they are submitted."""
+        while True:
+            self._runner_turn.acquire()
+            while self._run_group(None):
+                pass
 
     def call(self, call: C) -> R:
         """``call``'s result, run in a group with the calls queued beside it."""
@@ -68,12 +102,14 @@ class Gathering(Generic[C, R]):
             slot.ready.acquire()  # released once: with the answer, or with the turn to run the next group
             if not slot.lead:
                 return self._answer(slot)
-        self._run_group()
+        if self._run_group(slot):
+            self._runner_turn.release()
         return self._answer(slot)
 
-    def _run_group(self) -> None:
-        """Run the queued calls (this caller's first) as one group; then hand the next group to the first
-        caller still queued, or stop running."""
+    def _run_group(self, own: _Slot[C, R] | None) -> bool:
+        """Run the queued calls (a sync leader's ``own`` call first) as one group; then hand the next group to
+        the first caller still queued (the runner, for a submitted call), or stop running. True: the next
+        group is the runner's."""
         with self._lock:
             group = [self._queued.popleft() for _ in range(min(self.max_group, len(self._queued)))]
         try:
@@ -91,14 +127,37 @@ class Gathering(Generic[C, R]):
             following = self._queued[0] if self._queued else None
             if following is None:
                 self._running = False
-        for s in group[1:]:
-            s.ready.release()
-        if following is not None:
-            following.lead = True
-            following.ready.release()
+        answered: dict[asyncio.AbstractEventLoop, list[_Slot[C, R]]] = {}
+        for s in group:
+            if s.answer is not None:
+                answered.setdefault(s.answer.get_loop(), []).append(s)
+            elif s is not own:
+                s.ready.release()
+        for loop, slots in answered.items():
+            loop.call_soon_threadsafe(_settle, slots)
+        if following is None:
+            return False
+        if following.answer is not None:  # a submitted call: the runner leads its group
+            return True
+        following.lead = True
+        following.ready.release()
+        return False
 
     @staticmethod
     def _answer(slot: _Slot[C, R]) -> R:
         if slot.error is not None:
             raise slot.error
         return slot.result  # type: ignore[return-value]
+
+
+def _settle(slots: list[_Slot[C, R]]) -> None:
+    """On the loop: answer the submitted calls of a group (a call whose caller left is skipped)."""
+    for s in slots:
+        answer = s.answer
+        assert answer is not None
+        if answer.done():
+            continue
+        if s.error is not None:
+            answer.set_exception(s.error)
+        else:
+            answer.set_result(s.result)  # type: ignore[arg-type]

@@ -27,13 +27,16 @@ raw_input_contents[0] has 28``).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 import numpy as np
@@ -350,12 +353,19 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Decode, check, run, encode. Errors: NOT_FOUND, UNAVAILABLE, INVALID_ARGUMENT (see the module)."""
         name = request.model_name
         version, signature = self._resolve("model_name", name, request.model_version)
+        with self._counted(name, version):
+            inputs, wanted, raw = self._decode(request, name, version, signature)
+            results = self.backend.infer(name, version, inputs, request.id)
+            return self._encode(request, name, version, wanted, raw, results)
+
+    @contextmanager
+    def _counted(self, name: str, version: str) -> Iterator[None]:
+        """Count the request run in the block, with its time, as a success or (it raised) a failure."""
         started = time.perf_counter_ns()
         ok = False
         try:
-            response = self._infer(request, name, version, signature)
+            yield
             ok = True
-            return response
         finally:
             elapsed = time.perf_counter_ns() - started
             with self._stats_lock:
@@ -365,17 +375,25 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 else:
                     stats.fail, stats.fail_ns = stats.fail + 1, stats.fail_ns + elapsed
 
-    def _infer(
+    def _decode(
         self, request: pb.ModelInferRequest, name: str, version: str, signature: ModelSignature
-    ) -> pb.ModelInferResponse:
+    ) -> tuple[dict[str, np.ndarray], list[TensorSpec], bool]:
+        """The request's inputs as arrays, the outputs wanted, and whether the request came raw."""
         if not self.backend.model_ready(name, version):
             raise Unavailable(f"model '{name}' version '{version}': not ready")
         _check_parameters("parameters", request.parameters)
         raw = len(request.raw_input_contents) > 0
-        inputs = self._decode_inputs(request, signature, raw)
-        wanted = self._requested_outputs(request, signature)
-        results = self.backend.infer(name, version, inputs, request.id)
+        return self._decode_inputs(request, signature, raw), self._requested_outputs(request, signature), raw
 
+    def _encode(
+        self,
+        request: pb.ModelInferRequest,
+        name: str,
+        version: str,
+        wanted: list[TensorSpec],
+        raw: bool,
+        results: Mapping[str, np.ndarray],
+    ) -> pb.ModelInferResponse:
         response = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
         outputs: list[tuple[TensorSpec, np.ndarray]] = []
         for spec in wanted:
@@ -565,3 +583,26 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     f"model '{model}' output '{spec.name}': numpy {array.dtype} cannot become {spec.datatype}"
                 ) from exc
         return array
+
+
+class AsyncOpenInferenceServicer(OpenInferenceServicer):
+    """:class:`OpenInferenceServicer` with ModelInfer as ``async def``, for a grpc.aio server: the request is
+    decoded and the response encoded on the event loop; the backend's ``infer`` (which waits for the model)
+    runs on ``executor``, so the loop goes on taking calls up meanwhile."""
+
+    def __init__(self, backend: InferenceBackend, executor: Executor, **options: Any) -> None:
+        super().__init__(backend, **options)
+        self.executor = executor
+
+    async def ModelInfer(  # type: ignore[override]
+        self, request: pb.ModelInferRequest, context: object
+    ) -> pb.ModelInferResponse:
+        """As :meth:`OpenInferenceServicer.ModelInfer`."""
+        name = request.model_name
+        version, signature = self._resolve("model_name", name, request.model_version)
+        with self._counted(name, version):
+            inputs, wanted, raw = self._decode(request, name, version, signature)
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.backend.infer, name, version, inputs, request.id
+            )
+            return self._encode(request, name, version, wanted, raw, results)

@@ -10,6 +10,7 @@ once for the group under the line's lock.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -17,7 +18,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -564,6 +565,17 @@ class Scorer:
         Concurrent calls are scored together (:attr:`gathering`), each answered as if alone."""
         call = ScoreCall(model, request_id, features, version, explain, shadow)
         result = self.gathering.call(call) if self.gathering is not None else self.score_many([call])[0]
+        if isinstance(result, GuardmeshError):
+            raise result
+        return result
+
+    async def score_async(self, call: ScoreCall, executor: Executor | None = None) -> ScoreOutcome:
+        """:meth:`score` for a caller on an event loop: the call waits in the gathering (its group runs on the
+        gathering's thread) holding neither the loop nor a thread; with batching off it runs on ``executor``."""
+        if self.gathering is not None:
+            result = await self.gathering.submit(call)
+        else:
+            [result] = await asyncio.get_running_loop().run_in_executor(executor, self.score_many, [call])
         if isinstance(result, GuardmeshError):
             raise result
         return result

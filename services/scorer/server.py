@@ -7,6 +7,7 @@ decision log).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ import os
 import socket
 import uuid
 from collections import Counter
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -35,7 +37,7 @@ from inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from services.scorer.decision import Rule, RuleAction, ThresholdPolicy
 from services.scorer.drift import ALERT_LEVEL, FALSE_ALARM_RATE
 from services.scorer.monitoring import CleaningPolicy
-from services.scorer.oip import ExecutionStats, ModelSignature, OpenInferenceServicer, TensorSpec
+from services.scorer.oip import AsyncOpenInferenceServicer, ExecutionStats, ModelSignature, TensorSpec
 from services.scorer.persistence import RegistryStore, SharedRegistry, open_shared_registry
 from services.scorer.registry import ModelFormat, pick_device
 from services.scorer.scorer import Registration, ScoreCall, ScoreOutcome, Scorer, VersionConfig, VersionInfo
@@ -146,8 +148,11 @@ def call_from_pb(r: pb.ScoreRequest) -> ScoreCall:
 class ScorerServicer(pb_grpc.ScorerServiceServicer):
     """Implements ``guardmesh.v1.ScorerService`` over :class:`Scorer`."""
 
-    def __init__(self) -> None:
+    def __init__(self, executor: Executor | None = None) -> None:
         self._core: Scorer | None = None
+        #: Where the async handlers run work that waits for the model outside the gathering (ScoreBatch, and
+        #: Score with batching off); None: the event loop's default executor.
+        self.executor = executor
 
     @property
     def core(self) -> Scorer:
@@ -187,16 +192,10 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
             )
         return resp
 
-    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        """See the proto."""
-        outcome = self.core.score(
-            request.model,
-            request.request_id,
-            request.features,
-            version=request.version,
-            explain=request.explain,
-            shadow=request.shadow,
-        )
+    async def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        """See the proto. Runs on the server's event loop: the call waits for its gathered group (see
+        :meth:`Scorer.score_async`) without holding the loop."""
+        outcome = await self.core.score_async(call_from_pb(request), self.executor)
         span = trace.get_current_span()
         if span.is_recording():  # no span is built when none is exported: then its attributes are not either
             d = outcome.decision
@@ -217,11 +216,13 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
             span.set_attributes(attributes)  # one call: the span takes its lock once
         return outcome_to_pb(outcome)
 
-    def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.ServicerContext) -> pb.ScoreBatchResponse:
-        """See the proto: the requests go through the scorer together (full batches, one window update)."""
+    async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.ServicerContext) -> pb.ScoreBatchResponse:
+        """See the proto: the requests go through the scorer together (full batches, one window update), on
+        :attr:`executor` (the loop goes on taking calls up meanwhile)."""
         if not 1 <= len(request.requests) <= MAX_BATCH:
             raise InvalidArgument("requests", f"must hold 1 to {MAX_BATCH} requests")
-        results = self.core.score_many([call_from_pb(r) for r in request.requests])
+        calls = [call_from_pb(r) for r in request.requests]
+        results = await asyncio.get_running_loop().run_in_executor(self.executor, self.core.score_many, calls)
         resp = pb.ScoreBatchResponse()
         positive = 0
         for result in results:
@@ -430,7 +431,9 @@ class ScorerBinding:
 
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
-        self.servicer = ScorerServicer()
+        # Calls that wait for the model off the event loop (ModelInfer, ScoreBatch): as many as the sync pool.
+        self.executor = ThreadPoolExecutor(max_workers=config.grpc.max_workers, thread_name_prefix="scorer-wait")
+        self.servicer = ScorerServicer(self.executor)
         self.extra: list[Any] = []
         self.store: SharedRegistry | None = None
 
@@ -438,7 +441,7 @@ class ScorerBinding:
         """Add the servicers: ScorerService and the Open Inference Protocol."""
         pb_grpc.add_ScorerServiceServicer_to_server(self.servicer, server)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            OpenInferenceServicer(ScorerInferenceBackend(self.servicer)), server
+            AsyncOpenInferenceServicer(ScorerInferenceBackend(self.servicer), self.executor), server
         )
 
     def start(self) -> None:
@@ -468,6 +471,7 @@ class ScorerBinding:
 
     def close(self) -> None:
         """Stop the batchers."""
+        self.executor.shutdown(wait=True)  # the server stopped: nothing is waiting on it any more
         if self.servicer._core is not None:
             self.servicer._core.close()
         if self.store is not None:
@@ -504,6 +508,7 @@ SERVICE = ServiceDefinition(
     name="scorer",
     service_names=(_SCORER, _OIP),
     build=ScorerBinding,
+    asyncio=True,  # Score, ScoreBatch and ModelInfer are async def (see the README's scorer performance section)
     # Applications score and send labels; models (register, activate, roll back) are admin's.
     roles={
         **allow(_SCORER, ("app",), "Score", "ScoreBatch", "Feedback"),
