@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "GUARDMESH__"
 
@@ -211,6 +211,18 @@ class ABRouterSettings(_Section):
     export_interval_s: float = Field(default=10.0, gt=0, le=86400)
     retention_s: float = Field(default=0.0, ge=0)
     sticky_cache_units: int = Field(default=1_000_000, ge=1)
+    exposures_in_memory: bool = True
+    unit_cache_units: int = Field(default=100_000, ge=1)
+
+    @model_validator(mode="after")
+    def _bounded_needs_the_table(self) -> ABRouterSettings:
+        # Without per-unit columns, audits and analysis read the exposure table: there must be one.
+        if not self.exposures_in_memory and not self.export_url:
+            raise ValueError(
+                "abrouter.exposures_in_memory = false needs abrouter.export_url (audits and analysis then read the "
+                "exposure table); set abrouter.export_url or keep abrouter.exposures_in_memory = true"
+            )
+        return self
 
 
 class MeshConfig(_Section):

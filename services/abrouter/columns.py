@@ -4,14 +4,22 @@ The exposure log is durable in SQLite; audits of a million exposures must run in
 the router also keeps each experiment's *first* exposure per unit as growable numpy columns (appended as
 exposures are logged, rebuilt from SQLite on start). Categorical covariates are stored as int32 codes into
 a per-column vocabulary so that contingency tables are a ``bincount`` away.
+
+With ``abrouter.exposures_in_memory = false`` the router keeps no per-unit columns: :class:`ExposureCounts` holds
+the exposed units per arm as counters and the first exposures of the units seen most recently in a bounded
+:class:`LruCache` (the store answers for the others); audits and analysis then read the exposure table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterator, KeysView, Mapping
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
+
+V = TypeVar("V")
 
 #: Code of a missing categorical value.
 MISSING_CODE = -1
@@ -213,3 +221,108 @@ class ExposureTable:
                 for name, (codes, vocab) in self._categorical.items()
             },
         )
+
+
+class LruCache(Generic[V]):
+    """Values of the units seen most recently, at most ``capacity`` (least recently used evicted); a unit
+    :meth:`pin`-ned (a write about it in flight) is not evicted until unpinned. Not thread-safe: the router locks.
+
+    The store keeps every value; once this cache has evicted one (:attr:`evicted`), a unit it does not hold
+    may be in the store."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._values: OrderedDict[str, V] = OrderedDict()
+        self._pins: dict[str, int] = {}
+        #: Whether some unit's value was dropped from memory (a miss may then be in the store).
+        self.evicted = False
+
+    def get(self, unit: str) -> V | None:
+        """The unit's value, marking it recently used; None if not held."""
+        value = self._values.get(unit)
+        if value is not None:
+            self._values.move_to_end(unit)
+        return value
+
+    def __setitem__(self, unit: str, value: V) -> None:
+        self._values[unit] = value
+        self._values.move_to_end(unit)
+        self.shrink()
+
+    def shrink(self) -> None:
+        """Evict the least recently used unpinned units down to ``capacity`` (after unpins: pinned units may
+        have held the cache above it)."""
+        skipped = 0  # pinned units go back to the recent end; if all are pinned the cache waits for unpins
+        while len(self._values) > self.capacity and skipped < len(self._values):
+            oldest, held = self._values.popitem(last=False)
+            if oldest in self._pins:
+                self._values[oldest] = held
+                skipped += 1
+            else:
+                self.evicted = True
+
+    def setdefault(self, unit: str, value: V) -> V:
+        """The unit's value, recording ``value`` if it had none."""
+        held = self.get(unit)
+        if held is None:
+            self[unit] = held = value
+        return held
+
+    def pin(self, unit: str) -> None:
+        """Keep ``unit`` (held or about to be) until as many :meth:`unpin` calls."""
+        self._pins[unit] = self._pins.get(unit, 0) + 1
+
+    def unpin(self, unit: str) -> None:
+        """Undo one :meth:`pin`."""
+        left = self._pins[unit] - 1
+        if left:
+            self._pins[unit] = left
+        else:
+            del self._pins[unit]
+
+    def __contains__(self, unit: object) -> bool:
+        return unit in self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getitem__(self, unit: str) -> V:
+        return self._values[unit]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def keys(self) -> KeysView[str]:
+        """The units held (``dict(cache)`` copies the values held)."""
+        return self._values.keys()
+
+    def as_dict(self) -> dict[str, V]:
+        """A copy of the values held."""
+        return dict(self._values)
+
+
+class ExposureCounts:
+    """An experiment's exposed units without per-unit columns (``abrouter.exposures_in_memory = false``): units
+    per arm (the arm of each unit's first exposure) as counters, and (arm, time) of the first exposure of the
+    units seen most recently. A unit is counted once, when its first exposure is taken in: the router's own after
+    its commit (:attr:`pending` holds it meanwhile, so a concurrent exposure of the unit is not counted again), or
+    another replica's from the tail. Not thread-safe: the router locks."""
+
+    def __init__(self, capacity: int, arm_counts: Mapping[int, int] | None = None) -> None:
+        self._arm_counts: dict[int, int] = dict(arm_counts or {})
+        #: Units counted (their first exposure taken in), most recent first: unit -> (arm, unix time).
+        self.first: LruCache[tuple[int, float]] = LruCache(capacity)
+        #: Units whose first exposure is this router's, commit in flight: unit -> requests waiting on it.
+        self.pending: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return sum(self._arm_counts.values())
+
+    def arm_counts(self, n_arms: int) -> list[int]:
+        """Exposed units per arm."""
+        return [self._arm_counts.get(a, 0) for a in range(n_arms)]
+
+    def count(self, unit: str, arm: int, at: float) -> None:
+        """Count ``unit``'s first exposure (in ``arm`` at ``at``)."""
+        self._arm_counts[arm] = self._arm_counts.get(arm, 0) + 1
+        self.first[unit] = (arm, at)

@@ -11,6 +11,14 @@ locked or failing I/O) makes the router answer UNAVAILABLE naming the store and 
 through the committer succeeds again; it then reloads its memory from the store and serves again by itself. Any
 other failed write (a constraint, a bad statement) stops the router (fail-stop): it answers UNAVAILABLE until it
 is restarted from what is durable.
+
+With ``abrouter.exposures_in_memory = false`` (bounded mode) memory does not grow with the units: no per-unit
+columns or observation logs; exposed units per arm and the per-arm moments of each metric are counters, the
+first exposure and running metric totals of the units seen most recently sit in bounded caches and the store
+answers for the others (the store is the truth; a unit with a write in flight is pinned in its cache). A restart
+reads those counters as SQL aggregates, not the rows; audits, analysis and the continuous audit read the exposure
+table (``tables``). A unit is counted in the arm of the first of its exposures this router takes in (the
+store's first at a restart: the same unless two replicas expose a new unit in different arms at once).
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ import threading
 import time
 import uuid
 import weakref
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, KeysView, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -31,7 +39,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from guardmesh.config import ABRouterSettings
+from guardmesh.config import ABRouterSettings, ConfigError
 from guardmesh.durable import Fence, Fenced, Listener, Statement, StoreFailure, Ticket
 from guardmesh.errors import (
     Aborted,
@@ -43,18 +51,19 @@ from guardmesh.errors import (
     Unavailable,
 )
 from guardmesh.leadership import Lease
+from guardmesh.stats import Moments
 from native import abhash
 from services.abrouter import analysis as analysis_mod
 from services.abrouter import audit as audit_mod
 from services.abrouter import correction
 from services.abrouter.assignment import AssignmentResult, assign, assign_batch, hash_value_of
-from services.abrouter.bandit import BanditPolicy
-from services.abrouter.columns import ExposureColumns, ExposureTable, GrowableArray
+from services.abrouter.bandit import ArmRewards, BanditPolicy
+from services.abrouter.columns import ExposureColumns, ExposureCounts, ExposureTable, GrowableArray, LruCache
 from services.abrouter.experiments import AllocationMode, Experiment, ExperimentSpec, ExperimentState
 from services.abrouter.guardrails import GuardrailVerdict, evaluate_guardrails
-from services.abrouter.metrics import ArmStatistics
+from services.abrouter.metrics import ArmStatistics, CachedArmStatistics, MetricKind
 from services.abrouter.shadow import ScoreCall, ScoreFn, ScoreResult, ShadowMirror
-from services.abrouter.store import CONFIG_CHANNEL, ExposureRow, ObservationRow, RouterStore, Tail
+from services.abrouter.store import CONFIG_CHANNEL, ExposureRow, ObservationRow, RouterStore, Tail, Taken
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,9 @@ MAX_OBSERVATIONS = 100_000
 SHADOW_PREFIX = "__shadow__"
 #: Seconds between probes of a store that is away (a write through the committer, then a reload).
 STORE_PROBE_S = 1.0
+#: Bounded mode on a shared store: the newest rows whose numbers a restore reads for its tail (a row still
+#: committing below the restore point lies among them: far more than commit in one gap timeout).
+RESTORE_TAIL_ROWS = 100_000
 #: SQLite primary result codes of a store that cannot be written now but may be later: BUSY, LOCKED (another
 #: process holds the lock past the busy timeout), READONLY, IOERR, FULL, CANTOPEN.
 _SQLITE_AWAY = frozenset({5, 6, 8, 10, 13, 14})
@@ -147,58 +159,11 @@ class _MetricLog:
     pre: dict[str, float] = field(default_factory=dict)
 
 
-class StickyCache:
+class StickyCache(LruCache[int]):
     """Sticky arms of the units seen most recently, at most ``capacity`` (least recently used evicted).
 
     The store keeps every sticky arm; once this cache has evicted one (:attr:`evicted`), a unit it does
     not hold is looked up in the store, so an evicted unit keeps its arm."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._arms: OrderedDict[str, int] = OrderedDict()
-        #: Whether some unit's arm was dropped from memory (a miss may then be in the store).
-        self.evicted = False
-
-    def get(self, unit: str) -> int | None:
-        """The unit's arm, marking it recently used; None if not held."""
-        arm = self._arms.get(unit)
-        if arm is not None:
-            self._arms.move_to_end(unit)
-        return arm
-
-    def __setitem__(self, unit: str, arm: int) -> None:
-        self._arms[unit] = arm
-        self._arms.move_to_end(unit)
-        while len(self._arms) > self.capacity:
-            self._arms.popitem(last=False)
-            self.evicted = True
-
-    def setdefault(self, unit: str, arm: int) -> int:
-        """The unit's arm, recording ``arm`` if it had none."""
-        held = self.get(unit)
-        if held is None:
-            self[unit] = held = arm
-        return held
-
-    def __contains__(self, unit: object) -> bool:
-        return unit in self._arms
-
-    def __len__(self) -> int:
-        return len(self._arms)
-
-    def __getitem__(self, unit: str) -> int:
-        return self._arms[unit]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._arms)
-
-    def keys(self) -> KeysView[str]:
-        """The units held (``dict(cache)`` copies the arms held)."""
-        return self._arms.keys()
-
-    def as_dict(self) -> dict[str, int]:
-        """A copy of the arms held."""
-        return dict(self._arms)
 
 
 @dataclass
@@ -225,6 +190,16 @@ class _Live:
     srm_alerted_weighting: int = 0
     #: Last continuous-audit balance alert state, so that alert is raised once while it lasts.
     balance_alerting: bool = False
+    #: Bounded mode (``abrouter.exposures_in_memory = false``): exposed units as counters (``table`` stays empty).
+    counts: ExposureCounts | None = None
+
+    def exposed_units(self) -> int:
+        """Units exposed (each counted once)."""
+        return len(self.counts) if self.counts is not None else len(self.table)
+
+    def arm_counts(self, n_arms: int) -> list[int]:
+        """Exposed units per arm."""
+        return self.counts.arm_counts(n_arms) if self.counts is not None else self.table.arm_counts(n_arms)
 
 
 def _check_name(value: str, field_name: str, limit: int = NAME_LIMIT) -> None:
@@ -300,6 +275,15 @@ class Router:
         self._tail_lock = threading.Lock()
         self._tail_thread: threading.Thread | None = None
         self.last_audits: dict[str, audit_mod.AuditReport] = {}
+        #: Bounded mode: no per-unit columns; audits and analysis read the exposure table.
+        self.bounded = not settings.exposures_in_memory
+        if self.bounded and store is None:
+            raise ConfigError("abrouter.exposures_in_memory = false needs the durable store")
+        #: Bounded mode: the exposure and observation tables' URLs once exported up to now (the observation table
+        #: exported too when asked); set by the server, which runs the export.
+        self.tables: Callable[[bool], tuple[str, str]] | None = None
+        #: Bounded mode: the exposures and observations in memory's counters (see :class:`Taken`).
+        self._taken_rows: dict[str, Taken] = {"exposures": Taken(), "observations": Taken()}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -327,19 +311,10 @@ class Router:
                     self.live[key].sticky[unit] = arm
             # A replica on a shared store takes in what the others write from here on (see take_in_others).
             upto = {t: self.store.max_seq(t) for t in ("exposures", "observations")}
-            loaded: dict[str, list[tuple[int, float]]] = {"exposures": [], "observations": []}
-            for n, row in self.store.load_numbered_exposures(upto["exposures"]):
-                loaded["exposures"].append((n, row.at))
-                st = self.live.get(row.key)
-                if st is not None:
-                    self._add_exposure(st, row)
-            for n, obs in self.store.load_numbered_observations(upto["observations"]):
-                loaded["observations"].append((n, obs.at))
-                st = self.live.get(obs.key)
-                if st is not None:
-                    self._apply_observation(st, obs)
-            if self.store.shared:  # rows still committing below the restore point are taken in later
-                self._tails = {t: Tail.after_restore(loaded[t], n, self.clock()) for t, n in upto.items()}
+            if self.bounded:
+                self._load_aggregates(upto)
+            else:
+                self._load_rows(upto)
             if self.mirror is not None and shadow:
                 for key, ls, ss, ld, sd in self.store.load_shadow():
                     st = self.live.get(key)
@@ -351,6 +326,60 @@ class Router:
             for st in self.live.values():
                 st.weights_since = self._weights_since(st.experiment.key)
         log.info("restored", extra={"experiments": len(self.live)})
+
+    def _load_aggregates(self, upto: dict[str, int]) -> None:
+        """(Under the lock, at a restore; bounded mode.) Exposed units per arm, per-arm moments of every metric and
+        the bandits' rewards as SQL aggregates of the rows up to ``upto``: no row passes through Python. A replica
+        on a shared store reads the numbers of the newest rows only, for its tail (a row still committing there
+        is taken in later, as another replica's)."""
+        assert self.store is not None
+        taken = {t: Taken(n) for t, n in upto.items()}
+        if self.store.shared:
+            for t, n in upto.items():
+                after = max(0, n - RESTORE_TAIL_ROWS)
+                self._tails[t] = Tail.after_restore(
+                    self.store.numbers_between(t, after, n), n, self.clock(), after=after
+                )
+                taken[t] = self._tails[t].taken()
+        exposed = self.store.exposed_per_arm(taken["exposures"])
+        for key, st in self.live.items():
+            st.counts = ExposureCounts(self.settings.unit_cache_units, exposed.get(key))
+        for key, metric, arm, units, total, total_sq, mean, mean_sq in self.store.observed_moments(
+            taken["exposures"], taken["observations"]
+        ):
+            seen = self.live.get(key)
+            if seen is None or arm >= len(seen.experiment.spec.arms):
+                continue
+            st = seen
+            event = st.experiment.spec.kind_of(metric) is MetricKind.EVENT
+            moments = Moments(units, total, total_sq) if event else Moments(units, mean, mean_sq)
+            self._metric_log(st, metric).statistics.observed[arm] = moments
+        self._taken_rows = {t: self._taken_now(t) for t in upto}
+        for st in self.live.values():
+            self._replay_rewards(st)
+
+    def _taken_now(self, table: str) -> Taken:
+        """(Under the lock.) The rows of ``table`` memory holds now: on a shared store those the tail took in and
+        this life's own; alone, every committed row (a write in flight is held as pending or pinned)."""
+        tail = self._tails.get(table)
+        return tail.taken(self.origin) if tail is not None else Taken()
+
+    def _load_rows(self, upto: dict[str, int]) -> None:
+        """(Under the lock, at a restore.) Every exposure and observation up to ``upto`` replayed into memory."""
+        assert self.store is not None
+        loaded: dict[str, list[tuple[int, float]]] = {"exposures": [], "observations": []}
+        for n, row in self.store.load_numbered_exposures(upto["exposures"]):
+            loaded["exposures"].append((n, row.at))
+            st = self.live.get(row.key)
+            if st is not None:
+                self._add_exposure(st, row)
+        for n, obs in self.store.load_numbered_observations(upto["observations"]):
+            loaded["observations"].append((n, obs.at))
+            st = self.live.get(obs.key)
+            if st is not None:
+                self._apply_observation(st, obs)
+        if self.store.shared:  # rows still committing below the restore point are taken in later
+            self._tails = {t: Tail.after_restore(loaded[t], n, self.clock()) for t, n in upto.items()}
 
     def _weights_since(self, key: str) -> int:
         if self.store is None:
@@ -397,17 +426,27 @@ class Router:
 
     def _new_live(self, exp: Experiment) -> _Live:
         st = _Live(exp, StickyCache(self.settings.sticky_cache_units))
-        spec = exp.spec
-        if spec.mode is AllocationMode.BANDIT and spec.bandit is not None:
-            st.bandit = BanditPolicy(
-                len(spec.arms),
-                spec.bandit.kind,
-                update_interval_s=spec.bandit.update_interval_s,
-                min_weight=spec.bandit.min_weight,
-                min_rewards=spec.bandit.min_rewards,
-                seed=abhash.fnv1a32(spec.key),
-            )
+        if self.bounded:
+            st.counts = ExposureCounts(self.settings.unit_cache_units)
+        st.bandit = self._bandit_policy(exp)
         return st
+
+    @staticmethod
+    def _bandit_policy(exp: Experiment, rewards: Sequence[ArmRewards] = ()) -> BanditPolicy | None:
+        """A bandit experiment's policy (None for another), with ``rewards`` per arm so far."""
+        spec = exp.spec
+        if spec.mode is not AllocationMode.BANDIT or spec.bandit is None:
+            return None
+        return BanditPolicy.restore(
+            len(spec.arms),
+            spec.bandit.kind,
+            rewards=rewards or [ArmRewards(0, 0.0, 0.0)] * len(spec.arms),
+            last_update=None,
+            update_interval_s=spec.bandit.update_interval_s,
+            min_weight=spec.bandit.min_weight,
+            min_rewards=spec.bandit.min_rewards,
+            seed=abhash.fnv1a32(spec.key),
+        )
 
     # -- durability ----------------------------------------------------------------------------------------
 
@@ -708,14 +747,37 @@ class Router:
                 for n, row in exposures:
                     st = self.live.get(row.key) if row is not None else None
                     if n in fresh_exp and row is not None and st is not None:
-                        self._add_exposure(st, row)
+                        if st.counts is None:
+                            self._add_exposure(st, row)
+                        else:
+                            self._take_in_exposure(st, n, row)
                         taken += 1
+                self._taken_rows["exposures"] = self._taken_now("exposures")
                 for n, obs in observations:
                     st = self.live.get(obs.key) if obs is not None else None
                     if n in fresh_obs and obs is not None and st is not None:
-                        self._apply_observation(st, obs)
+                        if st.counts is None:
+                            self._apply_observation(st, obs)
+                        elif not obs.pre and (arm := self._exposed_arm(st, obs.unit)) is not None:
+                            self._observe_counted(st, obs, arm, self._taken_before(n, "observations"))
                         taken += 1
+                self._taken_rows["observations"] = self._taken_now("observations")
             return taken
+
+    def _taken_before(self, n: int, table: str) -> Taken:
+        """(Under the lock, taking in row ``n`` of ``table`` from the tail, in number order.) The rows memory holds
+        before row ``n``: every row numbered below it (those of this round taken in already), those taken in
+        before above it, and this life's own."""
+        above = frozenset(m for m in self._taken_rows[table].seen if m > n)
+        return Taken(n - 1, above, self.origin)
+
+    def _take_in_exposure(self, st: _Live, n: int, row: ExposureRow) -> None:
+        """(Under the lock; bounded mode.) Another replica's exposure numbered ``n``: counted if it is its unit's
+        first among the rows memory holds (a unit held pending is counted by this router's own call)."""
+        assert st.counts is not None
+        if row.unit in st.counts.pending or self._first_exposure(st, row.unit, self._taken_before(n, "exposures")):
+            return
+        st.counts.count(row.unit, row.arm, row.at)
 
     def _before_config_write(self, key: str) -> None:
         """(Under the lock.) On a shared store, judge a change against the newest stored version (another
@@ -789,7 +851,7 @@ class Router:
                 raise FailedPrecondition(
                     f"expected_version: experiment '{spec.key}' is at version {cur.version}, not {expected_version}"
                 )
-            assigned = len(st.table) or len(st.sticky) or st.sticky.evicted or st.pending_exposures
+            assigned = st.exposed_units() or len(st.sticky) or st.sticky.evicted or st.pending_exposures
             if len(spec.arms) != len(cur.spec.arms) and assigned:
                 raise FailedPrecondition(
                     f"spec.arms: experiment '{spec.key}' has exposures; arms can be reweighted, not added or removed"
@@ -838,13 +900,13 @@ class Router:
         """An experiment and its number of exposed units."""
         with self.lock:
             st = self._get(key)
-            return st.experiment, len(st.table)
+            return st.experiment, st.exposed_units()
 
     def list_experiments(self) -> list[tuple[Experiment, int]]:
         """Every experiment (by key) and its number of exposed units."""
         self._check_alive()
         with self.lock:
-            return [(self.live[k].experiment, len(self.live[k].table)) for k in sorted(self.live)]
+            return [(self.live[k].experiment, self.live[k].exposed_units()) for k in sorted(self.live)]
 
     def history(self, key: str) -> list[tuple[int, float, str, str, Experiment]]:
         """Every recorded version of an experiment."""
@@ -901,6 +963,7 @@ class Router:
             statements: list[Statement] = []
             exposures: list[tuple[_Live, ExposureRow]] = []
             held: list[tuple[_Live, str]] = []  # pending sticky arms this call holds until its commit ends
+            new_units: list[tuple[_Live, ExposureRow, bool]] = []  # bounded: units this call may count (first?)
             for st, value in zip(targets, values, strict=True):
                 exp = st.experiment
                 sticky = exp.spec.sticky_bucketing
@@ -924,6 +987,13 @@ class Router:
                         categorical,
                     )
                     exposures.append((st, row))
+                    if st.counts is not None:
+                        try:
+                            self._hold_new_unit(st, row, new_units)
+                        except BaseException:  # the store read failed: nothing this call held stays held
+                            self._release_pending(held, keep=False)
+                            self._release_new_units(new_units, keep=False)
+                            raise
                 out.append((result, logged))
             if exposures:
                 statements.append(RouterStore.exposures([row for _, row in exposures], self.origin))
@@ -935,14 +1005,17 @@ class Router:
         except BaseException:
             with self.lock:
                 self._release_pending(held, keep=False)
+                self._release_new_units(new_units, keep=False)
                 for st, _ in exposures:
                     st.pending_exposures -= 1
             raise
         with self.lock:  # durable: now memory may show it
             self._release_pending(held, keep=True)
+            self._release_new_units(new_units, keep=True)
             for st, row in exposures:
                 st.pending_exposures -= 1
-                self._add_exposure(st, row)
+                if st.counts is None:
+                    self._add_exposure(st, row)
         return out
 
     @staticmethod
@@ -951,6 +1024,47 @@ class Router:
         st.table.add(
             row.unit, row.arm, row.bucket, row.at, row.propensity, row.numeric, row.categorical, row.config_version
         )
+
+    def _first_exposure(self, st: _Live, unit: str, taken: Taken | None = None) -> tuple[int, float] | None:
+        """(Under the lock; bounded mode.) (arm, time) of the unit's first exposure among the rows memory holds
+        (``taken``: those of :meth:`_taken_now`): the cache, else the store (then cached: the unit is counted)."""
+        assert st.counts is not None and self.store is not None
+        first = st.counts.first.get(unit)
+        if first is None and unit in st.counts.pending:  # its first exposure is not taken in yet
+            return None
+        if first is None:
+            with self.store_reads(f"the first exposure of unit '{unit}'"):
+                first = self.store.first_exposure(st.experiment.key, unit, taken or self._taken_rows["exposures"])
+            if first is not None:
+                st.counts.first[unit] = first
+        return first
+
+    def _hold_new_unit(self, st: _Live, row: ExposureRow, new_units: list[tuple[_Live, ExposureRow, bool]]) -> None:
+        """(Under the lock; bounded mode.) Before an exposure's commit: if its unit has none yet, hold the unit as
+        pending, so that it is counted once, by the first such call, after its commit (a concurrent exposure of it
+        here or from the tail meanwhile counts nothing)."""
+        assert st.counts is not None
+        pending = st.counts.pending
+        if row.unit in pending:
+            pending[row.unit] += 1
+            new_units.append((st, row, False))
+        elif self._first_exposure(st, row.unit) is None:
+            pending[row.unit] = 1
+            new_units.append((st, row, True))
+
+    @staticmethod
+    def _release_new_units(new_units: list[tuple[_Live, ExposureRow, bool]], *, keep: bool) -> None:
+        """(Under the lock; bounded mode.) Let go of the units held by :meth:`_hold_new_unit`; ``keep``: the
+        exposures are durable, count each unit this call held first."""
+        for st, row, first in new_units:
+            assert st.counts is not None
+            if keep and first and row.unit not in st.counts.first:
+                st.counts.count(row.unit, row.arm, row.at)
+            waiting = st.counts.pending[row.unit]
+            if waiting > 1:
+                st.counts.pending[row.unit] = waiting - 1
+            else:
+                del st.counts.pending[row.unit]
 
     def _sticky_arm(self, st: _Live, value: str) -> int | None:
         """The unit's sticky arm: durable, or held by an assignment whose commit is in flight; None if none.
@@ -1091,12 +1205,19 @@ class Router:
 
     def _statistics(self, st: _Live, metric: str) -> ArmStatistics:
         spec = st.experiment.spec
+        if self.bounded:
+            units: LruCache[tuple[float, int]] = LruCache(self.settings.unit_cache_units)
+            return CachedArmStatistics(spec.kind_of(metric), len(spec.arms), units=units)
         return ArmStatistics(spec.kind_of(metric), len(spec.arms))
 
-    def _apply_observation(self, st: _Live, obs: ObservationRow) -> None:
-        mlog = st.metrics.get(obs.metric)
+    def _metric_log(self, st: _Live, metric: str) -> _MetricLog:
+        mlog = st.metrics.get(metric)
         if mlog is None:
-            mlog = st.metrics[obs.metric] = _MetricLog(self._statistics(st, obs.metric))
+            mlog = st.metrics[metric] = _MetricLog(self._statistics(st, metric))
+        return mlog
+
+    def _apply_observation(self, st: _Live, obs: ObservationRow) -> None:
+        mlog = self._metric_log(st, obs.metric)
         if obs.pre:
             mlog.pre[obs.unit] = mlog.pre.get(obs.unit, 0.0) + obs.value
             return
@@ -1110,12 +1231,46 @@ class Router:
         if arm is None:
             return
         mlog.statistics.observe(row, arm, obs.value)
+        self._reward(st, obs, arm)
+
+    @staticmethod
+    def _reward(st: _Live, obs: ObservationRow, arm: int) -> None:
         spec = st.experiment.spec
         if st.bandit is not None and spec.bandit is not None and obs.metric == spec.bandit.reward_metric:
             st.bandit.record(arm, obs.value)
 
+    def _observe_counted(self, st: _Live, obs: ObservationRow, arm: int, taken: Taken | None = None) -> None:
+        """(Under the lock; bounded mode.) A committed observation (not pre-period) of a unit in ``arm`` into the
+        per-arm moments; a unit its metric's cache does not hold gets its totals from the store first (over the
+        rows ``taken``: memory's, before this one)."""
+        assert self.store is not None
+        statistics = self._metric_log(st, obs.metric).statistics
+        assert isinstance(statistics, CachedArmStatistics)
+        if statistics.units.get(obs.unit) is None:
+            with self.store_reads(f"the observations of unit '{obs.unit}'"):
+                held = self.store.unit_observations(
+                    st.experiment.key, obs.unit, obs.metric, taken or self._taken_rows["observations"]
+                )
+            statistics.hold(obs.unit, *held)
+        statistics.observe(obs.unit, arm, obs.value)
+        self._reward(st, obs, arm)
+
     def _rebuild_statistics(self, st: _Live) -> None:
         """Per-arm statistics of every metric again from its observations (a metric's declared kind changed)."""
+        if self.bounded:  # from the store's aggregates; the units' running totals do not depend on the kind
+            assert self.store is not None
+            key, spec = st.experiment.key, st.experiment.spec
+            with self.store_reads("the experiment's per-arm moments"):
+                moments = self.store.observed_moments(self._taken_rows["exposures"], self._taken_rows["observations"])
+            for metric, mlog in st.metrics.items():
+                assert isinstance(mlog.statistics, CachedArmStatistics)
+                mlog.statistics = CachedArmStatistics(spec.kind_of(metric), len(spec.arms), units=mlog.statistics.units)
+            for k, metric, arm, units, total, total_sq, mean, mean_sq in moments:
+                if k == key and metric in st.metrics and arm < len(spec.arms):
+                    event = spec.kind_of(metric) is MetricKind.EVENT
+                    observed = Moments(units, total, total_sq) if event else Moments(units, mean, mean_sq)
+                    st.metrics[metric].statistics.observed[arm] = observed
+            return
         arms = st.table.columns().arms
         for metric, mlog in st.metrics.items():
             mlog.statistics = self._statistics(st, metric)
@@ -1126,6 +1281,15 @@ class Router:
     def _replay_rewards(self, st: _Live) -> None:
         spec = st.experiment.spec
         if st.bandit is None or spec.bandit is None:
+            return
+        if self.bounded:  # the rewards per arm as the store sums them
+            assert self.store is not None
+            with self.store_reads("the bandit's rewards"):
+                totals = self.store.reward_totals(
+                    spec.key, spec.bandit.reward_metric, self._taken_rows["exposures"], self._taken_rows["observations"]
+                )
+            rewards = [ArmRewards(*totals.get(arm, (0, 0.0, 0.0))) for arm in range(len(spec.arms))]
+            st.bandit = self._bandit_policy(st.experiment, rewards)
             return
         mlog = st.metrics.get(spec.bandit.reward_metric)
         if mlog is None:
@@ -1140,7 +1304,7 @@ class Router:
         if not 1 <= len(observations) <= MAX_OBSERVATIONS:
             raise InvalidArgument("observations", f"must hold 1 to {MAX_OBSERVATIONS} observations")
         seen = self.live.get(key) if self._tails else None  # shared store: another replica may have exposed
-        if seen is not None and any(not o.pre_period and seen.table.arm_of(o.unit_id) is None for o in observations):
+        if seen is not None and any(not (o.pre_period or self._holds_exposure(seen, o.unit_id)) for o in observations):
             with self.store_reads("other replicas' exposures"):
                 self.take_in_others()  # ... a unit not taken in here yet
         now = self.clock()
@@ -1148,6 +1312,7 @@ class Router:
             st = self._get(key)
             spec = st.experiment.spec
             rows: list[ObservationRow] = []
+            unit_arms: list[int] = []  # the arm of each row's unit (-1: pre-period)
             for i, o in enumerate(observations):
                 where = f"observations[{i}]"
                 if o.metric not in spec.metrics:
@@ -1158,14 +1323,14 @@ class Router:
                     raise InvalidArgument(f"{where}.value", "must be finite")
                 if not (math.isfinite(o.timestamp) and o.timestamp >= 0):
                     raise InvalidArgument(f"{where}.timestamp", "must be unix seconds >= 0 (0: now)")
-                arm_index = None
+                arm_index, logged = None, None
                 if o.arm:
                     arm_index = spec.arm_index(o.arm)
                     if arm_index is None:
                         arms = ", ".join(a.name for a in spec.arms)
                         raise InvalidArgument(f"{where}.arm", f"experiment '{key}' has no arm '{o.arm}' (arms: {arms})")
                 if not o.pre_period:
-                    logged = st.table.arm_of(o.unit_id)
+                    logged = self._exposed_arm(st, o.unit_id)
                     if logged is None:
                         raise FailedPrecondition(f"{where}.unit_id: unit '{o.unit_id}' has no logged exposure")
                     if arm_index is not None and arm_index != logged:
@@ -1177,12 +1342,73 @@ class Router:
                         if kind == "bernoulli" and o.value not in (0.0, 1.0):
                             raise InvalidArgument(f"{where}.value", "a Bernoulli bandit's reward must be 0 or 1")
                 rows.append(ObservationRow(key, o.unit_id, o.metric, o.value, o.timestamp or now, o.pre_period))
+                unit_arms.append(-1 if logged is None else logged)
+            if self.bounded:
+                self._pin_units(st, rows)
             ticket = self._submit([RouterStore.observations(rows, self.origin)])
-        self._durable(ticket)
+        try:
+            self._durable(ticket)
+        except BaseException:
+            if self.bounded:
+                with self.lock:
+                    self._unpin_units(st, rows)
+            raise
         with self.lock:  # durable: now memory may show it (exposures are never removed, so the checks still hold)
-            for row in rows:
-                self._apply_observation(st, row)
+            if not self.bounded:
+                for row in rows:
+                    self._apply_observation(st, row)
+                return len(rows)
+            for row, arm in zip(rows, unit_arms, strict=True):
+                if not row.pre:  # pre-period values serve the analysis, which reads the table in this mode
+                    self._observe_counted(st, row, arm)
+            self._unpin_units(st, rows)
         return len(rows)
+
+    def _holds_exposure(self, st: _Live, unit: str) -> bool:
+        """Whether memory knows the unit's exposure without asking the store."""
+        return unit in st.counts.first if st.counts is not None else st.table.arm_of(unit) is not None
+
+    def _exposed_arm(self, st: _Live, unit: str) -> int | None:
+        """(Under the lock.) The arm of the unit's first exposure taken in (None if none)."""
+        if st.counts is None:
+            return st.table.arm_of(unit)
+        first = self._first_exposure(st, unit)
+        return None if first is None else first[0]
+
+    def _pin_units(self, st: _Live, rows: list[ObservationRow]) -> None:
+        """(Under the lock; bounded mode, before the observations' commit.) Hold each unit's running totals of
+        each metric observed (from the store if the cache has none) and pin them until the observations are taken
+        in: what the store sums then is what memory holds (the commit is not in either yet)."""
+        assert self.store is not None
+        for i, row in enumerate(rows):
+            if row.pre:
+                continue
+            statistics = self._metric_log(st, row.metric).statistics
+            assert isinstance(statistics, CachedArmStatistics)
+            statistics.units.pin(row.unit)  # first: holding it must not evict it at once
+            if statistics.units.get(row.unit) is None:
+                try:
+                    with self.store_reads(f"the observations of unit '{row.unit}'"):
+                        held = self.store.unit_observations(
+                            st.experiment.key, row.unit, row.metric, self._taken_rows["observations"]
+                        )
+                except BaseException:
+                    self._unpin_units(st, rows[: i + 1])
+                    raise
+                statistics.hold(row.unit, *held)
+
+    @staticmethod
+    def _unpin_units(st: _Live, rows: list[ObservationRow]) -> None:
+        """Undo :meth:`_pin_units` (the caches back within their capacity)."""
+        for row in rows:
+            if not row.pre:
+                statistics = st.metrics[row.metric].statistics
+                assert isinstance(statistics, CachedArmStatistics)
+                statistics.units.unpin(row.unit)
+        for metric in {row.metric for row in rows if not row.pre}:
+            statistics = st.metrics[metric].statistics
+            assert isinstance(statistics, CachedArmStatistics)
+            statistics.units.shrink()
 
     # -- audits ----------------------------------------------------------------------------------------------------
 
@@ -1207,7 +1433,13 @@ class Router:
         window_covariates: Sequence[str] = (),
     ) -> audit_mod.AuditReport:
         """Full audit of the experiment's exposure log; per-value windows of ``window_covariates`` (empty: every
-        categorical covariate logged)."""
+        categorical covariate logged). Bounded mode: of the exposure table (:meth:`audit_from_table`)."""
+        if self.bounded:
+            with self.lock:
+                self._get(key)  # NOT_FOUND before any export
+            with self._reading_tables():
+                url, _ = self._current_tables(False)
+                return self.audit_from_table(url, key, others, min_sample, min_deviation, window_covariates)
         min_sample = min_sample or self.settings.audit_min_sample
         min_deviation = min_deviation or self.settings.audit_min_deviation
         if min_sample < 0 or not 0 <= min_deviation < 1:
@@ -1315,8 +1547,37 @@ class Router:
 
     # -- analysis ----------------------------------------------------------------------------------------------------
 
+    def _current_tables(self, observations: bool) -> tuple[str, str]:
+        """Bounded mode: the exposure and observation tables' URLs, exported up to now."""
+        if self.tables is None:
+            raise FailedPrecondition(
+                "abrouter.exposures_in_memory = false: audits and analysis read the exposure table, which this "
+                "router has no exporter for (abrouter.export_url)"
+            )
+        return self.tables(observations)
+
+    @staticmethod
+    @contextmanager
+    def _reading_tables() -> Iterator[None]:
+        """A table that cannot be read (corrupt, cut short: ExportCorrupt names it) is UNAVAILABLE."""
+        from services.abrouter.export import ExportCorrupt
+
+        try:
+            yield
+        except ExportCorrupt as exc:
+            raise Unavailable(str(exc)) from exc
+
     def analyze(self, key: str, options: AnalysisOptions) -> tuple[list[analysis_mod.MetricAnalysis], Experiment, int]:
-        """The multi-metric table of an experiment."""
+        """The multi-metric table of an experiment. Bounded mode: over the exposure and observation tables."""
+        if self.bounded:
+            from services.abrouter.warehouse_analysis import analyze_table  # DuckDB only where asked for
+
+            with self.lock:
+                exp = self._get(key).experiment  # NOT_FOUND before any export
+            with self._reading_tables():
+                exposures, observations = self._current_tables(True)
+                results, exposed = analyze_table(exposures, observations, exp, options)
+            return results, exp, exposed
         with self.lock:
             st = self._get(key)
             exp = st.experiment
@@ -1459,7 +1720,7 @@ class Router:
         """This look at the experiment's guardrails, from the per-arm statistics (O(arms) per guardrail)."""
         spec = st.experiment.spec
         n_arms = len(spec.arms)
-        exposed = st.table.arm_counts(n_arms)
+        exposed = st.arm_counts(n_arms)
         per_metric = {}
         for g in spec.guardrails:
             mlog = st.metrics.get(g.metric)
@@ -1541,7 +1802,8 @@ class Router:
             keys = [
                 k
                 for k, st in self.live.items()
-                if st.experiment.state is ExperimentState.RUNNING and len(st.table) >= self.settings.audit_min_sample
+                if st.experiment.state is ExperimentState.RUNNING
+                and st.exposed_units() >= self.settings.audit_min_sample
             ]
         for key in keys:
             with self.lock:

@@ -553,6 +553,12 @@ class ABRouterServicer(pb_grpc.ABRouterServiceServicer):
         self._export_now(observations)
         return self.exporter.exporter.url
 
+    def current_tables(self, observations: bool) -> tuple[str, str]:
+        """The exposure and observation tables' URLs, exported up to now (with ``observations``, that table too):
+        what the router's audits and analysis read with abrouter.exposures_in_memory = false."""
+        url = self._current_table(observations)
+        return url, self._observation_exporter().url
+
     def WatchExposures(
         self, request: pb.WatchExposuresRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.WatchExposuresResponse]:
@@ -787,6 +793,7 @@ class ABRouterBinding:
             )
             self.exporter.start()
             self.servicer.exporter = self.exporter
+            router.tables = self.servicer.current_tables  # abrouter.exposures_in_memory = false reads them
         if self.config.metrics.enabled:
             observe_abrouter(router)
         self.servicer._router = router

@@ -84,6 +84,13 @@ MIGRATIONS = (
         "CREATE TABLE IF NOT EXISTS export_state (name TEXT PRIMARY KEY, done BIGINT NOT NULL, "
         "pending BIGINT NOT NULL)",
     ),
+    # A unit's first exposure and its observations looked up by unit (abrouter.exposures_in_memory = false), and
+    # the per-arm aggregates a restart reads in that mode (GROUP BY unit).
+    Migration(
+        5,
+        "CREATE INDEX IF NOT EXISTS exposures_unit ON exposures (key, unit, seq); "
+        "CREATE INDEX IF NOT EXISTS observations_unit ON observations (key, unit, metric, seq)",
+    ),
 )
 
 #: Seconds after which a hole in the row numbers seen by :class:`Tail` is taken as a transaction that rolled
@@ -116,6 +123,41 @@ class ObservationRow:
     value: float
     at: float
     pre: bool
+
+
+@dataclass(frozen=True)
+class Taken:
+    """Which rows of a table a router holds in its memory (counters, per-unit totals): every row numbered up to
+    :attr:`low` and those numbered in :attr:`seen` (taken in from the tail, or present at the restore), and every
+    row :attr:`origin` wrote (this router's own, taken in after their commit). ``low`` None: every row."""
+
+    low: int | None = None
+    seen: frozenset[int] = frozenset()
+    origin: str = ""
+
+    def sql(self, alias: str = "") -> tuple[str, tuple[Any, ...]]:
+        """The condition on the rows of ``alias`` (a table alias, "" for none) and its parameters."""
+        if self.low is None:
+            return "1 = 1", ()
+        a = f"{alias}." if alias else ""
+        parts, params = [f"{a}seq <= ?"], list[Any]([self.low])
+        if self.seen:
+            parts.append(f"{a}seq IN ({', '.join('?' for _ in self.seen)})")
+            params.extend(sorted(self.seen))
+        if self.origin:
+            parts.append(f"{a}origin = ?")
+            params.append(self.origin)
+        return "(" + " OR ".join(parts) + ")", tuple(params)
+
+
+def _first_exposures(taken: Taken) -> tuple[str, tuple[Any, ...]]:
+    """SQL of (key, unit, arm, at) of each unit's first exposure (lowest row number) among the rows ``taken``."""
+    where, params = taken.sql()
+    return (
+        "SELECT e.key, e.unit, e.arm, e.at FROM exposures e JOIN (SELECT key, unit, MIN(seq) AS first "
+        f"FROM exposures WHERE {where} GROUP BY key, unit) f ON e.seq = f.first",
+        params,
+    )
 
 
 class RouterStore:
@@ -358,6 +400,75 @@ class RouterStore:
         for n, key, unit, metric, value, at, pre in cursor:
             yield int(n), ObservationRow(key, unit, metric, value, at, bool(pre))
 
+    # -- aggregates and per-unit look-ups (abrouter.exposures_in_memory = false): no pass over the rows in Python
+
+    def first_exposure(self, key: str, unit: str, taken: Taken = Taken()) -> tuple[int, float] | None:
+        """(arm, unix time) of the unit's first exposure among the rows ``taken`` (None if none)."""
+        where, params = taken.sql()
+        rows = self.query(
+            f"SELECT arm, at FROM exposures WHERE key = ? AND unit = ? AND {where} ORDER BY seq LIMIT 1",
+            (key, unit, *params),
+        )
+        return (int(rows[0][0]), float(rows[0][1])) if rows else None
+
+    def unit_observations(self, key: str, unit: str, metric: str, taken: Taken = Taken()) -> tuple[float, int]:
+        """(sum, number) of the unit's observations of ``metric`` (pre-period ones aside) among the rows ``taken``."""
+        where, params = taken.sql()
+        rows = self.query(
+            "SELECT COALESCE(SUM(value), 0), COUNT(*) FROM observations "
+            f"WHERE key = ? AND unit = ? AND metric = ? AND pre = 0 AND {where}",
+            (key, unit, metric, *params),
+        )
+        return float(rows[0][0]), int(rows[0][1])
+
+    def exposed_per_arm(self, taken: Taken = Taken()) -> dict[str, dict[int, int]]:
+        """Experiment -> arm -> units whose first exposure (among the rows ``taken``) is in that arm."""
+        first, params = _first_exposures(taken)
+        out: dict[str, dict[int, int]] = {}
+        for key, arm, units in self.query(f"SELECT key, arm, COUNT(*) FROM ({first}) u GROUP BY key, arm", params):
+            out.setdefault(str(key), {})[int(arm)] = int(units)
+        return out
+
+    def observed_moments(
+        self, exposures: Taken = Taken(), observations: Taken = Taken()
+    ) -> list[tuple[str, str, int, int, float, float, float, float]]:
+        """Per experiment, metric and arm (of each unit's first exposure): the units with an observation and the
+        sum and sum of squares of their per-unit sums, then of their per-unit means; over the rows taken."""
+        first, first_params = _first_exposures(exposures)
+        where, params = observations.sql()
+        rows = self.query(
+            f"SELECT p.key, p.metric, f.arm, COUNT(*), SUM(p.total), SUM(p.total * p.total), SUM(p.total / p.n), "
+            "SUM((p.total / p.n) * (p.total / p.n)) FROM (SELECT key, unit, metric, SUM(value) AS total, "
+            f"COUNT(*) AS n FROM observations WHERE pre = 0 AND {where} GROUP BY key, unit, metric) p "
+            f"JOIN ({first}) f ON f.key = p.key AND f.unit = p.unit GROUP BY p.key, p.metric, f.arm",
+            (*params, *first_params),
+        )
+        return [
+            (str(k), str(m), int(a), int(n), float(s), float(q), float(sm), float(qm))
+            for k, m, a, n, s, q, sm, qm in rows
+        ]
+
+    def reward_totals(
+        self, key: str, metric: str, exposures: Taken = Taken(), observations: Taken = Taken()
+    ) -> dict[int, tuple[int, float, float]]:
+        """Arm -> (number, sum, sum of squares) of the observations of ``metric`` (a bandit's reward) of the units
+        whose first exposure is in that arm; over the rows taken."""
+        first, first_params = _first_exposures(exposures)
+        where, params = observations.sql("o")
+        rows = self.query(
+            f"SELECT f.arm, COUNT(*), SUM(o.value), SUM(o.value * o.value) FROM observations o JOIN ({first}) f "
+            f"ON f.key = o.key AND f.unit = o.unit WHERE o.key = ? AND o.metric = ? AND o.pre = 0 AND {where} "
+            "GROUP BY f.arm",
+            (*first_params, key, metric, *params),
+        )
+        return {int(a): (int(n), float(s), float(q)) for a, n, s, q in rows}
+
+    def numbers_between(self, table: str, after: int, upto: int) -> list[tuple[int, float]]:
+        """(row number, unix time) of the rows of ``exposures`` or ``observations`` numbered in (after, upto]."""
+        assert table in ("exposures", "observations")
+        rows = self.query(f"SELECT seq, at FROM {table} WHERE seq > ? AND seq <= ? ORDER BY seq", (after, upto))
+        return [(int(n), float(at)) for n, at in rows]
+
     def load_shadow(self) -> Iterator[tuple[str, float, float, bool, bool]]:
         """(key, live score, shadow score, live decision, shadow decision) of every comparison."""
         cursor = self.query(
@@ -430,7 +541,13 @@ class Tail:
 
     @classmethod
     def after_restore(
-        cls, loaded: list[tuple[int, float]], upto: int, now: float, gap_timeout_s: float = GAP_TIMEOUT_S
+        cls,
+        loaded: list[tuple[int, float]],
+        upto: int,
+        now: float,
+        gap_timeout_s: float = GAP_TIMEOUT_S,
+        *,
+        after: int = 0,
     ) -> Tail:
         """The tail of a replica that loaded rows ``loaded`` ((number, at), ascending) up to ``upto`` at start.
 
@@ -448,6 +565,10 @@ class Tail:
         tail = cls(low, gap_timeout_s)
         tail.take([n for n, _ in loaded if n > low], time.monotonic())
         return tail
+
+    def taken(self, origin: str = "") -> Taken:
+        """The rows taken so far (with ``origin``: and every row that writer wrote)."""
+        return Taken(self.low, frozenset(self._seen), origin)
 
     def take(self, numbers: list[int], now: float) -> list[int]:
         """Of the row numbers read above :attr:`low`, those not taken before (the caller applies them)."""
