@@ -34,9 +34,15 @@ h) Assign p99 while a table audit runs (issue #20; target <= 1.5x): one abrouter
    ``AUDIT_LOAD_CLIENTS`` client processes; p99 with ``AuditExperiment(from_table=true)`` looping over that
    table the whole window (ours) against p99 without (peer), windows interleaved ``--rounds`` times (the order
    alternating), medians.
+i) Router memory and restart at ``--bounded-units`` exposed units (issue #20 item 3; SQLite store of that many
+   units' first exposures, a tenth exposed again, and one observation per 4 units): resident memory the restored
+   router holds per exposed unit and the restart time, with ``abrouter.exposures_in_memory = false`` (ours:
+   counters, bounded caches, SQL aggregates at restart) against the default mode (peer: per-unit columns, the log
+   replayed), each restored in a fresh process of its own, same run.
 
     python -m bench.abrouter [--seconds 5] [--ids 1000000] [--runs 2000] [--exposures 10000000]
-        [--warehouse-sizes 10000000,100000000] [--audit-exposures 5000000] [--parts abcdefgh] [--rounds 3]
+        [--warehouse-sizes 10000000,100000000] [--audit-exposures 5000000] [--parts abcdefghi] [--rounds 3]
+        [--bounded-units 1000000]
         [--note "loaded machine"]
 
 With ``--parts`` naming fewer parts, the records of the other parts are kept from the existing results file.
@@ -583,6 +589,89 @@ def assign_during_audit_bench(n: int, seconds: float, rounds: int) -> list[dict[
     return [rec]
 
 
+def _restore_in_child(url: str, bounded: bool, out: Any) -> None:
+    """One restart in a fresh process: (seconds, resident bytes added by the restore, exposed units)."""
+    import gc
+
+    from guardmesh.config import ABRouterSettings
+    from services.abrouter.router import Router
+    from services.abrouter.store import RouterStore
+
+    def resident() -> int:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * 4096
+
+    settings = ABRouterSettings(exposures_in_memory=not bounded)
+    router = Router(settings, RouterStore(url, "NORMAL"))
+    gc.collect()
+    before = resident()
+    start = time.perf_counter()
+    router.restore()
+    seconds = time.perf_counter() - start
+    gc.collect()
+    out.put((seconds, resident() - before, router.get(SPEC.key)[1]))
+    router.close()
+
+
+def bounded_bench(n: int) -> list[dict[str, Any]]:
+    """i) resident memory per exposed unit and restart time, bounded vs default mode, at ``n`` units."""
+    import tempfile
+    from pathlib import Path
+
+    from guardmesh.config import ABRouterSettings
+    from services.abrouter.router import Router
+    from services.abrouter.store import ExposureRow, ObservationRow, RouterStore
+
+    metric_spec = ExperimentSpec(key=SPEC.key, arms=SPEC.arms, metrics=("clicks",))
+    figures: dict[bool, tuple[float, int, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="guardmesh-bench-bounded-") as tmp:
+        url = f"sqlite:///{Path(tmp) / 'r.db'}"
+        store = RouterStore(url, "NORMAL")
+        Router(ABRouterSettings(), store).create(metric_spec)
+        rng = np.random.default_rng(5)
+        chunk = 100_000
+        for lo in range(0, n, chunk):  # the log as logged Assign and RecordMetrics write it, in large batches
+            ids = range(lo, min(n, lo + chunk))
+            arms = rng.integers(0, 2, len(ids))
+            rows = [
+                ExposureRow(SPEC.key, f"user-{i}", int(a), float(rng.random()), 0.5, 1.76e9 + i, 1, {}, {})
+                for i, a in zip(ids, arms, strict=True)
+            ]
+            rows += rows[::10]  # a tenth exposed again
+            observed = [ObservationRow(SPEC.key, r.unit, "clicks", 1.0, r.at + 60, False) for r in rows[::4]]
+            store.submit([RouterStore.exposures(rows), RouterStore.observations(observed)]).wait()
+        store.close()
+        ctx = mp.get_context("spawn")
+        for bounded in (False, True):
+            queue = ctx.Queue()
+            child = ctx.Process(target=_restore_in_child, args=(url, bounded, queue))
+            child.start()
+            figures[bounded] = queue.get(timeout=1800)
+            child.join(timeout=60)
+    (ours_s, ours_bytes, ours_units), (peer_s, peer_bytes, peer_units) = figures[True], figures[False]
+    assert ours_units == peer_units == n, (ours_units, peer_units, n)
+    return [
+        record(
+            f"router_resident_bytes_per_exposed_unit_{n // 1000}k",
+            "B/unit",
+            ours_bytes / n,
+            "default mode (per-unit columns, the log replayed), same store, same run",
+            peer_bytes / n,
+            None,
+            higher_is_better=False,
+        ),
+        record(
+            f"router_restart_s_{n // 1000}k_units",
+            "s",
+            ours_s,
+            "default mode (replays every exposure and observation), same store, same run",
+            peer_s,
+            None,
+            higher_is_better=False,
+        ),
+    ]
+
+
 def main() -> int:
     """Run the parts asked for and write ``bench/results/abrouter.json`` (other parts' records kept)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -596,7 +685,8 @@ def main() -> int:
     parser.add_argument(
         "--audit-exposures", type=int, default=5_000_000, help="exposures in the table audited during part h"
     )
-    parser.add_argument("--parts", default="abcdefgh", help="which parts to run (letters a-h)")
+    parser.add_argument("--parts", default="abcdefghi", help="which parts to run (letters a-i)")
+    parser.add_argument("--bounded-units", type=int, default=1_000_000, help="exposed units of part i")
     parser.add_argument("--rounds", type=int, default=3, help="turns of each backend in part e (medians kept)")
     parser.add_argument("--note", default="", help="added to the machine of this run's records (e.g. 'loaded')")
     args = parser.parse_args()
@@ -609,6 +699,7 @@ def main() -> int:
         "f": lambda: table_bench(args.exposures),
         "g": lambda: warehouse_bench([int(n) for n in args.warehouse_sizes.split(",")]),
         "h": lambda: assign_during_audit_bench(args.audit_exposures, args.seconds, args.rounds),
+        "i": lambda: bounded_bench(args.bounded_units),
     }
     records: list[dict[str, Any]] = []
     for letter, run in parts.items():
