@@ -39,6 +39,7 @@ from services.abrouter.store import ExposureRow, ObservationRow, RouterStore
 from services.abrouter.warehouse_analysis import ObservationExporter, observation_table_url
 from tests.conftest import make_config
 from tests.postgres import PostgresServer
+from tests.test_abrouter_replicas import wait_for
 from tests.test_abrouter_warehouse import same
 from tests.test_abrouter_warehouse_analysis import close
 from tests.test_abrouter_warehouse_rpc import record, stub_of
@@ -324,6 +325,16 @@ def test_bounded_mode_without_an_exposure_table_is_a_config_error() -> None:
         Router(bounded())
 
 
+def counters(r: Router) -> tuple[object, ...]:
+    """Exposed units, per arm, and each metric's per-arm moments (sums rounded below float noise)."""
+    live = r.live[KEY]
+    moments = {
+        m: [(x.count, round(x.total, 6), round(x.total_sq, 6)) for x in live.metrics[m].statistics.observed]
+        for m in live.metrics
+    }
+    return r.get(KEY)[1], live.arm_counts(2), moments
+
+
 def test_two_replicas_on_postgresql_agree_on_every_counter(postgres_server: PostgresServer, tmp_path: Path) -> None:
     url = postgres_server.create_database()
     table = str(tmp_path / "table")
@@ -352,14 +363,6 @@ def test_two_replicas_on_postgresql_agree_on_every_counter(postgres_server: Post
                 replicas[int(rng.integers(0, 2))].record_metrics(KEY, batch)
         for r in replicas:
             r.take_in_others()
-
-        def counters(r: Router) -> tuple[object, ...]:
-            live = r.live[KEY]
-            stats = {
-                m: [(x.count, round(x.total, 6), round(x.total_sq, 6)) for x in live.metrics[m].statistics.observed]
-                for m in ("clicks", "dwell")
-            }
-            return r.get(KEY)[1], live.arm_counts(2), stats
 
         assert counters(a) == counters(b)
         assert counters(a)[0] == 300
@@ -408,3 +411,54 @@ def test_a_bounded_server_answers_audits_and_analyses_as_a_default_one_over_grpc
     same_message(bounded_audit, audit, "audit")
     same_message(bounded_analysis, analysis, "analysis")
     assert bounded_experiment.experiment.exposed_units == experiment.experiment.exposed_units == 300
+
+
+def test_two_replicas_exposing_the_same_units_at_once_count_each_once(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """Both replicas expose the same 300 new units at the same time (each in its own order, tails running, so
+    commits interleave and the tails see rows out of order) and record observations: each counts every unit
+    once, and both end with the counters a restart reads from the store."""
+    url = postgres_server.create_database()
+    settings = bounded(guardrail_interval_s=3600.0, audit_interval_s=0.0, tail_interval_s=0.05)
+    replicas = [Router(settings, RouterStore(url, "NORMAL")) for _ in range(2)]
+    replicas[0].create(SPEC)
+    third: Router | None = None
+    try:
+        for i, r in enumerate(replicas):
+            r.restore()
+            r.start(replica=f"replica-{i}")
+        barrier = threading.Barrier(2)
+        failures: list[BaseException] = []
+
+        def drive(r: Router, seed: int) -> None:
+            try:
+                rng = np.random.default_rng(seed)
+                barrier.wait()
+                order = rng.permutation(300).tolist()
+                for k, i in enumerate(order):
+                    r.assign(f"u{i}", {}, [KEY], log_exposure=True)
+                    if k % 10 == 9:
+                        units = order[k - 9 : k + 1]
+                        r.record_metrics(KEY, [Observation(f"u{j}", "clicks", float(j % 3)) for j in units])
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=drive, args=(r, seed)) for seed, r in enumerate(replicas)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, failures
+        third = Router(bounded(), RowlessStore(url, "NORMAL"))
+        third.restore()
+        stored = counters(third)
+        assert stored[0] == 300
+        for r in replicas:
+
+            def caught_up(r: Router = r) -> bool:
+                return counters(r) == stored
+
+            wait_for("the replica's counters reach the store's", caught_up)
+    finally:
+        closing(*replicas, *([third] if third is not None else []))

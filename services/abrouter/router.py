@@ -1027,15 +1027,14 @@ class Router:
 
     def _first_exposure(self, st: _Live, unit: str, taken: Taken | None = None) -> tuple[int, float] | None:
         """(Under the lock; bounded mode.) (arm, time) of the unit's first exposure among the rows memory holds
-        (``taken``: those of :meth:`_taken_now`): the cache, else the store (then cached: the unit is counted)."""
+        (``taken``: those of :meth:`_taken_now`): the cache, else the store (then cached: the unit is counted,
+        unless this router holds it pending: its own call counts it once its exposure commits)."""
         assert st.counts is not None and self.store is not None
         first = st.counts.first.get(unit)
-        if first is None and unit in st.counts.pending:  # its first exposure is not taken in yet
-            return None
         if first is None:
             with self.store_reads(f"the first exposure of unit '{unit}'"):
                 first = self.store.first_exposure(st.experiment.key, unit, taken or self._taken_rows["exposures"])
-            if first is not None:
+            if first is not None and unit not in st.counts.pending:
                 st.counts.first[unit] = first
         return first
 

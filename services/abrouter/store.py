@@ -141,13 +141,24 @@ class Taken:
             return "1 = 1", ()
         a = f"{alias}." if alias else ""
         parts, params = [f"{a}seq <= ?"], list[Any]([self.low])
-        if self.seen:
-            parts.append(f"{a}seq IN ({', '.join('?' for _ in self.seen)})")
-            params.extend(sorted(self.seen))
+        for first, last in _runs(self.seen):  # the rows above a hole: a few runs, however many rows
+            parts.append(f"{a}seq BETWEEN ? AND ?")
+            params.extend((first, last))
         if self.origin:
             parts.append(f"{a}origin = ?")
             params.append(self.origin)
         return "(" + " OR ".join(parts) + ")", tuple(params)
+
+
+def _runs(numbers: frozenset[int]) -> list[tuple[int, int]]:
+    """``numbers`` as runs of consecutive numbers (first, last), ascending."""
+    runs: list[tuple[int, int]] = []
+    for n in sorted(numbers):
+        if runs and runs[-1][1] == n - 1:
+            runs[-1] = (runs[-1][0], n)
+        else:
+            runs.append((n, n))
+    return runs
 
 
 def _first_exposures(taken: Taken) -> tuple[str, tuple[Any, ...]]:
