@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from guardmesh.config import ABRouterSettings, ConfigError, load_config
+from guardmesh.errors import Unavailable
 from guardmesh.runtime import load_definition, start_service
 from guardmesh.sdk.abrouter import ABRouterClient
 from guardmesh.v1 import abrouter_pb2 as pb
@@ -462,3 +463,29 @@ def test_two_replicas_exposing_the_same_units_at_once_count_each_once(
             wait_for("the replica's counters reach the store's", caught_up)
     finally:
         closing(*replicas, *([third] if third is not None else []))
+
+
+def test_a_failed_look_up_of_a_new_unit_holds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store read that fails while an Assign checks whether its unit is new: UNAVAILABLE naming the read, and
+    nothing held (no pending unit, no pending sticky arm); the next Assign of the unit counts it once."""
+    spec = dataclasses.replace(SPEC, sticky_bucketing=True)
+    router = Router(bounded(), RouterStore(tmp_path / "r.db", "NORMAL"))
+    try:
+        router.create(spec)
+        assert router.store is not None
+        real = router.store.first_exposure
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("look-up failed")
+
+        monkeypatch.setattr(router.store, "first_exposure", failing)
+        with pytest.raises(Unavailable, match="the first exposure of unit 'u1'"):
+            router.assign("u1", {}, [KEY], log_exposure=True)
+        live = router.live[KEY]
+        assert live.counts is not None and live.counts.pending == {} and live.pending_sticky == {}
+        monkeypatch.setattr(router.store, "first_exposure", real)
+        for _ in range(2):
+            router.assign("u1", {}, [KEY], log_exposure=True)
+        assert router.get(KEY)[1] == 1 and sum(live.arm_counts(2)) == 1
+    finally:
+        closing(router)
