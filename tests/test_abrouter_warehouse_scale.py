@@ -166,3 +166,20 @@ def test_names_past_the_leading_rows_and_sets_counted_one_by_one_give_the_in_mem
     assert {r.covariate for r in from_table.balance} == {"age", "dose", "lesion_mm", "device", "region", "session"}
     assert "arm_share:session" in {t.name for t in from_table.clustering}
     identical(from_table, in_memory(url, exp))
+
+
+def test_units_sharing_the_hash_they_are_grouped_by_are_told_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-unit aggregate keys units by a 64-bit hash; units sharing it (here forced: a hash with 97 values
+    for 27,000 units) are seen by the second hash and the audit keys by the unit itself: the in-memory answers."""
+    url = str(tmp_path / "table")
+    write_exposure_table(url, 30_000, key="main", days=8)
+    exp = experiment("main")
+    monkeypatch.setattr(warehouse, "UNIT_HASH", "hash(unit) % 97")
+    shared = audit_table(url, exp, 1)
+    assert shared.exposures == 27_000
+    identical(shared, in_memory(url, exp))
+    # the second hash is what tells them apart: without it every unit sharing a value is one unit
+    monkeypatch.setattr(warehouse, "UNIT_CHECK_HASH", "0")
+    assert audit_table(url, exp, 1).exposures == 97

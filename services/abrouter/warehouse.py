@@ -7,11 +7,16 @@ from those counts by the same functions the in-memory audit (:func:`services.abr
 so the two give the same answers on the same data (tests compare them). Per audit:
 
 1. **first exposures**: each unit's first exposure (lowest exposure id), as the router's table keeps it: a
-   ``GROUP BY unit HAVING count(*) > 1`` finds the repeated units and their first id, a join drops the rest;
-2. **covariates**: the map keys logged, and each categorical's values in order of first appearance;
+   ``GROUP BY`` on a 64-bit hash of the unit ``HAVING count(*) > 1`` finds the repeated units and their first
+   id, a join on the hash drops the rest (16 bytes per repeated unit; units sharing the hash are told apart by
+   a second one, and then the audit keys by the unit string);
+2. **covariates**: the map keys of the leading rows (the scan of step 3 counts any other name a first exposure
+   logged, and the audit starts again knowing all), and each categorical's values in order of first appearance;
 3. **one scan with GROUPING SETS** counts units per arm (SRM, also since the weight change), per hash bin
    (uniformity), per arm x window (arm shares; days, categorical values), per arm x window x category
    (chi-square balance) and per arm x window x numeric value (KS balance), kept in a DuckDB temporary table;
+   the sets without a numeric or the bin are summed from one joint set (arm, revision, day, categoricals) when
+   that stays small (:data:`JOINT_GROUPS`): each set counted from the rows costs a hash-table insert per row;
 4. **KS from per-value counts**, exact: per window the per-value counts of each arm, cumulated in value order
    (a DuckDB window function), give ``S = n_b C_a - n_a C_b`` at every distinct value, and ``D = max |S| /
    (n_a n_b)`` is the in-memory statistic bit for bit (integers, see ``guardmesh.stats.ks_statistic_grouped``);
@@ -65,6 +70,10 @@ THREADS = 2
 SAMPLE_CHUNK = 1 << 22
 #: Leading rows whose covariate names start the audit (names only on later rows cost one more scan).
 KEY_SAMPLE = 100_000
+#: The 64-bit hash the per-unit aggregate keys units by, and the second one that tells units sharing it apart
+#: (DuckDB SQL over ``unit``).
+UNIT_HASH = "hash(unit)"
+UNIT_CHECK_HASH = "hash(reverse(unit))"
 #: Largest product of arms x 2 x days x categorical values (each categorical's values in the leading rows) for
 #: which one grouping set counts units by all of them and the narrower per-window counts are summed from it.
 JOINT_GROUPS = 2_000_000
@@ -266,13 +275,27 @@ class _Audit:
             f"categorical_covariates AS cc FROM read_parquet([{listed}], hive_partitioning = false) "
             f"WHERE experiment = {_literal(key)}"
         )
-        # the repeated units and their first id (the later exposures are dropped): the one per-unit aggregate
+        # the repeated units and their first id (the later exposures are dropped): the one per-unit aggregate,
+        # keyed by a 64-bit hash of the unit, so that it and the join that drops the later exposures hold 16
+        # bytes per repeated unit, not the string (at 100 M exposures the string-keyed join spilled its probe
+        # side, maps included, to disk). Two units sharing the hash are told apart by a second hash of the
+        # reversed string; where that differs within a group the audit keys by the unit itself instead.
+        # Distinct units equal in both hashes go unseen: about n^2 / 2^129, 1e-23 at 100 M units.
         self.sql(
-            "CREATE TEMP TABLE repeats AS SELECT unit, min(exposure_id) AS first_id FROM raw "
-            "GROUP BY unit HAVING count(*) > 1"
+            f"CREATE TEMP TABLE repeats AS SELECT {UNIT_HASH} AS h, min(exposure_id) AS first_id, "
+            f"min({UNIT_CHECK_HASH}) <> max({UNIT_CHECK_HASH}) AS shared FROM raw GROUP BY h HAVING count(*) > 1"
         )
+        if self.sql("SELECT count(*) AS n FROM repeats WHERE shared")["n"][0].as_py():
+            self.sql("DROP TABLE repeats")
+            self.sql(
+                "CREATE TEMP TABLE repeats AS SELECT unit AS h, min(exposure_id) AS first_id FROM raw "
+                "GROUP BY unit HAVING count(*) > 1"
+            )
+            self.sql("CREATE TEMP MACRO unit_key(unit) AS unit")
+        else:
+            self.sql(f"CREATE TEMP MACRO unit_key(unit) AS {UNIT_HASH}")
         self.sql(
-            "CREATE TEMP VIEW first AS SELECT r.* FROM raw r LEFT JOIN repeats p ON p.unit = r.unit "
+            "CREATE TEMP VIEW first AS SELECT r.* FROM raw r LEFT JOIN repeats p ON p.h = unit_key(r.unit) "
             "WHERE p.first_id IS NULL OR p.first_id = r.exposure_id"
         )
         #: Numeric and categorical covariate names, sorted (as the in-memory columns order them): first those of
