@@ -7,6 +7,9 @@ p99 and the server's CPU per request (/proc). Targets:
 * ``echo``: the bare grpcio echo (``bench.paramserver --echo-server``: a generic handler on raw bytes);
 * ``runtime_echo``: the same echo handler served by :func:`guardmesh.runtime.start_service` (health,
   reflection, the metrics, drain-gate, tracing and domain-error interceptors): what every service pays;
+* ``runtime_echo_aio`` / ``runtime_echo_async``: the runtime echo on the runtime's grpc.aio server
+  (``ServiceDefinition.asyncio``), the handler a plain function on its pool / ``async def`` on its loop (this
+  tree only: no ``@before`` twin);
 * ``Assign`` (abrouter, no exposure logged), ``PushPull`` (paramserver, asynchronous model, a 16x16 and a 16
   tensor), ``SubmitJob`` (scheduler, 1 shared GPU, 64 nodes of 8 cards): each service's main call;
 * ``Score`` (scorer, MLP 100-256-256, batching on).
@@ -50,6 +53,8 @@ RUNTIME_ECHO_SERVICE = "bench.RuntimeEcho"
 #: Target -> (service started, method called).
 TARGETS = {
     "runtime_echo": ("runtime_echo", f"/{RUNTIME_ECHO_SERVICE}/Unary"),
+    "runtime_echo_aio": ("runtime_echo_aio", f"/{RUNTIME_ECHO_SERVICE}/Unary"),
+    "runtime_echo_async": ("runtime_echo_async", f"/{RUNTIME_ECHO_SERVICE}/Unary"),
     "Assign": ("abrouter", "/guardmesh.v1.ABRouterService/Assign"),
     "PushPull": ("paramserver", "/guardmesh.v1.ParamServerService/PushPull"),
     "SubmitJob": ("scheduler", "/guardmesh.v1.SchedulerService/SubmitJob"),
@@ -63,15 +68,26 @@ NODES, GPUS, GPU_MIB, JOB_MIB = 64, 8, 81_920, 1024
 # -- the server side: run as a script from a tree (``python .../bench/runtime.py --serve NAME``) ---------------
 
 
+#: Targets served only by this tree's runtime (the grpc.aio server): no ``@before`` twin.
+AFTER_ONLY = ("runtime_echo_aio", "runtime_echo_async")
+
+
 def _echo(request: bytes, _context: grpc.ServicerContext) -> bytes:
     return request
 
 
+async def _echo_async(request: bytes, _context: object) -> bytes:
+    return request
+
+
 class _EchoBinding:
-    """The bare echo's handler, as a runtime binding."""
+    """The bare echo's handler, as a runtime binding (``on_loop``: as ``async def``, for the aio server)."""
+
+    def __init__(self, on_loop: bool = False) -> None:
+        self.on_loop = on_loop
 
     def add_to_server(self, server: grpc.Server) -> None:
-        handlers = {"Unary": grpc.unary_unary_rpc_method_handler(_echo)}
+        handlers = {"Unary": grpc.unary_unary_rpc_method_handler(_echo_async if self.on_loop else _echo)}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RUNTIME_ECHO_SERVICE, handlers),))
 
     def start(self) -> None:
@@ -93,8 +109,13 @@ def serve(name: str, port: int, profile: str) -> int:
 
     config = load_config()
     setup_logging(name, config.logging.level, config.logging.format)
-    if name == "runtime_echo":
-        definition = ServiceDefinition("runtime_echo", (RUNTIME_ECHO_SERVICE,), lambda _config: _EchoBinding())
+    if name.startswith("runtime_echo"):
+        # runtime_echo: the sync server; _aio: the grpc.aio server, the plain handler on its pool; _async: the
+        # aio server, the handler async def on its loop
+        on_loop = name == "runtime_echo_async"
+        # (only named when set: an older tree's runtime, the --before one, has no such field)
+        aio: dict[str, Any] = {"asyncio": True} if name != "runtime_echo" else {}
+        definition = ServiceDefinition(name, (RUNTIME_ECHO_SERVICE,), lambda _config: _EchoBinding(on_loop), **aio)
     else:
         definition = load_definition(name)
     stop = threading.Event()
@@ -132,7 +153,7 @@ def server(name: str, tree: Path, profile: str = "") -> Iterator[tuple[str, int]
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=out, stderr=out)
         try:
-            wait_serving(f"127.0.0.1:{port}", "" if name == "runtime_echo" else name, proc, log, timeout=120)
+            wait_serving(f"127.0.0.1:{port}", "" if name.startswith("runtime_echo") else name, proc, log, timeout=120)
             yield f"127.0.0.1:{port}", proc.pid
         finally:
             stop(proc)
@@ -217,7 +238,7 @@ def payloads(target: str, tag: str, clients: int) -> list[bytes]:
     from guardmesh.v1 import paramserver_pb2 as ppb
     from guardmesh.v1 import scheduler_pb2 as spb
 
-    if target in ("runtime_echo", "Score"):
+    if target.startswith("runtime_echo") or target == "Score":
         from bench.scorer import request_bodies
 
         return request_bodies("small")[0]
@@ -271,6 +292,8 @@ def measure(
         for target in targets:
             name, method = TARGETS[target]
             for suffix, tree in trees.items():
+                if suffix and target in AFTER_ONLY:
+                    continue
                 address, pid = stack.enter_context(server(name, tree))
                 set_up(target, address)
                 servers[target + suffix] = (address, pid, method)

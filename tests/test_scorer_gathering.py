@@ -181,3 +181,33 @@ def test_submitted_and_blocking_calls_share_groups_and_each_gets_its_answer_or_i
     assert isinstance(unlucky, RuntimeError)
     assert ran == [[1], [2, 3], [13]]
     assert not gathering._running
+
+
+def test_a_submitted_call_finding_no_group_waits_for_as_many_calls_as_the_last_group_held_or_the_wait() -> None:
+    """Callers answered together call again one by one: the first of them waits (up to ``max_wait_s``) until
+    as many calls as the last group held are queued, so they run as one group again, not as one call and the
+    rest. A lone caller never waits; fewer callers than last time wait the bound once."""
+    ran: list[list[int]] = []
+
+    def run_many(calls: Sequence[int]) -> list[int]:
+        ran.append(list(calls))
+        return list(calls)
+
+    gathering = Gathering(run_many, max_group=8, max_wait_s=WAIT_S)
+
+    async def rounds() -> None:
+        assert await gathering.submit(1) == 1  # a lone caller: its last group held none, it runs at once
+        assert await gathering.submit(2) == 2  # the last group held one call: still no wait
+        gathering._last_group = 3  # as if three callers had been answered together
+        first = gathering.submit(3)
+        await asyncio.sleep(0.05)  # nothing runs while fewer than three are queued
+        assert ran == [[1], [2]] and not first.done()
+        rest = [gathering.submit(4), gathering.submit(5)]  # the third call: the group runs now
+        assert await asyncio.wait_for(asyncio.gather(first, *rest), WAIT_S) == [3, 4, 5]
+        gathering.max_wait_s = 0.2  # now only two of the three come back: they wait the bound, then run
+        began = time.monotonic()
+        assert await asyncio.wait_for(asyncio.gather(gathering.submit(6), gathering.submit(7)), WAIT_S) == [6, 7]
+        assert time.monotonic() - began >= 0.19  # (the loop may run a timer up to its clock resolution early)
+
+    asyncio.run(rounds())
+    assert ran == [[1], [2], [3, 4, 5], [6, 7]]

@@ -16,6 +16,12 @@ call and awaits an asyncio future, holding neither the loop nor a thread. Groups
 gathering's one runner thread; their answers go back to the loop once per group
 (``loop.call_soon_threadsafe``), so the loop goes on taking calls up, parsing and answering them while a group
 runs, and the calls that arrive meanwhile form the next group. Both kinds of caller may share a group.
+
+One wait, for submitted calls only: when a group ends with nothing queued, its callers, answered together,
+call again together, but their calls reach the loop one by one; a group started by the first of them would
+hold one call, and the others the next group (twice the model runs). So a submitted call that finds no group
+running waits, up to ``max_wait_s``, until as many calls as the last group held are queued, then its group
+runs. A lone caller (its last group held one call) never waits; fewer callers than before cost the wait once.
 """
 
 from __future__ import annotations
@@ -55,11 +61,15 @@ class _Slot(Generic[C, R]):
 class Gathering(Generic[C, R]):
     """Run ``run_many`` over the calls that queue while the previous group runs; see the module docstring."""
 
-    def __init__(self, run_many: Callable[[Sequence[C]], Sequence[R]], max_group: int) -> None:
+    def __init__(self, run_many: Callable[[Sequence[C]], Sequence[R]], max_group: int, max_wait_s: float = 0.0) -> None:
         if max_group < 1:
             raise ValueError("max_group must be >= 1")
         self.run_many = run_many
         self.max_group = max_group
+        self.max_wait_s = max_wait_s
+        self._last_group = 0  # calls in the last group run
+        # A submitted group waiting for its peers (see the module docstring): (calls expected, its timer).
+        self._waiting: tuple[int, asyncio.TimerHandle] | None = None
         self._lock = threading.Lock()
         self._queued: deque[_Slot[C, R]] = deque()
         self._running = False
@@ -81,8 +91,20 @@ class Gathering(Generic[C, R]):
                 self._runner = threading.Thread(target=self._run_turns, name="scorer-gathering", daemon=True)
                 self._runner.start()
         if lead:
-            self._runner_turn.release()
+            expected = min(self._last_group, self.max_group)
+            if expected > 1 and self.max_wait_s > 0:
+                self._waiting = (expected, loop.call_later(self.max_wait_s, self._runners_turn))
+            else:
+                self._runner_turn.release()
+        elif self._waiting is not None and len(self._queued) >= self._waiting[0]:
+            self._waiting[1].cancel()
+            self._runners_turn()
         return slot.answer  # type: ignore[return-value]
+
+    def _runners_turn(self) -> None:
+        """On the loop: the waiting group runs now."""
+        self._waiting = None
+        self._runner_turn.release()
 
     def _run_turns(self) -> None:
         """The runner thread: lead a group when given the turn, and the next ones while they are submitted."""
@@ -124,6 +146,7 @@ class Gathering(Generic[C, R]):
         with self._lock:
             self.groups += 1
             self.calls += len(group)
+            self._last_group = len(group)
             following = self._queued[0] if self._queued else None
             if following is None:
                 self._running = False

@@ -326,7 +326,9 @@ class Scorer:
         #: Concurrent single calls go through the path together (one parse, one batcher hand-off, one
         #: window update, one decision-log commit per group); not with batching off (max_batch_size 1).
         self.gathering: Gathering[ScoreCall, ScoreOutcome | GuardmeshError] | None = (
-            Gathering(self.score_many, settings.max_batch_size) if settings.max_batch_size > 1 else None
+            Gathering(self.score_many, settings.max_batch_size, settings.max_queue_delay_ms / 1000)
+            if settings.max_batch_size > 1
+            else None
         )
 
     # -- models ----------------------------------------------------------------------------------------
