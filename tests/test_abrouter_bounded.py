@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from guardmesh.config import ABRouterSettings, ConfigError, load_config
-from guardmesh.errors import Unavailable
+from guardmesh.errors import FailedPrecondition, Unavailable
 from guardmesh.runtime import load_definition, start_service
 from guardmesh.sdk.abrouter import ABRouterClient
 from guardmesh.v1 import abrouter_pb2 as pb
@@ -64,14 +64,21 @@ def bounded(**changes: Any) -> ABRouterSettings:
     return ABRouterSettings(**settings)
 
 
-class RowlessStore(RouterStore):
-    """A store whose row loaders fail: a restart that calls them (replays the log) fails the test."""
+class LogFailingStore(RouterStore):
+    """A store whose log loaders fail: a restart that calls them (replays the log) fails the test."""
 
     def load_numbered_exposures(self, upto: int | None = None) -> Iterator[tuple[int, ExposureRow]]:
         raise AssertionError("the restart read the exposure rows")
 
     def load_numbered_observations(self, upto: int | None = None) -> Iterator[tuple[int, ObservationRow]]:
         raise AssertionError("the restart read the observation rows")
+
+
+class RowlessStore(LogFailingStore):
+    """A store whose row loaders fail, the sticky arms' too."""
+
+    def load_sticky(self) -> Iterator[tuple[str, str, int]]:
+        raise AssertionError("the restart read every sticky arm")
 
 
 def with_tables(router: Router, table_url: str) -> Router:
@@ -215,9 +222,9 @@ def test_a_restart_in_the_default_mode_does_read_the_rows(tmp_path: Path) -> Non
     router.create(SPEC)
     router.assign("u1", {}, [KEY], log_exposure=True)
     closing(router)
-    restarted = Router(ABRouterSettings(), RowlessStore(url, "NORMAL"))
+    restarted = Router(ABRouterSettings(), LogFailingStore(url, "NORMAL"))
     try:
-        with pytest.raises(AssertionError, match="exposure rows"):
+        with pytest.raises(AssertionError, match="the restart read the exposure rows"):
             restarted.restore()
     finally:
         closing(restarted)
@@ -489,3 +496,29 @@ def test_a_failed_look_up_of_a_new_unit_holds_nothing(tmp_path: Path, monkeypatc
         assert router.get(KEY)[1] == 1 and sum(live.arm_counts(2)) == 1
     finally:
         closing(router)
+
+
+def test_sticky_arms_are_kept_across_a_restart_that_reads_none(tmp_path: Path) -> None:
+    """A sticky experiment's arms after a bounded restart (which reads no sticky row): looked up in the store, so
+    every unit keeps its arm although new units all go to 'new' now; arms still cannot be added or removed."""
+    spec = ExperimentSpec(key=KEY, arms=(ArmSpec("control", 0.5), ArmSpec("new", 0.5)), sticky_bucketing=True)
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    router = Router(bounded(), RouterStore(url, "NORMAL"))
+    restarted: Router | None = None
+    try:
+        router.create(spec)
+        before = {f"u{i}": router.assign(f"u{i}", {}, [KEY])[0][0].arm_index for i in range(100)}
+        assert set(before.values()) == {0, 1}
+        router.update(dataclasses.replace(spec, arms=(ArmSpec("control", 0.0), ArmSpec("new", 1.0))))
+        closing(router)
+        restarted = Router(bounded(), RowlessStore(url, "NORMAL"))
+        restarted.restore()
+        assert len(restarted.live[KEY].sticky) == 0
+        after = {unit: restarted.assign(unit, {}, [KEY])[0][0].arm_index for unit in before}
+        assert after == before
+        assert restarted.assign("newcomer", {}, [KEY])[0][0].arm_index == 1
+        with pytest.raises(FailedPrecondition, match="arms can be reweighted, not added or removed"):
+            three = (ArmSpec("control", 0.4), ArmSpec("new", 0.3), ArmSpec("third", 0.3))
+            restarted.update(dataclasses.replace(spec, arms=three))
+    finally:
+        closing(restarted if restarted is not None else router)

@@ -306,9 +306,13 @@ class Router:
         with self.lock:
             for exp in self.store.load_experiments():
                 self.live[exp.key] = self._new_live(exp)
-            for key, unit, arm in self.store.load_sticky():
-                if key in self.live:
-                    self.live[key].sticky[unit] = arm
+            if self.bounded:  # sticky arms are looked up in the store as units come back, not read at once
+                for key, live in self.live.items():
+                    live.sticky.evicted = self.store.has_sticky(key)
+            else:
+                for key, unit, arm in self.store.load_sticky():
+                    if key in self.live:
+                        self.live[key].sticky[unit] = arm
             # A replica on a shared store takes in what the others write from here on (see take_in_others).
             upto = {t: self.store.max_seq(t) for t in ("exposures", "observations")}
             if self.bounded:

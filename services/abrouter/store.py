@@ -335,6 +335,10 @@ class RouterStore:
         )
         return [(v, at, change, comment, Experiment.from_dict(json.loads(d))) for v, at, change, comment, d in rows]
 
+    def has_sticky(self, key: str) -> bool:
+        """Whether any sticky arm of experiment ``key`` is recorded (one look-up in the primary key)."""
+        return bool(self.query("SELECT 1 FROM sticky WHERE key = ? LIMIT 1", (key,)))
+
     def load_sticky(self) -> Iterator[tuple[str, str, int]]:
         """(key, unit, arm) of every sticky record, oldest first (a bounded cache keeps the newest)."""
         yield from self.query("SELECT key, unit, arm FROM sticky ORDER BY at")
