@@ -17,6 +17,7 @@ differ in the last bits; rel 1e-9 is far above that and far below one observatio
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from guardmesh import durable
 from guardmesh.config import ABRouterSettings, ConfigError, load_config
 from guardmesh.errors import FailedPrecondition, Unavailable
 from guardmesh.runtime import load_definition, start_service
@@ -522,3 +524,48 @@ def test_sticky_arms_are_kept_across_a_restart_that_reads_none(tmp_path: Path) -
             restarted.update(dataclasses.replace(spec, arms=three))
     finally:
         closing(restarted if restarted is not None else router)
+
+
+def test_a_store_away_and_back_leaves_the_counters_as_the_store_has_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite locked by another connection: a logged Assign of a new unit and a RecordMetrics fail UNAVAILABLE and
+    hold nothing (no pending unit, no pinned total); once the lock is gone the router reloads its counters from the
+    store's aggregates and the same calls count once."""
+    monkeypatch.setattr(durable, "SQLITE_BUSY_TIMEOUT_MS", 200)  # the lock below is met within 0.2 s, not 10
+    path = tmp_path / "r.db"
+    router = Router(bounded(), RouterStore(path, "NORMAL"))
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        router.create(SPEC)
+        for i in range(50):
+            router.assign(f"u{i}", {}, [KEY], log_exposure=True)
+        router.record_metrics(KEY, [Observation(f"u{i}", "clicks", 1.0) for i in range(50)])
+        before = counters(router)
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(Unavailable, match="store away"):
+            router.assign("new", {}, [KEY], log_exposure=True)
+        live = router.live[KEY]
+        assert live.counts is not None and live.counts.pending == {}
+        assert not router._resume()  # still locked
+        holder.execute("ROLLBACK")
+        assert router._resume() and router.store_away_reason == ""
+        assert counters(router) == before
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(Unavailable, match="store away"):
+            router.record_metrics(KEY, [Observation("u1", "clicks", 5.0), Observation("u2", "dwell", 2.0)])
+        statistics = router.live[KEY].metrics["clicks"].statistics
+        assert isinstance(statistics, CachedArmStatistics) and not statistics.units._pins
+        holder.execute("ROLLBACK")
+        assert router._resume() and counters(router) == before
+        router.assign("new", {}, [KEY], log_exposure=True)
+        router.record_metrics(KEY, [Observation("u1", "clicks", 5.0), Observation("new", "clicks", 1.0)])
+        after = counters(router)
+        assert after[0] == 51
+        restarted = Router(bounded(), RowlessStore(path, "NORMAL"))
+        restarted.restore()
+        assert counters(restarted) == after
+        closing(restarted)
+    finally:
+        holder.close()
+        closing(router)
