@@ -197,7 +197,7 @@ def _measure(fn: Callable[[str], dict[str, Any]], root: str) -> dict[str, Any]:
 
 def _load_note() -> str:
     one, five, _ = os.getloadavg()
-    return f"machine shared with 4 other engineers' builds and tests: load average {one:.1f} (5 min {five:.1f})"
+    return f"machine shared with other engineers' builds and tests: load average {one:.1f} (5 min {five:.1f})"
 
 
 def warehouse_bench(sizes: list[int], pandas_max: int = 10_000_000, sql_max: int = 100_000_000) -> list[dict[str, Any]]:
