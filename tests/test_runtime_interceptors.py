@@ -9,6 +9,7 @@ error.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -76,14 +77,21 @@ def probe() -> Iterator[tuple[grpc.Channel, MeshTracerProvider, list[trace.Span]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[ServerTracing(provider)])
     handlers = {"Look": grpc.unary_unary_rpc_method_handler(look)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("guardmesh.test.Probe", handlers),))
+    with _serving(server) as channel:
+        yield channel, provider, seen
+
+
+@contextlib.contextmanager
+def _serving(server: grpc.Server | LoopServer) -> Iterator[grpc.Channel]:
+    """Start ``server`` on a free port; a channel to it; the server stopped on the way out."""
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield channel, provider, seen
+        yield channel
     finally:
         channel.close()
-        server.stop(0)
+        assert server.stop(0).wait(30)
 
 
 def test_no_server_span_without_a_processor_yet_the_callers_trace_is_carried_and_spans_start_with_one(
@@ -145,14 +153,8 @@ def aio_probe() -> Iterator[tuple[grpc.Channel, MeshTracerProvider, list[trace.S
         for name, fn in {"Look": look, "LookPlain": look_plain, "Fail": fail}.items()
     }
     server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("guardmesh.test.Probe", handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
+    with _serving(server) as channel:
         yield channel, provider, seen
-    finally:
-        channel.close()
-        assert server.stop(0).wait(30)
 
 
 @pytest.mark.parametrize("method", ["Look", "LookPlain"])
