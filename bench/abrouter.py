@@ -39,9 +39,11 @@ i) Router memory and restart at ``--bounded-units`` exposed units (issue #20 ite
    router holds per exposed unit and the restart time, with ``abrouter.exposures_in_memory = false`` (ours:
    counters, bounded caches, SQL aggregates at restart) against the default mode (peer: per-unit columns, the log
    replayed), each restored in a fresh process of its own, same run.
+j) Logged Assign/s and p99 over gRPC in bounded mode vs the default mode (issue #20 item 3), 4 client processes,
+   every unit new, one router of each mode on SQLite and on PostgreSQL, driven in turn ``--rounds`` times, medians.
 
     python -m bench.abrouter [--seconds 5] [--ids 1000000] [--runs 2000] [--exposures 10000000]
-        [--warehouse-sizes 10000000,100000000] [--audit-exposures 5000000] [--parts abcdefghi] [--rounds 3]
+        [--warehouse-sizes 10000000,100000000] [--audit-exposures 5000000] [--parts abcdefghij] [--rounds 3]
         [--bounded-units 1000000]
         [--note "loaded machine"]
 
@@ -51,10 +53,12 @@ With ``--parts`` naming fewer parts, the records of the other parts are kept fro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -116,8 +120,9 @@ def in_process(n_ids: int) -> list[dict[str, Any]]:
     ]
 
 
-def _client(kind: str, address: str, seconds: float, worker: int, log: bool, out: Any) -> None:
-    """One client process: calls one at a time for ``seconds``; sends its latencies (s) back."""
+def _client(kind: str, address: str, seconds: float, worker: int, log: bool, out: Any, units: str = "") -> None:
+    """One client process: calls one at a time for ``seconds``; sends its latencies (s) back. ``units``
+    prefixes its unit ids (new units each drive)."""
     from guardmesh.v1 import abrouter_pb2 as pb
     from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
 
@@ -131,7 +136,7 @@ def _client(kind: str, address: str, seconds: float, worker: int, log: bool, out
     i = 0
     while True:
         request = pb.AssignRequest(
-            unit_id=f"w{worker}-user-{i}",
+            unit_id=f"{units}w{worker}-user-{i}",
             experiment_keys=["bench-exp"],
             log_exposure=log,
             covariates=pb.Covariates(numeric={"age": 30.0}, categorical={"device": "ios"}) if log else None,
@@ -150,10 +155,12 @@ def _client(kind: str, address: str, seconds: float, worker: int, log: bool, out
     out.put(latencies)
 
 
-def _drive(kind: str, address: str, clients: int, seconds: float, log: bool = False) -> dict[str, float]:
+def _drive(
+    kind: str, address: str, clients: int, seconds: float, log: bool = False, units: str = ""
+) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_client, args=(kind, address, seconds, w, log, out)) for w in range(clients)]
+    procs = [ctx.Process(target=_client, args=(kind, address, seconds, w, log, out, units)) for w in range(clients)]
     for p in procs:
         p.start()
     latencies: list[float] = []
@@ -672,6 +679,55 @@ def bounded_bench(n: int) -> list[dict[str, Any]]:
     ]
 
 
+def bounded_assign_bench(seconds: float, rounds: int) -> list[dict[str, Any]]:
+    """j) logged Assign over gRPC (4 client processes, every unit new), bounded vs default mode, on SQLite and on
+    PostgreSQL. The four routers run side by side and are driven in turn ``rounds`` times (the order alternating,
+    each drive with units none has seen), so every pair sees the same load; figures are medians of the rounds."""
+    from bench.scale import postgres
+
+    common = {"GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0"}  # the export on in both modes (bounded needs it)
+    samples: dict[str, list[dict[str, float]]] = {}
+    with postgres() as server, contextlib.ExitStack() as stack:
+        routers: dict[tuple[str, bool], str] = {}
+        for backend in ("sqlite", "postgresql"):
+            for bounded in (True, False):
+                env = {**common, "GUARDMESH__ABROUTER__EXPOSURES_IN_MEMORY": str(not bounded).lower()}
+                if backend == "postgresql":
+                    db = f"bench_abrouter_{'bounded' if bounded else 'default'}_assign"
+                    env["GUARDMESH__ABROUTER__STORE_URL"] = server.ensure_database(db)
+                routers[backend, bounded] = stack.enter_context(service_process("abrouter", env))
+                _create(routers[backend, bounded])
+        for r in range(rounds):
+            for backend in ("sqlite", "postgresql"):
+                for bounded in (True, False) if r % 2 == 0 else (False, True):
+                    fig = _drive("assign", routers[backend, bounded], 4, seconds, log=True, units=f"r{r}-")
+                    samples.setdefault(f"{backend}_{'bounded' if bounded else 'default'}", []).append(fig)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    path = RESULTS / "abrouter.json"
+    earlier = {r["name"]: r for r in json.loads(path.read_text(encoding="utf-8"))} if path.exists() else {}
+    records: list[dict[str, Any]] = []
+    for backend in ("sqlite", "postgresql"):
+        ours, peer = samples[f"{backend}_bounded"], samples[f"{backend}_default"]
+        print(f"j) {backend} logged Assign 4p by round: bounded {ours}, default {peer}")
+        peer_name = f"default mode (exposures_in_memory = true), same store kind ({backend}), same run"
+        for figure, unit, higher in (("qps", "calls/s", True), ("p99_ms", "ms", False)):
+            rec = record(
+                f"grpc_assign_logged_4p_bounded_{backend}" + ("" if figure == "qps" else "_p99"),
+                unit,
+                statistics.median(f[figure] for f in ours),
+                peer_name,
+                statistics.median(f[figure] for f in peer),
+                None,
+                higher,
+            )
+            rec["samples"] = {"ours": [f[figure] for f in ours], "peer": [f[figure] for f in peer]}
+            rec["commit"] = commit
+            if rec["name"] in earlier:  # the figures of the code before (the record this run replaces)
+                rec["before"] = {k: earlier[rec["name"]].get(k) for k in ("ours", "peer_value", "ratio", "commit")}
+            records.append(rec)
+    return records
+
+
 def main() -> int:
     """Run the parts asked for and write ``bench/results/abrouter.json`` (other parts' records kept)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -685,7 +741,7 @@ def main() -> int:
     parser.add_argument(
         "--audit-exposures", type=int, default=5_000_000, help="exposures in the table audited during part h"
     )
-    parser.add_argument("--parts", default="abcdefghi", help="which parts to run (letters a-i)")
+    parser.add_argument("--parts", default="abcdefghij", help="which parts to run (letters a-j)")
     parser.add_argument("--bounded-units", type=int, default=1_000_000, help="exposed units of part i")
     parser.add_argument("--rounds", type=int, default=3, help="turns of each backend in part e (medians kept)")
     parser.add_argument("--note", default="", help="added to the machine of this run's records (e.g. 'loaded')")
@@ -700,6 +756,7 @@ def main() -> int:
         "g": lambda: warehouse_bench([int(n) for n in args.warehouse_sizes.split(",")]),
         "h": lambda: assign_during_audit_bench(args.audit_exposures, args.seconds, args.rounds),
         "i": lambda: bounded_bench(args.bounded_units),
+        "j": lambda: bounded_assign_bench(args.seconds, args.rounds),
     }
     records: list[dict[str, Any]] = []
     for letter, run in parts.items():
