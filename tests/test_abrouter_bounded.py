@@ -569,3 +569,49 @@ def test_a_store_away_and_back_leaves_the_counters_as_the_store_has_them(
     finally:
         holder.close()
         closing(router)
+
+
+def test_a_new_unit_counted_while_another_assign_looks_it_up_is_counted_once(tmp_path: Path) -> None:
+    """An Assign looks its new unit up in the store outside the router's lock; its answer ("no exposure yet") goes
+    stale if another Assign of the unit counts it meanwhile and the cache then evicts it. The other Assigns run to
+    the end while the read waits (the lock is free), and the unit is counted once, as a restart counts it (fails
+    with the look-up under the lock, or without the re-check of the units counted since the read)."""
+    router = Router(bounded(unit_cache_units=2), RouterStore(tmp_path / "r.db", "NORMAL"))
+    restarted: Router | None = None
+    try:
+        router.create(SPEC)
+        assert router.store is not None
+        real = router.store.first_exposure
+        read, go = threading.Event(), threading.Event()
+        problems: list[str] = []
+
+        def held_read(key: str, unit: str, *args: Any, **kwargs: Any) -> Any:
+            answer = real(key, unit, *args, **kwargs)
+            if threading.current_thread().name == "looker" and not read.is_set():
+                read.set()
+                if not go.wait(timeout=120):  # the lock stayed held: nothing else could run
+                    problems.append("the other Assigns did not run while the look-up waited")
+            return answer
+
+        router.store.first_exposure = held_read  # type: ignore[method-assign]
+        looker = threading.Thread(
+            target=lambda: router.assign("u", {}, [KEY], log_exposure=True), name="looker", daemon=True
+        )
+        looker.start()
+        assert read.wait(timeout=120)
+        router.assign("u", {}, [KEY], log_exposure=True)  # counts "u" (the looker's read said "none")
+        for unit in ("a", "b", "c"):  # ... and the cache (2 units) evicts it
+            router.assign(unit, {}, [KEY], log_exposure=True)
+        assert not problems, problems
+        live = router.live[KEY]
+        assert live.counts is not None and "u" not in live.counts.first and "u" in live.looking
+        go.set()
+        looker.join(timeout=120)
+        assert not looker.is_alive() and not problems, problems
+        assert router.get(KEY)[1] == 4
+        assert live.counts.pending == {} and live.looking == {} and live.counted_while_looking == {}
+        restarted = Router(bounded(), RowlessStore(tmp_path / "r.db", "NORMAL"))
+        restarted.restore()
+        assert counters(restarted) == counters(router)
+    finally:
+        closing(router, *([restarted] if restarted is not None else []))

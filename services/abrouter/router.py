@@ -192,6 +192,12 @@ class _Live:
     balance_alerting: bool = False
     #: Bounded mode (``abrouter.exposures_in_memory = false``): exposed units as counters (``table`` stays empty).
     counts: ExposureCounts | None = None
+    #: Bounded mode: units whose first exposure an Assign is looking up in the store outside the lock -> number of
+    #: such calls (see :meth:`Router._look_up_new_units`).
+    looking: dict[str, int] = field(default_factory=dict)
+    #: Bounded mode: (arm, time) of the units of :attr:`looking` counted meanwhile (the cache may have evicted them
+    #: since, and the look-up's answer may predate their count).
+    counted_while_looking: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     def exposed_units(self) -> int:
         """Units exposed (each counted once)."""
@@ -781,7 +787,7 @@ class Router:
         assert st.counts is not None
         if row.unit in st.counts.pending or self._first_exposure(st, row.unit, self._taken_before(n, "exposures")):
             return
-        st.counts.count(row.unit, row.arm, row.at)
+        self._count(st, row)
 
     def _before_config_write(self, key: str) -> None:
         """(Under the lock.) On a shared store, judge a change against the newest stored version (another
@@ -945,23 +951,93 @@ class Router:
         categorical = categorical or {}
         self._check_unit(unit_id, numeric, categorical, timestamp)
         now = timestamp or self.clock()
+        # Bounded mode: the store answers for new units before the lock is taken, so other calls do not wait on it
+        looks, found = self._look_up_new_units(unit_id, attributes, keys, expect_version) if log_exposure else ([], {})
+        try:
+            return self._assign_looked_up(
+                unit_id, attributes, keys, log_exposure, numeric, categorical, now, expect_version, found
+            )
+        finally:
+            if looks:
+                with self.lock:
+                    self._stop_looking(looks)
+
+    def _targets(self, keys: Sequence[str], expect_version: int) -> list[_Live]:
+        """(Under the lock.) The experiments an Assign names (validated), or every running one."""
+        if not keys:
+            return [self.live[k] for k in sorted(self.live) if self.live[k].experiment.state is ExperimentState.RUNNING]
+        seen = set()
+        for i, key in enumerate(keys):
+            if key in seen:
+                raise InvalidArgument(f"experiment_keys[{i}]", f"'{key}' is listed twice")
+            seen.add(key)
+        targets = [self._get(k) for k in keys]
+        if expect_version and targets[0].experiment.version != expect_version:
+            raise Aborted(
+                f"experiment '{keys[0]}' changed (version {targets[0].experiment.version}, "
+                f"not {expect_version}) while the request was scored; retry"
+            )
+        return targets
+
+    def _look_up_new_units(
+        self, unit_id: str, attributes: Mapping[str, Any], keys: Sequence[str], expect_version: int
+    ) -> tuple[list[tuple[_Live, str]], dict[tuple[str, str], tuple[_Live, tuple[int, float] | None]]]:
+        """(Bounded mode, before a logged Assign takes the lock.) The first exposure, among the rows memory holds,
+        of each of the call's units that memory knows neither as counted (cache) nor as pending: read from the store
+        without the lock, so the other calls do not wait on the read. Each unit looked up is marked in
+        :attr:`_Live.looking` until the call ends (:meth:`_stop_looking`), so that a count of it meanwhile (this
+        router's call that held it pending, or the tail) is kept in :attr:`_Live.counted_while_looking`: a "none"
+        answer is stale exactly then, as the counters change only by such counts (a reload makes new ``_Live``).
+        Returns the units marked and the answers by (experiment, unit) with the ``_Live`` they were read for."""
+        if not self.bounded or self.store is None:
+            return [], {}
+        looks: list[tuple[_Live, str]] = []
         with self.lock:
-            if keys:
-                seen = set()
-                for i, key in enumerate(keys):
-                    if key in seen:
-                        raise InvalidArgument(f"experiment_keys[{i}]", f"'{key}' is listed twice")
-                    seen.add(key)
-                targets = [self._get(k) for k in keys]
-                if expect_version and targets[0].experiment.version != expect_version:
-                    raise Aborted(
-                        f"experiment '{keys[0]}' changed (version {targets[0].experiment.version}, "
-                        f"not {expect_version}) while the request was scored; retry"
-                    )
+            for st in self._targets(keys, expect_version):
+                if st.counts is None:
+                    continue
+                unit = hash_value_of(st.experiment, unit_id, attributes)
+                if unit in st.counts.pending or unit in st.counts.first:
+                    continue
+                st.looking[unit] = st.looking.get(unit, 0) + 1
+                looks.append((st, unit))
+            taken = self._taken_rows["exposures"]
+        found: dict[tuple[str, str], tuple[_Live, tuple[int, float] | None]] = {}
+        try:
+            for st, unit in looks:
+                with self.store_reads(f"the first exposure of unit '{unit}'"):
+                    found[st.experiment.key, unit] = (st, self.store.first_exposure(st.experiment.key, unit, taken))
+        except BaseException:
+            with self.lock:
+                self._stop_looking(looks)
+            raise
+        return looks, found
+
+    @staticmethod
+    def _stop_looking(looks: list[tuple[_Live, str]]) -> None:
+        """(Under the lock.) Unmark the units :meth:`_look_up_new_units` marked."""
+        for st, unit in looks:
+            if st.looking[unit] > 1:
+                st.looking[unit] -= 1
             else:
-                targets = [
-                    self.live[k] for k in sorted(self.live) if self.live[k].experiment.state is ExperimentState.RUNNING
-                ]
+                del st.looking[unit]
+                st.counted_while_looking.pop(unit, None)
+
+    def _assign_looked_up(
+        self,
+        unit_id: str,
+        attributes: Mapping[str, Any],
+        keys: Sequence[str],
+        log_exposure: bool,
+        numeric: Mapping[str, float],
+        categorical: Mapping[str, str],
+        now: float,
+        expect_version: int,
+        found: Mapping[tuple[str, str], tuple[_Live, tuple[int, float] | None]],
+    ) -> list[tuple[AssignmentResult, bool]]:
+        """:meth:`assign` once the store has answered for its new units (``found``)."""
+        with self.lock:
+            targets = self._targets(keys, expect_version)
             values = [hash_value_of(st.experiment, unit_id, attributes) for st in targets]
             out: list[tuple[AssignmentResult, bool]] = []
             statements: list[Statement] = []
@@ -993,7 +1069,7 @@ class Router:
                     exposures.append((st, row))
                     if st.counts is not None:
                         try:
-                            self._hold_new_unit(st, row, new_units)
+                            self._hold_new_unit(st, row, new_units, found)
                         except BaseException:  # the store read failed: nothing this call held stays held
                             self._release_pending(held, keep=False)
                             self._release_new_units(new_units, keep=False)
@@ -1042,18 +1118,43 @@ class Router:
                 st.counts.first[unit] = first
         return first
 
-    def _hold_new_unit(self, st: _Live, row: ExposureRow, new_units: list[tuple[_Live, ExposureRow, bool]]) -> None:
+    def _hold_new_unit(
+        self,
+        st: _Live,
+        row: ExposureRow,
+        new_units: list[tuple[_Live, ExposureRow, bool]],
+        found: Mapping[tuple[str, str], tuple[_Live, tuple[int, float] | None]],
+    ) -> None:
         """(Under the lock; bounded mode.) Before an exposure's commit: if its unit has none yet, hold the unit as
         pending, so that it is counted once, by the first such call, after its commit (a concurrent exposure of it
-        here or from the tail meanwhile counts nothing)."""
+        here or from the tail meanwhile counts nothing). ``found``: the store's answers read before the lock
+        (:meth:`_look_up_new_units`), re-checked here against the pending units, the cache and the units counted
+        since the read; a unit without one (the experiment reloaded meanwhile) is looked up now."""
         assert st.counts is not None
         pending = st.counts.pending
+        looked_up = found.get((st.experiment.key, row.unit))
         if row.unit in pending:
             pending[row.unit] += 1
             new_units.append((st, row, False))
-        elif self._first_exposure(st, row.unit) is None:
+            return
+        if looked_up is not None and looked_up[0] is st:
+            first = st.counts.first.get(row.unit) or st.counted_while_looking.get(row.unit) or looked_up[1]
+            if first is not None and row.unit not in st.counts.first:
+                st.counts.first[row.unit] = first  # a unit counted (among the rows held): cached, as a read caches it
+        else:
+            first = self._first_exposure(st, row.unit)
+        if first is None:
             pending[row.unit] = 1
             new_units.append((st, row, True))
+
+    @staticmethod
+    def _count(st: _Live, row: ExposureRow) -> None:
+        """(Under the lock; bounded mode.) Count the unit of ``row``, its first exposure taken in; noted for the
+        Assign calls looking the unit up meanwhile (their read may predate this count)."""
+        assert st.counts is not None
+        st.counts.count(row.unit, row.arm, row.at)
+        if row.unit in st.looking:
+            st.counted_while_looking[row.unit] = (row.arm, row.at)
 
     @staticmethod
     def _release_new_units(new_units: list[tuple[_Live, ExposureRow, bool]], *, keep: bool) -> None:
@@ -1062,7 +1163,7 @@ class Router:
         for st, row, first in new_units:
             assert st.counts is not None
             if keep and first and row.unit not in st.counts.first:
-                st.counts.count(row.unit, row.arm, row.at)
+                Router._count(st, row)
             waiting = st.counts.pending[row.unit]
             if waiting > 1:
                 st.counts.pending[row.unit] = waiting - 1
