@@ -739,3 +739,59 @@ def test_a_score_batch_across_models_answers_each_request_from_its_own_model(sco
         assert result.response.model_version == ("v1" if m == "risk" else "f1")
     core = running.binding.servicer.core  # type: ignore[attr-defined]
     assert core.batch_stats("risk", "v1").sizes == [3] and core.batch_stats("fraud", "f1").sizes == [2]
+
+
+def test_concurrent_model_infer_calls_are_gathered_all_or_nothing_each(scorer) -> None:  # type: ignore[no-untyped-def]
+    """ModelInfer goes through the scorer's gathering like Score (one forward and one decision-log commit per
+    group, awaited on the loop): a burst of ModelInfer and Score calls is answered per request, a request with
+    a refused row is refused whole naming its row, and only the other requests' rows are recorded."""
+    import threading
+
+    running, config, stub = scorer
+    model = logistic([1.0, 0.5, 0.0, 0.0], 0.0)
+    register(stub, "v1", model, activate=True, cleaning=pb.CLEANING_POLICY_REJECT)
+    core = running.binding.servicer.core
+    assert core.gathering is not None
+    before = core.gathering.calls
+    channel = open_channel("scorer", config, address=running.address)
+    oip_stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    rng = np.random.default_rng(11)
+    batches = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(24)]
+    batches[7][1, 2] = np.nan  # missing and the policy rejects: request 7 is refused, naming row 1
+    singles = rng.standard_normal((24, 4)).astype(np.float32)
+    answers: dict[str, object] = {}
+    go = threading.Barrier(8)
+
+    def client(k: int) -> None:
+        go.wait()
+        for i in range(k, 24, 8):
+            try:
+                answers[f"oip{i}"] = _infer(oip_stub, batches[i], request_id=f"oip{i}")
+            except grpc.RpcError as err:
+                answers[f"oip{i}"] = err
+            answers[f"s{i}"] = score(stub, f"s{i}", singles[i])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert core.gathering.calls - before == 48  # every call went through the gathering (none around it)
+    refused = answers.pop("oip7")
+    assert isinstance(refused, grpc.RpcError)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "row 1 features[age_days]" in refused.details() and "rejects" in refused.details()
+    for i in range(24):
+        expected = model(torch.from_numpy(singles[i : i + 1]))[0, 0].item()
+        assert answers[f"s{i}"].score == pytest.approx(expected, rel=1e-5)  # type: ignore[attr-defined]
+        if i == 7:
+            continue
+        resp = answers[f"oip{i}"]
+        assert isinstance(resp, oip.ModelInferResponse)
+        scores = np.frombuffer(resp.raw_output_contents[0], dtype="<f4")
+        np.testing.assert_allclose(scores, model(torch.from_numpy(batches[i]))[:, 0].detach().numpy(), rtol=1e-5)
+    assert stub.GetDriftReport(pb.GetDriftReportRequest(model="risk")).live_rows == 23 * 3 + 24
+    labels = [pb.Label(request_id=f"oip{i}/{r}", label=True) for i in range(24) for r in range(3)]
+    fed = stub.Feedback(pb.FeedbackRequest(model="risk", labels=labels))
+    assert fed.accepted == 23 * 3 and fed.unknown == 3  # request 7's rows never reached the decision log
+    channel.close()

@@ -25,10 +25,10 @@ from guardmesh.v1 import scorer_pb2_grpc as pb_grpc
 from inference import grpc_predict_v2_pb2 as oip_pb
 from inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from services.scorer.batching import DynamicBatcher
-from services.scorer.decision import ThresholdPolicy
+from services.scorer.decision import Rule, RuleAction, ThresholdPolicy
 from services.scorer.monitoring import CleaningPolicy
 from services.scorer.registry import ModelFormat, mlp
-from services.scorer.scorer import Registration, ScoreCall, ScoreOutcome, Scorer, VersionConfig
+from services.scorer.scorer import Registration, RowsCall, RowsResult, ScoreCall, ScoreOutcome, Scorer, VersionConfig
 
 from .conftest import make_config
 
@@ -123,12 +123,10 @@ def test_a_model_error_inline_reaches_only_its_caller_and_the_batcher_keeps_serv
 FEATURES = tuple(f"x{i}" for i in range(6))
 
 
-@pytest.fixture()
-def core() -> Iterator[Scorer]:
-    """A scorer core with a small MLP registered and active, its reference the medians' source."""
+def _risk_core(config: VersionConfig) -> Scorer:
+    """A scorer core with a small MLP registered and active under ``config``, its reference the medians' source."""
     settings = load_config(env={}).scorer
     scorer = Scorer(settings, torch.device("cpu"), None)
-    config = VersionConfig(ThresholdPolicy(), (), CleaningPolicy.IMPUTE, 0.02, None, 0.05, 1000)
     torch.manual_seed(0)
     buf = io.BytesIO()
     torch.jit.save(torch.jit.script(mlp(len(FEATURES), (8,)).eval()), buf)
@@ -137,10 +135,67 @@ def core() -> Iterator[Scorer]:
         "risk", "v1", FEATURES, ModelFormat.TORCHSCRIPT, buf.getvalue(), config, reference=reference
     )
     scorer.register(registration, activate=True)
+    return scorer
+
+
+@pytest.fixture()
+def core() -> Iterator[Scorer]:
+    """A scorer core with a small MLP registered and active, its reference the medians' source."""
+    scorer = _risk_core(VersionConfig(ThresholdPolicy(), (), CleaningPolicy.IMPUTE, 0.02, None, 0.05, 1000))
     try:
         yield scorer
     finally:
         scorer.close()
+
+
+def test_rows_calls_gathered_with_score_calls_decide_and_record_as_the_same_calls_one_by_one() -> None:
+    """ModelInfer's all-or-nothing calls (RowsCall) in one group with Score calls: one forward for the group's
+    model rows; each call answered as alone; a refused row refuses its own call only (naming the row, none of
+    its rows run or recorded); the live window takes the rows in the calls' order, and the decision log the
+    same decisions, as the calls one by one."""
+    block_big = (Rule("big", "x0", 2.0, RuleAction.BLOCK),)
+    config = VersionConfig(ThresholdPolicy(), block_big, CleaningPolicy.REJECT, 0.02, None, 0.05, 1000)
+    rng = np.random.default_rng(3)
+    good = rng.standard_normal((3, len(FEATURES))).astype(np.float32)
+    good[1, 0] = 3.0  # a rule decides this row
+    bad = rng.standard_normal((3, len(FEATURES))).astype(np.float32)
+    bad[0, 0] = 3.0  # ruled, but its request is refused: not recorded either
+    bad[1, 4] = np.nan  # missing and the policy rejects: refuses the request
+    single = rng.standard_normal((2, len(FEATURES))).astype(np.float32)
+    single[:, 0] = np.minimum(single[:, 0], 1.5)  # the rule leaves these to the model
+    good[[0, 2], 0] = np.minimum(good[[0, 2], 0], 1.5)
+    calls: list[ScoreCall | RowsCall] = [
+        ScoreCall("risk", "a", dict(zip(FEATURES, map(float, single[0]), strict=True))),
+        RowsCall("risk", good, ["g/0", "g/1", "g/2"]),
+        RowsCall("risk", bad, ["b/0", "b/1", "b/2"]),
+        ScoreCall("risk", "c", dict(zip(FEATURES, map(float, single[1]), strict=True))),
+    ]
+    together_core, alone_core = _risk_core(config), _risk_core(config)
+    try:
+        together = together_core.score_many(calls)
+        alone = [alone_core.score_many([call])[0] for call in calls]
+        assert together_core.batch_stats("risk", "v1").sizes == [4]  # a, g/0, g/2, c: one forward
+        for a, b in zip(alone, together, strict=True):
+            if isinstance(a, InvalidArgument):
+                assert isinstance(b, InvalidArgument) and (b.field, b.rule) == (a.field, a.rule)
+                continue
+            assert isinstance(a, ScoreOutcome | RowsResult) and isinstance(b, ScoreOutcome | RowsResult)
+            outcomes_a = a.outcomes if isinstance(a, RowsResult) else [a]
+            outcomes_b = b.outcomes if isinstance(b, RowsResult) else [b]
+            assert [(o.decision, o.version) for o in outcomes_b] == [(o.decision, o.version) for o in outcomes_a]
+        assert isinstance(together[2], InvalidArgument) and together[2].field == "row 1 features[x4]"
+        assert isinstance(together[1], RowsResult) and together[1].outcomes[1].decision.score is None  # ruled
+        expected_rows = np.concatenate([single[:1], good, single[1:]])
+        np.testing.assert_array_equal(together_core.live_rows("risk"), expected_rows)
+        np.testing.assert_array_equal(alone_core.live_rows("risk"), expected_rows)
+        for scorer in (together_core, alone_core):
+            log = scorer.lines["risk"].decisions
+            assert [log.pop(r) is not None for r in ("a", "g/0", "g/1", "g/2", "b/0", "b/1", "b/2", "c")] == [
+                True, True, False, True, False, False, False, True
+            ]  # fmt: skip
+    finally:
+        together_core.close()
+        alone_core.close()
 
 
 def test_the_first_bad_feature_in_the_request_order_refuses_the_call(core: Scorer) -> None:

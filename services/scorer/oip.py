@@ -587,8 +587,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 class AsyncOpenInferenceServicer(OpenInferenceServicer):
     """:class:`OpenInferenceServicer` with ModelInfer as ``async def``, for a grpc.aio server: the request is
-    decoded and the response encoded on the event loop; the backend's ``infer`` (which waits for the model)
-    runs on ``executor``, so the loop goes on taking calls up meanwhile."""
+    decoded and the response encoded on the event loop; a backend with ``async def infer_async`` is awaited on
+    the loop, otherwise its ``infer`` (which waits for the model) runs on ``executor``; either way the loop
+    goes on taking calls up meanwhile."""
 
     def __init__(self, backend: InferenceBackend, executor: Executor, **options: Any) -> None:
         super().__init__(backend, **options)
@@ -602,7 +603,11 @@ class AsyncOpenInferenceServicer(OpenInferenceServicer):
         version, signature = self._resolve("model_name", name, request.model_version)
         with self._counted(name, version):
             inputs, wanted, raw = self._decode(request, name, version, signature)
-            results = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.backend.infer, name, version, inputs, request.id
-            )
+            infer_async = getattr(self.backend, "infer_async", None)
+            if infer_async is not None:  # the backend waits on the loop itself (the scorer: its gathering)
+                results = await infer_async(name, version, inputs, request.id)
+            else:
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.backend.infer, name, version, inputs, request.id
+                )
             return self._encode(request, name, version, wanted, raw, results)

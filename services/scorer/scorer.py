@@ -40,6 +40,8 @@ from services.scorer.registry import CommitActive, ModelFormat, ModelRegistry, M
 log = logging.getLogger(__name__)
 #: Largest magnitude a feature value may have: rows are float32, a larger double would become +-Inf.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: The error of a row whose request (all or nothing) another row refused; the request answers that row's error.
+_WITH_ITS_REQUEST = FailedPrecondition("row refused with its request")
 #: Feature-name orders whose columns a line remembers (see :meth:`ModelLineState.columns`).
 COLUMN_MAPS = 64
 
@@ -205,6 +207,25 @@ class ScoreCall:
     shadow: bool = False
 
 
+@dataclass(frozen=True)
+class RowsCall:
+    """One request scoring rows given as an array in the model's feature order (NaN = missing), all or none
+    (the Open Inference Protocol's ModelInfer): one decision per row, ``request_ids`` one per row."""
+
+    model: str
+    rows: np.ndarray
+    request_ids: Sequence[str]
+    version: str = ""
+
+
+@dataclass
+class RowsResult:
+    """A RowsCall's answer: the version that decided and one outcome per row."""
+
+    version: str
+    outcomes: list[ScoreOutcome]
+
+
 @dataclass
 class ScoreOutcome:
     """One request's answer."""
@@ -291,6 +312,8 @@ class _Group:
     explain: list[bool]
     shadow: list[bool]
     errors: list[GuardmeshError | None]
+    #: Row ranges [start, end) of all-or-nothing calls (RowsCall): a refused row refuses its whole range.
+    atomic: list[tuple[int, int]] = field(default_factory=list)
     rows: np.ndarray = field(init=False)  # after imputation
     imputed: np.ndarray = field(init=False)
     ruled: list[Decision | None] = field(init=False)
@@ -325,7 +348,7 @@ class Scorer:
         self._published: dict[str, int] = {}
         #: Concurrent single calls go through the path together (one parse, one batcher hand-off, one
         #: window update, one decision-log commit per group); not with batching off (max_batch_size 1).
-        self.gathering: Gathering[ScoreCall, ScoreOutcome | GuardmeshError] | None = (
+        self.gathering: Gathering[ScoreCall | RowsCall, ScoreOutcome | RowsResult | GuardmeshError] | None = (
             Gathering(self.score_many, settings.max_batch_size, settings.max_queue_delay_ms / 1000)
             if settings.max_batch_size > 1
             else None
@@ -569,11 +592,18 @@ class Scorer:
         result = self.gathering.call(call) if self.gathering is not None else self.score_many([call])[0]
         if isinstance(result, GuardmeshError):
             raise result
+        assert isinstance(result, ScoreOutcome)
         return result
 
     async def score_async(self, call: ScoreCall, executor: Executor | None = None) -> ScoreOutcome:
         """:meth:`score` for a caller on an event loop: the call waits in the gathering (its group runs on the
         gathering's thread) holding neither the loop nor a thread; with batching off it runs on ``executor``."""
+        result = await self._awaited(call, executor)
+        assert isinstance(result, ScoreOutcome)
+        return result
+
+    async def _awaited(self, call: ScoreCall | RowsCall, executor: Executor | None) -> ScoreOutcome | RowsResult:
+        """The call's answer from the gathering (or ``executor`` with batching off); its error raised."""
         if self.gathering is not None:
             result = await self.gathering.submit(call)
         else:
@@ -582,23 +612,27 @@ class Scorer:
             raise result
         return result
 
-    def score_many(self, calls: Sequence[ScoreCall]) -> list[ScoreOutcome | GuardmeshError]:
+    def score_many(self, calls: Sequence[ScoreCall | RowsCall]) -> list[ScoreOutcome | RowsResult | GuardmeshError]:
         """Score requests together: the calls of each model version go through the path as one group (one
-        parse, the batcher in full batches, one window update). Each call gets its outcome or its error,
-        in order; a refused call leaves no trace."""
-        results: list[ScoreOutcome | GuardmeshError | None] = [None] * len(calls)
+        parse, the batcher in full batches, one window update, one decision-log commit). Each call gets its
+        outcome (a RowsCall: its version and one outcome per row) or its error, in order; a refused call
+        leaves no trace (a RowsCall is refused whole by any refused row, the error naming the row)."""
+        results: list[ScoreOutcome | RowsResult | GuardmeshError | None] = [None] * len(calls)
         groups: dict[tuple[str, str], list[int]] = {}
         for i, call in enumerate(calls):
             try:
-                if not 1 <= len(call.request_id) <= 256:
-                    raise InvalidArgument("request_id", "must be 1 to 256 characters")
-                self._line(call.model)
+                if isinstance(call, ScoreCall):
+                    if not 1 <= len(call.request_id) <= 256:
+                        raise InvalidArgument("request_id", "must be 1 to 256 characters")
+                    self._line(call.model)
+                else:
+                    self._check_rows(self._line(call.model), call)
                 version = self.registry.active(call.model, call.version).version
             except GuardmeshError as err:
                 results[i] = err
                 continue
             groups.setdefault((call.model, version), []).append(i)
-        queued: list[tuple[list[int], _Group, list[Future[np.ndarray]]]] = []
+        queued: list[tuple[list[int], list[tuple[int, int]], _Group, list[Future[np.ndarray]]]] = []
         for (model, version), members in groups.items():  # every group queued before any is awaited
             line = self.lines[model]
             try:
@@ -608,13 +642,34 @@ class Scorer:
                     results[i] = err
                 continue
             with state.batcher.arriving() as arrival:  # the batcher may wait for these rows, not leave without
-                group = self._parse(line, state, [calls[i] for i in members])
+                group, spans = self._assemble(line, state, [calls[i] for i in members])
                 # inline only for one group: otherwise the first model's rows would run on this thread
                 # before the next model's rows are queued
-                queued.append((members, group, self._prepare(group, arrival, inline=len(groups) == 1)))
-        for members, group, pending in queued:
-            for i, outcome in zip(members, self._finish(group, pending, atomic=False), strict=True):
-                results[i] = outcome
+                queued.append((members, spans, group, self._prepare(group, arrival, inline=len(groups) == 1)))
+        for members, spans, group, pending in queued:
+            outcomes = self._finish(group, pending)
+            for i, (start, end) in zip(members, spans, strict=True):
+                if isinstance(calls[i], ScoreCall):
+                    results[i] = outcomes[start]
+                    continue
+                first = next(
+                    (
+                        k
+                        for k in range(start, end)
+                        if isinstance(outcomes[k], GuardmeshError) and outcomes[k] is not _WITH_ITS_REQUEST
+                    ),
+                    None,
+                )
+                if first is None:
+                    results[i] = RowsResult(group.state.model.version, outcomes[start:end])  # type: ignore[arg-type]
+                    continue
+                refused = outcomes[first]
+                assert isinstance(refused, GuardmeshError)
+                results[i] = (
+                    InvalidArgument(f"row {first - start} {refused.field}", refused.rule)
+                    if isinstance(refused, InvalidArgument)
+                    else refused
+                )
         return [r if r is not None else GuardmeshError("not scored") for r in results]
 
     def score_rows(
@@ -622,30 +677,83 @@ class Scorer:
     ) -> tuple[str, list[ScoreOutcome]]:
         """Score rows given as an array in the model's feature order (NaN = missing), all or none: the first
         refused row raises (its message names the row) and nothing is recorded. Returns (version, outcomes)."""
-        line = self._line(model)
-        state = self._state(line, self.registry.active(model, version).version)
+        [result] = self.score_many([RowsCall(model, rows, request_ids, version)])
+        if isinstance(result, GuardmeshError):
+            raise result
+        assert isinstance(result, RowsResult)
+        return result.version, result.outcomes
+
+    async def score_rows_async(
+        self, call: RowsCall, executor: Executor | None = None
+    ) -> tuple[str, list[ScoreOutcome]]:
+        """:meth:`score_rows` for a caller on an event loop: gathered with concurrent Score and ModelInfer calls
+        (one forward, one decision-log commit per group) like :meth:`score_async`."""
+        result = await self._awaited(call, executor)
+        assert isinstance(result, RowsResult)
+        return result.version, result.outcomes
+
+    def _check_rows(self, line: ModelLineState, call: RowsCall) -> None:
+        """INVALID_ARGUMENT naming the field (and row) for a RowsCall that breaks a rule."""
+        rows = call.rows
         if rows.ndim != 2 or rows.shape[1] != len(line.features):
             raise InvalidArgument("rows", f"must be (rows, {len(line.features)}): {line.expected()}")
-        if len(request_ids) != len(rows):
+        if len(call.request_ids) != len(rows):
             raise InvalidArgument("request_ids", "must hold one id per row")
         if len(rows) > self.settings.max_queue_rows:
             raise InvalidArgument(
                 "rows",
                 f"at most {self.settings.max_queue_rows} rows per request (scorer.max_queue_rows); got {len(rows)}",
             )
-        raw = np.array(rows, dtype=np.float32)  # a writable copy: the caller's array may be a view of a request
-        if np.isinf(raw).any():
-            bad = np.argwhere(np.isinf(raw))[0]
+        if np.isinf(rows).any():
+            bad = np.argwhere(np.isinf(rows))[0]
             raise InvalidArgument(
                 f"row {int(bad[0])} features[{line.features[int(bad[1])]}]",
                 "must be finite (NaN means missing)",
             )
-        n = len(raw)
-        group = _Group(line, state, raw, list(request_ids), [False] * n, [False] * n, [None] * n)
-        with state.batcher.arriving() as arrival:
-            pending = self._prepare(group, arrival, inline=True)
-        outcomes = self._finish(group, pending, atomic=True)
-        return state.model.version, [o for o in outcomes if isinstance(o, ScoreOutcome)]
+
+    def _assemble(
+        self, line: ModelLineState, state: VersionState, calls: Sequence[ScoreCall | RowsCall]
+    ) -> tuple[_Group, list[tuple[int, int]]]:
+        """One group of the calls' rows in the calls' order (Score calls parsed together, a RowsCall's rows as
+        they came) and each call's row range in it: the drift window sees them in the order they arrived."""
+        singles = [c for c in calls if isinstance(c, ScoreCall)]
+        if len(singles) == len(calls):
+            return self._parse(line, state, singles), [(k, k + 1) for k in range(len(calls))]
+        spans: list[tuple[int, int]] = []
+        offset = 0
+        for call in calls:
+            width = 1 if isinstance(call, ScoreCall) else len(call.rows)
+            spans.append((offset, offset + width))
+            offset += width
+        # one copy, float32 and writable: a caller's array may be a read-only view of a request's bytes
+        raw = np.empty((offset, len(line.features)), np.float32)
+        request_ids: list[str] = [""] * offset
+        errors: list[GuardmeshError | None] = [None] * offset
+        explain, shadow = [False] * offset, [False] * offset
+        at_single = [start for call, (start, _) in zip(calls, spans, strict=True) if isinstance(call, ScoreCall)]
+        if singles:
+            parsed = self._parse(line, state, singles)
+            raw[at_single] = parsed.raw
+            for k, at in enumerate(at_single):
+                request_ids[at] = parsed.request_ids[k]
+                errors[at], explain[at], shadow[at] = parsed.errors[k], parsed.explain[k], parsed.shadow[k]
+        atomic = []
+        for call, (start, end) in zip(calls, spans, strict=True):
+            if isinstance(call, RowsCall):
+                raw[start:end] = call.rows
+                request_ids[start:end] = call.request_ids
+                atomic.append((start, end))
+        return _Group(line, state, raw, request_ids, explain, shadow, errors, atomic), spans
+
+    @staticmethod
+    def _refuse_atomic(group: _Group) -> None:
+        """A refused row of an all-or-nothing call refuses the call's other rows too (neither scored nor
+        recorded); they carry :data:`_WITH_ITS_REQUEST`, the row's own error stays first."""
+        for start, end in group.atomic:
+            if any(group.errors[k] is not None for k in range(start, end)):
+                for k in range(start, end):
+                    if group.errors[k] is None:
+                        group.errors[k] = _WITH_ITS_REQUEST
 
     def _parse(self, line: ModelLineState, state: VersionState, calls: Sequence[ScoreCall]) -> _Group:
         """The calls' features as one (calls x features) float32 array; a bad value refuses only its call.
@@ -737,6 +845,7 @@ class Scorer:
                         config.policy,
                         line.drift_score,
                     )
+        self._refuse_atomic(group)
         scored = self._scored(group)
         if not scored:
             return []
@@ -752,27 +861,16 @@ class Scorer:
     def _scored(group: _Group) -> list[int]:
         return [i for i in range(len(group.raw)) if group.errors[i] is None and group.ruled[i] is None]
 
-    def _finish(
-        self, group: _Group, pending: list[Future[np.ndarray]], *, atomic: bool
-    ) -> list[ScoreOutcome | GuardmeshError]:
+    def _finish(self, group: _Group, pending: list[Future[np.ndarray]]) -> list[ScoreOutcome | GuardmeshError]:
         """Await the model, decide, explain, then record the group's rows in the line (one lock)."""
         line, state = group.line, group.state
         scored = self._scored(group)
-        if atomic:
-            first = next((i for i, e in enumerate(group.errors) if e is not None), None)
-            if first is not None:
-                err = group.errors[first]
-                assert err is not None
-                if isinstance(err, InvalidArgument):
-                    raise InvalidArgument(f"row {first} {err.field}", err.rule)
-                raise err
         try:
             scores = np.concatenate([f.result() for f in pending]) if pending else np.empty(0, np.float32)
         except GuardmeshError as refused:  # the batcher refused (closing): every model row shares it
-            if atomic:
-                raise
             for i in scored:
                 group.errors[i] = refused
+            self._refuse_atomic(group)
             scored, scores = [], np.empty(0, np.float32)
         drift_score = line.drift_score
         threshold = state.config.policy.threshold(drift_score)
@@ -782,7 +880,7 @@ class Scorer:
             if error is not None:
                 outcomes[i] = error
         for i, ruled in enumerate(group.ruled):
-            if ruled is not None:
+            if ruled is not None and group.errors[i] is None:
                 outcomes[i] = ScoreOutcome(ruled, "", bool(group.imputed[i]))
         for i, s in zip(scored, scores.tolist(), strict=True):
             outcome = ScoreOutcome(

@@ -40,7 +40,15 @@ from services.scorer.monitoring import CleaningPolicy
 from services.scorer.oip import AsyncOpenInferenceServicer, ExecutionStats, ModelSignature, TensorSpec
 from services.scorer.persistence import RegistryStore, SharedRegistry, open_shared_registry
 from services.scorer.registry import ModelFormat, pick_device
-from services.scorer.scorer import Registration, ScoreCall, ScoreOutcome, Scorer, VersionConfig, VersionInfo
+from services.scorer.scorer import (
+    Registration,
+    RowsCall,
+    ScoreCall,
+    ScoreOutcome,
+    Scorer,
+    VersionConfig,
+    VersionInfo,
+)
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 4096
@@ -229,7 +237,7 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
             if isinstance(result, ScoreOutcome):
                 resp.results.add(response=outcome_to_pb(result))
                 positive += result.decision.positive
-            else:
+            elif isinstance(result, GuardmeshError):
                 resp.results.add(error=common_pb2.ErrorStatus(code=result.code.value[0], message=result.message))
         span = trace.get_current_span()
         span.set_attribute("guardmesh.batch_size", len(results))
@@ -398,10 +406,27 @@ class ScorerInferenceBackend:
 
     def infer(self, name: str, version: str, inputs: dict[str, np.ndarray], request_id: str) -> dict[str, np.ndarray]:
         """Decisions for the rows (see the class docstring)."""
+        call = self._call(name, version, inputs, request_id)
+        _, outcomes = self.servicer.core.score_rows(call.model, call.rows, call.request_ids, version=call.version)
+        return self._outputs(call, outcomes)
+
+    async def infer_async(
+        self, name: str, version: str, inputs: dict[str, np.ndarray], request_id: str
+    ) -> dict[str, np.ndarray]:
+        """:meth:`infer` awaited on the event loop: the rows join the scorer's gathering with concurrent Score
+        and ModelInfer calls (one forward, one decision-log commit per group), all or nothing per request."""
+        call = self._call(name, version, inputs, request_id)
+        _, outcomes = await self.servicer.core.score_rows_async(call, self.servicer.executor)
+        return self._outputs(call, outcomes)
+
+    @staticmethod
+    def _call(name: str, version: str, inputs: dict[str, np.ndarray], request_id: str) -> RowsCall:
         rows = inputs["features"]
         prefix = request_id or uuid.uuid4().hex
-        ids = [f"{prefix}/{i}" for i in range(len(rows))]
-        _, outcomes = self.servicer.core.score_rows(name, rows, ids, version=version)
+        return RowsCall(name, rows, [f"{prefix}/{i}" for i in range(len(rows))], version)
+
+    @staticmethod
+    def _outputs(call: RowsCall, outcomes: list[ScoreOutcome]) -> dict[str, np.ndarray]:
         nan = float("nan")
         return {
             "score": np.array(
@@ -412,7 +437,7 @@ class ScorerInferenceBackend:
                 [o.decision.threshold if o.decision.threshold is not None else nan for o in outcomes], np.float32
             ),
             "path": np.array([o.decision.path.encode() for o in outcomes], dtype=object),
-            "request_id": np.array([i.encode() for i in ids], dtype=object),
+            "request_id": np.array([i.encode() for i in call.request_ids], dtype=object),
         }
 
     def statistics(self, name: str, version: str) -> ExecutionStats:
@@ -431,7 +456,7 @@ class ScorerBinding:
 
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
-        # Calls that wait for the model off the event loop (ModelInfer, ScoreBatch): as many as the sync pool.
+        # Calls that wait for the model off the event loop (ScoreBatch; Score and ModelInfer with batching off).
         self.executor = ThreadPoolExecutor(max_workers=config.grpc.max_workers, thread_name_prefix="scorer-wait")
         self.servicer = ScorerServicer(self.executor)
         self.extra: list[Any] = []
