@@ -12,7 +12,8 @@ p99 and the server's CPU per request (/proc). Targets:
   tree only: no ``@before`` twin);
 * ``Assign`` (abrouter, no exposure logged), ``PushPull`` (paramserver, asynchronous model, a 16x16 and a 16
   tensor), ``SubmitJob`` (scheduler, 1 shared GPU, 64 nodes of 8 cards): each service's main call;
-* ``Score`` (scorer, MLP 100-256-256, batching on).
+* ``Score`` (scorer, MLP 100-256-256, batching on); ``ModelInfer`` (the same scorer's Open Inference Protocol
+  call, one raw FP32 row per request).
 
 With ``--before DIR`` (a copy of the repository before a change, its generated code and native build
 included) every guardmesh target also runs from that tree (``<target>@before``), beside this one (or the
@@ -59,6 +60,7 @@ TARGETS = {
     "PushPull": ("paramserver", "/guardmesh.v1.ParamServerService/PushPull"),
     "SubmitJob": ("scheduler", "/guardmesh.v1.SchedulerService/SubmitJob"),
     "Score": ("scorer", "/guardmesh.v1.ScorerService/Score"),
+    "ModelInfer": ("scorer", "/inference.GRPCInferenceService/ModelInfer"),
 }
 #: Requests per cell's payload list: each client cycles through its own share (unique job ids and push steps).
 PAYLOADS = 8192
@@ -203,7 +205,7 @@ def set_up(target: str, address: str) -> None:
                     for i in range(GPUS)
                 ]
                 stub.RegisterNode(spb.RegisterNodeRequest(node=spb.NodeSpec(name=f"b{n}", gpus=gpus)), timeout=60)
-        elif target == "Score":
+        elif target in ("Score", "ModelInfer"):
             from bench.scorer import register, torchscript
 
             register(address, "small", torchscript("small"))
@@ -242,6 +244,10 @@ def payloads(target: str, tag: str, clients: int) -> list[bytes]:
         from bench.scorer import request_bodies
 
         return request_bodies("small")[0]
+    if target == "ModelInfer":
+        from bench.scorer import request_bodies
+
+        return request_bodies("small")[1]
     out: list[bytes] = []
     gradients = ps_tensors(1e-3)
     for i in range(PAYLOADS):

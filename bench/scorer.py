@@ -5,7 +5,8 @@ Every cell of the matrix is measured in the same run, on servers that all run at
 * ``score_on`` / ``score_off``: guardmesh Score (``python -m services.scorer``), dynamic batching on, and off
   (``scorer.max_batch_size = 1``); ``score_before`` too when ``--before DIR`` names a copy of the repository
   before a change (the same server from that tree: before/after in one run);
-* ``oip``: guardmesh ModelInfer (Open Inference Protocol) on the batching scorer, raw FP32 rows;
+* ``oip``: guardmesh ModelInfer (Open Inference Protocol) on the batching scorer, raw FP32 rows (``oip_before``:
+  on the ``--before`` tree's scorer);
 * ``triton_on`` / ``triton_off``: a real ``tritonserver`` (nvidia-pytriton's, Python backend, CPU) running the same
   TorchScript module with and without Triton's dynamic batcher (:mod:`bench.triton_server`), the same
   ModelInfer request bytes as ``oip``;
@@ -72,6 +73,7 @@ TARGETS = {
     "score_off": "guardmesh Score, batching off",
     "score_before": "guardmesh Score, batching on, code before the change",
     "oip": "guardmesh ModelInfer (OIP), batching on",
+    "oip_before": "guardmesh ModelInfer (OIP), batching on, code before the change",
     "triton_on": "Triton, dynamic batching",
     "triton_off": "Triton, no batching",
     "echo": "bare grpcio echo",
@@ -407,6 +409,7 @@ def serve_and_measure(
         }
         if before is not None:
             servers["score_before"] = stack.enter_context(scorer_process(base, before))
+            servers["oip_before"] = servers["score_before"]
         if {"triton_on", "triton_off"} & set(wanted):
             address, proc = stack.enter_context(triton_process(triton_models, torch_threads=threads))
             servers["triton_on"] = servers["triton_off"] = (address, proc.pid)
@@ -427,6 +430,7 @@ def serve_and_measure(
                 "score_before": (SCORE_METHOD, score),
                 "echo": (f"/{ECHO_SERVICE}/Unary", score),
                 "oip": (INFER_METHOD, infer),
+                "oip_before": (INFER_METHOD, infer),
                 "triton_on": (INFER_METHOD, renamed(infer, f"{model}_on")),
                 "triton_off": (INFER_METHOD, renamed(infer, f"{model}_off")),
             }
@@ -589,6 +593,15 @@ def matrix_records(
                     b["qps"],
                     None,
                 )
+            if (s := cell(model, n, "oip")) and (b := cell(model, n, "oip_before")):
+                goal(
+                    f"ModelInfer after vs before the change, {MODELS[model][0]}, {n} clients",
+                    "requests/s",
+                    s["qps"],
+                    "the same server from the code before the change (same run)",
+                    b["qps"],
+                    None,
+                )
     return out
 
 
@@ -608,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         "--before",
         type=Path,
         default=None,
-        help="a copy of the repository before a change: its scorer runs beside this one (target score_before)",
+        help="a copy of the repository before a change: its scorer runs beside this one (score_before, oip_before)",
     )
     ap.add_argument(
         "--torch-threads", type=int, default=0, help="intra-op threads for every model server (0: torch's default)"
