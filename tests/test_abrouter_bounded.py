@@ -28,7 +28,7 @@ import pytest
 
 from guardmesh import durable
 from guardmesh.config import ABRouterSettings, ConfigError, load_config
-from guardmesh.errors import FailedPrecondition, Unavailable
+from guardmesh.errors import FailedPrecondition, InvalidArgument, Unavailable
 from guardmesh.runtime import load_definition, start_service
 from guardmesh.sdk.abrouter import ABRouterClient
 from guardmesh.v1 import abrouter_pb2 as pb
@@ -615,3 +615,21 @@ def test_a_new_unit_counted_while_another_assign_looks_it_up_is_counted_once(tmp
         assert counters(restarted) == counters(router)
     finally:
         closing(router, *([restarted] if restarted is not None else []))
+
+
+def test_a_refused_assign_leaves_no_unit_marked_as_looked_up(tmp_path: Path) -> None:
+    """A logged Assign of two experiments whose second hashes on an attribute the request lacks: INVALID_ARGUMENT
+    naming it, and no unit of the first left marked as being looked up (nor pending); the unit then counts once."""
+    router = Router(bounded(), RouterStore(tmp_path / "r.db", "NORMAL"))
+    try:
+        router.create(SPEC)
+        router.create(dataclasses.replace(SPEC, key="by-team", hash_attribute="team"))
+        with pytest.raises(InvalidArgument, match=r"attributes\.team"):
+            router.assign("u1", {}, [KEY, "by-team"], log_exposure=True)
+        live = router.live[KEY]
+        assert live.looking == {} and live.counted_while_looking == {}
+        assert live.counts is not None and live.counts.pending == {}
+        router.assign("u1", {"team": "t1"}, [KEY, "by-team"], log_exposure=True)
+        assert router.get(KEY)[1] == 1 and router.get("by-team")[1] == 1 and router.live["by-team"].looking == {}
+    finally:
+        closing(router)

@@ -993,10 +993,10 @@ class Router:
             return [], {}
         looks: list[tuple[_Live, str]] = []
         with self.lock:
-            for st in self._targets(keys, expect_version):
-                if st.counts is None:
-                    continue
-                unit = hash_value_of(st.experiment, unit_id, attributes)
+            targets = [st for st in self._targets(keys, expect_version) if st.counts is not None]
+            units = [hash_value_of(st.experiment, unit_id, attributes) for st in targets]  # may refuse: none marked
+            for st, unit in zip(targets, units, strict=True):
+                assert st.counts is not None
                 if unit in st.counts.pending or unit in st.counts.first:
                     continue
                 st.looking[unit] = st.looking.get(unit, 0) + 1
