@@ -482,17 +482,17 @@ def test_a_failed_look_up_of_a_new_unit_holds_nothing(tmp_path: Path, monkeypatc
     try:
         router.create(spec)
         assert router.store is not None
-        real = router.store.first_exposure
+        real = router.store.first_exposures
 
         def failing(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("look-up failed")
 
-        monkeypatch.setattr(router.store, "first_exposure", failing)
+        monkeypatch.setattr(router.store, "first_exposures", failing)
         with pytest.raises(Unavailable, match="the first exposure of unit 'u1'"):
             router.assign("u1", {}, [KEY], log_exposure=True)
         live = router.live[KEY]
         assert live.counts is not None and live.counts.pending == {} and live.pending_sticky == {}
-        monkeypatch.setattr(router.store, "first_exposure", real)
+        monkeypatch.setattr(router.store, "first_exposures", real)
         for _ in range(2):
             router.assign("u1", {}, [KEY], log_exposure=True)
         assert router.get(KEY)[1] == 1 and sum(live.arm_counts(2)) == 1
@@ -581,19 +581,19 @@ def test_a_new_unit_counted_while_another_assign_looks_it_up_is_counted_once(tmp
     try:
         router.create(SPEC)
         assert router.store is not None
-        real = router.store.first_exposure
+        real = router.store.first_exposures
         read, go = threading.Event(), threading.Event()
         problems: list[str] = []
 
-        def held_read(key: str, unit: str, *args: Any, **kwargs: Any) -> Any:
-            answer = real(key, unit, *args, **kwargs)
+        def held_read(*args: Any, **kwargs: Any) -> Any:
+            answer = real(*args, **kwargs)
             if threading.current_thread().name == "looker" and not read.is_set():
                 read.set()
                 if not go.wait(timeout=120):  # the lock stayed held: nothing else could run
                     problems.append("the other Assigns did not run while the look-up waited")
             return answer
 
-        router.store.first_exposure = held_read  # type: ignore[method-assign]
+        router.store.first_exposures = held_read  # type: ignore[method-assign]
         looker = threading.Thread(
             target=lambda: router.assign("u", {}, [KEY], log_exposure=True), name="looker", daemon=True
         )
@@ -631,5 +631,28 @@ def test_a_refused_assign_leaves_no_unit_marked_as_looked_up(tmp_path: Path) -> 
         assert live.counts is not None and live.counts.pending == {}
         router.assign("u1", {"team": "t1"}, [KEY, "by-team"], log_exposure=True)
         assert router.get(KEY)[1] == 1 and router.get("by-team")[1] == 1 and router.live["by-team"].looking == {}
+    finally:
+        closing(router)
+
+
+def test_one_query_looks_up_the_new_units_of_every_experiment_of_an_assign(store_url: str) -> None:
+    """The store's batched look-up (one query for an Assign's experiments) answers as one look-up per unit: the
+    first of a unit's exposures among the rows held, none for a unit never exposed; and a logged Assign of three
+    experiments, one unit new in two of them and known in the third, counts it once in each."""
+    store = RouterStore(store_url, "NORMAL")
+    router = Router(bounded(), store)
+    try:
+        keys = [KEY, "second", "third"]
+        for key in keys:
+            router.create(dataclasses.replace(SPEC, key=key))
+        router.assign("old", {}, keys, log_exposure=True)
+        router.assign("old", {}, [KEY], log_exposure=True)
+        router.assign("once", {}, ["second"], log_exposure=True)
+        pairs = [(k, u) for k in keys for u in ("old", "once", "never")]
+        expected = {p: first for p in pairs if (first := store.first_exposure(*p)) is not None}
+        assert store.first_exposures(pairs) == expected and len(expected) == 4
+        router.assign("once", {}, keys, log_exposure=True)
+        assert [router.get(k)[1] for k in keys] == [2, 2, 2]
+        assert all(router.live[k].looking == {} for k in keys)
     finally:
         closing(router)

@@ -1002,16 +1002,19 @@ class Router:
                 st.looking[unit] = st.looking.get(unit, 0) + 1
                 looks.append((st, unit))
             taken = self._taken_rows["exposures"]
-        found: dict[tuple[str, str], tuple[_Live, tuple[int, float] | None]] = {}
-        try:
-            for st, unit in looks:
-                with self.store_reads(f"the first exposure of unit '{unit}'"):
-                    found[st.experiment.key, unit] = (st, self.store.first_exposure(st.experiment.key, unit, taken))
+        if not looks:
+            return [], {}
+        pairs = [(st.experiment.key, unit) for st, unit in looks]
+        named = ", ".join(f"'{unit}'" for _, unit in pairs)
+        what = f"the first exposure of unit {named}" if len(pairs) == 1 else f"the first exposures of units {named}"
+        try:  # the call's experiments in one query
+            with self.store_reads(what):
+                firsts = self.store.first_exposures(pairs, taken)
         except BaseException:
             with self.lock:
                 self._stop_looking(looks)
             raise
-        return looks, found
+        return looks, {pair: (st, firsts.get(pair)) for pair, (st, _) in zip(pairs, looks, strict=True)}
 
     @staticmethod
     def _stop_looking(looks: list[tuple[_Live, str]]) -> None:

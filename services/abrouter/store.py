@@ -13,7 +13,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -425,6 +425,22 @@ class RouterStore:
             (key, unit, *params),
         )
         return (int(rows[0][0]), float(rows[0][1])) if rows else None
+
+    def first_exposures(
+        self, pairs: Sequence[tuple[str, str]], taken: Taken = Taken()
+    ) -> dict[tuple[str, str], tuple[int, float]]:
+        """(arm, unix time) of the first exposure among the rows ``taken`` of each (experiment, unit) of ``pairs``
+        that has one, in one query (each pair's look-up as in :meth:`first_exposure`, on the index by unit)."""
+        if not pairs:
+            return {}
+        where, params = taken.sql()
+        sql = " UNION ALL ".join(
+            f"SELECT * FROM (SELECT key, unit, arm, at FROM exposures WHERE key = ? AND unit = ? AND {where} "
+            f"ORDER BY seq LIMIT 1) f{i}"
+            for i in range(len(pairs))
+        )
+        rows = self.query(sql, tuple(p for key, unit in pairs for p in (key, unit, *params)))
+        return {(str(key), str(unit)): (int(arm), float(at)) for key, unit, arm, at in rows}
 
     def unit_observations(self, key: str, unit: str, metric: str, taken: Taken = Taken()) -> tuple[float, int]:
         """(sum, number) of the unit's observations of ``metric`` (pre-period ones aside) among the rows ``taken``."""
