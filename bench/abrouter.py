@@ -721,6 +721,9 @@ def bounded_assign_bench(seconds: float, rounds: int) -> list[dict[str, Any]]:
                 higher,
             )
             rec["samples"] = {"ours": [f[figure] for f in ours], "peer": [f[figure] for f in peer]}
+            # each round's two drives ran back to back: their ratio is steadier than the medians' on a busy machine
+            paired = [(o[figure] / p[figure]) ** (1 if higher else -1) for o, p in zip(ours, peer, strict=True)]
+            rec["paired_ratio_median"] = statistics.median(paired)
             rec["commit"] = commit
             if rec["name"] in earlier:  # the figures of the code before (the record this run replaces)
                 rec["before"] = {k: earlier[rec["name"]].get(k) for k in ("ours", "peer_value", "ratio", "commit")}

@@ -434,11 +434,9 @@ class RouterStore:
         if not pairs:
             return {}
         where, params = taken.sql()
-        sql = " UNION ALL ".join(
-            f"SELECT * FROM (SELECT key, unit, arm, at FROM exposures WHERE key = ? AND unit = ? AND {where} "
-            f"ORDER BY seq LIMIT 1) f{i}"
-            for i in range(len(pairs))
-        )
+        one = f"SELECT key, unit, arm, at FROM exposures WHERE key = ? AND unit = ? AND {where} ORDER BY seq LIMIT 1"
+        # one pair (an Assign of one experiment, the usual case): that statement itself, no union to plan
+        sql = one if len(pairs) == 1 else " UNION ALL ".join(f"SELECT * FROM ({one}) f{i}" for i in range(len(pairs)))
         rows = self.query(sql, tuple(p for key, unit in pairs for p in (key, unit, *params)))
         return {(str(key), str(unit)): (int(arm), float(at)) for key, unit, arm, at in rows}
 
