@@ -172,6 +172,7 @@ class ScorerSettings(_Section):
     store_url: str = ""
     artefact_url: str = ""
     follow_poll_s: float = Field(default=0.25, gt=0, le=60)
+    commit_ahead: bool = False
 
 
 class SecuritySettings(_Section):

@@ -211,3 +211,54 @@ def test_a_submitted_call_finding_no_group_waits_for_as_many_calls_as_the_last_g
 
     asyncio.run(rounds())
     assert ran == [[1], [2], [3, 4, 5], [6, 7]]
+
+
+def test_a_later_answered_group_is_answered_after_its_commit_while_the_next_group_runs() -> None:
+    """``run_many_later`` (the scorer's decision-log commit): the first group's callers wait for its commit,
+    and the next group runs meanwhile; a commit that fails fails its own group only; a barrier group is
+    waited for before the next group runs; commits complete in order."""
+    commit_started = [threading.Event() for _ in range(4)]
+    commit_release = [threading.Event() for _ in range(4)]
+    ran: list[list[int]] = []
+    committed: list[int] = []
+
+    def run_many_later(calls: Sequence[int]) -> tuple[list[int], Callable[[], None] | None, bool]:
+        k = len(ran)
+        ran.append(list(calls))
+
+        def complete() -> None:
+            commit_started[k].set()
+            assert commit_release[k].wait(WAIT_S)
+            committed.append(k)
+            if calls[0] < 0:
+                raise RuntimeError("commit failed")
+
+        return [2 * c for c in calls], complete, calls[0] == 100
+
+    gathering: Gathering[int, int] = Gathering(lambda calls: [2 * c for c in calls], 8, 0.0, run_many_later)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        first = gathering.submit(1)
+        assert await loop.run_in_executor(None, commit_started[0].wait, WAIT_S)
+        second = gathering.submit(-2)  # its group runs while the first one's commit is held
+        await loop.run_in_executor(None, _until, lambda: len(ran) == 2)
+        assert not first.done() and not second.done()  # nobody answered before their commit
+        commit_release[0].set()
+        assert await asyncio.wait_for(first, WAIT_S) == 2
+        assert await loop.run_in_executor(None, commit_started[1].wait, WAIT_S)
+        commit_release[1].set()
+        with pytest.raises(RuntimeError, match="commit failed"):
+            await asyncio.wait_for(second, WAIT_S)
+        barrier = gathering.submit(100)
+        assert await loop.run_in_executor(None, commit_started[2].wait, WAIT_S)
+        after = gathering.submit(3)
+        await asyncio.sleep(0.2)
+        assert len(ran) == 3  # the barrier's commit is held: the next group has not run
+        commit_release[2].set()
+        commit_release[3].set()
+        assert await asyncio.wait_for(barrier, WAIT_S) == 200
+        assert await asyncio.wait_for(after, WAIT_S) == 6
+
+    asyncio.run(scenario())
+    assert ran == [[1], [-2], [100], [3]] and committed == [0, 1, 2, 3]

@@ -22,11 +22,18 @@ call again together, but their calls reach the loop one by one; a group started 
 hold one call, and the others the next group (twice the model runs). So a submitted call that finds no group
 running waits, up to ``max_wait_s``, until as many calls as the last group held are queued, then its group
 runs. A lone caller (its last group held one call) never waits; fewer callers than before cost the wait once.
+
+A group of submitted calls only may be answered later than it ran (``run_many_later``, the scorer's
+decision-log commit): it returns the results and a function that returns once they may be given (the
+group's decisions stored); the gathering's one committer thread calls it and answers the group, while the
+runner goes on with the next group (one group in commit at a time, in order; a group that says ``barrier``
+is waited for before the next one runs). If that function raises, its group gets the exception instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -61,10 +68,20 @@ class _Slot(Generic[C, R]):
 class Gathering(Generic[C, R]):
     """Run ``run_many`` over the calls that queue while the previous group runs; see the module docstring."""
 
-    def __init__(self, run_many: Callable[[Sequence[C]], Sequence[R]], max_group: int, max_wait_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        run_many: Callable[[Sequence[C]], Sequence[R]],
+        max_group: int,
+        max_wait_s: float = 0.0,
+        run_many_later: Callable[[Sequence[C]], tuple[Sequence[R], Callable[[], None] | None, bool]] | None = None,
+    ) -> None:
         if max_group < 1:
             raise ValueError("max_group must be >= 1")
         self.run_many = run_many
+        self.run_many_later = run_many_later
+        self._commits: queue.SimpleQueue[tuple[list[_Slot[C, R]], Callable[[], None]]] = queue.SimpleQueue()
+        self._commit_slot = threading.Semaphore(1)  # one group in commit at a time
+        self._committer: threading.Thread | None = None
         self.max_group = max_group
         self.max_wait_s = max_wait_s
         self._last_group = 0  # calls in the last group run
@@ -90,6 +107,11 @@ class Gathering(Generic[C, R]):
             if self._runner is None:
                 self._runner = threading.Thread(target=self._run_turns, name="scorer-gathering", daemon=True)
                 self._runner.start()
+                if self.run_many_later is not None:
+                    self._committer = threading.Thread(
+                        target=self._commit_turns, name="scorer-gathering-commit", daemon=True
+                    )
+                    self._committer.start()
         if lead:
             expected = min(self._last_group, self.max_group)
             if expected > 1 and self.max_wait_s > 0:
@@ -134,8 +156,15 @@ class Gathering(Generic[C, R]):
         group is the runner's."""
         with self._lock:
             group = [self._queued.popleft() for _ in range(min(self.max_group, len(self._queued)))]
+        # answered later (after its commit) only a group of submitted calls: a blocking caller returns at once
+        later = self.run_many_later if own is None and all(s.answer is not None for s in group) else None
+        complete: Callable[[], None] | None = None
+        barrier = False
         try:
-            results = self.run_many([s.call for s in group])
+            if later is not None:
+                results, complete, barrier = later([s.call for s in group])
+            else:
+                results = self.run_many([s.call for s in group])
             if len(results) != len(group):
                 raise RuntimeError(f"run_many answered {len(results)} results for {len(group)} calls")
             for s, result in zip(group, results, strict=True):
@@ -150,6 +179,25 @@ class Gathering(Generic[C, R]):
             following = self._queued[0] if self._queued else None
             if following is None:
                 self._running = False
+        if complete is not None:
+            self._commit_slot.acquire()  # the previous group's commit is answered
+            self._commits.put((group, complete))
+            if barrier:  # the next group waits for this one's rows
+                self._commit_slot.acquire()
+                self._commit_slot.release()
+        else:
+            self._answer_group(group, own)
+        if following is None:
+            return False
+        if following.answer is not None:  # a submitted call: the runner leads its group
+            return True
+        following.lead = True
+        following.ready.release()
+        return False
+
+    @staticmethod
+    def _answer_group(group: list[_Slot[C, R]], own: _Slot[C, R] | None) -> None:
+        """Give a group's calls their results or error (a sync leader's ``own`` call returns by itself)."""
         answered: dict[asyncio.AbstractEventLoop, list[_Slot[C, R]]] = {}
         for s in group:
             if s.answer is not None:
@@ -158,13 +206,18 @@ class Gathering(Generic[C, R]):
                 s.ready.release()
         for loop, slots in answered.items():
             loop.call_soon_threadsafe(_settle, slots)
-        if following is None:
-            return False
-        if following.answer is not None:  # a submitted call: the runner leads its group
-            return True
-        following.lead = True
-        following.ready.release()
-        return False
+
+    def _commit_turns(self) -> None:
+        """The committer thread: wait for each later-answered group's commit, in order, then answer it."""
+        while True:
+            group, complete = self._commits.get()
+            try:
+                complete()
+            except BaseException as exc:  # the results must not be given: the group fails
+                for s in group:
+                    s.error = exc
+            self._answer_group(group, None)
+            self._commit_slot.release()
 
     @staticmethod
     def _answer(slot: _Slot[C, R]) -> R:

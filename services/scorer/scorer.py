@@ -276,6 +276,11 @@ class ModelLineState:
         self.decisions = DecisionLog(settings.decision_log)
         self.drift_score = 0.0
         self.rows_since_drift = 0
+        #: Rows of groups answered once their decisions are stored (:meth:`Scorer.score_many_later`), not yet
+        #: in the live window.
+        self.rows_deferred = 0
+        #: Notified as deferred rows are taken in: rows taken in at once wait for those before them.
+        self.taken_in = threading.Condition(self.lock)
         self._columns: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}
 
     def columns(self, names: tuple[str, ...]) -> tuple[np.ndarray, int]:
@@ -324,6 +329,15 @@ class _Group:
         self.ruled = [None] * len(self.raw)
 
 
+@dataclass
+class _Later:
+    """What :meth:`Scorer.score_many_later` leaves for after a group's decisions are stored: each group's
+    take-in (``skip``: an earlier one failed), and whether the next group must wait for them (``barrier``)."""
+
+    steps: list[Callable[[bool], None]] = field(default_factory=list)
+    barrier: bool = False
+
+
 class Scorer:
     """Serves model lines; see the module docstring."""
 
@@ -349,7 +363,12 @@ class Scorer:
         #: Concurrent single calls go through the path together (one parse, one batcher hand-off, one
         #: window update, one decision-log commit per group); not with batching off (max_batch_size 1).
         self.gathering: Gathering[ScoreCall | RowsCall, ScoreOutcome | RowsResult | GuardmeshError] | None = (
-            Gathering(self.score_many, settings.max_batch_size, settings.max_queue_delay_ms / 1000)
+            Gathering(
+                self.score_many,
+                settings.max_batch_size,
+                settings.max_queue_delay_ms / 1000,
+                self.score_many_later if settings.commit_ahead else None,
+            )
             if settings.max_batch_size > 1
             else None
         )
@@ -612,7 +631,39 @@ class Scorer:
             raise result
         return result
 
-    def score_many(self, calls: Sequence[ScoreCall | RowsCall]) -> list[ScoreOutcome | RowsResult | GuardmeshError]:
+    def score_many_later(
+        self, calls: Sequence[ScoreCall | RowsCall]
+    ) -> tuple[list[ScoreOutcome | RowsResult | GuardmeshError], Callable[[], None] | None, bool]:
+        """:meth:`score_many` whose answers may wait for the group's decision-log commit off this thread: the
+        results, and None (they may be given now) or a function that returns once the group's decisions are
+        stored and its rows taken in, in order (it raises UNAVAILABLE if the store failed: the results must
+        then not be given); and whether the next group must wait for that function (a barrier: these rows may
+        change what it decides with). Otherwise the next group may run meanwhile."""
+        later = _Later()
+        try:
+            results = self.score_many(calls, later)
+        except BaseException:
+            for take_in in later.steps:
+                take_in(True)
+            raise
+        if not later.steps:
+            return results, None, False
+
+        def complete() -> None:
+            failed: BaseException | None = None
+            for take_in in later.steps:
+                try:
+                    take_in(failed is not None)
+                except BaseException as exc:  # the later ones are skipped, and the group fails as before
+                    failed = exc
+            if failed is not None:
+                raise failed
+
+        return results, complete, later.barrier
+
+    def score_many(
+        self, calls: Sequence[ScoreCall | RowsCall], later: _Later | None = None
+    ) -> list[ScoreOutcome | RowsResult | GuardmeshError]:
         """Score requests together: the calls of each model version go through the path as one group (one
         parse, the batcher in full batches, one window update, one decision-log commit). Each call gets its
         outcome (a RowsCall: its version and one outcome per row) or its error, in order; a refused call
@@ -647,7 +698,7 @@ class Scorer:
                 # before the next model's rows are queued
                 queued.append((members, spans, group, self._prepare(group, arrival, inline=len(groups) == 1)))
         for members, spans, group, pending in queued:
-            outcomes = self._finish(group, pending)
+            outcomes = self._finish(group, pending, later)
             for i, (start, end) in zip(members, spans, strict=True):
                 if isinstance(calls[i], ScoreCall):
                     results[i] = outcomes[start]
@@ -861,7 +912,9 @@ class Scorer:
     def _scored(group: _Group) -> list[int]:
         return [i for i in range(len(group.raw)) if group.errors[i] is None and group.ruled[i] is None]
 
-    def _finish(self, group: _Group, pending: list[Future[np.ndarray]]) -> list[ScoreOutcome | GuardmeshError]:
+    def _finish(
+        self, group: _Group, pending: list[Future[np.ndarray]], later: _Later | None = None
+    ) -> list[ScoreOutcome | GuardmeshError]:
         """Await the model, decide, explain, then record the group's rows in the line (one lock)."""
         line, state = group.line, group.state
         scored = self._scored(group)
@@ -901,7 +954,7 @@ class Scorer:
                 for i in observed
                 if isinstance(o := outcomes[i], ScoreOutcome) and o.version
             ]
-            self._observe(line, group.raw[observed], state.config, state.model.version, decided)
+            self._observe(line, group.raw[observed], state.config, state.model.version, decided, later)
         return [o if o is not None else GuardmeshError("not scored") for o in outcomes]
 
     def _observe(
@@ -911,22 +964,73 @@ class Scorer:
         config: VersionConfig,
         version: str,
         decided: list[tuple[str, bool]],
+        later: _Later | None = None,
     ) -> None:
         """Record rows as sent (NaN = missing) in the live window and monitors, and the model's decisions
         (on a shared store the decisions are in the store before the answer, so any replica takes their
-        labels; UNAVAILABLE if they could not be written)."""
-        missing = np.isnan(raw)
-        if self.shared is not None and decided:
-            # Queued under the line's lock, waited for outside it (concurrent groups share one commit); the
-            # live window, monitors and drift take the rows only once the decisions are stored, so a call
-            # refused UNAVAILABLE leaves no trace.
-            with line.lock:
-                stored = self.shared.record_decisions(line.name, [(r, version, p) for r, p in decided])
-            try:
-                stored.wait("decisions")
-            except StoreFailure as exc:
-                raise Unavailable(f"scorer store unavailable: {exc}") from None
+        labels; UNAVAILABLE if they could not be written). With ``later``, the wait for the store and the
+        window update may be left to a closure appended there (see :meth:`score_many_later`)."""
+        stored = None
         with line.lock:
+            if self.shared is not None and decided:
+                # Queued under the line's lock, waited for outside it (concurrent groups share one commit);
+                # the live window, monitors and drift take the rows only once the decisions are stored, so a
+                # call refused UNAVAILABLE leaves no trace.
+                stored = self.shared.record_decisions(line.name, [(r, version, p) for r, p in decided])
+            if later is not None:
+                # The next group may decide before these rows are in only where taking them in cannot change
+                # what it decides with (the reference and its medians, the drift score); otherwise a barrier.
+                if line.reference is None or (
+                    line.rows_since_drift + line.rows_deferred + len(raw) >= self.settings.drift_every
+                ):
+                    later.barrier = True
+                line.rows_deferred += len(raw)
+        if later is not None:
+
+            def take_in(skip: bool) -> None:
+                self._take_in(line, raw, config, version, decided, stored, deferred=True, skip=skip)
+
+            later.steps.append(take_in)
+            return
+        self._take_in(line, raw, config, version, decided, stored, deferred=False, skip=False)
+
+    def _take_in(
+        self,
+        line: ModelLineState,
+        raw: np.ndarray,
+        config: VersionConfig,
+        version: str,
+        decided: list[tuple[str, bool]],
+        stored: Any,
+        *,
+        deferred: bool,
+        skip: bool,
+    ) -> None:
+        """Wait until the decisions are stored, then take the rows in (live window, monitors, drift); ``skip``:
+        an earlier group failed, the rows stay out."""
+        try:
+            if stored is not None and not skip:
+                try:
+                    stored.wait("decisions")
+                except StoreFailure as exc:
+                    raise Unavailable(f"scorer store unavailable: {exc}") from None
+        except BaseException:
+            skip = True
+            raise
+        finally:
+            if deferred and skip:
+                with line.lock:
+                    line.rows_deferred -= len(raw)
+                    line.taken_in.notify_all()
+        if skip:
+            return
+        missing = np.isnan(raw)
+        with line.lock:
+            if deferred:
+                line.rows_deferred -= len(raw)
+                line.taken_in.notify_all()
+            else:  # the window takes groups in order: an earlier group's rows may still be on their way
+                line.taken_in.wait_for(lambda: line.rows_deferred == 0)
             if self.shared is None:
                 for request_id, positive in decided:
                     line.decisions.record(request_id, version, positive)
