@@ -5,6 +5,8 @@ Every cell of the matrix is measured in the same run, on servers that all run at
 * ``score_on`` / ``score_off``: guardmesh Score (``python -m services.scorer``), dynamic batching on, and off
   (``scorer.max_batch_size = 1``); ``score_before`` too when ``--before DIR`` names a copy of the repository
   before a change (the same server from that tree: before/after in one run);
+* ``score_ahead``: Score on a scorer with ``scorer.commit_ahead`` on (the next group runs while a group's
+  decision-log commit is in flight), started only when named in ``--targets``;
 * ``oip``: guardmesh ModelInfer (Open Inference Protocol) on the batching scorer, raw FP32 rows (``oip_before``:
   on the ``--before`` tree's scorer);
 * ``triton_on`` / ``triton_off``: a real ``tritonserver`` (nvidia-pytriton's, Python backend, CPU) running the same
@@ -72,6 +74,7 @@ TARGETS = {
     "score_on": "guardmesh Score, batching on",
     "score_off": "guardmesh Score, batching off",
     "score_before": "guardmesh Score, batching on, code before the change",
+    "score_ahead": "guardmesh Score, batching on, commit ahead",
     "oip": "guardmesh ModelInfer (OIP), batching on",
     "oip_before": "guardmesh ModelInfer (OIP), batching on, code before the change",
     "triton_on": "Triton, dynamic batching",
@@ -407,6 +410,10 @@ def serve_and_measure(
             "score_off": stack.enter_context(scorer_process({**base, "GUARDMESH__SCORER__MAX_BATCH_SIZE": "1"})),
             "echo": stack.enter_context(echo_server()),
         }
+        if "score_ahead" in wanted:
+            servers["score_ahead"] = stack.enter_context(
+                scorer_process({**base, "GUARDMESH__SCORER__COMMIT_AHEAD": "true"})
+            )
         if before is not None:
             servers["score_before"] = stack.enter_context(scorer_process(base, before))
             servers["oip_before"] = servers["score_before"]
@@ -415,7 +422,7 @@ def serve_and_measure(
             servers["triton_on"] = servers["triton_off"] = (address, proc.pid)
         servers["oip"] = servers["score_on"]
         device = ""
-        for target in ("score_on", "score_off", "score_before"):
+        for target in ("score_on", "score_off", "score_ahead", "score_before"):
             if target in servers:
                 for m in models:
                     device = register(servers[target][0], m, payloads[m])
@@ -428,6 +435,7 @@ def serve_and_measure(
                 "score_on": (SCORE_METHOD, score),
                 "score_off": (SCORE_METHOD, score),
                 "score_before": (SCORE_METHOD, score),
+                "score_ahead": (SCORE_METHOD, score),
                 "echo": (f"/{ECHO_SERVICE}/Unary", score),
                 "oip": (INFER_METHOD, infer),
                 "oip_before": (INFER_METHOD, infer),
@@ -590,6 +598,15 @@ def matrix_records(
                     "requests/s",
                     s["qps"],
                     "the same server from the code before the change (same run)",
+                    b["qps"],
+                    None,
+                )
+            if (s := cell(model, n, "score_ahead")) and (b := cell(model, n, "score_on")):
+                goal(
+                    f"Score with commit ahead vs without, {MODELS[model][0]}, {n} clients",
+                    "requests/s",
+                    s["qps"],
+                    "Score, batching on, each group waiting for its commit (same run)",
                     b["qps"],
                     None,
                 )
