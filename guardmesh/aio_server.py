@@ -124,6 +124,35 @@ def on_pool(behaviour: Behaviour, request_streaming: bool, response_streaming: b
     return unary
 
 
+async def _parse_or_refuse(raw: bytes, deserializer: Callable[[bytes], Any], method: str, context: Any) -> Any:
+    try:
+        return deserializer(raw)
+    except Exception as exc:  # protobuf's DecodeError, or any other refusal of the bytes
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method} ({type(exc).__name__})"
+        )
+
+
+def parsed(behaviour: Any, deserializer: Callable[[bytes], Any], response_streaming: bool, method: str) -> Any:
+    """An async unary-request behaviour that parses its request's bytes itself: bytes that do not parse end
+    the call INVALID_ARGUMENT naming the method. (grpc.aio answers a deserializer's exception UNKNOWN, as an
+    unhandled exception in the servicer; the sync server answers it INTERNAL.)"""
+
+    if response_streaming:
+
+        async def stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
+            request = await _parse_or_refuse(raw, deserializer, method, context)
+            async for response in behaviour(request, context):
+                yield response
+
+        return stream
+
+    async def unary(raw: bytes, context: Any) -> Any:
+        return await behaviour(await _parse_or_refuse(raw, deserializer, method, context), context)
+
+    return unary
+
+
 class InterceptorChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """The runtime's interceptors, outermost first, on a grpc.aio server (see the module docstring).
 
@@ -146,17 +175,19 @@ class InterceptorChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = self._through(0, resolved, handler_call_details)
         if handler is None:
             return None
-        kind = _kind(handler)
-        behaviour = getattr(handler, kind)
-        if is_async(behaviour):
-            return handler
         method = handler_call_details.method
         moved = self._moved.get(method)
         if moved is not None and moved[0] is handler:
             return moved[1]
-        adapted = handler._replace(  # type: ignore[attr-defined]
-            **{kind: on_pool(behaviour, handler.request_streaming, handler.response_streaming, self._pool)}
-        )
+        kind = _kind(handler)
+        behaviour = getattr(handler, kind)
+        if not is_async(behaviour):
+            behaviour = on_pool(behaviour, handler.request_streaming, handler.response_streaming, self._pool)
+        replaced: dict[str, Any] = {kind: behaviour}
+        if not handler.request_streaming and handler.request_deserializer is not None:
+            replaced = {kind: parsed(behaviour, handler.request_deserializer, handler.response_streaming, method)}
+            replaced["request_deserializer"] = None  # the bytes reach parsed(), which answers a corrupt request
+        adapted = handler._replace(**replaced)  # type: ignore[attr-defined]
         self._moved[method] = (handler, adapted)
         return adapted  # type: ignore[no-any-return]
 
