@@ -201,6 +201,26 @@ class InterceptorChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
 
+_loop_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def serving_loop() -> asyncio.AbstractEventLoop:
+    """The process's one event loop for grpc.aio servers, on a daemon thread started at first use.
+
+    grpc.aio shares one completion queue per process and initialises and shuts itself down by reference count
+    as servers come and go: servers on loops that start and close one after another in one process (a
+    restart in tests) raced that, and a new server was seen refusing connections. One loop that lives as long
+    as the process serves every server in turn."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="guardmesh-aio", daemon=True).start()
+            _loop = loop
+        return _loop
+
+
 class LoopServer:
     """A grpc.aio server on an event loop in its own thread, with the sync server's face for the runtime.
 
@@ -214,9 +234,7 @@ class LoopServer:
         options: Sequence[tuple[str, Any]],
     ) -> None:
         self._pool = pool
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=f"{name}-aio", daemon=True)
-        self._thread.start()
+        self._loop = serving_loop()
         self._terminated = threading.Event()
 
         async def make() -> grpc.aio.Server:  # the server binds to the loop it is made on
@@ -233,14 +251,6 @@ class LoopServer:
     def loop(self) -> asyncio.AbstractEventLoop:
         """The loop the server's async handlers run on."""
         return self._loop
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-            self._loop.close()
 
     def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -264,13 +274,12 @@ class LoopServer:
     def stop(self, grace: float | None) -> threading.Event:
         """Stop taking calls; let those in flight finish within ``grace`` (None: cancel them now). The event
         is set once the server has stopped, its loop ended and its pool shut down."""
-        if self._terminated.is_set() or self._loop.is_closed():
+        if self._terminated.is_set():
             return self._terminated
         stopping = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop)
 
         def stopped(_: futures.Future[None]) -> None:
             self._pool.shutdown(wait=False)
-            self._loop.call_soon_threadsafe(self._loop.stop)
             self._terminated.set()
 
         stopping.add_done_callback(stopped)
