@@ -209,9 +209,9 @@ def serving_loop() -> asyncio.AbstractEventLoop:
     """The process's one event loop for grpc.aio servers, on a daemon thread started at first use.
 
     grpc.aio shares one completion queue per process and initialises and shuts itself down by reference count
-    as servers come and go: servers on loops that start and close one after another in one process (a
-    restart in tests) raced that, and a new server was seen refusing connections. One loop that lives as long
-    as the process serves every server in turn."""
+    as servers come and go, and its authors support one loop per process best. With a loop per server, a
+    scorer restarted in one process (a test) was once seen refusing connections (not reproduced in 6 runs,
+    so the cause is not proven). One loop that lives as long as the process serves every server in turn."""
     global _loop
     with _loop_lock:
         if _loop is None:
