@@ -327,11 +327,20 @@ class _Audit:
         self.numeric, self.categorical = self._keys("first")
         self.complete = True
 
-    def unknown_keys(self) -> str:
-        """SQL: per first exposure, how many of its covariate names are not among the known ones."""
-        known = [f"coalesce(map_contains(nc, {_literal(k)}), false)::INT" for k in self.numeric]
-        known += [f"coalesce(map_contains(cc, {_literal(k)}), false)::INT" for k in self.categorical]
-        return f"(coalesce(cardinality(nc), 0) + coalesce(cardinality(cc), 0) - ({' + '.join(known) or '0'}))"
+    @staticmethod
+    def names_logged() -> str:
+        """SQL: per exposure, how many covariate names its maps hold."""
+        return "(coalesce(cardinality(nc), 0) + coalesce(cardinality(cc), 0))"
+
+    @staticmethod
+    def unknown_keys(extracted: Sequence[str]) -> str:
+        """SQL over a row with ``names`` (:meth:`names_logged`) and the known names' values already extracted
+        (columns ``extracted``): at least how many of its names are not known ones (0 only when none is). Each
+        known name present with a value counts once; a map value that is NULL (the exporter writes none) would
+        count as unknown too, which costs a scan of the maps (:meth:`discover`), never an answer. (Counting the
+        known names with map_contains searched every map once more per name: ~12 % of the audit's CPU.)"""
+        present = " + ".join(f"({c} IS NOT NULL)::INT" for c in extracted) or "0"
+        return f"(names - ({present}))"
 
     def sql(self, sql: str, params: Sequence[object] = ()) -> pa.Table:
         return table_sql(self.con, sql, params, table="exposure table", at=table_root(self.where))
@@ -502,13 +511,19 @@ def _run_audit(
         summed = [g for g in sets if set(g) <= set(joint)]
         counted = [tuple(joint), *(g for g in sets if not set(g) <= set(joint))]
         listed = ", ".join(columns)
-        check = "" if audit.complete else f", {audit.unknown_keys()} AS unknown"
+        rows = f"SELECT exposure_id, {', '.join(select)} FROM first"
+        if not audit.complete:  # names the leading rows did not have, counted from the values extracted anyway
+            extracted = [*cat_col.values(), *num_col.values()]
+            rows = (
+                f"SELECT *, {audit.unknown_keys(extracted)} AS unknown FROM "
+                f"(SELECT exposure_id, {', '.join(select)}, {audit.names_logged()} AS names FROM first)"
+            )
         audit.sql("DROP TABLE IF EXISTS agg")
         audit.sql("DROP TABLE IF EXISTS counted")
         audit.sql(
             f"CREATE TEMP TABLE counted AS SELECT grouping_id({listed}) AS gid, {listed}, count(*) AS n, "
-            f"min(exposure_id) AS first_id{', sum(unknown) AS unknown' if check else ''} "
-            f"FROM (SELECT exposure_id{check}, {', '.join(select)} FROM first) "
+            f"min(exposure_id) AS first_id{'' if audit.complete else ', sum(unknown) AS unknown'} "
+            f"FROM ({rows}) "
             f"GROUP BY GROUPING SETS ({', '.join('(' + ', '.join(g) + ')' for g in counted)})"
         )
         joint_gid = _gid(columns, joint)
