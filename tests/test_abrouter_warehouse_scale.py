@@ -183,3 +183,20 @@ def test_units_sharing_the_hash_they_are_grouped_by_are_told_apart(
     # the second hash is what tells them apart: without it every unit sharing a value is one unit
     monkeypatch.setattr(warehouse, "UNIT_CHECK_HASH", "0")
     assert audit_table(url, exp, 1).exposures == 97
+
+
+@pytest.mark.parametrize("block_bits", [0, 3, 9, 40])
+def test_the_id_sample_found_by_blocks_of_ids_is_the_in_memory_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bits: int
+) -> None:
+    """The sampled first exposures are placed in blocks of 2^bits ids by the scan's per-block counts and ranked
+    within the blocks read again: blocks of one id, of a few (repeats inside and across them), of more ids than
+    the table holds (one block): the same units as the in-memory audit's sample, so the same id tests."""
+    url = str(tmp_path / "table")
+    write_exposure_table(url, 30_000, key="main", days=4)
+    monkeypatch.setattr(audit_mod, "ID_SAMPLE_MAX", 2_000)  # both paths sample 1,986 of the 27,000 units
+    monkeypatch.setattr(warehouse, "SAMPLE_BLOCK_BITS", block_bits)
+    exp = experiment("main")
+    from_table = audit_table(url, exp, 1)
+    assert any("deterministic random sample of 1986 of 27000 units" in t.detail for t in from_table.clustering)
+    identical(from_table, in_memory(url, exp))

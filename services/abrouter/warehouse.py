@@ -68,6 +68,10 @@ MEMORY_LIMIT = "1GB"
 THREADS = 2
 #: Rows the deterministic id sample is drawn in at a time (bounds its memory at 100 M units).
 SAMPLE_CHUNK = 1 << 22
+#: The id sample's first exposures are found by block of 2^SAMPLE_BLOCK_BITS exposure ids: the scan counts the
+#: first exposures per block, which places each sampled rank in a block, and only the blocks holding one are
+#: read again and ranked (at 100 M exposures about 6 % of the rows instead of a sort of all 90 M first ones).
+SAMPLE_BLOCK_BITS = 5
 #: Leading rows whose covariate names start the audit (names only on later rows cost one more scan).
 KEY_SAMPLE = 100_000
 #: The 64-bit hash the per-unit aggregate keys units by, and the second one that tells units sharing it apart
@@ -481,7 +485,7 @@ def _run_audit(
             "CASE WHEN isnan(bucket) THEN -1 WHEN bucket < 0 OR bucket >= 1 THEN -2 "
             "ELSE least(floor(bucket * 100 + 1e-9), 99) END"
         )
-    columns = ["arm", "cur", "bin", "day", *cat_col.values(), *num_col.values()]
+    columns = ["arm", "cur", "bin", "day", *cat_col.values(), *num_col.values(), "blk"]
     select = [
         "arm",
         f"revision >= {int(since)} AS cur",
@@ -489,13 +493,14 @@ def _run_audit(
         "day",
         *(f"cc[{_literal(n)}] AS {c}" for n, c in cat_col.items()),
         *(f"nc[{_literal(n)}] AS {c}" for n, c in num_col.items()),
+        f"exposure_id >> {SAMPLE_BLOCK_BITS} AS blk",
     ]
 
     def aggregate(by: Sequence[str]) -> None:
         """The one scan: units per grouping set (and the first exposure id in each, for the vocabularies). The
         sets of categoricals and days only are summed from one joint set over all of them (each grouping set
         costs DuckDB a hash table insert per row), the sets with a numeric or the hash bin counted per row."""
-        sets: list[tuple[str, ...]] = [("arm", "cur"), ("bin",), *((c,) for c in cat_col.values())]
+        sets: list[tuple[str, ...]] = [("arm", "cur"), ("bin",), ("blk",), *((c,) for c in cat_col.values())]
         for base in ["day", *(cat_col[name] for name in by)]:
             sets.append(("arm", base))
             sets += [("arm", base, c) for c in num_col.values()]
@@ -597,7 +602,7 @@ def _run_audit(
         mapping = pa.table({"b": pa.array(vocabulary, pa.string()), "w": list(range(len(vocabulary)))})
         groupings.append(_Grouping(name, cat_col[name], tuple(f"{name}:{v}" for v in vocabulary), mapping))
     units = [_per_window(rows("arm", g.base), g, g.base, n_arms) for g in groupings]
-    clustering = _id_tests(audit, n_units, n_arms, alpha_srm)
+    clustering = _id_tests(audit, n_units, n_arms, alpha_srm, rows("blk"))
     clustering += _carry_over(audit, table_url, experiment.key, others, per_arm, alpha_srm)
     clustering += [
         audit_mod._arm_share_result(u.T, g.names, f"arm_share:{g.kind}", alpha_srm)
@@ -674,26 +679,48 @@ def _per_window(t: dict[str, list[Any]], g: _Grouping, base: str, n_arms: int) -
     return out
 
 
-def _id_tests(audit: _Audit, n_units: int, n_arms: int, alpha: float) -> list[audit_mod.TestResult]:
-    """``audit.id_structure_tests`` on the rows of the first-exposure order the in-memory audit samples."""
+def _id_tests(
+    audit: _Audit, n_units: int, n_arms: int, alpha: float, blocks: dict[str, list[Any]]
+) -> list[audit_mod.TestResult]:
+    """``audit.id_structure_tests`` on the rows of the first-exposure order the in-memory audit samples
+    (``blocks``: first exposures per block of ids, columns blk and n)."""
     picked = id_sample_rows(n_units)
     if picked is None:
         t = audit.sql("SELECT unit, arm FROM first ORDER BY exposure_id")
     else:
-        audit.con.register("picked", pa.table({"r": picked}))
-        audit.sql(
-            "CREATE TEMP TABLE picked_ids AS SELECT exposure_id FROM (SELECT exposure_id, "
-            "row_number() OVER (ORDER BY exposure_id) - 1 AS r FROM first) WHERE r IN (SELECT r FROM picked)"
-        )
+        audit.con.register("picked", pa.table({"exposure_id": sampled_ids(audit, picked, blocks)}))
         t = audit.sql(
-            "SELECT unit, arm FROM first WHERE exposure_id IN (SELECT exposure_id FROM picked_ids) ORDER BY exposure_id"
+            "SELECT unit, arm FROM first WHERE exposure_id IN (SELECT exposure_id FROM picked) ORDER BY exposure_id"
         )
+        audit.con.unregister("picked")
     ids = np.array(t["unit"].to_pylist(), dtype=object)
     results = audit_mod.id_structure_tests(ids, t["arm"].to_numpy(), n_arms, alpha=alpha)
     if picked is None:
         return results
     note = f", on a deterministic random sample of {len(ids)} of {n_units} units"
     return [replace(r, detail=r.detail + note) for r in results]
+
+
+def sampled_ids(audit: _Audit, picked: np.ndarray, blocks: dict[str, list[Any]]) -> np.ndarray:
+    """The exposure ids of the first exposures at ranks ``picked`` (ascending) of the first-exposure order,
+    without ranking them all: the per-block counts place each rank in a block of ids (its rank among the block's
+    first exposures), and only the blocks holding a picked rank are read and sorted."""
+    block = np.asarray(blocks["blk"], dtype=np.int64)
+    count = np.asarray(blocks["n"], dtype=np.int64)
+    order = np.argsort(block)
+    block, count = block[order], count[order]
+    end = np.cumsum(count)  # rank after each block's last first exposure
+    where = np.searchsorted(end, picked, side="right")  # the block holding each picked rank
+    offset = picked - (end - count)[where]
+    held = np.unique(where)
+    audit.con.register("held", pa.table({"b": block[held]}))
+    t = audit.sql(f"SELECT exposure_id FROM first WHERE exposure_id >> {SAMPLE_BLOCK_BITS} IN (SELECT b FROM held)")
+    audit.con.unregister("held")
+    ids = np.sort(t["exposure_id"].to_numpy())
+    if len(ids) != count[held].sum():  # the scan and this read saw different tables: never a wrong sample
+        raise ExportCorrupt(f"exposure table at {table_root(audit.where)}: changed while it was audited")
+    start = np.cumsum(count[held]) - count[held]  # each held block's first position in ids
+    return ids[start[np.searchsorted(held, where)] + offset]
 
 
 def _carry_over(
