@@ -656,3 +656,172 @@ def test_one_query_looks_up_the_new_units_of_every_experiment_of_an_assign(store
         assert all(router.live[k].looking == {} for k in keys)
     finally:
         closing(router)
+
+
+def held_store_read(router: Router, thread: str) -> tuple[threading.Event, threading.Event, list[str]]:
+    """Make the store's reads of observation totals (batched or per unit) wait, after reading, when called from the
+    thread named ``thread`` (the first one only): the events (read: it has read; go: let it return) and the
+    problems seen."""
+    assert router.store is not None
+    read, go = threading.Event(), threading.Event()
+    problems: list[str] = []
+
+    def holding(method: str) -> None:
+        real = getattr(router.store, method)
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            answer = real(*args, **kwargs)
+            if threading.current_thread().name == thread and not read.is_set():
+                read.set()
+                if not go.wait(timeout=60):  # the lock stayed held: nothing else could run
+                    problems.append(f"nothing else ran while {method} waited")
+            return answer
+
+        setattr(router.store, method, held)
+
+    holding("units_observations")
+    holding("unit_observations")
+    return read, go, problems
+
+
+def test_record_metrics_reads_evicted_units_without_the_lock(tmp_path: Path) -> None:
+    """RecordMetrics of units the caches evicted long ago (the usual case at warehouse scale) reads their first
+    exposures and running totals from the store before taking the router's lock: Assign (new units and known ones)
+    and another RecordMetrics run to the end while its read waits (fails with the reads under the lock). The
+    per-arm moments are then those of a router that never evicted anything, and of a restart."""
+    router = Router(bounded(unit_cache_units=4), RouterStore(tmp_path / "r.db", "NORMAL"))
+    default = Router(ABRouterSettings(audit_min_sample=50), RouterStore(tmp_path / "d.db", "NORMAL"))
+    restarted: Router | None = None
+    try:
+        early = [Observation(f"u{i}", "clicks", float(i % 3)) for i in range(30)]
+        early += [Observation(f"u{i}", "dwell", 1.5 * i) for i in range(0, 30, 2)]
+        for r in (router, default):
+            r.create(SPEC)
+            for i in range(40):
+                r.assign(f"u{i}", {}, [KEY], log_exposure=True)
+            r.record_metrics(KEY, early)
+        read, go, problems = held_store_read(router, "recorder")
+        late = [Observation(f"u{i}", "clicks", 2.0) for i in range(0, 30, 3)]
+        late += [Observation(f"u{i}", "dwell", 0.25 * i) for i in range(1, 30, 4)]
+        done: list[int] = []
+        recorder = threading.Thread(
+            target=lambda: done.append(router.record_metrics(KEY, late)), name="recorder", daemon=True
+        )
+        recorder.start()
+        assert read.wait(timeout=120)
+        others = [Observation("u35", "clicks", 4.0)]
+        for r in (router, default):
+            r.assign("new", {}, [KEY], log_exposure=True)  # the lock is free while the read waits
+            r.assign("u39", {}, [KEY], log_exposure=True)
+            r.record_metrics(KEY, others)
+        go.set()
+        recorder.join(timeout=120)
+        assert not recorder.is_alive() and not problems and done == [len(late)], problems
+        default.record_metrics(KEY, late)
+        live = router.live[KEY]
+        assert live.reading == {} and live.observed_while_reading == set()
+        assert counters(router) == counters(default)
+        restarted = Router(bounded(), RowlessStore(tmp_path / "r.db", "NORMAL"))
+        restarted.restore()
+        assert counters(restarted) == counters(router)
+    finally:
+        closing(router, default, *([restarted] if restarted is not None else []))
+
+
+def test_an_observation_taken_in_while_record_metrics_reads_makes_it_read_again(tmp_path: Path) -> None:
+    """RecordMetrics' read of a unit's running totals before the lock goes stale if another call observes the unit
+    meanwhile and the cache then evicts it: the first call reads that unit again under the lock, so each
+    observation is in the moments once, as a restart sums them (fails without the re-read: the unit's totals
+    would miss the other call's observation and its next sum of squares would be wrong)."""
+    router = Router(bounded(unit_cache_units=2), RouterStore(tmp_path / "r.db", "NORMAL"))
+    restarted: Router | None = None
+    try:
+        router.create(SPEC)
+        for unit in ("u", "a", "b", "c"):
+            router.assign(unit, {}, [KEY], log_exposure=True)
+        router.record_metrics(KEY, [Observation("u", "dwell", 3.0)])
+        for unit in ("a", "b", "c"):  # the dwell cache (2 units) evicts "u"
+            router.record_metrics(KEY, [Observation(unit, "dwell", 1.0)])
+        read, go, problems = held_store_read(router, "recorder")
+        recorder = threading.Thread(
+            target=lambda: router.record_metrics(KEY, [Observation("u", "dwell", 5.0)]), name="recorder", daemon=True
+        )
+        recorder.start()
+        assert read.wait(timeout=120)  # it read "u": (3.0, 1)
+        router.record_metrics(KEY, [Observation("u", "dwell", 7.0)])  # "u" now (10.0, 2) ...
+        for unit in ("a", "b"):  # ... and evicted again
+            router.record_metrics(KEY, [Observation(unit, "dwell", 1.0)])
+        live = router.live[KEY]
+        statistics = live.metrics["dwell"].statistics
+        assert isinstance(statistics, CachedArmStatistics) and statistics.units.get("u") is None
+        assert live.observed_while_reading == {("u", "dwell")}
+        go.set()
+        recorder.join(timeout=120)
+        assert not recorder.is_alive() and not problems, problems
+        assert statistics.units.get("u") == (15.0, 3)
+        assert live.reading == {} and live.observed_while_reading == set()
+        restarted = Router(bounded(), RowlessStore(tmp_path / "r.db", "NORMAL"))
+        restarted.restore()
+        assert counters(restarted) == counters(router)
+    finally:
+        closing(router, *([restarted] if restarted is not None else []))
+
+
+def test_a_failed_read_before_record_metrics_marks_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store read that fails while RecordMetrics reads its evicted units: UNAVAILABLE naming the read, nothing
+    stored, no pair left marked; a refused call (a metric the experiment lacks) is refused naming the field before
+    any read; the call then succeeds once the store answers."""
+    router = Router(bounded(unit_cache_units=2), RouterStore(tmp_path / "r.db", "NORMAL"))
+    try:
+        router.create(SPEC)
+        for unit in ("u", "a", "b", "c"):
+            router.assign(unit, {}, [KEY], log_exposure=True)
+        assert router.store is not None
+        real = router.store.units_observations
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("read failed")
+
+        monkeypatch.setattr(router.store, "units_observations", failing)
+        with pytest.raises(Unavailable, match="the exposures and observations of 1 units"):
+            router.record_metrics(KEY, [Observation("u", "dwell", 3.0)])
+        with pytest.raises(InvalidArgument, match=r"observations\[1\]\.metric"):
+            router.record_metrics(KEY, [Observation("u", "dwell", 3.0), Observation("u", "nope", 1.0)])
+        live = router.live[KEY]
+        assert live.reading == {} and live.observed_while_reading == set()
+        monkeypatch.setattr(router.store, "units_observations", real)
+        assert router.record_metrics(KEY, [Observation("u", "dwell", 3.0)]) == 1
+        statistics = live.metrics["dwell"].statistics
+        assert isinstance(statistics, CachedArmStatistics) and statistics.units.get("u") == (3.0, 1)
+    finally:
+        closing(router)
+
+
+def test_the_batched_look_ups_answer_as_one_per_unit(store_url: str) -> None:
+    """The store's batched reads for RecordMetrics (first exposures of many units, running totals of many unit x
+    metric pairs, more units than one query names) answer as the per-unit reads: the first exposure among the rows
+    held, none for a unit never exposed; (sum, number) without pre-period values, (0, 0) for a pair never
+    observed."""
+    store = RouterStore(store_url, "NORMAL")
+    router = Router(bounded(), store)
+    try:
+        router.create(SPEC)
+        units = [f"u{i}" for i in range(1200)]
+        for unit in units[:700]:
+            router.assign(unit, {}, [KEY], log_exposure=True)
+        router.assign("u3", {}, [KEY], log_exposure=True)  # a repeat: the first stays
+        router.record_metrics(KEY, [Observation(u, "clicks", float(i % 5)) for i, u in enumerate(units[:650])])
+        router.record_metrics(KEY, [Observation("u3", "clicks", 2.0), Observation("u3", "dwell", 0.5)])
+        router.record_metrics(KEY, [Observation("u4", "clicks", 9.0, pre_period=True)])
+        asked = [*units, "never"]
+        firsts = store.units_first_exposures(KEY, asked)
+        assert firsts == {u: f for u in asked if (f := store.first_exposure(KEY, u)) is not None}
+        assert len(firsts) == 700
+        pairs = [(u, m) for u in asked[::7] for m in ("clicks", "dwell")]
+        assert store.units_observations(KEY, pairs) == {p: store.unit_observations(KEY, *p) for p in pairs}
+        assert store.units_observations(KEY, [("u3", "clicks"), ("u4", "clicks")]) == {
+            ("u3", "clicks"): (5.0, 2),
+            ("u4", "clicks"): (4.0, 1),
+        }
+    finally:
+        closing(router)

@@ -198,6 +198,11 @@ class _Live:
     #: Bounded mode: (arm, time) of the units of :attr:`looking` counted meanwhile (the cache may have evicted them
     #: since, and the look-up's answer may predate their count).
     counted_while_looking: dict[str, tuple[int, float]] = field(default_factory=dict)
+    #: Bounded mode: (unit, metric) whose running totals a RecordMetrics is reading from the store outside the lock
+    #: -> number of such calls (see :meth:`Router._read_observed_units`).
+    reading: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Bounded mode: the pairs of :attr:`reading` observed meanwhile (a read that may predate the observation).
+    observed_while_reading: set[tuple[str, str]] = field(default_factory=set)
 
     def exposed_units(self) -> int:
         """Units exposed (each counted once)."""
@@ -206,6 +211,21 @@ class _Live:
     def arm_counts(self, n_arms: int) -> list[int]:
         """Exposed units per arm."""
         return self.counts.arm_counts(n_arms) if self.counts is not None else self.table.arm_counts(n_arms)
+
+
+@dataclass(frozen=True)
+class _UnitsRead:
+    """(Bounded mode.) What a RecordMetrics read from the store before taking the router's lock, for its units that
+    memory's caches lack: valid under the lock only for the same experiment (``live``) while memory holds the same
+    rows (``exposures``, ``observations``: the :class:`Taken` objects the reads were made over)."""
+
+    live: _Live
+    exposures: Taken
+    observations: Taken
+    #: unit -> (arm, time) of its first exposure (units without one are absent)
+    firsts: dict[str, tuple[int, float]]
+    #: (unit, metric) -> (sum, number) of its observations
+    totals: dict[tuple[str, str], tuple[float, int]]
 
 
 def _check_name(value: str, field_name: str, limit: int = NAME_LIMIT) -> None:
@@ -1351,6 +1371,8 @@ class Router:
         per-arm moments; a unit its metric's cache does not hold gets its totals from the store first (over the
         rows ``taken``: memory's, before this one)."""
         assert self.store is not None
+        if (obs.unit, obs.metric) in st.reading:  # a RecordMetrics' read before the lock may predate this
+            st.observed_while_reading.add((obs.unit, obs.metric))
         statistics = self._metric_log(st, obs.metric).statistics
         assert isinstance(statistics, CachedArmStatistics)
         if statistics.units.get(obs.unit) is None:
@@ -1414,45 +1436,35 @@ class Router:
         if seen is not None and any(not (o.pre_period or self._holds_exposure(seen, o.unit_id)) for o in observations):
             with self.store_reads("other replicas' exposures"):
                 self.take_in_others()  # ... a unit not taken in here yet
+        read = self._read_observed_units(key, observations)
         now = self.clock()
         with self.lock:
-            st = self._get(key)
-            spec = st.experiment.spec
-            rows: list[ObservationRow] = []
-            unit_arms: list[int] = []  # the arm of each row's unit (-1: pre-period)
-            for i, o in enumerate(observations):
-                where = f"observations[{i}]"
-                if o.metric not in spec.metrics:
-                    raise InvalidArgument(f"{where}.metric", f"'{o.metric}' is not a metric of experiment '{key}'")
-                if not 1 <= len(o.unit_id) <= VALUE_LIMIT:
-                    raise InvalidArgument(f"{where}.unit_id", f"must be 1 to {VALUE_LIMIT} characters")
-                if not math.isfinite(o.value):
-                    raise InvalidArgument(f"{where}.value", "must be finite")
-                if not (math.isfinite(o.timestamp) and o.timestamp >= 0):
-                    raise InvalidArgument(f"{where}.timestamp", "must be unix seconds >= 0 (0: now)")
-                arm_index, logged = None, None
-                if o.arm:
-                    arm_index = spec.arm_index(o.arm)
-                    if arm_index is None:
-                        arms = ", ".join(a.name for a in spec.arms)
-                        raise InvalidArgument(f"{where}.arm", f"experiment '{key}' has no arm '{o.arm}' (arms: {arms})")
-                if not o.pre_period:
-                    logged = self._exposed_arm(st, o.unit_id)
-                    if logged is None:
-                        raise FailedPrecondition(f"{where}.unit_id: unit '{o.unit_id}' has no logged exposure")
-                    if arm_index is not None and arm_index != logged:
-                        raise FailedPrecondition(
-                            f"{where}.arm: unit '{o.unit_id}' was exposed to '{spec.arms[logged].name}', not '{o.arm}'"
-                        )
-                    if spec.bandit is not None and o.metric == spec.bandit.reward_metric:
-                        kind = spec.bandit.kind.value
-                        if kind == "bernoulli" and o.value not in (0.0, 1.0):
-                            raise InvalidArgument(f"{where}.value", "a Bernoulli bandit's reward must be 0 or 1")
-                rows.append(ObservationRow(key, o.unit_id, o.metric, o.value, o.timestamp or now, o.pre_period))
-                unit_arms.append(-1 if logged is None else logged)
-            if self.bounded:
-                self._pin_units(st, rows)
-            ticket = self._submit([RouterStore.observations(rows, self.origin)])
+            try:
+                st = self._get(key)
+                spec = st.experiment.spec
+                rows: list[ObservationRow] = []
+                unit_arms: list[int] = []  # the arm of each row's unit (-1: pre-period)
+                for i, o in enumerate(observations):
+                    where = f"observations[{i}]"
+                    arm_index = self._check_observation(key, spec, where, o)
+                    logged = None
+                    if not o.pre_period:
+                        logged = self._exposed_arm(st, o.unit_id, read)
+                        if logged is None:
+                            raise FailedPrecondition(f"{where}.unit_id: unit '{o.unit_id}' has no logged exposure")
+                        if arm_index is not None and arm_index != logged:
+                            raise FailedPrecondition(
+                                f"{where}.arm: unit '{o.unit_id}' was exposed to '{spec.arms[logged].name}', "
+                                f"not '{o.arm}'"
+                            )
+                    rows.append(ObservationRow(key, o.unit_id, o.metric, o.value, o.timestamp or now, o.pre_period))
+                    unit_arms.append(-1 if logged is None else logged)
+                if self.bounded:
+                    self._pin_units(st, rows, read)
+                ticket = self._submit([RouterStore.observations(rows, self.origin)])
+            finally:
+                if read is not None:
+                    self._stop_reading(read)
         try:
             self._durable(ticket)
         except BaseException:
@@ -1471,22 +1483,115 @@ class Router:
             self._unpin_units(st, rows)
         return len(rows)
 
+    @staticmethod
+    def _check_observation(key: str, spec: ExperimentSpec, where: str, o: Observation) -> int | None:
+        """The fields of one observation checked (INVALID_ARGUMENT naming the field and the rule); the index of
+        the arm it names (None: none named)."""
+        if o.metric not in spec.metrics:
+            raise InvalidArgument(f"{where}.metric", f"'{o.metric}' is not a metric of experiment '{key}'")
+        if not 1 <= len(o.unit_id) <= VALUE_LIMIT:
+            raise InvalidArgument(f"{where}.unit_id", f"must be 1 to {VALUE_LIMIT} characters")
+        if not math.isfinite(o.value):
+            raise InvalidArgument(f"{where}.value", "must be finite")
+        if not (math.isfinite(o.timestamp) and o.timestamp >= 0):
+            raise InvalidArgument(f"{where}.timestamp", "must be unix seconds >= 0 (0: now)")
+        arm_index = spec.arm_index(o.arm) if o.arm else None
+        if o.arm and arm_index is None:
+            arms = ", ".join(a.name for a in spec.arms)
+            raise InvalidArgument(f"{where}.arm", f"experiment '{key}' has no arm '{o.arm}' (arms: {arms})")
+        reward = spec.bandit is not None and not o.pre_period and o.metric == spec.bandit.reward_metric
+        if reward and spec.bandit is not None and spec.bandit.kind.value == "bernoulli" and o.value not in (0.0, 1.0):
+            raise InvalidArgument(f"{where}.value", "a Bernoulli bandit's reward must be 0 or 1")
+        return arm_index
+
+    def _read_observed_units(self, key: str, observations: Sequence[Observation]) -> _UnitsRead | None:
+        """(Bounded mode, before RecordMetrics takes the lock.) The first exposures and the running totals that
+        memory's caches lack for the call's units, read from the store in two queries without the lock, so that
+        Assign and the other calls do not wait on the reads (at warehouse scale most observed units were evicted
+        long ago). Each (unit, metric) read is marked in :attr:`_Live.reading` until the call's lock section ends
+        (:meth:`_stop_reading`), so that an observation of it taken in meanwhile marks the read stale; the lock
+        section then reads that pair again, as it does whenever memory took in other rows since (a new
+        :class:`Taken`). A first exposure found stays the first (rows are only added after it), so only a unit
+        found without one is read again. None: nothing to read (or a call that will be refused anyway)."""
+        if not self.bounded or self.store is None:
+            return None
+        with self.lock:
+            st = self.live.get(key)
+            if st is None or st.counts is None:
+                return None  # the lock section says why (NOT_FOUND)
+            spec = st.experiment.spec
+            units: dict[str, None] = {}
+            pairs: dict[tuple[str, str], None] = {}
+            try:
+                for i, o in enumerate(observations):
+                    self._check_observation(key, spec, f"observations[{i}]", o)
+            except GuardmeshError:
+                return None  # refused under the lock, naming the field, before any read
+            for o in observations:
+                if o.pre_period:
+                    continue
+                if o.unit_id not in st.counts.first:
+                    units[o.unit_id] = None
+                mlog = st.metrics.get(o.metric)
+                statistics = mlog.statistics if mlog is not None else None
+                if not (isinstance(statistics, CachedArmStatistics) and statistics.units.get(o.unit_id) is not None):
+                    pairs[(o.unit_id, o.metric)] = None
+            if not units and not pairs:
+                return None
+            for pair in pairs:
+                st.reading[pair] = st.reading.get(pair, 0) + 1
+            exposures, observed = self._taken_rows["exposures"], self._taken_rows["observations"]
+        read = _UnitsRead(st, exposures, observed, {}, {})
+        try:
+            with self.store_reads(f"the exposures and observations of {len(units) or len(pairs)} units"):
+                firsts = self.store.units_first_exposures(key, list(units), exposures)
+                totals = self.store.units_observations(key, list(pairs), observed)
+        except BaseException:
+            with self.lock:
+                self._stop_reading(replace(read, totals=dict.fromkeys(pairs, (0.0, 0))))
+            raise
+        return replace(read, firsts=firsts, totals=totals)
+
+    @staticmethod
+    def _stop_reading(read: _UnitsRead) -> None:
+        """(Under the lock.) Unmark the pairs :meth:`_read_observed_units` marked."""
+        st = read.live
+        for pair in read.totals:
+            if st.reading[pair] > 1:
+                st.reading[pair] -= 1
+            else:
+                del st.reading[pair]
+                st.observed_while_reading.discard(pair)
+
     def _holds_exposure(self, st: _Live, unit: str) -> bool:
         """Whether memory knows the unit's exposure without asking the store."""
         return unit in st.counts.first if st.counts is not None else st.table.arm_of(unit) is not None
 
-    def _exposed_arm(self, st: _Live, unit: str) -> int | None:
-        """(Under the lock.) The arm of the unit's first exposure taken in (None if none)."""
+    def _exposed_arm(self, st: _Live, unit: str, read: _UnitsRead | None = None) -> int | None:
+        """(Under the lock.) The arm of the unit's first exposure taken in (None if none); bounded mode: what
+        ``read`` found (before the lock) when it still holds, else the cache, else the store."""
         if st.counts is None:
             return st.table.arm_of(unit)
-        first = self._first_exposure(st, unit)
+        first = st.counts.first.get(unit)
+        if first is None and read is not None and read.live is st and read.exposures is self._taken_rows["exposures"]:
+            first = read.firsts.get(unit)
+            if first is not None and unit not in st.counts.pending:
+                st.counts.first[unit] = first  # as a read under the lock caches it
+        if first is None:
+            first = self._first_exposure(st, unit)
         return None if first is None else first[0]
 
-    def _pin_units(self, st: _Live, rows: list[ObservationRow]) -> None:
+    def _pin_units(self, st: _Live, rows: list[ObservationRow], read: _UnitsRead | None = None) -> None:
         """(Under the lock; bounded mode, before the observations' commit.) Hold each unit's running totals of
-        each metric observed (from the store if the cache has none) and pin them until the observations are taken
-        in: what the store sums then is what memory holds (the commit is not in either yet)."""
+        each metric observed (what ``read`` found before the lock while it still holds, else from the store, if
+        the cache has none) and pin them until the observations are taken in: what the store sums then is what
+        memory holds (the commit is not in either yet)."""
         assert self.store is not None
+        fresh = (
+            read.totals
+            if read is not None and read.live is st and read.observations is self._taken_rows["observations"]
+            else {}
+        )
         for i, row in enumerate(rows):
             if row.pre:
                 continue
@@ -1494,6 +1599,10 @@ class Router:
             assert isinstance(statistics, CachedArmStatistics)
             statistics.units.pin(row.unit)  # first: holding it must not evict it at once
             if statistics.units.get(row.unit) is None:
+                pair = (row.unit, row.metric)
+                if pair in fresh and pair not in st.observed_while_reading:
+                    statistics.hold(row.unit, *fresh[pair])
+                    continue
                 try:
                     with self.store_reads(f"the observations of unit '{row.unit}'"):
                         held = self.store.unit_observations(

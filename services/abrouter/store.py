@@ -96,6 +96,8 @@ MIGRATIONS = (
 #: Seconds after which a hole in the row numbers seen by :class:`Tail` is taken as a transaction that rolled
 #: back (its number is never used) rather than one still committing: far above any commit's duration.
 GAP_TIMEOUT_S = 30.0
+#: Units named in one look-up query (an IN list: SQLite builds may allow as few as 999 parameters).
+UNITS_PER_QUERY = 500
 
 
 @dataclass(frozen=True)
@@ -449,6 +451,43 @@ class RouterStore:
             (key, unit, metric, *params),
         )
         return float(rows[0][0]), int(rows[0][1])
+
+    def units_first_exposures(
+        self, key: str, units: Sequence[str], taken: Taken = Taken()
+    ) -> dict[str, tuple[int, float]]:
+        """(arm, unix time) of each unit's first exposure among the rows ``taken``, as :meth:`first_exposure` gives
+        it, for many units of one experiment: a query per :data:`UNITS_PER_QUERY` units (on the index by unit);
+        units without one are absent."""
+        where, params = taken.sql()
+        found: dict[str, tuple[int, float]] = {}
+        for start in range(0, len(units), UNITS_PER_QUERY):
+            chunk = units[start : start + UNITS_PER_QUERY]
+            rows = self.query(
+                f"SELECT unit, arm, at FROM exposures WHERE key = ? AND unit IN ({', '.join('?' * len(chunk))}) "
+                f"AND {where} ORDER BY seq",
+                (key, *chunk, *params),
+            )
+            for unit, arm, at in rows:
+                found.setdefault(str(unit), (int(arm), float(at)))
+        return found
+
+    def units_observations(
+        self, key: str, pairs: Sequence[tuple[str, str]], taken: Taken = Taken()
+    ) -> dict[tuple[str, str], tuple[float, int]]:
+        """(sum, number) of each (unit, metric) of ``pairs``, as :meth:`unit_observations` gives it: a query per
+        :data:`UNITS_PER_QUERY` units (on the index by unit); a pair without observations is (0.0, 0)."""
+        where, params = taken.sql()
+        units = sorted({unit for unit, _ in pairs})
+        found: dict[tuple[str, str], tuple[float, int]] = {}
+        for start in range(0, len(units), UNITS_PER_QUERY):
+            chunk = units[start : start + UNITS_PER_QUERY]
+            rows = self.query(
+                "SELECT unit, metric, COALESCE(SUM(value), 0), COUNT(*) FROM observations WHERE key = ? "
+                f"AND unit IN ({', '.join('?' * len(chunk))}) AND pre = 0 AND {where} GROUP BY unit, metric",
+                (key, *chunk, *params),
+            )
+            found.update({(str(unit), str(metric)): (float(total), int(n)) for unit, metric, total, n in rows})
+        return {pair: found.get(pair, (0.0, 0)) for pair in pairs}
 
     def exposed_per_arm(self, taken: Taken = Taken()) -> dict[str, dict[int, int]]:
         """Experiment -> arm -> units whose first exposure (among the rows ``taken``) is in that arm."""
