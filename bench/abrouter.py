@@ -41,10 +41,16 @@ i) Router memory and restart at ``--bounded-units`` exposed units (issue #20 ite
    replayed), each restored in a fresh process of its own, same run.
 j) Logged Assign/s and p99 over gRPC in bounded mode vs the default mode (issue #20 item 3), 4 client processes,
    every unit new, one router of each mode on SQLite and on PostgreSQL, driven in turn ``--rounds`` times, medians.
+k) Assign p99 beside RecordMetrics of units long evicted (bounded mode on PostgreSQL, the usual case at warehouse
+   scale: ``RECORD_SEEDED`` units exposed, a ``RECORD_CACHE_UNITS``-unit cache): logged Assign from 2 client
+   processes with 2 more processes calling RecordMetrics (``RECORD_BATCH`` observations of random seeded units)
+   against the same Assign drive alone, ``--rounds`` times, medians; with ``--before DIR`` (a copy of the
+   repository before a change) the same router from that tree beside it, the order alternating: the p99 beside
+   RecordMetrics and RecordMetrics calls/s against that code's.
 
     python -m bench.abrouter [--seconds 5] [--ids 1000000] [--runs 2000] [--exposures 10000000]
         [--warehouse-sizes 10000000,100000000] [--audit-exposures 5000000] [--parts abcdefghij] [--rounds 3]
-        [--bounded-units 1000000]
+        [--bounded-units 1000000] [--before DIR]
         [--note "loaded machine"]
 
 With ``--parts`` naming fewer parts, the records of the other parts are kept from the existing results file.
@@ -61,6 +67,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -81,6 +88,10 @@ from services.abrouter.experiments import ArmSpec, Experiment, ExperimentSpec, E
 from services.abrouter.guardrails import Guardrail, evaluate_guardrail
 
 SPEC = ExperimentSpec(key="bench-exp", arms=(ArmSpec("control", 0.5), ArmSpec("treatment", 0.5)))
+#: Part k: the bounded router's unit cache, the units exposed before the windows, observations per RecordMetrics.
+RECORD_CACHE_UNITS = 200
+RECORD_SEEDED = 4000
+RECORD_BATCH = 20
 
 
 def in_process(n_ids: int) -> list[dict[str, Any]]:
@@ -354,14 +365,14 @@ def guardrail_bench(runs: int) -> list[dict[str, Any]]:
     ]
 
 
-def _create(address: str, key: str = "bench-exp") -> None:
+def _create(address: str, key: str = "bench-exp", metrics: tuple[str, ...] = ()) -> None:
     from guardmesh.v1 import abrouter_pb2 as pb
     from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(address) as ch:
         arms = [pb.Arm(name="control", weight=0.5), pb.Arm(name="treatment", weight=0.5)]
         pb_grpc.ABRouterServiceStub(ch).CreateExperiment(
-            pb.CreateExperimentRequest(spec=pb.ExperimentSpec(key=key, arms=arms))
+            pb.CreateExperimentRequest(spec=pb.ExperimentSpec(key=key, arms=arms, metrics=metrics))
         )
 
 
@@ -731,6 +742,125 @@ def bounded_assign_bench(seconds: float, rounds: int) -> list[dict[str, Any]]:
     return records
 
 
+def _seed_units(address: str, n: int) -> None:
+    """Expose units ``seed-0`` .. ``seed-{n-1}`` of bench-exp (logged Assign, 64 calls in flight)."""
+    from guardmesh.v1 import abrouter_pb2 as pb
+    from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        stub = pb_grpc.ABRouterServiceStub(ch)
+        for start in range(0, n, 64):
+            calls = [
+                stub.Assign.future(
+                    pb.AssignRequest(unit_id=f"seed-{i}", experiment_keys=["bench-exp"], log_exposure=True), timeout=60
+                )
+                for i in range(start, min(start + 64, n))
+            ]
+            for call in calls:
+                call.result()
+
+
+def _recorder(address: str, seconds: float, units: int, worker: int, out: Any) -> None:
+    """One client process: RecordMetrics of RECORD_BATCH observations of random seeded units, one call at a time,
+    for ``seconds``; sends back its calls per second."""
+    import random
+
+    from guardmesh.v1 import abrouter_pb2 as pb
+    from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
+
+    rng = random.Random(worker)
+    with grpc.insecure_channel(address) as ch:
+        stub = pb_grpc.ABRouterServiceStub(ch)
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            observations = [
+                pb.MetricObservation(unit_id=f"seed-{rng.randrange(units)}", metric="clicks", value=rng.randrange(3))
+                for _ in range(RECORD_BATCH)
+            ]
+            stub.RecordMetrics(
+                pb.RecordMetricsRequest(experiment_key="bench-exp", observations=observations), timeout=60
+            )
+            calls += 1
+        out.put(calls / (time.perf_counter() - start))
+
+
+def record_metrics_bench(seconds: float, rounds: int, before: Path | None) -> list[dict[str, Any]]:
+    """k) Assign p99 beside RecordMetrics of evicted units (bounded mode, PostgreSQL): see the module docstring."""
+    from bench.scale import postgres
+
+    trees: dict[str, Path | None] = {"ours": None, **({"before": before} if before is not None else {})}
+    samples: dict[str, list[float]] = {}
+    with postgres() as server, contextlib.ExitStack() as stack:
+        routers: dict[str, str] = {}
+        for name, tree in trees.items():
+            env = {
+                "GUARDMESH__ABROUTER__AUDIT_INTERVAL_S": "0",
+                "GUARDMESH__ABROUTER__EXPOSURES_IN_MEMORY": "false",
+                "GUARDMESH__ABROUTER__UNIT_CACHE_UNITS": str(RECORD_CACHE_UNITS),
+                "GUARDMESH__ABROUTER__STORE_URL": server.ensure_database(f"bench_abrouter_record_{name}"),
+            }
+            routers[name] = stack.enter_context(service_process("abrouter", env, tree=tree))
+            _create(routers[name], metrics=("clicks",))
+            _seed_units(routers[name], RECORD_SEEDED)
+        ctx = mp.get_context("spawn")
+        for r in range(rounds):
+            for name in list(trees) if r % 2 == 0 else list(trees)[::-1]:
+                address = routers[name]
+                alone = _drive("assign", address, 2, seconds, log=True, units=f"k{r}a-")
+                out = ctx.Queue()
+                # the recorders start first and outlast the Assign window (its clients start in fresh processes too)
+                procs = [
+                    ctx.Process(target=_recorder, args=(address, seconds + 3.0, RECORD_SEEDED, 10 * r + w, out))
+                    for w in range(2)
+                ]
+                for p in procs:
+                    p.start()
+                time.sleep(1.0)
+                beside = _drive("assign", address, 2, seconds, log=True, units=f"k{r}b-")
+                rates = [out.get(timeout=seconds + 120) for _ in procs]
+                for p in procs:
+                    p.join()
+                samples.setdefault(f"{name}_alone", []).append(alone["p99_ms"])
+                samples.setdefault(f"{name}_beside", []).append(beside["p99_ms"])
+                samples.setdefault(f"{name}_record_rate", []).append(sum(rates))
+                print(
+                    f"k) round {r} {name}: Assign p99 alone {alone['p99_ms']:.2f} ms, beside RecordMetrics "
+                    f"{beside['p99_ms']:.2f} ms; RecordMetrics {sum(rates):.0f} calls/s",
+                    flush=True,
+                )
+    median = {k: statistics.median(v) for k, v in samples.items()}
+    what = f"{RECORD_BATCH} observations of units evicted from a {RECORD_CACHE_UNITS}-unit cache, 2 client processes"
+    rec = record(
+        "assign_p99_beside_record_metrics_evicted_postgresql",
+        "ms",
+        median["ours_beside"],
+        f"Assign p99 without RecordMetrics traffic, same router, same run (RecordMetrics: {what})",
+        median["ours_alone"],
+        None,
+        False,
+    )
+    rec["samples"] = {k: v for k, v in samples.items() if k.startswith("ours")}
+    records = [rec]
+    if before is not None:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=before, capture_output=True, text=True)
+        for name, figure, unit, higher in (
+            ("assign_p99_beside_record_metrics_evicted_vs_before", "beside", "ms", False),
+            ("record_metrics_evicted_calls_per_s_vs_before", "record_rate", "calls/s", True),
+        ):
+            rec = record(
+                name,
+                unit,
+                median[f"ours_{figure}"],
+                f"the same on the code before (commit {commit.stdout.strip()}), same run",
+                median[f"before_{figure}"],
+                None,
+                higher,
+            )
+            rec["samples"] = {"ours": samples[f"ours_{figure}"], "before": samples[f"before_{figure}"]}
+            records.append(rec)
+    return records
+
+
 def main() -> int:
     """Run the parts asked for and write ``bench/results/abrouter.json`` (other parts' records kept)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -744,10 +874,13 @@ def main() -> int:
     parser.add_argument(
         "--audit-exposures", type=int, default=5_000_000, help="exposures in the table audited during part h"
     )
-    parser.add_argument("--parts", default="abcdefghij", help="which parts to run (letters a-j)")
+    parser.add_argument("--parts", default="abcdefghijk", help="which parts to run (letters a-k)")
     parser.add_argument("--bounded-units", type=int, default=1_000_000, help="exposed units of part i")
     parser.add_argument("--rounds", type=int, default=3, help="turns of each backend in part e (medians kept)")
     parser.add_argument("--note", default="", help="added to the machine of this run's records (e.g. 'loaded')")
+    parser.add_argument(
+        "--before", type=Path, default=None, help="part k: a copy of the repository before a change, run beside"
+    )
     args = parser.parse_args()
     parts = {
         "a": lambda: in_process(args.ids),
@@ -760,6 +893,7 @@ def main() -> int:
         "h": lambda: assign_during_audit_bench(args.audit_exposures, args.seconds, args.rounds),
         "i": lambda: bounded_bench(args.bounded_units),
         "j": lambda: bounded_assign_bench(args.seconds, args.rounds),
+        "k": lambda: record_metrics_bench(args.seconds, args.rounds, args.before),
     }
     records: list[dict[str, Any]] = []
     for letter, run in parts.items():

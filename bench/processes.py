@@ -82,14 +82,23 @@ def wait_serving(
 
 
 @contextlib.contextmanager
-def service_process(service: str, overrides: dict[str, str], timeout: float = 90.0) -> Iterator[str]:
-    """Run ``python -m services.<service>`` on a free loopback port with GUARDMESH__ overrides; yield its
-    address once gRPC health says SERVING; SIGTERM it afterwards."""
+def service_process(
+    service: str, overrides: dict[str, str], timeout: float = 90.0, tree: Path | None = None
+) -> Iterator[str]:
+    """Run ``python -m services.<service>`` (from ``tree``, a copy of the repository at another commit, when
+    given) on a free loopback port with GUARDMESH__ overrides; yield its address once gRPC health says SERVING;
+    SIGTERM it afterwards."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix=f"guardmesh-bench-{service}-") as tmp:
         env = clean_env(tmp, **{f"GUARDMESH__SERVICES__{service.upper()}__PORT": str(port)}, **overrides)
         log = Path(tmp) / "service.log"
-        proc = start([sys.executable, "-m", f"services.{service}"], env, log)
+        if tree is None:
+            proc = start([sys.executable, "-m", f"services.{service}"], env, log)
+        else:  # run in the tree: ``-m`` puts the working directory first on sys.path
+            env["PYTHONPATH"] = str(tree)
+            with log.open("wb") as out:
+                cmd = [sys.executable, "-m", f"services.{service}"]
+                proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=out, stderr=out)
         try:
             wait_serving(f"127.0.0.1:{port}", service, proc, log, timeout)
             yield f"127.0.0.1:{port}"
