@@ -131,9 +131,13 @@ def in_process(n_ids: int) -> list[dict[str, Any]]:
     ]
 
 
-def _client(kind: str, address: str, seconds: float, worker: int, log: bool, out: Any, units: str = "") -> None:
+def _client(
+    kind: str, address: str, seconds: float, worker: int, log: bool, out: Any, units: str = "", rate: float = 0.0
+) -> None:
     """One client process: calls one at a time for ``seconds``; sends its latencies (s) back. ``units``
-    prefixes its unit ids (new units each drive)."""
+    prefixes its unit ids (new units each drive). ``rate`` > 0: paced at that many calls/s, each call's latency
+    counted from the moment it was due (a late call is sent at once, and its wait counts: no coordinated
+    omission)."""
     from guardmesh.v1 import abrouter_pb2 as pb
     from guardmesh.v1 import abrouter_pb2_grpc as pb_grpc
 
@@ -143,16 +147,20 @@ def _client(kind: str, address: str, seconds: float, worker: int, log: bool, out
     else:
         call = pb_grpc.ABRouterServiceStub(channel).Assign
     latencies = []
-    end = time.perf_counter() + seconds
+    begin = time.perf_counter()
+    end = begin + seconds
     i = 0
     while True:
+        due = begin + i / rate if rate > 0 else None
+        if due is not None and (wait := due - time.perf_counter()) > 0:
+            time.sleep(wait)
         request = pb.AssignRequest(
             unit_id=f"{units}w{worker}-user-{i}",
             experiment_keys=["bench-exp"],
             log_exposure=log,
             covariates=pb.Covariates(numeric={"age": 30.0}, categorical={"device": "ios"}) if log else None,
         )
-        start = time.perf_counter()
+        start = time.perf_counter() if due is None else due
         if kind == "echo":
             call(request.SerializeToString())
         else:
@@ -167,11 +175,14 @@ def _client(kind: str, address: str, seconds: float, worker: int, log: bool, out
 
 
 def _drive(
-    kind: str, address: str, clients: int, seconds: float, log: bool = False, units: str = ""
+    kind: str, address: str, clients: int, seconds: float, log: bool = False, units: str = "", rate: float = 0.0
 ) -> dict[str, float]:
+    """``clients`` client processes (:func:`_client`; ``rate``: calls/s offered in all, 0: each as fast as it
+    can): calls/s, p50 and p99 latency."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_client, args=(kind, address, seconds, w, log, out, units)) for w in range(clients)]
+    args = [(kind, address, seconds, w, log, out, units, rate / clients) for w in range(clients)]
+    procs = [ctx.Process(target=_client, args=a) for a in args]
     for p in procs:
         p.start()
     latencies: list[float] = []
@@ -552,8 +563,9 @@ def _audit_loop(address: str, stop: Any, seconds: list[float]) -> None:
                 break
 
 
-def assign_during_audit_bench(n: int, seconds: float, rounds: int) -> list[dict[str, Any]]:
-    """h) Assign p99 while AuditExperiment(from_table=true) of ``n`` exposures runs vs without."""
+def assign_during_audit_bench(n: int, seconds: float, rounds: int, rate: float = 0.0) -> list[dict[str, Any]]:
+    """h) Assign p99 while AuditExperiment(from_table=true) of ``n`` exposures runs vs without (``rate`` > 0: the
+    Assign calls paced at that many calls/s in all, latency from each call's due time)."""
     import os
     import tempfile
     import threading
@@ -564,6 +576,7 @@ def assign_during_audit_bench(n: int, seconds: float, rounds: int) -> list[dict[
     samples: dict[str, list[float]] = {"during_audit": [], "without": []}
     audits: list[float] = []
     load: list[float] = []  # 1-minute load average after each round
+    offered: list[float] = []  # Assign calls/s of each window
     with tempfile.TemporaryDirectory(prefix="guardmesh-bench-audit-load-") as tmp:
         table = f"{tmp}/table"
         write_exposure_table(table, n, key=KEY, days=60, first_id=10**12)  # ids far above the router's own
@@ -583,13 +596,17 @@ def assign_during_audit_bench(n: int, seconds: float, rounds: int) -> list[dict[
             for r in range(rounds):  # the order alternates, so a load that drifts favours neither
                 for window in ("without", "during_audit") if r % 2 == 0 else ("during_audit", "without"):
                     if window == "without":
-                        samples[window].append(_drive("assign", address, AUDIT_LOAD_CLIENTS, seconds)["p99_ms"])
+                        fig = _drive("assign", address, AUDIT_LOAD_CLIENTS, seconds, rate=rate)
+                        samples[window].append(fig["p99_ms"])
+                        offered.append(fig["qps"])
                         continue
                     stop, done = threading.Event(), len(audits)
                     looping = threading.Thread(target=_audit_loop, args=(address, stop, audits))
                     looping.start()
                     time.sleep(0.5)  # the first audit is past its export round and inside DuckDB
-                    samples[window].append(_drive("assign", address, AUDIT_LOAD_CLIENTS, seconds)["p99_ms"])
+                    fig = _drive("assign", address, AUDIT_LOAD_CLIENTS, seconds, rate=rate)
+                    samples[window].append(fig["p99_ms"])
+                    offered.append(fig["qps"])
                     stop.set()
                     looping.join()
                     if len(audits) == done:
@@ -600,8 +617,10 @@ def assign_during_audit_bench(n: int, seconds: float, rounds: int) -> list[dict[
         f"Assign p99 ({AUDIT_LOAD_CLIENTS} clients) by round: during a table audit of {n:,} exposures "
         f"{samples['during_audit']} ms, without {samples['without']} ms; audits took {audits} s"
     )
-    rec = record(f"assign_p99_during_table_audit_{n}", "ms", ours, "Assign p99 without an audit", peer, 1 / 1.5, False)
+    name = f"assign_p99_during_table_audit_{n}" + (f"_paced_{rate:g}_per_s" if rate > 0 else "")
+    rec = record(name, "ms", ours, "Assign p99 without an audit", peer, 1 / 1.5, False)
     rec["samples"] = samples  # p99 ms of each window; ours and peer are their medians
+    rec["assign_calls_per_s"] = offered  # each window's, in the order run
     rec["audit_seconds"] = audits  # the server's seconds of each audit, the warm-up first
     rec["load_average_1min"] = load
     return [rec]
@@ -879,6 +898,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="turns of each backend in part e (medians kept)")
     parser.add_argument("--note", default="", help="added to the machine of this run's records (e.g. 'loaded')")
     parser.add_argument(
+        "--audit-rate", type=float, default=0.0, help="part h: Assign calls/s offered (0: the clients flat out)"
+    )
+    parser.add_argument(
         "--before", type=Path, default=None, help="part k: a copy of the repository before a change, run beside"
     )
     args = parser.parse_args()
@@ -890,7 +912,7 @@ def main() -> int:
         "e": lambda: replicas_bench(args.seconds, args.rounds),
         "f": lambda: table_bench(args.exposures),
         "g": lambda: warehouse_bench([int(n) for n in args.warehouse_sizes.split(",")]),
-        "h": lambda: assign_during_audit_bench(args.audit_exposures, args.seconds, args.rounds),
+        "h": lambda: assign_during_audit_bench(args.audit_exposures, args.seconds, args.rounds, args.audit_rate),
         "i": lambda: bounded_bench(args.bounded_units),
         "j": lambda: bounded_assign_bench(args.seconds, args.rounds),
         "k": lambda: record_metrics_bench(args.seconds, args.rounds, args.before),
