@@ -128,6 +128,11 @@ def serve(name: str, port: int, profile: str) -> int:
         yappi.set_clock_type("cpu")
         yappi.start(builtins=True)  # every thread, those the server starts later included
     running = start_service(definition, config, port=port, host="127.0.0.1")
+    import guardmesh.runtime as runtime_module
+
+    freeze = getattr(runtime_module, "freeze_startup_objects", None)  # as guardmesh.runtime.serve (a newer tree's)
+    if freeze is not None:
+        freeze()
     stop.wait()
     if profile:
         yappi.stop()

@@ -15,6 +15,7 @@ function returning a :class:`Binding` that adds its servicers); the runtime does
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 import secrets
@@ -498,6 +499,21 @@ def start_service(
     return running
 
 
+def freeze_startup_objects() -> int:
+    """Move every object alive now (the modules the start imported: torch, grpc, scipy, duckdb ...; the restored
+    state) into the collector's permanent generation, after one full collection; returns how many it holds.
+
+    They live as long as the process, yet every full collection walks them all while holding the GIL, stalling
+    every call in flight: at 64 clients on the scorer, full collections over ~220,000 such objects took
+    120-210 ms every few seconds, the source of its Score p99. Frozen, a full collection walks only what came
+    after (~1 ms). Called once a service process serves (:func:`serve`), never for in-process servers: frozen,
+    an object that later becomes cyclic garbage is never collected, which a long-lived service does not mind and a
+    test process starting hundreds of servers would."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def serve(name: str, config_path: str | None = None) -> int:
     """Process entry point: start service ``name`` and run until SIGTERM/SIGINT; return the exit code (2: bad
     configuration, 3: discovery refused the service, 4: its store cannot be used)."""
@@ -531,6 +547,7 @@ def serve(name: str, config_path: str | None = None) -> int:
         log.error("store error: %s", exc)
         print(f"guardmesh {name}: {exc}", file=sys.stderr)
         return 4
+    freeze_startup_objects()
     while not stop.wait(0.5):
         pass
     running.stop()
