@@ -333,8 +333,8 @@ class _Audit:
 
     @staticmethod
     def names_logged() -> str:
-        """SQL: per exposure, how many covariate names its maps hold."""
-        return "(coalesce(cardinality(nc), 0) + coalesce(cardinality(cc), 0))"
+        """SQL over :data:`_SPLIT_MAPS` rows: per exposure, how many covariate names its maps hold."""
+        return "(coalesce(len(nk), 0) + coalesce(len(ck), 0))"
 
     @staticmethod
     def unknown_keys(extracted: Sequence[str]) -> str:
@@ -348,6 +348,14 @@ class _Audit:
 
     def sql(self, sql: str, params: Sequence[object] = ()) -> pa.Table:
         return table_sql(self.con, sql, params, table="exposure table", at=table_root(self.where))
+
+
+#: The first exposures with each covariate map split into its keys and values: a value found by its key's
+#: position (``nv[list_position(nk, 'age')]``, NULL where absent, as ``nc['age']``) costs about half the CPU
+#: of the map subscript (at 10 M exposures 1.1 vs 1.9 CPU s for the five covariates; identical values).
+_SPLIT_MAPS = (
+    "(SELECT *, map_keys(nc) AS nk, map_values(nc) AS nv, map_keys(cc) AS ck, map_values(cc) AS cv FROM first)"
+)
 
 
 def _gid(columns: Sequence[str], grouped: Sequence[str]) -> int:
@@ -491,8 +499,8 @@ def _run_audit(
         f"revision >= {int(since)} AS cur",
         f"({bin_sql})::BIGINT AS bin",
         "day",
-        *(f"cc[{_literal(n)}] AS {c}" for n, c in cat_col.items()),
-        *(f"nc[{_literal(n)}] AS {c}" for n, c in num_col.items()),
+        *(f"cv[list_position(ck, {_literal(n)})] AS {c}" for n, c in cat_col.items()),
+        *(f"nv[list_position(nk, {_literal(n)})] AS {c}" for n, c in num_col.items()),
         f"exposure_id >> {SAMPLE_BLOCK_BITS} AS blk",
     ]
 
@@ -516,12 +524,12 @@ def _run_audit(
         summed = [g for g in sets if set(g) <= set(joint)]
         counted = [tuple(joint), *(g for g in sets if not set(g) <= set(joint))]
         listed = ", ".join(columns)
-        rows = f"SELECT exposure_id, {', '.join(select)} FROM first"
+        rows = f"SELECT exposure_id, {', '.join(select)} FROM {_SPLIT_MAPS}"
         if not audit.complete:  # names the leading rows did not have, counted from the values extracted anyway
             extracted = [*cat_col.values(), *num_col.values()]
             rows = (
                 f"SELECT *, {audit.unknown_keys(extracted)} AS unknown FROM "
-                f"(SELECT exposure_id, {', '.join(select)}, {audit.names_logged()} AS names FROM first)"
+                f"(SELECT exposure_id, {', '.join(select)}, {audit.names_logged()} AS names FROM {_SPLIT_MAPS})"
             )
         audit.sql("DROP TABLE IF EXISTS agg")
         audit.sql("DROP TABLE IF EXISTS counted")
