@@ -891,6 +891,12 @@ def main() -> int:
         "--warehouse-sizes", default="10000000,100000000", help="exposures of the warehouse audit (g), comma-separated"
     )
     parser.add_argument(
+        "--warehouse-sql-max", type=int, default=100_000_000, help="largest size (g) the plain-SQL peer runs at"
+    )
+    parser.add_argument(
+        "--warehouse-tables", default=None, help="folder keeping g's generated tables for later runs (else temporary)"
+    )
+    parser.add_argument(
         "--audit-exposures", type=int, default=5_000_000, help="exposures in the table audited during part h"
     )
     parser.add_argument("--parts", default="abcdefghijk", help="which parts to run (letters a-k)")
@@ -911,7 +917,11 @@ def main() -> int:
         "d": lambda: guardrail_bench(args.runs),
         "e": lambda: replicas_bench(args.seconds, args.rounds),
         "f": lambda: table_bench(args.exposures),
-        "g": lambda: warehouse_bench([int(n) for n in args.warehouse_sizes.split(",")]),
+        "g": lambda: warehouse_bench(
+            [int(n) for n in args.warehouse_sizes.split(",")],
+            sql_max=args.warehouse_sql_max,
+            tables=args.warehouse_tables,
+        ),
         "h": lambda: assign_during_audit_bench(args.audit_exposures, args.seconds, args.rounds, args.audit_rate),
         "i": lambda: bounded_bench(args.bounded_units),
         "j": lambda: bounded_assign_bench(args.seconds, args.rounds),
