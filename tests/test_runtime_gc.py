@@ -47,7 +47,7 @@ PROBE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("service", ["abrouter", "paramserver"])
+@pytest.mark.parametrize("service", ["abrouter", "paramserver", "scorer"])
 def test_a_service_process_freezes_what_its_start_made(service: str, tmp_path: Path) -> None:
     """Once serving, the objects alive before the start are out of the collector's sight (frozen), what the
     process makes afterwards is still collected, and the process stops cleanly on SIGTERM."""

@@ -8,7 +8,6 @@ decision log).
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import math
@@ -491,11 +490,6 @@ class ScorerBinding:
         if self.config.metrics.enabled:
             observe_scorer(core)
         log.info("scorer device", extra={"device": str(device)})
-        # What start made (torch's and gRPC's modules, the store, the restored models) lives as long as the
-        # process: frozen out of the collector's sight, a full collection walks only what came after. At 64
-        # clients a full collection over ~220,000 startup objects held the GIL 120-210 ms every few seconds:
-        # the Score p99 (one pause stalls every call in flight). Frozen: ~1 ms over ~3,000 objects.
-        gc.freeze()
 
     def drain(self) -> None:
         """Nothing streams indefinitely here."""
