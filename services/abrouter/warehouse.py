@@ -696,11 +696,7 @@ def _id_tests(
     if picked is None:
         t = audit.sql("SELECT unit, arm FROM first ORDER BY exposure_id")
     else:
-        audit.con.register("picked", pa.table({"exposure_id": sampled_ids(audit, picked, blocks)}))
-        t = audit.sql(
-            "SELECT unit, arm FROM first WHERE exposure_id IN (SELECT exposure_id FROM picked) ORDER BY exposure_id"
-        )
-        audit.con.unregister("picked")
+        t = sampled_rows(audit, picked, blocks)
     ids = np.array(t["unit"].to_pylist(), dtype=object)
     results = audit_mod.id_structure_tests(ids, t["arm"].to_numpy(), n_arms, alpha=alpha)
     if picked is None:
@@ -709,10 +705,10 @@ def _id_tests(
     return [replace(r, detail=r.detail + note) for r in results]
 
 
-def sampled_ids(audit: _Audit, picked: np.ndarray, blocks: dict[str, list[Any]]) -> np.ndarray:
-    """The exposure ids of the first exposures at ranks ``picked`` (ascending) of the first-exposure order,
-    without ranking them all: the per-block counts place each rank in a block of ids (its rank among the block's
-    first exposures), and only the blocks holding a picked rank are read and sorted."""
+def sampled_rows(audit: _Audit, picked: np.ndarray, blocks: dict[str, list[Any]]) -> pa.Table:
+    """Unit and arm of the first exposures at ranks ``picked`` (ascending) of the first-exposure order, in that
+    order, without ranking them all: the per-block counts place each rank in a block of ids (its rank among the
+    block's first exposures), and only the blocks holding a picked rank are read (one read) and ranked."""
     block = np.asarray(blocks["blk"], dtype=np.int64)
     count = np.asarray(blocks["n"], dtype=np.int64)
     order = np.argsort(block)
@@ -722,13 +718,15 @@ def sampled_ids(audit: _Audit, picked: np.ndarray, blocks: dict[str, list[Any]])
     offset = picked - (end - count)[where]
     held = np.unique(where)
     audit.con.register("held", pa.table({"b": block[held]}))
-    t = audit.sql(f"SELECT exposure_id FROM first WHERE exposure_id >> {SAMPLE_BLOCK_BITS} IN (SELECT b FROM held)")
+    t = audit.sql(
+        f"SELECT exposure_id, unit, arm FROM first WHERE exposure_id >> {SAMPLE_BLOCK_BITS} IN (SELECT b FROM held)"
+    )
     audit.con.unregister("held")
-    ids = np.sort(t["exposure_id"].to_numpy())
-    if len(ids) != count[held].sum():  # the scan and this read saw different tables: never a wrong sample
+    if t.num_rows != count[held].sum():  # the scan and this read saw different tables: never a wrong sample
         raise ExportCorrupt(f"exposure table at {table_root(audit.where)}: changed while it was audited")
-    start = np.cumsum(count[held]) - count[held]  # each held block's first position in ids
-    return ids[start[np.searchsorted(held, where)] + offset]
+    ranked = np.argsort(t["exposure_id"].to_numpy(), kind="stable")
+    start = np.cumsum(count[held]) - count[held]  # each held block's first position in the ranked rows
+    return t.select(["unit", "arm"]).take(ranked[start[np.searchsorted(held, where)] + offset])
 
 
 def _carry_over(
