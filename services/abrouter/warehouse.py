@@ -72,6 +72,9 @@ SAMPLE_CHUNK = 1 << 22
 #: first exposures per block, which places each sampled rank in a block, and only the blocks holding one are
 #: read again and ranked (at 100 M exposures about 6 % of the rows instead of a sort of all 90 M first ones).
 SAMPLE_BLOCK_BITS = 5
+#: The 64-bit hash of a row's categorical values (its cell) that keys the numeric sets by categorical (DuckDB
+#: SQL, ``{}`` the value columns); cells sharing it are found and then counted without it.
+CELL_HASH = "hash({})"
 #: Leading rows whose covariate names start the audit (names only on later rows cost one more scan).
 KEY_SAMPLE = 100_000
 #: The 64-bit hash the per-unit aggregate keys units by, and the second one that tells units sharing it apart
@@ -493,7 +496,7 @@ def _run_audit(
             "CASE WHEN isnan(bucket) THEN -1 WHEN bucket < 0 OR bucket >= 1 THEN -2 "
             "ELSE least(floor(bucket * 100 + 1e-9), 99) END"
         )
-    columns = ["arm", "cur", "bin", "day", *cat_col.values(), *num_col.values(), "blk"]
+    columns = ["arm", "cur", "bin", "day", *cat_col.values(), *num_col.values(), "blk", "cell"]
     select = [
         "arm",
         f"revision >= {int(since)} AS cur",
@@ -504,10 +507,14 @@ def _run_audit(
         f"exposure_id >> {SAMPLE_BLOCK_BITS} AS blk",
     ]
 
-    def aggregate(by: Sequence[str]) -> None:
+    def aggregate(by: Sequence[str], by_cell: bool = True) -> None:
         """The one scan: units per grouping set (and the first exposure id in each, for the vocabularies). The
         sets of categoricals and days only are summed from one joint set over all of them (each grouping set
-        costs DuckDB a hash table insert per row), the sets with a numeric or the hash bin counted per row."""
+        costs DuckDB a hash table insert per row), the sets with a numeric or the hash bin counted per row.
+        With ``by_cell``, when the joint set holds every categorical windowed by, the numeric sets by those
+        categoricals are summed from one set per numeric keyed by a 64-bit hash of the row's categorical values
+        (its cell): one integer-keyed insert per row and numeric instead of one string-keyed per categorical; the
+        joint set's distinct cells map the hash back (hashes shared by two cells: counted again without)."""
         sets: list[tuple[str, ...]] = [("arm", "cur"), ("bin",), ("blk",), *((c,) for c in cat_col.values())]
         for base in ["day", *(cat_col[name] for name in by)]:
             sets.append(("arm", base))
@@ -521,20 +528,30 @@ def _run_audit(
             if values is not None and size * (values + 1) <= JOINT_GROUPS:
                 joint.append(c)
                 size *= values + 1
+        cells = [cat_col[name] for name in by]
+        by_cell = by_cell and bool(cells) and bool(num_col) and set(cells) <= set(joint)
+        by_cells = {("arm", c, n) for c in cells for n in num_col.values()} if by_cell else set()
+        from_cells = [g for g in sets if tuple(g) in by_cells]
+        sets = [g for g in sets if tuple(g) not in by_cells] + [("arm", "cell", n) for n in num_col.values() if by_cell]
         summed = [g for g in sets if set(g) <= set(joint)]
         counted = [tuple(joint), *(g for g in sets if not set(g) <= set(joint))]
         listed = ", ".join(columns)
-        rows = f"SELECT exposure_id, {', '.join(select)} FROM {_SPLIT_MAPS}"
+        cell = CELL_HASH.format(", ".join(cells)) if by_cell else "NULL::UBIGINT"
+        used = [c for c in columns if any(c in g for g in counted)]  # grouping_id takes grouped columns only
+        counted_gids = " ".join(f"WHEN {_gid(used, g)} THEN {_gid(columns, g)}" for g in counted)
+        rows = f"SELECT exposure_id, {', '.join(select)}, {cell} AS cell FROM {_SPLIT_MAPS}"
         if not audit.complete:  # names the leading rows did not have, counted from the values extracted anyway
             extracted = [*cat_col.values(), *num_col.values()]
             rows = (
                 f"SELECT *, {audit.unknown_keys(extracted)} AS unknown FROM "
-                f"(SELECT exposure_id, {', '.join(select)}, {audit.names_logged()} AS names FROM {_SPLIT_MAPS})"
+                f"(SELECT exposure_id, {', '.join(select)}, {cell} AS cell, {audit.names_logged()} AS names "
+                f"FROM {_SPLIT_MAPS})"
             )
         audit.sql("DROP TABLE IF EXISTS agg")
         audit.sql("DROP TABLE IF EXISTS counted")
         audit.sql(
-            f"CREATE TEMP TABLE counted AS SELECT grouping_id({listed}) AS gid, {listed}, count(*) AS n, "
+            f"CREATE TEMP TABLE counted AS SELECT CASE grouping_id({', '.join(used)}) {counted_gids} END AS gid, "
+            f"{', '.join(c if c in used else f'NULL AS {c}' for c in columns)}, count(*) AS n, "
             f"min(exposure_id) AS first_id{'' if audit.complete else ', sum(unknown) AS unknown'} "
             f"FROM ({rows}) "
             f"GROUP BY GROUPING SETS ({', '.join('(' + ', '.join(g) + ')' for g in counted)})"
@@ -544,12 +561,39 @@ def _run_audit(
             unknown = audit.sql(f"SELECT sum(unknown) AS u FROM counted WHERE gid = {joint_gid}")["u"][0].as_py()
             if unknown:  # a first exposure logged a covariate the leading rows did not: start again knowing all
                 raise _NamesMissed
+        cell_gids = [_gid(columns, ("arm", "cell", n)) for n in num_col.values()] if by_cell else []
+        derived = ""
+        if by_cell:
+            listed_cells = ", ".join(cells)
+            shared = audit.sql(
+                f"SELECT count(*) - count(DISTINCT {CELL_HASH.format(listed_cells)}) AS shared FROM "
+                f"(SELECT DISTINCT {listed_cells} FROM counted WHERE gid = {joint_gid})"
+            )["shared"][0].as_py()
+            if shared:  # two cells share the hash: the numeric sets by categorical counted one by one
+                aggregate(by, by_cell=False)
+                return
+            audit.sql(
+                f"CREATE OR REPLACE TEMP TABLE cells AS SELECT DISTINCT {CELL_HASH.format(listed_cells)} AS cell, "
+                f"{listed_cells} FROM counted WHERE gid = {joint_gid}"
+            )
+            for n, src in zip(num_col.values(), cell_gids, strict=True):
+                mine = [g for g in from_cells if g[2] == n]
+                whens = " ".join(f"WHEN {_gid(['arm', *cells, n], g)} THEN {_gid(columns, g)}" for g in mine)
+                picked = {"arm": "x.arm", n: f"x.{n}", **{c: f"m.{c}" for c in cells}}
+                derived += (
+                    f" UNION ALL SELECT CASE grouping_id(x.arm, {', '.join('m.' + c for c in cells)}, x.{n}) "
+                    f"{whens} END, {', '.join(picked.get(c, 'NULL') for c in columns)}, sum(x.n)::BIGINT, "
+                    f"min(x.first_id) FROM counted x JOIN cells m ON x.cell = m.cell WHERE x.gid = {src} GROUP BY "
+                    f"GROUPING SETS ({', '.join('(' + ', '.join(picked[c] for c in g) + ')' for g in mine)})"
+                )
         gids = " ".join(f"WHEN {_gid(joint, g)} THEN {_gid(columns, g)}" for g in summed)
+        skipped = ", ".join(str(g) for g in [joint_gid, *cell_gids])
         audit.sql(
-            f"CREATE TEMP TABLE agg AS SELECT gid, {listed}, n, first_id FROM counted WHERE gid <> {joint_gid} "
+            f"CREATE TEMP TABLE agg AS SELECT gid, {listed}, n, first_id FROM counted WHERE gid NOT IN ({skipped}) "
             f"UNION ALL SELECT CASE grouping_id({', '.join(joint)}) {gids} END, "
             f"{', '.join(c if c in joint else 'NULL' for c in columns)}, sum(n)::BIGINT, min(first_id) FROM counted "
             f"WHERE gid = {joint_gid} GROUP BY GROUPING SETS ({', '.join('(' + ', '.join(g) + ')' for g in summed)})"
+            f"{derived}"
         )
         audit.sql("DROP TABLE counted")
 
