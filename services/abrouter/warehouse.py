@@ -302,10 +302,7 @@ class _Audit:
             self.sql("CREATE TEMP MACRO unit_key(unit) AS unit")
         else:
             self.sql(f"CREATE TEMP MACRO unit_key(unit) AS {UNIT_HASH}")
-        self.sql(
-            "CREATE TEMP VIEW first AS SELECT r.* FROM raw r LEFT JOIN repeats p ON p.h = unit_key(r.unit) "
-            "WHERE p.first_id IS NULL OR p.first_id = r.exposure_id"
-        )
+        self.sql(f"CREATE TEMP VIEW first AS {self.first_of('raw')}")
         #: Numeric and categorical covariate names, sorted (as the in-memory columns order them): first those of
         #: the leading KEY_SAMPLE rows (reading every map's keys costs as much as the rest of the audit); the
         #: aggregate scan counts the keys of the first exposures it does not know, and :meth:`discover` finds
@@ -321,6 +318,14 @@ class _Audit:
             )
             self.leading_values = {k: int(counts.column(i)[0].as_py()) for i, k in enumerate(self.categorical)}
         self.sql("DROP TABLE head")
+
+    @staticmethod
+    def first_of(rows: str) -> str:
+        """SQL: the first exposures among ``rows`` (raw's columns; a table or a parenthesised query)."""
+        return (
+            f"SELECT r.* FROM {rows} r LEFT JOIN repeats p ON p.h = unit_key(r.unit) "
+            "WHERE p.first_id IS NULL OR p.first_id = r.exposure_id"
+        )
 
     def _keys(self, rows: str) -> tuple[list[str], list[str]]:
         keys = self.sql(
@@ -762,9 +767,9 @@ def sampled_rows(audit: _Audit, picked: np.ndarray, blocks: dict[str, list[Any]]
     offset = picked - (end - count)[where]
     held = np.unique(where)
     audit.con.register("held", pa.table({"b": block[held]}))
-    t = audit.sql(
-        f"SELECT exposure_id, unit, arm FROM first WHERE exposure_id >> {SAMPLE_BLOCK_BITS} IN (SELECT b FROM held)"
-    )
+    # the blocks' rows first, then the join that drops later exposures (a filter on the view itself ran after it)
+    held_rows = f"(SELECT * FROM raw SEMI JOIN held ON raw.exposure_id >> {SAMPLE_BLOCK_BITS} = held.b)"
+    t = audit.sql(f"SELECT exposure_id, unit, arm FROM ({audit.first_of(held_rows)})")
     audit.con.unregister("held")
     if t.num_rows != count[held].sum():  # the scan and this read saw different tables: never a wrong sample
         raise ExportCorrupt(f"exposure table at {table_root(audit.where)}: changed while it was audited")
