@@ -19,7 +19,7 @@ from services.scorer.batching import DynamicBatcher
 from services.scorer.decision import ThresholdPolicy
 from services.scorer.monitoring import CleaningPolicy
 from services.scorer.persistence import RegistryStore
-from services.scorer.registry import ModelFormat, ModelRegistry, mlp, pick_device
+from services.scorer.registry import ModelFormat, ModelRegistry, ModelVersion, mlp, pick_device
 from services.scorer.scorer import Registration, Scorer, VersionConfig
 
 FEATURES = [f"f{i}" for i in range(8)]
@@ -60,6 +60,25 @@ def test_every_format_loads_and_scores_like_the_original(fmt: ModelFormat) -> No
     mv = reg.register("risk", "v1", FEATURES, fmt, payload, arch="mlp", options={"hidden": (16,)})
     x = torch.randn(5, len(FEATURES))
     np.testing.assert_allclose(mv(x).numpy(), model(x).detach()[:, 0].numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("head", ["column", "flat", "float64"])
+def test_the_batchers_scores_are_the_modules_as_one_float32_per_row(head: str) -> None:
+    """ModelVersion.scores (the batcher's forward, numpy after the module's call) answers what the module
+    answers, one float32 per row, whatever the head's shape ((n, 1) or (n,)) and dtype."""
+    torch.manual_seed(0)
+    net = mlp(len(FEATURES), hidden=(16,)).eval()
+
+    def module(x: torch.Tensor) -> torch.Tensor:
+        out = net(x)
+        return out[:, 0] if head == "flat" else out.double() if head == "float64" else out
+
+    mv = ModelVersion("risk", "v1", tuple(FEATURES), module, ModelFormat.TORCHSCRIPT, 0.0)
+    x = torch.randn(7, len(FEATURES))
+    got = mv.scores(x)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == (7,)
+    np.testing.assert_allclose(got, net(x).detach()[:, 0].numpy(), rtol=1e-6, atol=1e-7)
+    assert mv.scores(torch.empty(0, len(FEATURES))).shape == (0,)
 
 
 def test_bad_versions_are_refused_and_the_active_one_keeps_serving() -> None:

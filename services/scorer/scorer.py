@@ -432,7 +432,8 @@ class Scorer:
                 line = self.lines[model] = ModelLineState(model, tuple(features), self.settings, self.device)
 
         def run(rows: np.ndarray, mv: ModelVersion = mv) -> np.ndarray:
-            return mv(torch.from_numpy(rows).to(self.device)).float().cpu().numpy()
+            x = torch.from_numpy(rows)
+            return mv.scores(x if self.device.type == "cpu" else x.to(self.device))
 
         state = VersionState(
             mv,
