@@ -9,7 +9,7 @@ so the two give the same answers on the same data (tests compare them). Per audi
 1. **first exposures**: each unit's first exposure (lowest exposure id), as the router's table keeps it: a
    ``GROUP BY`` on a 64-bit hash of the unit ``HAVING count(*) > 1`` finds the repeated units and their first
    id, a join on the hash drops the rest (16 bytes per repeated unit; units sharing the hash are told apart by
-   a second one, and then the audit keys by the unit string);
+   a second one, read for the repeated hashes' rows only, and then the audit keys by the unit string);
 2. **covariates**: the map keys of the leading rows (the scan of step 3 counts any other name a first exposure
    logged, and the audit starts again knowing all), and each categorical's values in order of first appearance;
 3. **one scan with GROUPING SETS** counts units per arm (SRM, also since the weight change), per hash bin
@@ -17,6 +17,9 @@ so the two give the same answers on the same data (tests compare them). Per audi
    (chi-square balance) and per arm x window x numeric value (KS balance), kept in a DuckDB temporary table;
    the sets without a numeric or the bin are summed from one joint set (arm, revision, day, categoricals) when
    that stays small (:data:`JOINT_GROUPS`): each set counted from the rows costs a hash-table insert per row;
+   the numeric sets by categorical are then summed from one set per numeric keyed by a hash of the row's
+   categorical values (its cell, :data:`CELL_HASH`), mapped back through the joint set's cells. Covariate
+   values are found by their key's position in the map's key list (half the CPU of the map subscript);
 4. **KS from per-value counts**, exact: per window the per-value counts of each arm, cumulated in value order
    (a DuckDB window function), give ``S = n_b C_a - n_a C_b`` at every distinct value, and ``D = max |S| /
    (n_a n_b)`` is the in-memory statistic bit for bit (integers, see ``guardmesh.stats.ks_statistic_grouped``);
@@ -24,8 +27,9 @@ so the two give the same answers on the same data (tests compare them). Per audi
    and sum of squares (centred at the covariate's mean) per window and arm give the standardised mean
    difference;
 5. **id tests** on the same deterministic sample the in-memory audit draws (``audit.ID_SAMPLE_MAX`` rows of the
-   first-exposure order, drawn by the same seeded generator in chunks): DuckDB ranks the exposure ids and
-   returns only the sampled units' ids and arms;
+   first-exposure order, drawn by the same seeded generator in chunks), found without ranking every first
+   exposure: step 3 counts first exposures per block of ids (:data:`SAMPLE_BLOCK_BITS`), which places each
+   sampled rank in a block, and only the blocks holding one are read and ranked;
 6. **carry-over**: per other experiment, its first arm per unit joined with ours, counted per arm pair.
 
 What comes back to Python is bounded by arms x windows x distinct values: a numeric covariate with as many
