@@ -200,7 +200,7 @@ def _measure(fn: Callable[[str], dict[str, Any]], root: str) -> dict[str, Any]:
 
 def _load_note() -> str:
     one, five, _ = os.getloadavg()
-    return f"machine shared with other engineers' builds and tests: load average {one:.1f} (5 min {five:.1f})"
+    return f"load average {one:.1f} (5 min {five:.1f}) when it ended"
 
 
 def warehouse_bench(
