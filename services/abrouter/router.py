@@ -31,7 +31,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -1464,7 +1464,7 @@ class Router:
                 ticket = self._submit([RouterStore.observations(rows, self.origin)])
             finally:
                 if read is not None:
-                    self._stop_reading(read)
+                    self._stop_reading(read.live, read.totals)
         try:
             self._durable(ticket)
         except BaseException:
@@ -1541,22 +1541,20 @@ class Router:
             for pair in pairs:
                 st.reading[pair] = st.reading.get(pair, 0) + 1
             exposures, observed = self._taken_rows["exposures"], self._taken_rows["observations"]
-        read = _UnitsRead(st, exposures, observed, {}, {})
         try:
             with self.store_reads(f"the exposures and observations of {len(units) or len(pairs)} units"):
                 firsts = self.store.units_first_exposures(key, list(units), exposures)
                 totals = self.store.units_observations(key, list(pairs), observed)
         except BaseException:
             with self.lock:
-                self._stop_reading(replace(read, totals=dict.fromkeys(pairs, (0.0, 0))))
+                self._stop_reading(st, pairs)
             raise
-        return replace(read, firsts=firsts, totals=totals)
+        return _UnitsRead(st, exposures, observed, firsts, totals)
 
     @staticmethod
-    def _stop_reading(read: _UnitsRead) -> None:
+    def _stop_reading(st: _Live, pairs: Iterable[tuple[str, str]]) -> None:
         """(Under the lock.) Unmark the pairs :meth:`_read_observed_units` marked."""
-        st = read.live
-        for pair in read.totals:
+        for pair in pairs:
             if st.reading[pair] > 1:
                 st.reading[pair] -= 1
             else:
