@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from services.scorer.explain import explain as explain_fn
 from services.scorer.gathering import Gathering
 from services.scorer.monitoring import CleaningPolicy, DecisionLog, MissingMonitor, RollingF1, VersionHealth
 from services.scorer.registry import CommitActive, ModelFormat, ModelRegistry, ModelVersion
+from services.scorer.wire import Layout, WireFeatures, layout_of, names_of
 
 log = logging.getLogger(__name__)
 #: Largest magnitude a feature value may have: rows are float32, a larger double would become +-Inf.
@@ -282,6 +283,21 @@ class ModelLineState:
         #: Notified as deferred rows are taken in: rows taken in at once wait for those before them.
         self.taken_in = threading.Condition(self.lock)
         self._columns: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}
+        #: The line's features as a Score request's map names them in order on the wire (see ``wire.py``).
+        self.layout = layout_of(features)
+        self._wire_names: dict[Layout, tuple[str, ...] | None] = {}
+
+    def wire_names(self, layout: Layout) -> tuple[str, ...] | None:
+        """The feature names of a wire layout other than the line's, in wire order; None when a name repeats
+        (the map's last entry wins: such a map is read by name). Remembered per layout like :meth:`columns`."""
+        if layout in self._wire_names:
+            return self._wire_names[layout]
+        decoded = names_of(layout)
+        names = decoded if len(set(decoded)) == len(decoded) else None
+        if len(self._wire_names) >= COLUMN_MAPS:
+            self._wire_names.clear()
+        self._wire_names[layout] = names
+        return names
 
     def columns(self, names: tuple[str, ...]) -> tuple[np.ndarray, int]:
         """The line's column of each feature name (-1: not a feature of the line), and the position of the first
@@ -812,42 +828,40 @@ class Scorer:
 
         Calls whose maps name the same features in the same order (the usual case: one client library) are
         parsed together: their columns are looked up once (:meth:`ModelLineState.columns`) and their values
-        checked as one array. The first problem in a map's order refuses its call, as a value-by-value loop
-        would."""
+        checked as one array. A map as Score's request carried it (:class:`WireFeatures`) whose names are the
+        line's, in its order, gives its values as they are; one in another order has its names decoded once per
+        order (:meth:`ModelLineState.wire_names`). The first problem in a map's order refuses its call, as a
+        value-by-value loop would."""
         raw = np.full((len(calls), len(line.features)), np.nan, dtype=np.float32)
         errors: list[GuardmeshError | None] = [None] * len(calls)
+        on_wire: dict[Layout, list[int]] = {}
         alike: dict[tuple[str, ...], list[int]] = {}
         for i, call in enumerate(calls):
-            alike.setdefault(tuple(call.features), []).append(i)
+            features = call.features
+            if type(features) is WireFeatures:
+                on_wire.setdefault(features.layout, []).append(i)
+            else:
+                alike.setdefault(tuple(features), []).append(i)
+        for layout, members in on_wire.items():
+            arrays = [cast(WireFeatures, calls[i].features).entry_values for i in members]
+            if layout == line.layout:
+                self._place(line, line.features, None, len(line.features), np.stack(arrays), members, raw, errors)
+                continue
+            names = line.wire_names(layout)
+            if names is None:  # a name repeats: read by name, the last entry winning
+                for i in members:
+                    alike.setdefault(tuple(calls[i].features), []).append(i)
+                continue
+            columns, unknown = line.columns(names)
+            self._place(line, names, columns, unknown, np.stack(arrays), members, raw, errors)
         for names, members in alike.items():
             columns, unknown = line.columns(names)
-            width = len(names)
             values = np.fromiter(
                 itertools.chain.from_iterable(map(calls[i].features.__getitem__, names) for i in members),
                 np.float64,
-                width * len(members),
-            ).reshape(len(members), width)
-            with np.errstate(invalid="ignore"):
-                too_big = np.abs(values) > FLOAT32_MAX  # NaN passes: it means missing
-            out_of_range = np.where(too_big.any(axis=1), too_big.argmax(axis=1), width) if width else [0] * len(members)
-            accepted: list[int] = []
-            for k, i in enumerate(members):
-                first_bad = int(out_of_range[k])
-                if unknown < first_bad:
-                    errors[i] = InvalidArgument(
-                        f"features[{names[unknown]}]", f"is not a feature of {line.name!r} (expects {line.expected()})"
-                    )
-                elif first_bad < width:
-                    errors[i] = InvalidArgument(
-                        f"features[{names[first_bad]}]",
-                        f"must be finite and fit float32 (|value| <= {FLOAT32_MAX:.8g}; absent or NaN means missing)",
-                    )
-                else:
-                    accepted.append(k)
-            if len(accepted) == len(members):
-                raw[np.asarray(members)[:, None], columns] = values
-            elif accepted:
-                raw[np.asarray(members)[accepted][:, None], columns] = values[accepted]
+                len(names) * len(members),
+            ).reshape(len(members), len(names))
+            self._place(line, names, columns, unknown, values, members, raw, errors)
         return _Group(
             line,
             state,
@@ -857,6 +871,48 @@ class Scorer:
             [c.shadow for c in calls],
             errors,
         )
+
+    @staticmethod
+    def _place(
+        line: ModelLineState,
+        names: tuple[str, ...],
+        columns: np.ndarray | None,
+        unknown: int,
+        values: np.ndarray,
+        members: list[int],
+        raw: np.ndarray,
+        errors: list[GuardmeshError | None],
+    ) -> None:
+        """Check one group of alike maps (``values``: members x names, float64) and put the accepted rows in
+        ``raw`` at their features' ``columns`` (None: the line's own order); the first problem in the map's
+        order (an unknown name at ``unknown``, a value too large) refuses its call."""
+        width = len(names)
+        with np.errstate(invalid="ignore"):
+            too_big = np.abs(values) > FLOAT32_MAX  # NaN passes: it means missing
+        out_of_range = np.where(too_big.any(axis=1), too_big.argmax(axis=1), width) if width else [0] * len(members)
+        accepted: list[int] = []
+        for k, i in enumerate(members):
+            first_bad = int(out_of_range[k])
+            if unknown < first_bad:
+                errors[i] = InvalidArgument(
+                    f"features[{names[unknown]}]", f"is not a feature of {line.name!r} (expects {line.expected()})"
+                )
+            elif first_bad < width:
+                errors[i] = InvalidArgument(
+                    f"features[{names[first_bad]}]",
+                    f"must be finite and fit float32 (|value| <= {FLOAT32_MAX:.8g}; absent or NaN means missing)",
+                )
+            else:
+                accepted.append(k)
+        rows = np.asarray(members) if len(accepted) == len(members) else np.asarray(members)[accepted]
+        if len(accepted) < len(members):
+            values = values[accepted]
+        if not len(rows):
+            return
+        if columns is None:
+            raw[rows] = values
+        else:
+            raw[rows[:, None], columns] = values
 
     def _prepare(self, group: _Group, arrival: Arrival, *, inline: bool) -> list[Future[np.ndarray]]:
         """Impute or refuse missing values, apply the rules, and queue the rows the model decides (with

@@ -15,7 +15,9 @@ import os
 import socket
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -49,6 +51,7 @@ from services.scorer.scorer import (
     VersionConfig,
     VersionInfo,
 )
+from services.scorer.wire import split_features
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 4096
@@ -148,9 +151,33 @@ def version_to_pb(v: VersionInfo) -> pb.ModelVersionInfo:
     )
 
 
-def call_from_pb(r: pb.ScoreRequest) -> ScoreCall:
-    """The domain form of one ScoreRequest."""
-    return ScoreCall(r.model, r.request_id, r.features, r.version, r.explain, r.shadow)
+def call_from_pb(r: pb.ScoreRequest, features: Mapping[str, float] | None = None) -> ScoreCall:
+    """The domain form of one ScoreRequest; ``features`` in place of ``r.features`` when the map came apart
+    from the message (:class:`ScoreRequestOnWire`)."""
+    return ScoreCall(
+        r.model, r.request_id, r.features if features is None else features, r.version, r.explain, r.shadow
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRequestOnWire:
+    """A Score request as its deserializer hands it over: every field but ``features`` as protobuf parsed
+    them (``message``), and the feature map as the request carried it (``features``)."""
+
+    message: pb.ScoreRequest
+    features: Mapping[str, float]
+
+
+def parse_score_request(raw: bytes) -> ScoreRequestOnWire:
+    """Score's request deserializer: the feature map split off natively (:func:`split_features`), the rest
+    parsed by protobuf; bytes the kernel does not take as they are go to protobuf whole, whose DecodeError the
+    server answers INVALID_ARGUMENT naming the method."""
+    split = split_features(raw)
+    if split is None:
+        message = pb.ScoreRequest.FromString(raw)
+        return ScoreRequestOnWire(message, message.features)
+    rest, features = split
+    return ScoreRequestOnWire(pb.ScoreRequest.FromString(rest), features)
 
 
 class ScorerServicer(pb_grpc.ScorerServiceServicer):
@@ -200,10 +227,18 @@ class ScorerServicer(pb_grpc.ScorerServiceServicer):
             )
         return resp
 
-    async def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+    async def Score(
+        self, request: pb.ScoreRequest | ScoreRequestOnWire, context: grpc.ServicerContext
+    ) -> pb.ScoreResponse:
         """See the proto. Runs on the server's event loop: the call waits for its gathered group (see
-        :meth:`Scorer.score_async`) without holding the loop."""
-        outcome = await self.core.score_async(call_from_pb(request), self.executor)
+        :meth:`Scorer.score_async`) without holding the loop. The server hands it a :class:`ScoreRequestOnWire`
+        (:func:`parse_score_request`); a message works as well."""
+        if isinstance(request, ScoreRequestOnWire):
+            call = call_from_pb(request.message, request.features)
+            request = request.message
+        else:
+            call = call_from_pb(request)
+        outcome = await self.core.score_async(call, self.executor)
         span = trace.get_current_span()
         if span.is_recording():  # no span is built when none is exported: then its attributes are not either
             d = outcome.decision
@@ -464,7 +499,12 @@ class ScorerBinding:
 
     def add_to_server(self, server: grpc.Server) -> None:
         """Add the servicers: ScorerService and the Open Inference Protocol."""
-        pb_grpc.add_ScorerServiceServicer_to_server(self.servicer, server)
+        # The generated handlers, Score's deserializer replaced by the one that splits the feature map off.
+        handlers = _GeneratedHandlers()
+        pb_grpc.add_ScorerServiceServicer_to_server(self.servicer, handlers)
+        handlers.methods["Score"] = handlers.methods["Score"]._replace(request_deserializer=parse_score_request)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SCORER, handlers.methods),))
+        server.add_registered_method_handlers(_SCORER, handlers.methods)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
             AsyncOpenInferenceServicer(ScorerInferenceBackend(self.servicer), self.executor), server
         )
@@ -501,6 +541,20 @@ class ScorerBinding:
             self.servicer._core.close()
         if self.store is not None:
             self.store.log.close()
+
+
+class _GeneratedHandlers:
+    """Takes the method handlers a generated ``add_*_to_server`` would add to a server."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """The same handlers as :meth:`add_registered_method_handlers`: nothing to keep."""
+
+    def add_registered_method_handlers(self, service: str, methods: dict[str, grpc.RpcMethodHandler]) -> None:
+        """Keep the service's handlers by method name."""
+        self.methods.update(methods)
 
 
 def migrate_legacy(store: RegistryStore) -> int:
