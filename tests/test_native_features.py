@@ -23,7 +23,7 @@ from guardmesh.runtime import RunningService, load_definition, start_service
 from guardmesh.v1 import scorer_pb2 as pb
 from guardmesh.v1 import scorer_pb2_grpc as pb_grpc
 from native.features import split_score_request
-from services.scorer.scorer import ScoreOutcome, Scorer
+from services.scorer.scorer import ScoreCall, ScoreOutcome, Scorer
 from services.scorer.server import ScoreRequestOnWire, parse_score_request
 from services.scorer.wire import WireFeatures, layout_of, names_of
 
@@ -490,3 +490,36 @@ def test_a_message_still_scores_through_the_servicer(twins: tuple[RunningService
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Score" in err.value.details()
     finally:
         channel.close()
+
+
+def test_a_group_of_wire_maps_and_dicts_answers_as_the_dicts(
+    twins: tuple[RunningService, RunningService],
+) -> None:
+    """One group mixing maps as Score's deserializer gives them (the line's order, other orders, a repeated
+    name, unknown and bad features) with plain dicts: each call answered as its dict in the same group (shadow
+    calls: the line is left as it was, so both groups see the same state)."""
+    _, alone = twins
+    core: Scorer = alone.binding.servicer.core  # type: ignore[attr-defined]
+    maps = [entries for _, entries in wire_maps(np.random.default_rng(5))][:20]
+    wire_calls, dict_calls = [], []
+    for k, entries in enumerate(maps):
+        raw = b"".join(delimited(3, delimited(1, n.encode()) + double(2, v)) for n, v in entries)
+        features = parse_score_request(raw).features
+        assert isinstance(features, WireFeatures)
+        wire_calls.append(ScoreCall("risk", f"w{k}", features, shadow=True))
+        dict_calls.append(ScoreCall("risk", f"w{k}", dict(entries), shadow=True))
+    # The same group with dicts in place of the wire maps: the same rows in the same places of one batch (a
+    # row's float32 score may differ in its last bits between batch shapes, so the group is what is compared).
+    together = core.score_many([c for pair in zip(wire_calls, dict_calls, strict=True) for c in pair])
+    as_dicts = core.score_many([c for pair in zip(dict_calls, dict_calls, strict=True) for c in pair])
+    kinds = set()
+    for got, expected in zip(together, as_dicts, strict=True):
+        if isinstance(expected, ScoreOutcome):
+            assert isinstance(got, ScoreOutcome)
+            assert (got.decision, got.imputed) == (expected.decision, expected.imputed)
+            kinds.add(expected.decision.path.split(":")[0])
+        else:
+            assert isinstance(expected, GuardmeshError) and isinstance(got, GuardmeshError)
+            assert got.message == expected.message
+            kinds.add("refused")
+    assert kinds == {"model", "rule", "refused"}
