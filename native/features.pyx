@@ -148,68 +148,69 @@ def split_score_request(const uint8_t[::1] raw not None):
     try:
         if rest == NULL or keys == NULL or ends == NULL or values == NULL:
             raise MemoryError()
-        with nogil:
-            while pos < n:
-                start = pos
-                pos = _varint(p, pos, n, 5, &tag)
-                if pos < 0 or (tag >> 32) != 0:
+        # The GIL stays held: the walk takes microseconds on the server's event loop, and a thread that gives
+        # the GIL up waits for it again behind the others for up to the switch interval.
+        while pos < n:
+            start = pos
+            pos = _varint(p, pos, n, 5, &tag)
+            if pos < 0 or (tag >> 32) != 0:
+                ok = False
+                break
+            wire = <int>(tag & 7)
+            if (tag >> 3) == 0 or (tag >> 3) > MAX_FIELD:
+                ok = False
+                break
+            if (tag >> 3) != FEATURES_FIELD:
+                after = _skip(p, pos, n, wire)
+                if after < 0:
                     ok = False
                     break
-                wire = <int>(tag & 7)
-                if (tag >> 3) == 0 or (tag >> 3) > MAX_FIELD:
+                memcpy(rest + rest_len, p + start, after - start)
+                rest_len += after - start
+                pos = after
+                continue
+            if wire != WIRE_DELIMITED:
+                ok = False
+                break
+            pos = _varint(p, pos, n, 5, &length)
+            if pos < 0 or length > <uint64_t>(n - pos):
+                ok = False
+                break
+            entry_end = pos + <Py_ssize_t>length
+            key_start = key_end = 0
+            value = 0.0
+            while pos < entry_end:
+                pos = _varint(p, pos, entry_end, 5, &tag)
+                if pos < 0:
                     ok = False
                     break
-                if (tag >> 3) != FEATURES_FIELD:
-                    after = _skip(p, pos, n, wire)
-                    if after < 0:
+                if tag == KEY_TAG:
+                    pos = _varint(p, pos, entry_end, 5, &length)
+                    if pos < 0 or length > <uint64_t>(entry_end - pos):
                         ok = False
                         break
-                    memcpy(rest + rest_len, p + start, after - start)
-                    rest_len += after - start
-                    pos = after
-                    continue
-                if wire != WIRE_DELIMITED:
-                    ok = False
-                    break
-                pos = _varint(p, pos, n, 5, &length)
-                if pos < 0 or length > <uint64_t>(n - pos):
-                    ok = False
-                    break
-                entry_end = pos + <Py_ssize_t>length
-                key_start = key_end = 0
-                value = 0.0
-                while pos < entry_end:
-                    pos = _varint(p, pos, entry_end, 5, &tag)
-                    if pos < 0:
+                    key_start = pos
+                    key_end = pos + <Py_ssize_t>length
+                    pos = key_end
+                    if not _utf8(p + key_start, key_end - key_start):  # each key as read, a later one too
                         ok = False
                         break
-                    if tag == KEY_TAG:
-                        pos = _varint(p, pos, entry_end, 5, &length)
-                        if pos < 0 or length > <uint64_t>(entry_end - pos):
-                            ok = False
-                            break
-                        key_start = pos
-                        key_end = pos + <Py_ssize_t>length
-                        pos = key_end
-                        if not _utf8(p + key_start, key_end - key_start):  # each key as read, a later one too
-                            ok = False
-                            break
-                    elif tag == VALUE_TAG:
-                        if entry_end - pos < 8:
-                            ok = False
-                            break
-                        memcpy(&value, p + pos, 8)
-                        pos += 8
-                    else:  # upb keeps an entry with any other field out of the map: protobuf decides
+                elif tag == VALUE_TAG:
+                    if entry_end - pos < 8:
                         ok = False
                         break
-                if not ok:
+                    memcpy(&value, p + pos, 8)
+                    pos += 8
+                else:  # upb keeps an entry with any other field out of the map: protobuf decides
+                    ok = False
                     break
-                memcpy(keys + keys_len, p + key_start, key_end - key_start)
-                keys_len += key_end - key_start
-                ends[count] = keys_len
-                values[count] = value
-                count += 1
+            if not ok:
+                break
+            memcpy(keys + keys_len, p + key_start, key_end - key_start)
+            keys_len += key_end - key_start
+            ends[count] = keys_len
+            values[count] = value
+            count += 1
         if not ok:
             return None
         out_ends = np.empty(count, np.int64)
