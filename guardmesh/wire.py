@@ -499,14 +499,17 @@ def add_servicer(
     servicer: object,
     *,
     requests: dict[str, type[Message]] | None = None,
+    parsers: dict[str, Callable[[bytes], Any]] | None = None,
     framed_responses: Iterable[str] = (),
 ) -> None:
     """Register ``servicer``'s methods for ``service``, as the generated ``add_*_to_server`` does, except that
 
     the methods named in ``requests`` receive their requests through :func:`deserializer` (decoded without
-    copying bytes fields), and the methods in ``framed_responses`` may answer already-encoded ``bytes``.
+    copying bytes fields), those named in ``parsers`` through their own parser of the request's bytes, and the
+    methods in ``framed_responses`` may answer already-encoded ``bytes``.
     """
     requests = requests or {}
+    parsers = parsers or {}
     framed = set(framed_responses)
     handlers = {}
     for method in service.methods:
@@ -515,9 +518,8 @@ def add_servicer(
         kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = kind(
             getattr(servicer, method.name),
-            request_deserializer=deserializer(requests[method.name])
-            if method.name in requests
-            else request_cls.FromString,
+            request_deserializer=parsers.get(method.name)
+            or (deserializer(requests[method.name]) if method.name in requests else request_cls.FromString),
             response_serializer=serialize if method.name in framed else response_cls.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -34,6 +34,7 @@ from guardmesh.tensors import to_float32
 from guardmesh.v1 import common_pb2
 from guardmesh.v1 import scorer_pb2 as pb
 from guardmesh.v1 import scorer_pb2_grpc as pb_grpc
+from guardmesh.wire import add_servicer
 from inference import grpc_predict_v2_pb2 as oip_pb
 from inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from services.scorer.decision import Rule, RuleAction, ThresholdPolicy
@@ -499,12 +500,8 @@ class ScorerBinding:
 
     def add_to_server(self, server: grpc.Server) -> None:
         """Add the servicers: ScorerService and the Open Inference Protocol."""
-        # The generated handlers, Score's deserializer replaced by the one that splits the feature map off.
-        handlers = _GeneratedHandlers()
-        pb_grpc.add_ScorerServiceServicer_to_server(self.servicer, handlers)
-        handlers.methods["Score"] = handlers.methods["Score"]._replace(request_deserializer=parse_score_request)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SCORER, handlers.methods),))
-        server.add_registered_method_handlers(_SCORER, handlers.methods)
+        # As the generated add_*_to_server, Score's requests parsed by the deserializer that splits the map off.
+        add_servicer(server, _SCORER_SERVICE, self.servicer, parsers={"Score": parse_score_request})
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
             AsyncOpenInferenceServicer(ScorerInferenceBackend(self.servicer), self.executor), server
         )
@@ -543,20 +540,6 @@ class ScorerBinding:
             self.store.log.close()
 
 
-class _GeneratedHandlers:
-    """Takes the method handlers a generated ``add_*_to_server`` would add to a server."""
-
-    def __init__(self) -> None:
-        self.methods: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        """The same handlers as :meth:`add_registered_method_handlers`: nothing to keep."""
-
-    def add_registered_method_handlers(self, service: str, methods: dict[str, grpc.RpcMethodHandler]) -> None:
-        """Keep the service's handlers by method name."""
-        self.methods.update(methods)
-
-
 def migrate_legacy(store: RegistryStore) -> int:
     """Rewrite registrations recorded in the old format (protobuf RegisterModelRequest files) as domain
     records, keeping their order; the old files are kept aside as ``*.pb.migrated``. An old record that
@@ -581,7 +564,8 @@ def migrate_legacy(store: RegistryStore) -> int:
     return moved
 
 
-_SCORER = pb.DESCRIPTOR.services_by_name["ScorerService"].full_name
+_SCORER_SERVICE = pb.DESCRIPTOR.services_by_name["ScorerService"]
+_SCORER = _SCORER_SERVICE.full_name
 _OIP = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVICE = ServiceDefinition(
     name="scorer",
